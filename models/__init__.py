@@ -1,0 +1,8 @@
+"""Model definitions and their registry (installed as ``mtlfast.models``).
+
+>>> from mtlfast.models import create_model, list_models
+>>> model = create_model("mtinet", tasks=["semseg", "depth"], backbone="hrnet_w18_small_v2")
+"""
+from mtlfast.models.registry import create_model, list_models, register_model
+
+__all__ = ["create_model", "list_models", "register_model"]

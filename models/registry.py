@@ -1,0 +1,31 @@
+"""Name -> model constructor registry, as in timm: ``register_model`` decorates a constructor
+``fn(tasks, backbone=..., **cfg) -> nn.Module``; ``create_model`` looks it up with a clear error."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def create_model(name: str, tasks, **cfg) -> nn.Module:
+    """Builds model ``name`` for ``tasks`` (a list of task names); ``cfg`` goes to its constructor."""
+    if name not in _MODELS:
+        valid = ", ".join(list_models()) or "none registered yet"
+        raise ValueError(f"create_model: unknown model {name!r}; valid models: {valid}")
+    return _MODELS[name](list(tasks), **cfg)

@@ -1,0 +1,38 @@
+"""Loading of the compiled extension ``mtlfast._C`` (C++ CPU kernels, CUDA kernels when built with CUDA).
+
+Importing the extension registers its ops under ``torch.ops.mtlfast``. A missing or broken extension is
+never an ImportError for the user: :func:`status` records why, and the backend machinery
+(:func:`mtlfast.backends.extension_unavailable`) turns that into the refusal reason of the ``cpp`` and
+``cuda`` backends.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExtensionStatus:
+    loaded: bool
+    reason: str = ""
+    with_cuda: bool = False
+    build_info: str = ""
+
+
+@functools.lru_cache(maxsize=None)
+def status() -> ExtensionStatus:
+    try:
+        from mtlfast import _C  # noqa: F401  (registers torch.ops.mtlfast.*)
+    except Exception as exc:  # ImportError when not built; OSError for an ABI mismatch with torch
+        return ExtensionStatus(False, f"{exc.__class__.__name__}: {exc}")
+    info = str(torch.ops.mtlfast.build_info())
+    return ExtensionStatus(True, with_cuda="cuda=yes" in info, build_info=info)
+
+
+def ops():
+    """``torch.ops.mtlfast`` after making sure the extension is loaded (callers checked :func:`status`)."""
+    if not status().loaded:
+        raise RuntimeError(f"mtlfast._C is not available: {status().reason}")
+    return torch.ops.mtlfast

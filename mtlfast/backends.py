@@ -1,0 +1,184 @@
+"""Backend selection (DESIGN.md §2).
+
+Every op in :mod:`mtlfast.ops` is an :class:`Op` with one :class:`Implementation` per backend. An
+implementation *declares* what it supports (device types, dtypes, whether it can run on this machine,
+shape limits); :meth:`Op.select` turns a backend request into an implementation or raises
+:class:`BackendError` listing, per backend, why it cannot serve the input. There is no silent fallback:
+only ``"auto"`` chooses, and it chooses in the op's declared preference order.
+
+The backend in force is, in order: the per-call ``backend=`` argument, the innermost
+:func:`use_backend` context, the ``MTLFAST_BACKEND`` environment variable, ``"auto"``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DEFAULT_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
+
+_scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("mtlfast_backend", default=None)
+
+#: name -> Op, filled as op modules are imported (``mtlfast.ops`` imports all of them).
+OPS: dict[str, "Op"] = {}
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for an input it cannot serve; the message lists every reason."""
+
+
+def _validate(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def current_backend(backend: str | None = None) -> str:
+    """The backend in force for a call that passes ``backend`` (None = not given)."""
+    if backend is not None:
+        return _validate(backend, "backend=")
+    scoped = _scoped_backend.get()
+    if scoped is not None:
+        return scoped
+    env = os.environ.get("MTLFAST_BACKEND")
+    if env:
+        return _validate(env, "MTLFAST_BACKEND")
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed ops with backend ``name`` (nests; per-call ``backend=`` still wins)."""
+    token = _scoped_backend.set(_validate(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _scoped_backend.reset(token)
+
+
+# --- machine capabilities shared by implementations --------------------------------------------------
+
+def triton_unavailable(device_type: str) -> str | None:
+    """Why Triton kernels cannot run on ``device_type`` here, or None."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({exc.__class__.__name__}: {exc})"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before triton is imported"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def extension_unavailable(device_type: str) -> str | None:
+    """Why the compiled extension cannot serve ``device_type`` here, or None."""
+    from mtlfast import _ext
+
+    status = _ext.status()
+    if not status.loaded:
+        return f"the compiled extension mtlfast._C is not available ({status.reason})"
+    if device_type == "cuda":
+        if not status.with_cuda:
+            return "mtlfast._C was built without CUDA (rebuild with a CUDA build of torch and nvcc, or MTLFAST_BUILD_CUDA=1)"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+    return None
+
+
+def _always(device_type: str) -> str | None:
+    return None
+
+
+# --- ops ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of an op and its declared capabilities.
+
+    ``available(device_type)`` says why the backend cannot run at all on that device type here (or None);
+    ``limits(*args, **kwargs)`` returns the reasons it cannot serve these particular inputs (shape limits).
+    """
+
+    backend: str
+    fn: Callable
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    available: Callable[[str], str | None] = _always
+    limits: Callable[..., list[str]] | None = None
+
+    def refusals(self, device_type: str, dtype: torch.dtype, args: tuple = (), kwargs: dict | None = None,
+                 check_limits: bool = True) -> list[str]:
+        reasons = []
+        if device_type not in self.devices:
+            reasons.append(f"device {device_type!r} not supported (supports {', '.join(self.devices)})")
+        else:
+            why = self.available(device_type)
+            if why:
+                reasons.append(why)
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"dtype {str(dtype).replace('torch.', '')} not supported (supports {names})")
+        if check_limits and self.limits is not None and not reasons:
+            reasons.extend(self.limits(*args, **(kwargs or {})))
+        return reasons
+
+
+@dataclass
+class Op:
+    """An op with per-backend implementations; ``auto_order`` is the preference per device type."""
+
+    name: str
+    auto_order: dict[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_AUTO_ORDER))
+    implementations: dict[str, Implementation] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name in OPS:
+            raise ValueError(f"op {self.name!r} is already registered")
+        OPS[self.name] = self
+
+    def register(self, backend: str, fn: Callable, *, devices: Sequence[str], dtypes: Sequence[torch.dtype],
+                 available: Callable[[str], str | None] = _always,
+                 limits: Callable[..., list[str]] | None = None) -> Callable:
+        if backend == "auto" or backend not in BACKENDS:
+            raise ValueError(f"cannot register backend {backend!r} for {self.name}; expected one of {BACKENDS[1:]}")
+        self.implementations[backend] = Implementation(backend, fn, tuple(devices), tuple(dtypes), available, limits)
+        return fn
+
+    def select(self, backend: str | None, device: torch.device | str, dtype: torch.dtype,
+               args: tuple = (), kwargs: dict | None = None, check_limits: bool = True) -> Implementation:
+        """The implementation that serves this call, or :class:`BackendError` with every reason."""
+        requested = current_backend(backend)
+        device_type = torch.device(device).type
+        if requested == "auto":
+            candidates = [b for b in self.auto_order.get(device_type, ()) if b in self.implementations]
+        else:
+            candidates = [requested]
+        refusals: dict[str, list[str]] = {}
+        for name in candidates:
+            impl = self.implementations.get(name)
+            if impl is None:
+                refusals[name] = [f"{self.name} has no {name} implementation "
+                                  f"(implemented: {', '.join(self.implementations)})"]
+                continue
+            reasons = impl.refusals(device_type, dtype, args, kwargs, check_limits)
+            if not reasons:
+                return impl
+            refusals[name] = reasons
+        if not candidates:
+            refusals["auto"] = [f"no backend is declared for device type {device_type!r}"]
+        lines = "\n".join(f"  {b}: " + "; ".join(r) for b, r in refusals.items())
+        raise BackendError(
+            f"mtlfast.ops.{self.name}: backend {requested!r} cannot serve this call "
+            f"(device {device_type}, dtype {str(dtype).replace('torch.', '')}):\n{lines}")
+
+    def support_table(self, device_type: str, dtype: torch.dtype) -> dict[str, list[str]]:
+        """backend -> refusal reasons (empty = usable) for ``device_type``/``dtype``, ignoring shape limits."""
+        return {b: impl.refusals(device_type, dtype, check_limits=False) for b, impl in self.implementations.items()}

@@ -1,0 +1,2 @@
+"""The fast ops (DESIGN.md §3). Each is an autograd-capable function with a ``backend=`` argument,
+dispatched through :mod:`mtlfast.backends`; its literal definition lives in :mod:`mtlfast.reference`."""

@@ -1,0 +1,79 @@
+"""Input validation shared by every op: errors name the argument and the expected shape/dtype/device.
+
+>>> sizes = check_shapes(q=(q, "B H Nq D"), k=(k, "B H Nk D"), v=(v, "B H Nk Dv"))
+>>> check_floating_same_device_dtype(q=q, k=k, v=v)
+
+A symbol fixes a size the first time it is seen; later tensors must match it. A digit string fixes it
+to that number ("B N 2"); "*" matches anything.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _fmt_dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_shapes(known: dict[str, int] | None = None, /, **specs: tuple[torch.Tensor, str]) -> dict[str, int]:
+    """Checks ``name=(tensor, "A B C")`` specs against each other; returns the symbol -> size map."""
+    sizes: dict[str, int] = dict(known or {})
+    origin: dict[str, str] = {k: "the arguments" for k in sizes}
+    for name, (tensor, spec) in specs.items():
+        check_tensor(name, tensor)
+        symbols = spec.split()
+        if tensor.dim() != len(symbols):
+            raise ValueError(f"{name}: expected a {len(symbols)}-d tensor of shape ({', '.join(symbols)}), "
+                             f"got shape {tuple(tensor.shape)}")
+        for axis, (symbol, size) in enumerate(zip(symbols, tensor.shape)):
+            if symbol == "*":
+                continue
+            expected = int(symbol) if symbol.isdigit() else sizes.get(symbol)
+            if expected is not None and expected != size:
+                src = "" if symbol.isdigit() else f" (from {origin[symbol]})"
+                raise ValueError(f"{name}: expected shape ({', '.join(symbols)}) with {symbol}={expected}{src}, "
+                                 f"got {tuple(tensor.shape)} (size {size} at dim {axis})")
+            if not symbol.isdigit() and symbol not in sizes:
+                sizes[symbol], origin[symbol] = size, name
+    return sizes
+
+
+def check_floating_same_device_dtype(**tensors: torch.Tensor | None) -> None:
+    """All given tensors (None skipped) are floating point, on one device, of one dtype."""
+    first_name, first = None, None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        check_tensor(name, t)
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32, float64), "
+                            f"got {_fmt_dtype(t.dtype)}")
+        if first is None:
+            first_name, first = name, t
+            continue
+        if t.device != first.device:
+            raise ValueError(f"{name}: expected device {first.device} (as {first_name}), got {t.device}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name}: expected dtype {_fmt_dtype(first.dtype)} (as {first_name}), "
+                            f"got {_fmt_dtype(t.dtype)}")
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def resolve_scale(scale: float | None, width: int) -> float:
+    """``scale=None`` means ``width ** -0.5`` (DESIGN.md §3)."""
+    if scale is None:
+        return width ** -0.5
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    return float(scale)

@@ -1,0 +1,201 @@
+"""Test infrastructure shared by every op (DESIGN.md §6).
+
+:func:`check_against_reference` runs an op and its literal reference on the same fresh random inputs and
+compares the forward output(s) and the gradient of every requested input, with outputs poisoned (NaN)
+before the kernel runs and the tolerance table of DESIGN.md §6:
+
+- float64 / float32: relative error ``‖out − ref‖ / ‖ref‖`` against the reference in float64 below
+  1e-7 / 1e-4 (1e-3 when the kernel's float32 dots may use TF32, i.e. Triton ``tl.dot`` on a GPU);
+- float16 / bfloat16: below twice the error of PyTorch's own computation (the reference run in that
+  dtype) against float64, and never below the dtype's epsilon.
+
+A gradient whose reference is exactly zero (e.g. a bias that cancels in a softmax) is compared in
+absolute norm against the same bound.
+
+Seeds are fresh for every call unless ``MTLFAST_TEST_SEED`` is set; a failure prints the seed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from mtlfast._alloc import poisoned as poison_outputs
+
+__all__ = ["ODD_SIZES", "SMALL_ODD_SIZES", "tolerance", "rel_error", "fresh_seed", "randn",
+           "check_against_reference", "poison_outputs", "kernel_dtypes", "default_device"]
+
+#: Odd sizes for token counts and widths (1, a prime below a block, just past a power of two).
+ODD_SIZES = (1, 7, 63, 257)
+#: Smaller odd sizes for the slow CPU interpreter.
+SMALL_ODD_SIZES = (1, 3, 7, 17, 33)
+
+_LOW_PRECISION_EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def default_device() -> str:
+    """The device the kernel tests run on: CUDA when present, else CPU (Triton through its interpreter)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def kernel_dtypes(device: str | None = None) -> list[torch.dtype]:
+    """Dtypes the GPU kernels are tested in on ``device``: the interpreter has no bf16/fp16 math."""
+    if (device or default_device()) == "cuda":
+        return [torch.float32, torch.float16, torch.bfloat16]
+    return [torch.float32]
+
+
+def tolerance(dtype: torch.dtype, *, tf32_dots: bool = False) -> float | None:
+    """The fixed bound for float64/float32; None for float16/bfloat16 (bound from PyTorch's own error)."""
+    if dtype == torch.float64:
+        return 1e-7
+    if dtype == torch.float32:
+        return 1e-3 if tf32_dots else 1e-4
+    if dtype in _LOW_PRECISION_EPS:
+        return None
+    raise TypeError(f"no tolerance for dtype {dtype}")
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (absolute ‖out‖ when ref is exactly zero); NaN anywhere -> inf."""
+    out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
+    if out64.shape != ref64.shape:
+        raise AssertionError(f"shape mismatch: got {tuple(out64.shape)}, reference {tuple(ref64.shape)}")
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    diff = torch.linalg.vector_norm(out64 - ref64).item()
+    norm = torch.linalg.vector_norm(ref64).item()
+    return diff / norm if norm > 0 else diff
+
+
+def fresh_seed() -> int:
+    env = os.environ.get("MTLFAST_TEST_SEED")
+    return int(env) if env else int.from_bytes(os.urandom(4), "little")
+
+
+def randn(*shape: int, generator: torch.Generator, device="cpu", dtype=torch.float64, scale: float = 1.0):
+    """Standard-normal values (never zeros) drawn on CPU from ``generator`` then moved, for reproducibility."""
+    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _cast(inputs: Mapping[str, object], dtype: torch.dtype, grad_names: set[str]) -> dict[str, object]:
+    """Floating tensors (also inside lists/tuples) cast to ``dtype``; those named in ``grad_names`` require grad."""
+    def cast(name, value):
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
+            return value.detach().to(dtype).requires_grad_(name in grad_names)
+        if isinstance(value, (list, tuple)):
+            return type(value)(cast(f"{name}[{i}]", v) for i, v in enumerate(value))
+        return value
+
+    return {name: cast(name, value) for name, value in inputs.items()}
+
+
+def _leaves(inputs: Mapping[str, object], grad_names: list[str]) -> list[torch.Tensor]:
+    def lookup(name):
+        base, _, index = name.partition("[")
+        value = inputs[base]
+        return value[int(index[:-1])] if index else value
+
+    return [lookup(n) for n in grad_names]
+
+
+def _grads(outs, inputs: dict, grad_names: list[str], cotangents: list[torch.Tensor | None]):
+    pairs = [(o, c) for o, c in zip(outs, cotangents) if c is not None and o.requires_grad]
+    grads: list[torch.Tensor | None] = [None] * len(grad_names)
+    if pairs and grad_names:
+        grads = list(torch.autograd.grad([o for o, _ in pairs], _leaves(inputs, grad_names),
+                                         [c.to(o.dtype) for o, c in pairs], allow_unused=True))
+    return grads
+
+
+def _run(fn: Callable, inputs: dict, grad_names: list[str], cotangents: list[torch.Tensor | None]):
+    outs = _as_tuple(fn(**inputs))
+    return outs, _grads(outs, inputs, grad_names, cotangents)
+
+
+@dataclass
+class CheckReport:
+    """Relative errors per compared quantity and the bounds used; ``failures`` is empty on success."""
+
+    seed: int
+    dtype: torch.dtype
+    errors: dict[str, float] = field(default_factory=dict)
+    bounds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[str]:
+        return [k for k, e in self.errors.items() if not e <= self.bounds[k]]
+
+    def table(self) -> str:
+        return "\n".join(f"  {k:<24} err {e:.3e}  bound {self.bounds[k]:.3e}  {'FAIL' if k in self.failures else 'ok'}"
+                         for k, e in self.errors.items())
+
+
+def check_against_reference(fn: Callable, reference: Callable, inputs: Mapping[str, object], *,
+                            dtype: torch.dtype, grad: list[str] | None = None, tf32_dots: bool = False,
+                            seed: int | None = None, output_names: list[str] | None = None) -> CheckReport:
+    """Compares ``fn(**inputs)`` in ``dtype`` with ``reference(**inputs)`` in float64, forward and gradients.
+
+    ``inputs`` holds the random float tensors (any float dtype; the helper casts) and the other arguments.
+    ``grad`` names the inputs whose gradients are compared (default: every floating tensor; list elements
+    as ``"values[0]"``). Each output gets a fresh random cotangent. Raises AssertionError listing every
+    quantity over its bound; returns the report otherwise.
+    """
+    seed = fresh_seed() if seed is None else seed
+    gen = torch.Generator().manual_seed(seed)
+
+    def floating_names(name, value):
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
+            return [name]
+        if isinstance(value, (list, tuple)):
+            return [n for i, v in enumerate(value) for n in floating_names(f"{name}[{i}]", v)]
+        return []
+
+    grad_names = grad if grad is not None else [n for k, v in inputs.items() for n in floating_names(k, v)]
+    grad_set = set(grad_names) | {n.partition("[")[0] for n in grad_names}
+
+    ref_inputs = _cast(inputs, torch.float64, grad_set)
+    ref_outs = _as_tuple(reference(**ref_inputs))
+    cotangents = [randn(*o.shape, generator=gen, device=o.device) if o.is_floating_point() else None
+                  for o in ref_outs]
+    ref_grads = _grads(ref_outs, ref_inputs, grad_names, cotangents)
+
+    with poison_outputs():
+        outs, grads = _run(fn, _cast(inputs, dtype, grad_set), grad_names, cotangents)
+
+    names = output_names or ([f"out{i}" for i in range(len(ref_outs))] if len(ref_outs) > 1 else ["out"])
+    if len(outs) != len(ref_outs):
+        raise AssertionError(f"op returned {len(outs)} outputs, reference {len(ref_outs)}")
+    keys = names + [f"grad {n}" for n in grad_names]
+    got = list(outs) + grads
+    want = list(ref_outs) + ref_grads
+
+    fixed = tolerance(dtype, tf32_dots=tf32_dots)
+    if fixed is None:  # PyTorch's own error in this dtype sets the bound
+        base_outs, base_grads = _run(reference, _cast(inputs, dtype, grad_set), grad_names, cotangents)
+        baseline = list(base_outs) + base_grads
+    report = CheckReport(seed, dtype)
+    for i, (key, g, w) in enumerate(zip(keys, got, want)):
+        if w is None or not w.is_floating_point():
+            if g is not None and w is None and key.startswith("grad") and g.abs().sum() != 0:
+                raise AssertionError(f"{key}: op returned a nonzero gradient where the reference has none")
+            continue
+        if g is None:  # reference has a gradient, the op none: compare against zeros
+            g = torch.zeros_like(w)
+        report.errors[key] = rel_error(g, w)
+        if fixed is None:
+            b = baseline[i]
+            base = rel_error(b if b is not None else torch.zeros_like(w), w)
+            report.bounds[key] = max(2 * base, _LOW_PRECISION_EPS[dtype])
+        else:
+            report.bounds[key] = fixed
+    if report.failures:
+        raise AssertionError(f"mismatch against the reference (dtype {dtype}, seed {seed}; "
+                             f"rerun with MTLFAST_TEST_SEED={seed}):\n{report.table()}")
+    return report

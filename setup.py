@@ -1,0 +1,98 @@
+"""Build of mtlfast: pure Python always, the compiled extension ``mtlfast._C`` when it can be built.
+
+- torch not importable at build time -> pure-Python install (the ``cpp``/``cuda`` backends then explain
+  that the extension is missing).
+- torch importable -> C++ CPU extension (csrc/cpu + csrc/mtlfast_ops.cpp, OpenMP).
+- CUDA build of torch and nvcc present, or ``MTLFAST_BUILD_CUDA=1`` -> CUDA sources (csrc/cuda) as well,
+  for the archs in ``TORCH_CUDA_ARCH_LIST`` (default "9.0", i.e. sm_90). ``MTLFAST_BUILD_CUDA=0`` disables.
+- ``MTLFAST_NO_EXTENSION=1`` -> pure Python regardless.
+- A compile failure does not fail the install unless ``MTLFAST_STRICT_BUILD=1`` (bench/gpu_check.sh sets it);
+  it is printed, and ``mtlfast info`` reports the extension as missing.
+
+MAX_JOBS defaults to what cores and memory allow (nvcc jobs take ~2 GiB each).
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# `kernels` and `models` are taken names on PyPI: they are installed only as mtlfast.kernels / mtlfast.models.
+PACKAGE_DIR = {"mtlfast": "mtlfast", "mtlfast.kernels": "kernels", "mtlfast.models": "models", "mtlfast.bench": "bench"}
+
+
+def _subpackages():
+    packages = []
+    for package, directory in PACKAGE_DIR.items():
+        for init in glob.glob(os.path.join(ROOT, directory, "**", "__init__.py"), recursive=True):
+            rel = os.path.relpath(os.path.dirname(init), os.path.join(ROOT, directory))
+            packages.append(package if rel == "." else package + "." + rel.replace(os.sep, "."))
+    return sorted(set(packages))
+
+
+def _default_max_jobs():
+    cores = os.cpu_count() or 1
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = 4
+    return max(1, min(cores, int(mem_gib // 2)))
+
+
+def _extension():
+    """(ext_modules, cmdclass) for the compiled extension, or ([], {}) for a pure-Python install."""
+    if os.environ.get("MTLFAST_NO_EXTENSION") == "1":
+        print("mtlfast: MTLFAST_NO_EXTENSION=1, pure-Python install", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:
+        print(f"mtlfast: torch not importable at build time ({exc}); pure-Python install", file=sys.stderr)
+        return [], {}
+
+    force_cuda = os.environ.get("MTLFAST_BUILD_CUDA")
+    nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    with_cuda = force_cuda == "1" or (force_cuda != "0" and torch.version.cuda is not None and bool(nvcc))
+    os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
+
+    sources = ["csrc/mtlfast_ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    define_macros = []
+    if with_cuda:
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros += [("MTLFAST_WITH_CUDA", None), ("MTLFAST_CUDA_ARCHS", f'"{archs}"')]
+        ext = cpp_extension.CUDAExtension(
+            "mtlfast._C", sources, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = cpp_extension.CppExtension("mtlfast._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=["-fopenmp"])
+
+    base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+    class BuildExtension(base):
+        """Never fails the install unless MTLFAST_STRICT_BUILD=1: a broken compiler leaves a pure install."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # compiler missing, compile error, ...
+                if os.environ.get("MTLFAST_STRICT_BUILD") == "1":
+                    raise
+                print(f"mtlfast: building the extension failed ({exc}); installing pure Python. "
+                      "Set MTLFAST_STRICT_BUILD=1 to make this an error.", file=sys.stderr)
+
+    print(f"mtlfast: building mtlfast._C ({'CPU + CUDA' if with_cuda else 'CPU'}), "
+          f"MAX_JOBS={os.environ['MAX_JOBS']}", file=sys.stderr)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extension()
+setup(packages=_subpackages(), package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass,
+      package_data={"mtlfast": ["py.typed"]})
