@@ -1,0 +1,334 @@
+"""Microbenchmark harness behind ``mtlfast bench`` (DESIGN.md §6).
+
+An op plugs in with a module ``bench/bench_<op>.py`` (installed as ``mtlfast.bench.bench_<op>``) that
+registers one :class:`Benchmark`::
+
+    from mtlfast.bench.harness import Benchmark, Case, Provider, register, standard_providers
+
+    def cases(device):            # shapes per device: paper shapes on a GPU, small ones on a CPU
+        return [Case("bfe_s16", make=lambda device, dtype: {"q": ..., "k": ..., "v": ...}, flops=..., bytes=...)]
+
+    register(Benchmark("attention", cases,
+                       standard_providers("attention", mtlfast.ops.attention, reference.attention)
+                       + [Provider("sdpa_flash", sdpa_flash, devices=("cuda",), refuse=lambda inputs: ...)]))
+
+For every case, provider and mode (``fwd``: forward under no_grad; ``fwd+bwd``: forward and backward of
+all floating inputs with a fixed random cotangent) the harness records the median time, the peak memory
+above the inputs (CUDA: ``torch.cuda.max_memory_allocated`` around the measured call) and, where the case
+gives its FLOPs or bytes, TFLOP/s and GB/s as a share of the matmul and copy rates measured in the same
+run. Timing: ``triton.testing.do_bench`` medians after warm-up on a GPU; on a CPU a median of
+``time.perf_counter`` repetitions after warm-up, CPU providers only (Triton's interpreter is never timed).
+Results go to ``<out>/<device>/<op>.json`` with the device, torch/triton/CUDA versions and the commit.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+Inputs = dict[str, object]
+
+
+@dataclass
+class Case:
+    """One input configuration: ``make(device, dtype)`` builds the op's keyword arguments."""
+
+    name: str
+    make: Callable[[str, torch.dtype], Inputs]
+    flops: float | None = None  # forward FLOPs (fwd+bwd rate uses 3x, the usual convention)
+    bytes: float | None = None  # forward bytes moved, for memory-bound ops
+    params: Mapping[str, object] = field(default_factory=dict)  # shape facts recorded in the JSON
+
+
+@dataclass
+class Provider:
+    """A way to compute the op. ``refuse(inputs)`` returns why it cannot run these inputs, or None."""
+
+    name: str
+    fn: Callable[..., object]
+    devices: tuple[str, ...] = ("cuda", "cpu")
+    refuse: Callable[[Inputs], str | None] = lambda inputs: None
+    backward: bool = True
+
+
+@dataclass
+class Benchmark:
+    op: str
+    cases: Callable[[str], list[Case]]
+    providers: list[Provider]
+
+
+BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def register(benchmark: Benchmark) -> Benchmark:
+    BENCHMARKS[benchmark.op] = benchmark
+    return benchmark
+
+
+def load_benchmarks() -> dict[str, Benchmark]:
+    """Imports every ``mtlfast.bench.bench_*`` module (each registers its benchmark)."""
+    import mtlfast.bench
+
+    for module in pkgutil.iter_modules(mtlfast.bench.__path__):
+        if module.name.startswith("bench_"):
+            importlib.import_module(f"mtlfast.bench.{module.name}")
+    return BENCHMARKS
+
+
+def standard_providers(op_name: str, op_fn: Callable, reference_fn: Callable, *, compile: bool = True) -> list[Provider]:
+    """mtlfast (backend ``auto``), eager reference, and torch.compile of the reference."""
+    from mtlfast.backends import OPS
+
+    def mtlfast_refuse(inputs: Inputs) -> str | None:
+        tensor = next(t for t in _tensors(inputs))
+        impl = OPS[op_name].select("auto", tensor.device, tensor.dtype, check_limits=False)
+        if impl.backend == "reference":
+            return f"auto resolves to the reference on {tensor.device.type} (no kernel there)"
+        return None
+
+    providers = [Provider("mtlfast", op_fn, refuse=mtlfast_refuse), Provider("eager", reference_fn)]
+    if compile:
+        providers.append(Provider("compile", torch.compile(reference_fn, dynamic=False)))
+    return providers
+
+
+# --- measurement ----------------------------------------------------------------------------------------
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _with_grad(inputs: Inputs) -> Inputs:
+    def leaf(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.detach().requires_grad_(True)
+        if isinstance(v, (list, tuple)):
+            return type(v)(leaf(x) for x in v)
+        return v
+
+    return {k: leaf(v) for k, v in inputs.items()}
+
+
+def _callable_for(provider: Provider, inputs: Inputs, mode: str) -> tuple[Callable[[], None], list[torch.Tensor]]:
+    """A zero-argument closure timing one call in ``mode``, and the leaves whose grads must be reset."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                provider.fn(**inputs)
+        return run, []
+    grad_inputs = _with_grad(inputs)
+    leaves = [t for t in _tensors(grad_inputs) if t.requires_grad]
+    outs = [o for o in _tensors(provider.fn(**grad_inputs)) if o.requires_grad]
+    cotangents = [torch.randn_like(o) for o in outs]
+
+    def run():
+        results = [o for o in _tensors(provider.fn(**grad_inputs)) if o.requires_grad]
+        torch.autograd.backward(results, cotangents)
+    return run, leaves
+
+
+def _time_cpu(run: Callable[[], None], leaves: list[torch.Tensor], quick: bool) -> float:
+    """Median milliseconds of repeated calls after warm-up (CPU)."""
+    warmup, budget_s, max_reps = (1, 0.05, 3) if quick else (3, 1.0, 50)
+    for _ in range(warmup):
+        run()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < max_reps):
+        for t in leaves:
+            t.grad = None
+        t0 = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _time_cuda(run: Callable[[], None], leaves: list[torch.Tensor], quick: bool) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(run, warmup=5 if quick else 25, rep=20 if quick else 100, grad_to_none=leaves or None,
+                    return_mode="median")
+
+
+def _peak_memory_cuda(run: Callable[[], None], leaves: list[torch.Tensor]) -> int:
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def measure_peaks(device: str) -> dict[str, float]:
+    """The device's bf16 matmul rate (TFLOP/s) and copy bandwidth (GB/s, read+write), measured now."""
+    if device != "cuda":
+        return {}
+    from triton.testing import do_bench
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
+    src = torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+    return {"matmul_bf16_tflops": 2 * n**3 / ms / 1e9, "copy_gbs": 2 * src.numel() * 2 / copy_ms / 1e6}
+
+
+def environment(device: str) -> dict[str, object]:
+    """Device, versions and commit recorded in every result file."""
+    env: dict[str, object] = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if device == "cuda":
+        env["driver"] = _nvidia_driver()
+    return env
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"CPU {model or platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def device_slug(device: str) -> str:
+    """Folder name under bench/results: e.g. ``nvidia-h100-80gb-hbm3`` or ``cpu-2-cores``."""
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu-{os.cpu_count()}-cores"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _git_commit() -> str | None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("MTLFAST_COMMIT")
+    return commit + ("+dirty" if dirty else "")
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, modes=("fwd", "fwd+bwd"),
+                  peaks: Mapping[str, float] | None = None, quick: bool = False,
+                  case_filter: str | None = None) -> dict[str, object]:
+    """Measures every case x provider x mode; returns the JSON-ready result (rows + environment)."""
+    peaks = dict(peaks or {})
+    rows = []
+    time_fn = _time_cuda if device == "cuda" else _time_cpu
+    for case in benchmark.cases(device):
+        if case_filter and not re.search(case_filter, case.name):
+            continue
+        inputs = case.make(device, dtype)
+        for provider in benchmark.providers:
+            for mode in modes:
+                row = {"case": case.name, "provider": provider.name, "mode": mode, **{"params": dict(case.params)}}
+                reason = None
+                if device not in provider.devices:
+                    reason = f"{provider.name} does not run on {device}"
+                elif mode == "fwd+bwd" and not provider.backward:
+                    reason = f"{provider.name} has no backward"
+                else:
+                    reason = provider.refuse(inputs)
+                if reason:
+                    rows.append({**row, "skipped": reason})
+                    continue
+                try:
+                    run, leaves = _callable_for(provider, inputs, mode)
+                    ms = time_fn(run, leaves, quick)
+                    row["ms"] = ms
+                    if device == "cuda":
+                        row["peak_mem_bytes"] = _peak_memory_cuda(run, leaves)
+                    factor = 1 if mode == "fwd" else 3
+                    if case.flops:
+                        row["tflops"] = factor * case.flops / ms / 1e9
+                        if "matmul_bf16_tflops" in peaks:
+                            row["pct_matmul_peak"] = 100 * row["tflops"] / peaks["matmul_bf16_tflops"]
+                    if case.bytes:
+                        row["gbs"] = case.bytes / ms / 1e6 if mode == "fwd" else None
+                        if row["gbs"] and "copy_gbs" in peaks:
+                            row["pct_copy_peak"] = 100 * row["gbs"] / peaks["copy_gbs"]
+                except Exception as exc:  # OOM, compile failure...: recorded, the run goes on
+                    row["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+        del inputs
+    return {"op": benchmark.op, "dtype": str(dtype).replace("torch.", ""), "environment": environment(device),
+            "peaks": peaks, "rows": rows}
+
+
+def format_table(result: Mapping[str, object]) -> str:
+    """Times per case and mode, with each provider's ratio to mtlfast (>1: mtlfast faster), same run."""
+    rows = [r for r in result["rows"] if "ms" in r or "error" in r or "skipped" in r]
+    lines = [f"== {result['op']} ({result['dtype']}, {result['environment']['device']}) =="]
+    header = f"{'case':<22} {'mode':<8} {'provider':<16} {'ms':>10} {'x mtlfast':>10} {'peak MiB':>10}  note"
+    lines.append(header)
+    for case in dict.fromkeys(r["case"] for r in rows):
+        for mode in dict.fromkeys(r["mode"] for r in rows if r["case"] == case):
+            group = [r for r in rows if r["case"] == case and r["mode"] == mode]
+            ours = next((r.get("ms") for r in group if r["provider"] == "mtlfast" and "ms" in r), None)
+            for r in group:
+                ms = r.get("ms")
+                ratio = f"{ms / ours:.2f}" if ms and ours else ""
+                mem = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else ""
+                note = r.get("skipped") or r.get("error") or (
+                    f"{r['pct_matmul_peak']:.0f}% of matmul peak" if "pct_matmul_peak" in r else "")
+                lines.append(f"{case:<22} {mode:<8} {r['provider']:<16} {ms or float('nan'):>10.3f} "
+                             f"{ratio:>10} {mem:>10}  {note}")
+    return "\n".join(lines)
+
+
+def write_result(result: Mapping[str, object], out_dir: str, device: str) -> str:
+    folder = os.path.join(out_dir, device_slug(device))
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{result['op']}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+    return path

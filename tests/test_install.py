@@ -1,0 +1,51 @@
+"""The installed layout (DESIGN.md §1): kernels/ and models/ only as mtlfast.kernels / mtlfast.models, the
+compiled extension present after the README install, and a pure-Python build when torch is absent."""
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(code: str, cwd) -> subprocess.CompletedProcess:
+    # -I: no cwd, PYTHONPATH or user site on sys.path, only what is installed.
+    return subprocess.run([sys.executable, "-I", "-c", code], cwd=cwd, capture_output=True, text=True)
+
+
+def test_subpackages_import_under_mtlfast(tmp_path):
+    result = _python("import mtlfast.kernels, mtlfast.models, mtlfast.bench.harness; "
+                     "print(mtlfast.kernels.__file__); print(mtlfast.models.__file__)", tmp_path)
+    assert result.returncode == 0, result.stderr
+    kernels_file, models_file = result.stdout.split()
+    assert os.path.samefile(kernels_file, os.path.join(ROOT, "kernels", "__init__.py")) or "site-packages" in kernels_file
+    assert models_file.endswith(os.path.join("models", "__init__.py"))
+
+
+@pytest.mark.parametrize("name", ["kernels", "models", "bench"])
+def test_no_top_level_package_installed(tmp_path, name):
+    result = _python(f"import importlib.util; print(importlib.util.find_spec({name!r}))", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None", f"a top-level {name!r} is importable: {result.stdout}"
+
+
+def test_extension_built_and_loaded():
+    from mtlfast import _ext
+
+    status = _ext.status()
+    assert status.loaded, f"the README install should build mtlfast._C here: {status.reason}"
+    assert "openmp=yes" in status.build_info
+
+
+def test_pure_python_wheel_without_torch(tmp_path):
+    """An isolated build env has no torch: setup.py must still produce a (pure-Python) wheel."""
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), ROOT],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    assert "mtlfast/kernels/__init__.py" in names and "mtlfast/models/__init__.py" in names
+    assert not any(n.startswith(("kernels/", "models/", "bench/")) for n in names)
+    assert not any(n.endswith(".so") for n in names), "no extension can be built without torch"

@@ -1,0 +1,81 @@
+"""The reference-check helper must fail on every kind of kernel bug it is meant to catch."""
+import pytest
+import torch
+
+from mtlfast import _alloc
+from mtlfast.testing import check_against_reference, randn, rel_error, tolerance
+
+
+def reference(x, w):
+    return torch.softmax(x @ w, dim=-1)
+
+
+class _Kernel(torch.autograd.Function):
+    """A hand-written op standing in for a kernel: output buffer from mtlfast._alloc, explicit backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, rows_written, grad_w_scale):
+        out = _alloc.empty((x.shape[0], w.shape[1]), dtype=x.dtype, device=x.device)
+        out[:rows_written] = torch.softmax(x[:rows_written] @ w, dim=-1)
+        ctx.save_for_backward(x, w, out)
+        ctx.grad_w_scale = grad_w_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, p = ctx.saved_tensors
+        ds = p * (grad - (grad * p).sum(-1, keepdim=True))
+        return ds @ w.T, ctx.grad_w_scale * (x.T @ ds), None, None
+
+
+def make_inputs(gen):
+    return {"x": randn(7, 5, generator=gen), "w": randn(5, 3, generator=gen)}
+
+
+def test_correct_op_passes():
+    gen = torch.Generator().manual_seed(0)
+    report = check_against_reference(lambda x, w: _Kernel.apply(x, w, 7, 1.0), reference, make_inputs(gen),
+                                     dtype=torch.float32)
+    assert set(report.errors) == {"out", "grad x", "grad w"}
+    assert all(e < 1e-6 for e in report.errors.values())
+
+
+def test_unwritten_output_is_caught_by_poisoning():
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(AssertionError, match=r"(?s)out .* FAIL"):
+        check_against_reference(lambda x, w: _Kernel.apply(x, w, 6, 1.0), reference, make_inputs(gen),
+                                dtype=torch.float32)
+
+
+def test_wrong_gradient_is_caught():
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(AssertionError, match=r"(?s)grad w .* FAIL"):
+        check_against_reference(lambda x, w: _Kernel.apply(x, w, 7, 1.001), reference, make_inputs(gen),
+                                dtype=torch.float32)
+
+
+def test_missing_gradient_is_caught():
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(AssertionError, match=r"grad w"):
+        check_against_reference(lambda x, w: reference(x, w.detach()), reference, make_inputs(gen),
+                                dtype=torch.float32)
+
+
+def test_low_precision_bound_comes_from_pytorch_own_error():
+    gen = torch.Generator().manual_seed(0)
+    report = check_against_reference(reference, reference, make_inputs(gen), dtype=torch.bfloat16)
+    assert all(report.bounds[k] >= 2.0 ** -7 for k in report.errors)
+    # an op twice as wrong as PyTorch's own bf16 computation does not pass
+    noisy = lambda x, w: reference(x, w) * (1 + 0.05)  # noqa: E731
+    with pytest.raises(AssertionError):
+        check_against_reference(noisy, reference, make_inputs(gen), dtype=torch.bfloat16)
+
+
+def test_rel_error_and_tolerances():
+    a = torch.tensor([3.0, 4.0])
+    assert rel_error(a, a) == 0
+    assert rel_error(a + torch.tensor([0.0, 0.5]), a) == pytest.approx(0.1)
+    assert rel_error(torch.tensor([float("nan"), 0.0]), a) == float("inf")
+    assert rel_error(torch.tensor([0.0, 1e-3]), torch.zeros(2)) == pytest.approx(1e-3)
+    assert tolerance(torch.float32) == 1e-4 and tolerance(torch.float32, tf32_dots=True) == 1e-3
+    assert tolerance(torch.bfloat16) is None
