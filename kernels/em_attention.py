@@ -1,0 +1,420 @@
+"""Triton kernels of ``em_attention`` (DESIGN.md §3 op 5; SEM eq. 8-9, the EMANet iteration).
+
+Notation per batch element: x (N, C); bases mu_r (K, C), r = 0..R (R = n_iter); tau; eps.
+
+Forward, per iteration r = 1..R, one pass over x and one small kernel:
+
+- ``_em_accumulate_kernel``, grid (B, P): each program walks ``tiles_per_prog`` tiles of BLOCK_N tokens.
+  Per tile it forms the logits S = x mu_{r-1}ᵀ / tau over C chunks, the softmax z over K in registers,
+  and accumulates the column sums Σ_N z and the partial bases zᵀ x (K x C) into its own slab of
+  ``part`` (B, P, K, C) (float32; loaded, added, stored back per tile, so it stays in L2). z is never
+  written to memory.
+- ``_em_mstep_kernel``, grid (B, K / ROWS): sums the P partials, divides by (eps + Σ_N z), and l2-normalises
+  each row: mu_r = m_r / (eps + ‖m_r‖) with m_r = zn_rᵀ x. mu_r goes to ``bases[:, r]`` (float32) and
+  s_r = Σ_N z_r, n_r = ‖m_r‖ to ``stats[:, r-1]`` for the backward.
+
+Then ``_em_output_kernel`` (one pass): z = softmax(x mu_eᵀ / tau) is written (the op returns it) and
+x_rec = z mu_R. mu_e = mu_{R-1} (the last E step's z) or, with detach_iterations, mu_R (the extra E step).
+So a call reads x R + 1 times.
+
+Backward (full unrolled; nothing per-iteration of size N x K is saved: z_r is recomputed from x and the
+saved mu_{r-1}). With G = ∂L/∂x_rec, Gz = ∂L/∂z, Gmu = ∂L/∂mu_out:
+
+- dmu_R = Gmu + z_Rᵀ G (``_em_accumulate_kernel`` with G in place of x: one pass).
+- For r = R..1, the M-step adjoint on K x C quantities (``_em_mstep_backward_kernel``), with u = mu_r,
+  n = n_r, s = s_r, m = u (eps + n):
+      dm = dmu_r / (eps + n) − u (dmu_r·u) / n              (l2normalize adjoint)
+      a  = dm / (eps + s),   w = (dm·m) / (eps + s)         (column-sum normaliser adjoint)
+  where w uses Σ_n z_nk (x_n·dm_k) = dm_k·(zᵀx)_k = dm_k·m_k (eps + s_k), so it needs no pass over x.
+  Then one pass (``_em_backward_kernel``) recomputes z_r and forms
+      dz = x aᵀ − w  (+ Gz + G mu_Rᵀ at r = R),   dS = z ⊙ (dz − Σ_K z ⊙ dz)
+      dx += z a + dS mu_{r-1} / tau,                dmu_{r-1} = dSᵀ x / tau  (partials, reduced next).
+- detach_iterations=True: one pass, dz = Gz + G mu_Rᵀ, dx = dS mu_R / tau; no gradient to mu.
+
+Dots run on the input dtype (float16/bfloat16 operands, float32 accumulation); float32 inputs use
+``tf32x3`` (three TF32 products, about float32 accuracy). Softmax, sums, the bases and all partials are
+float32. GPU rules: every tl.dot dimension is >= 16 (K is padded to BLOCK_K >= 16 and masked, so K = 1
+works), all aranges are powers of two, odd N and C are masked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mtlfast._alloc import empty
+
+#: Largest K the kernels take: the (BLOCK_N, BLOCK_K) logits tile lives in registers.
+MAX_K = 256
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_n: int  # tokens per tile
+    block_c: int  # channels per chunk of a dot
+    max_programs: int  # programs per batch element of the accumulating passes (P <= this)
+    rows: int  # bases rows per program of the small M-step kernels
+    num_warps: int
+
+
+def launch_config(B: int, N: int, K: int, C: int, device: torch.device) -> LaunchConfig:
+    """The one launch configuration for these sizes (no autotuning; tests replace this function)."""
+    block_c = max(16, min(64, triton.next_power_of_2(C)))
+    if device.type != "cuda":  # the interpreter: few, large programs
+        return LaunchConfig(block_n=64, block_c=block_c, max_programs=2, rows=max(16, triton.next_power_of_2(K)),
+                            num_warps=4)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return LaunchConfig(block_n=64, block_c=block_c, max_programs=max(1, triton.cdiv(2 * sms, B)), rows=1,
+                        num_warps=4 if K <= 64 else 8)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # ignored for 16-bit operands
+
+
+# --- shared pieces -------------------------------------------------------------------------------------
+
+@triton.jit
+def _scores(x_b, mu_b, a_b, g_b, mr_b, offs_n, n_mask, offs_k, k_mask, C,
+            HAS_M: tl.constexpr, HAS_EXT: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Over C chunks: s = x muᵀ and, when asked, xa = x aᵀ (HAS_M) and gm = g mrᵀ (HAS_EXT); (BLOCK_N, BLOCK_K)."""
+    s = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    xa = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    gm = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        nc = offs_n[:, None] * C + offs_c[None, :]
+        nc_mask = n_mask[:, None] & c_mask[None, :]
+        kc = offs_k[:, None] * C + offs_c[None, :]
+        kc_mask = k_mask[:, None] & c_mask[None, :]
+        xt = tl.load(x_b + nc, mask=nc_mask, other=0.0)
+        mt = tl.load(mu_b + kc, mask=kc_mask, other=0.0).to(xt.dtype)
+        s = tl.dot(xt, tl.trans(mt), s, input_precision=DOT_PRECISION)
+        if HAS_M:
+            at = tl.load(a_b + kc, mask=kc_mask, other=0.0).to(xt.dtype)
+            xa = tl.dot(xt, tl.trans(at), xa, input_precision=DOT_PRECISION)
+        if HAS_EXT:
+            gt = tl.load(g_b + nc, mask=nc_mask, other=0.0)
+            rt = tl.load(mr_b + kc, mask=kc_mask, other=0.0).to(gt.dtype)
+            gm = tl.dot(gt, tl.trans(rt), gm, input_precision=DOT_PRECISION)
+    return s, xa, gm
+
+
+@triton.jit
+def _softmax_k(s, n_mask, k_mask):
+    """Row softmax over the valid K columns; rows past N are zero (they must not enter Σ_N z)."""
+    s = tl.where(k_mask[None, :], s, float("-inf"))
+    e = tl.exp(s - tl.max(s, axis=1)[:, None])
+    z = e / tl.sum(e, axis=1)[:, None]
+    return tl.where(n_mask[:, None], z, 0.0)
+
+
+@triton.jit
+def _accumulate_partial(part_b, lhs, v_b, offs_n, n_mask, offs_k, k_mask, C, add,
+                        BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """part_b[K, C] = lhs (BLOCK_K, BLOCK_N) @ v[tile, :], added to the slab's content when ``add``."""
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        vt = tl.load(v_b + offs_n[:, None] * C + offs_c[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+        pp = part_b + offs_k[:, None] * C + offs_c[None, :]
+        p_mask = k_mask[:, None] & c_mask[None, :]
+        prev = tl.load(pp, mask=p_mask & add, other=0.0)
+        tl.store(pp, prev + tl.dot(lhs.to(vt.dtype), vt, input_precision=DOT_PRECISION), mask=p_mask)
+
+
+# --- forward -------------------------------------------------------------------------------------------
+
+@triton.jit
+def _em_accumulate_kernel(x_ptr, mu_ptr, v_ptr, part_ptr, colsum_ptr, N, K, C, mu_stride_b, tiles_per_prog, scale,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """part[b, p] = Σ_tiles zᵀ v and colsum[b, p] = Σ_tiles Σ_N z, z = softmax(x muᵀ * scale) (v = x: E+M step)."""
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    x_b = x_ptr + b * N * C
+    v_b = v_ptr + b * N * C
+    mu_b = mu_ptr + b * mu_stride_b
+    part_b = part_ptr + (b * P + p) * K * C
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    colsum = tl.zeros((BLOCK_K,), tl.float32)
+    for t in range(tiles_per_prog):
+        offs_n = (p * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        s, _, _ = _scores(x_b, mu_b, mu_b, x_b, mu_b, offs_n, n_mask, offs_k, k_mask, C, False, False,
+                          BLOCK_N, BLOCK_K, BLOCK_C, DOT_PRECISION)
+        z = _softmax_k(s * scale, n_mask, k_mask)
+        colsum += tl.sum(z, axis=0)
+        _accumulate_partial(part_b, tl.trans(z), v_b, offs_n, n_mask, offs_k, k_mask, C, t > 0,
+                            BLOCK_C, DOT_PRECISION)
+        tl.debug_barrier()  # the slab is re-read next tile, possibly by other threads of this program
+    tl.store(colsum_ptr + (b * P + p) * K + offs_k, colsum, mask=k_mask)
+
+
+@triton.jit
+def _em_mstep_kernel(part_ptr, colsum_ptr, mu_ptr, stats_ptr, P, K, C, mu_stride_b, stats_stride_b, eps,
+                     ROWS: tl.constexpr, BLOCK_CR: tl.constexpr):
+    """mu = l2normalize((Σ_p part) / (eps + Σ_p colsum)); stats = (Σ_N z, ‖m‖) per row."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_k = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    k_mask = offs_k < K
+    offs_c = tl.arange(0, BLOCK_CR)
+    kc = offs_k[:, None] * C + offs_c[None, :]
+    kc_mask = k_mask[:, None] & (offs_c < C)[None, :]
+    m = tl.zeros((ROWS, BLOCK_CR), tl.float32)
+    s = tl.zeros((ROWS,), tl.float32)
+    for p in range(P):
+        m += tl.load(part_ptr + (b * P + p) * K * C + kc, mask=kc_mask, other=0.0)
+        s += tl.load(colsum_ptr + (b * P + p) * K + offs_k, mask=k_mask, other=0.0)
+    m = m / (eps + s)[:, None]
+    n = tl.sqrt(tl.sum(m * m, axis=1))
+    tl.store(mu_ptr + b * mu_stride_b + kc, m / (eps + n)[:, None], mask=kc_mask)
+    tl.store(stats_ptr + b * stats_stride_b + offs_k, s, mask=k_mask)
+    tl.store(stats_ptr + b * stats_stride_b + K + offs_k, n, mask=k_mask)
+
+
+@triton.jit
+def _em_output_kernel(x_ptr, mue_ptr, mur_ptr, xrec_ptr, z_ptr, N, K, C, mu_stride_b, scale,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """z = softmax(x mu_eᵀ * scale) (written) and x_rec = z mu_r, one tile of tokens per program."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    x_b = x_ptr + b * N * C
+    mur_b = mur_ptr + b * mu_stride_b
+    s, _, _ = _scores(x_b, mue_ptr + b * mu_stride_b, x_b, x_b, x_b, offs_n, n_mask, offs_k, k_mask, C, False, False,
+                      BLOCK_N, BLOCK_K, BLOCK_C, DOT_PRECISION)
+    z = _softmax_k(s * scale, n_mask, k_mask)
+    tl.store(z_ptr + (b * N + offs_n[:, None]) * K + offs_k[None, :], z.to(z_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & k_mask[None, :])
+    zc = z.to(x_ptr.dtype.element_ty)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        mr = tl.load(mur_b + offs_k[:, None] * C + offs_c[None, :], mask=k_mask[:, None] & c_mask[None, :],
+                     other=0.0).to(zc.dtype)
+        out = tl.dot(zc, mr, input_precision=DOT_PRECISION)
+        tl.store(xrec_ptr + (b * N + offs_n[:, None]) * C + offs_c[None, :], out.to(xrec_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & c_mask[None, :])
+
+
+# --- backward ------------------------------------------------------------------------------------------
+
+@triton.jit
+def _em_mstep_backward_kernel(part_ptr, extra_ptr, mu_ptr, stats_ptr, a_ptr, w_ptr, dmu_ptr, P, K, C,
+                              mu_stride_b, stats_stride_b, eps,
+                              HAS_EXTRA: tl.constexpr, FINAL: tl.constexpr, ROWS: tl.constexpr,
+                              BLOCK_CR: tl.constexpr):
+    """dmu_r = Σ_p part (+ extra); FINAL: store it as the gradient of the input bases; else the M-step
+    adjoint a = dm / (eps + s), w = (dm·m) / (eps + s) with dm the l2normalize adjoint (module docstring)."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_k = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    k_mask = offs_k < K
+    offs_c = tl.arange(0, BLOCK_CR)
+    kc = offs_k[:, None] * C + offs_c[None, :]
+    kc_mask = k_mask[:, None] & (offs_c < C)[None, :]
+    dmu = tl.zeros((ROWS, BLOCK_CR), tl.float32)
+    for p in range(P):
+        dmu += tl.load(part_ptr + (b * P + p) * K * C + kc, mask=kc_mask, other=0.0)
+    if HAS_EXTRA:
+        dmu += tl.load(extra_ptr + b * K * C + kc, mask=kc_mask, other=0.0).to(tl.float32)
+    if FINAL:
+        tl.store(dmu_ptr + b * K * C + kc, dmu.to(dmu_ptr.dtype.element_ty), mask=kc_mask)
+    else:
+        u = tl.load(mu_ptr + b * mu_stride_b + kc, mask=kc_mask, other=0.0)
+        s = tl.load(stats_ptr + b * stats_stride_b + offs_k, mask=k_mask, other=1.0)
+        n = tl.load(stats_ptr + b * stats_stride_b + K + offs_k, mask=k_mask, other=1.0)
+        dm = dmu / (eps + n)[:, None] - u * (tl.sum(dmu * u, axis=1) / n)[:, None]
+        tl.store(a_ptr + b * K * C + kc, dm / (eps + s)[:, None], mask=kc_mask)
+        tl.store(w_ptr + b * K + offs_k, tl.sum(dm * u, axis=1) * (eps + n) / (eps + s), mask=k_mask)
+
+
+@triton.jit
+def _em_backward_kernel(x_ptr, mue_ptr, a_ptr, w_ptr, gx_ptr, gz_ptr, mur_ptr, dxin_ptr, dxout_ptr, part_ptr,
+                        N, K, C, mu_stride_b, tiles_per_prog, scale,
+                        HAS_M: tl.constexpr, HAS_EXT: tl.constexpr, ACCUM: tl.constexpr, NEED_DMU: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """One E step's adjoint (module docstring): dx (+)= z a + dS mu_e * scale; part[b, p] = Σ_tiles dSᵀ x * scale.
+
+    HAS_M: the M step's a, w terms enter dz; HAS_EXT: Gz + G mu_rᵀ enter dz (the step whose z is the output);
+    ACCUM: add dx_in (float32) to this step's dx; NEED_DMU: write the partials of dmu_e."""
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    x_b = x_ptr + b * N * C
+    mue_b = mue_ptr + b * mu_stride_b
+    a_b = a_ptr + b * K * C
+    part_b = part_ptr + (b * P + p) * K * C
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    if HAS_M:
+        w = tl.load(w_ptr + b * K + offs_k, mask=k_mask, other=0.0)
+    for t in range(tiles_per_prog):
+        offs_n = (p * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        s, xa, gm = _scores(x_b, mue_b, a_b, gx_ptr + b * N * C, mur_ptr + b * mu_stride_b, offs_n, n_mask,
+                            offs_k, k_mask, C, HAS_M, HAS_EXT, BLOCK_N, BLOCK_K, BLOCK_C, DOT_PRECISION)
+        z = _softmax_k(s * scale, n_mask, k_mask)
+        dz = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        if HAS_M:
+            dz = xa - w[None, :]
+        if HAS_EXT:
+            nk_mask = n_mask[:, None] & k_mask[None, :]
+            dz += gm + tl.load(gz_ptr + (b * N + offs_n[:, None]) * K + offs_k[None, :], mask=nk_mask,
+                               other=0.0).to(tl.float32)
+        ds = z * (dz - tl.sum(z * dz, axis=1)[:, None])  # zero on padded rows and columns (z is)
+        zc = z.to(x_ptr.dtype.element_ty)
+        dsc = ds.to(x_ptr.dtype.element_ty)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_mask = offs_c < C
+            kc = offs_k[:, None] * C + offs_c[None, :]
+            kc_mask = k_mask[:, None] & c_mask[None, :]
+            nc = (b * N + offs_n[:, None]) * C + offs_c[None, :]
+            nc_mask = n_mask[:, None] & c_mask[None, :]
+            me = tl.load(mue_b + kc, mask=kc_mask, other=0.0).to(dsc.dtype)
+            dx = tl.dot(dsc, me, input_precision=DOT_PRECISION) * scale
+            if HAS_M:
+                at = tl.load(a_b + kc, mask=kc_mask, other=0.0).to(zc.dtype)
+                dx = tl.dot(zc, at, dx, input_precision=DOT_PRECISION)
+            if ACCUM:
+                dx += tl.load(dxin_ptr + nc, mask=nc_mask, other=0.0)
+            tl.store(dxout_ptr + nc, dx.to(dxout_ptr.dtype.element_ty), mask=nc_mask)
+        if NEED_DMU:
+            _accumulate_partial(part_b, tl.trans(ds * scale), x_b, offs_n, n_mask, offs_k, k_mask, C, t > 0,
+                                BLOCK_C, DOT_PRECISION)
+            tl.debug_barrier()
+
+
+# --- launchers -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Plan:
+    cfg: LaunchConfig
+    block_k: int
+    block_cr: int
+    tiles_per_prog: int
+    programs: int  # P
+    dot_precision: str
+
+
+def _plan(x: torch.Tensor, K: int) -> _Plan:
+    B, N, C = x.shape
+    cfg = launch_config(B, N, K, C, x.device)
+    tiles = triton.cdiv(N, cfg.block_n)
+    tiles_per_prog = triton.cdiv(tiles, min(tiles, cfg.max_programs))
+    return _Plan(cfg, max(16, triton.next_power_of_2(K)), triton.next_power_of_2(C), tiles_per_prog,
+                 triton.cdiv(tiles, tiles_per_prog), _dot_precision(x.dtype))
+
+
+def _accumulate(plan, x, mu, v, part, colsum, scale):
+    B, N, C = x.shape
+    K = mu.shape[-2]
+    _em_accumulate_kernel[(B, plan.programs)](
+        x, mu, v, part, colsum, N, K, C, mu.stride(0), plan.tiles_per_prog, scale,
+        BLOCK_N=plan.cfg.block_n, BLOCK_K=plan.block_k, BLOCK_C=plan.cfg.block_c,
+        DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps)
+
+
+def _row_grid(plan, B, K):
+    return (B, triton.cdiv(K, plan.cfg.rows))
+
+
+def forward(x: torch.Tensor, mu: torch.Tensor, n_iter: int, tau: float, eps: float, detach_iterations: bool):
+    """-> (x_rec, mu_out, z, bases (B, n_iter+1, K, C) float32, stats (B, n_iter, 2, K) float32).
+
+    bases[:, r] = mu_r (bases[:, 0] the input), stats[:, r-1] = (Σ_N z_r, ‖m_r‖): what the backward needs."""
+    x, mu = x.contiguous(), mu.contiguous()
+    B, N, C = x.shape
+    K = mu.shape[1]
+    plan = _plan(x, K)
+    scale = 1.0 / tau
+    bases = empty((B, n_iter + 1, K, C), dtype=torch.float32, device=x.device)
+    bases[:, 0].copy_(mu)
+    stats = empty((B, n_iter, 2, K), dtype=torch.float32, device=x.device)
+    part = empty((B, plan.programs, K, C), dtype=torch.float32, device=x.device)
+    colsum = empty((B, plan.programs, K), dtype=torch.float32, device=x.device)
+    for r in range(1, n_iter + 1):
+        _accumulate(plan, x, bases[:, r - 1], x, part, colsum, scale)
+        _em_mstep_kernel[_row_grid(plan, B, K)](
+            part, colsum, bases[:, r], stats[:, r - 1], plan.programs, K, C, bases.stride(0), stats.stride(0), eps,
+            ROWS=plan.cfg.rows, BLOCK_CR=plan.block_cr)
+    x_rec = empty((B, N, C), dtype=x.dtype, device=x.device)
+    z = empty((B, N, K), dtype=x.dtype, device=x.device)
+    mu_e = bases[:, n_iter] if detach_iterations else bases[:, n_iter - 1]
+    _em_output_kernel[(B, triton.cdiv(N, plan.cfg.block_n))](
+        x, mu_e, bases[:, n_iter], x_rec, z, N, K, C, bases.stride(0), scale,
+        BLOCK_N=plan.cfg.block_n, BLOCK_K=plan.block_k, BLOCK_C=plan.cfg.block_c,
+        DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps)
+    mu_out = empty((B, K, C), dtype=mu.dtype, device=mu.device)
+    mu_out.copy_(bases[:, n_iter])
+    return x_rec, mu_out, z, bases, stats
+
+
+def _step_backward(plan, x, mu_e, a, w, g_xrec, g_z, mu_r, dx_in, dx_out, part, scale, *,
+                   has_m, has_ext, accum, need_dmu):
+    B, N, C = x.shape
+    K = mu_e.shape[-2]
+    _em_backward_kernel[(B, plan.programs)](
+        x, mu_e, a, w, g_xrec, g_z, mu_r, dx_in, dx_out, part, N, K, C, mu_e.stride(0), plan.tiles_per_prog,
+        scale, HAS_M=has_m, HAS_EXT=has_ext, ACCUM=accum, NEED_DMU=need_dmu,
+        BLOCK_N=plan.cfg.block_n, BLOCK_K=plan.block_k, BLOCK_C=plan.cfg.block_c,
+        DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps)
+
+
+def backward(g_xrec, g_mu, g_z, x, bases, stats, n_iter: int, tau: float, eps: float):
+    """Full unrolled backward -> (dx, dmu) for the input x and bases (module docstring)."""
+    x, g_xrec, g_mu, g_z = x.contiguous(), g_xrec.contiguous(), g_mu.contiguous(), g_z.contiguous()
+    B, N, C = x.shape
+    K = bases.shape[2]
+    plan = _plan(x, K)
+    scale = 1.0 / tau
+    dev = x.device
+    part = empty((B, plan.programs, K, C), dtype=torch.float32, device=dev)
+    colsum = empty((B, plan.programs, K), dtype=torch.float32, device=dev)
+    a = empty((B, K, C), dtype=torch.float32, device=dev)
+    w = empty((B, K), dtype=torch.float32, device=dev)
+    dx = empty((B, N, C), dtype=x.dtype, device=dev)
+    dx_acc = dx if x.dtype == torch.float32 else empty((B, N, C), dtype=torch.float32, device=dev)
+    dmu = empty((B, K, C), dtype=g_mu.dtype, device=dev)
+    grid = _row_grid(plan, B, K)
+
+    def mstep_backward(r, *, extra=None, final=False):
+        # r >= 1: a, w of iteration r from dmu_r = Σ part (+ extra); final (r = 0): dmu_0 -> dmu.
+        slot = max(r - 1, 0)
+        _em_mstep_backward_kernel[grid](
+            part, g_mu if extra is None else extra, bases[:, r], stats[:, slot], a, w, dmu, plan.programs, K, C,
+            bases.stride(0), stats.stride(0), eps, HAS_EXTRA=extra is not None, FINAL=final,
+            ROWS=plan.cfg.rows, BLOCK_CR=plan.block_cr)
+
+    # dmu_R = Gmu + z_Rᵀ G
+    _accumulate(plan, x, bases[:, n_iter - 1], g_xrec, part, colsum, scale)
+    mstep_backward(n_iter, extra=g_mu)
+    for r in range(n_iter, 0, -1):
+        _step_backward(plan, x, bases[:, r - 1], a, w, g_xrec, g_z, bases[:, n_iter], dx_acc,
+                       dx if r == 1 else dx_acc, part, scale,
+                       has_m=True, has_ext=r == n_iter, accum=r < n_iter, need_dmu=True)
+        mstep_backward(r - 1, final=r == 1)
+    return dx, dmu
+
+
+def backward_detached(g_xrec, g_z, x, bases, tau: float):
+    """detach_iterations=True: the gradient of the last E step and x_rec to x only -> dx."""
+    x, g_xrec, g_z = x.contiguous(), g_xrec.contiguous(), g_z.contiguous()
+    B, N, C = x.shape
+    plan = _plan(x, bases.shape[2])
+    mu_r = bases[:, -1]
+    dx = empty((B, N, C), dtype=x.dtype, device=x.device)
+    _step_backward(plan, x, mu_r, x, x, g_xrec, g_z, mu_r, dx, dx, x, 1.0 / tau,
+                   has_m=False, has_ext=True, accum=False, need_dmu=False)
+    return dx
