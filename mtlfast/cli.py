@@ -1,4 +1,4 @@
-"""The ``mtlfast`` command: ``info``, ``bench`` (more subcommands arrive with the training pipeline)."""
+"""The ``mtlfast`` command: ``train``, ``eval``, ``bench``, ``info``."""
 from __future__ import annotations
 
 import argparse
@@ -47,9 +47,76 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_metrics(title: str, metrics: dict) -> None:
+    print(title)
+    for key, value in metrics.items():
+        print(f"  {key:<24} {value:.4f}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mtlfast.engine.config import load_config
+    from mtlfast.engine.trainer import Trainer
+
+    config = load_config(args.config, args.overrides)
+    resume = args.resume
+    if resume == "auto":
+        last = os.path.join(config["output_dir"], "last.pt")
+        resume = last if os.path.exists(last) else None
+    trainer = Trainer(config, resume=resume, progress=not args.no_progress)
+    try:
+        if trainer.dist.is_main and trainer.iteration == 0 and config["train"]["eval_at_start"]:
+            trainer.evaluate_and_log()
+        trainer.train()
+        if trainer.dist.is_main:
+            rows = trainer.log.read("eval")
+            if rows:
+                _print_metrics(f"first evaluation (iteration {int(rows[0]['iteration'])}):",
+                               {k: v for k, v in rows[0].items() if k != "iteration"})
+                _print_metrics(f"final evaluation (iteration {int(rows[-1]['iteration'])}):",
+                               {k: v for k, v in rows[-1].items() if k != "iteration"})
+            print(f"checkpoint, logs and plots in {config['output_dir']}")
+    finally:
+        trainer.close()
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from mtlfast.engine import checkpoint as ckpt
+    from mtlfast.engine.config import load_config
+    from mtlfast.engine.trainer import Trainer
+
+    config = load_config(None, args.overrides, base=ckpt.load_checkpoint(args.checkpoint)["config"])
+    trainer = Trainer(config, resume=args.checkpoint, progress=False)
+    try:
+        metrics = trainer.evaluate(args.samples)
+    finally:
+        trainer.close()
+    _print_metrics(f"evaluation of {args.checkpoint} (iteration {trainer.iteration}):", metrics)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"checkpoint": args.checkpoint, "iteration": trainer.iteration, "metrics": metrics}, f, indent=1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtlfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (default: the embedded synthetic config)")
+    train.add_argument("--config", help="YAML file (configs/<dataset>/<backbone>/<method>.yaml)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.batch_size=4")
+    train.add_argument("--resume", help="checkpoint to resume from, or 'auto' for <output_dir>/last.pt if present")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on its validation set")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
+    evaluate.add_argument("--out", help="write the metrics as JSON here")
+    evaluate.add_argument("--samples", help="write a PNG of sample predictions here")
+    evaluate.set_defaults(func=_cmd_eval)
 
     info = sub.add_parser("info", help="versions, built extensions, devices, backend per op")
     info.set_defaults(func=_cmd_info)

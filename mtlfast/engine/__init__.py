@@ -1,0 +1,1 @@
+"""Training and evaluation: config, trainer, checkpoints, distributed plumbing, logs."""

@@ -1,0 +1,69 @@
+"""Checkpoints: atomic writes (a crash never leaves a truncated file or loses the previous checkpoint),
+full training state for exact resume, and a compatibility check with a clear error."""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+#: Config entries that must match for a checkpoint's weights to fit the model being built.
+_MODEL_KEYS = (("model", "name"), ("model", "backbone"), ("data", "tasks"), ("data", "dataset"))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
+    """Writes ``payload`` to a temporary file in the same folder, fsyncs, then renames over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_ckpt_", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint: no such file {path!r}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint: {path!r} is not a readable mtlfast checkpoint "
+                           f"({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise RuntimeError(f"checkpoint: {path!r} is not an mtlfast checkpoint of format {FORMAT_VERSION}")
+    return payload
+
+
+def check_compatible(payload: dict[str, Any], config: dict[str, Any], path: str) -> None:
+    """Raises if the checkpoint was trained for another model/backbone/task set/dataset than ``config``."""
+    saved = payload.get("config", {})
+    for section, key in _MODEL_KEYS:
+        a, b = saved.get(section, {}).get(key), config[section][key]
+        if a != b:
+            raise RuntimeError(f"checkpoint: {path!r} has {section}.{key}={a!r} but the config asks for {b!r}")

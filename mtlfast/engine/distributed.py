@@ -1,0 +1,60 @@
+"""torchrun / DDP plumbing: process-group set-up from the environment, rank helpers, reductions.
+
+``torchrun --nproc_per_node=N -m mtlfast train ...`` sets RANK, WORLD_SIZE and LOCAL_RANK; each process
+then uses ``cuda:LOCAL_RANK`` (NCCL) or the CPU (gloo). Without those variables everything is a no-op and
+the run is single-process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Joins the process group torchrun describes (no-op when WORLD_SIZE is unset or 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
+        raise RuntimeError("distributed: WORLD_SIZE > 1 but RANK/LOCAL_RANK are not set; launch with torchrun")
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return info
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """In-place sum over ranks (identity when single-process)."""
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,133 @@
+"""Run logs: CSV files (always), TensorBoard event files (when the tensorboard package is installed), and
+PNG plots of the training curves and of sample predictions per task."""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Mapping
+
+import numpy as np
+import torch
+
+
+class RunLog:
+    """Appends rows to ``<dir>/<name>.csv`` (header from the first row's keys) and mirrors scalars to
+    TensorBoard under ``<dir>/tensorboard``. Only the main rank should own one."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed: CSV only
+            self.tensorboard = None
+        else:
+            self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
+
+    def write(self, name: str, row: Mapping[str, object], step: int) -> None:
+        path = os.path.join(self.folder, f"{name}.csv")
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    self.tensorboard.add_scalar(f"{name}/{key}", value, step)
+            self.tensorboard.flush()
+
+    def read(self, name: str) -> list[dict[str, float]]:
+        path = os.path.join(self.folder, f"{name}.csv")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+    def truncate(self, name: str, after_iteration: int) -> None:
+        """Drops rows past ``after_iteration`` (a resumed run rewrites what the interrupted one logged)."""
+        rows = [r for r in self.read(name) if r["iteration"] <= after_iteration]
+        path = os.path.join(self.folder, f"{name}.csv")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            header = next(csv.reader(f))
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: (int(v) if k == "iteration" else v) for k, v in r.items()})
+
+
+def plot_curves(log: RunLog, path: str) -> None:
+    """Training losses (left) and evaluation metrics (right) against the iteration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = log.read("train"), log.read("eval")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    if train:
+        its = [r["iteration"] for r in train]
+        for key in [k for k in train[0] if k.startswith("loss")]:
+            axes[0].plot(its, [r.get(key, np.nan) for r in train], label=key)
+        axes[0].set_yscale("log")
+    axes[0].set(title="training loss", xlabel="iteration")
+    axes[0].legend(fontsize=7)
+    if evals:
+        its = [r["iteration"] for r in evals]
+        for key in [k for k in evals[0] if k != "iteration"]:
+            axes[1].plot(its, [r.get(key, np.nan) for r in evals], marker="o", label=key)
+    axes[1].set(title="evaluation", xlabel="iteration")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _task_image(task: str, x: torch.Tensor, is_label: bool) -> np.ndarray:
+    """An (H,W,3) or (H,W) array in [0,1] showing a prediction (logits) or a label of ``task``."""
+    if task in ("semseg", "parts"):
+        classes = x if is_label else x.argmax(0)
+        classes = classes.float()
+        shown = classes.clone()
+        shown[classes == 255] = float("nan")
+        return shown.numpy()
+    if task == "normals":
+        n = x if is_label else torch.nn.functional.normalize(x, dim=0)
+        return ((n.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy()
+    if task in ("edge", "sal"):
+        v = x[0] if is_label else torch.sigmoid(x[0])
+        v = v.clone()
+        v[v == 255] = float("nan")
+        return v.numpy()
+    return x[0].numpy()  # depth
+
+
+def plot_predictions(images: torch.Tensor, preds: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor],
+                     path: str, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> None:
+    """One row per sample: the image, then prediction and label for each task."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(preds)
+    n = images.shape[0]
+    cols = 1 + 2 * len(tasks)
+    fig, axes = plt.subplots(n, cols, figsize=(1.8 * cols, 1.8 * n), squeeze=False)
+    image = images.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    for i in range(n):
+        axes[i, 0].imshow(image[i].permute(1, 2, 0).clamp(0, 1).numpy())
+        for j, task in enumerate(tasks):
+            for k, (tensor, is_label) in enumerate(((preds[task][i], False), (labels[task][i], True))):
+                ax = axes[i, 1 + 2 * j + k]
+                shown = _task_image(task, tensor.float().cpu(), is_label)
+                ax.imshow(shown, cmap=None if shown.ndim == 3 else ("tab20" if task in ("semseg", "parts") else "viridis"))
+                if i == 0:
+                    ax.set_title(f"{task} {'label' if is_label else 'pred'}", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,254 @@
+"""Training and evaluation loop (DESIGN.md §5): one process or many (torchrun + DDP).
+
+Reproducibility contract: given the same config, a run interrupted after a checkpoint and resumed with
+``resume=<checkpoint>`` produces exactly the loss sequence of an uninterrupted run (on the same device
+and thread count). This holds because the data order comes from ``(seed, epoch)``, every sample's
+augmentation randomness from ``(seed, epoch, index)`` (:mod:`mtlfast.engine.sampler`), and the checkpoint
+holds the model, optimiser, scheduler, RNG states and data position.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from mtlfast.backends import use_backend
+from mtlfast.engine import checkpoint as ckpt
+from mtlfast.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from mtlfast.engine.logs import RunLog, plot_curves, plot_predictions
+from mtlfast.engine.sampler import ResumableSampler, SeededDataset
+
+
+def _device(info: DistInfo) -> torch.device:
+    return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    name = cfg["name"].lower()
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    raise ValueError(f"optim.name: unknown optimiser {cfg['name']!r}; valid: adam, adamw, sgd")
+
+
+def poly_schedule(optimizer, iterations: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr = base_lr * (1 - it / iterations) ** power."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - min(it, iterations) / iterations) ** power)
+
+
+class _TrainForward(torch.nn.Module):
+    """``forward = model.forward_train`` (predictions + deep-supervision outputs), so that DDP, which only
+    hooks ``forward``, wraps the training call."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        return self.model.forward_train(images)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class Trainer:
+    """Builds data, model, loss, metrics and optimiser from a config (:mod:`mtlfast.engine.config`)."""
+
+    def __init__(self, config: dict[str, Any], *, resume: str | None = None, progress: bool = True):
+        from mtlfast.data import build_dataset, canonical_dataset, check_tasks, collate
+        from mtlfast.losses import MultiTaskLoss
+        from mtlfast.models import create_model
+
+        self.config, self.progress = config, progress
+        data_cfg, train_cfg = config["data"], config["train"]
+        self.dist = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = _device(self.dist)
+        self.dataset = canonical_dataset(data_cfg["dataset"])
+        self.tasks = list(check_tasks(data_cfg["tasks"], self.dataset))
+        self.out_dir = config["output_dir"]
+        self.log = RunLog(self.out_dir) if self.dist.is_main else None
+
+        extra = ({"length": data_cfg["num_train"], "seed": config["seed"]} if self.dataset == "synthetic" else {})
+        val_extra = ({"length": data_cfg["num_val"], "seed": config["seed"]} if self.dataset == "synthetic" else {})
+        size = tuple(data_cfg["train_size"])
+        self.train_set = build_dataset(self.dataset, data_cfg["root"], "train", self.tasks, size=size, **extra)
+        self.val_set = build_dataset(self.dataset, data_cfg["root"], "val", self.tasks,
+                                     size=size if self.dataset == "synthetic" else None, **val_extra)
+        self.sampler = ResumableSampler(len(self.train_set), batch_size=data_cfg["batch_size"], seed=config["seed"],
+                                        rank=self.dist.rank, world_size=self.dist.world_size)
+        self.train_loader = DataLoader(SeededDataset(self.train_set, config["seed"]), batch_size=data_cfg["batch_size"],
+                                       sampler=self.sampler, drop_last=True, collate_fn=collate,
+                                       num_workers=data_cfg["num_workers"], pin_memory=self.device.type == "cuda")
+        if self.sampler.batches_per_epoch() < 1:
+            raise ValueError(f"data.batch_size={data_cfg['batch_size']} exceeds the {self.sampler.per_rank} "
+                             f"training samples per process")
+
+        torch.manual_seed(config["seed"])  # identical initial weights on every rank
+        model_cfg = config["model"]
+        self.model = create_model(model_cfg["name"], self.tasks, backbone=model_cfg["backbone"], dataset=self.dataset,
+                                  pretrained=model_cfg["pretrained"], **model_cfg["kwargs"])
+        if self.dist.enabled and train_cfg["sync_bn"]:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model.to(self.device)
+        self.train_forward: torch.nn.Module = _TrainForward(self.model)
+        if self.dist.enabled:
+            self.train_forward = DistributedDataParallel(
+                self.train_forward, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
+        self.loss_fn = MultiTaskLoss(self.tasks, dataset=self.dataset)
+        self.optimizer = build_optimizer(self.model.parameters(), config["optim"])
+        self.scheduler = poly_schedule(self.optimizer, train_cfg["iterations"], config["optim"]["poly_power"])
+        self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
+        amp = train_cfg["amp"]
+        self.autocast_dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and self.device.type == "cuda")) else None
+        if resume:
+            self._load(resume)
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    def checkpoint_path(self, name: str = "last.pt") -> str:
+        return os.path.join(self.out_dir, name)
+
+    def save(self, name: str = "last.pt") -> None:
+        if not self.dist.is_main:
+            return
+        ckpt.save_checkpoint(self.checkpoint_path(name), {
+            "config": self.config, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch, "rng": ckpt.rng_state()})
+
+    def _load(self, path: str) -> None:
+        payload = ckpt.load_checkpoint(path)
+        ckpt.check_compatible(payload, self.config, path)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.iteration, self.epoch, self.batch_in_epoch = payload["iteration"], payload["epoch"], payload["batch_in_epoch"]
+        ckpt.set_rng_state(payload["rng"])
+        if self.log is not None:
+            for name in ("train", "eval"):
+                self.log.truncate(name, self.iteration)
+
+    # --- training ------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        self.model.train()
+        batch = _to_device(batch, self.device)
+        labels = {t: batch[t] for t in self.tasks}
+        with self._autocast():
+            preds, aux = self.train_forward(batch["image"])
+            total, per_task = self.loss_fn(preds, labels, aux)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        clip = self.config["optim"]["grad_clip"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip else None
+        self.optimizer.step()
+        self.scheduler.step()
+        row = {"loss": total.item(), **{f"loss_{t}": v.item() for t, v in per_task.items()}}
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm.item()
+        return row
+
+    def train(self) -> list[dict[str, float]]:
+        """Runs to ``train.iterations``; returns the logged training rows of this call."""
+        cfg = self.config["train"]
+        total_its = cfg["iterations"]
+        history = []
+        bar = None
+        if self.progress and self.dist.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=total_its, initial=self.iteration, desc="train", dynamic_ncols=True)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with use_backend(cfg["backend"]) if cfg["backend"] else contextlib.nullcontext():
+            while self.iteration < total_its:
+                self.sampler.set_position(self.epoch, self.batch_in_epoch)
+                for batch in self.train_loader:
+                    start = time.perf_counter()
+                    row = self.train_step(batch)
+                    seconds = time.perf_counter() - start
+                    self.iteration += 1
+                    self.batch_in_epoch += 1
+                    if self.batch_in_epoch == self.sampler.batches_per_epoch():
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    row = {"iteration": self.iteration, **row, "lr": self.scheduler.get_last_lr()[0],
+                           "images_per_s": self.config["data"]["batch_size"] * self.dist.world_size / seconds}
+                    if self.device.type == "cuda":
+                        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+                    history.append(row)
+                    if not math.isfinite(row["loss"]):
+                        raise FloatingPointError(f"training loss is {row['loss']} at iteration {self.iteration}")
+                    if self.log is not None and (self.iteration % cfg["log_every"] == 0 or self.iteration == total_its):
+                        self.log.write("train", row, self.iteration)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    if self.iteration % cfg["checkpoint_every"] == 0 or self.iteration == total_its:
+                        self.save()
+                        barrier(self.dist)
+                    if cfg["eval_every"] and (self.iteration % cfg["eval_every"] == 0 or self.iteration == total_its):
+                        self.evaluate_and_log()
+                    if self.iteration >= total_its:
+                        break
+                if self.batch_in_epoch != 0 and self.iteration < total_its:  # sampler exhausted mid-count
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if bar is not None:
+            bar.close()
+        return history
+
+    # --- evaluation ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, sample_path: str | None = None) -> dict[str, float]:
+        """Metrics on the validation set at original resolution (padding cropped back); main rank only."""
+        from mtlfast.data import collate
+        from mtlfast.metrics import build_metrics
+
+        model = self.model.eval()
+        metrics = build_metrics(self.tasks, self.dataset)
+        loader = DataLoader(self.val_set, batch_size=self.config["eval"]["batch_size"], shuffle=False,
+                            collate_fn=collate, num_workers=self.config["data"]["num_workers"])
+        shown = None
+        for batch in loader:
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                preds = model(batch["image"])
+            preds = {t: p.float() for t, p in preds.items()}
+            for i, meta in enumerate(batch["meta"]):
+                h, w = meta["size"]
+                metrics.update({t: preds[t][i:i + 1, :, :h, :w] for t in self.tasks},
+                               {t: batch[t][i:i + 1, ..., :h, :w] for t in self.tasks})
+            if shown is None and sample_path is not None:
+                n = min(self.config["train"]["sample_images"], batch["image"].shape[0])
+                shown = (batch["image"][:n].cpu(), {t: preds[t][:n].cpu() for t in self.tasks},
+                         {t: batch[t][:n].cpu() for t in self.tasks})
+        if shown is not None and shown[0].shape[0] > 0:
+            plot_predictions(*shown, path=sample_path)
+        return metrics.compute()
+
+    def evaluate_and_log(self) -> dict[str, float] | None:
+        result = None
+        if self.dist.is_main:
+            result = self.evaluate(os.path.join(self.out_dir, f"predictions_{self.iteration:06d}.png"))
+            flat = {"iteration": self.iteration, **{k: float(v) for k, v in result.items()}}
+            self.log.write("eval", flat, self.iteration)
+            plot_curves(self.log, os.path.join(self.out_dir, "curves.png"))
+        barrier(self.dist)
+        return result
+
+    def close(self) -> None:
+        cleanup(self.dist)
