@@ -20,6 +20,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from mtlfast.bench import harness
 
+    if args.models:
+        return _bench_models(args)
     benchmarks = harness.load_benchmarks()
     unknown = [op for op in args.ops if op not in benchmarks]
     if unknown:
@@ -44,6 +46,37 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(harness.format_table(result))
         if args.out:
             print(f"wrote {harness.write_result(result, args.out, device)}")
+    return 0
+
+
+def _bench_models(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import re
+
+    import torch
+
+    from mtlfast.bench import harness, models
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    settings = [s for s in models.SETTINGS if not args.cases or re.search(args.cases, s.name)]
+    if device.type == "cpu":
+        print("mtlfast bench --models: no CUDA device; running tiny shapes (64x64, batch 1) as a check only, "
+              "no claim about speed")
+        settings = [dataclasses.replace(s, size=(64, 64), batch=1) for s in settings]
+    results = []
+    for setting in settings:
+        print(f"-- {setting.name} {setting.size} batch {setting.batch}", flush=True)
+        results.append(models.run_setting(setting, device, quick=args.quick or device.type == "cpu",
+                                          find_max_batch=args.max_batch))
+    print(models.format_models_table(results))
+    if args.out:
+        folder = os.path.join(args.out, harness.device_slug(device.type))
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "models.json"), "w") as f:
+            json.dump({"environment": harness.environment(device.type), "results": results}, f, indent=1)
+        models.plot_models(results, os.path.join(folder, "models.png"))
+        print(f"wrote {folder}/models.json and models.png")
     return 0
 
 
@@ -130,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=os.path.join("bench", "results"),
                        help="results folder (<out>/<device>/<op>.json); '' to not write")
     bench.add_argument("--quick", action="store_true", help="few repetitions (smoke test, not for reporting)")
+    bench.add_argument("--models", action="store_true",
+                       help="model-level benchmark: training step and inference, kernel vs reference path")
+    bench.add_argument("--max-batch", action="store_true", help="with --models: search the largest batch per path")
     bench.set_defaults(func=_cmd_bench)
     return parser
 
