@@ -6,3 +6,4 @@
 from mtlfast.models.registry import create_model, list_models, register_model
 
 __all__ = ["create_model", "list_models", "register_model"]
+from mtlfast.models import mtinet  # noqa: E402,F401  (registers the method)

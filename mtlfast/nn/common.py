@@ -1,0 +1,124 @@
+"""Small building blocks shared by the papers' modules: conv-BN-activation, ResNet blocks, squeeze-and-
+excitation, the transformer feed-forward network, and token <-> feature-map reshapes.
+
+Conventions: feature maps are (B, C, H, W); token sequences are (B, N, C) with N = H·W in row-major
+order (``x.flatten(2).transpose(1, 2)``); multi-head tensors are (B, heads, N, C / heads).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "SEBlock", "FeedForward", "to_tokens", "to_map",
+           "split_heads", "merge_heads", "resize"]
+
+
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=False) of (B, C, H, W) to ``size`` = (H', W'); identity if equal."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H·W, C)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def to_map(tokens: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, H·W, C) -> (B, C, H, W) for ``size`` = (H, W)."""
+    b, n, c = tokens.shape
+    h, w = size
+    if n != h * w:
+        raise ValueError(f"tokens: expected {h}x{w}={h * w} tokens, got {n}")
+    return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., N, C) -> (..., heads, N, C / heads); channel c = head · (C / heads) + j."""
+    *lead, n, c = x.shape
+    return x.reshape(*lead, n, heads, c // heads).movedim(-2, -3)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(..., heads, N, D) -> (..., N, heads · D), the inverse of :func:`split_heads`."""
+    x = x.movedim(-3, -2)
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv2d (no bias) -> BatchNorm2d -> activation (``act=None``: none). 'same' padding for odd kernels."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 1, *, stride: int = 1, groups: int = 1,
+                 dilation: int = 1, act: type[nn.Module] | None = nn.ReLU) -> None:
+        padding = dilation * (kernel_size - 1) // 2
+        layers: list[nn.Module] = [
+            nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                      bias=False),
+            nn.BatchNorm2d(cout)]
+        if act is not None:
+            layers.append(act())
+        super().__init__(*layers)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016): relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x)), the
+    shortcut a 1x1 conv + BN when the width or stride changes (as in torchvision's ``BasicBlock``)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (ConvBNAct(cin, cout, 1, stride=stride, act=None)
+                           if cin != cout or stride != 1 else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.downsample(x))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck block: 1x1 (C -> C/4), 3x3, 1x1 (-> C), each with BN, residual, ReLU."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        mid = max(1, channels // reduction)
+        self.body = nn.Sequential(ConvBNAct(channels, mid, 1), ConvBNAct(mid, mid, 3),
+                                  ConvBNAct(mid, channels, 1, act=None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): x ⊙ σ(W₂ relu(W₁ mean_hw(x))), W₁: C -> max(1, C // r)."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.fc = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.fc(x.mean(dim=(2, 3)))
+        return x * gate[:, :, None, None]
+
+
+class FeedForward(nn.Module):
+    """Transformer feed-forward with its residual: x + W₂ GELU(W₁ LayerNorm(x)) on tokens (..., C)."""
+
+    def __init__(self, dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or 4 * dim
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
