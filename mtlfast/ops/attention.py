@@ -1,0 +1,127 @@
+"""``attention(q, k, v, *, scale=None, backend=None)``: softmax(scale · q kᵀ) v (DESIGN.md §3, op 1).
+
+q (B, H, Nq, Dqk), k (B, H, Nk, Dqk), v (B, H, Nk, Dv) -> (B, H, Nq, Dv); ``scale=None`` means
+Dqk ** -0.5. Dqk and Dv are independent and unbounded (the Triton kernel loops over head-dim chunks;
+see :mod:`mtlfast.kernels.attention`), Nq, Nk >= 1.
+
+Backends: ``reference`` (:func:`mtlfast.reference.attention.attention`, any device, every float dtype)
+and ``triton`` (flash-style forward and backward, CUDA in float16/bfloat16/float32, CPU through the
+Triton interpreter in float16/float32). The Triton path is the torch.library op ``mtlfast::attention_fwd``
+(outputs out and the float32 row logsumexp) with its backward ``mtlfast::attention_bwd``, registered with
+fake (meta) implementations and autograd, so it composes with torch.compile. :func:`attention_triton`
+is that path with explicit launch configurations, for other ops built on it (lthd_attention) and tests.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
+from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, resolve_scale
+from mtlfast.reference.attention import attention as _reference_attention
+
+__all__ = ["attention", "attention_triton", "check_attention_inputs"]
+
+_OP = Op("attention")
+
+
+def attention_kernels():
+    from mtlfast.kernels import attention as kernels  # imports triton: only when a Triton path runs
+
+    return kernels
+
+
+def _blocks(values: Sequence[int]):
+    return attention_kernels().Blocks.from_list(values) if values else None
+
+
+@torch.library.custom_op("mtlfast::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, fwd_blocks: list[int],
+                   bwd_blocks: list[int]) -> tuple[Tensor, Tensor]:
+    """(out, lse). ``*_blocks``: a :class:`~mtlfast.kernels.attention.Blocks` as a list, [] = default;
+    bwd_blocks is only kept for the backward."""
+    return attention_kernels().attention_forward(q, k, v, scale, _blocks(fwd_blocks))
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, scale, fwd_blocks, bwd_blocks):
+    B, H, n_q, _ = q.shape
+    return q.new_empty((B, H, n_q, v.shape[-1])), q.new_empty((B, H, n_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("mtlfast::attention_bwd", mutates_args=())
+def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                   bwd_blocks: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    return attention_kernels().attention_backward(grad_out, q, k, v, out, lse, scale, _blocks(bwd_blocks))
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale, bwd_blocks):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale, _, bwd_blocks = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.bwd_blocks = scale, bwd_blocks
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.bwd_blocks)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, scale: float, fwd_blocks=None, bwd_blocks=None) -> Tensor:
+    """The Triton path on already validated inputs; ``*_blocks``: a ``Blocks`` (None = default)."""
+    def as_list(blocks):
+        return blocks.as_list() if blocks is not None else []
+
+    out, _ = _attention_fwd(q, k, v, float(scale), as_list(fwd_blocks), as_list(bwd_blocks))
+    return out
+
+
+def interpreter_limits(x: Tensor) -> list[str]:
+    """Why the Triton interpreter cannot take ``x``'s dtype (it computes bfloat16 wrongly)."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        return ["the Triton interpreter (CPU) has no bfloat16 math"]
+    return []
+
+
+def _triton_limits(q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> list[str]:
+    return interpreter_limits(q) + attention_kernels().grid_limits(q, k, v)
+
+
+def _reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
+    return _reference_attention(q, k, v, scale=scale)
+
+
+_OP.register("reference", _reference, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
+_OP.register("triton", attention_triton, devices=("cuda", "cpu"), dtypes=GPU_DTYPES,
+             available=triton_unavailable, limits=_triton_limits)
+
+
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, names=("q", "k", "v")) -> dict[str, int]:
+    """Shape/dtype/device validation of attention's inputs; returns the sizes (B, H, Nq, Nk, Dqk, Dv)."""
+    nq, nk, nv = names
+    sizes = check_shapes(**{nq: (q, "B H Nq Dqk"), nk: (k, "B H Nk Dqk"), nv: (v, "B H Nk Dv")})
+    check_floating_same_device_dtype(**{nq: q, nk: k, nv: v})
+    for name, t in ((nq, q), (nk, k), (nv, v)):
+        if t.numel() == 0:
+            raise ValueError(f"{name}: every dimension must be >= 1, got shape {tuple(t.shape)}")
+    return sizes
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str | None = None) -> Tensor:
+    """softmax(scale · q kᵀ, -1) v: q (B,H,Nq,Dqk), k (B,H,Nk,Dqk), v (B,H,Nk,Dv) -> (B,H,Nq,Dv)."""
+    sizes = check_attention_inputs(q, k, v)
+    scale = resolve_scale(scale, sizes["Dqk"])
+    impl = _OP.select(backend, q.device, q.dtype, (q, k, v), {"scale": scale})
+    return impl.fn(q, k, v, scale=scale)

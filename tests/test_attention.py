@@ -1,0 +1,233 @@
+"""mtlfast.ops.attention: Triton kernels vs the literal reference, forward and every gradient.
+
+CPU: Triton through its interpreter (float32 only; bfloat16 is refused there), small odd shapes, one
+pinned launch configuration per case. The cases cover Nq = 1, Nq != Nk, Dqk != Dv, Dqk = 300 (> 256,
+several head-dim chunks), several chunks of both widths with own != stream tiles, and non-contiguous
+inputs. GPU-only tests (marker ``gpu``) add the paper widths, 4096-wide heads and torch.compile.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mtlfast
+from mtlfast.backends import BackendError
+from mtlfast.ops.attention import attention_triton
+from mtlfast.reference.attention import attention as reference_attention
+from mtlfast.testing import check_against_reference, fresh_seed, randn
+
+
+def _inputs(B, H, n_q, n_k, d_qk, d_v, *, seed, permuted=False):
+    gen = torch.Generator().manual_seed(seed)
+    if permuted:  # (B, N, H, D) storage viewed as (B, H, N, D): strides of a split-heads projection
+        return {"q": randn(B, n_q, H, d_qk, generator=gen).transpose(1, 2),
+                "k": randn(B, n_k, H, d_qk, generator=gen).transpose(1, 2),
+                "v": randn(B, n_k, H, d_v, generator=gen).transpose(1, 2)}
+    return {"q": randn(B, H, n_q, d_qk, generator=gen), "k": randn(B, H, n_k, d_qk, generator=gen),
+            "v": randn(B, H, n_k, d_v, generator=gen)}
+
+
+def _blocks(own, stream, dqk, dv):
+    from mtlfast.kernels.attention import Blocks
+
+    return Blocks(own=own, stream=stream, dqk=dqk, dv=dv)
+
+
+# (B, H, Nq, Nk, Dqk, Dv, scale, blocks or None for the default, permuted inputs)
+CASES = {
+    "odd_noncontiguous": (1, 2, 37, 50, 24, 40, None, None, True),
+    "nq1_tiny_widths": (2, 1, 1, 7, 7, 3, 0.3, None, False),
+    "dqk300": (1, 1, 63, 17, 300, 33, None, None, False),  # 3 Dqk chunks of 128: dq/dk chunk grid
+    "chunks_both": (1, 2, 21, 19, 20, 36, 1.7, (32, 16, 16, 16), False),  # 2 Dqk x 3 Dv chunks
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_matches_reference(case, kernel_dtype, device):
+    B, H, n_q, n_k, d_qk, d_v, scale, blocks, permuted = CASES[case]
+    inputs = {name: t.to(device) for name, t in _inputs(B, H, n_q, n_k, d_qk, d_v, seed=fresh_seed(),
+                                                          permuted=permuted).items()}
+    if blocks is None:
+        def fn(q, k, v):
+            return mtlfast.ops.attention(q, k, v, scale=scale, backend="triton")
+    else:
+        pinned = _blocks(*blocks)
+
+        def fn(q, k, v):
+            return attention_triton(q, k, v, scale=scale if scale is not None else d_qk ** -0.5,
+                                    fwd_blocks=pinned, bwd_blocks=pinned)
+
+    def reference(q, k, v):
+        return reference_attention(q, k, v, scale=scale)
+
+    check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=device == "cuda")
+
+
+def test_logsumexp_output(device):
+    """The saved row logsumexp is log Σ_j exp(scale q_i·k_j) (natural log, float32)."""
+    ins = _inputs(1, 2, 19, 45, 9, 5, seed=fresh_seed())
+    q, k, v = (t.to(device=device, dtype=torch.float32) for t in ins.values())
+    out, lse = torch.ops.mtlfast.attention_fwd(q, k, v, 0.4, [], [])
+    want = torch.logsumexp(0.4 * ins["q"] @ ins["k"].transpose(-2, -1), dim=-1)
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 19)
+    assert (lse.double().cpu() - want).norm() / want.norm() < 1e-5
+    assert not lse.requires_grad
+
+
+def test_torch_library_registration(device):
+    """opcheck: schema, fake (meta) implementation, autograd registration, AOT dispatch."""
+    ins = _inputs(1, 1, 5, 6, 3, 4, seed=fresh_seed())
+    q, k, v = (t.to(device=device, dtype=torch.float32).requires_grad_() for t in ins.values())
+    torch.library.opcheck(torch.ops.mtlfast.attention_fwd.default, (q, k, v, 0.5, [], []))
+
+
+def test_compiles_with_aot_autograd(device):
+    """torch.compile through AOTAutograd (fake tensors + the registered backward), without Inductor."""
+    ins = _inputs(1, 2, 9, 11, 5, 6, seed=fresh_seed())
+    q, k, v = (t.to(device=device, dtype=torch.float32).requires_grad_() for t in ins.values())
+
+    def f(q, k, v):
+        return attention_triton(q, k, v, scale=0.45) * 2
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    out.sum().backward()
+    want = reference_attention(*(t.detach().double().cpu().requires_grad_() for t in (q, k, v)), scale=0.45) * 2
+    want.sum().backward()
+    assert (out.detach().double().cpu() - want).norm() / want.norm() < 1e-5
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+# --- bad inputs ---------------------------------------------------------------------------------------
+
+
+def _good(dtype=torch.float32):
+    return torch.randn(2, 3, 5, 4, dtype=dtype), torch.randn(2, 3, 7, 4, dtype=dtype), torch.randn(2, 3, 7, 6, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_inputs(backend):
+    q, k, v = _good()
+    op = mtlfast.ops.attention
+    with pytest.raises(ValueError, match=r"k: expected shape \(B, H, Nk, Dqk\) with Dqk=4"):
+        op(q, torch.randn(2, 3, 7, 5), v, backend=backend)
+    with pytest.raises(ValueError, match=r"v: expected shape \(B, H, Nk, Dv\) with Nk=7"):
+        op(q, k, torch.randn(2, 3, 8, 6), backend=backend)
+    with pytest.raises(ValueError, match=r"k: expected shape .* with H=3"):
+        op(q, torch.randn(2, 1, 7, 4), v, backend=backend)
+    with pytest.raises(ValueError, match=r"q: expected a 4-d tensor"):
+        op(q[0], k, v, backend=backend)
+    with pytest.raises(TypeError, match=r"q: expected a floating-point tensor .* got int64"):
+        op(q.long(), k, v, backend=backend)
+    with pytest.raises(TypeError, match=r"v: expected dtype float32 \(as q\), got float64"):
+        op(q, k, v.double(), backend=backend)
+    with pytest.raises(ValueError, match=r"k: expected device cpu \(as q\), got meta"):
+        op(q, k.to("meta"), v, backend=backend)
+    with pytest.raises(ValueError, match=r"k: every dimension must be >= 1"):
+        op(q, k[:, :, :0], v[:, :, :0], backend=backend)
+    with pytest.raises(TypeError, match=r"scale: expected a Python float"):
+        op(q, k, v, scale=torch.tensor(0.5), backend=backend)
+
+
+def test_backend_refusals():
+    q, k, v = _good(torch.bfloat16)
+    if torch.cuda.is_available():
+        pytest.skip("the bfloat16 refusal is the CPU interpreter's")
+    with pytest.raises(BackendError, match="interpreter .* no bfloat16"):
+        mtlfast.ops.attention(q, k, v, backend="triton")
+    with pytest.raises(BackendError, match="no cpp implementation"):
+        mtlfast.ops.attention(*_good(), backend="cpp")
+
+
+def test_grid_limits_reported():
+    from mtlfast.kernels.attention import grid_limits
+
+    big = torch.empty(1, 70000, 1, 1, device="meta")
+    assert any("B*H = 70000" in r for r in grid_limits(big, big, big))
+    huge = torch.empty(1, 1, 2**20 + 1, 2**11, device="meta")  # max offset 2**31 + 2047
+    assert any("32-bit" in r for r in grid_limits(huge, huge, huge))
+    small = torch.empty(1, 2, 3, 4, device="meta")
+    assert grid_limits(small, small, small) == []
+
+
+# --- GPU rules the interpreter does not enforce ---------------------------------------------------------
+
+
+def test_kernels_compile_for_sm90():
+    """Every kernel specialisation compiles to sm_90a cubin (tl.dot shapes, constexpr branches, globals),
+    with Triton's own compiler and ptxas, in a subprocess without the interpreter. Needs no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, __file__, "--compile-sm90"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "compiled" in result.stdout
+
+
+def _compile_sm90() -> None:
+    """Compiles, in bfloat16 at the default GPU configurations, the forward and every backward
+    specialisation: a narrow head (64: one chunk, fused dk/dv) and a chunked one (288)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mtlfast.kernels import attention as A
+
+    pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA"}
+
+    def build(fn, blocks, constexprs):
+        sig = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name in pointers:
+                sig[name] = "*fp32" if name in ("LSE", "DELTA") else "*bf16"
+            else:
+                sig[name] = "fp32" if name.endswith("scale") else "i32"
+        triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages))
+
+    count = 0
+    for width in (64, 288):
+        fwd = A.default_blocks(width, width, "cuda", torch.bfloat16)
+        build(A._attn_fwd_kernel, fwd, dict(BLOCK_M=fwd.own, BLOCK_N=fwd.stream, BLOCK_DQK=fwd.dqk,
+                                            BLOCK_DV=fwd.dv, ONE_DQK=width <= fwd.dqk))
+        bwd = A.default_blocks(width, width, "cuda", torch.bfloat16, backward=True)
+        one = width <= bwd.dqk
+        sizes = dict(BLOCK_DQK=bwd.dqk, BLOCK_DV=bwd.dv)
+        for do_dk, do_dv in ([(True, True)] if one else [(True, False), (False, True)]):
+            build(A._attn_bwd_dkdv_kernel, bwd, dict(sizes, BLOCK_M=bwd.stream, BLOCK_N=bwd.own,
+                                                     ONE_DQK=one, ONE_DV=one, DO_DK=do_dk, DO_DV=do_dv))
+            count += 1
+        build(A._attn_bwd_dq_kernel, bwd, dict(sizes, BLOCK_M=bwd.own, BLOCK_N=bwd.stream, ONE_DQK=one, ONE_DV=one))
+        build(A._attn_bwd_delta_kernel, bwd, dict(BLOCK_M=bwd.own, BLOCK_DV=bwd.dv))
+        count += 3
+    print(f"compiled {count} kernels for sm_90a")
+
+
+# --- GPU only -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 2, 1000, 333, 72, 72), (1, 2, 513, 1024, 288, 288),
+                                   (1, 2, 257, 300, 384, 144), (1, 1, 129, 100, 4096, 4096),
+                                   (2, 3, 200, 17, 128, 256)])
+def test_attention_paper_widths_gpu(shape, kernel_dtype):
+    inputs = {n: t.cuda() for n, t in _inputs(*shape, seed=fresh_seed()).items()}
+    check_against_reference(lambda q, k, v: mtlfast.ops.attention(q, k, v, backend="triton"),
+                            reference_attention, inputs, dtype=kernel_dtype, tf32_dots=True)
+
+
+@pytest.mark.gpu
+def test_inductor_compile_gpu():
+    ins = _inputs(2, 2, 300, 200, 96, 64, seed=fresh_seed())
+    q, k, v = (t.cuda().to(torch.bfloat16).requires_grad_() for t in ins.values())
+    f = torch.compile(lambda q, k, v: mtlfast.ops.attention(q, k, v, backend="triton").float().sin(), fullgraph=True)
+    out = f(q, k, v)
+    out.sum().backward()
+    want = reference_attention(*(t.detach().float() for t in (q, k, v))).sin()
+    assert (out - want).norm() / want.norm() < 2e-2
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
+    _compile_sm90()

@@ -1,0 +1,140 @@
+"""mtlfast.ops.lthd_attention: the rewrite proved in float64, the Triton path vs the literal reference.
+
+The kernel path rests on Up(q_c k_cᵀ) = up(q_c) up(k_c)ᵀ (bilinear resize is linear per axis), i.e.
+A = scale · [q_f | up(q_c)] [k_f | up(k_c)]ᵀ. test_rewrite_is_exact checks it in float64 with pure
+PyTorch (no kernel) at odd grids, including a coarse grid that is not half the fine one.
+"""
+import pytest
+import torch
+
+import mtlfast
+from mtlfast.backends import BackendError
+from mtlfast.ops.lthd_attention import widened_qk
+from mtlfast.reference.attention import attention as reference_attention
+from mtlfast.reference.lthd_attention import lthd_attention as reference_lthd
+from mtlfast.testing import check_against_reference, fresh_seed, randn
+
+
+def _inputs(B, size_fine, size_coarse, D, C, *, seed, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    n_f, n_c = size_fine[0] * size_fine[1], size_coarse[0] * size_coarse[1]
+    return {"q_fine": randn(B, n_f, D, generator=gen, device=device),
+            "k_fine": randn(B, n_f, D, generator=gen, device=device),
+            "q_coarse": randn(B, n_c, D, generator=gen, device=device),
+            "k_coarse": randn(B, n_c, D, generator=gen, device=device),
+            "v": randn(B, n_f, C, generator=gen, device=device)}
+
+
+def _rewrite(q_fine, k_fine, q_coarse, k_coarse, v, size_fine, size_coarse, scale):
+    q, k = widened_qk(q_fine, k_fine, q_coarse, k_coarse, size_fine, size_coarse)
+    return reference_attention(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("size_fine,size_coarse", [((7, 5), (4, 3)),    # hc*2 != hf, odd everything
+                                                     ((6, 4), (3, 2)),    # exact 2x
+                                                     ((3, 5), (1, 1)),    # one coarse token
+                                                     ((4, 4), (4, 4)),    # identity resize
+                                                     ((5, 9), (6, 2))])   # coarse taller than fine
+def test_rewrite_is_exact(size_fine, size_coarse):
+    """Literal (resize the Nc x Nc score map) == rewrite (resize the tokens, widen, one attention), float64,
+    forward and the gradients of all five inputs."""
+    ins = {k: t.requires_grad_() for k, t in _inputs(2, size_fine, size_coarse, 6, 5, seed=fresh_seed()).items()}
+    scale = 0.37
+    literal = reference_lthd(*ins.values(), size_fine, size_coarse, scale=scale)
+    rewrite = _rewrite(*ins.values(), size_fine, size_coarse, scale)
+    assert (literal - rewrite).norm() / literal.norm() < 1e-12
+    cotangent = torch.randn_like(literal)
+    g_lit = torch.autograd.grad(literal, list(ins.values()), cotangent)
+    g_rew = torch.autograd.grad(rewrite, list(ins.values()), cotangent)
+    for name, a, b in zip(ins, g_lit, g_rew):
+        # absolute floor 1: with one coarse token the coarse term is constant along the keys, cancels in
+        # the softmax, and the coarse gradients are exactly zero (both sides give rounding noise)
+        assert (a - b).norm() <= 1e-12 * max(a.norm().item(), 1.0), name
+
+
+def test_reference_upsamples_the_score_map_bilinearly():
+    """The reference's Up equals F.interpolate of the 4-d map (hc, wc, hc, wc) read both ways."""
+    from mtlfast.reference.lthd_attention import upsample_score_map
+
+    hc, wc, hf, wf = 3, 2, 5, 7
+    a = torch.randn(1, hc * wc, hc * wc, dtype=torch.float64)
+    up = upsample_score_map(a, (hc, wc), (hf, wf)).reshape(hf, wf, hf, wf)
+    interp = torch.nn.functional.interpolate
+    # key grid as an image per query, then query grid as an image per (fine) key
+    keys = interp(a.reshape(hc * wc, 1, hc, wc), size=(hf, wf), mode="bilinear", align_corners=False)
+    queries = interp(keys.reshape(hc, wc, hf * wf).permute(2, 0, 1)[:, None], size=(hf, wf), mode="bilinear",
+                     align_corners=False)
+    want = queries.reshape(hf, wf, hf, wf).permute(2, 3, 0, 1)
+    assert torch.allclose(up, want, rtol=0, atol=1e-13)
+
+
+CASES = {
+    "odd_grids": (2, (7, 5), (4, 3), 12, 9, None),
+    "wide_values": (1, (9, 6), (5, 3), 5, 20, 0.7),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lthd_matches_reference(case, kernel_dtype, device):
+    B, size_fine, size_coarse, D, C, scale = CASES[case]
+    inputs = _inputs(B, size_fine, size_coarse, D, C, seed=fresh_seed(), device=device)
+
+    def fn(**t):
+        return mtlfast.ops.lthd_attention(*t.values(), size_fine, size_coarse, scale=scale, backend="triton")
+
+    def reference(**t):
+        return reference_lthd(*t.values(), size_fine, size_coarse, scale=scale)
+
+    check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=device == "cuda")
+
+
+@pytest.mark.gpu
+def test_lthd_tif_shape_gpu(kernel_dtype):
+    """TIF at NYUD 448x576: fine 1/16 (28x36), coarse 1/32 (14x18)."""
+    size_fine, size_coarse = (28, 36), (14, 18)
+    inputs = _inputs(2, size_fine, size_coarse, 64, 128, seed=fresh_seed(), device="cuda")
+    check_against_reference(
+        lambda **t: mtlfast.ops.lthd_attention(*t.values(), size_fine, size_coarse, backend="triton"),
+        lambda **t: reference_lthd(*t.values(), size_fine, size_coarse), inputs, dtype=kernel_dtype, tf32_dots=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_inputs(backend):
+    t = _inputs(2, (3, 4), (2, 2), 5, 6, seed=0)
+    args = [t["q_fine"].float(), t["k_fine"].float(), t["q_coarse"].float(), t["k_coarse"].float(), t["v"].float()]
+    op = mtlfast.ops.lthd_attention
+
+    def call(*, replace=None, size_fine=(3, 4), size_coarse=(2, 2)):
+        a = list(args)
+        for i, value in (replace or {}).items():
+            a[i] = value
+        return op(*a, size_fine, size_coarse, backend=backend)
+
+    with pytest.raises(ValueError, match=r"size_fine: the grid 4x4 has 16 tokens, but q_fine \(dim 1\) has 12"):
+        call(size_fine=(4, 4))
+    with pytest.raises(ValueError, match=r"size_coarse: the grid 1x3 has 3 tokens, but q_coarse \(dim 1\) has 4"):
+        call(size_coarse=(1, 3))
+    with pytest.raises(ValueError, match=r"size_fine: expected \(height, width\)"):
+        call(size_fine=12)
+    with pytest.raises(ValueError, match=r"size_coarse: expected \(height, width\)"):
+        call(size_coarse=(2.0, 2))
+    with pytest.raises(ValueError, match=r"k_coarse: expected shape \(B, Nc, D\) with D=5"):
+        call(replace={3: torch.randn(2, 4, 6)})
+    with pytest.raises(ValueError, match=r"k_fine: expected shape \(B, Nf, D\) with Nf=12"):
+        call(replace={1: torch.randn(2, 11, 5)})
+    with pytest.raises(ValueError, match=r"v: expected shape \(B, Nf, C\) with B=2"):
+        call(replace={4: torch.randn(3, 12, 6)})
+    with pytest.raises(TypeError, match=r"q_coarse: expected a floating-point tensor .* got int32"):
+        call(replace={2: args[2].int()})
+    with pytest.raises(ValueError, match=r"v: expected device cpu \(as q_fine\), got meta"):
+        call(replace={4: args[4].to("meta")})
+    with pytest.raises(ValueError, match=r"v: every dimension must be >= 1"):
+        call(replace={4: args[4][..., :0]})
+
+
+def test_backend_refusal_names_the_reason():
+    if torch.cuda.is_available():
+        pytest.skip("the bfloat16 refusal is the CPU interpreter's")
+    t = _inputs(1, (2, 2), (1, 1), 4, 3, seed=0)
+    with pytest.raises(BackendError, match=r"(?s)lthd_attention.*interpreter .* no bfloat16"):
+        mtlfast.ops.lthd_attention(*(x.bfloat16() for x in t.values()), (2, 2), (1, 1), backend="triton")
