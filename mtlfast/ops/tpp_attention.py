@@ -1,0 +1,155 @@
+"""``tpp_attention``: BridgeNet's Task Pattern Propagation attention (DESIGN.md §3 op 2, paper eq. 1–2).
+
+q (B, T, H, Nq, D), k (B, T, H, Nk, D), v (B, T, H, Nk, Dv); mix_weight (T, H, T·H) (per task, the
+official code) or (H, T·H) (shared by all tasks); mix_bias (T, H) / (H,) or None. Channel c = t'·H + h:
+
+    A_c = scale · q[:, t', h] k[:, t', h]ᵀ,   Ā[t, o] = Σ_c W[t, o, c] A_c + b[t, o],
+    out[:, t, o] = softmax(Ā[t, o], -1) · v[:, t, o]                      -> (B, T, H, Nq, Dv)
+
+The literal definition is :func:`mtlfast.reference.tpp_attention.tpp_attention`.
+
+Backends: ``reference`` (any device, float16/bfloat16/float32/float64) and ``triton`` (CUDA, or CPU through
+the interpreter; float16/bfloat16/float32; T·H <= 16): one fused flash-style kernel computes the T·H score
+tiles once per key block, mixes them in registers and runs an online softmax per output map, saving only
+the logsumexp (B, T·H, Nq); see :mod:`mtlfast.kernels.tpp_attention`. The bias is constant along the
+softmax axis, so it cancels: the kernels never read it and its gradient is exactly zero. A shared weight
+is expanded to (T, H, T·H) before the kernel (its gradient is the sum over tasks, by autograd).
+
+The Triton path is two torch.library custom ops, ``mtlfast::tpp_attention_fwd`` and
+``mtlfast::tpp_attention_bwd``, so it composes with torch.compile. The launch configuration comes from
+:func:`mtlfast.kernels.tpp_attention.current_config` (pinned with ``use_config`` in tests).
+"""
+from __future__ import annotations
+
+from dataclasses import astuple
+from typing import Optional
+
+import torch
+
+from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
+from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor, resolve_scale
+from mtlfast.reference import tpp_attention as _reference
+
+Tensor = torch.Tensor
+
+_OP = Op("tpp_attention")
+
+
+# --- the Triton path as custom ops ---------------------------------------------------------------------
+
+@torch.library.custom_op("mtlfast::tpp_attention_fwd", mutates_args=())
+def _fwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, b: Optional[Tensor], scale: float,
+         config: list[int]) -> tuple[Tensor, Tensor]:
+    """w (T·H, T·H) rows t·H + o; b is not read (it cancels) -> (out, logsumexp (B, T·H, Nq) f32)."""
+    from mtlfast.kernels import tpp_attention as kernels
+
+    return kernels.forward(q, k, v, w, scale, kernels.Config(*config))
+
+
+@_fwd.register_fake
+def _(q, k, v, w, b, scale, config):
+    B, T, H, Nq, _ = q.shape
+    return q.new_empty(B, T, H, Nq, v.shape[-1]), q.new_empty(B, T * H, Nq, dtype=torch.float32)
+
+
+@torch.library.custom_op("mtlfast::tpp_attention_bwd", mutates_args=())
+def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor, out: Tensor, lse: Tensor, scale: float,
+         config: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dq, dk, dv, dw (T·H, T·H) float32)."""
+    from mtlfast.kernels import tpp_attention as kernels
+
+    return kernels.backward(do, q, k, v, w, out, lse, scale, kernels.Config(*config))
+
+
+@_bwd.register_fake
+def _(do, q, k, v, w, out, lse, scale, config):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), w.new_empty(w.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, w, b, scale, config = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, w, out, lse)
+    ctx.args = (scale, config, b is not None)
+
+
+def _backward(ctx, g_out, _g_lse):
+    q, k, v, w, out, lse = ctx.saved_tensors
+    scale, config, has_bias = ctx.args
+    g_out = torch.zeros_like(out) if g_out is None else g_out
+    dq, dk, dv, dw = _bwd(g_out, q, k, v, w, out, lse, scale, config)
+    # the bias is constant along the softmax axis: its gradient is exactly zero
+    db = q.new_zeros(w.shape[0]) if has_bias else None
+    return dq, dk, dv, dw.to(w.dtype), db, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton(q, k, v, mix_weight, mix_bias, *, scale):
+    from mtlfast.kernels.tpp_attention import current_config
+
+    B, T, H, Nq, D = q.shape
+    C = T * H
+    w = mix_weight.expand(T, H, C).reshape(C, C)  # shared (H, T·H): the same rows for every task
+    b = None if mix_bias is None else mix_bias.expand(T, H).reshape(C)
+    out, _ = _fwd(q, k, v, w, b, scale, list(astuple(current_config(C, D, v.shape[-1]))))
+    return out
+
+
+def _triton_limits(q, k, v, mix_weight, mix_bias, **kwargs) -> list[str]:
+    from mtlfast.kernels.tpp_attention import MAX_CHANNELS
+
+    C = q.shape[1] * q.shape[2]
+    if C > MAX_CHANNELS:
+        return [f"T·H={C} score maps exceed the kernel's limit of {MAX_CHANNELS} (all of them are mixed in registers)"]
+    return []
+
+
+_OP.register("reference", _reference.tpp_attention, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
+_OP.register("triton", _triton, devices=("cuda", "cpu"), dtypes=GPU_DTYPES, available=triton_unavailable,
+             limits=_triton_limits)
+
+
+# --- public function -----------------------------------------------------------------------------------
+
+def tpp_attention(q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Tensor | None = None, *,
+                  scale: float | None = None, backend: str | None = None) -> Tensor:
+    """Task Pattern Propagation attention: T·H score maps mixed by a 1×1 conv, softmax, per-task values.
+
+    Args:
+        q: (B, T, H, Nq, D) queries of every task t and head h.
+        k: (B, T, H, Nk, D) keys.
+        v: (B, T, H, Nk, Dv) values; output map (t, o) attends over v[:, t, o].
+        mix_weight: (T, H, T·H), one 1×1 conv per task (W[t, o, c], c = t'·H + h), or (H, T·H) shared.
+        mix_bias: (T, H) or (H,) matching mix_weight, or None. It cancels in the softmax (zero gradient).
+        scale: score scale; None means D ** -0.5.
+        backend: see :mod:`mtlfast.backends`.
+
+    Returns:
+        (B, T, H, Nq, Dv).
+    """
+    sizes = check_shapes(q=(q, "B T H Nq D"), k=(k, "B T H Nk D"), v=(v, "B T H Nk Dv"))
+    T, H = sizes["T"], sizes["H"]
+    known = {"T": T, "H": H, "T·H": T * H}
+    check_tensor("mix_weight", mix_weight)
+    if mix_weight.dim() == 3:
+        check_shapes(known, mix_weight=(mix_weight, "T H T·H"))
+        bias_spec = "T H"
+    elif mix_weight.dim() == 2:
+        check_shapes(known, mix_weight=(mix_weight, "H T·H"))
+        bias_spec = "H"
+    else:
+        raise ValueError(f"mix_weight: expected shape (T, H, T·H) = ({T}, {H}, {T * H}) (per task) or "
+                         f"(H, T·H) = ({H}, {T * H}) (shared), got {tuple(mix_weight.shape)}")
+    if mix_bias is not None:
+        check_shapes(known, mix_bias=(mix_bias, bias_spec))
+    check_floating_same_device_dtype(q=q, k=k, v=v, mix_weight=mix_weight, mix_bias=mix_bias)
+    for name, t, dims in (("q", q, "B T H Nq D"), ("k", k, "B T H Nk D"), ("v", v, "B T H Nk Dv")):
+        if t.numel() == 0:
+            raise ValueError(f"{name}: expected every size of ({', '.join(dims.split())}) >= 1, got {tuple(t.shape)}")
+    scale = resolve_scale(scale, sizes["D"])
+    args = (q, k, v, mix_weight, mix_bias)
+    impl = _OP.select(backend, q.device, q.dtype, args, dict(scale=scale))
+    return impl.fn(*args, scale=scale)

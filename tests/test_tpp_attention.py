@@ -1,0 +1,178 @@
+"""tpp_attention (DESIGN.md §3 op 2): the fused Triton kernel vs the literal reference, forward and the
+gradients to q, k, v, mix_weight and mix_bias; float64 proofs of the widened rewrite and of the bias
+cancellation; torch.library registration; input errors."""
+import pytest
+import torch
+
+from mtlfast.backends import BackendError
+from mtlfast.bench.bench_tpp_attention import widened_rewrite
+from mtlfast.ops.tpp_attention import _fwd, tpp_attention
+from mtlfast.reference import tpp_attention as reference
+from mtlfast.testing import check_against_reference, fresh_seed, randn
+
+# (B, T, H, Nq, Nk, D, Dv, shared weight, bias): T in {1, 2, 4}, H in {1, 2}, Nq != Nk, D != Dv, odd sizes.
+CASES = [
+    (2, 1, 1, 1, 7, 5, 3, False, True),       # one query row
+    (2, 2, 1, 17, 9, 20, 24, True, False),    # 2 query blocks, 2 chunks of D and of Dv
+    (1, 2, 2, 33, 18, 16, 9, False, True),    # 3 query blocks, 2 key blocks (last one 2 rows)
+    (1, 4, 2, 9, 19, 7, 12, False, True),     # T·H = 8 maps, per task
+    (1, 4, 1, 7, 33, 12, 5, True, True),      # shared weight with bias, 3 key blocks
+    (1, 1, 2, 5, 21, 300, 20, False, False),  # D > 256 (wider blocks below: 5 reduction chunks, 3 dq/dk chunks)
+]
+WIDE = dict(block_d=64, block_dgrad=128)
+
+
+def _pinned(D):
+    """The smallest legal blocks (wider ones for D > 256), so that the sizes above cover several blocks and
+    chunks of every kind."""
+    from mtlfast.kernels import tpp_attention as kernels
+
+    blocks = dict(block_m=16, block_n=16, block_d=16, block_dv=16, block_dgrad=16)
+    blocks.update(WIDE if D > 256 else {})
+    return kernels.use_config(kernels.Config(**blocks, num_warps=4, num_stages=1))
+
+
+def _triton(**kwargs):
+    return tpp_attention(**kwargs, backend="triton")
+
+
+def _inputs(B, T, H, Nq, Nk, D, Dv, shared, bias, device, gen):
+    C = T * H
+    inputs = {"q": randn(B, T, H, Nq, D, generator=gen, device=device),
+              "k": randn(B, T, H, Nk, D, generator=gen, device=device),
+              "v": randn(B, T, H, Nk, Dv, generator=gen, device=device),
+              "mix_weight": randn(*((H, C) if shared else (T, H, C)), generator=gen, device=device)}
+    if bias:
+        inputs["mix_bias"] = randn(*((H,) if shared else (T, H)), generator=gen, device=device)
+    return inputs
+
+
+@pytest.mark.parametrize("B,T,H,Nq,Nk,D,Dv,shared,bias", CASES,
+                         ids=[f"T{c[1]}H{c[2]}-Nq{c[3]}-Nk{c[4]}-D{c[5]}-Dv{c[6]}-{'shared' if c[7] else 'task'}"
+                              f"{'-bias' if c[8] else ''}" for c in CASES])
+def test_matches_reference(device, kernel_dtype, B, T, H, Nq, Nk, D, Dv, shared, bias):
+    """Forward and the gradients to q, k, v, mix_weight. The bias gradient is checked exactly in
+    test_bias_cancels (the float64 reference's is roundoff, which a relative error cannot compare with)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(B, T, H, Nq, Nk, D, Dv, shared, bias, device, gen)
+    with _pinned(D):
+        check_against_reference(_triton, reference.tpp_attention, inputs, dtype=kernel_dtype,
+                                grad=["q", "k", "v", "mix_weight"],
+                                tf32_dots=device == "cuda" and kernel_dtype == torch.float32)
+
+
+def test_default_config(device, kernel_dtype):
+    """The unpinned launch configuration (blocks larger than these sizes)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(1, 2, 2, 11, 6, 10, 13, False, True, device, gen)
+    check_against_reference(_triton, reference.tpp_attention, inputs, dtype=kernel_dtype,
+                            grad=["q", "k", "v", "mix_weight"],
+                            tf32_dots=device == "cuda" and kernel_dtype == torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared", [False, True])
+def test_matches_reference_paper_shape_gpu(kernel_dtype, shared):
+    """BridgeNet's TPP at 1/16 scale of a NYUD crop (28 x 36 tokens), T = 4, H = 2 of width 288."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(2, 4, 2, 1008, 1008, 288, 288, shared, True, "cuda", gen)
+    inputs["mix_weight"] = inputs["mix_weight"] * 8 ** -0.5
+    check_against_reference(_triton, reference.tpp_attention, inputs, dtype=kernel_dtype,
+                            grad=["q", "k", "v", "mix_weight"], tf32_dots=kernel_dtype == torch.float32)
+
+
+def test_widened_rewrite_float64():
+    """Σ_c W[j, c] q_c k_cᵀ = [W[j,1] q_1 | …] [k_1 | …]ᵀ for every output map j (what the benchmark's SDPA
+    path computes), and the whole op equals plain attention on the widened queries and keys."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    B, T, H, Nq, Nk, D, Dv = 2, 3, 2, 7, 9, 5, 4
+    C, scale = T * H, 0.37
+    q, k = randn(B, T, H, Nq, D, generator=gen), randn(B, T, H, Nk, D, generator=gen)
+    v = randn(B, T, H, Nk, Dv, generator=gen)
+    for w in (randn(T, H, C, generator=gen), randn(H, C, generator=gen)):
+        q_wide, k_wide = widened_rewrite(q, k, w)
+        wj = w.expand(T, H, C).reshape(C, C)
+        literal = torch.einsum("jc,bcnd,bcmd->bjnm", wj, q.flatten(1, 2), k.flatten(1, 2))
+        torch.testing.assert_close(q_wide @ k_wide.transpose(-1, -2), literal, rtol=1e-12, atol=1e-12)
+        attn = torch.softmax(scale * q_wide @ k_wide.transpose(-1, -2), -1) @ v.flatten(1, 2)
+        torch.testing.assert_close(attn.view(B, T, H, Nq, Dv), reference.tpp_attention(q, k, v, w, scale=scale),
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_bias_cancels(device, shared):
+    """The bias is constant along the softmax axis: in float64 the reference's output does not depend on it
+    and its gradient is roundoff; the kernel path returns exactly zero for it and the reference's
+    gradients for everything else."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(1, 2, 2, 6, 5, 4, 3, shared, True, "cpu", gen)
+    no_bias = {k: v for k, v in inputs.items() if k != "mix_bias"}
+    torch.testing.assert_close(reference.tpp_attention(**inputs), reference.tpp_attention(**no_bias),
+                               rtol=1e-13, atol=1e-13)
+    bias = inputs["mix_bias"].clone().requires_grad_()
+    weight = inputs["mix_weight"].clone().requires_grad_()
+    cotangent = randn(1, 2, 2, 6, 3, generator=gen)
+    out = reference.tpp_attention(inputs["q"], inputs["k"], inputs["v"], weight, bias)
+    g_bias, g_weight = torch.autograd.grad(out, [bias, weight], cotangent)
+    assert g_bias.abs().max() <= 1e-13 * g_weight.abs().max()
+
+    leaves = {k: v.to(device=device, dtype=torch.float32).requires_grad_() for k, v in inputs.items()}
+    out = _triton(**leaves)
+    grads = torch.autograd.grad(out, list(leaves.values()), cotangent.to(device=device, dtype=torch.float32))
+    assert grads[-1].shape == bias.shape and torch.equal(grads[-1], torch.zeros_like(grads[-1]))
+    assert all(g.abs().sum() > 0 for g in grads[:-1])
+
+
+def test_library_registration(device):
+    """The custom op passes torch.library.opcheck (schema, fake tensor, autograd registration)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    x = _inputs(1, 1, 2, 3, 4, 5, 2, False, True, device, gen)
+    args = [t.float().requires_grad_() for t in (x["q"], x["k"], x["v"])]
+    w = x["mix_weight"].float().reshape(2, 2).requires_grad_()
+    b = x["mix_bias"].float().reshape(2).requires_grad_()
+    torch.library.opcheck(_fwd, (*args, w, b, 0.5, [16, 16, 16, 16, 16, 4, 1]),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_auto_on_cpu_is_reference_and_limits():
+    gen = torch.Generator().manual_seed(fresh_seed())
+    x = _inputs(1, 1, 1, 3, 4, 5, 2, False, False, "cpu", gen)
+    torch.testing.assert_close(tpp_attention(**x, backend="auto"), reference.tpp_attention(**x))
+    x = {k: v.float() for k, v in _inputs(1, 17, 1, 2, 2, 4, 2, False, False, "cpu", gen).items()}
+    with pytest.raises(BackendError, match="T·H=17"):
+        tpp_attention(**x, backend="triton")
+
+
+def _bad(**changes):
+    gen = torch.Generator().manual_seed(0)
+    x = _inputs(1, 2, 2, 3, 4, 5, 6, False, True, "cpu", gen)
+    x = {k: v.float() for k, v in x.items()}
+    x.update(changes)
+    return x
+
+
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(mix_weight=torch.randn(2, 2, 3)), ValueError, r"mix_weight: .*T·H=4"),
+    (dict(mix_weight=torch.randn(3, 2, 4)), ValueError, r"mix_weight: .*T=2"),
+    (dict(mix_weight=torch.randn(2, 5)), ValueError, r"mix_weight: .*T·H=4"),
+    (dict(mix_weight=torch.randn(4)), ValueError, r"mix_weight: expected shape \(T, H, T·H\) = \(2, 2, 4\)"),
+    (dict(mix_bias=torch.randn(2)), ValueError, r"mix_bias: expected a 2-d tensor"),
+    (dict(mix_weight=torch.randn(2, 4), mix_bias=torch.randn(2, 2)), ValueError, r"mix_bias: expected a 1-d"),
+    (dict(k=torch.randn(1, 2, 2, 4, 6)), ValueError, r"k: .*D=5"),
+    (dict(v=torch.randn(1, 2, 2, 5, 6)), ValueError, r"v: .*Nk=4"),
+    (dict(q=torch.randn(1, 2, 2, 3)), ValueError, r"q: expected a 5-d tensor"),
+    (dict(q=torch.randn(1, 2, 2, 0, 5)), ValueError, r"q: expected every size"),
+    (dict(q=torch.ones(1, 2, 2, 3, 5, dtype=torch.int64)), TypeError, r"q: expected a floating-point"),
+    (dict(mix_weight=torch.ones(2, 2, 4, dtype=torch.int32)), TypeError, r"mix_weight: expected a floating-point"),
+    (dict(v=torch.randn(1, 2, 2, 4, 6, dtype=torch.float64)), TypeError, r"v: expected dtype float32"),
+    (dict(mix_weight=torch.randn(2, 2, 4, device="meta")), ValueError, r"mix_weight: expected device cpu"),
+    (dict(mix_bias=[1.0, 2.0]), TypeError, r"mix_bias: expected a torch.Tensor"),
+])
+def test_bad_inputs(changes, error, match):
+    with pytest.raises(error, match=match):
+        tpp_attention(**_bad(**changes))
+
+
+def test_bad_scale():
+    with pytest.raises(TypeError, match="scale"):
+        tpp_attention(**_bad(), scale="0.5")
