@@ -3,13 +3,20 @@
 #include <Python.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include <atomic>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "cpu/build_info.h"
+#include "cpu/deform_sample.h"
 #ifdef MTLFAST_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+
 #include "cuda/build_info.cuh"
+#include "cuda/deform_sample.cuh"
 #endif
 
 namespace {
@@ -44,6 +51,185 @@ TORCH_LIBRARY(mtlfast, m) {
   m.def("build_info() -> str", &build_info);
   m.def("set_poison_outputs(bool enabled) -> ()", &set_poison_outputs);
 }
+
+// ---- deform_sample (DESIGN.md §3 op 6): csrc/cpu/deform_sample.{h,cpp}, csrc/cuda/deform_sample.{cuh,cu} ----
+// values are handed to the kernels channels-last ((B,C,H,W) tensors with NHWC strides; already channels-last
+// inputs are not copied); value gradients come back as channels-last views of (B,H,W,C) buffers.
+namespace {
+namespace deform_sample {
+
+struct Inputs {
+  std::vector<at::Tensor> values;  // channels-last contiguous
+  at::Tensor points, weights;      // contiguous
+  std::vector<const void*> value_ptrs;
+  std::vector<int64_t> heights, widths;
+  int64_t batch, num_points, channels, stages;
+};
+
+Inputs prepare(at::TensorList values, const at::Tensor& points, const at::Tensor& weights) {
+  TORCH_CHECK(!values.empty(), "deform_sample: values must hold at least one (B, C, H, W) stage tensor");
+  TORCH_CHECK(points.dim() == 3 && points.size(2) == 2, "deform_sample: points must have shape (B, N, 2), got ",
+              points.sizes());
+  Inputs in;
+  in.batch = points.size(0);
+  in.num_points = points.size(1);
+  in.stages = static_cast<int64_t>(values.size());
+  TORCH_CHECK(values[0].dim() == 4, "deform_sample: values[0] must have shape (B, C, H, W), got ", values[0].sizes());
+  in.channels = values[0].size(1);
+  TORCH_CHECK(weights.dim() == 3 && weights.size(0) == in.batch && weights.size(1) == in.num_points &&
+                  weights.size(2) == in.stages,
+              "deform_sample: weights must have shape (B, N, S) = (", in.batch, ", ", in.num_points, ", ", in.stages,
+              "), got ", weights.sizes());
+  TORCH_CHECK(weights.device() == points.device() && weights.scalar_type() == points.scalar_type(),
+              "deform_sample: weights must have the device and dtype of points");
+  for (int64_t s = 0; s < in.stages; ++s) {
+    const at::Tensor& v = values[s];
+    TORCH_CHECK(v.dim() == 4 && v.size(0) == in.batch && v.size(1) == in.channels,
+                "deform_sample: values[", s, "] must have shape (B, C, H_s, W_s) with B=", in.batch,
+                " and C=", in.channels, ", got ", v.sizes());
+    TORCH_CHECK(v.device() == points.device() && v.scalar_type() == points.scalar_type(), "deform_sample: values[",
+                s, "] must have the device and dtype of points (", points.device(), ", ", points.scalar_type(), ")");
+    in.values.push_back(v.contiguous(at::MemoryFormat::ChannelsLast));
+    in.value_ptrs.push_back(in.values.back().data_ptr());
+    in.heights.push_back(v.size(2));
+    in.widths.push_back(v.size(3));
+  }
+  TORCH_CHECK(in.batch > 0 && in.num_points > 0 && in.channels > 0,
+              "deform_sample: B, N and C must be >= 1 (empty tensors are not supported)");
+  in.points = points.contiguous();
+  in.weights = weights.contiguous();
+  return in;
+}
+
+// A (B, C, H, W) view with channels-last strides of a fresh (B, H, W, C) buffer.
+at::Tensor channels_last_view(const at::Tensor& nhwc) { return nhwc.permute({0, 3, 1, 2}); }
+
+template <typename T>
+std::vector<const T*> typed(const std::vector<const void*>& ptrs) {
+  std::vector<const T*> out;
+  for (const void* p : ptrs) out.push_back(static_cast<const T*>(p));
+  return out;
+}
+
+at::Tensor forward_cpu(at::TensorList values, const at::Tensor& points, const at::Tensor& weights) {
+  const Inputs in = prepare(values, points, weights);
+  at::Tensor out = new_output({in.batch, in.num_points, in.channels}, points.options());
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "deform_sample_forward (cpu)", [&] {
+    const auto vals = typed<scalar_t>(in.value_ptrs);
+    const int st = mtlfast::cpu::deform_sample_forward<scalar_t>(
+        vals.data(), in.heights.data(), in.widths.data(), in.stages, in.points.data_ptr<scalar_t>(),
+        in.weights.data_ptr<scalar_t>(), in.batch, in.num_points, in.channels, out.data_ptr<scalar_t>());
+    TORCH_CHECK(st == 0, "deform_sample_forward (cpu): ", mtlfast::cpu::deform_sample_status_string(st));
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out,
+                                                                         at::TensorList values,
+                                                                         const at::Tensor& points,
+                                                                         const at::Tensor& weights) {
+  const Inputs in = prepare(values, points, weights);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({in.batch, in.num_points, in.channels}) &&
+                  grad_out.scalar_type() == points.scalar_type() && grad_out.device() == points.device(),
+              "deform_sample_backward: grad_out must be (B, N, C) like the forward output, got ", grad_out.sizes());
+  const at::Tensor g = grad_out.contiguous();
+  std::vector<at::Tensor> grad_values;
+  for (int64_t s = 0; s < in.stages; ++s)
+    grad_values.push_back(new_output({in.batch, in.heights[s], in.widths[s], in.channels}, points.options()));
+  at::Tensor grad_points = new_output({in.batch, in.num_points, 2}, points.options());
+  at::Tensor grad_weights = new_output({in.batch, in.num_points, in.stages}, points.options());
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "deform_sample_backward (cpu)", [&] {
+    const auto vals = typed<scalar_t>(in.value_ptrs);
+    std::vector<scalar_t*> gv;
+    for (auto& t : grad_values) gv.push_back(t.data_ptr<scalar_t>());
+    const int st = mtlfast::cpu::deform_sample_backward<scalar_t>(
+        g.data_ptr<scalar_t>(), vals.data(), in.heights.data(), in.widths.data(), in.stages,
+        in.points.data_ptr<scalar_t>(), in.weights.data_ptr<scalar_t>(), in.batch, in.num_points, in.channels,
+        gv.data(), grad_points.data_ptr<scalar_t>(), grad_weights.data_ptr<scalar_t>());
+    TORCH_CHECK(st == 0, "deform_sample_backward (cpu): ", mtlfast::cpu::deform_sample_status_string(st));
+  });
+  for (auto& t : grad_values) t = channels_last_view(t);
+  return {grad_values, grad_points, grad_weights};
+}
+
+#ifdef MTLFAST_WITH_CUDA
+mtlfast::cuda::DeformDtype cuda_dtype(at::ScalarType t) {
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, "deform_sample (cuda): dtype ", t,
+              " not supported (float32, float16, bfloat16)");
+  using mtlfast::cuda::DeformDtype;
+  return t == at::kFloat ? DeformDtype::kFloat32 : t == at::kHalf ? DeformDtype::kFloat16 : DeformDtype::kBFloat16;
+}
+
+at::Tensor forward_cuda(at::TensorList values, const at::Tensor& points, const at::Tensor& weights) {
+  const c10::DeviceGuard guard(points.device());
+  const Inputs in = prepare(values, points, weights);
+  at::Tensor out = new_output({in.batch, in.num_points, in.channels}, points.options());
+  const int st = mtlfast::cuda::deform_sample_forward(
+      cuda_dtype(points.scalar_type()), in.value_ptrs.data(), in.heights.data(), in.widths.data(), in.stages,
+      in.points.data_ptr(), in.weights.data_ptr(), in.batch, in.num_points, in.channels, out.data_ptr(),
+      c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(st == 0, "deform_sample_forward (cuda): ", mtlfast::cuda::deform_sample_status_string(st));
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out,
+                                                                          at::TensorList values,
+                                                                          const at::Tensor& points,
+                                                                          const at::Tensor& weights) {
+  const c10::DeviceGuard guard(points.device());
+  const Inputs in = prepare(values, points, weights);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({in.batch, in.num_points, in.channels}) &&
+                  grad_out.scalar_type() == points.scalar_type() && grad_out.device() == points.device(),
+              "deform_sample_backward: grad_out must be (B, N, C) like the forward output, got ", grad_out.sizes());
+  const at::Tensor g = grad_out.contiguous();
+  // The value gradient is scattered with fp32 atomics into zero-filled fp32 buffers.
+  std::vector<at::Tensor> grad_values;
+  std::vector<float*> gv;
+  for (int64_t s = 0; s < in.stages; ++s) {
+    grad_values.push_back(
+        at::zeros({in.batch, in.heights[s], in.widths[s], in.channels}, points.options().dtype(at::kFloat)));
+    gv.push_back(grad_values.back().data_ptr<float>());
+  }
+  at::Tensor grad_points = new_output({in.batch, in.num_points, 2}, points.options());
+  at::Tensor grad_weights = new_output({in.batch, in.num_points, in.stages}, points.options());
+  const int st = mtlfast::cuda::deform_sample_backward(
+      cuda_dtype(points.scalar_type()), g.data_ptr(), in.value_ptrs.data(), in.heights.data(), in.widths.data(),
+      in.stages, in.points.data_ptr(), in.weights.data_ptr(), in.batch, in.num_points, in.channels, gv.data(),
+      grad_points.data_ptr(), grad_weights.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(st == 0, "deform_sample_backward (cuda): ", mtlfast::cuda::deform_sample_status_string(st));
+  for (auto& t : grad_values) t = channels_last_view(t.to(points.scalar_type()));
+  return {grad_values, grad_points, grad_weights};
+}
+#endif
+
+}  // namespace deform_sample
+}  // namespace
+
+// Own fragment so that set_python_module (where torch finds the fake implementations) covers only these ops.
+TORCH_LIBRARY_FRAGMENT(mtlfast, m) {
+  m.set_python_module("mtlfast.ops.deform_sample");
+  m.def("deform_sample_forward(Tensor[] values, Tensor points, Tensor weights) -> Tensor");
+  m.def("deform_sample_backward(Tensor grad_out, Tensor[] values, Tensor points, Tensor weights) "
+        "-> (Tensor[] grad_values, Tensor grad_points, Tensor grad_weights)");
+}
+
+TORCH_LIBRARY_IMPL(mtlfast, CPU, m) {
+  m.impl("deform_sample_forward", &deform_sample::forward_cpu);
+  m.impl("deform_sample_backward", &deform_sample::backward_cpu);
+}
+
+// The forward's autograd is registered in Python (mtlfast/ops/deform_sample.py); the backward has no
+// derivative: differentiating through it raises instead of silently returning nothing.
+TORCH_LIBRARY_IMPL(mtlfast, Autograd, m) {
+  m.impl("deform_sample_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+#ifdef MTLFAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(mtlfast, CUDA, m) {
+  m.impl("deform_sample_forward", &deform_sample::forward_cuda);
+  m.impl("deform_sample_backward", &deform_sample::backward_cuda);
+}
+#endif
 
 // A plain module init so that `import mtlfast._C` loads the library and runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {

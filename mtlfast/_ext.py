@@ -7,7 +7,6 @@ never an ImportError for the user: :func:`status` records why, and the backend m
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +20,19 @@ class ExtensionStatus:
     build_info: str = ""
 
 
-@functools.lru_cache(maxsize=None)
+_STATUS: ExtensionStatus | None = None
+
+
 def status() -> ExtensionStatus:
+    # Memoised in a module global rather than functools.lru_cache: torch.compile (dynamo) ignores lru_cache and
+    # would trace the body, whose build_info() op returns a str it cannot put in a graph; a global read it can.
+    global _STATUS
+    if _STATUS is None:
+        _STATUS = _load()
+    return _STATUS
+
+
+def _load() -> ExtensionStatus:
     try:
         from mtlfast import _C  # noqa: F401  (registers torch.ops.mtlfast.*)
     except Exception as exc:  # ImportError when not built; OSError for an ABI mismatch with torch

@@ -1,0 +1,153 @@
+"""``deform_sample``: weighted multi-stage bilinear sampling at deformed points (DESIGN.md §3 op 6; SEM eq. 1-4).
+
+values S x (B, C, H_s, W_s), points (B, N, 2) normalised (x, y), weights (B, N, S) ->
+out (B, N, C) = Σ_s weights[..., s] · grid_sample(values[s], points) with exactly
+``F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)`` semantics; the literal definition
+is :func:`mtlfast.reference.deform_sample.deform_sample`.
+
+Backends:
+
+- ``cpp`` (CPU, float32/float64; csrc/cpu/deform_sample.cpp): OpenMP over batch x points, all stages of a point
+  in one pass over contiguous channel rows. The value gradient is a GATHER: the corner contributions of every
+  (batch, stage) are bucketed by pixel (a counting sort in increasing point order) and each pixel row sums its
+  bucket in that order, so it is deterministic, bit-identical for any thread count, without atomics.
+- ``cuda`` (CUDA, float16/bfloat16/float32; csrc/cuda/deform_sample.cu): all S <= 16 stages in one launch
+  through a by-value pointer table; a group of up to 32 threads per point with 16-byte vector channel loads
+  where C and the pointers allow; fp32 accumulation; value gradient by fp32 atomic scatter (vector atomics on
+  sm_90) into fp32 buffers, then cast; point and weight gradients by a shuffle reduction of four corner dots.
+- ``reference`` (any device and float dtype): one grid_sample per stage.
+
+Choices the paper and grid_sample leave to the kernels (exact reformulations, proven in the tests):
+both kernels read ``values`` channels-last. Inputs that are not channels-last (``torch.channels_last``) are
+copied to that layout at every call (forward and backward): pass channels-last features to avoid the copy.
+The value gradients are returned as channels-last tensors. The point/weight gradients use, per stage, the
+four dots d_k = <grad_out, corner row k>: dL/dw_s = Σ_k coef_k d_k, dL/dx = w_s W_s/2 ((1-fy)(d01-d00) +
+fy(d11-d10)), dL/dy = w_s H_s/2 ((1-fx)(d10-d00) + fx(d11-d01)), with grid_sample's one-sided derivative
+(floor) on pixel-centre lines. The backward always computes all three gradients.
+
+Both kernel paths are the C++ ops ``mtlfast::deform_sample_forward`` / ``mtlfast::deform_sample_backward``
+(TORCH_LIBRARY in csrc/mtlfast_ops.cpp, CPU and CUDA kernels) with their fake implementations and autograd
+registered here through torch.library, so they compose with torch.compile. Second derivatives are not
+implemented on the kernel paths (use ``backend="reference"`` for double backward).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mtlfast import _ext
+from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, extension_unavailable
+from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor
+from mtlfast.reference import deform_sample as _reference
+
+Tensor = torch.Tensor
+
+#: Stages one CUDA launch takes (the size of the kernel's by-value pointer table, csrc/cuda/deform_sample.cuh).
+CUDA_MAX_STAGES = 16
+#: The CPU value-gradient buckets store int32 point indices; the CUDA kernels index points with int32 too.
+MAX_POINTS = 2 ** 31 - 1
+
+_OP = Op("deform_sample", auto_order={"cuda": ("cuda", "reference"), "cpu": ("cpp", "reference")})
+
+
+# --- the compiled ops: fake implementations and autograd ------------------------------------------------
+
+def _fake_forward(values, points, weights):
+    B, N, _ = points.shape
+    return points.new_empty(B, N, values[0].shape[1])
+
+
+def _fake_backward(grad_out, values, points, weights):
+    # Value gradients are channels-last views of (B, H, W, C) buffers, exactly as the C++ op returns them.
+    grad_values = [points.new_empty(v.shape[0], v.shape[2], v.shape[3], v.shape[1]).permute(0, 3, 1, 2)
+                   for v in values]
+    return grad_values, points.new_empty(points.shape), weights.new_empty(weights.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    values, points, weights = inputs
+    ctx.save_for_backward(points, weights, *values)
+
+
+def _backward(ctx, grad_out):
+    points, weights, *values = ctx.saved_tensors
+    grad_values, grad_points, grad_weights = torch.ops.mtlfast.deform_sample_backward(grad_out, values, points,
+                                                                                      weights)
+    return list(grad_values), grad_points, grad_weights
+
+
+def _register_compiled_ops() -> None:
+    """Fake implementations + autograd of the C++ ops (the C++ side names this module as their home)."""
+    torch.library.register_fake("mtlfast::deform_sample_forward", _fake_forward)
+    torch.library.register_fake("mtlfast::deform_sample_backward", _fake_backward)
+    torch.library.register_autograd("mtlfast::deform_sample_forward", _backward, setup_context=_setup_context)
+
+
+if _ext.status().loaded:
+    _register_compiled_ops()
+
+
+def _compiled(values, points, weights):
+    return torch.ops.mtlfast.deform_sample_forward(list(values), points, weights)
+
+
+def _limits(max_stages: int | None):
+    def limits(values, points, weights) -> list[str]:
+        reasons = []
+        if max_stages is not None and len(values) > max_stages:
+            reasons.append(f"S={len(values)} stages exceed the kernel's limit of {max_stages} (one launch, "
+                           "by-value pointer table)")
+        if points.shape[1] > MAX_POINTS:
+            reasons.append(f"N={points.shape[1]} points exceed the kernel's limit of {MAX_POINTS} (int32 indices)")
+        return reasons
+
+    return limits
+
+
+_OP.register("reference", _reference.deform_sample, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
+_OP.register("cpp", _compiled, devices=("cpu",), dtypes=(torch.float32, torch.float64),
+             available=extension_unavailable, limits=_limits(None))
+_OP.register("cuda", _compiled, devices=("cuda",), dtypes=GPU_DTYPES, available=extension_unavailable,
+             limits=_limits(CUDA_MAX_STAGES))
+
+
+# --- public function -----------------------------------------------------------------------------------
+
+def _check_inputs(values, points: Tensor, weights: Tensor) -> list[Tensor]:
+    if isinstance(values, Tensor) or not isinstance(values, Sequence):
+        raise TypeError("values: expected a sequence (list or tuple) of S stage tensors of shape (B, C, H_s, W_s), "
+                        f"got {type(values).__name__}")
+    values = list(values)
+    if not values:
+        raise ValueError("values: expected at least one stage tensor of shape (B, C, H_s, W_s), got an empty sequence")
+    check_tensor("weights", weights)
+    if weights.dim() == 3 and weights.shape[2] != len(values):
+        raise ValueError(f"weights: expected shape (B, N, S) with S={len(values)} (the number of stages in values), "
+                         f"got {tuple(weights.shape)}")
+    stage_specs = {f"values[{s}]": (v, f"B C H{s} W{s}") for s, v in enumerate(values)}
+    check_shapes(points=(points, "B N 2"), weights=(weights, "B N S"), **stage_specs)
+    check_floating_same_device_dtype(points=points, weights=weights, **{k: v for k, (v, _) in stage_specs.items()})
+    for name, (t, spec) in {"points": (points, "B N 2"), **stage_specs}.items():
+        if t.numel() == 0:
+            raise ValueError(f"{name}: expected every size of ({', '.join(spec.split())}) >= 1, got {tuple(t.shape)}")
+    return values
+
+
+def deform_sample(values: Sequence[Tensor], points: Tensor, weights: Tensor, *, backend: str | None = None) -> Tensor:
+    """Σ_s weights[..., s] · bilinear(values[s], points): SEM's hierarchy-adaptive key/value sampling.
+
+    Args:
+        values: S stage features (B, C, H_s, W_s); sizes may differ per stage; channels-last memory format
+            avoids a layout copy on the kernel paths.
+        points: (B, N, 2) normalised (x, y); [-1, 1] spans the image (grid_sample, align_corners=False);
+            points outside read zeros.
+        weights: (B, N, S) per-point stage weights.
+        backend: see :mod:`mtlfast.backends`.
+
+    Returns:
+        (B, N, C). Gradients flow to every stage of ``values``, to ``points`` and to ``weights``.
+    """
+    values = _check_inputs(values, points, weights)
+    impl = _OP.select(backend, points.device, points.dtype, (values, points, weights))
+    return impl.fn(values, points, weights)

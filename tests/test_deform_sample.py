@@ -1,0 +1,298 @@
+"""deform_sample (DESIGN.md §3 op 6): the C++ CPU kernel (``cpp``) and the CUDA kernel (``cuda``, GPU only) vs the
+literal grid_sample reference, forward and the gradients to every stage, the points and the weights; float64
+gradcheck; a float64 proof of the corner-dot rewrite the kernels use for the point/weight gradients;
+determinism of the value gradient; layouts; torch.library registration (opcheck, torch.compile); input errors.
+The torch-free kernel itself is also unit-tested under ctest (csrc/tests/test_deform_sample.cpp)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mtlfast
+from mtlfast.backends import BackendError
+from mtlfast.ops.deform_sample import deform_sample
+from mtlfast.reference import deform_sample as reference
+from mtlfast.testing import check_against_reference, fresh_seed, randn
+
+pytestmark = pytest.mark.skipif(mtlfast._ext.status().loaded is False,
+                                reason=f"compiled extension missing: {mtlfast._ext.status().reason}")
+
+# (B, N, C, stage sizes (H, W)): S = 1..4 stages of different sizes, C not a multiple of 8 (and 1), N odd.
+# The (4, 8) stage has power-of-two sizes, so the pixel-centre lines hit by _points are exact in float32.
+CASES = [
+    (2, 37, 5, [(4, 8)]),
+    (1, 63, 13, [(4, 8), (3, 5)]),
+    (2, 33, 1, [(7, 3), (4, 8), (1, 1)]),
+    (2, 57, 19, [(9, 11), (4, 8), (5, 2), (1, 3)]),
+]
+IDS = [f"S{len(c[3])}-N{c[1]}-C{c[2]}" for c in CASES]
+
+
+def _points(B, N, gen):
+    """Uniform in [-1.3, 1.3]^2 (some outside the image), then special points: the image corners and edges
+    (±1 exactly), pixel-centre lines of the 4 x 8 stage ((2k+1)/8 - 1, (2k+1)/4 - 1: fx or fy exactly 0), and
+    far outside (±5, inf handling is not needed)."""
+    p = torch.rand(B, N, 2, generator=gen, dtype=torch.float64) * 2.6 - 1.3
+    special = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-1.0, 0.3], [0.2, 1.0], [-0.875, -0.75], [0.125, 0.25],
+                            [0.625, 0.1], [-0.4, 0.75], [5.0, 0.0], [0.0, -5.0], [1.0, -1.0]], dtype=torch.float64)
+    k = min(N, len(special))
+    p[:, :k] = special[:k]
+    return p
+
+
+def _inputs(B, N, C, sizes, gen, device="cpu"):
+    return {
+        "values": [randn(B, C, H, W, generator=gen, device=device) for H, W in sizes],
+        "points": _points(B, N, gen).to(device),
+        "weights": randn(B, N, len(sizes), generator=gen, device=device),
+    }
+
+
+def _grad_names(S):
+    return [f"values[{s}]" for s in range(S)] + ["points", "weights"]
+
+
+def _cpp(**kwargs):
+    return deform_sample(**kwargs, backend="cpp")
+
+
+def _cuda(**kwargs):
+    return deform_sample(**kwargs, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("B,N,C,sizes", CASES, ids=IDS)
+def test_cpp_matches_reference(B, N, C, sizes, dtype):
+    gen = torch.Generator().manual_seed(fresh_seed())
+    check_against_reference(_cpp, reference.deform_sample, _inputs(B, N, C, sizes, gen), dtype=dtype,
+                            grad=_grad_names(len(sizes)))
+
+
+def test_cpp_gradcheck_float64():
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(2, 5, 3, [(3, 4), (2, 1)], gen)
+    # Random points only: gradcheck's finite differences are meaningless on pixel-centre lines (kinks).
+    inputs["points"] = torch.rand(2, 5, 2, generator=gen, dtype=torch.float64) * 2.4 - 1.2
+    leaves = [t.requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
+
+    def fn(v0, v1, points, weights):
+        return deform_sample([v0, v1], points, weights, backend="cpp")
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_corner_dot_rewrite_float64():
+    """The kernels' point/weight gradients from the four corner dots d_k = <g, v_k> (deform_sample.h:
+    point_grads) equal autograd through grid_sample, in float64."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    B, N, C, H, W = 2, 29, 6, 5, 7
+    v = randn(B, C, H, W, generator=gen)
+    p = (torch.rand(B, N, 2, generator=gen, dtype=torch.float64) * 2.6 - 1.3).requires_grad_()
+    w = randn(B, N, 1, generator=gen).requires_grad_()
+    g = randn(B, N, C, generator=gen)
+    want_p, want_w = torch.autograd.grad(reference.deform_sample([v], p, w), (p, w), g)
+
+    p, w = p.detach(), w.detach()
+    ix, iy = ((p[..., 0] + 1) * W - 1) / 2, ((p[..., 1] + 1) * H - 1) / 2
+    x0, y0 = ix.floor(), iy.floor()
+    fx, fy = ix - x0, iy - y0
+    d = []
+    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        xs, ys = (x0 + dx).long(), (y0 + dy).long()
+        inside = (xs >= 0) & (xs < W) & (ys >= 0) & (ys < H)
+        rows = v.permute(0, 2, 3, 1)[torch.arange(B)[:, None], ys.clamp(0, H - 1), xs.clamp(0, W - 1)]  # (B,N,C)
+        d.append(torch.where(inside, (g * rows).sum(-1), 0.0))
+    coef = [(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx]
+    got_w = sum(c * dk for c, dk in zip(coef, d))
+    got_x = w[..., 0] * ((1 - fy) * (d[1] - d[0]) + fy * (d[3] - d[2])) * W / 2
+    got_y = w[..., 0] * ((1 - fx) * (d[2] - d[0]) + fx * (d[3] - d[1])) * H / 2
+    torch.testing.assert_close(got_w, want_w[..., 0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.stack([got_x, got_y], -1), want_p, rtol=1e-12, atol=1e-12)
+
+
+def _backward_grads(inputs, g):
+    leaves = [t.detach().requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
+    S = len(inputs["values"])
+    out = deform_sample(leaves[:S], leaves[S], leaves[S + 1], backend="cpp")
+    return torch.autograd.grad(out, leaves, g)
+
+
+def test_cpp_value_gradient_deterministic():
+    """Many points on few pixels (long per-pixel buckets): every gradient bit-identical across runs and across
+    thread counts (the value gradient is a gather in a fixed order, deform_sample.cpp)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = {k: (v.float() if isinstance(v, torch.Tensor) else [t.float() for t in v])
+              for k, v in _inputs(2, 2001, 24, [(3, 2), (2, 5)], gen).items()}
+    g = randn(2, 2001, 24, generator=gen, dtype=torch.float32)
+    first = _backward_grads(inputs, g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the extension shares torch's OpenMP runtime
+        single = _backward_grads(inputs, g)
+    finally:
+        torch.set_num_threads(threads)
+    again = _backward_grads(inputs, g)
+    for a, b, c in zip(first, single, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_cpp_layouts():
+    """Channels-last and non-contiguous inputs give the same results; value gradients have the inputs' shapes."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(2, 9, 6, [(5, 4), (3, 3)], gen)
+    g = randn(2, 9, 6, generator=gen)
+    base = _backward_grads(inputs, g)
+    other = {
+        "values": [inputs["values"][0].contiguous(memory_format=torch.channels_last),
+                   inputs["values"][1].transpose(2, 3).contiguous().transpose(2, 3)],
+        "points": inputs["points"].transpose(0, 1).contiguous().transpose(0, 1),
+        "weights": inputs["weights"][..., [1, 0]].contiguous()[..., [1, 0]],
+    }
+    for a, b in zip(base, _backward_grads(other, g)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for gv, v in zip(base, inputs["values"]):
+        assert gv.shape == v.shape
+
+
+def test_auto_backend_choice():
+    from mtlfast.ops.deform_sample import _OP
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(1, 3, 2, [(2, 2)], gen)
+    args = (inputs["values"], inputs["points"], inputs["weights"])
+    with mtlfast.use_backend("auto"):
+        assert _OP.select(None, "cpu", torch.float32, args).backend == "cpp"
+        assert _OP.select(None, "cpu", torch.float16, args).backend == "reference"
+    half = {k: (v.half() if isinstance(v, torch.Tensor) else [t.half() for t in v]) for k, v in inputs.items()}
+    with pytest.raises(BackendError, match="cpp: dtype float16 not supported"):
+        deform_sample(**half, backend="cpp")
+    with pytest.raises(BackendError, match="cuda: device 'cpu' not supported"):
+        deform_sample(**inputs, backend="cuda")
+
+
+def test_opcheck_and_compile():
+    """Schemas, fake implementations (shapes and strides) and autograd registration of the C++ ops; the public
+    function under torch.compile (AOT autograd) matches eager, forward and backward."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(2, 7, 5, [(4, 6), (1, 2)], gen)
+    leaves = [t.requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
+    args = (leaves[:2], leaves[2], leaves[3])
+    torch.library.opcheck(torch.ops.mtlfast.deform_sample_forward.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    g = randn(2, 7, 5, generator=gen)
+    torch.library.opcheck(torch.ops.mtlfast.deform_sample_backward.default, (g, *args),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    compiled = torch.compile(lambda v0, v1, p, w: deform_sample([v0, v1], p, w, backend="cpp"),
+                             backend="aot_eager", fullgraph=True)
+    out = compiled(*leaves)
+    got = torch.autograd.grad(out, leaves, g)
+    want = _backward_grads(inputs, g)
+    torch.testing.assert_close(out, deform_sample(*args, backend="cpp"), rtol=0, atol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_double_backward_raises():
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(1, 4, 3, [(3, 3)], gen)
+    w = inputs["weights"].requires_grad_()
+    out = deform_sample(inputs["values"], inputs["points"], w, backend="cpp")
+    (gw,) = torch.autograd.grad(out.square().sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="deform_sample_backward"):
+        gw.sum().backward()
+
+
+# --- errors --------------------------------------------------------------------------------------------
+
+def _good():
+    gen = torch.Generator().manual_seed(0)
+    return _inputs(2, 5, 3, [(4, 4), (2, 3)], gen)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a.update(values=[]), ValueError, r"values: expected at least one stage"),
+    (lambda a: a.update(values=a["values"][0]), TypeError, r"values: expected a sequence"),
+    (lambda a: a.update(weights=a["weights"][..., :1]), ValueError, r"weights: expected shape \(B, N, S\) with S=2"),
+    (lambda a: a.update(points=a["points"][..., :1]), ValueError, r"points: expected shape \(B, N, 2\)"),
+    (lambda a: a.update(points=a["points"][0]), ValueError, r"points: expected a 3-d tensor"),
+    (lambda a: a["values"].__setitem__(1, a["values"][1][:1]), ValueError, r"values\[1\]: .*B=2"),
+    (lambda a: a["values"].__setitem__(1, a["values"][1][:, :2]), ValueError, r"values\[1\]: .*C=3"),
+    (lambda a: a["values"].__setitem__(0, a["values"][0][0]), ValueError, r"values\[0\]: expected a 4-d tensor"),
+    (lambda a: a.update(weights=a["weights"][:, :4]), ValueError, r"weights: .*N=5"),
+    (lambda a: a.update(weights=a["weights"].float()), TypeError, r"weights: expected dtype float64"),
+    (lambda a: a["values"].__setitem__(1, a["values"][1].to("meta")), ValueError, r"values\[1\]: expected device cpu"),
+    (lambda a: a.update(points=a["points"].long()), TypeError, r"points: expected a floating-point tensor"),
+    (lambda a: a["values"].__setitem__(0, a["values"][0][:, :, :0]), ValueError, r"values\[0\]: expected every size"),
+])
+def test_bad_inputs(change, error, match):
+    args = _good()
+    change(args)
+    with pytest.raises(error, match=match):
+        deform_sample(**args, backend="cpp")
+
+
+def test_cpp_op_checks_inputs():
+    """The C++ op validates on its own too (it can be called directly through torch.ops)."""
+    a = _good()
+    with pytest.raises(RuntimeError, match=r"weights must have shape \(B, N, S\)"):
+        torch.ops.mtlfast.deform_sample_forward(a["values"], a["points"], a["weights"][..., :1])
+    with pytest.raises(RuntimeError, match="at least one"):
+        torch.ops.mtlfast.deform_sample_forward([], a["points"], a["weights"])
+
+
+# --- GPU -----------------------------------------------------------------------------------------------
+
+# Shapes exercising each vector width: C = 256 (16-byte loads, several lanes per point in fp32), C = 6
+# (8-byte fp32 / 4-byte fp16 loads), C = 257 (scalar), and a SEM-like 4-stage pyramid.
+GPU_CASES = [
+    (2, 1001, 256, [(28, 36), (14, 18), (7, 9), (4, 5)]),
+    (2, 257, 6, [(9, 11), (4, 8), (5, 2)]),
+    (1, 63, 257, [(4, 8), (3, 5)]),
+    (1, 7, 1, [(1, 1)]),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,N,C,sizes", GPU_CASES, ids=[f"S{len(c[3])}-N{c[1]}-C{c[2]}" for c in GPU_CASES])
+def test_cuda_matches_reference(kernel_dtype, B, N, C, sizes):
+    gen = torch.Generator().manual_seed(fresh_seed())
+    check_against_reference(_cuda, reference.deform_sample, _inputs(B, N, C, sizes, gen, device="cuda"),
+                            dtype=kernel_dtype, grad=_grad_names(len(sizes)))
+
+
+@pytest.mark.gpu
+def test_cuda_misaligned_and_channels_last(kernel_dtype):
+    """A channels-last stage starting one element into its storage (so the launch falls back to scalar loads
+    and atomics) next to an ordinary one."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(2, 65, 16, [(6, 7), (3, 4)], gen, device="cuda")
+
+    def fn(values, points, weights):
+        v0 = values[0]
+        B, C, H, W = v0.shape
+        flat = torch.cat([v0.new_zeros(1), v0.permute(0, 2, 3, 1).reshape(-1)])
+        shifted = flat[1:].view(B, H, W, C).permute(0, 3, 1, 2)  # channels-last, misaligned
+        assert shifted.is_contiguous(memory_format=torch.channels_last) and shifted.data_ptr() % 16 != 0
+        return deform_sample([shifted, values[1]], points, weights, backend="cuda")
+
+    check_against_reference(fn, reference.deform_sample, inputs, dtype=kernel_dtype, grad=_grad_names(2))
+
+
+@pytest.mark.gpu
+def test_cuda_stage_limit():
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(1, 3, 2, [(2, 2)] * 17, gen, device="cuda")
+    with pytest.raises(BackendError, match="S=17 stages exceed"):
+        deform_sample(**inputs, backend="cuda")
+    assert deform_sample(**inputs, backend="auto").shape == (1, 3, 2)  # auto falls to the reference
+
+
+def test_reference_is_grid_sample():
+    """The reference is one grid_sample per stage: a single stage with weight 1 is grid_sample itself."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    v = randn(2, 3, 5, 6, generator=gen)
+    p = _points(2, 13, gen)
+    want = F.grid_sample(v, p[:, :, None], mode="bilinear", padding_mode="zeros", align_corners=False)
+    got = reference.deform_sample([v], p, torch.ones(2, 13, 1, dtype=torch.float64))
+    torch.testing.assert_close(got, want[..., 0].transpose(1, 2), rtol=0, atol=0)
