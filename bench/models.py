@@ -100,7 +100,7 @@ class _Runner:
                                   dataset=setting.dataset, **setting.kwargs).to(device)
         if state is not None:
             self.model.load_state_dict(state)
-        self.loss = MultiTaskLoss(list(setting.tasks), dataset=setting.dataset)
+        self.loss = MultiTaskLoss(list(setting.tasks), stage_weights=getattr(self.model, "aux_loss_weights", None))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-6)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
