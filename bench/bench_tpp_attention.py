@@ -82,6 +82,7 @@ _BACKENDS = {"sdpa_math": "MATH", "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa
 register(Benchmark(
     "tpp_attention", cases,
     standard_providers("tpp_attention", mtlfast.ops.tpp_attention, reference.tpp_attention)
-    + [Provider(name, _sdpa_widened(getattr(SDPBackend, backend)), devices=("cuda",),
+    + [Provider(name, _sdpa_widened(getattr(SDPBackend, backend)),
+                devices=("cuda", "cpu") if name == "sdpa_math" else ("cuda",),
                 refuse=_flash_refuse if name == "sdpa_flash" else (lambda inputs: None))
        for name, backend in _BACKENDS.items()]))

@@ -38,7 +38,6 @@ Choices and their costs (block sizes are a :class:`Config`, pinned by the tests)
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -93,21 +92,24 @@ def default_config(channels: int, d: int, dv: int) -> Config:
     return Config(block_m, block_n, max(16, min(64, _pow2(d))), block_dv, block_dgrad, warps, 2)
 
 
-_pinned: contextvars.ContextVar[Config | None] = contextvars.ContextVar("mtlfast_tpp_config", default=None)
+# A module global rather than a ContextVar: torch.compile traces reads of globals, not ContextVar.get.
+_pinned: Config | None = None
 
 
 @contextlib.contextmanager
 def use_config(config: Config) -> Iterator[None]:
-    """Pins the launch configuration of the tpp_attention kernels (tests, benchmarks) in this context."""
-    token = _pinned.set(config)
+    """Pins the launch configuration of the tpp_attention kernels (tests, benchmarks) in this block
+    (process-wide, not per thread)."""
+    global _pinned
+    previous, _pinned = _pinned, config
     try:
         yield
     finally:
-        _pinned.reset(token)
+        _pinned = previous
 
 
 def current_config(channels: int, d: int, dv: int) -> Config:
-    return _pinned.get() or default_config(channels, d, dv)
+    return _pinned or default_config(channels, d, dv)
 
 
 # --- device helpers ----------------------------------------------------------------------------------

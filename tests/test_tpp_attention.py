@@ -70,6 +70,20 @@ def test_default_config(device, kernel_dtype):
                             tf32_dots=device == "cuda" and kernel_dtype == torch.float32)
 
 
+def test_strided_inputs(device, kernel_dtype):
+    """Token-major layouts as a linear projection leaves them ((B, N, T, H, D) permuted) and a transposed
+    weight: the kernels take strides, a copy is made only where T and H cannot be merged."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    B, T, H, Nq, Nk, D, Dv = 1, 2, 2, 19, 11, 9, 6
+    inputs = {"q": randn(B, Nq, T, H, D, generator=gen, device=device).permute(0, 2, 3, 1, 4),
+              "k": randn(B, Nk, H, T, D, generator=gen, device=device).permute(0, 3, 2, 1, 4),
+              "v": randn(B, Nk, T, H, Dv, generator=gen, device=device).permute(0, 2, 3, 1, 4),
+              "mix_weight": randn(T * H, T, H, generator=gen, device=device).permute(1, 2, 0)}
+    with _pinned(D):
+        check_against_reference(_triton, reference.tpp_attention, inputs, dtype=kernel_dtype,
+                                tf32_dots=device == "cuda" and kernel_dtype == torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shared", [False, True])
 def test_matches_reference_paper_shape_gpu(kernel_dtype, shared):
@@ -176,3 +190,19 @@ def test_bad_inputs(changes, error, match):
 def test_bad_scale():
     with pytest.raises(TypeError, match="scale"):
         tpp_attention(**_bad(), scale="0.5")
+
+
+def test_composes_with_torch_compile(device):
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(1, 2, 1, 7, 5, 6, 3, False, True, device, gen)
+
+    def run(fn):
+        leaves = {k: v.float().requires_grad_() for k, v in inputs.items()}
+        value = fn(**leaves, backend="triton").square().sum()
+        return (value, *torch.autograd.grad(value, list(leaves.values())))
+
+    with _pinned(6):
+        eager = run(tpp_attention)
+        compiled = run(torch.compile(tpp_attention, backend="aot_eager", fullgraph=True))
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
