@@ -32,11 +32,16 @@ columns (powers of two >= 16; the tails are masked):
 Masking: key columns past Nk get score −inf in the forward; out-of-range rows load zeros and are never
 stored; in the backward, query rows past Nq load ``lse = +inf`` so their P is exactly 0. Any Nq, Nk >= 1.
 
+Precision: scores, P, dS and all accumulators are float32; P and dS are rounded to the input dtype
+before their dots (as in FlashAttention). float32 inputs use exact float32 dots unless PyTorch's float32
+matmul precision was lowered (then TF32), see :func:`dot_precision`.
+
 Launch configuration (:class:`Blocks`): explicit for tests (the interpreter must never autotune) and
 chosen by :func:`default_blocks` otherwise (see there for the per-width table).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -137,14 +142,14 @@ def _store_tile(ptr, value, offs_r, offs_c, n_r, n_c, stride_r, stride_c):
 
 @triton.jit
 def _dot_nt(A, B, offs_a, offs_b, n_a, n_b, width, sa_r, sa_d, sb_r, sb_d,
-            BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+            BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """float32 tile A[offs_a] · B[offs_b]ᵀ, reducing over ``width`` columns in chunks of BLOCK_D."""
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, width, BLOCK_D):
         a = _load_tile(A, offs_a, d0 + offs_d, n_a, width, sa_r, sa_d)
         b = _load_tile(B, offs_b, d0 + offs_d, n_b, width, sb_r, sb_d)
-        acc += tl.dot(a, tl.trans(b))
+        acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
     return acc
 
 
@@ -153,7 +158,7 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE, qk_scale, H, N_Q, N_K, D_QK, D_V,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ONE_DQK: tl.constexpr,
+    ONE_DQK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m, pid_bh, pid_dv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
@@ -174,16 +179,17 @@ def _attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if ONE_DQK:
             k = _load_tile(K, offs_n, offs_dqk, N_K, D_QK, sk_n, sk_d)
-            s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         else:
-            s = _dot_nt(Q, K, offs_m, offs_n, N_Q, N_K, D_QK, sq_n, sq_d, sk_n, sk_d, BLOCK_M, BLOCK_N, BLOCK_DQK)
+            s = _dot_nt(Q, K, offs_m, offs_n, N_Q, N_K, D_QK, sq_n, sq_d, sk_n, sk_d,
+                        BLOCK_M, BLOCK_N, BLOCK_DQK, PRECISION)
         s = tl.where(offs_n[None, :] < N_K, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has >= 1 valid key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(V, offs_n, offs_dv, N_K, D_V, sv_n, sv_d)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
     _store_tile(O, acc.to(O.dtype.element_ty), offs_m, offs_dv, N_Q, D_V, so_n, so_d)
@@ -219,6 +225,7 @@ def _attn_bwd_dkdv_kernel(
     sdo_b, sdo_h, sdo_n, sdo_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     ONE_DQK: tl.constexpr, ONE_DV: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Owns BLOCK_N keys, streams the queries. DO_DK and DO_DV: both gradients (grid axis 2 has one
     program, both widths fit one chunk); one of them: grid axis 2 enumerates that gradient's chunks."""
@@ -252,25 +259,26 @@ def _attn_bwd_dkdv_kernel(
         lse2 = tl.load(LSE + offs_m, mask=offs_m < N_Q, other=float("inf")) * LOG2E
         if ONE_DQK:
             q = _load_tile(Q, offs_m, offs_dqk, N_Q, D_QK, sq_n, sq_d)
-            st = tl.dot(k, tl.trans(q))
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         else:
-            st = _dot_nt(K, Q, offs_n, offs_m, N_K, N_Q, D_QK, sk_n, sk_d, sq_n, sq_d, BLOCK_N, BLOCK_M, BLOCK_DQK)
+            st = _dot_nt(K, Q, offs_n, offs_m, N_K, N_Q, D_QK, sk_n, sk_d, sq_n, sq_d,
+                         BLOCK_N, BLOCK_M, BLOCK_DQK, PRECISION)
         pt = tl.exp2(st * qk_scale - lse2[None, :])  # Pᵀ tile; 0 for query rows past N_Q
         if DO_DV or ONE_DV:
             do = _load_tile(DO, offs_m, offs_dv, N_Q, D_V, sdo_n, sdo_d)
         if DO_DV:
-            dv += tl.dot(pt.to(do.dtype), do)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         if DO_DK:
             if ONE_DV:
-                dpt = tl.dot(v, tl.trans(do))
+                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             else:
                 dpt = _dot_nt(V, DO, offs_n, offs_m, N_K, N_Q, D_V, sv_n, sv_d, sdo_n, sdo_d,
-                              BLOCK_N, BLOCK_M, BLOCK_DV)
+                              BLOCK_N, BLOCK_M, BLOCK_DV, PRECISION)
             delta = tl.load(DELTA + offs_m, mask=offs_m < N_Q, other=0.0)
             dst = pt * (dpt - delta[None, :])
             if not ONE_DQK:
                 q = _load_tile(Q, offs_m, offs_dqk_out, N_Q, D_QK, sq_n, sq_d)
-            dk += tl.dot(dst.to(q.dtype), q)
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
     if DO_DV:
         _store_tile(DV, dv.to(DV.dtype.element_ty), offs_n, offs_dv, N_K, D_V, sdv_n, sdv_d)
     if DO_DK:
@@ -283,7 +291,7 @@ def _attn_bwd_dq_kernel(
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
     sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ONE_DQK: tl.constexpr, ONE_DV: tl.constexpr,
+    ONE_DQK: tl.constexpr, ONE_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Owns BLOCK_M queries, streams the keys; grid axis 2 enumerates the Dqk chunks of dq."""
     pid_m, pid_bh, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -309,17 +317,19 @@ def _attn_bwd_dq_kernel(
         # Key rows past N_K load as zeros, so their (finite) P entries meet a zero k row below.
         k = _load_tile(K, offs_n, offs_dqk, N_K, D_QK, sk_n, sk_d)
         if ONE_DQK:
-            s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         else:
-            s = _dot_nt(Q, K, offs_m, offs_n, N_Q, N_K, D_QK, sq_n, sq_d, sk_n, sk_d, BLOCK_M, BLOCK_N, BLOCK_DQK)
+            s = _dot_nt(Q, K, offs_m, offs_n, N_Q, N_K, D_QK, sq_n, sq_d, sk_n, sk_d,
+                        BLOCK_M, BLOCK_N, BLOCK_DQK, PRECISION)
         if ONE_DV:
             v = _load_tile(V, offs_n, offs_dv, N_K, D_V, sv_n, sv_d)
-            dp = tl.dot(do, tl.trans(v))
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         else:
-            dp = _dot_nt(DO, V, offs_m, offs_n, N_Q, N_K, D_V, sdo_n, sdo_d, sv_n, sv_d, BLOCK_M, BLOCK_N, BLOCK_DV)
+            dp = _dot_nt(DO, V, offs_m, offs_n, N_Q, N_K, D_V, sdo_n, sdo_d, sv_n, sv_d,
+                         BLOCK_M, BLOCK_N, BLOCK_DV, PRECISION)
         p = tl.exp2(s * qk_scale - lse2[:, None])
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     _store_tile(DQ, (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, offs_dqk, N_Q, D_QK, sdq_n, sdq_d)
 
 
@@ -340,6 +350,20 @@ def grid_limits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: Block
     return reasons
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: float32 inputs follow PyTorch's float32 matmul setting
+    (torch.set_float32_matmul_precision: "highest", the default, -> exact "ieee" dots; "high"/"medium"
+    -> TF32); half-precision inputs use the tensor cores as they are."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU, whichever is current (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _check_blocks(blocks: Blocks, d_qk: int, d_v: int) -> None:
     for name, count in (("dqk", triton.cdiv(d_qk, blocks.dqk)), ("dv", triton.cdiv(d_v, blocks.dv))):
         if count > MAX_GRID_YZ:
@@ -356,11 +380,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     out = empty((B, H, n_q, d_v), dtype=q.dtype, device=q.device)
     lse = empty((B, H, n_q), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n_q, blocks.own), B * H, triton.cdiv(d_v, blocks.dv))
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, scale * LOG2E.value, H, n_q, n_k, d_qk, d_v,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        BLOCK_M=blocks.own, BLOCK_N=blocks.stream, BLOCK_DQK=blocks.dqk, BLOCK_DV=blocks.dv,
-        ONE_DQK=d_qk <= blocks.dqk, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    with _on_device(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse, scale * LOG2E.value, H, n_q, n_k, d_qk, d_v,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            BLOCK_M=blocks.own, BLOCK_N=blocks.stream, BLOCK_DQK=blocks.dqk, BLOCK_DV=blocks.dv,
+            ONE_DQK=d_qk <= blocks.dqk, PRECISION=dot_precision(q.dtype),
+            num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     return out, lse
 
 
@@ -373,29 +399,27 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     blocks = blocks or default_blocks(d_qk, d_v, q.device, q.dtype, backward=True)
     _check_blocks(blocks, d_qk, d_v)
     lse = lse.contiguous()
-    launch = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    launch = dict(PRECISION=dot_precision(q.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     one_dqk, one_dv = d_qk <= blocks.dqk, d_v <= blocks.dv
-
     delta = empty((B, H, n_q), dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(n_q, blocks.own), B * H)](
-        out, grad_out, delta, H, n_q, d_v, *out.stride(), *grad_out.stride(),
-        BLOCK_M=blocks.own, BLOCK_DV=blocks.dv, **launch)
-
-    dq, dk, dv = empty(q.shape, dtype=q.dtype, device=q.device), empty(k.shape, dtype=k.dtype, device=k.device), \
-        empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = (empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     common = (scale * LOG2E.value, scale, H, n_q, n_k, d_qk, d_v)
     # Both widths in one chunk: one program per key block writes dk and dv; else one launch each.
     passes = [(True, True, 1)] if one_dqk and one_dv else \
         [(False, True, triton.cdiv(d_v, blocks.dv)), (True, False, triton.cdiv(d_qk, blocks.dqk))]
-    for do_dk, do_dv, chunks in passes:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, blocks.own), B * H, chunks)](
-            q, k, v, grad_out, lse, delta, dk, dv, *common,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            BLOCK_M=blocks.stream, BLOCK_N=blocks.own, BLOCK_DQK=blocks.dqk, BLOCK_DV=blocks.dv,
-            ONE_DQK=one_dqk, ONE_DV=one_dv, DO_DK=do_dk, DO_DV=do_dv, **launch)
-    _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks.own), B * H, triton.cdiv(d_qk, blocks.dqk))](
-        q, k, v, grad_out, lse, delta, dq, *common,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        BLOCK_M=blocks.own, BLOCK_N=blocks.stream, BLOCK_DQK=blocks.dqk, BLOCK_DV=blocks.dv,
-        ONE_DQK=one_dqk, ONE_DV=one_dv, **launch)
+    with _on_device(q):
+        _attn_bwd_delta_kernel[(triton.cdiv(n_q, blocks.own), B * H)](
+            out, grad_out, delta, H, n_q, d_v, *out.stride(), *grad_out.stride(),
+            BLOCK_M=blocks.own, BLOCK_DV=blocks.dv, num_warps=blocks.num_warps)
+        for do_dk, do_dv, chunks in passes:
+            _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, blocks.own), B * H, chunks)](
+                q, k, v, grad_out, lse, delta, dk, dv, *common,
+                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+                BLOCK_M=blocks.stream, BLOCK_N=blocks.own, BLOCK_DQK=blocks.dqk, BLOCK_DV=blocks.dv,
+                ONE_DQK=one_dqk, ONE_DV=one_dv, DO_DK=do_dk, DO_DV=do_dv, **launch)
+        _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks.own), B * H, triton.cdiv(d_qk, blocks.dqk))](
+            q, k, v, grad_out, lse, delta, dq, *common,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+            BLOCK_M=blocks.own, BLOCK_N=blocks.stream, BLOCK_DQK=blocks.dqk, BLOCK_DV=blocks.dv,
+            ONE_DQK=one_dqk, ONE_DV=one_dv, **launch)
     return dq, dk, dv

@@ -2,8 +2,8 @@
 
 CPU: Triton through its interpreter (float32 only; bfloat16 is refused there), small odd shapes, one
 pinned launch configuration per case. The cases cover Nq = 1, Nq != Nk, Dqk != Dv, Dqk = 300 (> 256,
-several head-dim chunks), several chunks of both widths with own != stream tiles, and non-contiguous
-inputs. GPU-only tests (marker ``gpu``) add the paper widths, 4096-wide heads and torch.compile.
+several head-dim chunks), several Dv chunks, several chunks of both widths with own != stream tiles,
+and non-contiguous inputs: every specialisation of the kernels (one or several chunks per width). GPU-only tests (marker ``gpu``) add the paper widths, 4096-wide heads and torch.compile.
 """
 import os
 import subprocess
@@ -29,6 +29,13 @@ def _inputs(B, H, n_q, n_k, d_qk, d_v, *, seed, permuted=False):
             "v": randn(B, H, n_k, d_v, generator=gen)}
 
 
+def _tf32() -> bool:
+    """Whether float32 dots run in TF32 (only if torch's float32 matmul precision was lowered)."""
+    from mtlfast.kernels.attention import dot_precision
+
+    return dot_precision(torch.float32) == "tf32"
+
+
 def _blocks(own, stream, dqk, dv):
     from mtlfast.kernels.attention import Blocks
 
@@ -40,6 +47,7 @@ CASES = {
     "odd_noncontiguous": (1, 2, 37, 50, 24, 40, None, None, True),
     "nq1_tiny_widths": (2, 1, 1, 7, 7, 3, 0.3, None, False),
     "dqk300": (1, 1, 63, 17, 300, 33, None, None, False),  # 3 Dqk chunks of 128: dq/dk chunk grid
+    "dv150": (1, 1, 17, 30, 20, 150, None, None, False),  # 2 Dv chunks, 1 Dqk chunk: out/dv chunk grid
     "chunks_both": (1, 2, 21, 19, 20, 36, 1.7, (32, 16, 16, 16), False),  # 2 Dqk x 3 Dv chunks
 }
 
@@ -62,7 +70,7 @@ def test_attention_matches_reference(case, kernel_dtype, device):
     def reference(q, k, v):
         return reference_attention(q, k, v, scale=scale)
 
-    check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=device == "cuda")
+    check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=_tf32())
 
 
 def test_logsumexp_output(device):
@@ -89,9 +97,9 @@ def test_compiles_with_aot_autograd(device):
     q, k, v = (t.to(device=device, dtype=torch.float32).requires_grad_() for t in ins.values())
 
     def f(q, k, v):
-        return attention_triton(q, k, v, scale=0.45) * 2
+        return mtlfast.ops.attention(q, k, v, scale=0.45, backend="triton") * 2
 
-    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)  # dispatch included
     out.sum().backward()
     want = reference_attention(*(t.detach().double().cpu().requires_grad_() for t in (q, k, v)), scale=0.45) * 2
     want.sum().backward()
@@ -166,7 +174,8 @@ def test_kernels_compile_for_sm90():
 
 def _compile_sm90() -> None:
     """Compiles, in bfloat16 at the default GPU configurations, the forward and every backward
-    specialisation: a narrow head (64: one chunk, fused dk/dv) and a chunked one (288)."""
+    specialisation: a narrow head (64: one chunk, fused dk/dv) and a chunked one (288); plus the
+    float32 forward with exact ("ieee") dots."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -175,19 +184,24 @@ def _compile_sm90() -> None:
 
     pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA"}
 
-    def build(fn, blocks, constexprs):
+    def build(fn, blocks, constexprs, dtype="*bf16"):
+        if "PRECISION" in fn.arg_names:
+            constexprs = dict(constexprs, PRECISION="ieee" if dtype == "*fp32" else "tf32")
         sig = {}
         for name in fn.arg_names:
             if name in constexprs:
                 sig[name] = "constexpr"
             elif name in pointers:
-                sig[name] = "*fp32" if name in ("LSE", "DELTA") else "*bf16"
+                sig[name] = "*fp32" if name in ("LSE", "DELTA") else dtype
             else:
                 sig[name] = "fp32" if name.endswith("scale") else "i32"
         triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages))
 
-    count = 0
+    f32 = A.default_blocks(64, 64, "cuda", torch.float32)
+    build(A._attn_fwd_kernel, f32, dict(BLOCK_M=f32.own, BLOCK_N=f32.stream, BLOCK_DQK=f32.dqk, BLOCK_DV=f32.dv,
+                                        ONE_DQK=True), dtype="*fp32")
+    count = 1
     for width in (64, 288):
         fwd = A.default_blocks(width, width, "cuda", torch.bfloat16)
         build(A._attn_fwd_kernel, fwd, dict(BLOCK_M=fwd.own, BLOCK_N=fwd.stream, BLOCK_DQK=fwd.dqk,
@@ -215,7 +229,7 @@ def _compile_sm90() -> None:
 def test_attention_paper_widths_gpu(shape, kernel_dtype):
     inputs = {n: t.cuda() for n, t in _inputs(*shape, seed=fresh_seed()).items()}
     check_against_reference(lambda q, k, v: mtlfast.ops.attention(q, k, v, backend="triton"),
-                            reference_attention, inputs, dtype=kernel_dtype, tf32_dots=True)
+                            reference_attention, inputs, dtype=kernel_dtype, tf32_dots=_tf32())
 
 
 @pytest.mark.gpu

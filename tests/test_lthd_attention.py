@@ -25,6 +25,12 @@ def _inputs(B, size_fine, size_coarse, D, C, *, seed, device="cpu"):
             "v": randn(B, n_f, C, generator=gen, device=device)}
 
 
+def _tf32() -> bool:
+    from mtlfast.kernels.attention import dot_precision
+
+    return dot_precision(torch.float32) == "tf32"
+
+
 def _rewrite(q_fine, k_fine, q_coarse, k_coarse, v, size_fine, size_coarse, scale):
     q, k = widened_qk(q_fine, k_fine, q_coarse, k_coarse, size_fine, size_coarse)
     return reference_attention(q, k, v, scale=scale)
@@ -85,7 +91,20 @@ def test_lthd_matches_reference(case, kernel_dtype, device):
     def reference(**t):
         return reference_lthd(*t.values(), size_fine, size_coarse, scale=scale)
 
-    check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=device == "cuda")
+    check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=_tf32())
+
+
+def test_compiles_with_aot_autograd(device):
+    """torch.compile (AOTAutograd, no Inductor) of the Triton path, forward and backward, one graph."""
+    ins = {k: t.float().requires_grad_() for k, t in _inputs(1, (3, 5), (2, 3), 4, 3, seed=fresh_seed(),
+                                                               device=device).items()}
+    f = torch.compile(lambda **t: mtlfast.ops.lthd_attention(*t.values(), (3, 5), (2, 3), backend="triton"),
+                      backend="aot_eager", fullgraph=True)
+    out = f(**ins)
+    out.sum().backward()
+    want = reference_lthd(*(t.detach().double() for t in ins.values()), (3, 5), (2, 3))
+    assert (out.detach().double() - want).norm() / want.norm() < 1e-5
+    assert all(t.grad is not None for t in ins.values())
 
 
 @pytest.mark.gpu
@@ -95,7 +114,7 @@ def test_lthd_tif_shape_gpu(kernel_dtype):
     inputs = _inputs(2, size_fine, size_coarse, 64, 128, seed=fresh_seed(), device="cuda")
     check_against_reference(
         lambda **t: mtlfast.ops.lthd_attention(*t.values(), size_fine, size_coarse, backend="triton"),
-        lambda **t: reference_lthd(*t.values(), size_fine, size_coarse), inputs, dtype=kernel_dtype, tf32_dots=True)
+        lambda **t: reference_lthd(*t.values(), size_fine, size_coarse), inputs, dtype=kernel_dtype, tf32_dots=_tf32())
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -138,3 +157,15 @@ def test_backend_refusal_names_the_reason():
     t = _inputs(1, (2, 2), (1, 1), 4, 3, seed=0)
     with pytest.raises(BackendError, match=r"(?s)lthd_attention.*interpreter .* no bfloat16"):
         mtlfast.ops.lthd_attention(*(x.bfloat16() for x in t.values()), (2, 2), (1, 1), backend="triton")
+
+
+def test_benchmark_baseline_computes_lthd():
+    """The benchmark's SDPA-on-the-widened-rewrite baseline computes the op (float64, SDPA math on CPU)."""
+    from mtlfast.bench.harness import load_benchmarks
+
+    providers = {p.name: p for p in load_benchmarks()["lthd_attention"].providers}
+    ins = _inputs(2, (5, 3), (2, 2), 4, 6, seed=fresh_seed())
+    kwargs = dict(ins, size_fine=(5, 3), size_coarse=(2, 2))
+    want = reference_lthd(**kwargs)
+    got = providers["sdpa_math"].fn(**kwargs)
+    assert (got - want).norm() / want.norm() < 1e-12

@@ -1,0 +1,62 @@
+"""lthd_attention benchmark: TIF's Low-To-High Diffusion at NYUD 448x576 (fine 1/16, coarse 1/32), plus a
+sweep over N.
+
+Providers: mtlfast (the exact rewrite -> one Triton attention on a GPU), the eager literal reference
+(forms the Nf x Nf map and resizes the Nc x Nc map), torch.compile of the reference, and SDPA (each
+backend) / xformers on the same widened rewrite: q = [q_f | up(q_c)], k = [k_f | up(k_c)] of width 2D
+(resize, concatenation and attention all inside the timed call).
+
+Shapes: the fine grid 28x36 (1008 tokens) and the coarse grid 14x18 (252 tokens) of a 448x576 crop,
+batch 8 (TIF's). The paper does not give the attention width; ``lthd_nyud_d384`` uses 384 (the Swin-T
+1/16 stage width, our choice) for q/k and v, so the widened q/k are 768 wide; ``lthd_nyud_d64`` uses 64
+(widened 128, inside SDPA flash's limit when v is 128 wide too). The sweep doubles the grids
+(56x72 / 28x36 and 112x144 / 56x72) at batch 1, width 64, to show memory O(N) against the eager O(N²).
+"""
+from __future__ import annotations
+
+import torch
+
+from mtlfast.bench.bench_attention import sdpa_providers
+from mtlfast.bench.harness import Benchmark, Case, register, standard_providers
+from mtlfast.ops.lthd_attention import lthd_attention, widened_qk
+from mtlfast.reference.lthd_attention import lthd_attention as reference_lthd
+
+
+def _to_sdpa(q_fine, k_fine, q_coarse, k_coarse, v, size_fine, size_coarse, scale=None):
+    q, k = widened_qk(q_fine, k_fine, q_coarse, k_coarse, size_fine, size_coarse)
+    return q[:, None], k[:, None], v[:, None], q_fine.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _from_sdpa(out, **inputs):
+    return out[:, 0]
+
+
+def _case(name, B, size_fine, size_coarse, D, C):
+    n_f, n_c = size_fine[0] * size_fine[1], size_coarse[0] * size_coarse[1]
+
+    def make(device, dtype):
+        g = torch.Generator().manual_seed(0)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+        return {"q_fine": rand(B, n_f, D), "k_fine": rand(B, n_f, D), "q_coarse": rand(B, n_c, D),
+                "k_coarse": rand(B, n_c, D), "v": rand(B, n_f, C), "size_fine": size_fine, "size_coarse": size_coarse}
+
+    # the rewrite's attention: QK over 2D, PV over C (the literal formula's FLOPs differ; see the docstring)
+    return Case(name, make, flops=2.0 * B * n_f * n_f * (2 * D + C),
+                params=dict(B=B, Nf=n_f, Nc=n_c, size_fine=list(size_fine), size_coarse=list(size_coarse), D=D, C=C))
+
+
+def cases(device):
+    if device != "cuda":  # eager / compile only on a CPU: small shapes
+        return [_case("lthd_cpu_14x18", 1, (14, 18), (7, 9), 64, 64)]
+    return [_case("lthd_nyud_d384", 8, (28, 36), (14, 18), 384, 384),
+            _case("lthd_nyud_d64", 8, (28, 36), (14, 18), 64, 128),
+            _case("lthd_sweep_56x72", 1, (56, 72), (28, 36), 64, 64),
+            _case("lthd_sweep_112x144", 1, (112, 144), (56, 72), 64, 64)]
+
+
+register(Benchmark(
+    "lthd_attention", cases,
+    standard_providers("lthd_attention", lthd_attention, reference_lthd) + sdpa_providers(_to_sdpa, _from_sdpa)))
