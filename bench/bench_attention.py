@@ -101,7 +101,8 @@ def cases(device):
     bfe = [("bfe_s32", 7 * 9, 288), ("bfe_s16", 14 * 18, 144), ("bfe_s8", 28 * 36, 72), ("bfe_vit_s16", 14 * 18, 384)]
     return ([_attention_case(name, B, 2, n_q, T * 7 * 9, w, w) for name, n_q, w in bfe]
             + [_attention_case(f"sweep_n{n}_w128", 1, 8, n, n, 128, 128) for n in (1024, 4096, 8192)]
-            + [_attention_case(f"sweep_w{w}_n4096", 1, 2, 4096, 4096, w, w) for w in (64, 128, 256, 288, 512, 1024, 4096)])
+            + [_attention_case(f"sweep_w{w}_n4096", 1, 2, 4096, 4096, w, w)
+               for w in (64, 128, 256, 288, 512, 1024, 4096)])
 
 
 register(Benchmark(

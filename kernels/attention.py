@@ -336,7 +336,7 @@ def _attn_bwd_dq_kernel(
 # --- launchers ---------------------------------------------------------------------------------------
 
 
-def grid_limits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: Blocks | None = None) -> list[str]:
+def grid_limits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Reasons these kernels cannot take these inputs (empty list: they can)."""
     reasons = []
     bh = q.shape[0] * q.shape[1]

@@ -3,7 +3,8 @@
 CPU: Triton through its interpreter (float32 only; bfloat16 is refused there), small odd shapes, one
 pinned launch configuration per case. The cases cover Nq = 1, Nq != Nk, Dqk != Dv, Dqk = 300 (> 256,
 several head-dim chunks), several Dv chunks, several chunks of both widths with own != stream tiles,
-and non-contiguous inputs: every specialisation of the kernels (one or several chunks per width). GPU-only tests (marker ``gpu``) add the paper widths, 4096-wide heads and torch.compile.
+and non-contiguous inputs: every specialisation of the kernels (one or several chunks per width).
+GPU-only tests (marker ``gpu``) add the paper widths, 4096-wide heads and Inductor.
 """
 import os
 import subprocess
@@ -111,7 +112,8 @@ def test_compiles_with_aot_autograd(device):
 
 
 def _good(dtype=torch.float32):
-    return torch.randn(2, 3, 5, 4, dtype=dtype), torch.randn(2, 3, 7, 4, dtype=dtype), torch.randn(2, 3, 7, 6, dtype=dtype)
+    return (torch.randn(2, 3, 5, 4, dtype=dtype), torch.randn(2, 3, 7, 4, dtype=dtype),
+            torch.randn(2, 3, 7, 6, dtype=dtype))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
