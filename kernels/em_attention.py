@@ -31,10 +31,11 @@ saved mu_{r-1}). With G = ∂L/∂x_rec, Gz = ∂L/∂z, Gmu = ∂L/∂mu_out:
       dx += z a + dS mu_{r-1} / tau,                dmu_{r-1} = dSᵀ x / tau  (partials, reduced next).
 - detach_iterations=True: one pass, dz = Gz + G mu_Rᵀ, dx = dS mu_R / tau; no gradient to mu.
 
-Dots run on the input dtype (float16/bfloat16 operands, float32 accumulation); float32 inputs use
-``tf32x3`` (three TF32 products, about float32 accuracy). Softmax, sums, the bases and all partials are
-float32. GPU rules: every tl.dot dimension is >= 16 (K is padded to BLOCK_K >= 16 and masked, so K = 1
-works), all aranges are powers of two, odd N and C are masked.
+Dots run on the input dtype (float16/bfloat16 operands, float32 accumulation); float32 inputs follow
+PyTorch's float32 matmul precision like every mtlfast kernel (exact by default, TF32 when lowered; see
+:func:`mtlfast.kernels.attention.dot_precision`). Softmax, sums, the bases and all partials are float32.
+GPU rules: every tl.dot dimension is >= 16 (K is padded to BLOCK_K >= 16 and masked, so K = 1 works), all
+aranges are powers of two, odd N and C are masked.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ import triton
 import triton.language as tl
 
 from mtlfast._alloc import empty
+from mtlfast.kernels.attention import _on_device, dot_precision
 
 #: Largest K the kernels take: the (BLOCK_N, BLOCK_K) logits tile lives in registers.
 MAX_K = 256
@@ -68,10 +70,6 @@ def launch_config(B: int, N: int, K: int, C: int, device: torch.device) -> Launc
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return LaunchConfig(block_n=64, block_c=block_c, max_programs=max(1, triton.cdiv(2 * sms, B)), rows=1,
                         num_warps=4 if K <= 64 else 8)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"  # ignored for 16-bit operands
 
 
 # --- shared pieces -------------------------------------------------------------------------------------
@@ -183,9 +181,9 @@ def _em_mstep_kernel(part_ptr, colsum_ptr, mu_ptr, stats_ptr, P, K, C, mu_stride
 def _em_output_kernel(x_ptr, mue_ptr, mur_ptr, xrec_ptr, z_ptr, N, K, C, mu_stride_b, scale,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
-    """z = softmax(x mu_eᵀ * scale) (written) and x_rec = z mu_r, one tile of tokens per program."""
-    b = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """z = softmax(x mu_eᵀ * scale) (written) and x_rec = z mu_r; grid (token tiles, B)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
@@ -314,7 +312,7 @@ def _plan(x: torch.Tensor, K: int) -> _Plan:
     tiles = triton.cdiv(N, cfg.block_n)
     tiles_per_prog = triton.cdiv(tiles, min(tiles, cfg.max_programs))
     return _Plan(cfg, max(16, triton.next_power_of_2(K)), triton.next_power_of_2(C), tiles_per_prog,
-                 triton.cdiv(tiles, tiles_per_prog), _dot_precision(x.dtype))
+                 triton.cdiv(tiles, tiles_per_prog), dot_precision(x.dtype))
 
 
 def _accumulate(plan, x, mu, v, part, colsum, scale):
@@ -335,30 +333,31 @@ def forward(x: torch.Tensor, mu: torch.Tensor, n_iter: int, tau: float, eps: flo
 
     bases[:, r] = mu_r (bases[:, 0] the input), stats[:, r-1] = (Σ_N z_r, ‖m_r‖): what the backward needs."""
     x, mu = x.contiguous(), mu.contiguous()
-    B, N, C = x.shape
-    K = mu.shape[1]
-    plan = _plan(x, K)
-    scale = 1.0 / tau
-    bases = empty((B, n_iter + 1, K, C), dtype=torch.float32, device=x.device)
-    bases[:, 0].copy_(mu)
-    stats = empty((B, n_iter, 2, K), dtype=torch.float32, device=x.device)
-    part = empty((B, plan.programs, K, C), dtype=torch.float32, device=x.device)
-    colsum = empty((B, plan.programs, K), dtype=torch.float32, device=x.device)
-    for r in range(1, n_iter + 1):
-        _accumulate(plan, x, bases[:, r - 1], x, part, colsum, scale)
-        _em_mstep_kernel[_row_grid(plan, B, K)](
-            part, colsum, bases[:, r], stats[:, r - 1], plan.programs, K, C, bases.stride(0), stats.stride(0), eps,
-            ROWS=plan.cfg.rows, BLOCK_CR=plan.block_cr)
-    x_rec = empty((B, N, C), dtype=x.dtype, device=x.device)
-    z = empty((B, N, K), dtype=x.dtype, device=x.device)
-    mu_e = bases[:, n_iter] if detach_iterations else bases[:, n_iter - 1]
-    _em_output_kernel[(B, triton.cdiv(N, plan.cfg.block_n))](
-        x, mu_e, bases[:, n_iter], x_rec, z, N, K, C, bases.stride(0), scale,
-        BLOCK_N=plan.cfg.block_n, BLOCK_K=plan.block_k, BLOCK_C=plan.cfg.block_c,
-        DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps)
-    mu_out = empty((B, K, C), dtype=mu.dtype, device=mu.device)
-    mu_out.copy_(bases[:, n_iter])
-    return x_rec, mu_out, z, bases, stats
+    with _on_device(x):
+        B, N, C = x.shape
+        K = mu.shape[1]
+        plan = _plan(x, K)
+        scale = 1.0 / tau
+        bases = empty((B, n_iter + 1, K, C), dtype=torch.float32, device=x.device)
+        bases[:, 0].copy_(mu)
+        stats = empty((B, n_iter, 2, K), dtype=torch.float32, device=x.device)
+        part = empty((B, plan.programs, K, C), dtype=torch.float32, device=x.device)
+        colsum = empty((B, plan.programs, K), dtype=torch.float32, device=x.device)
+        for r in range(1, n_iter + 1):
+            _accumulate(plan, x, bases[:, r - 1], x, part, colsum, scale)
+            _em_mstep_kernel[_row_grid(plan, B, K)](
+                part, colsum, bases[:, r], stats[:, r - 1], plan.programs, K, C, bases.stride(0), stats.stride(0), eps,
+                ROWS=plan.cfg.rows, BLOCK_CR=plan.block_cr)
+        x_rec = empty((B, N, C), dtype=x.dtype, device=x.device)
+        z = empty((B, N, K), dtype=x.dtype, device=x.device)
+        mu_e = bases[:, n_iter] if detach_iterations else bases[:, n_iter - 1]
+        _em_output_kernel[(triton.cdiv(N, plan.cfg.block_n), B)](
+            x, mu_e, bases[:, n_iter], x_rec, z, N, K, C, bases.stride(0), scale,
+            BLOCK_N=plan.cfg.block_n, BLOCK_K=plan.block_k, BLOCK_C=plan.cfg.block_c,
+            DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps)
+        mu_out = empty((B, K, C), dtype=mu.dtype, device=mu.device)
+        mu_out.copy_(bases[:, n_iter])
+        return x_rec, mu_out, z, bases, stats
 
 
 def _step_backward(plan, x, mu_e, a, w, g_xrec, g_z, mu_r, dx_in, dx_out, part, scale, *,
@@ -375,46 +374,48 @@ def _step_backward(plan, x, mu_e, a, w, g_xrec, g_z, mu_r, dx_in, dx_out, part, 
 def backward(g_xrec, g_mu, g_z, x, bases, stats, n_iter: int, tau: float, eps: float):
     """Full unrolled backward -> (dx, dmu) for the input x and bases (module docstring)."""
     x, g_xrec, g_mu, g_z = x.contiguous(), g_xrec.contiguous(), g_mu.contiguous(), g_z.contiguous()
-    B, N, C = x.shape
-    K = bases.shape[2]
-    plan = _plan(x, K)
-    scale = 1.0 / tau
-    dev = x.device
-    part = empty((B, plan.programs, K, C), dtype=torch.float32, device=dev)
-    colsum = empty((B, plan.programs, K), dtype=torch.float32, device=dev)
-    a = empty((B, K, C), dtype=torch.float32, device=dev)
-    w = empty((B, K), dtype=torch.float32, device=dev)
-    dx = empty((B, N, C), dtype=x.dtype, device=dev)
-    dx_acc = dx if x.dtype == torch.float32 else empty((B, N, C), dtype=torch.float32, device=dev)
-    dmu = empty((B, K, C), dtype=g_mu.dtype, device=dev)
-    grid = _row_grid(plan, B, K)
+    with _on_device(x):
+        B, N, C = x.shape
+        K = bases.shape[2]
+        plan = _plan(x, K)
+        scale = 1.0 / tau
+        dev = x.device
+        part = empty((B, plan.programs, K, C), dtype=torch.float32, device=dev)
+        colsum = empty((B, plan.programs, K), dtype=torch.float32, device=dev)
+        a = empty((B, K, C), dtype=torch.float32, device=dev)
+        w = empty((B, K), dtype=torch.float32, device=dev)
+        dx = empty((B, N, C), dtype=x.dtype, device=dev)
+        dx_acc = dx if x.dtype == torch.float32 else empty((B, N, C), dtype=torch.float32, device=dev)
+        dmu = empty((B, K, C), dtype=g_mu.dtype, device=dev)
+        grid = _row_grid(plan, B, K)
 
-    def mstep_backward(r, *, extra=None, final=False):
-        # r >= 1: a, w of iteration r from dmu_r = Σ part (+ extra); final (r = 0): dmu_0 -> dmu.
-        slot = max(r - 1, 0)
-        _em_mstep_backward_kernel[grid](
-            part, g_mu if extra is None else extra, bases[:, r], stats[:, slot], a, w, dmu, plan.programs, K, C,
-            bases.stride(0), stats.stride(0), eps, HAS_EXTRA=extra is not None, FINAL=final,
-            ROWS=plan.cfg.rows, BLOCK_CR=plan.block_cr)
+        def mstep_backward(r, *, extra=None, final=False):
+            # r >= 1: a, w of iteration r from dmu_r = Σ part (+ extra); final (r = 0): dmu_0 -> dmu.
+            slot = max(r - 1, 0)
+            _em_mstep_backward_kernel[grid](
+                part, g_mu if extra is None else extra, bases[:, r], stats[:, slot], a, w, dmu, plan.programs, K, C,
+                bases.stride(0), stats.stride(0), eps, HAS_EXTRA=extra is not None, FINAL=final,
+                ROWS=plan.cfg.rows, BLOCK_CR=plan.block_cr)
 
-    # dmu_R = Gmu + z_Rᵀ G
-    _accumulate(plan, x, bases[:, n_iter - 1], g_xrec, part, colsum, scale)
-    mstep_backward(n_iter, extra=g_mu)
-    for r in range(n_iter, 0, -1):
-        _step_backward(plan, x, bases[:, r - 1], a, w, g_xrec, g_z, bases[:, n_iter], dx_acc,
-                       dx if r == 1 else dx_acc, part, scale,
-                       has_m=True, has_ext=r == n_iter, accum=r < n_iter, need_dmu=True)
-        mstep_backward(r - 1, final=r == 1)
-    return dx, dmu
+        # dmu_R = Gmu + z_Rᵀ G
+        _accumulate(plan, x, bases[:, n_iter - 1], g_xrec, part, colsum, scale)
+        mstep_backward(n_iter, extra=g_mu)
+        for r in range(n_iter, 0, -1):
+            _step_backward(plan, x, bases[:, r - 1], a, w, g_xrec, g_z, bases[:, n_iter], dx_acc,
+                           dx if r == 1 else dx_acc, part, scale,
+                           has_m=True, has_ext=r == n_iter, accum=r < n_iter, need_dmu=True)
+            mstep_backward(r - 1, final=r == 1)
+        return dx, dmu
 
 
 def backward_detached(g_xrec, g_z, x, bases, tau: float):
     """detach_iterations=True: the gradient of the last E step and x_rec to x only -> dx."""
     x, g_xrec, g_z = x.contiguous(), g_xrec.contiguous(), g_z.contiguous()
-    B, N, C = x.shape
-    plan = _plan(x, bases.shape[2])
-    mu_r = bases[:, -1]
-    dx = empty((B, N, C), dtype=x.dtype, device=x.device)
-    _step_backward(plan, x, mu_r, x, x, g_xrec, g_z, mu_r, dx, dx, x, 1.0 / tau,
-                   has_m=False, has_ext=True, accum=False, need_dmu=False)
-    return dx
+    with _on_device(x):
+        B, N, C = x.shape
+        plan = _plan(x, bases.shape[2])
+        mu_r = bases[:, -1]
+        dx = empty((B, N, C), dtype=x.dtype, device=x.device)
+        _step_backward(plan, x, mu_r, x, x, g_xrec, g_z, mu_r, dx, dx, x, 1.0 / tau,
+                       has_m=False, has_ext=True, accum=False, need_dmu=False)
+        return dx

@@ -109,7 +109,9 @@ def _triton_limits(x, mu, n_iter, **kwargs) -> list[str]:
     from mtlfast.kernels.em_attention import MAX_K
 
     K = mu.shape[1]
-    return [f"K={K} bases exceed the kernel's limit of {MAX_K} (the logits tile is held in registers)"] if K > MAX_K else []
+    if K > MAX_K:
+        return [f"K={K} bases exceed the kernel's limit of {MAX_K} (the logits tile is held in registers)"]
+    return []
 
 
 _OP.register("reference", _reference.em_attention, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
