@@ -7,3 +7,6 @@ from mtlfast.models.registry import create_model, list_models, register_model
 
 __all__ = ["create_model", "list_models", "register_model"]
 from mtlfast.models import mtinet  # noqa: E402,F401  (registers the method)
+from mtlfast.models import baseline, padnet  # noqa: E402,F401
+from mtlfast.models import bridgenet  # noqa: E402,F401
+from mtlfast.models import tpim  # noqa: E402,F401

@@ -7,7 +7,8 @@ shape limits); :meth:`Op.select` turns a backend request into an implementation 
 only ``"auto"`` chooses, and it chooses in the op's declared preference order.
 
 The backend in force is, in order: the per-call ``backend=`` argument, the innermost
-:func:`use_backend` context, the ``MTLFAST_BACKEND`` environment variable, ``"auto"``.
+:func:`use_backend` context (its per-op overrides first), the ``MTLFAST_BACKEND`` environment variable,
+``"auto"``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
 
 _scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("mtlfast_backend", default=None)
+_scoped_op_backends: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("mtlfast_op_backends",
+                                                                                     default={})
 
 #: name -> Op, filled as op modules are imported (``mtlfast.ops`` imports all of them).
 OPS: dict[str, "Op"] = {}
@@ -40,10 +43,12 @@ def _validate(name: str, where: str) -> str:
     return name
 
 
-def current_backend(backend: str | None = None) -> str:
-    """The backend in force for a call that passes ``backend`` (None = not given)."""
+def current_backend(backend: str | None = None, op: str | None = None) -> str:
+    """The backend in force for a call (of op ``op``, if given) that passes ``backend`` (None = not given)."""
     if backend is not None:
         return _validate(backend, "backend=")
+    if op is not None and op in _scoped_op_backends.get():
+        return _scoped_op_backends.get()[op]
     scoped = _scoped_backend.get()
     if scoped is not None:
         return scoped
@@ -54,12 +59,23 @@ def current_backend(backend: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed ops with backend ``name`` (nests; per-call ``backend=`` still wins)."""
-    token = _scoped_backend.set(_validate(name, "use_backend"))
+def use_backend(name: str, **per_op: str) -> Iterator[None]:
+    """Run the enclosed ops with backend ``name`` (nests; per-call ``backend=`` still wins).
+
+    ``per_op`` overrides single ops by name, e.g. ``use_backend("triton", deform_sample="cpp")`` (the kernel
+    path of a model on a CPU, where deform_sample has no Triton kernel). A nested context replaces the
+    overrides of the outer one."""
+    name = _validate(name, "use_backend")
+    for op, backend in per_op.items():
+        if op not in OPS:
+            raise ValueError(f"use_backend: unknown op {op!r}; ops: {', '.join(sorted(OPS))}")
+        _validate(backend, f"use_backend({op}=...)")
+    token = _scoped_backend.set(name)
+    op_token = _scoped_op_backends.set(dict(per_op))
     try:
         yield
     finally:
+        _scoped_op_backends.reset(op_token)
         _scoped_backend.reset(token)
 
 
@@ -155,7 +171,7 @@ class Op:
     def select(self, backend: str | None, device: torch.device | str, dtype: torch.dtype,
                args: tuple = (), kwargs: dict | None = None, check_limits: bool = True) -> Implementation:
         """The implementation that serves this call, or :class:`BackendError` with every reason."""
-        requested = current_backend(backend)
+        requested = current_backend(backend, self.name)
         device_type = torch.device(device).type
         if requested == "auto":
             candidates = [b for b in self.auto_order.get(device_type, ()) if b in self.implementations]

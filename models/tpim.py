@@ -1,0 +1,48 @@
+"""The iterative-fusion TPIM network ("Cross-task interaction with iterative fusion", §3.1, Fig. 1).
+
+Four modules (§3.1): a shared HRNet feature extractor; an intermediate prediction module (per task
+features and predictions: deep supervision ``aux["initial"]``); the Task Pair Interaction Module; and
+task-specific final heads. The paper compares against PAD-Net/MTI-Net "by replacing our TPIM with the
+distillation modules ... before the final prediction module" (§4.1), so everything but the TPIM is the
+PAD-Net network of :mod:`mtlfast.models.padnet` (HRNet scales fused at 1/4, two BasicBlocks per task to
+``channels`` and a 1×1 predictor, two bottleneck blocks + 1×1 conv per final head).
+
+TPIM options: ``dim`` (width of Q/K, default channels/4), ``downscale`` (sc of eq. 2, default 2),
+``n_iter`` (default 18 on NYUD-v2, 4 otherwise, §4.3), ``variant`` (IFB A/B/C, default C), ``alpha``
+(initial α, 0.3), ``mode`` (iterative_fusion: auto/materialize/recompute). With auxiliary tasks the
+interaction runs over all front-end tasks and the main tasks' outputs are kept.
+"""
+from __future__ import annotations
+
+from mtlfast.models.base import build_backbone, method
+from mtlfast.models.padnet import PADNet
+from mtlfast.nn import TaskPairInteraction
+
+__all__ = ["tpim"]
+
+
+class _MainTasks(TaskPairInteraction):
+    """TaskPairInteraction over every front-end task, returning the main tasks only."""
+
+    def __init__(self, targets, sources, channels, **kwargs) -> None:
+        super().__init__(sources, channels, **kwargs)
+        self.targets = tuple(targets)
+
+    def forward(self, features):
+        out = super().forward(features)
+        return {t: out[t] for t in self.targets}
+
+
+@method("tpim")
+def tpim(tasks, *, backbone="hrnet_w18_small_v2", dataset="nyud", pretrained=None, img_size=None,
+         backbone_kwargs=None, aux_tasks=(), channels=256, dim=None, downscale=2, n_iter=None, variant="C",
+         alpha=0.3, mode="auto") -> PADNet:
+    if n_iter is None:
+        n_iter = 18 if dataset.lower().startswith("nyud") else 4
+
+    def interaction(targets, sources, width):
+        return _MainTasks(targets, sources, width, dim=dim, downscale=downscale, n_iter=n_iter, variant=variant,
+                          alpha=alpha, mode=mode)
+
+    return PADNet(tasks, dataset, build_backbone(backbone, dataset, pretrained, img_size, backbone_kwargs),
+                  aux_tasks=aux_tasks, channels=channels, interaction=interaction)
