@@ -10,3 +10,5 @@ from mtlfast.models import mtinet  # noqa: E402,F401  (registers the method)
 from mtlfast.models import baseline, padnet  # noqa: E402,F401
 from mtlfast.models import bridgenet  # noqa: E402,F401
 from mtlfast.models import tpim  # noqa: E402,F401
+from mtlfast.models import tif  # noqa: E402,F401
+from mtlfast.models import sem  # noqa: E402,F401

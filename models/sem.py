@@ -1,0 +1,93 @@
+"""SEM (Synergy Embedding Models, §3.1, Fig. 3–4): a shared encoder, per task an intra-task
+HierarchyAdaptiveAttention over all encoder stages, then per task a decoder of increasing resolution whose
+every stage ends with the inter-task EMInteraction (§4.3: the inter-task module in all decoder stages).
+
+Decoder (§3.3 last paragraph; the appendix with its details is not part of the paper text, so the
+choices marked * are ours): the intra-task output (at the coarsest stage) starts the decoder; at decoder
+stage i (coarsest to finest) the feature is resized bilinearly to encoder stage i and added to that stage
+projected to ``dim`` (1×1 conv + BN + ReLU*, per task), then refined by a lightweight global self-attention
+(spatial-reduction attention as in PVT/SegFormer*: keys/values average-pooled by ``sr_ratios[i]``
+(8, 4, 2, 1 from the finest stage), LayerNorm, ``heads`` heads, residual, FFN with residual), then the
+EMInteraction of that stage across the tasks (K = ``num_bases`` 64, R = ``em_iters`` 5, the best in Fig. 6c,
+EMA momentum 0.9). Head per task: 3×3 conv + BN + ReLU and a 1×1 conv (the "3×3 convolution block" of
+§4.4), resized to the input. No deep supervision.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtlfast.models.base import MultiTaskModel, build_backbone, method
+from mtlfast.nn import EMInteraction, HierarchyAdaptiveAttention
+from mtlfast.nn.common import ConvBNAct, FeedForward, merge_heads, resize, split_heads, to_map, to_tokens
+from mtlfast.ops.attention import attention
+
+__all__ = ["SEM"]
+
+
+class _SRAttention(nn.Module):
+    """Spatial-reduction self-attention block on a map: x + Attn(LN(x), pool_sr(LN(x))), then the FFN."""
+
+    def __init__(self, dim: int, heads: int, sr: int) -> None:
+        super().__init__()
+        self.heads, self.sr = heads, sr
+        self.norm = nn.LayerNorm(dim)
+        self.kv_norm = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ffn = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        tokens = to_tokens(x)
+        normed = self.norm(tokens)
+        pooled = F.adaptive_avg_pool2d(to_map(normed, (h, w)), (math.ceil(h / self.sr), math.ceil(w / self.sr)))
+        kv = self.kv_norm(to_tokens(pooled))
+        q = split_heads(self.q(normed), self.heads)
+        k = split_heads(self.k(kv), self.heads).to(q.dtype)
+        v = split_heads(self.v(kv), self.heads).to(q.dtype)
+        y = tokens + self.proj(merge_heads(attention(q, k, v)))
+        return to_map(self.ffn(y), (h, w))
+
+
+class SEM(MultiTaskModel):
+    def __init__(self, tasks, dataset, backbone, *, dim=256, heads=2, num_bases=64, em_iters=5, em_momentum=0.9,
+                 detach_iterations=True, sr_ratios=None, offset_range=2.0) -> None:
+        super().__init__(tasks, dataset, backbone)
+        c = backbone.channels
+        n = len(c)
+        sr = list(sr_ratios) if sr_ratios is not None else [2 ** (n - 1 - i) for i in range(n)]
+        if len(sr) != n:
+            raise ValueError(f"sr_ratios: expected {n} values (one per stage, finest first), got {sr}")
+        self.intra = nn.ModuleDict({t: HierarchyAdaptiveAttention(c, dim, heads=heads, offset_range=offset_range)
+                                    for t in self.tasks})
+        self.lateral = nn.ModuleDict({t: nn.ModuleList(ConvBNAct(ci, dim, 1) for ci in c) for t in self.tasks})
+        self.refine = nn.ModuleDict({t: nn.ModuleList(_SRAttention(dim, heads, r) for r in sr) for t in self.tasks})
+        self.inter = nn.ModuleList(EMInteraction(self.tasks, dim, num_bases=num_bases, n_iter=em_iters,
+                                                 momentum=em_momentum, detach_iterations=detach_iterations)
+                                   for _ in c)
+        self.heads = nn.ModuleDict({t: nn.Sequential(ConvBNAct(dim, dim, 3), nn.Conv2d(dim, k, 1))
+                                    for t, k in self.num_outputs.items()})
+
+    def forward_train(self, images):
+        feats = self.backbone(images)
+        x = {t: self.intra[t](feats) for t in self.tasks}
+        for i in reversed(range(len(feats))):
+            size = feats[i].shape[-2:]
+            x = {t: self.refine[t][i](resize(x[t], size) + self.lateral[t][i](feats[i])) for t in self.tasks}
+            x = self.inter[i](x)
+        return {t: resize(self.heads[t](x[t]), images.shape[-2:]) for t in self.tasks}, {}
+
+
+@method("sem")
+def sem(tasks, *, backbone="vit_l", dataset="nyud", pretrained=None, img_size=None, backbone_kwargs=None, dim=256,
+        heads=2, num_bases=64, em_iters=5, em_momentum=0.9, detach_iterations=True, sr_ratios=None,
+        offset_range=2.0) -> SEM:
+    return SEM(tasks, dataset, build_backbone(backbone, dataset, pretrained, img_size, backbone_kwargs), dim=dim,
+               heads=heads, num_bases=num_bases, em_iters=em_iters, em_momentum=em_momentum,
+               detach_iterations=detach_iterations, sr_ratios=sr_ratios, offset_range=offset_range)
