@@ -168,17 +168,27 @@ int deform_sample_backward(const T* grad_out, const T* const* values, const int6
     }
   });
 
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t HW = heights[s] * widths[s];
-    maybe_parallel_for(batch * HW, 4 * N * C / HW + C, [&](int64_t bp) {
-      const int64_t b = bp / HW;
-      const int64_t pixel = stage_pixel_base[s] + bp;
+  // One loop over the pixels of every stage, split into chunks of equal work (a coarse stage's pixel has far
+  // more entries than a fine one's): fewer thread-team wake-ups than one loop per stage, still balanced.
+  const int64_t total_pixels = stage_pixel_base[S];
+  std::vector<int64_t> work(total_pixels + 1, 0);  // prefix sums of (entries + 1) row operations
+  for (int64_t p = 0; p < total_pixels; ++p) work[p + 1] = work[p] + count[p] + 1;
+  const int64_t chunks = std::min<int64_t>(total_pixels, work.back() * C < (int64_t(1) << 15) ? 1 : 4 * max_threads());
+  auto chunk_start = [&](int64_t t) {
+    return std::lower_bound(work.begin(), work.end() - 1, work.back() * t / chunks) - work.begin();
+  };
+  maybe_parallel_for(chunks, work.back() * C / chunks, [&](int64_t t) {
+    int64_t s = 0;
+    for (int64_t pixel = chunk_start(t), end = chunk_start(t + 1); pixel < end; ++pixel) {
+      while (pixel >= stage_pixel_base[s + 1]) ++s;
+      const int64_t bp = pixel - stage_pixel_base[s];  // b * H_s * W_s + y * W_s + x
+      const int64_t b = bp / (heights[s] * widths[s]);
       T* __restrict gv = grad_values[s] + bp * C;
       std::fill(gv, gv + C, T(0));
       const int64_t e0 = begin[pixel], e1 = e0 + count[pixel];
       for (int64_t e = e0; e < e1; ++e) axpy(gv, grad_out + (b * N + entry_point[e]) * C, entry_factor[e], C);
-    });
-  }
+    }
+  });
   return kDeformOk;
 }
 

@@ -237,7 +237,7 @@ void test_finite_differences() {
 // Many points on few pixels (heavy bucket sharing): grad_values bit-identical for 1 and 2 threads and reruns.
 void test_deterministic_value_gradient() {
   std::mt19937 rng(7);
-  const auto p = random_problem<float>(rng, 2, 501, 19, {3, 2}, {4, 1});
+  const auto p = random_problem<float>(rng, 2, 2001, 24, {3, 2}, {4, 1});
   std::vector<float> grad_out(p.B * p.N * p.C);
   std::normal_distribution<double> normal;
   for (auto& g : grad_out) g = float(normal(rng));
