@@ -3,4 +3,5 @@ dispatched through :mod:`mtlfast.backends`; its literal definition lives in :mod
 from mtlfast.ops.tpp_attention import tpp_attention  # noqa: F401
 from mtlfast.ops.attention import attention  # noqa: F401
 from mtlfast.ops.lthd_attention import lthd_attention  # noqa: F401
+from mtlfast.ops.deform_sample import deform_sample  # noqa: F401
 from mtlfast.ops.em_attention import em_attention  # noqa: F401
