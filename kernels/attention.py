@@ -98,30 +98,40 @@ def default_blocks(d_qk: int, d_v: int, device: torch.device | str, dtype: torch
     Interpreter (CPU): 32 × 32 tiles and chunks of at most 128 columns (numpy cost grows with the number
     of tile operations; 128 keeps a program's working set small and exercises chunking at width > 128).
 
-    GPU: NOT yet timed on a GPU (open item); chosen so that ptxas (sm_90a) reports no or almost no
-    register spills for bf16, and so that BridgeNet/TIF widths (72, 144, 288, 384) need few chunks:
+    GPU: NOT yet timed on a GPU (open item). Chosen so that ptxas (sm_90a) reports at most 68 bytes of
+    register spills and at most 70 KB of shared memory (checked for widths 16…4096 in bf16 and float32),
+    and so that the BridgeNet/TIF widths (72, 144, 288, 384) need few chunks. 8 warps throughout.
 
-    - forward, Dqk (reduced over): the whole padded width if <= 128 (q stays in registers), else chunks
-      of 32 or 64, whichever pads less (288 = 9 × 32); Dv (output, one recomputation of q kᵀ per chunk):
-      the whole padded width if <= 256, else chunks of 256. Tiles 128 × 64 when the Dv chunk is <= 128,
-      else 64 × 64; float32 streams 32 keys (its tiles take twice the space); 8 warps.
-    - backward (dk, dv, dq are all outputs): chunks of the whole padded width if <= 256, else 128;
-      owned × streamed tiles 64 × 32, or 32 × 32 when a chunk is wider than 128 (float32: than 64);
-      8 warps.
+    - forward, Dv (an output: one recomputation of q kᵀ per chunk): the whole padded width if <= 256,
+      else chunks of 256. Dqk (reduced over): q stays in registers (one chunk) while both padded widths
+      are <= 128 (float32: 64); otherwise chunks of 32, or of 64 for Dqk > 64 when that pads less
+      (288 -> 9 × 32, 384 -> 6 × 64). Tiles: 128 queries × 64 keys when the Dv chunk is <= 128, else
+      64 × 64; float32 64 × 32 (its exact dots run on FMA units and need the registers).
+    - backward (dk, dv and dq are all outputs): chunks of the whole padded width if <= 256 (float32:
+      128), else 128; owned × streamed tiles 64 × 32, or 32 × 32 when a chunk is wider than 128
+      (float32: 64).
     """
     if torch.device(device).type == "cpu":
         return Blocks(own=32, stream=32, dqk=_pow2_at_least_16(min(d_qk, 128)), dv=_pow2_at_least_16(min(d_v, 128)))
+    half = dtype != torch.float32
     if backward:
-        dqk, dv = (_pow2_at_least_16(d) if d <= 256 else 128 for d in (d_qk, d_v))
-        own = 64 if max(dqk, dv) <= (64 if dtype == torch.float32 else 128) else 32
+        cap = 256 if half else 128
+        dqk, dv = (_pow2_at_least_16(d) if d <= cap else 128 for d in (d_qk, d_v))
+        own = 64 if max(dqk, dv) <= (128 if half else 64) else 32
         return Blocks(own=own, stream=32, dqk=dqk, dv=dv, num_warps=8, num_stages=2)
-    if d_qk <= 128:
+    dv = _pow2_at_least_16(d_v) if d_v <= 256 else 256
+    hoist = 128 if half else 64
+    if d_qk <= hoist and dv <= hoist:
         dqk = _pow2_at_least_16(d_qk)
+    elif d_qk <= 64 or not half:
+        dqk = 32
     else:
         dqk = min((64, 32), key=lambda c: triton.cdiv(d_qk, c) * c)
-    dv = _pow2_at_least_16(d_v) if d_v <= 256 else 256
-    return Blocks(own=128 if dv <= 128 else 64, stream=32 if dtype == torch.float32 else 64, dqk=dqk, dv=dv,
-                  num_warps=8, num_stages=3 if dv <= 128 else 2)
+    if not half:
+        return Blocks(own=64, stream=32, dqk=dqk, dv=dv, num_warps=8, num_stages=2)
+    if dv <= 128:
+        return Blocks(own=128, stream=64, dqk=dqk, dv=dv, num_warps=8, num_stages=3)
+    return Blocks(own=64, stream=64, dqk=dqk, dv=dv, num_warps=8, num_stages=2)
 
 
 # --- kernels -----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, resolve_scale
 from mtlfast.reference.attention import attention as _reference_attention
 
-__all__ = ["attention", "attention_triton", "check_attention_inputs"]
+__all__ = ["attention", "attention_triton"]
 
 _OP = Op("attention")
 
@@ -108,12 +108,11 @@ _OP.register("triton", attention_triton, devices=("cuda", "cpu"), dtypes=GPU_DTY
              available=triton_unavailable, limits=_triton_limits)
 
 
-def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, names=("q", "k", "v")) -> dict[str, int]:
-    """Shape/dtype/device validation of attention's inputs; returns the sizes (B, H, Nq, Nk, Dqk, Dv)."""
-    nq, nk, nv = names
-    sizes = check_shapes(**{nq: (q, "B H Nq Dqk"), nk: (k, "B H Nk Dqk"), nv: (v, "B H Nk Dv")})
-    check_floating_same_device_dtype(**{nq: q, nk: k, nv: v})
-    for name, t in ((nq, q), (nk, k), (nv, v)):
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> dict[str, int]:
+    """Shape/dtype/device validation; returns the sizes (B, H, Nq, Nk, Dqk, Dv)."""
+    sizes = check_shapes(q=(q, "B H Nq Dqk"), k=(k, "B H Nk Dqk"), v=(v, "B H Nk Dv"))
+    check_floating_same_device_dtype(q=q, k=k, v=v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
         if t.numel() == 0:
             raise ValueError(f"{name}: every dimension must be >= 1, got shape {tuple(t.shape)}")
     return sizes
@@ -121,7 +120,7 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, names=("q", "k", "v"
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str | None = None) -> Tensor:
     """softmax(scale · q kᵀ, -1) v: q (B,H,Nq,Dqk), k (B,H,Nk,Dqk), v (B,H,Nk,Dv) -> (B,H,Nq,Dv)."""
-    sizes = check_attention_inputs(q, k, v)
+    sizes = _check_inputs(q, k, v)
     scale = resolve_scale(scale, sizes["Dqk"])
     impl = _OP.select(backend, q.device, q.dtype, (q, k, v), {"scale": scale})
     return impl.fn(q, k, v, scale=scale)
