@@ -1,0 +1,193 @@
+"""Shared pieces of the datasets: the base class, file decoding with errors that name the path, and the
+label-boundary rule used for edges.
+
+Every reader decodes files into the raw sample format: ``{"image": float32 (3,H,W) in [0, 255],
+"meta": {...}, task: label}`` with the labels of :mod:`mtlfast.data.tasks`; the dataset's ``transform``
+(normalisation, augmentation, padding: :mod:`mtlfast.data.transforms`) turns it into the final sample.
+Nothing here writes to disk.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from mtlfast.data.tasks import check_tasks
+
+__all__ = ["DataError", "MultiTaskDataset", "read_image", "read_label_png", "read_npy", "read_mat",
+           "read_split", "require_dir", "require_file", "resolve_root", "decode_normals", "label_boundaries",
+           "to_sample"]
+
+
+class DataError(RuntimeError):
+    """A dataset file exists but cannot be decoded or has an unexpected content; the message names the path."""
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what}: folder not found: {path}")
+    return path
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: file not found: {path}")
+    return path
+
+
+def read_split(path: Path) -> list[str]:
+    """Image ids of a split file, one per line (blank lines skipped)."""
+    require_file(path, "split file")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"split file {path} lists no image")
+    return ids
+
+
+def _open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    require_file(path, "image")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"cannot decode image file {path}: {exc}") from exc
+    return image
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3)."""
+    return np.asarray(_open_image(path).convert("RGB"))
+
+
+def read_label_png(path: Path, mode: str | None = None) -> np.ndarray:
+    """The stored values of a label PNG (palette PNGs give their indices), optionally converted to ``mode``."""
+    image = _open_image(path)
+    if mode is not None and image.mode != mode:
+        image = image.convert(mode)
+    return np.asarray(image)
+
+
+def read_npy(path: Path) -> np.ndarray:
+    require_file(path, "array")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"cannot read .npy file {path}: {exc}") from exc
+
+
+def read_mat(path: Path) -> dict:
+    """``scipy.io.loadmat`` (MATLAB structs as record arrays)."""
+    import scipy.io
+
+    require_file(path, ".mat file")
+    try:
+        return scipy.io.loadmat(str(path), struct_as_record=True, squeeze_me=False)
+    except Exception as exc:  # scipy raises ValueError, MatReadError, TypeError... on corrupt files
+        raise DataError(f"cannot read .mat file {path}: {exc}") from exc
+
+
+def decode_normals(values: np.ndarray, path: Path) -> np.ndarray:
+    """float32 (H, W, 3) unit normals from an (H, W, 3) array: uint8 PNG values map to ``2 v / 255 - 1``,
+    floats are taken as they are. Vectors are renormalised to unit length (PNG quantisation leaves them
+    slightly off); vectors shorter than 0.5 (e.g. an all-zero or mid-grey pixel) are invalid -> zero vector.
+    """
+    if values.ndim == 3 and values.shape[0] == 3 and values.shape[-1] != 3:
+        values = values.transpose(1, 2, 0)
+    if values.ndim != 3 or values.shape[-1] != 3:
+        raise DataError(f"normals file {path}: expected an (H, W, 3) or (3, H, W) array, got shape {values.shape}")
+    if values.dtype == np.uint8:
+        n = values.astype(np.float32) * (2.0 / 255.0) - 1.0
+    else:
+        n = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    norm = np.linalg.norm(n, axis=-1, keepdims=True)
+    valid = norm >= 0.5
+    return np.where(valid, n / np.where(valid, norm, 1.0), 0.0).astype(np.float32)
+
+
+def label_boundaries(labels: np.ndarray) -> np.ndarray:
+    """Thin boundary map (float32 {0, 1}) of a label/instance map.
+
+    A pixel is on a boundary when one of its 4-neighbours inside the image has another label; the
+    two-pixel-wide band this gives is thinned to one pixel with ``skimage.morphology.thin`` (MATLAB's
+    ``bwmorph(.., 'thin', Inf)``). The public PASCAL code marks pixels where the 4-neighbour Laplacian of
+    the label values is non-zero; that misses pixels whose neighbours' label values happen to sum to 4x
+    its own, which the rule here does not.
+    """
+    from skimage.morphology import thin
+
+    lab = np.asarray(labels)
+    band = np.zeros(lab.shape, dtype=bool)
+    vertical = lab[1:, :] != lab[:-1, :]
+    horizontal = lab[:, 1:] != lab[:, :-1]
+    band[1:, :] |= vertical
+    band[:-1, :] |= vertical
+    band[:, 1:] |= horizontal
+    band[:, :-1] |= horizontal
+    return thin(band).astype(np.float32)
+
+
+def to_sample(image: np.ndarray, labels: dict[str, np.ndarray], meta: dict) -> dict:
+    """Raw arrays -> the raw sample of tensors: image (3,H,W) float32 in [0,255]; class labels int64 (H,W);
+    depth/edge/sal float32 (1,H,W); normals float32 (3,H,W) from (H,W,3)."""
+    sample = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
+              "meta": meta}
+    for task, value in labels.items():
+        if task in ("semseg", "parts"):
+            sample[task] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.int64))
+        elif task == "normals":
+            sample[task] = torch.from_numpy(np.ascontiguousarray(value.transpose(2, 0, 1), dtype=np.float32))
+        else:
+            sample[task] = torch.from_numpy(np.ascontiguousarray(value[None], dtype=np.float32))
+    return sample
+
+
+class MultiTaskDataset(torch.utils.data.Dataset):
+    """Base class: subclasses implement ``__len__`` and ``load(index) -> raw sample`` (see :func:`to_sample`);
+    ``__getitem__`` applies ``transform`` (default: :func:`mtlfast.data.transforms.val_transform`, i.e.
+    normalisation only, no padding)."""
+
+    name = "base"
+
+    def __init__(self, tasks: Sequence[str] | None, transform: Callable[[dict], dict] | None = None):
+        from mtlfast.data.transforms import Normalize
+
+        self.tasks = check_tasks(tasks, self.name)
+        self.transform = transform if transform is not None else Normalize()
+
+    def load(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.name} ({len(self)} items)")
+        return self.transform(self.load(index))
+
+    @staticmethod
+    def _check_same_size(image_shape, label: np.ndarray, path: Path, image_path: Path) -> None:
+        if tuple(label.shape[:2]) != tuple(image_shape[:2]):
+            raise DataError(f"label file {path} has size {label.shape[:2]}, its image {image_path} has "
+                            f"{tuple(image_shape[:2])}")
+
+
+def resolve_root(root: str | os.PathLike | None, folder: str) -> Path:
+    """The dataset folder: ``root`` itself when it is named ``folder``, else ``root/folder``; root=None reads
+    the environment variable MTLFAST_DATA (a folder holding NYUDv2/ and PASCALContext/)."""
+    if root is None:
+        env = os.environ.get("MTLFAST_DATA")
+        if not env:
+            raise FileNotFoundError(f"no dataset root given: pass root=<folder containing {folder}/> or set "
+                                    "MTLFAST_DATA")
+        root = env
+    root = Path(root).expanduser()
+    if root.name == folder:
+        return require_dir(root, "dataset root")
+    candidate = root / folder
+    if candidate.is_dir():
+        return candidate
+    raise FileNotFoundError(f"dataset folder not found: neither {root} nor {candidate} is a {folder}/ folder")
+

@@ -1,0 +1,115 @@
+"""NYUD-v2 reader for the ``NYUDv2/`` layout (DESIGN.md §5, the multi-task release used by MTI-Net/InvPT).
+
+::
+
+    NYUDv2/
+      images/<id>.png|.jpg        RGB
+      segmentation/<id>.png       0 = unlabelled, 1..40 = classes       -> semseg: 0 -> 255, v -> v - 1
+      depth/<id>.npy              metres, (H,W), (H,W,1) or (1,H,W)      -> depth; 0 / NaN / <0 -> 0 (invalid)
+      normals/<id>.png|.npy       png: 2 v / 255 - 1; npy: values        -> unit normals, |n| < 0.5 -> 0
+      edge/<id>.png|.npy          png: v / 255 >= 0.5; npy: v >= 0.5     -> {0,1} (255 stays 255: ignored)
+      gt_sets/train.txt, val.txt  one image id per line
+
+Segmentation values other than 0..40 and 255 (kept as ignore) are reported as a corrupt file. Every
+file a split needs for the requested tasks is checked at construction (the error names the first
+missing path). Nothing is written under the root.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mtlfast.data.base import (DataError, MultiTaskDataset, decode_normals, read_image, read_label_png,
+                               read_npy, read_split, require_dir, resolve_root, to_sample)
+from mtlfast.data.tasks import IGNORE_INDEX
+
+__all__ = ["NYUDv2"]
+
+_SPLITS = ("train", "val")
+# task -> (folder, accepted extensions in order of preference)
+_FILES = {"semseg": ("segmentation", (".png",)), "depth": ("depth", (".npy",)),
+          "normals": ("normals", (".png", ".npy")), "edge": ("edge", (".png", ".npy"))}
+
+
+def _find(folder: Path, stem: str, extensions) -> Path:
+    for ext in extensions:
+        path = folder / (stem + ext)
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"file not found: {folder / stem}{'|'.join(extensions)}")
+
+
+class NYUDv2(MultiTaskDataset):
+    """NYUD-v2 split with labels for ``tasks`` (semseg, depth, normals, edge)."""
+
+    name = "nyud"
+
+    def __init__(self, root=None, split: str = "train", tasks=None, transform=None):
+        super().__init__(tasks, transform)
+        if split not in _SPLITS:
+            raise ValueError(f"split: unknown split {split!r} for nyud; valid: {', '.join(_SPLITS)}")
+        self.root = resolve_root(root, "NYUDv2")
+        self.split = split
+        self.ids = read_split(require_dir(self.root / "gt_sets", "NYUDv2 split folder") / f"{split}.txt")
+        image_dir = require_dir(self.root / "images", "NYUDv2 images")
+        folders = {t: require_dir(self.root / _FILES[t][0], f"NYUDv2 {t} labels") for t in self.tasks}
+        self.files = []
+        for stem in self.ids:
+            entry = {"image": _find(image_dir, stem, (".png", ".jpg", ".jpeg"))}
+            for task in self.tasks:
+                entry[task] = _find(folders[task], stem, _FILES[task][1])
+            self.files.append(entry)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> dict:
+        files = self.files[index]
+        image = read_image(files["image"])
+        labels = {}
+        for task in self.tasks:
+            path = files[task]
+            label = getattr(self, f"_{task}")(path)
+            self._check_same_size(image.shape, label, path, files["image"])
+            labels[task] = label
+        meta = {"dataset": "nyud", "name": self.ids[index], "index": index, "size": tuple(image.shape[:2])}
+        return to_sample(image, labels, meta)
+
+    @staticmethod
+    def _semseg(path: Path) -> np.ndarray:
+        raw = read_label_png(path)
+        if raw.ndim != 2:
+            raise DataError(f"segmentation file {path}: expected a single-channel PNG, got shape {raw.shape}")
+        raw = raw.astype(np.int64)
+        bad = (raw > 40) & (raw != IGNORE_INDEX)
+        if bad.any():
+            raise DataError(f"segmentation file {path}: values {sorted(np.unique(raw[bad]))[:5]} outside 0..40 "
+                            "(0 = unlabelled) and 255")
+        return np.where((raw == 0) | (raw == IGNORE_INDEX), IGNORE_INDEX, raw - 1)
+
+    @staticmethod
+    def _depth(path: Path) -> np.ndarray:
+        depth = read_npy(path).astype(np.float32)
+        if depth.ndim == 3 and 1 in (depth.shape[0], depth.shape[-1]):
+            depth = depth.reshape(depth.shape[1:] if depth.shape[0] == 1 else depth.shape[:2])
+        if depth.ndim != 2:
+            raise DataError(f"depth file {path}: expected an (H, W) array, got shape {depth.shape}")
+        return np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
+
+    @staticmethod
+    def _normals(path: Path) -> np.ndarray:
+        values = read_label_png(path, "RGB") if path.suffix == ".png" else read_npy(path)
+        return decode_normals(values, path)
+
+    @staticmethod
+    def _edge(path: Path) -> np.ndarray:
+        if path.suffix == ".png":
+            raw = read_label_png(path, "L").astype(np.float32) / 255.0
+        else:
+            raw = read_npy(path).astype(np.float32)
+            raw = raw.reshape(raw.shape[1:]) if raw.ndim == 3 and raw.shape[0] == 1 else raw
+            raw = np.where(raw == IGNORE_INDEX, np.nan, raw)
+        if raw.ndim != 2:
+            raise DataError(f"edge file {path}: expected an (H, W) map, got shape {raw.shape}")
+        return np.where(np.isnan(raw), IGNORE_INDEX, (raw >= 0.5).astype(np.float32)).astype(np.float32)

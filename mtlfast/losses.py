@@ -1,0 +1,170 @@
+"""Task losses with the standard weights, and :class:`MultiTaskLoss` with deep supervision (DESIGN.md §5).
+
+Predictions are raw model outputs (B, C, H, W): logits for semseg/parts/edge/sal, values for depth and
+normals. Labels follow :mod:`mtlfast.data` (semseg/parts int64 (B,H,W); the others (B,C,H,W)).
+Every loss is a mean over the valid (not ignored) label entries of the whole batch and is 0 (with a
+gradient of 0) when there is none.
+
+=========  ===========================================================================  ======
+task       loss                                                                         weight
+=========  ===========================================================================  ======
+semseg     cross-entropy, ignore 255                                                    1
+parts      cross-entropy, ignore 255                                                    2
+sal        balanced BCE: w = (#negatives / #valid) of the batch's labels                 5
+normals    L1 between the l2-normalised prediction and the label, zero-vector labels     10
+           masked, mean over the valid entries (3 per valid pixel)
+depth      L1, labels that are not finite and > 0 masked                                1
+edge       balanced BCE with fixed positive weight w = 0.95                              50
+=========  ===========================================================================  ======
+
+Balanced BCE (edge, sal), with x the logit, y in {0,1}, 255 ignored:
+``L = [w Σ_{y=1} -log σ(x) + (1 - w) Σ_{y=0} -log(1 - σ(x))] / #valid``. The public MTI-Net code divides
+by all label entries, ignored ones included; dividing by the valid ones keeps the loss scale independent
+of crop padding (the two agree when nothing is padded).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtlfast.data.tasks import IGNORE_INDEX, LOSS_WEIGHTS, TASKS
+
+__all__ = ["cross_entropy_loss", "balanced_bce_loss", "normals_loss", "depth_loss", "task_loss", "MultiTaskLoss",
+           "LOSS_WEIGHTS", "EDGE_POS_WEIGHT"]
+
+EDGE_POS_WEIGHT = 0.95
+
+
+def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def _check(task: str, pred: torch.Tensor, label: torch.Tensor, channels: int | None, class_label: bool) -> None:
+    if pred.dim() != 4:
+        raise ValueError(f"{task}: expected a prediction of shape (B, C, H, W), got {tuple(pred.shape)}")
+    if channels is not None and pred.shape[1] != channels:
+        raise ValueError(f"{task}: expected {channels} prediction channel(s), got shape {tuple(pred.shape)}")
+    expected = (pred.shape[0], *pred.shape[2:]) if class_label else (pred.shape[0], channels, *pred.shape[2:])
+    if tuple(label.shape) != tuple(expected):
+        raise ValueError(f"{task}: label of shape {tuple(label.shape)} does not fit prediction {tuple(pred.shape)} "
+                         f"(expected {tuple(expected)})")
+
+
+def cross_entropy_loss(pred: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """pred (B,C,H,W) logits, label (B,H,W) int64; mean over pixels whose label is not ``ignore_index``."""
+    _check("cross-entropy", pred, label, None, True)
+    total = F.cross_entropy(pred, label, ignore_index=ignore_index, reduction="sum")
+    return _mean(total, (label != ignore_index).sum())
+
+
+def balanced_bce_loss(pred: torch.Tensor, label: torch.Tensor, pos_weight: float | None = None,
+                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """pred (B,1,H,W) logits, label (B,1,H,W) in {0,1} (``ignore_index`` ignored); positive weight
+    ``pos_weight`` or, when None, the batch's fraction of negative labels (a constant, no gradient)."""
+    _check("balanced BCE", pred, label, 1, False)
+    pos = label == 1
+    neg = label == 0
+    n_valid = pos.sum() + neg.sum()
+    w = neg.sum() / n_valid.clamp(min=1) if pos_weight is None else torch.tensor(pos_weight, device=pred.device)
+    w = w.to(pred.dtype)
+    x = pred
+    loss_pos = torch.where(pos, F.softplus(-x), torch.zeros_like(x)).sum()   # -log σ(x)
+    loss_neg = torch.where(neg, F.softplus(x), torch.zeros_like(x)).sum()    # -log(1 - σ(x))
+    return _mean(w * loss_pos + (1 - w) * loss_neg, n_valid)
+
+
+def normals_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """pred (B,3,H,W) unnormalised, label (B,3,H,W) unit vectors, zero vector = invalid;
+    mean |pred/‖pred‖ − label| over the valid entries."""
+    _check("normals", pred, label, 3, False)
+    valid = (label != 0).any(dim=1, keepdim=True)
+    diff = (F.normalize(pred, dim=1) - label).abs()
+    return _mean(torch.where(valid, diff, torch.zeros_like(diff)).sum(), valid.sum() * 3)
+
+
+def depth_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """pred, label (B,1,H,W) metres; mean |pred − label| over labels that are finite and > 0."""
+    _check("depth", pred, label, 1, False)
+    valid = torch.isfinite(label) & (label > 0)
+    safe = torch.where(valid, label, torch.zeros_like(label))  # NaN labels must not reach the backward pass
+    diff = (pred - safe).abs()
+    return _mean(torch.where(valid, diff, torch.zeros_like(diff)).sum(), valid.sum())
+
+
+def task_loss(task: str, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The (unweighted) standard loss of ``task``."""
+    if task in ("semseg", "parts"):
+        return cross_entropy_loss(pred, label)
+    if task == "sal":
+        return balanced_bce_loss(pred, label)
+    if task == "edge":
+        return balanced_bce_loss(pred, label, pos_weight=EDGE_POS_WEIGHT)
+    if task == "normals":
+        return normals_loss(pred, label)
+    if task == "depth":
+        return depth_loss(pred, label)
+    raise ValueError(f"task: unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+
+
+class MultiTaskLoss(nn.Module):
+    """Weighted sum of the task losses of the final predictions and of deep-supervision outputs.
+
+    ``forward(preds, labels, aux=None) -> (total, losses)``:
+
+    - ``preds``: {task: (B, C, H, W)} at label resolution, one per task in ``tasks``;
+    - ``labels``: a batch from :mod:`mtlfast.data` ({task: label, ...}; other keys are ignored);
+    - ``aux``: optional deep supervision {stage_name: {task: (B, C, h, w)}} (any subset of ``tasks`` per
+      stage, any resolution): each output is resized bilinearly (align_corners=False) to the label size
+      and scored with the same task loss;
+    - ``total = Σ_t w_t L_t(preds[t]) + Σ_s λ_s Σ_t w_t L_t(up(aux[s][t]))`` with w_t = ``weights``
+      (default :data:`LOSS_WEIGHTS`) and λ_s = ``stage_weights[s]`` (default 1 for every stage: MTI-Net
+      weighs its initial predictions like the final ones);
+    - ``losses``: the unweighted losses, keys ``task`` and ``"stage/task"``, still attached to the graph.
+    """
+
+    def __init__(self, tasks: Sequence[str], weights: Mapping[str, float] | None = None,
+                 stage_weights: Mapping[str, float] | None = None):
+        super().__init__()
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        for task in tasks:
+            if task not in TASKS:
+                raise ValueError(f"tasks: unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+        for task in weights or {}:
+            if task not in tasks:
+                raise ValueError(f"weights: {task!r} is not one of the tasks {tasks}")
+        self.tasks = tuple(tasks)
+        self.weights = {t: float((weights or {}).get(t, LOSS_WEIGHTS[t])) for t in self.tasks}
+        self.stage_weights = dict(stage_weights or {})
+
+    def _term(self, task: str, pred: torch.Tensor, labels: Mapping, where: str) -> torch.Tensor:
+        if task not in self.tasks:
+            raise KeyError(f"{where}: task {task!r} is not one of the loss's tasks {list(self.tasks)}")
+        if task not in labels:
+            raise KeyError(f"labels: no {task!r} label in the batch (keys: {sorted(k for k in labels)})")
+        label = labels[task]
+        if pred.dim() == 4 and tuple(pred.shape[-2:]) != tuple(label.shape[-2:]):
+            if where == "preds":
+                raise ValueError(f"preds[{task!r}]: size {tuple(pred.shape[-2:])} differs from the label's "
+                                 f"{tuple(label.shape[-2:])}; final predictions must be at label resolution")
+            pred = F.interpolate(pred, size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
+        return task_loss(task, pred, label)
+
+    def forward(self, preds: Mapping[str, torch.Tensor], labels: Mapping, aux: Mapping | None = None):
+        losses: dict[str, torch.Tensor] = {}
+        total = None
+        for task in self.tasks:
+            if task not in preds:
+                raise KeyError(f"preds: no prediction for task {task!r} (got {sorted(preds)})")
+            losses[task] = self._term(task, preds[task], labels, "preds")
+            term = self.weights[task] * losses[task]
+            total = term if total is None else total + term
+        for stage, outputs in (aux or {}).items():
+            lam = float(self.stage_weights.get(stage, 1.0))
+            for task, pred in outputs.items():
+                loss = self._term(task, pred, labels, f"aux[{stage!r}]")
+                losses[f"{stage}/{task}"] = loss
+                total = total + lam * self.weights[task] * loss
+        return total, losses
