@@ -59,17 +59,29 @@ class LaunchConfig:
     max_programs: int  # programs per batch element of the accumulating passes (P <= this)
     rows: int  # bases rows per program of the small M-step kernels
     num_warps: int
+    num_stages: int = 2
 
 
-def launch_config(B: int, N: int, K: int, C: int, device: torch.device) -> LaunchConfig:
-    """The one launch configuration for these sizes (no autotuning; tests replace this function)."""
-    block_c = max(16, min(64, triton.next_power_of_2(C)))
-    if device.type != "cuda":  # the interpreter: few, large programs
-        return LaunchConfig(block_n=64, block_c=block_c, max_programs=2, rows=max(16, triton.next_power_of_2(K)),
-                            num_warps=4)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return LaunchConfig(block_n=64, block_c=block_c, max_programs=max(1, triton.cdiv(2 * sms, B)), rows=1,
-                        num_warps=4 if K <= 64 else 8)
+def launch_config(B: int, N: int, K: int, C: int, device: torch.device, dtype: torch.dtype) -> LaunchConfig:
+    """The one launch configuration for these sizes (no autotuning; tests replace this function): on a GPU
+    :func:`gpu_config`, under the interpreter few, large programs."""
+    if device.type != "cuda":
+        return LaunchConfig(block_n=64, block_c=max(16, min(32, triton.next_power_of_2(C))), max_programs=2,
+                            rows=max(16, triton.next_power_of_2(K)), num_warps=4)
+    return gpu_config(B, K, C, dtype, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def gpu_config(B: int, K: int, C: int, dtype: torch.dtype, sms: int) -> LaunchConfig:
+    """8 warps, 2 stages, channel chunks of 32 and token tiles of 64 (K <= 64), 32 (K <= 128), 16 (K <= 256),
+    halved for float32 (at least 16). Measured with ``ptxas -v`` for sm_90a (triton 3.6; not yet run on a GPU):
+    in bfloat16 no register spills for K <= 64 and at most 64 bytes at K = 128 (at 4 warps or 3 stages the
+    K = 64 backward spilled 0.8-2.4 KB, hence 8 warps, 2 stages); in float32 at most 100 bytes for K <= 128;
+    K = 256 spills up to about 1 KB. One program per SM in all (P = SMs / B per batch element), each walking
+    its share of the token tiles."""
+    block_k = max(16, triton.next_power_of_2(K))
+    block_n = max(16, 64 * 64 // max(block_k, 64) // (2 if dtype == torch.float32 else 1))
+    return LaunchConfig(block_n=block_n, block_c=max(16, min(32, triton.next_power_of_2(C))),
+                        max_programs=max(1, sms // B), rows=1, num_warps=8)
 
 
 # --- shared pieces -------------------------------------------------------------------------------------
@@ -308,7 +320,7 @@ class _Plan:
 
 def _plan(x: torch.Tensor, K: int) -> _Plan:
     B, N, C = x.shape
-    cfg = launch_config(B, N, K, C, x.device)
+    cfg = launch_config(B, N, K, C, x.device, x.dtype)
     tiles = triton.cdiv(N, cfg.block_n)
     tiles_per_prog = triton.cdiv(tiles, min(tiles, cfg.max_programs))
     return _Plan(cfg, max(16, triton.next_power_of_2(K)), triton.next_power_of_2(C), tiles_per_prog,
@@ -321,7 +333,7 @@ def _accumulate(plan, x, mu, v, part, colsum, scale):
     _em_accumulate_kernel[(B, plan.programs)](
         x, mu, v, part, colsum, N, K, C, mu.stride(0), plan.tiles_per_prog, scale,
         BLOCK_N=plan.cfg.block_n, BLOCK_K=plan.block_k, BLOCK_C=plan.cfg.block_c,
-        DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps)
+        DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps, num_stages=plan.cfg.num_stages)
 
 
 def _row_grid(plan, B, K):
@@ -354,7 +366,7 @@ def forward(x: torch.Tensor, mu: torch.Tensor, n_iter: int, tau: float, eps: flo
         _em_output_kernel[(triton.cdiv(N, plan.cfg.block_n), B)](
             x, mu_e, bases[:, n_iter], x_rec, z, N, K, C, bases.stride(0), scale,
             BLOCK_N=plan.cfg.block_n, BLOCK_K=plan.block_k, BLOCK_C=plan.cfg.block_c,
-            DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps)
+            DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps, num_stages=plan.cfg.num_stages)
         mu_out = empty((B, K, C), dtype=mu.dtype, device=mu.device)
         mu_out.copy_(bases[:, n_iter])
         return x_rec, mu_out, z, bases, stats
@@ -368,7 +380,7 @@ def _step_backward(plan, x, mu_e, a, w, g_xrec, g_z, mu_r, dx_in, dx_out, part, 
         x, mu_e, a, w, g_xrec, g_z, mu_r, dx_in, dx_out, part, N, K, C, mu_e.stride(0), plan.tiles_per_prog,
         scale, HAS_M=has_m, HAS_EXT=has_ext, ACCUM=accum, NEED_DMU=need_dmu,
         BLOCK_N=plan.cfg.block_n, BLOCK_K=plan.block_k, BLOCK_C=plan.cfg.block_c,
-        DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps)
+        DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps, num_stages=plan.cfg.num_stages)
 
 
 def backward(g_xrec, g_mu, g_z, x, bases, stats, n_iter: int, tau: float, eps: float):

@@ -1,6 +1,10 @@
 """em_attention (DESIGN.md §3 op 5): Triton kernels vs the literal reference, forward and the gradients to x
 and mu, both gradient modes; a float64 proof of the adjoint rewrite the backward kernels use; what the
 backward saves; torch.compile composition; input errors."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -192,3 +196,64 @@ def test_reference_is_the_auto_choice_on_cpu():
         got = em_attention(x, mu, 2)
     for g, w in zip(got, reference.em_attention(x, mu, 2)):
         torch.testing.assert_close(g, w)
+
+
+# --- GPU compilation without a GPU -------------------------------------------------------------------------
+
+def test_kernels_compile_for_sm90():
+    """Every kernel specialisation the launchers use compiles to sm_90a cubin at the default GPU configuration
+    (tl.dot shapes >= 16, power-of-two aranges, constexpr branches) with Triton's compiler and ptxas, in a
+    subprocess without the interpreter. Needs no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, __file__, "--compile-sm90"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "compiled 26" in result.stdout, result.stdout
+
+
+def _compile_sm90() -> None:
+    """bfloat16 and float32 (exact dots), K = 1 (padded to 16) and K = 64, C = 512."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mtlfast.kernels import em_attention as E
+    from mtlfast.kernels.attention import dot_precision
+
+    same_as_x = {"x_ptr", "v_ptr", "xrec_ptr", "z_ptr", "gx_ptr", "gz_ptr", "extra_ptr", "dmu_ptr", "dxout_ptr"}
+    count = 0
+
+    def build(fn, constexprs, dtype, cfg):
+        nonlocal count
+        sig = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = "*" + ({torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype] if name in same_as_x
+                                   else "fp32")
+            else:
+                sig[name] = "fp32" if name in ("scale", "eps") else "i32"
+        triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        count += 1
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for K in (1, 64):
+            cfg = E.gpu_config(8, K, 512, dtype, 132)
+            tiles = dict(BLOCK_N=cfg.block_n, BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_C=cfg.block_c,
+                         DOT_PRECISION=dot_precision(dtype))
+            build(E._em_accumulate_kernel, tiles, dtype, cfg)
+            build(E._em_output_kernel, tiles, dtype, cfg)
+            for has_m, has_ext, accum in ((True, True, False), (True, False, True), (False, True, False)):
+                build(E._em_backward_kernel, dict(tiles, HAS_M=has_m, HAS_EXT=has_ext, ACCUM=accum, NEED_DMU=has_m),
+                      dtype, cfg)
+        rows = dict(ROWS=cfg.rows, BLOCK_CR=512)
+        build(E._em_mstep_kernel, rows, dtype, cfg)
+        for extra, final in ((True, False), (False, True)):
+            build(E._em_mstep_backward_kernel, dict(rows, HAS_EXTRA=extra, FINAL=final), dtype, cfg)
+    print(f"compiled {count}")
+
+
+if __name__ == "__main__" and "--compile-sm90" in sys.argv:
+    _compile_sm90()
