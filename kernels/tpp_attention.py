@@ -15,22 +15,27 @@ Backward (Δ_j = rowsum(dO_j ∘ O_j), P_j = exp(Ā_j − L_j)):
     dS_c = Σ_j W[j, c] dĀ_j   (mix back),  dq_c = scale · dS_c k_c,  dk_c = scale · dS_cᵀ q_c,
     dW[j, c] = Σ_{query, key} dĀ_j ∘ S_c   (per-program partial sums, reduced on the host: deterministic).
 
-Work per (query block, key block) tile: C dots of width D for the scores (the literal formula's QK
-FLOPs; the widened rewrite Σ_c W_c q_c k_cᵀ = [W_1 q_1|…][k_1|…]ᵀ would cost C times more), C·C
-multiply-adds per score element for the mixing, C dots of width Dv for P·V.
+Work per (query block, key block) tile: one batched dot (C_pad, rows, D) x (C_pad, D, cols) for the C
+score tiles (the literal formula's QK FLOPs; the widened rewrite Σ_c W_c q_c k_cᵀ = [W_1 q_1|…][k_1|…]ᵀ
+would cost C times more), the mixing in registers (:func:`_mix`: per output map a weighted sum over the
+map axis, about 2·C² multiply-adds per score element; the same helper with the strides of W swapped mixes
+the gradient back), one batched dot of width Dv for P·V.
 
 Choices and their costs (block sizes are a :class:`Config`, pinned by the tests):
 
 - Output widths are split over the grid when a whole row of every map does not fit the register budget
   (a program holds its output block for all T·H maps at once: T·H times a flash kernel's state): the
   forward uses ``block_dv`` columns of Dv per program, the backward ``block_dgrad`` columns of D (dq, dk)
-  and of Dv (dv). A program that owns one chunk recomputes the score tiles, so the forward's QK FLOPs
-  are the literal ones times ceil(Dv / block_dv): equal to the literal formula when one chunk covers Dv
-  (the default up to Dv = 128 at T·H = 8), and still below the widened rewrite's T·H times while there
-  are fewer chunks than maps. The reduction over D inside a dot is chunked by ``block_d`` (no extra work).
+  and of Dv (dv). A program that owns one chunk recomputes the score tiles. The reduction over D inside
+  a dot is chunked by ``block_d`` (no extra work).
 - Backward: one kernel per key block (dk, dv; loops over query blocks) and one per query block (dq and the
-  dW partial sums; loops over key blocks), both recomputing the tiles, as FlashAttention-2 does; the dW
-  program recomputes S_c once more for the dW product (only in the programs owning the first dq chunk).
+  dW partial sums, from the unmixed score tiles it keeps; loops over key blocks), both recomputing the
+  tiles, as FlashAttention-2 does.
+- Cost in units QK = 2·B·C·Nq·Nk·D and PV = 2·B·C·Nq·Nk·Dv (the literal forward is QK + PV), with
+  f = ceil(Dv / block_dv), g = ceil(max(D, Dv) / block_dgrad), h = ceil(D / block_dgrad):
+  forward f·QK + PV (the literal QK FLOPs when f = 1, the default up to Dv = 128 at T·H = 8; the widened
+  rewrite costs C·QK + PV); backward (g + h)·(QK + PV) to recompute P and dP, plus PV + 2·QK for dv,
+  dk and dq.
 - Accumulation in float32; P and dĀ are rounded to the input dtype before the P·V, dS·k and dSᵀ·q dots
   (as in FlashAttention). Δ is computed with torch in float32.
 - GPU rules: every dot dimension is a block size >= 16; T·H is padded to a power of two (masked).
@@ -57,9 +62,9 @@ MAX_CHANNELS = 16
 class Config:
     """Launch configuration. Every block size is a power of two >= 16 (tl.dot and tl.arange rules)."""
 
-    block_m: int = 16    # query rows per program
-    block_n: int = 32    # key rows per loop step
-    block_d: int = 64    # chunk of the q·k reduction over D
+    block_m: int = 16      # query rows per program
+    block_n: int = 32      # key rows per loop step
+    block_d: int = 64      # chunk of the q·k reduction over D
     block_dv: int = 64     # output columns of Dv per forward program; chunk of the dO·vᵀ reduction
     block_dgrad: int = 64  # output columns per backward program: of D for dq and dk, of Dv for dv
     num_warps: int = 4
@@ -75,21 +80,21 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-#: float32 elements of one program's output accumulator (C_pad x rows x columns) the defaults aim for.
+#: float32 elements of one program's output accumulators (C_pad x rows x columns) the defaults aim for.
 _ACC_BUDGET = 16384
 
 
 def default_config(channels: int, d: int, dv: int) -> Config:
-    """A starting point for the GPU, not tuned (no GPU measurement yet): C_pad·block_m <= 128, whole
-    output rows per program up to the accumulator budget (the dk/dv program holds two accumulators),
-    8 warps when the forward accumulator is large."""
+    """A starting point for the GPU, NOT tuned by timing (no GPU measurement yet): the blocks for which
+    ptxas (sm_90, bf16) reports no or few register spills for T·H in {1, ..., 16}: 16-row tiles and
+    8 warps (larger tiles spilled even at T·H = 1 or 2), output column chunks up to the accumulator
+    budget (the forward holds one accumulator, the dk/dv program two), at most 128 (forward) and 64
+    (backward) columns. At BridgeNet's shape (T·H = 8, D = Dv = 288): 3 forward and 5 backward chunks."""
     c_pad = _pow2(channels)
-    block_m = max(16, min(64, 128 // c_pad))
-    block_n = 32
-    block_dv = max(16, min(_pow2(dv), _ACC_BUDGET // (c_pad * block_m)))
-    block_dgrad = max(16, min(_pow2(max(d, dv)), _ACC_BUDGET // (2 * c_pad * block_n)))
-    warps = 8 if c_pad * block_m * block_dv > 8192 else 4
-    return Config(block_m, block_n, max(16, min(64, _pow2(d))), block_dv, block_dgrad, warps, 2)
+    block = 16
+    block_dv = max(16, min(_pow2(dv), _ACC_BUDGET // (c_pad * block), 128))
+    block_dgrad = max(16, min(_pow2(max(d, dv)), _ACC_BUDGET // (2 * c_pad * block), 64))
+    return Config(block, block, max(16, min(64, _pow2(d))), block_dv, block_dgrad, 8, 2)
 
 
 # A module global rather than a ContextVar: torch.compile traces reads of globals, not ContextVar.get.
@@ -115,19 +120,11 @@ def current_config(channels: int, d: int, dv: int) -> Config:
 # --- device helpers ----------------------------------------------------------------------------------
 
 @triton.jit
-def _scores(a_ptr, a_sn, a_sd, offs_a, n_a, b_ptr, b_sn, b_sd, offs_b, n_b, width,
-            BA: tl.constexpr, BB: tl.constexpr, BLOCK_W: tl.constexpr):
-    """a[offs_a] · b[offs_b]ᵀ over `width` columns in BLOCK_W chunks -> (BA, BB) float32."""
-    acc = tl.zeros((BA, BB), dtype=tl.float32)
-    offs_w = tl.arange(0, BLOCK_W)
-    for w0 in range(0, width, BLOCK_W):
-        cols = w0 + offs_w
-        a = tl.load(a_ptr + offs_a[:, None] * a_sn + cols[None, :] * a_sd,
-                    mask=(offs_a[:, None] < n_a) & (cols[None, :] < width), other=0.0)
-        bt = tl.load(b_ptr + offs_b[None, :] * b_sn + cols[:, None] * b_sd,
-                     mask=(offs_b[None, :] < n_b) & (cols[:, None] < width), other=0.0)
-        acc = tl.dot(a, bt, acc)
-    return acc
+def _load3(ptr, s0, s1, s2, o0, o1, o2, n0, n1, n2):
+    """The (len o0, len o1, len o2) tile ptr[o0, o1, o2] with zeros outside (n0, n1, n2)."""
+    return tl.load(ptr + o0[:, None, None] * s0 + o1[None, :, None] * s1 + o2[None, None, :] * s2,
+                   mask=(o0[:, None, None] < n0) & (o1[None, :, None] < n1) & (o2[None, None, :] < n2),
+                   other=0.0)
 
 
 @triton.jit
@@ -146,28 +143,14 @@ def _batched_scores(a_ptr, a_sc, a_sn, a_sd, offs_a, n_a, b_ptr, b_sc, b_sn, b_s
 
 
 @triton.jit
-def _load3(ptr, s0, s1, s2, o0, o1, o2, n0, n1, n2):
-    """The (len o0, len o1, len o2) tile ptr[o0, o1, o2] with zeros outside (n0, n1, n2)."""
-    return tl.load(ptr + o0[:, None, None] * s0 + o1[None, :, None] * s1 + o2[None, None, :] * s2,
-                   mask=(o0[:, None, None] < n0) & (o1[None, :, None] < n1) & (o2[None, None, :] < n2),
-                   other=0.0)
-
-
-@triton.jit
-def _mixed_scores(a_ptr, a_sc, a_sn, a_sd, offs_a, n_a, b_ptr, b_sc, b_sn, b_sd, offs_b, n_b, width,
-                  w_ptr, w_sj, w_sc, offs_c, scale,
-                  C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, C_PAD: tl.constexpr,
-                  BLOCK_W: tl.constexpr):
-    """Ā_j = Σ_c W[j, c] · scale · a_c b_cᵀ for every output map j -> (C_PAD, BA, BB) float32.
-
-    Each of the C score tiles is computed once and folded into all C_PAD mixed tiles right away."""
-    mixed = tl.zeros((C_PAD, BA, BB), dtype=tl.float32)
-    for c in tl.static_range(C):
-        s = _scores(a_ptr + c * a_sc, a_sn, a_sd, offs_a, n_a, b_ptr + c * b_sc, b_sn, b_sd, offs_b, n_b,
-                    width, BA, BB, BLOCK_W) * scale
-        w_c = tl.load(w_ptr + offs_c * w_sj + c * w_sc, mask=offs_c < C, other=0.0).to(tl.float32)
-        mixed += w_c[:, None, None] * s[None, :, :]
-    return mixed
+def _mix(x, w_ptr, w_so, w_si, offs_c, C: tl.constexpr):
+    """out[o] = Σ_i W[o, i] · x[i] for (C_PAD, R, S) float32 x, W read at w_ptr + o·w_so + i·w_si: the
+    1×1 convolution across maps (w_so, w_si = row, column strides) and its transpose (swapped)."""
+    out = tl.zeros(x.shape, dtype=tl.float32)
+    for o in tl.static_range(C):
+        w_o = tl.load(w_ptr + o * w_so + offs_c * w_si, mask=offs_c < C, other=0.0).to(tl.float32)
+        out += tl.where(offs_c[:, None, None] == o, tl.sum(w_o[:, None, None] * x, 0)[None, :, :], 0.0)
+    return out
 
 
 # --- kernels -----------------------------------------------------------------------------------------
@@ -194,8 +177,9 @@ def _fwd_kernel(q, k, v, w, out, lse,
     acc = tl.zeros((C_PAD, BLOCK_M, BLOCK_DV), dtype=tl.float32)
     for n0 in range(0, Nk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        s = _mixed_scores(q, sqc, sqn, sqd, offs_m, Nq, k, skc, skn, skd, offs_n, Nk, D, w, swj, swc, offs_c,
-                          scale, C, BLOCK_M, BLOCK_N, C_PAD, BLOCK_D)
+        s = _batched_scores(q, sqc, sqn, sqd, offs_m, Nq, k, skc, skn, skd, offs_n, Nk, D, offs_c,
+                            C, BLOCK_M, BLOCK_N, C_PAD, BLOCK_D)
+        s = _mix(s * scale, w, swj, swc, offs_c, C)
         s = tl.where((offs_n < Nk)[None, None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 2))
         alpha = tl.exp(m_i - m_new)
@@ -222,8 +206,8 @@ def _bwd_kv_kernel(q, k, v, w, do, lse, delta, dk, dv,
                    C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DG: tl.constexpr):
     """One key block: dk and dv, columns chunk pid_x of D and of Dv (a chunk past one of them is all
-    masked), tiles transposed
-    (keys x queries). dk/dv are contiguous (B, C, Nk, D/Dv); lse and delta share the (B, C, Nq) strides."""
+    masked), tiles transposed (keys x queries). dk/dv are contiguous (B, C, Nk, D/Dv); lse and delta
+    share the (B, C, Nq) strides."""
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_x = tl.program_id(2)
@@ -246,22 +230,18 @@ def _bwd_kv_kernel(q, k, v, w, do, lse, delta, dk, dv,
         # rows outside (padded queries or maps) get L = +inf, hence P = 0
         lse_m = tl.load(lse + offs_c[:, None] * slc + offs_m[None, :] * sln, mask=row_mask, other=float("inf"))
         delta_m = tl.load(delta + offs_c[:, None] * slc + offs_m[None, :] * sln, mask=row_mask, other=0.0)
-        st = _mixed_scores(k, skc, skn, skd, offs_n, Nk, q, sqc, sqn, sqd, offs_m, Nq, D, w, swj, swc, offs_c,
-                           scale, C, BLOCK_N, BLOCK_M, C_PAD, BLOCK_D)
+        st = _batched_scores(k, skc, skn, skd, offs_n, Nk, q, sqc, sqn, sqd, offs_m, Nq, D, offs_c,
+                             C, BLOCK_N, BLOCK_M, C_PAD, BLOCK_D)
+        st = _mix(st * scale, w, swj, swc, offs_c, C)
         st = tl.where((offs_n < Nk)[None, :, None], st, float("-inf"))
         pt = tl.exp(st - lse_m[:, None, :])                                     # (C_PAD, BLOCK_N, BLOCK_M)
         do_t = _load3(do, sdc, sdn, sdd, offs_c, offs_m, offs_dv, C, Nq, Dv)
         dv_acc = tl.dot(pt.to(do_t.dtype), do_t, dv_acc)
         dpt = _batched_scores(v, svc, svn, svd, offs_n, Nk, do, sdc, sdn, sdd, offs_m, Nq, Dv, offs_c,
                               C, BLOCK_N, BLOCK_M, C_PAD, BLOCK_DV)
-        dst = pt * (dpt - delta_m[:, None, :])
-        for c in tl.static_range(C):
-            w_c = tl.load(w + offs_c * swj + c * swc, mask=offs_c < C, other=0.0).to(tl.float32)
-            dsc_t = tl.sum(w_c[:, None, None] * dst, 0)                          # mix back: (BLOCK_N, BLOCK_M)
-            q_c = tl.load(q + c * sqc + offs_m[:, None] * sqn + offs_dk[None, :] * sqd,
-                          mask=(offs_m[:, None] < Nq) & (offs_dk[None, :] < D), other=0.0)
-            dk_c = tl.dot(dsc_t.to(q_c.dtype), q_c)
-            dk_acc += tl.where(offs_c[:, None, None] == c, dk_c[None, :, :], 0.0)
+        dst = _mix(pt * (dpt - delta_m[:, None, :]), w, swc, swj, offs_c, C)   # mixed back to the C maps
+        q_t = _load3(q, sqc, sqn, sqd, offs_c, offs_m, offs_dk, C, Nq, D)
+        dk_acc = tl.dot(dst.to(q_t.dtype), q_t, dk_acc)
 
     # dk, dv: contiguous (B, C, Nk, D) and (B, C, Nk, Dv)
     dk_ptrs = dk + pid_b * C * Nk * D + offs_c[:, None, None] * Nk * D + offs_n[None, :, None] * D \
@@ -302,24 +282,19 @@ def _bwd_q_kernel(q, k, v, w, do, lse, delta, dq, dw_part,
     dw_acc = tl.zeros((C_PAD, C_PAD), dtype=tl.float32)
     for n0 in range(0, Nk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        s = _mixed_scores(q, sqc, sqn, sqd, offs_m, Nq, k, skc, skn, skd, offs_n, Nk, D, w, swj, swc, offs_c,
-                          scale, C, BLOCK_M, BLOCK_N, C_PAD, BLOCK_D)
-        s = tl.where((offs_n < Nk)[None, None, :], s, float("-inf"))
+        a = _batched_scores(q, sqc, sqn, sqd, offs_m, Nq, k, skc, skn, skd, offs_n, Nk, D, offs_c,
+                            C, BLOCK_M, BLOCK_N, C_PAD, BLOCK_D) * scale
+        s = tl.where((offs_n < Nk)[None, None, :], _mix(a, w, swj, swc, offs_c, C), float("-inf"))
         p = tl.exp(s - lse_m[:, :, None])                                       # (C_PAD, BLOCK_M, BLOCK_N)
         dp = _batched_scores(do, sdc, sdn, sdd, offs_m, Nq, v, svc, svn, svd, offs_n, Nk, Dv, offs_c,
                              C, BLOCK_M, BLOCK_N, C_PAD, BLOCK_DV)
         ds = p * (dp - delta_m[:, :, None])
-        for c in tl.static_range(C):
-            w_c = tl.load(w + offs_c * swj + c * swc, mask=offs_c < C, other=0.0).to(tl.float32)
-            dsc = tl.sum(w_c[:, None, None] * ds, 0)                             # mix back: (BLOCK_M, BLOCK_N)
-            k_c = tl.load(k + c * skc + offs_n[:, None] * skn + offs_dq[None, :] * skd,
-                          mask=(offs_n[:, None] < Nk) & (offs_dq[None, :] < D), other=0.0)
-            dq_c = tl.dot(dsc.to(k_c.dtype), k_c)
-            dq_acc += tl.where(offs_c[:, None, None] == c, dq_c[None, :, :], 0.0)
-            if pid_x == 0:  # dW[:, c] += Σ dĀ_j ∘ S_c, S_c recomputed over the whole width D
-                s_c = _scores(q + c * sqc, sqn, sqd, offs_m, Nq, k + c * skc, skn, skd, offs_n, Nk, D,
-                              BLOCK_M, BLOCK_N, BLOCK_D) * scale
-                dw_c = tl.sum(tl.sum(ds * s_c[None, :, :], 2), 1)
+        k_t = _load3(k, skc, skn, skd, offs_c, offs_n, offs_dq, C, Nk, D)
+        dq_acc = tl.dot(_mix(ds, w, swc, swj, offs_c, C).to(k_t.dtype), k_t, dq_acc)  # mixed back to the C maps
+        if pid_x == 0:  # dW[:, c] += Σ dĀ_j ∘ A_c
+            for c in tl.static_range(C):
+                a_c = tl.sum(tl.where(offs_c[:, None, None] == c, a, 0.0), 0)
+                dw_c = tl.sum(tl.sum(ds * a_c[None, :, :], 2), 1)
                 dw_acc += tl.where(offs_c[None, :] == c, dw_c[:, None], 0.0)
 
     dq_ptrs = dq + pid_b * C * Nq * D + offs_c[:, None, None] * Nq * D + offs_m[None, :, None] * D \

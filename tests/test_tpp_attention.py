@@ -1,6 +1,10 @@
 """tpp_attention (DESIGN.md §3 op 2): the fused Triton kernel vs the literal reference, forward and the
 gradients to q, k, v, mix_weight and mix_bias; float64 proofs of the widened rewrite and of the bias
 cancellation; torch.library registration; input errors."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -206,3 +210,36 @@ def test_composes_with_torch_compile(device):
         compiled = run(torch.compile(tpp_attention, backend="aot_eager", fullgraph=True))
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# Compiles the three kernels for sm_90 with the default launch configuration at BridgeNet's shape (no GPU
+# needed: Triton lowers to PTX and runs its bundled ptxas), which checks what the interpreter does not:
+# dot operand sizes, power-of-two ranges, layouts, shared memory. Runs without TRITON_INTERPRET.
+_COMPILE_SM90 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mtlfast.kernels import tpp_attention as K
+
+C, D, Dv = 8, 288, 288
+cfg = K.default_config(C, D, Dv)
+consts = dict(C=C, C_PAD=8, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+              BLOCK_DV=cfg.block_dv, BLOCK_DG=cfg.block_dgrad)
+tensors = {"q", "k", "v", "w", "out", "do", "dk", "dv", "dq"}
+for kernel in (K._fwd_kernel, K._bwd_kv_kernel, K._bwd_q_kernel):
+    const = {name: value for name, value in consts.items() if name in kernel.arg_names}
+    signature = {name: "*bf16" if name in tensors else "*fp32" if name in ("lse", "delta", "dw_part")
+                 else "fp32" if name == "scale" else "i32" for name in kernel.arg_names if name not in const}
+    signature.update({name: "constexpr" for name in const})
+    compiled = triton.compile(ASTSource(kernel, signature, const), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    print(kernel.__name__, "shared memory", compiled.metadata.shared)
+"""
+
+
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("shared memory") == 3
