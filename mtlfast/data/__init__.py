@@ -43,9 +43,10 @@ def build_dataset(name: str, root=None, split: str = "train", tasks=None, size=N
     ``augment`` (default: split == "train") selects the training transform (random scale 0.5-2, flip,
     photometric distortion, normalise, random crop to ``size``, default :data:`DEFAULT_CROP`) or the
     evaluation one (normalise, pad to ``size`` or, when None, to a multiple of 32). ``root``: the folder
-    holding ``NYUDv2/`` / ``PASCALContext/`` (or that folder itself; default $MTLFAST_DATA); unused by
-    synthetic, whose images are rendered at ``size`` (default 64x64) and which takes ``length`` and
-    ``seed`` keyword arguments.
+    holding ``NYUDv2/`` / ``PASCALContext/`` (or that folder itself; default $MTLFAST_DATA).
+    ``synthetic`` needs no root; its images are rendered at ``size`` (default 64x64; the training crop has
+    the same size, evaluation pads to a multiple of 32), and it takes ``length`` (default 1000 train /
+    200 val) and ``seed`` keyword arguments.
     """
     dataset = canonical_dataset(name)
     augment = split == "train" if augment is None else augment
@@ -53,7 +54,7 @@ def build_dataset(name: str, root=None, split: str = "train", tasks=None, size=N
         from mtlfast.data.synthetic import SyntheticDataset
 
         render = size if size is not None else DEFAULT_CROP["synthetic"]
-        transform = train_transform(render) if augment else val_transform(render)
+        transform = train_transform(render) if augment else val_transform()
         return SyntheticDataset(split=split, tasks=tasks, size=render, transform=transform, **kwargs)
     if kwargs:
         raise TypeError(f"build_dataset: unexpected arguments for {dataset}: {', '.join(kwargs)}")

@@ -209,8 +209,10 @@ def _screen_pixels(bounds, cam: np.ndarray, f: float, height: int, width: int) -
 
 
 def render_scene(seed: int, index: int, size=(64, 64), split: str = "train") -> dict[str, np.ndarray]:
-    """One scene as numpy arrays: image uint8 (H,W,3); semseg, parts, instances int64 (H,W); depth float32
-    (H,W); normals float32 (H,W,3); edge, sal float32 (H,W)."""
+    """One scene as numpy arrays: image uint8 (H,W,3); semseg, parts, instances, surfaces (index of the
+    primitive hit) int64 (H,W); depth float32
+    (H,W); normals float32 (H,W,3); edge, sal float32 (H,W); focal: the focal length in pixels (principal
+    point at the image centre, pixel (i, j) looks along ((j + 0.5 - W/2) / f, (i + 0.5 - H/2) / f, 1))."""
     height, width = size
     rng = np.random.default_rng([seed, _SPLITS[split], index])
     hfov = math.radians(rng.uniform(55.0, 75.0))
@@ -257,10 +259,12 @@ def render_scene(seed: int, index: int, size=(64, 64), split: str = "train") -> 
         "semseg": semseg,
         "parts": parts,
         "instances": instances,
+        "surfaces": owner.reshape(height, width),
         "depth": t_best.reshape(height, width).astype(np.float32),
         "normals": (normal @ cam).reshape(height, width, 3).astype(np.float32),
         "edge": label_boundaries(instances),
         "sal": (semseg >= _BOX).astype(np.float32),
+        "focal": np.float64(f),
     }
 
 
