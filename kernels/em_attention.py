@@ -54,7 +54,8 @@ MAX_K = 256
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    block_n: int  # tokens per tile
+    block_n: int  # tokens per tile of the output and backward passes
+    block_n_em: int  # tokens per tile of the E+M accumulation passes (fewer live tiles: can be larger)
     block_c: int  # channels per chunk of a dot
     max_programs: int  # programs per batch element of the accumulating passes (P <= this)
     rows: int  # bases rows per program of the small M-step kernels
@@ -66,22 +67,25 @@ def launch_config(B: int, N: int, K: int, C: int, device: torch.device, dtype: t
     """The one launch configuration for these sizes (no autotuning; tests replace this function): on a GPU
     :func:`gpu_config`, under the interpreter few, large programs."""
     if device.type != "cuda":
-        return LaunchConfig(block_n=64, block_c=max(16, min(32, triton.next_power_of_2(C))), max_programs=2,
-                            rows=max(16, triton.next_power_of_2(K)), num_warps=4)
+        return LaunchConfig(block_n=64, block_n_em=64, block_c=max(16, min(32, triton.next_power_of_2(C))),
+                            max_programs=2, rows=max(16, triton.next_power_of_2(K)), num_warps=4)
     return gpu_config(B, K, C, dtype, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def gpu_config(B: int, K: int, C: int, dtype: torch.dtype, sms: int) -> LaunchConfig:
-    """8 warps, 2 stages, channel chunks of 32 and token tiles of 64 (K <= 64), 32 (K <= 128), 16 (K <= 256),
-    halved for float32 (at least 16). Measured with ``ptxas -v`` for sm_90a (triton 3.6; not yet run on a GPU):
-    in bfloat16 no register spills for K <= 64 and at most 64 bytes at K = 128 (at 4 warps or 3 stages the
-    K = 64 backward spilled 0.8-2.4 KB, hence 8 warps, 2 stages); in float32 at most 100 bytes for K <= 128;
-    K = 256 spills up to about 1 KB. One program per SM in all (P = SMs / B per batch element), each walking
-    its share of the token tiles."""
+    """8 warps, 2 stages, channel chunks of 32; token tiles of 64 (K <= 64), 32 (K <= 128), 16 (K <= 256),
+    halved for float32 (at least 16), and twice that in the E+M accumulation passes for K <= 128 (each tile
+    reads and writes its program's K x C partial slab, so larger tiles mean less of that L2 traffic per
+    token). Measured with ``ptxas -v`` for sm_90a (triton 3.6; not yet run on a GPU): in bfloat16 no
+    register spills for K <= 64 and at most 64 bytes at K = 128 (at 4 warps or 3 stages the K = 64 backward
+    spilled 0.8-2.4 KB, hence 8 warps, 2 stages); in float32 at most 100 bytes for K <= 128; K = 256 spills
+    up to about 1 KB. One program per SM in all (P = SMs / B per batch element), each walking its share of
+    the token tiles."""
     block_k = max(16, triton.next_power_of_2(K))
     block_n = max(16, 64 * 64 // max(block_k, 64) // (2 if dtype == torch.float32 else 1))
-    return LaunchConfig(block_n=block_n, block_c=max(16, min(32, triton.next_power_of_2(C))),
-                        max_programs=max(1, sms // B), rows=1, num_warps=8)
+    return LaunchConfig(block_n=block_n, block_n_em=2 * block_n if block_k <= 128 else block_n,
+                        block_c=max(16, min(32, triton.next_power_of_2(C))), max_programs=max(1, sms // B), rows=1,
+                        num_warps=8)
 
 
 # --- shared pieces -------------------------------------------------------------------------------------
@@ -309,35 +313,54 @@ def _em_backward_kernel(x_ptr, mue_ptr, a_ptr, w_ptr, gx_ptr, gz_ptr, mur_ptr, d
 # --- launchers -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Plan:
-    cfg: LaunchConfig
-    block_k: int
-    block_cr: int
+class _Split:
+    """A pass over the token tiles of BLOCK_N tokens by P programs per batch element, tiles_per_prog each."""
+    block_n: int
     tiles_per_prog: int
     programs: int  # P
+
+
+def _split(N: int, block_n: int, max_programs: int) -> _Split:
+    tiles = triton.cdiv(N, block_n)
+    tiles_per_prog = triton.cdiv(tiles, min(tiles, max_programs))
+    return _Split(block_n, tiles_per_prog, triton.cdiv(tiles, tiles_per_prog))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    cfg: LaunchConfig
+    em: _Split  # the E+M accumulation passes (_em_accumulate_kernel)
+    step: _Split  # the backward step passes (_em_backward_kernel)
+    block_k: int
+    block_cr: int
     dot_precision: str
+
+    def partials(self, B: int, K: int, C: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Partial bases (B, P, K, C) and column sums (B, P, K) for the larger P of the two passes."""
+        P = max(self.em.programs, self.step.programs)
+        return (empty((B, P, K, C), dtype=torch.float32, device=device),
+                empty((B, P, K), dtype=torch.float32, device=device))
+
+    def tiles(self, split: _Split) -> dict:
+        return dict(BLOCK_N=split.block_n, BLOCK_K=self.block_k, BLOCK_C=self.cfg.block_c,
+                    DOT_PRECISION=self.dot_precision, num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
+
+    def row_grid(self, B: int, K: int) -> tuple[int, int]:
+        return (B, triton.cdiv(K, self.cfg.rows))
 
 
 def _plan(x: torch.Tensor, K: int) -> _Plan:
     B, N, C = x.shape
     cfg = launch_config(B, N, K, C, x.device, x.dtype)
-    tiles = triton.cdiv(N, cfg.block_n)
-    tiles_per_prog = triton.cdiv(tiles, min(tiles, cfg.max_programs))
-    return _Plan(cfg, max(16, triton.next_power_of_2(K)), triton.next_power_of_2(C), tiles_per_prog,
-                 triton.cdiv(tiles, tiles_per_prog), dot_precision(x.dtype))
+    return _Plan(cfg, _split(N, cfg.block_n_em, cfg.max_programs), _split(N, cfg.block_n, cfg.max_programs),
+                 max(16, triton.next_power_of_2(K)), triton.next_power_of_2(C), dot_precision(x.dtype))
 
 
-def _accumulate(plan, x, mu, v, part, colsum, scale):
+def _accumulate(plan: _Plan, x, mu, v, part, colsum, scale):
     B, N, C = x.shape
-    K = mu.shape[-2]
-    _em_accumulate_kernel[(B, plan.programs)](
-        x, mu, v, part, colsum, N, K, C, mu.stride(0), plan.tiles_per_prog, scale,
-        BLOCK_N=plan.cfg.block_n, BLOCK_K=plan.block_k, BLOCK_C=plan.cfg.block_c,
-        DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps, num_stages=plan.cfg.num_stages)
-
-
-def _row_grid(plan, B, K):
-    return (B, triton.cdiv(K, plan.cfg.rows))
+    _em_accumulate_kernel[(B, plan.em.programs)](
+        x, mu, v, part, colsum, N, mu.shape[-2], C, mu.stride(0), plan.em.tiles_per_prog, scale,
+        **plan.tiles(plan.em))
 
 
 def forward(x: torch.Tensor, mu: torch.Tensor, n_iter: int, tau: float, eps: float, detach_iterations: bool):
@@ -353,20 +376,17 @@ def forward(x: torch.Tensor, mu: torch.Tensor, n_iter: int, tau: float, eps: flo
         bases = empty((B, n_iter + 1, K, C), dtype=torch.float32, device=x.device)
         bases[:, 0].copy_(mu)
         stats = empty((B, n_iter, 2, K), dtype=torch.float32, device=x.device)
-        part = empty((B, plan.programs, K, C), dtype=torch.float32, device=x.device)
-        colsum = empty((B, plan.programs, K), dtype=torch.float32, device=x.device)
+        part, colsum = plan.partials(B, K, C, x.device)
         for r in range(1, n_iter + 1):
             _accumulate(plan, x, bases[:, r - 1], x, part, colsum, scale)
-            _em_mstep_kernel[_row_grid(plan, B, K)](
-                part, colsum, bases[:, r], stats[:, r - 1], plan.programs, K, C, bases.stride(0), stats.stride(0), eps,
-                ROWS=plan.cfg.rows, BLOCK_CR=plan.block_cr)
+            _em_mstep_kernel[plan.row_grid(B, K)](
+                part, colsum, bases[:, r], stats[:, r - 1], plan.em.programs, K, C, bases.stride(0),
+                stats.stride(0), eps, ROWS=plan.cfg.rows, BLOCK_CR=plan.block_cr)
         x_rec = empty((B, N, C), dtype=x.dtype, device=x.device)
         z = empty((B, N, K), dtype=x.dtype, device=x.device)
         mu_e = bases[:, n_iter] if detach_iterations else bases[:, n_iter - 1]
-        _em_output_kernel[(triton.cdiv(N, plan.cfg.block_n), B)](
-            x, mu_e, bases[:, n_iter], x_rec, z, N, K, C, bases.stride(0), scale,
-            BLOCK_N=plan.cfg.block_n, BLOCK_K=plan.block_k, BLOCK_C=plan.cfg.block_c,
-            DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps, num_stages=plan.cfg.num_stages)
+        _em_output_kernel[(triton.cdiv(N, plan.step.block_n), B)](
+            x, mu_e, bases[:, n_iter], x_rec, z, N, K, C, bases.stride(0), scale, **plan.tiles(plan.step))
         mu_out = empty((B, K, C), dtype=mu.dtype, device=mu.device)
         mu_out.copy_(bases[:, n_iter])
         return x_rec, mu_out, z, bases, stats
@@ -375,12 +395,10 @@ def forward(x: torch.Tensor, mu: torch.Tensor, n_iter: int, tau: float, eps: flo
 def _step_backward(plan, x, mu_e, a, w, g_xrec, g_z, mu_r, dx_in, dx_out, part, scale, *,
                    has_m, has_ext, accum, need_dmu):
     B, N, C = x.shape
-    K = mu_e.shape[-2]
-    _em_backward_kernel[(B, plan.programs)](
-        x, mu_e, a, w, g_xrec, g_z, mu_r, dx_in, dx_out, part, N, K, C, mu_e.stride(0), plan.tiles_per_prog,
-        scale, HAS_M=has_m, HAS_EXT=has_ext, ACCUM=accum, NEED_DMU=need_dmu,
-        BLOCK_N=plan.cfg.block_n, BLOCK_K=plan.block_k, BLOCK_C=plan.cfg.block_c,
-        DOT_PRECISION=plan.dot_precision, num_warps=plan.cfg.num_warps, num_stages=plan.cfg.num_stages)
+    _em_backward_kernel[(B, plan.step.programs)](
+        x, mu_e, a, w, g_xrec, g_z, mu_r, dx_in, dx_out, part, N, mu_e.shape[-2], C, mu_e.stride(0),
+        plan.step.tiles_per_prog, scale, HAS_M=has_m, HAS_EXT=has_ext, ACCUM=accum, NEED_DMU=need_dmu,
+        **plan.tiles(plan.step))
 
 
 def backward(g_xrec, g_mu, g_z, x, bases, stats, n_iter: int, tau: float, eps: float):
@@ -392,31 +410,28 @@ def backward(g_xrec, g_mu, g_z, x, bases, stats, n_iter: int, tau: float, eps: f
         plan = _plan(x, K)
         scale = 1.0 / tau
         dev = x.device
-        part = empty((B, plan.programs, K, C), dtype=torch.float32, device=dev)
-        colsum = empty((B, plan.programs, K), dtype=torch.float32, device=dev)
+        part, colsum = plan.partials(B, K, C, dev)
         a = empty((B, K, C), dtype=torch.float32, device=dev)
         w = empty((B, K), dtype=torch.float32, device=dev)
         dx = empty((B, N, C), dtype=x.dtype, device=dev)
         dx_acc = dx if x.dtype == torch.float32 else empty((B, N, C), dtype=torch.float32, device=dev)
         dmu = empty((B, K, C), dtype=g_mu.dtype, device=dev)
-        grid = _row_grid(plan, B, K)
 
-        def mstep_backward(r, *, extra=None, final=False):
+        def mstep_backward(r, programs, *, extra=None, final=False):
             # r >= 1: a, w of iteration r from dmu_r = Σ part (+ extra); final (r = 0): dmu_0 -> dmu.
-            slot = max(r - 1, 0)
-            _em_mstep_backward_kernel[grid](
-                part, g_mu if extra is None else extra, bases[:, r], stats[:, slot], a, w, dmu, plan.programs, K, C,
-                bases.stride(0), stats.stride(0), eps, HAS_EXTRA=extra is not None, FINAL=final,
+            _em_mstep_backward_kernel[plan.row_grid(B, K)](
+                part, g_mu if extra is None else extra, bases[:, r], stats[:, max(r - 1, 0)], a, w, dmu, programs,
+                K, C, bases.stride(0), stats.stride(0), eps, HAS_EXTRA=extra is not None, FINAL=final,
                 ROWS=plan.cfg.rows, BLOCK_CR=plan.block_cr)
 
         # dmu_R = Gmu + z_Rᵀ G
         _accumulate(plan, x, bases[:, n_iter - 1], g_xrec, part, colsum, scale)
-        mstep_backward(n_iter, extra=g_mu)
+        mstep_backward(n_iter, plan.em.programs, extra=g_mu)
         for r in range(n_iter, 0, -1):
             _step_backward(plan, x, bases[:, r - 1], a, w, g_xrec, g_z, bases[:, n_iter], dx_acc,
                            dx if r == 1 else dx_acc, part, scale,
                            has_m=True, has_ext=r == n_iter, accum=r < n_iter, need_dmu=True)
-            mstep_backward(r - 1, final=r == 1)
+            mstep_backward(r - 1, plan.step.programs, final=r == 1)
         return dx, dmu
 
 

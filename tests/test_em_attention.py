@@ -29,17 +29,19 @@ CASES = [
     (1, 23, 19, 16, 18, False, 1.0, 1.0),
     (2, 37, 21, 16, 4, True, 2.0, 2.0),
     (1, 23, 19, 64, 18, True, 1.0, 2.0),
-    (1, 7, 33, 1, 1, True, 1.0, 2.0),
+    (1, 71, 33, 1, 1, True, 1.0, 2.0),
 ]
 
 
 @pytest.fixture
 def pinned(monkeypatch):
-    """One small launch configuration: with N = 37 it gives 3 token tiles on P = 2 programs (2 tiles each, the
-    last one fully masked), C = 21 gives 2 channel chunks, K = 64 gives 4 row blocks in the M-step kernels."""
+    """One small launch configuration. Backward passes (16-token tiles): N = 37 gives 3 tiles on P = 2 programs
+    (2 tiles each, the last one fully masked). E+M passes (32-token tiles): N = 71 gives 3 tiles on P = 2; at
+    N = 23 they use P = 1 while the backward uses P = 2 (one partial buffer serves both). C = 21 gives 2 channel
+    chunks; K = 64 gives 4 row blocks in the M-step kernels."""
     from mtlfast.kernels import em_attention as kernels
 
-    config = kernels.LaunchConfig(block_n=16, block_c=16, max_programs=2, rows=16, num_warps=4)
+    config = kernels.LaunchConfig(block_n=16, block_n_em=32, block_c=16, max_programs=2, rows=16, num_warps=4)
     monkeypatch.setattr(kernels, "launch_config", lambda *args: config)
     return config
 
@@ -243,7 +245,7 @@ def _compile_sm90() -> None:
             cfg = E.gpu_config(8, K, 512, dtype, 132)
             tiles = dict(BLOCK_N=cfg.block_n, BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_C=cfg.block_c,
                          DOT_PRECISION=dot_precision(dtype))
-            build(E._em_accumulate_kernel, tiles, dtype, cfg)
+            build(E._em_accumulate_kernel, dict(tiles, BLOCK_N=cfg.block_n_em), dtype, cfg)
             build(E._em_output_kernel, tiles, dtype, cfg)
             for has_m, has_ext, accum in ((True, True, False), (True, False, True), (False, True, False)):
                 build(E._em_backward_kernel, dict(tiles, HAS_M=has_m, HAS_EXT=has_ext, ACCUM=accum, NEED_DMU=has_m),
