@@ -93,8 +93,9 @@ def read_mat(path: Path) -> dict:
 
 def decode_normals(values: np.ndarray, path: Path) -> np.ndarray:
     """float32 (H, W, 3) unit normals from an (H, W, 3) array: uint8 PNG values map to ``2 v / 255 - 1``,
-    floats are taken as they are. Vectors are renormalised to unit length (PNG quantisation leaves them
-    slightly off); vectors shorter than 0.5 (e.g. an all-zero or mid-grey pixel) are invalid -> zero vector.
+    floats are taken as they are. A decoded vector should have length ~1: those of length in [0.5, 1.5] are
+    renormalised to unit length (PNG quantisation leaves them slightly off), all others (a mid-grey
+    (128,128,128) or black (0,0,0) PNG pixel, zeros, NaN) are invalid -> zero vector.
     """
     if values.ndim == 3 and values.shape[0] == 3 and values.shape[-1] != 3:
         values = values.transpose(1, 2, 0)
@@ -105,7 +106,7 @@ def decode_normals(values: np.ndarray, path: Path) -> np.ndarray:
     else:
         n = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     norm = np.linalg.norm(n, axis=-1, keepdims=True)
-    valid = norm >= 0.5
+    valid = (norm >= 0.5) & (norm <= 1.5)
     return np.where(valid, n / np.where(valid, norm, 1.0), 0.0).astype(np.float32)
 
 

@@ -6,7 +6,7 @@
       images/<id>.png|.jpg        RGB
       segmentation/<id>.png       0 = unlabelled, 1..40 = classes       -> semseg: 0 -> 255, v -> v - 1
       depth/<id>.npy              metres, (H,W), (H,W,1) or (1,H,W)      -> depth; 0 / NaN / <0 -> 0 (invalid)
-      normals/<id>.png|.npy       png: 2 v / 255 - 1; npy: values        -> unit normals, |n| < 0.5 -> 0
+      normals/<id>.png|.npy       png: 2 v / 255 - 1; npy: values        -> unit normals; |n| not in [0.5, 1.5] -> 0
       edge/<id>.png|.npy          png: v / 255 >= 0.5; npy: v >= 0.5     -> {0,1} (255 stays 255: ignored)
       gt_sets/train.txt, val.txt  one image id per line
 
