@@ -3,7 +3,7 @@
 Predictions are raw model outputs (B, C, H, W): logits for semseg/parts/edge/sal, values for depth and
 normals. Labels follow :mod:`mtlfast.data` (semseg/parts int64 (B,H,W); the others (B,C,H,W)).
 Every loss is a mean over the valid (not ignored) label entries of the whole batch and is 0 (with a
-gradient of 0) when there is none.
+gradient of 0) when there is none; float16/bfloat16 predictions are scored in float32.
 
 =========  ===========================================================================  ======
 task       loss                                                                         weight
@@ -38,6 +38,11 @@ __all__ = ["cross_entropy_loss", "balanced_bce_loss", "normals_loss", "depth_los
 EDGE_POS_WEIGHT = 0.95
 
 
+def _wide(pred: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 predictions (autocast) are scored in float32: sums over a batch need the bits."""
+    return pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred
+
+
 def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return total / count.clamp(min=1).to(total.dtype)
 
@@ -56,7 +61,7 @@ def _check(task: str, pred: torch.Tensor, label: torch.Tensor, channels: int | N
 def cross_entropy_loss(pred: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """pred (B,C,H,W) logits, label (B,H,W) int64; mean over pixels whose label is not ``ignore_index``."""
     _check("cross-entropy", pred, label, None, True)
-    total = F.cross_entropy(pred, label, ignore_index=ignore_index, reduction="sum")
+    total = F.cross_entropy(_wide(pred), label, ignore_index=ignore_index, reduction="sum")
     return _mean(total, (label != ignore_index).sum())
 
 
@@ -65,11 +70,14 @@ def balanced_bce_loss(pred: torch.Tensor, label: torch.Tensor, pos_weight: float
     """pred (B,1,H,W) logits, label (B,1,H,W) in {0,1} (``ignore_index`` ignored); positive weight
     ``pos_weight`` or, when None, the batch's fraction of negative labels (a constant, no gradient)."""
     _check("balanced BCE", pred, label, 1, False)
+    pred = _wide(pred)
     pos = label == 1
     neg = label == 0
     n_valid = pos.sum() + neg.sum()
-    w = neg.sum() / n_valid.clamp(min=1) if pos_weight is None else torch.tensor(pos_weight, device=pred.device)
-    w = w.to(pred.dtype)
+    if pos_weight is None:
+        w = neg.sum().to(pred.dtype) / n_valid.clamp(min=1).to(pred.dtype)
+    else:
+        w = torch.tensor(pos_weight, dtype=pred.dtype, device=pred.device)
     x = pred
     loss_pos = torch.where(pos, F.softplus(-x), torch.zeros_like(x)).sum()   # -log σ(x)
     loss_neg = torch.where(neg, F.softplus(x), torch.zeros_like(x)).sum()    # -log(1 - σ(x))
@@ -80,6 +88,7 @@ def normals_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """pred (B,3,H,W) unnormalised, label (B,3,H,W) unit vectors, zero vector = invalid;
     mean |pred/‖pred‖ − label| over the valid entries."""
     _check("normals", pred, label, 3, False)
+    pred = _wide(pred)
     valid = (label != 0).any(dim=1, keepdim=True)
     diff = (F.normalize(pred, dim=1) - label).abs()
     return _mean(torch.where(valid, diff, torch.zeros_like(diff)).sum(), valid.sum() * 3)
@@ -88,6 +97,7 @@ def normals_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 def depth_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """pred, label (B,1,H,W) metres; mean |pred − label| over labels that are finite and > 0."""
     _check("depth", pred, label, 1, False)
+    pred = _wide(pred)
     valid = torch.isfinite(label) & (label > 0)
     safe = torch.where(valid, label, torch.zeros_like(label))  # NaN labels must not reach the backward pass
     diff = (pred - safe).abs()

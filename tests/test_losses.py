@@ -1,0 +1,146 @@
+"""Task losses and MultiTaskLoss on hand-computed cases."""
+import math
+
+import pytest
+import torch
+
+from mtlfast.losses import (LOSS_WEIGHTS, MultiTaskLoss, balanced_bce_loss, cross_entropy_loss, depth_loss,
+                            normals_loss, task_loss)
+
+LN2, LN3 = math.log(2), math.log(3)
+
+
+def _img(values, channels=1):
+    """(1, C, 1, N) tensor from a list of N pixels (scalars or C-vectors)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.reshape(1, 1, 1, -1) if channels == 1 else t.T.reshape(1, channels, 1, -1)
+
+
+def test_standard_weights():
+    assert LOSS_WEIGHTS == {"semseg": 1.0, "parts": 2.0, "sal": 5.0, "normals": 10.0, "depth": 1.0, "edge": 50.0}
+
+
+def test_cross_entropy_ignores_255():
+    logits = torch.tensor([[0.0, LN3], [LN3, 0.0], [5.0, -5.0]], dtype=torch.float64).T.reshape(1, 2, 1, 3)
+    label = torch.tensor([[[1, 1, 255]]])
+    # pixel 0: p(1) = 3/4; pixel 1: p(1) = 1/4; pixel 2 ignored
+    expected = (-math.log(3 / 4) - math.log(1 / 4)) / 2
+    assert math.isclose(cross_entropy_loss(logits, label).item(), expected, rel_tol=1e-12)
+    assert task_loss("parts", logits, label).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_all_ignored_gives_zero_loss_and_zero_gradient():
+    logits = torch.randn(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    loss = cross_entropy_loss(logits, torch.full((1, 2, 2), 255))
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    pred = torch.randn(1, 1, 2, 2, requires_grad=True)
+    for fn in (lambda p: balanced_bce_loss(p, torch.full((1, 1, 2, 2), 255.0)),
+               lambda p: depth_loss(p, torch.zeros(1, 1, 2, 2))):
+        loss = fn(pred)
+        loss.backward()
+        assert loss.item() == 0 and torch.all(pred.grad == 0)
+
+
+def test_saliency_balanced_bce_weight_from_labels():
+    # labels 1, 0, 0, ignored: w = #neg / #valid = 2/3; logits 0 -> each term ln 2
+    pred = _img([0.0, 0.0, 0.0, 7.0])
+    label = _img([1.0, 0.0, 0.0, 255.0])
+    w = 2 / 3
+    assert task_loss("sal", pred, label).item() == pytest.approx((w * LN2 + (1 - w) * 2 * LN2) / 3, rel=1e-12)
+    # logit ln3 on a positive: -log σ = log(4/3); logit -ln3 on a negative: -log(1 - σ) = log(4/3)
+    pred = _img([LN3, -LN3, 0.0])
+    label = _img([1.0, 0.0, 0.0])
+    expected = (w * math.log(4 / 3) + (1 - w) * (math.log(4 / 3) + LN2)) / 3
+    assert task_loss("sal", pred, label).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_edge_bce_fixed_positive_weight():
+    pred = _img([0.0, 0.0, 0.0, -3.0])
+    label = _img([1.0, 0.0, 0.0, 255.0])
+    assert task_loss("edge", pred, label).item() == pytest.approx((0.95 * LN2 + 0.05 * 2 * LN2) / 3, rel=1e-12)
+
+
+def test_normals_l1_on_normalised_prediction():
+    pred = _img([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [1.0, 1.0, 1.0]], channels=3)
+    label = _img([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], channels=3)  # last: invalid
+    # pixel 0: exact; pixel 1: |0-1| + |1-0| = 2; mean over the 6 valid entries
+    assert normals_loss(pred, label).item() == pytest.approx(2 / 6, rel=1e-12)
+
+
+def test_depth_l1_masked_and_nan_safe():
+    pred = _img([1.0, 2.0, 3.0, 4.0]).requires_grad_()
+    label = _img([2.0, 0.0, float("nan"), 3.0])
+    loss = depth_loss(pred, label)
+    assert loss.item() == pytest.approx(1.0, rel=1e-12)
+    loss.backward()
+    assert pred.grad.flatten().tolist() == [-0.5, 0.0, 0.0, 0.5]
+
+
+def test_shape_errors_name_the_task():
+    with pytest.raises(ValueError, match="depth: expected 1 prediction channel"):
+        depth_loss(torch.zeros(1, 2, 3, 3), torch.zeros(1, 1, 3, 3))
+    with pytest.raises(ValueError, match="label of shape"):
+        normals_loss(torch.zeros(1, 3, 3, 3), torch.zeros(1, 3, 3, 4))
+    with pytest.raises(ValueError, match="unknown task 'segm'"):
+        task_loss("segm", torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    labels = {"semseg": torch.randint(0, 5, (2, 6, 8), generator=g),
+              "depth": torch.rand(2, 1, 6, 8, generator=g) + 0.5,
+              "edge": (torch.rand(2, 1, 6, 8, generator=g) > 0.8).float(), "meta": [{}, {}]}
+    preds = {"semseg": torch.randn(2, 5, 6, 8, generator=g), "depth": torch.randn(2, 1, 6, 8, generator=g),
+             "edge": torch.randn(2, 1, 6, 8, generator=g)}
+    return preds, labels
+
+
+def test_multitask_loss_weighted_sum():
+    preds, labels = _batch()
+    total, losses = MultiTaskLoss(["semseg", "depth", "edge"])(preds, labels)
+    expected = sum(LOSS_WEIGHTS[t] * task_loss(t, preds[t], labels[t]) for t in ("semseg", "depth", "edge"))
+    assert set(losses) == {"semseg", "depth", "edge"}
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    total, _ = MultiTaskLoss(["semseg", "depth"], weights={"depth": 3.0})(preds, labels)
+    assert total.item() == pytest.approx(losses["semseg"].item() + 3 * losses["depth"].item(), rel=1e-6)
+
+
+def test_deep_supervision_upsampled_and_weighted():
+    preds, labels = _batch()
+    # constant low-resolution outputs upsample (bilinear) to the same constants at label size
+    const = {"semseg": torch.tensor([0.3, -1.0, 2.0, 0.0, 0.5]).view(1, 5, 1, 1).expand(2, 5, 6, 8),
+             "depth": torch.full((2, 1, 6, 8), 0.7)}
+    low = {"semseg": const["semseg"][:, :, :3, :4].contiguous(), "depth": const["depth"][:, :, :2, :2]}
+    criterion = MultiTaskLoss(["semseg", "depth"], stage_weights={"scale_8": 0.5})
+    total, losses = criterion(const, labels, aux={"scale_4": low, "scale_8": {"depth": low["depth"]}})
+    assert set(losses) == {"semseg", "depth", "scale_4/semseg", "scale_4/depth", "scale_8/depth"}
+    for key in ("scale_4/semseg", "scale_4/depth", "scale_8/depth"):
+        assert losses[key].item() == pytest.approx(losses[key.split("/")[1]].item(), rel=1e-6)
+    final = losses["semseg"] + losses["depth"]
+    assert total.item() == pytest.approx((2 * final + 0.5 * losses["depth"]).item(), rel=1e-6)
+
+
+def test_multitask_loss_errors():
+    preds, labels = _batch()
+    criterion = MultiTaskLoss(["semseg", "depth"])
+    with pytest.raises(KeyError, match="no prediction for task 'depth'"):
+        criterion({"semseg": preds["semseg"]}, labels)
+    with pytest.raises(ValueError, match="final predictions must be at label resolution"):
+        criterion({"semseg": preds["semseg"][..., :4], "depth": preds["depth"]}, labels)
+    with pytest.raises(KeyError, match="task 'edge' is not one of the loss's tasks"):
+        criterion(preds, labels, aux={"s": {"edge": preds["edge"]}})
+    with pytest.raises(KeyError, match="no 'normals' label"):
+        MultiTaskLoss(["normals"])({"normals": torch.zeros(2, 3, 6, 8)}, labels)
+    with pytest.raises(ValueError, match="unknown task"):
+        MultiTaskLoss(["semseg", "segm"])
+    with pytest.raises(ValueError, match="weights: 'edge' is not one of the tasks"):
+        MultiTaskLoss(["semseg"], weights={"edge": 1.0})
+
+
+def test_low_precision_predictions_scored_in_float32():
+    preds, labels = _batch()
+    total32, _ = MultiTaskLoss(["semseg", "depth", "edge"])(preds, labels)
+    total16, _ = MultiTaskLoss(["semseg", "depth", "edge"])({k: v.bfloat16() for k, v in preds.items()}, labels)
+    assert total16.dtype == torch.float32
+    assert total16.item() == pytest.approx(total32.item(), rel=2e-2)
