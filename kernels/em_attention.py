@@ -7,8 +7,8 @@ Forward, per iteration r = 1..R, one pass over x and one small kernel:
 - ``_em_accumulate_kernel``, grid (B, P): each program walks ``tiles_per_prog`` tiles of BLOCK_N tokens.
   Per tile it forms the logits S = x mu_{r-1}ᵀ / tau over C chunks, the softmax z over K in registers,
   and accumulates the column sums Σ_N z and the partial bases zᵀ x (K x C) into its own slab of
-  ``part`` (B, P, K, C) (float32; loaded, added, stored back per tile, so it stays in L2). z is never
-  written to memory.
+  ``part`` (B, P, K, C) (float32, program-private, loaded, added and stored back per tile: small enough to
+  be expected to stay in L2). z is never written to memory.
 - ``_em_mstep_kernel``, grid (B, K / ROWS): sums the P partials, divides by (eps + Σ_N z), and l2-normalises
   each row: mu_r = m_r / (eps + ‖m_r‖) with m_r = zn_rᵀ x. mu_r goes to ``bases[:, r]`` (float32) and
   s_r = Σ_N z_r, n_r = ‖m_r‖ to ``stats[:, r-1]`` for the backward.
@@ -29,6 +29,7 @@ saved mu_{r-1}). With G = ∂L/∂x_rec, Gz = ∂L/∂z, Gmu = ∂L/∂mu_out:
   Then one pass (``_em_backward_kernel``) recomputes z_r and forms
       dz = x aᵀ − w  (+ Gz + G mu_Rᵀ at r = R),   dS = z ⊙ (dz − Σ_K z ⊙ dz)
       dx += z a + dS mu_{r-1} / tau,                dmu_{r-1} = dSᵀ x / tau  (partials, reduced next).
+  So the full backward reads x R + 1 times (G twice, Gz once) and reads/writes a float32 dx accumulator.
 - detach_iterations=True: one pass, dz = Gz + G mu_Rᵀ, dx = dS mu_R / tau; no gradient to mu.
 
 Dots run on the input dtype (float16/bfloat16 operands, float32 accumulation); float32 inputs follow
