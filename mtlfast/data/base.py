@@ -149,8 +149,7 @@ def to_sample(image: np.ndarray, labels: dict[str, np.ndarray], meta: dict) -> d
 
 class MultiTaskDataset(torch.utils.data.Dataset):
     """Base class: subclasses implement ``__len__`` and ``load(index) -> raw sample`` (see :func:`to_sample`);
-    ``__getitem__`` applies ``transform`` (default: :func:`mtlfast.data.transforms.val_transform`, i.e.
-    normalisation only, no padding)."""
+    ``__getitem__`` applies ``transform`` (default: :class:`mtlfast.data.transforms.Normalize` only)."""
 
     name = "base"
 

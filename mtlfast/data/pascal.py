@@ -79,8 +79,8 @@ class PASCALContext(MultiTaskDataset):
         self.ids = read_split(require_dir(self.root / "ImageSets" / "Context", "PASCALContext split folder")
                               / f"{split}.txt")
         image_dir = require_dir(self.root / "JPEGImages", "PASCALContext images")
-        need_labelmap = "edge" in self.tasks or "normals" in self.tasks
         self.normal_classes = self._normal_classes() if "normals" in self.tasks else None
+        need_labelmap = "edge" in self.tasks or self.normal_classes is not None
         if need_labelmap:
             context_dir = require_dir(self.root / "pascal-context" / "trainval", "PASCALContext LabelMap files")
         if "semseg" in self.tasks:
@@ -173,7 +173,7 @@ class PASCALContext(MultiTaskDataset):
     def _sal(path: Path) -> np.ndarray:
         return (read_label_png(path, "L").astype(np.float32) / 255.0 > 0.5).astype(np.float32)
 
-    def _normals(self, path: Path, labelmap: np.ndarray) -> np.ndarray:
+    def _normals(self, path: Path, labelmap: np.ndarray | None) -> np.ndarray:
         normals = decode_normals(read_label_png(path, "RGB"), path)
         if self.normal_classes is not None and normals.shape[:2] == labelmap.shape:
             normals[~np.isin(labelmap, list(self.normal_classes))] = 0.0
