@@ -75,7 +75,8 @@ def test_normals_agree_with_depth_geometry():
         n_fd /= np.linalg.norm(n_fd, axis=-1, keepdims=True)
         angle = np.degrees(np.arccos(np.clip(np.abs((n_fd * n[:-1, :-1]).sum(-1)), 0, 1)))
         same = (surf[:-1, :-1] == surf[1:, :-1]) & (surf[:-1, :-1] == surf[:-1, 1:])
-        flat = same & (np.abs(n[:-1, :-1] - n[1:, :-1]).max(-1) < 1e-5) & (np.abs(n[:-1, :-1] - n[:-1, 1:]).max(-1) < 1e-5)
+        flat = (same & (np.abs(n[:-1, :-1] - n[1:, :-1]).max(-1) < 1e-5)
+                & (np.abs(n[:-1, :-1] - n[:-1, 1:]).max(-1) < 1e-5))
         assert angle[flat].max() < 0.5
         flat_count += flat.sum()
         # a ball's points P and normals n satisfy P = c + r n for one centre c and radius r

@@ -1,9 +1,9 @@
 """``synthetic``: procedurally generated indoor scenes with consistent labels for all six tasks.
 
 Each item is ray-cast (numpy, vectorised over pixels, one pass per primitive) from a pinhole camera
-standing in a box-shaped room: floor, ceiling and four walls, plus 1-3 boxes (random size and yaw), 0-2
-balls and 0-2 people resting on the floor. A person is 10 boxes and a sphere: head (sphere), torso, two
-upper arms, two lower arms (with the hands), two upper legs, two lower legs (with the feet).
+standing in a box-shaped room (floor, ceiling, left, right and back walls) with 1-3 boxes (random size
+and yaw), 0-2 balls and 0-2 people resting on the floor. A person is 9 boxes and a sphere: head (sphere),
+torso, two upper arms, two lower arms (with the hands), two upper legs, two lower legs (with the feet).
 
 Every label comes from the same geometry, so the tasks agree with each other and with the image:
 
@@ -78,8 +78,11 @@ class _Prim:
             t_out = np.fmin(np.fmin(far[0], far[1]), far[2])
             t = np.where((t_in <= t_out) & (t_in > _EPS), t_in, np.inf)
             nl = np.zeros_like(dl)
-            for a in range(3):
-                nl[:, a] = np.where(near[a] == t_in, -np.sign(dl[:, a]), 0.0)
+            taken = np.zeros(len(dl), dtype=bool)
+            for a in range(3):  # the entry face; one axis only where a ray meets an edge exactly
+                face = (near[a] == t_in) & ~taken
+                nl[:, a] = np.where(face, -np.sign(dl[:, a]), 0.0)
+                taken |= face
             return t, nl @ rot.T
 
     def bounds(self) -> tuple[np.ndarray, float] | None:
@@ -122,8 +125,7 @@ def _room(rng) -> tuple[list[_Prim], dict]:
         _Prim("plane", (ex, -left, 2, rng.uniform(0.4, 1.2)), _WALL, 2, texture="stripes", colors=[wall]),
         _Prim("plane", (-ex, -right, 2, rng.uniform(0.4, 1.2)), _WALL, 3, texture="stripes", colors=[wall]),
         _Prim("plane", (-ez, -back, 0, rng.uniform(0.4, 1.2)), _WALL, 4, texture="stripes", colors=[wall * 0.9]),
-        _Prim("plane", (ez, -2.0), _WALL, 5, colors=[wall]),
-    ]
+    ]  # no wall behind the camera: a ray pointing backwards also points up or down and meets the ceiling/floor
     return prims, {"cam_h": cam_h, "left": left, "right": right, "back": back}
 
 
@@ -163,7 +165,7 @@ def _objects(rng, room: dict, tan_half_fov: float) -> list[_Prim]:
         return None
 
     prims: list[_Prim] = []
-    inst = 6
+    inst = 5
     for _ in range(rng.integers(1, 4)):
         half = rng.uniform(0.15, 0.5, size=3)
         spot = place(float(np.hypot(half[0], half[2])))
