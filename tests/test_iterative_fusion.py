@@ -1,0 +1,357 @@
+"""iterative_fusion (DESIGN.md §3 op 4, the TPIM Iterative Fusion Block): Triton kernels vs the literal
+reference, forward and the gradients to q, k, v and alpha, every variant in both modes; a float64 proof of
+the adjoint recursion the backward kernels implement; saved-activation memory against eager autograd;
+torch.library / torch.compile composition; sm_90 compilation; input errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mtlfast.backends import BackendError
+from mtlfast.ops.iterative_fusion import choose_materialize, iterative_fusion
+from mtlfast.reference.iterative_fusion import iterative_fusion as reference
+from mtlfast.testing import check_against_reference, fresh_seed, randn
+
+VARIANTS = ("A", "B", "C")
+MODES = ("materialize", "recompute")
+
+
+def _inputs(B, N, D, C, n_iter, device, seed, alpha=(0.3, 0.7)):
+    """Random q, k, v and alpha uniform in [alpha[0], alpha[1]) (the paper initialises 0.3)."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = alpha
+    return {"q": randn(B, N, D, generator=gen, device=device), "k": randn(B, N, D, generator=gen, device=device),
+            "v": randn(B, N, C, generator=gen, device=device),
+            "alpha": (lo + (hi - lo) * torch.rand((), generator=gen, dtype=torch.float64)).to(device),
+            "n_iter": n_iter}
+
+
+def _check(device, dtype, variant, mode, B, N, D, C, n_iter, scale=None, alpha=(0.3, 0.7)):
+    """Forward and the four gradients. dα is one number summing B·N·C·n terms of random sign; where a draw makes
+    them nearly cancel, PyTorch's own float32 misses 1e-4 too (1 draw in ~1500 at n = 1 in a float32
+    simulation), so its bound is max(1e-4, 2x PyTorch's float32 error)."""
+    seed = fresh_seed()  # one seed for inputs and cotangents: MTLFAST_TEST_SEED=<seed> reproduces a failure
+    check_against_reference(
+        lambda **kw: iterative_fusion(**kw, scale=scale, variant=variant, mode=mode, backend="triton"),
+        lambda **kw: reference(**kw, scale=scale, variant=variant),
+        _inputs(B, N, D, C, n_iter, device, seed, alpha), dtype=dtype, seed=seed, conditioned=("grad alpha",))
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """16-wide tiles: N = 37 gives 3 token tiles (the last one 5 rows), C = 35 gives 3 channel tiles, so the
+    per-c-block partial sums and every masked edge are exercised."""
+    from mtlfast.kernels import iterative_fusion as kernels
+
+    config = kernels.LaunchConfig(block_x=16, block_y=16, block_c=16, block_k=16, num_warps=4, num_stages=1)
+    monkeypatch.setattr(kernels, "default_config", lambda device: config)
+
+
+# --- kernels vs the literal reference -------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_iter", [1, 4])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_reference(device, kernel_dtype, variant, mode, n_iter):
+    _check(device, kernel_dtype, variant, mode, B=2, N=33, D=9, C=19, n_iter=n_iter)
+
+
+@pytest.mark.parametrize("variant,mode", [("A", "recompute"), ("B", "materialize"), ("C", "materialize"),
+                                          ("C", "recompute")])
+def test_matches_reference_18_steps(device, kernel_dtype, variant, mode):
+    """n = 18 (the paper's NYUD setting): four checkpoint segments of 5, 5, 5, 3 steps. α in [0.05, 0.1):
+    with α ≈ 0.5 the variant-C blend of these small random maps has all but converged after 18 steps, so
+    dα = n·⟨Gⁿ, (Co − I)Vⁿ⁻¹⟩ is far below float32's resolution of Vⁿ⁻¹ and PyTorch's own float32 dα misses
+    1e-4 in a third of the draws (float32 simulation, 400 draws; none with α in [0.05, 0.1))."""
+    _check(device, kernel_dtype, variant, mode, B=2, N=23, D=9, C=17, n_iter=18, alpha=(0.05, 0.1))
+
+
+@pytest.mark.parametrize("variant,mode", [("B", "materialize"), ("C", "recompute")])
+def test_matches_reference_many_tiles(small_tiles, device, kernel_dtype, variant, mode):
+    """Several token and channel tiles, D = 20 padded to 32; n = 5 gives segments of 3 and 2 steps; an
+    explicit scale."""
+    _check(device, kernel_dtype, variant, mode, B=2, N=37, D=20, C=35, n_iter=5, scale=0.4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference_size_one(device, kernel_dtype, mode):
+    _check(device, kernel_dtype, "C", mode, B=1, N=1, D=1, C=1, n_iter=3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference_float16(device, mode):
+    """float16 storage (Co, Vᵗ, Pᵗ, Gᵗ in half, float32 accumulation) against 2x PyTorch's own float16 error;
+    runs on the CPU interpreter too, which has float16 but no bfloat16 math."""
+    _check(device, torch.float16, "C", mode, B=2, N=23, D=9, C=17, n_iter=4)
+
+
+def test_non_contiguous_inputs_and_float32_alpha_with_other_dtype(device):
+    """Transposed views are accepted; alpha may differ in dtype from q, k, v (a float32 parameter next
+    to 16-bit activations) and gets its gradient in its own dtype."""
+    ins = _inputs(2, 17, 5, 6, 3, device, fresh_seed())
+    q = ins["q"].float().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    k, v = ins["k"].float().requires_grad_(), ins["v"].float().requires_grad_()
+    alpha = ins["alpha"].double().requires_grad_()
+    out = iterative_fusion(q, k, v, alpha, 3, backend="triton")
+    out.backward(torch.ones_like(out))
+    assert alpha.grad.dtype == torch.float64
+    qr, kr, vr, ar = (t.detach().double().requires_grad_() for t in (q, k, v, alpha))
+    want = reference(qr, kr, vr, ar, 3)
+    want.backward(torch.ones_like(want))
+    assert (out.double() - want).norm() / want.norm() < 1e-5
+    assert abs(alpha.grad.item() - ar.grad.item()) <= 1e-4 * abs(ar.grad.item())
+
+
+# --- float64 proof of the adjoint recursion ---------------------------------------------------------------
+
+def _adjoint_backward(q, k, v, alpha, n_iter, scale, variant, grad_out):
+    """The backward exactly as the kernels organise it, in plain PyTorch: checkpoint segments replayed from the
+    last, Gᵗ = a·Coᵀ Gᵗ⁺¹ + b·Gᵗ⁺¹, dCo of a segment as one product of the concatenated G/V, the softmax row
+    term r from per-row dots of Gᵗ⁺¹ and Pᵗ = Co Vᵗ, dα from the same dots."""
+    from mtlfast.kernels.iterative_fusion import segment_length
+
+    a, b = {"A": (1.0, 0.0), "B": (alpha, 1.0), "C": (alpha, 1 - alpha)}[variant]
+    co = torch.softmax(scale * q @ k.transpose(-1, -2), -1)
+    seg = segment_length(n_iter)
+    checkpoints, x = {0: v}, v
+    for t in range(n_iter):
+        x = a * (co @ x) + b * x
+        if (t + 1) % seg == 0:
+            checkpoints[t + 1] = x
+    dq, dk, dalpha, g = torch.zeros_like(q), torch.zeros_like(k), torch.zeros(()), grad_out
+    for s in reversed(range(0, n_iter, seg)):
+        e = min(s + seg, n_iter)
+        vs, ps = [checkpoints[s]], []
+        for _ in range(s, e):
+            ps.append(co @ vs[-1])
+            vs.append(a * ps[-1] + b * vs[-1])
+        gs = {e - s: g}
+        r = torch.zeros(q.shape[:2], dtype=q.dtype)
+        for j in reversed(range(e - s)):
+            r = r + (gs[j + 1] * ps[j]).sum(-1)
+            if variant != "A":
+                dalpha = dalpha + (gs[j + 1] * (ps[j] - (vs[j] if variant == "C" else 0))).sum()
+            gs[j] = a * (co.transpose(-1, -2) @ gs[j + 1]) + b * gs[j + 1]
+        gcat = torch.cat([gs[j + 1] for j in range(e - s)], -1)
+        vcat = torch.cat(vs[:-1], -1)
+        ds = a * co * (gcat @ vcat.transpose(-1, -2) - r[..., None])
+        dq, dk = dq + scale * ds @ k, dk + scale * ds.transpose(-1, -2) @ q
+        g = gs[0]
+    return dq, dk, g, dalpha
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n_iter", [1, 2, 5, 18])
+def test_adjoint_recursion_float64(variant, n_iter):
+    ins = _inputs(2, 13, 4, 6, n_iter, "cpu", fresh_seed())
+    q, k, v, alpha = (ins[n].requires_grad_() for n in ("q", "k", "v", "alpha"))
+    out = reference(q, k, v, alpha, n_iter, scale=0.7, variant=variant)
+    grad_out = torch.randn(out.shape, dtype=torch.float64)
+    want = torch.autograd.grad(out, (q, k, v, alpha), grad_out, allow_unused=True)
+    with torch.no_grad():
+        got = _adjoint_backward(q, k, v, alpha, n_iter, 0.7, variant, grad_out)
+    for name, g, w in zip(("q", "k", "v", "alpha"), got, want):
+        w = torch.zeros(()) if w is None else w
+        assert (g - w).norm() <= 1e-11 * max(w.norm(), 1.0), name
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+
+def _saved_bytes(fn, inputs):
+    """Bytes of the distinct storages autograd saves for backward during ``fn(**inputs)``, inputs excluded."""
+    own = {t.untyped_storage()._cdata for t in inputs.values() if isinstance(t, torch.Tensor)}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in own:
+            seen[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(**inputs)
+    del out
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_saved_memory_at_most_a_fifth_of_eager(device, mode):
+    """Eager autograd saves Co and two (B, N, C) tensors per step; the kernel path lse and ⌈n/L⌉ − 1
+    checkpoints (here 3 of (1, 64, 16) against 64² + 36·64·16 elements: ~1/13)."""
+    ins = _inputs(1, 64, 8, 16, 18, device, fresh_seed())
+    ins = {n: t.float().requires_grad_() if isinstance(t, torch.Tensor) else t for n, t in ins.items()}
+    eager = _saved_bytes(lambda **kw: reference(**kw), ins)
+    ours = _saved_bytes(lambda **kw: iterative_fusion(**kw, mode=mode, backend="triton"), ins)
+    assert eager > 0 and ours <= eager / 5, (ours, eager)
+    assert ours == (3 * 64 * 16 + 64) * 4  # the checkpoints and lse, nothing else
+
+
+def test_auto_mode_rule():
+    small = torch.empty(2, 1000, 64, device="meta", dtype=torch.bfloat16)
+    large = torch.empty(4, 16384, 64, device="meta", dtype=torch.bfloat16)  # Co: 2 GiB > 4 GiB / 4
+    assert choose_materialize("auto", small) and not choose_materialize("auto", large)
+    assert choose_materialize("materialize", large) and not choose_materialize("recompute", small)
+
+
+# --- torch.library / torch.compile ------------------------------------------------------------------------
+
+def test_torch_library_registration(device):
+    """opcheck: schema, fake (meta) implementation, autograd registration, AOT dispatch."""
+    ins = _inputs(1, 5, 3, 4, 2, device, fresh_seed())
+    q, k, v, alpha = (ins[n].float().requires_grad_() for n in ("q", "k", "v", "alpha"))
+    torch.library.opcheck(torch.ops.mtlfast.iterative_fusion_fwd.default, (q, k, v, alpha, 2, 0.5, "C", False))
+
+
+def test_compiles_with_aot_autograd(device):
+    """torch.compile through AOTAutograd (fake tensors + the registered backward), without Inductor."""
+    ins = _inputs(2, 9, 5, 6, 4, device, fresh_seed())
+    q, k, v, alpha = (ins[n].float().requires_grad_() for n in ("q", "k", "v", "alpha"))
+
+    def f(q, k, v, alpha):
+        return iterative_fusion(q, k, v, alpha, 4, variant="B", mode="materialize", backend="triton") * 2
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, alpha)
+    out.sum().backward()
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (q, k, v, alpha)]
+    want = reference(*leaves, 4, variant="B") * 2
+    want.sum().backward()
+    assert (out.detach().double().cpu() - want).norm() / want.norm() < 1e-5
+    for got, ref in zip((q, k, v, alpha), leaves):
+        assert (got.grad.double().cpu() - ref.grad).norm() <= 1e-4 * ref.grad.norm()
+
+
+# --- input errors -----------------------------------------------------------------------------------------
+
+def _good(dtype=torch.float32):
+    return torch.randn(2, 7, 4, dtype=dtype), torch.randn(2, 7, 4, dtype=dtype), torch.randn(2, 7, 5, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_inputs(backend):
+    q, k, v = _good()
+    alpha = torch.tensor(0.3)
+
+    def call(q=q, k=k, v=v, alpha=alpha, n_iter=2, **kw):
+        return iterative_fusion(q, k, v, alpha, n_iter, backend=backend, **kw)
+
+    with pytest.raises(ValueError, match=r"alpha: expected a 0-d tensor .* got shape \(1,\)"):
+        call(alpha=torch.tensor([0.3]))
+    with pytest.raises(TypeError, match=r"alpha: expected a torch.Tensor, got float"):
+        call(alpha=0.3)
+    with pytest.raises(TypeError, match=r"alpha: expected a floating-point tensor, got int64"):
+        call(alpha=torch.tensor(1))
+    with pytest.raises(ValueError, match=r"alpha: expected device cpu \(as q\), got meta"):
+        call(alpha=alpha.to("meta"))
+    with pytest.raises(ValueError, match=r"k: expected shape \(B, N, D\) with N=7"):
+        call(k=torch.randn(2, 8, 4))
+    with pytest.raises(ValueError, match=r"k: expected shape \(B, N, D\) with D=4"):
+        call(k=torch.randn(2, 7, 3))
+    with pytest.raises(ValueError, match=r"v: expected shape \(B, N, C\) with N=7"):
+        call(v=torch.randn(2, 6, 5))
+    with pytest.raises(ValueError, match=r"v: expected shape \(B, N, C\) with B=2"):
+        call(v=torch.randn(3, 7, 5))
+    with pytest.raises(ValueError, match=r"q: expected a 3-d tensor"):
+        call(q=q[0])
+    with pytest.raises(ValueError, match=r"v: expected every size >= 1"):
+        call(v=v[..., :0])
+    with pytest.raises(TypeError, match=r"q: expected a floating-point tensor .* got int64"):
+        call(q=q.long())
+    with pytest.raises(TypeError, match=r"v: expected dtype float32 \(as q\), got float64"):
+        call(v=v.double())
+    with pytest.raises(ValueError, match=r"k: expected device cpu \(as q\), got meta"):
+        call(k=k.to("meta"))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"n_iter: expected an integer >= 1"):
+            call(n_iter=bad)
+    with pytest.raises(ValueError, match=r"variant: expected one of A, B, C, got 'D'"):
+        call(variant="D")
+    with pytest.raises(ValueError, match=r"mode: expected one of materialize, recompute, auto, got 'fast'"):
+        call(mode="fast")
+    with pytest.raises(TypeError, match=r"scale: expected a Python float"):
+        call(scale=torch.tensor(0.5))
+
+
+def test_backend_refusals(device):
+    q, k, v = _good()
+    wide = torch.randn(1, 3, 300, device=device)
+    with pytest.raises(BackendError, match=r"D=300 > 256"):
+        iterative_fusion(wide, wide, torch.randn(1, 3, 5, device=device), torch.tensor(0.3, device=device), 2,
+                         backend="triton")
+    with pytest.raises(BackendError, match="no cpp implementation"):
+        iterative_fusion(q, k, v, torch.tensor(0.3), 2, backend="cpp")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="interpreter .* no bfloat16"):
+            iterative_fusion(*_good(torch.bfloat16), torch.tensor(0.3), 2, backend="triton")
+
+
+# --- GPU rules the interpreter does not enforce ------------------------------------------------------------
+
+def test_kernels_compile_for_sm90():
+    """Every kernel, in the specialisations the launchers use, compiles to sm_90 cubin with Triton's own
+    compiler and ptxas, in a subprocess without the interpreter. Needs no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, __file__, "--compile-sm90"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "compiled 9 kernels" in result.stdout
+
+
+def _compile_sm90() -> None:
+    """bfloat16 at the default GPU configuration: the softmax pass with and without Co, the step with the
+    blend only / the product only (both modes), the adjoint step (variants A and C) and the dq/dk pass."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mtlfast.kernels import iterative_fusion as K
+
+    cfg = K.GPU_CONFIG
+    fp32 = {"lse_ptr", "coef_ptr", "r_ptr", "da_ptr", "dq_ptr", "dk_ptr"}
+    blocks = dict(BLOCK_X=cfg.block_x, BLOCK_Y=cfg.block_y, BLOCK_D=64, DOT_PRECISION="tf32")
+
+    def build(fn, none=(), **constexprs):
+        constexprs = {n: v for n, v in {**blocks, **constexprs}.items() if n in fn.arg_names}
+        constexprs.update({n: None for n in none})
+        sig = {n: "constexpr" if n in constexprs else ("*fp32" if n in fp32 else "*bf16") if n.endswith("_ptr")
+               else "fp32" if n.endswith("scale") else "i32" for n in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+    build(K._softmax_kernel, COMPUTE_LSE=True)
+    build(K._softmax_kernel, COMPUTE_LSE=False)
+    for materialized in (True, False):
+        none = () if materialized else ("co_ptr",)
+        step = dict(MATERIALIZED=materialized, BLOCK_C=cfg.block_c)
+        build(K._step_kernel, none + ("p_ptr",), VARIANT=2, **step)
+        build(K._step_kernel, none + ("out_ptr",), VARIANT=0, **step)
+        build(K._adjoint_step_kernel, none, VARIANT=0 if materialized else 2, **step)
+    build(K._dqdk_kernel, ("co_ptr",), MATERIALIZED=False, BLOCK_K=cfg.block_k)
+    print("compiled 9 kernels for sm_90")
+
+
+# --- GPU only -----------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference_tpim_shape_gpu(kernel_dtype, mode):
+    """A TPIM layer at 1/16 of NYUD (28x36 tokens), 2 tasks (2 ordered pairs) x batch 2, C = 256, n = 18,
+    with the default (unpinned) GPU configuration."""
+    _check("cuda", kernel_dtype, "C", mode, B=4, N=28 * 36, D=64, C=256, n_iter=18)
+
+
+@pytest.mark.gpu
+def test_inductor_compile_gpu():
+    ins = _inputs(4, 300, 64, 96, 6, "cuda", fresh_seed())
+    q, k, v, alpha = (ins[n].to(torch.bfloat16).requires_grad_() for n in ("q", "k", "v", "alpha"))
+    f = torch.compile(lambda q, k, v, a: iterative_fusion(q, k, v, a, 6, backend="triton").float().sin(),
+                      fullgraph=True)
+    out = f(q, k, v, alpha)
+    out.sum().backward()
+    want = reference(*(t.detach().float() for t in (q, k, v, alpha)), 6).sin()
+    assert (out - want).norm() / want.norm() < 2e-2
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
+    _compile_sm90()
