@@ -3,7 +3,8 @@ same network for exactly one task; the reference of Δm).
 
 Head: :class:`mtlfast.nn.FeatureAggregation` on the backbone's 4 scales (resized to 1/4, concatenated,
 1×1 conv + BN + ReLU, 1×1 conv), the HRNet segmentation head that MTI-Net and ATRC use as their baseline.
-``head_channels`` sets the width of its hidden 1×1 conv (default: the sum of the backbone's channels).
+``head_channels`` sets the width of its hidden 1×1 conv (default: the sum of the backbone's channels for HRNet,
+as in the public MTI-Net code, and 256 for the wider backbones, where the sum would be 1–4 thousand).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ __all__ = ["Baseline"]
 class Baseline(MultiTaskModel):
     def __init__(self, tasks, dataset, backbone, *, head_channels=None) -> None:
         super().__init__(tasks, dataset, backbone)
+        if head_channels is None and backbone.family != "hrnet":
+            head_channels = 256
         self.heads = nn.ModuleDict({t: FeatureAggregation(backbone.channels, n, head_channels)
                                     for t, n in self.num_outputs.items()})
 

@@ -1,0 +1,95 @@
+"""Parameter / FLOP table of the models (for ``mtlfast info --models``).
+
+:func:`model_summary` builds each model on the ``meta`` device and runs it on fake CPU tensors (no storage:
+no memory, no weights, seconds even for ViT-L; the ops' reference implementations serve them) and counts the forward FLOPs of one image at the paper's input size with
+:class:`torch.utils.flop_counter.FlopCounterMode`, with every op on its reference path (the kernel paths
+compute the same products). Convention: FLOPs = 2 × the multiply-adds of matrix products and convolutions
+(torch's counter); element-wise work, softmax and resizing are not counted. Papers that use fvcore
+report multiply-adds as "FLOPs", i.e. half of these numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from mtlfast.backends import use_backend
+
+__all__ = ["SummarySetting", "SETTINGS", "model_summary", "format_table"]
+
+NYUD = ("semseg", "depth", "normals", "edge")
+PASCAL = ("semseg", "parts", "sal", "normals", "edge")
+_SIZE = {"nyud": (448, 576), "pascal": (512, 512)}
+
+
+@dataclass(frozen=True)
+class SummarySetting:
+    method: str
+    backbone: str
+    dataset: str
+    tasks: tuple[str, ...]
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return _SIZE[self.dataset]
+
+
+def _settings() -> list[SummarySetting]:
+    rows = []
+    for dataset, tasks in (("nyud", NYUD), ("pascal", PASCAL)):
+        for backbone in ("hrnet_w18_small_v2", "hrnet_w48"):
+            rows += [SummarySetting(m, backbone, dataset, tasks) for m in ("baseline", "padnet", "mtinet")]
+        rows.append(SummarySetting("tpim", "hrnet_w18_small_v2", dataset, tasks))
+        rows += [SummarySetting("tif", b, dataset, tasks) for b in ("hrnet_w18_small_v2", "swin_t", "swin_b")]
+        rows += [SummarySetting("bridgenet", b, dataset, tasks) for b in ("hrnet_w18_small_v2", "vit_b", "vit_l")]
+        rows += [SummarySetting("sem", b, dataset, tasks) for b in ("swin_t", "vit_b", "vit_l")]
+        rows += [SummarySetting("baseline", b, dataset, tasks) for b in ("resnet50d", "swin_t", "vit_b", "vit_l")]
+    # MTI-Net's published parameter counts (DESIGN.md §4) are for these task sets.
+    rows += [SummarySetting("mtinet", "hrnet_w18_small_v2", "nyud", ("semseg", "depth")),
+             SummarySetting("mtinet", "hrnet_w18_small_v2", "nyud", ("semseg", "depth"),
+                            {"aux_tasks": ("edge", "normals")})]
+    return rows
+
+
+#: The table's rows: every method with the backbones of its paper, at the paper input size.
+SETTINGS = _settings()
+
+
+def model_summary(settings=None, *, flops: bool = True) -> list[dict]:
+    """One row per setting: method, backbone, dataset, tasks, options, input size, parameters, GFLOPs
+    (forward, one image; None when ``flops=False``)."""
+    from mtlfast.models import create_model
+
+    rows = []
+    for s in settings if settings is not None else SETTINGS:
+        gflops = None
+        with torch.device("meta"):
+            model = create_model(s.method, list(s.tasks), backbone=s.backbone, dataset=s.dataset, **s.kwargs)
+        params = sum(p.numel() for p in model.parameters())
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = model.to_empty(device="cpu").eval()
+            if flops:
+                counter = FlopCounterMode(display=False)
+                images = torch.empty(1, 3, *s.size)
+                with torch.no_grad(), use_backend("reference"), counter:
+                    model(images)
+                gflops = counter.get_total_flops() / 1e9
+        rows.append({"method": s.method, "backbone": s.backbone, "dataset": s.dataset, "tasks": list(s.tasks),
+                     "options": dict(s.kwargs), "input": list(s.size), "params_m": params / 1e6, "gflops": gflops})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table of :func:`model_summary` rows."""
+    header = f"{'method':<12}{'backbone':<20}{'dataset':<8}{'tasks':<38}{'input':<10}{'params (M)':>11}{'GFLOPs':>10}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        tasks = ",".join(r["tasks"]) + ("+aux:" + ",".join(r["options"]["aux_tasks"]) if r["options"].get("aux_tasks")
+                                        else "")
+        gflops = "" if r["gflops"] is None else f"{r['gflops']:.1f}"
+        lines.append(f"{r['method']:<12}{r['backbone']:<20}{r['dataset']:<8}{tasks:<38}"
+                     f"{'x'.join(map(str, r['input'])):<10}{r['params_m']:>11.2f}{gflops:>10}")
+    return "\n".join(lines)
