@@ -249,18 +249,18 @@ def _adjoint_step_kernel(co_ptr, q_ptr, k_ptr, lse_ptr, coef_ptr, g_ptr, out_ptr
     o_bp = tl.make_block_ptr(out_ptr + b * stride_ob, (N, C), (stride_on, 1), (x0, c0), (BLOCK_X, BLOCK_C), (1, 0))
     tl.store(o_bp, res.to(out_ptr.dtype.element_ty), boundary_check=(0, 1))
     p_bp = tl.make_block_ptr(p_ptr + b * stride_pb, (N, C), (stride_pn, 1), (x0, c0), (BLOCK_X, BLOCK_C), (1, 0))
-    gp = g * tl.load(p_bp, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    gp_rows = tl.sum(g * tl.load(p_bp, boundary_check=(0, 1), padding_option="zero").to(tl.float32), 1)
     offs_x = x0 + tl.arange(0, BLOCK_X)
     r_ptrs = r_ptr + (b * tl.num_programs(1) + pid_c) * N + offs_x
-    tl.store(r_ptrs, tl.load(r_ptrs, mask=offs_x < N, other=0.0) + tl.sum(gp, 1), mask=offs_x < N)
+    tl.store(r_ptrs, tl.load(r_ptrs, mask=offs_x < N, other=0.0) + gp_rows, mask=offs_x < N)
     if VARIANT != 0:
-        d = gp
+        d = tl.sum(gp_rows, 0)
         if VARIANT == 2:
             v_bp = tl.make_block_ptr(v_ptr + b * stride_vb, (N, C), (stride_vn, 1), (x0, c0), (BLOCK_X, BLOCK_C),
                                      (1, 0))
-            d = gp - g * tl.load(v_bp, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+            d -= tl.sum(tl.sum(g * tl.load(v_bp, boundary_check=(0, 1), padding_option="zero").to(tl.float32), 1), 0)
         da_ptrs = da_ptr + (b * tl.num_programs(1) + pid_c) * tl.num_programs(0) + pid_x
-        tl.store(da_ptrs, tl.load(da_ptrs) + tl.sum(tl.sum(d, 1), 0))
+        tl.store(da_ptrs, tl.load(da_ptrs) + d)
 
 
 @triton.jit
