@@ -1,0 +1,300 @@
+"""mtlfast.nn blocks: kernel path vs reference path (forward and every parameter/input gradient), the
+papers' equations written out literally in float64 against the blocks, and configuration errors."""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mtlfast
+import mtlfast.nn as blocks
+from mtlfast.nn import (BridgeFeatureExtractor, CrossTaskInteractionBlock, EMInteraction, FeaturePropagation,
+                        HierarchyAdaptiveAttention, IterativeFusionBlock, LowToHighDiffusion,
+                        MultiModalDistillation, ScaleAttentiveFeatureFusion, SelfFeatureDistillation,
+                        TaskFeatureRefiner, TaskPairInteraction, TaskPatternPropagation)
+from mtlfast.nn.common import to_map, to_tokens
+from mtlfast.nn.sem import reference_points
+from nn_paths import compare_paths
+
+TASKS = ("semseg", "depth", "edge")
+
+
+def _randn(*shape, gen):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+class _Tasks(torch.nn.Module):
+    """module({task: map}) called with the tasks as keyword inputs."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **features):
+        return self.module(features)
+
+
+class _Stages(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **stages):
+        return self.module([stages[k] for k in sorted(stages)])
+
+
+class _BridgeScale(torch.nn.Module):
+    """One BridgeNet scale: bridge = BFE(generic, tasks); refined tasks = TFR(tasks, bridge)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bfe = BridgeFeatureExtractor(8, 12, kv_stride=4)
+        self.to_task = torch.nn.Conv2d(8, 12, 1)
+        self.tfr = TaskFeatureRefiner(TASKS, 12, layers=1)
+
+    def forward(self, generic, **tasks):
+        bridge = self.bfe(generic, tasks)
+        return bridge, self.tfr(tasks, self.to_task(bridge))
+
+
+class _TifDecoder(torch.nn.Module):
+    """TIF's task decoder wiring: SFD on scales 2 and 3, LTHD on scales 0 and 1 from their maps."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.sfd = torch.nn.ModuleList(SelfFeatureDistillation(dim) for _ in range(2))
+        self.lthd = torch.nn.ModuleList(LowToHighDiffusion(dim) for _ in range(2))
+
+    def forward(self, x0, x1, x2, x3):
+        rx2, q2, k2 = self.sfd[0](x2)
+        rx3, q3, k3 = self.sfd[1](x3)
+        fine, coarse = (q2, k2, x2.shape[-2:]), (q3, k3, x3.shape[-2:])
+        return self.lthd[0](x0, fine, coarse), self.lthd[1](x1, fine, coarse), rx2, rx3
+
+
+def _case(name, gen):
+    """(module, inputs) of each block case; sizes odd and small for the interpreter."""
+    if name == "TaskPatternPropagation":
+        return _Tasks(TaskPatternPropagation(TASKS, 12, 8, heads=2)), {t: _randn(2, 12, 7, 9, gen=gen) for t in TASKS}
+    if name == "BridgeFeatureExtractor+TaskFeatureRefiner":
+        inputs = {t: _randn(2, 12, 9, 7, gen=gen) for t in TASKS}
+        return _BridgeScale(), {"generic": _randn(2, 8, 9, 7, gen=gen), **inputs}
+    if name == "CrossTaskInteractionBlock":
+        block = CrossTaskInteractionBlock(8, 4, downscale=1, n_iter=4, variant="B")
+        return block, {"source": _randn(2, 8, 5, 6, gen=gen), "target": _randn(2, 8, 5, 6, gen=gen)}
+    if name == "TaskPairInteraction":
+        return (_Tasks(TaskPairInteraction(TASKS, 8, 4, downscale=2, n_iter=4, variant="C")),
+                {t: _randn(2, 8, 7, 9, gen=gen) for t in TASKS})
+    if name == "SelfFeatureDistillation+LowToHighDiffusion":
+        sizes = [(11, 13), (6, 7), (3, 4), (2, 2)]
+        return _TifDecoder(), {f"x{i}": _randn(2, 8, h, w, gen=gen) for i, (h, w) in enumerate(sizes)}
+    if name == "HierarchyAdaptiveAttention":
+        sizes, channels = [(15, 13), (8, 7), (4, 4), (2, 2)], [6, 8, 10, 12]
+        return (_Stages(HierarchyAdaptiveAttention(channels, 16, heads=2)),
+                {f"f{i}": _randn(2, c, h, w, gen=gen) for i, ((h, w), c) in enumerate(zip(sizes, channels))})
+    if name.startswith("EMInteraction"):
+        block = EMInteraction(TASKS, 16, num_bases=8, n_iter=3, detach_iterations=name.endswith("detached"))
+        return _Tasks(block), {t: _randn(2, 16, 5, 7, gen=gen) for t in TASKS}
+    raise KeyError(name)
+
+
+CASES = ["TaskPatternPropagation", "BridgeFeatureExtractor+TaskFeatureRefiner", "CrossTaskInteractionBlock",
+         "TaskPairInteraction", "SelfFeatureDistillation+LowToHighDiffusion", "HierarchyAdaptiveAttention",
+         "EMInteraction-detached", "EMInteraction-unrolled"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_kernel_path_matches_reference_path(name):
+    torch.manual_seed(0)
+    module, inputs = _case(name, torch.Generator().manual_seed(1))
+    errors = compare_paths(module, inputs, device="cuda" if torch.cuda.is_available() else "cpu")
+    assert len(errors) > len(inputs)  # outputs and gradients were compared
+
+
+# --- the papers' equations, written out -----------------------------------------------------------------
+
+def test_multimodal_distillation_is_eq1():
+    gen = torch.Generator().manual_seed(2)
+    block = MultiModalDistillation(["semseg", "depth"], 6, source_tasks=["semseg", "depth", "edge"]).double()
+    x = {t: _randn(2, 6, 5, 7, gen=gen) for t in ("semseg", "depth", "edge")}
+    out = block(x)
+    for k in ("semseg", "depth"):
+        want = x[k].clone()
+        for l in ("semseg", "depth", "edge"):
+            if l != k:
+                a = block.attention[k][l]
+                want = want + torch.sigmoid(F.conv2d(x[l], a.mask.weight, padding=1)) * F.conv2d(x[l], a.value.weight, padding=1)
+        torch.testing.assert_close(out[k], want, rtol=1e-12, atol=1e-12)
+    assert set(out) == {"semseg", "depth"}
+
+
+def test_feature_propagation_gates_over_tasks():
+    gen = torch.Generator().manual_seed(3)
+    block = FeaturePropagation(TASKS, 8).double().eval()
+    x = {t: _randn(2, 8, 5, 6, gen=gen) for t in TASKS}
+    out = block(x)
+    concat = torch.cat([x[t] for t in TASKS], 1)
+    logits = block.harmonize(concat)
+    chunks = logits.split(8, dim=1)  # task-major, as concatenated
+    gates = torch.softmax(torch.stack(chunks), dim=0)
+    shared = block.reduce(torch.cat([g * x[t] for g, t in zip(gates, TASKS)], 1))
+    for t in TASKS:
+        torch.testing.assert_close(out[t], block.se[t](shared) + x[t], rtol=1e-12, atol=1e-12)
+
+
+def test_task_pair_interaction_batching_equals_each_pair_eq5():
+    """f°_t = f_t + Σ_{s≠t} CIB_{s→t}(f_s, f_t) with every pair computed on its own (eq. 2–5)."""
+    gen = torch.Generator().manual_seed(4)
+    block = TaskPairInteraction(TASKS, 8, 4, downscale=2, n_iter=3, variant="C", alpha=0.3).double().eval()
+    x = {t: _randn(2, 8, 7, 9, gen=gen) for t in TASKS}
+    with mtlfast.use_backend("reference"):
+        out = block(x)
+    alpha = block.fusion.alpha
+    for t in TASKS:
+        want = x[t].clone()
+        for s in TASKS:
+            if s == t:
+                continue
+            cib = block.cib[f"{s}_to_{t}"]
+            q, k, v, self_term, grid = cib.prepare(x[s], x[t])
+            co = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(4), dim=-1)  # eq. 2, softmax over sources
+            for _ in range(3):
+                v = alpha * (co @ v) + (1 - alpha) * v  # IFB C, eq. 8
+            want = want + self_term + F.interpolate(to_map(v, grid), size=(7, 9), mode="bilinear",
+                                                    align_corners=False)
+        torch.testing.assert_close(out[t], want, rtol=1e-10, atol=1e-10)
+
+
+def test_em_interaction_averages_task_bases_eq10():
+    gen = torch.Generator().manual_seed(5)
+    block = EMInteraction(TASKS, 6, num_bases=4, n_iter=3, momentum=0.9).double()
+    x = {t: _randn(2, 6, 3, 5, gen=gen) for t in TASKS}
+    mu0 = block.bases.mu.clone()
+    with mtlfast.use_backend("reference"):
+        out = block(x)
+    mus, zs = [], []
+    for t in TASKS:  # each task alone from the shared μ⁽⁰⁾ (eq. 8–9)
+        xt = to_tokens(block.inp[t](x[t]))
+        mu = mu0.expand(2, -1, -1)
+        for _ in range(3):
+            z = torch.softmax(xt @ mu.transpose(1, 2), dim=-1)
+            m = (z / (1e-6 + z.sum(1, keepdim=True))).transpose(1, 2) @ xt
+            mu = m / (1e-6 + m.norm(dim=-1, keepdim=True))
+        mus.append(mu)
+        zs.append(torch.softmax(xt @ mu.transpose(1, 2), dim=-1))  # the final E-step (detached iterations)
+    mu_bar = sum(mus) / len(TASKS)  # eq. 10
+    for t, z in zip(TASKS, zs):
+        want = F.relu(x[t] + block.out[t](to_map(z @ mu_bar, (3, 5))))
+        torch.testing.assert_close(out[t], want, rtol=1e-10, atol=1e-10)
+    mean = mu_bar.mean(0)
+    torch.testing.assert_close(block.bases.mu, 0.9 * mu0 + 0.1 * mean / (1e-6 + mean.norm(dim=-1, keepdim=True)))
+    block.eval()
+    before = block.bases.mu.clone()
+    with mtlfast.use_backend("reference"):
+        block(x)
+    assert torch.equal(block.bases.mu, before)  # μ⁽⁰⁾ is constant at inference
+
+
+def _upsample_scores(a, coarse, fine):
+    """Bilinear resize of a (B, hc·wc, hc·wc) score map along the key grid, then the query grid."""
+    b = a.shape[0]
+    keys = F.interpolate(a.reshape(b * a.shape[1], 1, *coarse), size=fine, mode="bilinear", align_corners=False)
+    keys = keys.reshape(b, a.shape[1], -1).transpose(1, 2)  # (B, Nf keys, Nc queries)
+    queries = F.interpolate(keys.reshape(-1, 1, *coarse), size=fine, mode="bilinear", align_corners=False)
+    return queries.reshape(b, -1, fine[0] * fine[1]).transpose(1, 2)  # (B, Nf queries, Nf keys)
+
+
+def test_low_to_high_diffusion_is_eq11_12():
+    """A⁰ = up(A³) + A² from the SFD maps of scales 2 and 3, formed explicitly."""
+    gen = torch.Generator().manual_seed(6)
+    dec = _TifDecoder(dim=8).double().eval()
+    x0, x2, x3 = _randn(2, 8, 9, 11, gen=gen), _randn(2, 8, 3, 4, gen=gen), _randn(2, 8, 2, 2, gen=gen)
+    with mtlfast.use_backend("reference"):
+        _, q2, k2 = dec.sfd[0](x2)
+        _, q3, k3 = dec.sfd[1](x3)
+        out = dec.lthd[0](x0, (q2, k2, (3, 4)), (q3, k3, (2, 2)))
+    s = 8 ** -0.5
+    a0 = s * q2 @ k2.transpose(1, 2) + _upsample_scores(s * q3 @ k3.transpose(1, 2), (2, 2), (3, 4))
+    lthd = dec.lthd[0]
+    v = lthd.value(to_tokens(F.adaptive_avg_pool2d(x0, (3, 4))))
+    rx = F.interpolate(to_map(lthd.ffn(torch.softmax(a0, -1) @ v), (3, 4)), size=(9, 11), mode="bilinear",
+                       align_corners=False)
+    torch.testing.assert_close(out, lthd.fuse(torch.cat([rx, x0], 1)), rtol=1e-10, atol=1e-10)
+
+
+def test_self_feature_distillation_is_eq6_10():
+    gen = torch.Generator().manual_seed(7)
+    sfd = SelfFeatureDistillation(8).double()
+    x = _randn(2, 8, 3, 5, gen=gen)
+    with mtlfast.use_backend("reference"):
+        out, q, k = sfd(x)
+    tokens = sfd.norm(to_tokens(x))
+    kv = sfd.kv(tokens)  # K = V
+    rx = torch.softmax(sfd.q(tokens) @ kv.transpose(1, 2) * 8 ** -0.5, -1) @ kv + to_tokens(x)  # eq. 9
+    torch.testing.assert_close(out, to_map(sfd.ffn(rx), (3, 5)), rtol=1e-10, atol=1e-10)  # eq. 10
+    torch.testing.assert_close(k, kv)
+
+
+def test_hierarchy_adaptive_points_and_weights():
+    gen = torch.Generator().manual_seed(8)
+    block = HierarchyAdaptiveAttention([4, 4, 4, 4], 8, heads=2, offset_range=2.0).double()
+    stages = [_randn(1, 4, 16 // 2 ** i, 24 // 2 ** i, gen=gen) * 10 for i in range(4)]
+    unified = [u(s) for u, s in zip(block.unify, stages)]
+    for net, s, r in zip(block.offsets, unified, (8, 4, 2, 1)):
+        points = net(s)
+        gh, gw = math.ceil(s.shape[-2] / r), math.ceil(s.shape[-1] / r)
+        ref = reference_points((gh, gw), 1, dtype=torch.float64)
+        assert points.shape == (1, gh * gw, 2)
+        offset = (points - ref).abs()
+        assert (offset[..., 0] <= 2.0 / gw + 1e-12).all() and (offset[..., 1] <= 2.0 / gh + 1e-12).all()
+    ref = reference_points((2, 3), 1, dtype=torch.float64)[0]
+    torch.testing.assert_close(ref[1], torch.tensor([0.0, -0.5], dtype=torch.float64))  # cell centre (x, y)
+    with mtlfast.use_backend("reference"):
+        assert block(stages).shape == (1, 8, 2, 3)
+
+
+def test_tfr_sizes_and_ifb_alpha():
+    assert [len(TaskFeatureRefiner(["semseg"], 8, size).refiners["semseg"]) for size in ("base", "large", "huge")] \
+        == [6, 12, 18]
+    assert len(TaskFeatureRefiner(["semseg"], 8, 3).refiners["semseg"]) == 9
+    ifb = IterativeFusionBlock(18, "C")
+    assert [n for n, _ in ifb.named_parameters()] == ["alpha"] and ifb.alpha.item() == pytest.approx(0.3)
+    assert list(IterativeFusionBlock(4, "A").parameters()) == []
+
+
+def test_scale_attentive_feature_fusion_shapes():
+    gen = torch.Generator().manual_seed(9)
+    feats = [_randn(2, c, 16 // 2 ** i, 20 // 2 ** i, gen=gen) for i, c in enumerate((4, 6, 8, 10))]
+    for i in range(4):
+        out = ScaleAttentiveFeatureFusion([4, 6, 8, 10], i, 12).double()(feats)
+        assert out.shape == (2, 12, *feats[i].shape[-2:])
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: TaskFeatureRefiner(TASKS, 8, "giant"), "layers: unknown TFR size 'giant'; valid choices: base, large, huge"),
+    (lambda: TaskFeatureRefiner(TASKS, 8, 0), "layers: expected >= 1"),
+    (lambda: IterativeFusionBlock(4, "D"), "variant: unknown IFB variant 'D'; valid choices: A, B, C"),
+    (lambda: IterativeFusionBlock(0), "n_iter: expected an integer >= 1"),
+    (lambda: TaskPatternPropagation(TASKS, 8, 9, heads=2), "dim: attention width 9 is not divisible by heads=2"),
+    (lambda: BridgeFeatureExtractor(9, heads=2), "channels: attention width 9 is not divisible by heads=2"),
+    (lambda: HierarchyAdaptiveAttention([4, 4], 9, heads=2), "dim: 9 is not divisible by heads=2"),
+    (lambda: HierarchyAdaptiveAttention([4, 4], 8, strides=[2]), "strides/kernels: expected 2 values"),
+    (lambda: ScaleAttentiveFeatureFusion([4, 4], 2, 8), "index: expected a scale in 0..1"),
+    (lambda: MultiModalDistillation(["semseg", "depth"], 8, source_tasks=["semseg"]), "source_tasks: must contain"),
+])
+def test_bad_block_configuration(build, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        build()
+
+
+def test_drop_in_example_runs():
+    """The example in mtlfast.nn's docstring (for the README) runs as written."""
+    doc = blocks.__doc__
+    code = doc[doc.index("# example: drop-in"):doc.index("# end example")]
+    namespace = {}
+    lines = code.splitlines()[1:]  # the marker line itself starts mid-line
+    exec(compile("\n".join(line[4:] for line in lines), "mtlfast.nn example", "exec"), namespace)
+    out = namespace["out"]
+    assert set(out) == {"semseg", "depth", "normals"} and all(o.shape == (2, 64, 15, 20) for o in out.values())
+    assert namespace["tpp"].q["semseg"].weight.grad is not None
