@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "eval": {
         "baseline": None,           # single-task baseline file for delta_m
+        "edge_thresholds": 19,      # odsF thresholds (99 as in SEISM for final numbers; slow on big images)
         "batch_size": 4,
     },
 }

@@ -214,12 +214,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, sample_path: str | None = None) -> dict[str, float]:
-        """Metrics on the validation set at original resolution (padding cropped back); main rank only."""
+        """Metrics on the validation set at original resolution (padding cropped back), flattened as
+        ``"task/metric"`` (+ ``delta_m`` against ``eval.baseline``); main rank only."""
         from mtlfast.data import collate
-        from mtlfast.metrics import build_metrics
+        from mtlfast.metrics import build_metrics, delta_m
 
         model = self.model.eval()
-        metrics = build_metrics(self.tasks, self.dataset)
+        eval_cfg = self.config["eval"]
+        metrics = build_metrics(self.tasks, self.dataset, edge_thresholds=eval_cfg["edge_thresholds"])
         loader = DataLoader(self.val_set, batch_size=self.config["eval"]["batch_size"], shuffle=False,
                             collate_fn=collate, num_workers=self.config["data"]["num_workers"])
         shown = None
@@ -238,7 +240,11 @@ class Trainer:
                          {t: batch[t][:n].cpu() for t in self.tasks})
         if shown is not None and shown[0].shape[0] > 0:
             plot_predictions(*shown, path=sample_path)
-        return metrics.compute()
+        results = metrics.compute()
+        flat = {f"{task}/{name}": value for task, values in results.items() for name, value in values.items()}
+        if eval_cfg["baseline"]:
+            flat["delta_m"] = delta_m(results, eval_cfg["baseline"])
+        return flat
 
     def evaluate_and_log(self) -> dict[str, float] | None:
         result = None
