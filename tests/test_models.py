@@ -1,0 +1,270 @@
+"""mtlfast.models: every method with a real (small) timm backbone at 64×64 — output keys and shapes for the
+NYUD, PASCAL, one-task and six-task task sets, one optimiser step that lowers the loss, kernel path vs
+reference path on the same weights, MTI-Net's published parameter counts, backbones, weights from a local
+file, configuration errors, the configs/ files and the parameter/FLOP table."""
+import copy
+import glob
+import os
+import re
+
+import pytest
+import torch
+
+import mtlfast
+from mtlfast.data.tasks import TASKS, num_outputs
+from mtlfast.losses import MultiTaskLoss
+from mtlfast.models import create_model, list_models
+from mtlfast.models.backbones import Backbone
+from nn_paths import KERNEL_PATH, compare_paths
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HRNET = "hrnet_w18_small_v2"
+METHODS = ["baseline", "single_task", "mtinet", "padnet", "tpim", "bridgenet", "tif", "sem"]
+KERNEL_METHODS = ["tpim", "bridgenet", "tif", "sem"]  # the methods whose blocks call mtlfast.ops
+#: Small widths so that the CPU tests stay fast; the structure is the papers'.
+SMALL = {
+    "baseline": {}, "single_task": {}, "mtinet": {}, "padnet": {"channels": 16},
+    "tpim": {"channels": 16, "dim": 8, "n_iter": 3},
+    "bridgenet": {"embed_dim": 16, "stage_dims": [16, 16, 16, 16], "prelim_channels": 16, "tfr": 1},
+    "tif": {"dim": 16},
+    "sem": {"dim": 16, "num_bases": 8, "em_iters": 2},
+}
+TASK_SETS = {
+    "nyud": ("nyud", ["semseg", "depth", "normals", "edge"]),
+    "pascal": ("pascal", ["semseg", "parts", "sal", "normals", "edge"]),
+    "one-task": ("nyud", ["normals"]),
+    "six-tasks": ("synthetic", list(TASKS)),
+}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _build(method, task_set, **extra):
+    dataset, tasks = TASK_SETS[task_set]
+    torch.manual_seed(0)
+    return create_model(method, tasks, backbone=HRNET, dataset=dataset, **{**SMALL[method], **extra}).to(DEVICE)
+
+
+def _labels(tasks, dataset, batch, size, gen):
+    h, w = size
+    labels = {}
+    for t in tasks:
+        if t in ("semseg", "parts"):
+            labels[t] = torch.randint(0, num_outputs(t, dataset), (batch, h, w), generator=gen)
+        elif t == "depth":
+            labels[t] = torch.rand(batch, 1, h, w, generator=gen) * 5 + 0.5
+        elif t == "normals":
+            labels[t] = torch.nn.functional.normalize(torch.randn(batch, 3, h, w, generator=gen), dim=1)
+        else:
+            labels[t] = (torch.rand(batch, 1, h, w, generator=gen) > 0.8).float()
+    return {t: v.to(DEVICE) for t, v in labels.items()}
+
+
+def _check_step(model, images, labels, backend, per_op=None):
+    """One SGD step on a fixed batch changes the parameters and lowers the loss. The step is sized so that its
+    first-order predicted decrease is 0.1 % of the loss (lr = 0.001·L/‖g‖²): the gradient must be a descent
+    direction. (Adam's first step moves every parameter by lr whatever its gradient, which at 64×64 with
+    batch statistics over a few pixels is not a descent test.) Train mode; the buffers (BN statistics,
+    SEM's EM bases) are restored before the second forward, so only the step differs."""
+    model.train()
+    loss_fn = MultiTaskLoss(model.tasks, stage_weights=getattr(model, "aux_loss_weights", None))
+    buffers = copy.deepcopy(dict(model.named_buffers()))
+    before = [p.detach().clone() for p in model.parameters()]
+    with mtlfast.use_backend(backend, **(per_op or {})):
+        loss0, _ = loss_fn(*_preds_and_labels(model, images, labels))
+        model.zero_grad()
+        loss0.backward()
+        squared = sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None)
+        torch.optim.SGD(model.parameters(), lr=1e-3 * loss0.item() / squared).step()
+        model.load_state_dict(buffers, strict=False)
+        with torch.no_grad():
+            loss1, _ = loss_fn(*_preds_and_labels(model, images, labels))
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert loss1.item() < loss0.item(), f"loss {loss0.item():.6f} -> {loss1.item():.6f} after one step"
+
+
+def _preds_and_labels(model, images, labels):
+    preds, aux = model.forward_train(images)
+    return preds, labels, aux
+
+
+@pytest.mark.parametrize("method, task_set", [(m, s) for m in METHODS for s in TASK_SETS
+                                              if m != "single_task" or s == "one-task"])
+def test_outputs_and_one_training_step(method, task_set):
+    model = _build(method, task_set)
+    dataset, tasks = TASK_SETS[task_set]
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 64, 64, generator=gen).to(DEVICE)
+    with mtlfast.use_backend("reference"):
+        preds, aux = model.train().forward_train(images)
+    assert list(preds) == tasks and model.tasks == tuple(tasks)
+    for t in tasks:
+        assert preds[t].shape == (2, num_outputs(t, dataset), 64, 64), t
+    for stage, outputs in aux.items():
+        for t, out in outputs.items():
+            assert t in tasks and out.shape[:2] == (2, num_outputs(t, dataset)) and out.dim() == 4, (stage, t)
+    has_aux = method in ("mtinet", "padnet", "tpim", "bridgenet")
+    assert bool(aux) == has_aux
+    model.eval()
+    with mtlfast.use_backend("reference"), torch.no_grad():
+        assert set(model(images)) == set(tasks)
+    if task_set in ("nyud", "one-task"):
+        _check_step(model, images, _labels(tasks, dataset, 2, (64, 64), gen), "reference")
+
+
+def _calibrate(model, images):
+    """Eval-mode BN with statistics of this batch: a well-conditioned network for the float32/float64
+    comparison (train-mode BN on a 2×2 map is ill-conditioned and makes biases before BN exactly
+    gradient-free, so their float32 gradients are pure rounding noise)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one batch gives its statistics
+    with torch.no_grad(), mtlfast.use_backend("reference"):
+        model.train().forward_train(images)
+    return model.eval()
+
+
+class _TrainForward(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model.forward_train(images)
+
+
+@pytest.mark.parametrize("method", KERNEL_METHODS)
+def test_kernel_path_matches_reference_path(method):
+    """Outputs, deep-supervision outputs and every parameter gradient agree (nn_paths.compare_paths), then a
+    training step on the kernel path lowers the loss. SEM runs with detach_iterations=False here: with the
+    detached EM iterations the gradient of the EM input projection is ill-conditioned (the float32
+    reference path is already 1-7 % off float64 there at this size); the detached mode is compared at
+    block level (tests/test_nn_blocks.py)."""
+    extra = {"detach_iterations": False} if method == "sem" else {}
+    dataset, tasks = "nyud", ["semseg", "depth"]
+    torch.manual_seed(0)
+    model = create_model(method, tasks, backbone=HRNET, dataset=dataset, **SMALL[method], **extra).double()
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+    _calibrate(model, images)
+    compare_paths(_TrainForward(model), {"images": images}, device=DEVICE)
+    backend, per_op = KERNEL_PATH
+    model = model.float().to(DEVICE)
+    _check_step(model, images.float().to(DEVICE), _labels(tasks, dataset, 2, (64, 64), gen), backend, per_op)
+
+
+@pytest.mark.parametrize("dataset, tasks, aux_tasks, published", [
+    ("nyud", ["semseg", "depth"], [], 8.58e6),
+    ("nyud", ["semseg", "depth"], ["edge", "normals"], 14.84e6),
+    ("pascal", ["semseg", "parts", "sal", "normals", "edge"], [], 24.49e6),
+])
+def test_mtinet_parameter_counts_match_the_public_implementation(dataset, tasks, aux_tasks, published):
+    with torch.device("meta"):
+        model = create_model("mtinet", tasks, backbone=HRNET, dataset=dataset, aux_tasks=aux_tasks)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - published) / published < 0.01, count
+
+
+def test_backbone_pyramids():
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(1, 3, 64, 96, generator=gen)
+    vit = Backbone("vit_t", img_size=(64, 96), depth=8, embed_dim=32, num_heads=2)
+    assert vit.encoder.feature_info.out_indices == (1, 3, 5, 7)  # after blocks d/4, d/2, 3d/4, d
+    swin = Backbone("swin_t", img_size=(64, 96), embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+    hrnet = Backbone(HRNET)
+    for backbone, channels in ((vit, [8, 16, 32, 32]), (swin, [16, 32, 64, 128]), (hrnet, [18, 36, 72, 144])):
+        feats = backbone(images)
+        assert backbone.channels == channels and backbone.strides == [4, 8, 16, 32]
+        assert [tuple(f.shape) for f in feats] == [(1, c, 64 // s, 96 // s) for c, s in zip(channels, [4, 8, 16, 32])]
+
+
+def test_transformer_backbones_in_models():
+    """BridgeNet on a (tiny) ViT uses the last three pyramid levels; SEM runs on a (tiny) Swin."""
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    vit = dict(depth=4, embed_dim=32, num_heads=2)
+    model = create_model("bridgenet", ["semseg", "depth"], backbone="vit_t", img_size=64, backbone_kwargs=vit,
+                         **{**SMALL["bridgenet"], "stage_dims": [16, 16, 16]})
+    assert model.num_scales == 3
+    swin = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+    sem = create_model("sem", ["semseg", "depth"], backbone="swin_t", img_size=64, backbone_kwargs=swin, **SMALL["sem"])
+    with mtlfast.use_backend("reference"):
+        for m in (model, sem):
+            out = m(images)
+            assert {t: o.shape for t, o in out.items()} == {"semseg": (2, 40, 64, 64), "depth": (2, 1, 64, 64)}
+
+
+def test_pretrained_weights_from_a_local_file(tmp_path):
+    import timm
+
+    reference = timm.create_model(HRNET, pretrained=False)
+    path = tmp_path / "hrnet.pth"
+    torch.save(reference.state_dict(), path)
+    model = create_model("mtinet", ["semseg", "depth"], backbone=HRNET, pretrained=str(path))
+    loaded = model.backbone.encoder.state_dict()
+    for key in ("conv1.weight", "stage4.0.branches.3.0.conv1.weight"):
+        assert torch.equal(loaded[key], reference.state_dict()[key])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: create_model("invpt", ["semseg"]), ValueError,
+     "unknown model 'invpt'; valid models: baseline, bridgenet, mtinet, padnet, sem, single_task, tif, tpim"),
+    (lambda: create_model("mtinet", ["semseg"], backbone="resnet101"), ValueError,
+     "backbone: unknown backbone 'resnet101'; valid choices: hrnet_w18_small_v2, hrnet_w18, hrnet_w48"),
+    (lambda: create_model("mtinet", ["semseg", "albedo"]), ValueError, "unknown task 'albedo'; valid tasks: semseg"),
+    (lambda: create_model("mtinet", ["semseg", "parts"], dataset="nyud"), ValueError,
+     "dataset nyud has no 'parts' labels; it has semseg, depth, normals, edge"),
+    (lambda: create_model("mtinet", ["semseg"], dataset="cityscapes"), ValueError,
+     "unknown dataset 'cityscapes'; valid choices: nyud, pascal, synthetic"),
+    (lambda: create_model("tif", ["semseg"], n_iter=3), ValueError,
+     "create_model('tif'): unknown option(s) n_iter; valid options: backbone, dataset, pretrained"),
+    (lambda: create_model("single_task", ["semseg", "depth"]), ValueError, "single_task: expected exactly one task"),
+    (lambda: create_model("mtinet", ["semseg", "depth"], aux_tasks=["depth"]), ValueError,
+     "aux_tasks: ['depth'] are already main tasks"),
+    (lambda: create_model("mtinet", ["semseg"], pretrained=True), ValueError, "pretrained: give a local weight file"),
+    (lambda: create_model("mtinet", ["semseg"], pretrained="/nonexistent/w.pth"), FileNotFoundError,
+     "pretrained: no such weight file"),
+    (lambda: create_model("bridgenet", ["semseg"], backbone=HRNET, stage_dims=[8, 8]), ValueError,
+     "stage_dims: expected 4 values (one per decoder stage, num_scales=4)"),
+    (lambda: create_model("bridgenet", ["semseg"], backbone=HRNET, tfr="tiny"), ValueError,
+     "layers: unknown TFR size 'tiny'; valid choices: base, large, huge"),
+    (lambda: create_model("tpim", ["semseg", "depth"], variant="E"), ValueError, "variant: unknown IFB variant 'E'"),
+])
+def test_bad_configuration(call, error, match):
+    with pytest.raises(error, match=re.escape(match)):
+        call()
+
+
+def test_every_method_is_registered():
+    assert list_models() == sorted(METHODS)
+
+
+def test_config_files():
+    """Every configs/<dataset>/<backbone>/<method>.yaml loads, names its own dataset/backbone/method, and its
+    tasks and model options are valid for create_model."""
+    from mtlfast.data.tasks import check_tasks
+    from mtlfast.engine.config import load_config
+    from mtlfast.models import registry
+
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*", "*.yaml")))
+    assert {os.path.basename(p)[:-5] for p in paths} == set(METHODS)
+    for path in paths:
+        dataset, backbone, method = os.path.relpath(path, os.path.join(ROOT, "configs"))[:-5].split(os.sep)
+        cfg = load_config(path)
+        assert (cfg["data"]["dataset"], cfg["model"]["backbone"], cfg["model"]["name"]) == (dataset, backbone, method)
+        check_tasks(cfg["data"]["tasks"], dataset)
+        options = registry._MODELS[method].options
+        assert set(cfg["model"]["kwargs"]) <= set(options), path
+        assert isinstance(cfg["optim"]["lr"], float), path
+
+
+def test_summary_table():
+    from mtlfast.models.summary import SummarySetting, format_table, model_summary
+
+    rows = model_summary([SummarySetting("mtinet", HRNET, "nyud", ("semseg", "depth")),
+                          SummarySetting("tpim", HRNET, "pascal", ("semseg", "parts", "sal"), {"n_iter": 4})])
+    assert rows[0]["params_m"] == pytest.approx(8.58, rel=0.01) and rows[0]["input"] == [448, 576]
+    assert all(r["gflops"] > 1 for r in rows)
+    # TPIM's 4 IFB iterations of 6 pairs over N = (128/2)² tokens are part of the count: 2·N²·C per step
+    n, c = 64 * 64, 256
+    assert rows[1]["gflops"] * 1e9 > 6 * 4 * 2 * n * n * c
+    assert "mtinet" in format_table(rows)
