@@ -226,8 +226,8 @@ def _adjoint_step_kernel(co_ptr, q_ptr, k_ptr, lse_ptr, coef_ptr, g_ptr, out_ptr
                          BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_C: tl.constexpr,
                          BLOCK_D: tl.constexpr):
     """One adjoint step on a (BLOCK_X, BLOCK_C) tile: Gᵗ = a·Coᵀ Gᵗ⁺¹ + b·Gᵗ⁺¹, and in the epilogue the
-    partial sums r[b, c-block, x] += Σ_c Gᵗ⁺¹·Pᵗ and (variants B, C) dα[b, c-block, x-block] += Σ Gᵗ⁺¹·Pᵗ (B)
-    or Σ Gᵗ⁺¹·(Pᵗ − Vᵗ) (C). Each program owns its partial-sum slots (deterministic, no atomics).
+    partial sums r[b, c-block, x] += Σ_c Gᵗ⁺¹·Pᵗ and (variants B, C; float64) dα[b, c-block, x-block] +=
+    Σ Gᵗ⁺¹·Pᵗ (B) or Σ Gᵗ⁺¹·(Pᵗ − Vᵗ) (C). Each program owns its partial-sum slots (deterministic, no atomics).
     Grid (⌈N/BLOCK_X⌉, ⌈C/BLOCK_C⌉, B)."""
     pid_x = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -254,11 +254,14 @@ def _adjoint_step_kernel(co_ptr, q_ptr, k_ptr, lse_ptr, coef_ptr, g_ptr, out_ptr
     r_ptrs = r_ptr + (b * tl.num_programs(1) + pid_c) * N + offs_x
     tl.store(r_ptrs, tl.load(r_ptrs, mask=offs_x < N, other=0.0) + gp_rows, mask=offs_x < N)
     if VARIANT != 0:
-        d = tl.sum(gp_rows, 0)
+        # float64 from the row sums on: the partials of different tiles can be far larger than their total
+        # (every step adds the same value per batch entry, of either sign) and grow over n steps
+        d = tl.sum(gp_rows.to(tl.float64), 0)
         if VARIANT == 2:
             v_bp = tl.make_block_ptr(v_ptr + b * stride_vb, (N, C), (stride_vn, 1), (x0, c0), (BLOCK_X, BLOCK_C),
                                      (1, 0))
-            d -= tl.sum(tl.sum(g * tl.load(v_bp, boundary_check=(0, 1), padding_option="zero").to(tl.float32), 1), 0)
+            gv = g * tl.load(v_bp, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+            d -= tl.sum(tl.sum(gv, 1).to(tl.float64), 0)
         da_ptrs = da_ptr + (b * tl.num_programs(1) + pid_c) * tl.num_programs(0) + pid_x
         tl.store(da_ptrs, tl.load(da_ptrs) + d)
 
@@ -452,7 +455,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     gbuf = empty((B, N, (seg + 1) * C), dtype=v.dtype, device=v.device)
     n_xblk, n_cblk = pb.step_grid()[:2]
     r_part = torch.empty((B, n_cblk, N), dtype=torch.float32, device=v.device)
-    da_part = torch.zeros((B, n_cblk, n_xblk), dtype=torch.float32, device=v.device)
+    da_part = torch.zeros((B, n_cblk, n_xblk), dtype=torch.float64, device=v.device)
     dq_acc = torch.zeros((B, N, D), dtype=torch.float32, device=v.device)
     dk_acc = torch.zeros((B, N, D), dtype=torch.float32, device=v.device)
 
