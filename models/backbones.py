@@ -139,7 +139,7 @@ class Backbone(nn.Module):
             kwargs.update(out_indices=(1, 2, 3, 4))
         elif spec.family == "swin":
             kwargs.update(img_size=_size2(img_size), strict_img_size=False)
-        else:  # vit: the depth is only known once built; out_indices set below
+        else:  # vit; out_indices follow from the depth, below
             kwargs.update(img_size=_size2(img_size), dynamic_img_size=True, dynamic_img_pad=True)
         kwargs.update(timm_kwargs)
         if spec.family == "vit":  # blocks d/4, d/2, 3d/4, d (0-based indices)

@@ -73,6 +73,8 @@ def _check_step(model, images, labels, backend, per_op=None):
         loss0, _ = loss_fn(*_preds_and_labels(model, images, labels))
         model.zero_grad()
         loss0.backward()
+        unused = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not unused, f"parameters outside the graph (DDP would need find_unused_parameters): {unused}"
         squared = sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None)
         torch.optim.SGD(model.parameters(), lr=1e-3 * loss0.item() / squared).step()
         model.load_state_dict(buffers, strict=False)

@@ -124,13 +124,14 @@ class TaskPairInteraction(nn.Module):
         self.cib = nn.ModuleDict({f"{s}_to_{t}": CrossTaskInteractionBlock(channels, dim, downscale=downscale,
                                                                          own_fusion=False)
                                   for s, t in self.pairs})
-        self.fusion = IterativeFusionBlock(n_iter, variant, alpha, mode)
+        # one task: no pairs, no fusion (so no parameter outside the graph)
+        self.fusion = IterativeFusionBlock(n_iter, variant, alpha, mode) if self.pairs else None
         self.dim = dim or max(1, channels // 4)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = dict(features)
         if not self.pairs:
             return {t: features[t] for t in self.tasks}
+        out = dict(features)
         prepared = [self.cib[f"{s}_to_{t}"].prepare(features[s], features[t]) for s, t in self.pairs]
         q = torch.cat([p[0] for p in prepared])
         k = torch.cat([p[1] for p in prepared])
