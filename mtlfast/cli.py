@@ -12,6 +12,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from mtlfast.info import info_text
 
     print(info_text())
+    if args.models:
+        from mtlfast.models.summary import format_table, model_summary
+
+        print()
+        print(format_table(model_summary(flops=not args.no_flops)))
     return 0
 
 
@@ -152,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_cmd_eval)
 
     info = sub.add_parser("info", help="versions, built extensions, devices, backend per op")
+    info.add_argument("--models", action="store_true",
+                      help="also print the parameter/FLOP table of every model at the papers' input sizes")
+    info.add_argument("--no-flops", action="store_true", help="with --models: parameters only (faster)")
     info.set_defaults(func=_cmd_info)
 
     bench = sub.add_parser("bench", help="microbenchmarks of the ops against eager, torch.compile, SDPA...")
