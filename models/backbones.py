@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["BACKBONES", "Backbone", "backbone_names"]
+__all__ = ["BACKBONES", "Backbone", "backbone_names", "timm_unusable"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ BACKBONES = {
     "vit_s": _Spec("vit_small_patch16_224", "vit", 12),
     "vit_b": _Spec("vit_base_patch16_224", "vit", 12),
     "vit_l": _Spec("vit_large_patch16_224", "vit", 24),
+    "convnet_tiny": _Spec("convnet_tiny", "plain"),
 }
 _BY_TIMM_NAME = {spec.timm_name: name for name, spec in BACKBONES.items()}
 
@@ -82,6 +83,41 @@ def _import_timm():
             f"mtlfast.models needs timm (with an importable torchvision) for its backbones: "
             f"{exc.__class__.__name__}: {exc}. See README (Models) for the install command.") from exc
     return timm
+
+
+def timm_unusable() -> str | None:
+    """Why timm backbones cannot be built here (e.g. a torchvision that does not match torch), or None."""
+    try:
+        _import_timm()
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+class _PlainPyramid(nn.Module):
+    """``convnet_tiny``: a small plain CNN written here, not a paper backbone. It needs no timm, so the
+    synthetic default and the CPU tests run where timm cannot be imported (timm needs a torchvision built
+    for the installed torch). Stem: two 3×3 stride-2 convs (stride 4), then three stages of one 3×3 stride-2
+    conv + one 3×3 conv; BN + ReLU after every conv; channels 32/64/128/256 at strides 4/8/16/32."""
+
+    def __init__(self, widths: Sequence[int] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+
+        def conv(cin, cout, stride):
+            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.stages = nn.ModuleList([nn.Sequential(*conv(3, widths[0] // 2, 2), *conv(widths[0] // 2, widths[0], 2))])
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            self.stages.append(nn.Sequential(*conv(cin, cout, 2), *conv(cout, cout, 1)))
+        self.channels = list(widths)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        x = images
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
 
 
 def _pretrained_kwargs(pretrained) -> dict:
@@ -131,8 +167,15 @@ class Backbone(nn.Module):
         super().__init__()
         self.name, spec = _resolve(name)
         self.family = spec.family
-        timm = _import_timm()
+        self.nhwc, self.pyramid = False, None
         kwargs = dict(features_only=True, **_pretrained_kwargs(pretrained))
+        if spec.family == "plain":
+            if pretrained is not None or timm_kwargs:
+                raise ValueError(f"backbone {name}: takes no pretrained weights or extra arguments")
+            self.encoder = _PlainPyramid()
+            self.channels, self.strides = self.encoder.channels, [4, 8, 16, 32]
+            return
+        timm = _import_timm()
         if spec.family == "hrnet":
             kwargs.update(feature_location="", out_indices=(1, 2, 3, 4))
         elif spec.family == "resnet":

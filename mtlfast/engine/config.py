@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "model": {
         "name": "baseline",
-        "backbone": "resnet18",
+        "backbone": "convnet_tiny",  # timm-free; paper backbones via configs/
         "pretrained": None,         # local path only; nothing downloads
         "kwargs": {},
     },
