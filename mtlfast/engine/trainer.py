@@ -97,6 +97,8 @@ class Trainer:
         model_cfg = config["model"]
         self.model = create_model(model_cfg["name"], self.tasks, backbone=model_cfg["backbone"], dataset=self.dataset,
                                   pretrained=model_cfg["pretrained"], **model_cfg["kwargs"])
+        if train_cfg["sync_bn"] and self.device.type != "cuda":
+            raise ValueError("train.sync_bn: torch's SyncBatchNorm runs on CUDA only; set train.sync_bn=false on CPU")
         if self.dist.enabled and train_cfg["sync_bn"]:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
