@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -168,7 +168,8 @@ def _time_cuda(run: Callable[[], None], leaves: list[torch.Tensor], quick: bool)
                     return_mode="median")
 
 
-def _peak_memory_cuda(run: Callable[[], None], leaves: list[torch.Tensor]) -> int:
+def peak_memory_cuda(run: Callable[[], None], leaves: Sequence[torch.Tensor] = ()) -> int:
+    """Peak CUDA memory allocated during ``run()`` above what was allocated before it (grads reset first)."""
     for t in leaves:
         t.grad = None
     torch.cuda.synchronize()
@@ -282,7 +283,7 @@ def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, mode
                     ms = time_fn(run, leaves, quick)
                     row["ms"] = ms
                     if device == "cuda":
-                        row["peak_mem_bytes"] = _peak_memory_cuda(run, leaves)
+                        row["peak_mem_bytes"] = peak_memory_cuda(run, leaves)
                     factor = 1 if mode == "fwd" else 3
                     if case.flops:
                         row["tflops"] = factor * case.flops / ms / 1e9

@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 
 from mtlfast.backends import use_backend
+from mtlfast.bench.harness import peak_memory_cuda
+from mtlfast.models.summary import NYUD, PASCAL
 
 PATHS = ("kernels", "reference")
 
@@ -41,9 +43,6 @@ class ModelSetting:
     def name(self) -> str:
         return f"{self.method}-{self.backbone}-{self.dataset}"
 
-
-NYUD = ("semseg", "depth", "normals", "edge")
-PASCAL = ("semseg", "parts", "sal", "normals", "edge")
 
 #: The papers' settings (input size, batch size per GPU as reported or as in their public code).
 SETTINGS = [
@@ -74,14 +73,7 @@ def _median_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: 
 
 
 def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    return peak_memory_cuda(fn) if device.type == "cuda" else None
 
 
 def _is_oom(exc: BaseException) -> bool:
