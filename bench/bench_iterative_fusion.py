@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast.bench.harness import Benchmark, Case, Provider, register, standard_providers
+from mtlfast.bench.harness import (Benchmark, Case, Provider, register, saved_activation_bytes,
+                                   standard_providers)
 from mtlfast.ops.iterative_fusion import iterative_fusion
 from mtlfast.reference.iterative_fusion import iterative_fusion as reference
 
@@ -27,24 +28,6 @@ N_ITER = 18
 C = 256
 D = 64
 BATCH = 2
-
-
-def saved_activation_bytes(fn, inputs) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn(**inputs)`` runs, the inputs'
-    own storages excluded (works on meta tensors)."""
-    own = {t.untyped_storage()._cdata for t in inputs.values() if isinstance(t, torch.Tensor)}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage._cdata not in own:
-            seen[storage._cdata] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(**inputs)
-    del out
-    return sum(seen.values())
 
 
 def _saved_memory(B, N, c, d, n_iter, dtype=torch.bfloat16) -> dict[str, object]:

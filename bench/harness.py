@@ -180,6 +180,24 @@ def peak_memory_cuda(run: Callable[[], None], leaves: Sequence[torch.Tensor] = (
     return torch.cuda.max_memory_allocated() - base
 
 
+def saved_activation_bytes(fn, inputs) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn(**inputs)`` runs, the inputs'
+    own storages excluded (works on meta tensors)."""
+    own = {t.untyped_storage()._cdata for t in inputs.values() if isinstance(t, torch.Tensor)}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in own:
+            seen[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(**inputs)
+    del out
+    return sum(seen.values())
+
+
 def measure_peaks(device: str) -> dict[str, float]:
     """The device's bf16 matmul rate (TFLOP/s) and copy bandwidth (GB/s, read+write), measured now."""
     if device != "cuda":

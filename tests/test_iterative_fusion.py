@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mtlfast.backends import BackendError
+from mtlfast.bench.harness import saved_activation_bytes
 from mtlfast.ops.iterative_fusion import choose_materialize, iterative_fusion
 from mtlfast.reference.iterative_fusion import iterative_fusion as reference
 from mtlfast.testing import check_against_reference, fresh_seed, randn
@@ -165,31 +166,14 @@ def test_adjoint_recursion_float64(variant, n_iter):
 
 # --- memory ---------------------------------------------------------------------------------------------
 
-def _saved_bytes(fn, inputs):
-    """Bytes of the distinct storages autograd saves for backward during ``fn(**inputs)``, inputs excluded."""
-    own = {t.untyped_storage()._cdata for t in inputs.values() if isinstance(t, torch.Tensor)}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage._cdata not in own:
-            seen[storage._cdata] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(**inputs)
-    del out
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_saved_memory_at_most_a_fifth_of_eager(device, mode):
     """Eager autograd saves Co and two (B, N, C) tensors per step; the kernel path lse and ⌈n/L⌉ − 1
     checkpoints (here 3 of (1, 64, 16) against 64² + 36·64·16 elements: ~1/13)."""
     ins = _inputs(1, 64, 8, 16, 18, device, fresh_seed())
     ins = {n: t.float().requires_grad_() if isinstance(t, torch.Tensor) else t for n, t in ins.items()}
-    eager = _saved_bytes(lambda **kw: reference(**kw), ins)
-    ours = _saved_bytes(lambda **kw: iterative_fusion(**kw, mode=mode, backend="triton"), ins)
+    eager = saved_activation_bytes(lambda **kw: reference(**kw), ins)
+    ours = saved_activation_bytes(lambda **kw: iterative_fusion(**kw, mode=mode, backend="triton"), ins)
     assert eager > 0 and ours <= eager / 5, (ours, eager)
     assert ours == (3 * 64 * 16 + 64) * 4  # the checkpoints and lse, nothing else
 
