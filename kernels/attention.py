@@ -324,7 +324,6 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_DQK), dtype=tl.float32)
     for start_n in range(0, N_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        # Key rows past N_K load as zeros, so their (finite) P entries meet a zero k row below.
         k = _load_tile(K, offs_n, offs_dqk, N_K, D_QK, sk_n, sk_d)
         if ONE_DQK:
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -337,7 +336,8 @@ def _attn_bwd_dq_kernel(
         else:
             dp = _dot_nt(DO, V, offs_m, offs_n, N_Q, N_K, D_V, sdo_n, sdo_d, sv_n, sv_d,
                          BLOCK_M, BLOCK_N, BLOCK_DV, PRECISION)
-        p = tl.exp2(s * qk_scale - lse2[:, None])
+        # Key rows past N_K: masked, since exp2(0 - lse2) overflows when every score of a row is < -88.
+        p = tl.where(offs_n[None, :] < N_K, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     _store_tile(DQ, (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, offs_dqk, N_Q, D_QK, sdq_n, sdq_d)

@@ -43,7 +43,7 @@ Choices and their costs (block sizes are a :class:`Config`, pinned by the tests)
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -71,9 +71,16 @@ class Config:
     num_stages: int = 1
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if name.startswith("block") and (value < 16 or value & (value - 1)):
+        for name in ("block_m", "block_n", "block_d", "block_dv", "block_dgrad"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
                 raise ValueError(f"Config.{name}: expected a power of two >= 16, got {value}")
+
+    def as_list(self) -> list[int]:
+        """The fields in order (the custom ops take a list; dataclasses.astuple/asdict deep-copy, which
+        torch.compile 2.11 cannot trace)."""
+        return [self.block_m, self.block_n, self.block_d, self.block_dv, self.block_dgrad, self.num_warps,
+                self.num_stages]
 
 
 def _pow2(n: int) -> int:

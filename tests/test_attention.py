@@ -15,9 +15,9 @@ import torch
 
 import mtlfast
 from mtlfast.backends import BackendError
-from mtlfast.ops.attention import attention_triton
+from mtlfast.ops.attention import attention_triton, center_keys
 from mtlfast.reference.attention import attention as reference_attention
-from mtlfast.testing import check_against_reference, fresh_seed, randn
+from mtlfast.testing import check_against_reference, fresh_seed, randn, rel_error
 
 
 def _inputs(B, H, n_q, n_k, d_qk, d_v, *, seed, permuted=False):
@@ -72,6 +72,62 @@ def test_attention_matches_reference(case, kernel_dtype, device):
         return reference_attention(q, k, v, scale=scale)
 
     check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=_tf32())
+
+
+def test_centred_keys_change_nothing_float64():
+    """softmax is invariant to a per-row shift, so attention on center_keys(k) equals attention on k (the
+    literal reference in float64), and the gradient of a key shift common to all keys is zero."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, k, v = _inputs(2, 3, 11, 9, 7, 5, seed=int(torch.randint(2 ** 31, (1,), generator=gen))).values()
+    shift = randn(2, 3, 1, 7, generator=gen, scale=10.0).requires_grad_()
+    out = reference_attention(q, k + shift, v)
+    torch.testing.assert_close(reference_attention(q, center_keys(k + shift), v), out, rtol=1e-12, atol=1e-12)
+    (g_shift,) = torch.autograd.grad(out, [shift], randn(*out.shape, generator=gen))
+    assert g_shift.abs().max() < 1e-12
+
+
+def test_keys_with_a_large_common_shift(device):
+    """Keys = spread of order 1 + a shift of order 1000 common to all keys, both exact in float32, so the
+    float64 reference sees the same keys. Uncentred float32 scores lose ~1e-4 of their spread to rounding
+    (dq then misses the 1e-4 bound: 1.5-2e-4 measured); the Triton path centres the keys first
+    (:func:`center_keys`) and stays at ~2e-7."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    B, H, n_q, n_k, d_qk, d_v = 1, 2, 37, 29, 24, 17
+    inputs = {"q": randn(B, H, n_q, d_qk, generator=gen, device=device),
+              "k": (randn(B, H, n_k, d_qk, generator=gen) * 256).round().div(256).to(device),
+              "key_shift": (randn(B, H, 1, d_qk, generator=gen) * 1024).round().to(device),
+              "v": randn(B, H, n_k, d_v, generator=gen, device=device)}
+
+    def shifted(attend):
+        return lambda q, k, key_shift, v: attend(q, k + key_shift, v)
+
+    check_against_reference(shifted(lambda q, k, v: mtlfast.ops.attention(q, k, v, backend="triton")),
+                            shifted(reference_attention), inputs, dtype=torch.float32, grad=["q", "k", "v"],
+                            tf32_dots=_tf32())
+
+
+def test_kernels_on_rows_with_every_score_far_below_zero(device):
+    """The kernels without the centring (called directly): every score of a row near -400, so exp(s - lse)
+    of a padding key row (s = 0) would overflow; the dq kernel masks those rows. Nk = 20 leaves 12 padding
+    rows in the last 16-key block."""
+    from mtlfast.kernels.attention import attention_backward, attention_forward
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    B, H, n_q, n_k, d = 1, 1, 5, 20, 16
+    u = torch.zeros(d, dtype=torch.float64)
+    u[0] = 1.0
+    q = (randn(B, H, n_q, d, generator=gen) + 20 * u).float().to(device)
+    k = (randn(B, H, n_k, d, generator=gen) - 20 * u).float().to(device)
+    v, grad_out = randn(B, H, n_k, 3, generator=gen), randn(B, H, n_q, 3, generator=gen)
+    v, grad_out = v.float().to(device), grad_out.float().to(device)
+    blocks = _blocks(16, 16, 16, 16)
+    out, lse = attention_forward(q, k, v, 1.0, blocks)
+    assert lse.max() < -300
+    grads = attention_backward(grad_out, q, k, v, out, lse, 1.0, blocks)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(reference_attention(*leaves, scale=1.0), leaves, grad_out.double())
+    for name, got, ref in zip("qkv", grads, want):
+        assert rel_error(got, ref) < 1e-4, f"grad {name}: {rel_error(got, ref):.2e}"
 
 
 def test_logsumexp_output(device):

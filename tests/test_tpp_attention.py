@@ -10,6 +10,7 @@ import torch
 
 from mtlfast.backends import BackendError
 from mtlfast.bench.bench_tpp_attention import widened_rewrite
+from mtlfast.ops.attention import center_keys
 from mtlfast.ops.tpp_attention import _fwd, tpp_attention
 from mtlfast.reference import tpp_attention as reference
 from mtlfast.testing import check_against_reference, fresh_seed, randn
@@ -115,6 +116,37 @@ def test_widened_rewrite_float64():
         attn = torch.softmax(scale * q_wide @ k_wide.transpose(-1, -2), -1) @ v.flatten(1, 2)
         torch.testing.assert_close(attn.view(B, T, H, Nq, Dv), reference.tpp_attention(q, k, v, w, scale=scale),
                                    rtol=1e-12, atol=1e-12)
+
+
+def test_centred_keys_change_nothing_float64():
+    """A key shift common to the keys of each (task, head) moves every row of score map c by q_c·shift_c,
+    and the mixed map j by Σ_c W[j, c] q_c·shift_c, still constant along the softmax axis: the literal
+    reference in float64 is unchanged by center_keys (what the Triton path applies first)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(2, 2, 2, 7, 9, 5, 4, False, True, "cpu", gen)
+    k = inputs.pop("k") + randn(2, 2, 2, 1, 5, generator=gen, scale=10.0)
+    torch.testing.assert_close(reference.tpp_attention(k=center_keys(k), **inputs),
+                               reference.tpp_attention(k=k, **inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_keys_with_a_large_common_shift(device):
+    """As in test_attention.py: keys of order 1 plus a shift of order 1000 per (task, head), exact in float32;
+    the centred keys keep the kernel at float32 accuracy for every gradient (uncentred, dq and dW miss the
+    1e-4 bound)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    B, T, H, Nq, Nk, D, Dv = 1, 2, 2, 19, 21, 16, 9
+    inputs = _inputs(B, T, H, Nq, Nk, D, Dv, False, False, device, gen)
+    inputs["k"] = (inputs["k"] * 256).round() / 256
+    inputs["key_shift"] = (randn(B, T, H, 1, D, generator=gen) * 1024).round().to(device)
+    inputs["mix_weight"] = inputs["mix_weight"] * (T * H) ** -0.5
+
+    def shifted(tpp):
+        return lambda k, key_shift, **rest: tpp(k=k + key_shift, **rest)
+
+    with _pinned(D):
+        check_against_reference(shifted(_triton), shifted(reference.tpp_attention), inputs, dtype=torch.float32,
+                                grad=["q", "k", "v", "mix_weight"],
+                                tf32_dots=device == "cuda")
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -8,7 +8,8 @@ Backends: ``reference`` (:func:`mtlfast.reference.attention.attention`, any devi
 and ``triton`` (flash-style forward and backward, CUDA in float16/bfloat16/float32, CPU through the
 Triton interpreter in float16/float32). The Triton path is the torch.library op ``mtlfast::attention_fwd``
 (outputs out and the float32 row logsumexp) with its backward ``mtlfast::attention_bwd``, registered with
-fake (meta) implementations and autograd, so it composes with torch.compile. :func:`attention_triton`
+fake (meta) implementations and autograd, so it composes with torch.compile; the keys are centred
+before it (:func:`center_keys`, exact, for well-conditioned q/k gradients). :func:`attention_triton`
 is that path with explicit launch configurations, for other ops built on it (lthd_attention) and tests.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, resolve_scale
 from mtlfast.reference.attention import attention as _reference_attention
 
-__all__ = ["attention", "attention_triton"]
+__all__ = ["attention", "attention_triton", "center_keys"]
 
 _OP = Op("attention")
 
@@ -79,12 +80,29 @@ def _backward(ctx, grad_out, grad_lse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def center_keys(k: Tensor) -> Tensor:
+    """k − mean_j k_j over the key axis (dim −2), per batch and head: an exact reformulation for the kernels.
+
+    softmax_j(s_ij) is unchanged when every row i is shifted by a constant: q_i·(k_j − k̄) = q_i·k_j − q_i·k̄
+    (and for TPP's mixed maps, Σ_c W[o, c] q_ic·k̄_c is also constant along j). Why the kernels use it: the
+    flash backward forms dS_ij = P_ij (dP_ij − δ_i) with δ_i = dO_i·O_i from the forward, so Σ_j dS_ij,
+    exactly 0 in exact arithmetic, is only 0 up to the rounding of O and the logsumexp, and dq_i = Σ_j dS_ij k_j
+    multiplies that residue by the keys' common component k̄. Keys with a large mean relative to their
+    spread (LayerNorm'd pooled tokens times a bias-free projection, as in SEM's spatial-reduction attention)
+    then get q/k gradients several times less accurate than PyTorch's softmax backward. With centred keys
+    dq_i = Σ_j dS_ij (k_j − k̄) carries no such term, and autograd of this subtraction gives
+    dk = dk_c − mean_j dk_c, which removes the same residue from Σ_j dk_j (mathematically 0). The proof that
+    it changes nothing in exact arithmetic and the test it fixes are in tests/test_attention.py."""
+    return k - k.mean(dim=-2, keepdim=True)
+
+
 def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, scale: float, fwd_blocks=None, bwd_blocks=None) -> Tensor:
-    """The Triton path on already validated inputs; ``*_blocks``: a ``Blocks`` (None = default)."""
+    """The Triton path on already validated inputs (keys centred, :func:`center_keys`); ``*_blocks``: a
+    ``Blocks`` (None = default)."""
     def as_list(blocks):
         return blocks.as_list() if blocks is not None else []
 
-    out, _ = _attention_fwd(q, k, v, float(scale), as_list(fwd_blocks), as_list(bwd_blocks))
+    out, _ = _attention_fwd(q, center_keys(k), v, float(scale), as_list(fwd_blocks), as_list(bwd_blocks))
     return out
 
 

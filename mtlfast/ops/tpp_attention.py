@@ -13,7 +13,8 @@ the interpreter; float16/bfloat16/float32; T·H <= 16): one fused flash-style ke
 tiles once per key block, mixes them in registers and runs an online softmax per output map, saving only
 the logsumexp (B, T·H, Nq); see :mod:`mtlfast.kernels.tpp_attention`. The bias is constant along the
 softmax axis, so it cancels: the kernels never read it and its gradient is exactly zero. A shared weight
-is expanded to (T, H, T·H) before the kernel (its gradient is the sum over tasks, by autograd).
+is expanded to (T, H, T·H) before the kernel (its gradient is the sum over tasks, by autograd), and the
+keys of every (task, head) are centred over the key axis (exact, see :func:`mtlfast.ops.attention.center_keys`).
 
 The Triton path is two torch.library custom ops, ``mtlfast::tpp_attention_fwd`` and
 ``mtlfast::tpp_attention_bwd``, so it composes with torch.compile. The launch configuration comes from
@@ -21,13 +22,13 @@ The Triton path is two torch.library custom ops, ``mtlfast::tpp_attention_fwd`` 
 """
 from __future__ import annotations
 
-from dataclasses import astuple
 from typing import Optional
 
 import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor, resolve_scale
+from mtlfast.ops.attention import center_keys
 from mtlfast.reference import tpp_attention as _reference
 
 Tensor = torch.Tensor
@@ -94,7 +95,7 @@ def _triton(q, k, v, mix_weight, mix_bias, *, scale):
     C = T * H
     w = mix_weight.expand(T, H, C).reshape(C, C)  # shared (H, T·H): the same rows for every task
     b = None if mix_bias is None else mix_bias.expand(T, H).reshape(C)
-    out, _ = _fwd(q, k, v, w, b, scale, list(astuple(current_config(C, D, v.shape[-1]))))
+    out, _ = _fwd(q, center_keys(k), v, w, b, scale, current_config(C, D, v.shape[-1]).as_list())
     return out
 
 
