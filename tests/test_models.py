@@ -1,7 +1,8 @@
 """mtlfast.models: every method with a real (small) timm backbone at 64×64 — output keys and shapes for the
 NYUD, PASCAL, one-task and six-task task sets, one optimiser step that lowers the loss, kernel path vs
 reference path on the same weights, MTI-Net's published parameter counts, backbones, weights from a local
-file, configuration errors, the configs/ files and the parameter/FLOP table."""
+file, configuration errors, the configs/ files, the parameter/FLOP table, and decoder activation checkpointing
+(same outputs, gradients and buffers, fewer saved activations)."""
 import copy
 import glob
 import os
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 import mtlfast
+import mtlfast.models.base
+from mtlfast.bench.harness import saved_activation_bytes
 from mtlfast.data.tasks import TASKS, num_outputs
 from mtlfast.losses import MultiTaskLoss
 from mtlfast.models import create_model, list_models
@@ -141,15 +144,7 @@ class _TrainForward(torch.nn.Module):
         return self.model.forward_train(images)
 
 
-#: Open defect (issue 6 note): on convnet_tiny, SEM's refine-stage q/k gradients on the kernel path reach ~3x
-#: the float32 reference path's error vs float64 (6e-4 vs 2e-4) for most cotangent draws; on HRNet-18 it
-#: passes. Kept running (non-strict xfail, reported as XFAIL/XPASS) until the attention backward is fixed.
-_SEM_TINY_XFAIL = pytest.mark.xfail(BACKBONE == "convnet_tiny", strict=False,
-                                    reason="open: SEM refine-stage attention gradients on convnet_tiny, see issue 6")
-
-
-@pytest.mark.parametrize("method", [pytest.param(m, marks=_SEM_TINY_XFAIL) if m == "sem" else m
-                                    for m in KERNEL_METHODS])
+@pytest.mark.parametrize("method", KERNEL_METHODS)
 def test_kernel_path_matches_reference_path(method):
     """Outputs, deep-supervision outputs and every parameter gradient agree (nn_paths.compare_paths), then a
     training step on the kernel path lowers the loss. SEM runs with detach_iterations=False here: with the
@@ -167,6 +162,96 @@ def test_kernel_path_matches_reference_path(method):
     backend, per_op = KERNEL_PATH
     model = model.float().to(DEVICE)
     _check_step(model, images.float().to(DEVICE), _labels(tasks, dataset, 2, (64, 64), gen), backend, per_op)
+
+
+def _storage_bytes(tensors) -> dict[int, int]:
+    return {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors if isinstance(t, torch.Tensor)}
+
+
+def _checkpointed_step(model, images, labels, monkeypatch):
+    """One training step (forward, loss, backward, SGD step) in float64 on the reference path. Returns the
+    outputs, the loss, the gradients, the saved-activation bytes of the forward (measured on a copy by
+    bench.harness.saved_activation_bytes: what autograd's pack hooks see), the retained bytes (the same
+    count plus the storages that checkpointed stages keep as their inputs, which no pack hook sees) and the
+    number of checkpointed stages."""
+    stage_inputs: dict[int, int] = {}
+    calls = []
+
+    def recording(fn, *args):
+        calls.append(fn)
+        stage_inputs.update(_storage_bytes(torch.utils._pytree.tree_leaves(args)))
+        return checkpoint_stage(fn, *args)
+
+    checkpoint_stage = mtlfast.models.base.checkpoint_stage
+    monkeypatch.setattr(mtlfast.models.base, "checkpoint_stage", recording)
+    loss_fn = MultiTaskLoss(model.tasks, stage_weights=getattr(model, "aux_loss_weights", None))
+    model.train()
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved.update(_storage_bytes([t]))
+        return t
+
+    with mtlfast.use_backend("reference"):
+        harness_bytes = saved_activation_bytes(copy.deepcopy(model).forward_train, {"images": images})
+        calls.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            preds, aux = model.forward_train(images)
+        loss, _ = loss_fn(preds, labels, aux)
+        model.zero_grad()
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).step()
+    monkeypatch.undo()
+    image = images.untyped_storage()._cdata
+    retained = sum(b for k, b in {**saved, **stage_inputs}.items() if k != image)
+    return (preds, aux), loss, grads, harness_bytes, retained, len(calls)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "single_task"])
+def test_checkpoint_decoder_changes_memory_only(method, monkeypatch):
+    """model.checkpoint_decoder: one float64 training step with and without it, from the same weights, gives
+    equal outputs, deep-supervision outputs, loss, every parameter gradient, and every parameter and buffer
+    after the step (BatchNorm statistics and SEM's EM bases updated once); the forward saves fewer bytes for
+    the backward, also counting the stage inputs that the checkpoints keep. Eval mode and no_grad run no
+    checkpoint."""
+    dataset, tasks = "nyud", ["semseg", "depth"]
+    torch.manual_seed(0)
+    plain = create_model(method, tasks, backbone="convnet_tiny", dataset=dataset, **SMALL[method]).double()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.checkpoint_decoder = True
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+    labels = {t: (v.double() if v.is_floating_point() else v)
+              for t, v in _labels(tasks, dataset, 2, (64, 64), gen).items()}
+    ref = _checkpointed_step(plain, images, labels, monkeypatch)
+    got = _checkpointed_step(checkpointed, images, labels, monkeypatch)
+    assert ref[5] == 0 and got[5] > 0
+    exact = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], ref[0], **exact)
+    torch.testing.assert_close(got[1], ref[1], **exact)
+    torch.testing.assert_close(got[2], ref[2], **exact)
+    torch.testing.assert_close(checkpointed.state_dict(), plain.state_dict(), **exact)  # parameters and buffers
+    initial = create_model(method, tasks, backbone="convnet_tiny", dataset=dataset, **SMALL[method]).double()
+    changed = [k for k, v in initial.state_dict().items() if k in dict(plain.named_buffers())
+               and not torch.equal(v, plain.state_dict()[k])]
+    assert changed, "the step updated no buffer"
+    assert got[3] < ref[3] and got[4] < ref[4], (got[3:5], ref[3:5])
+    print(f"{method}: saved {ref[3]} -> {got[3]} bytes, retained {ref[4]} -> {got[4]} bytes, {got[5]} stages")
+    calls = []
+    monkeypatch.setattr(mtlfast.models.base, "checkpoint_stage", lambda fn, *args: calls.append(fn) or fn(*args))
+    with mtlfast.use_backend("reference"):
+        with torch.no_grad():
+            checkpointed.train().forward_train(images)
+        checkpointed.eval().forward_train(images)
+    assert not calls
+
+
+def test_checkpoint_decoder_option():
+    model = create_model("baseline", ["semseg"], backbone="convnet_tiny", checkpoint_decoder=True)
+    assert model.checkpoint_decoder and not create_model("baseline", ["semseg"], backbone="convnet_tiny").checkpoint_decoder
+    with pytest.raises(TypeError, match="checkpoint_decoder: expected true or false"):
+        create_model("baseline", ["semseg"], backbone="convnet_tiny", checkpoint_decoder="yes")
 
 
 @needs_timm
