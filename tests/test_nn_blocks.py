@@ -13,7 +13,7 @@ from mtlfast.nn import (BridgeFeatureExtractor, CrossTaskInteractionBlock, EMInt
                         HierarchyAdaptiveAttention, IterativeFusionBlock, LowToHighDiffusion,
                         MultiModalDistillation, ScaleAttentiveFeatureFusion, SelfFeatureDistillation,
                         TaskFeatureRefiner, TaskPairInteraction, TaskPatternPropagation)
-from mtlfast.nn.common import to_map, to_tokens
+from mtlfast.nn.common import checkpoint_stage, to_map, to_tokens
 from mtlfast.nn.sem import reference_points
 from nn_paths import compare_paths
 
@@ -194,6 +194,51 @@ def test_em_interaction_averages_task_bases_eq10():
     with mtlfast.use_backend("reference"):
         block(x)
     assert torch.equal(block.bases.mu, before)  # μ⁽⁰⁾ is constant at inference
+
+
+def _em_step(block, x, run, backwards=1):
+    """One training forward of ``run(block, x)`` and ``backwards`` backward passes (graph retained)."""
+    with mtlfast.use_backend("reference"):
+        out = run(block, x)
+    loss = sum((o * o.detach().flip(-1)).sum() for o in out.values())
+    for i in range(backwards):
+        loss.backward(retain_graph=i + 1 < backwards)
+    return out
+
+
+@pytest.mark.parametrize("detach_iterations", [True, False])
+def test_checkpoint_stage_updates_buffers_once(detach_iterations):
+    """EMInteraction (EM bases EMA + BatchNorm) under checkpoint_stage: outputs, every parameter gradient
+    and every buffer (μ⁽⁰⁾, BN running statistics, num_batches_tracked) equal those of the plain block, also
+    after a second backward through the retained graph (a second recomputation). Plain torch checkpointing,
+    the control, updates them twice and recomputes from the updated μ⁽⁰⁾, so its gradients differ."""
+    import copy
+
+    gen = torch.Generator().manual_seed(11)
+    block = EMInteraction(TASKS, 6, num_bases=4, n_iter=3, momentum=0.9,
+                          detach_iterations=detach_iterations).double().train()
+    x = {t: _randn(2, 6, 3, 5, gen=gen) for t in TASKS}
+    runs = {"plain": lambda b, v: b(v), "checkpoint_stage": lambda b, v: checkpoint_stage(b, v),
+            "torch_checkpoint": lambda b, v: torch.utils.checkpoint.checkpoint(b, v, use_reentrant=False)}
+    results = {}
+    for name, run in runs.items():
+        for backwards in (1, 2):
+            copy_ = copy.deepcopy(block)
+            out = _em_step(copy_, x, run, backwards)
+            results[name, backwards] = (out, copy_)
+    for backwards in (1, 2):
+        (out, plain), (out_ck, ck) = results["plain", backwards], results["checkpoint_stage", backwards]
+        for t in TASKS:
+            torch.testing.assert_close(out_ck[t], out[t], rtol=1e-12, atol=1e-12)
+        for (name, p), q in zip(plain.named_parameters(), ck.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+        for (name, b), c in zip(plain.named_buffers(), ck.buffers()):
+            torch.testing.assert_close(c, b, rtol=1e-12, atol=1e-12, msg=name)
+    plain, control = results["plain", 1][1], results["torch_checkpoint", 1][1]
+    assert not torch.allclose(control.bases.mu, plain.bases.mu)  # the EMA ran twice
+    assert control.out[TASKS[0]][1].num_batches_tracked.item() == 2
+    assert not torch.allclose(control.inp[TASKS[0]].weight.grad, plain.inp[TASKS[0]].weight.grad)
+    assert not torch.equal(plain.bases.mu, block.bases.mu)  # one update happened
 
 
 def _upsample_scores(a, coarse, fine):

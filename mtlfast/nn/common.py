@@ -1,19 +1,22 @@
 """Small building blocks shared by the papers' modules: conv-BN-activation, ResNet blocks, squeeze-and-
-excitation, the transformer feed-forward network, and token <-> feature-map reshapes.
+excitation, the transformer feed-forward network, token <-> feature-map reshapes, and activation
+checkpointing of a model stage that keeps module buffers exact (:func:`checkpoint_stage`).
 
 Conventions: feature maps are (B, C, H, W); token sequences are (B, N, C) with N = H·W in row-major
 order (``x.flatten(2).transpose(1, 2)``); multi-head tensors are (B, heads, N, C / heads).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "SEBlock", "FeedForward", "to_tokens", "to_map",
-           "split_heads", "merge_heads", "resize"]
+           "split_heads", "merge_heads", "resize", "checkpoint_stage"]
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -122,3 +125,84 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class _BufferReplay:
+    """The two contexts (forward, recomputation) of one :func:`checkpoint_stage` call.
+
+    Forward: a process-wide module forward pre-hook, active only while the stage runs, copies the buffers
+    of every module whose forward is called, before its first call. Recomputation: those modules' current
+    buffers are set aside, the copies are loaded, the stage runs again (the recomputation may stop early,
+    once it has every tensor the backward needs), and the set-aside values are loaded back."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
+
+    @staticmethod
+    def _copy(module: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: b.detach().clone() for n, b in module.named_buffers(recurse=False)}
+
+    @staticmethod
+    def _load(module: nn.Module, values: dict[str, torch.Tensor]) -> None:
+        current = dict(module.named_buffers(recurse=False))
+        with torch.no_grad():
+            for name, value in values.items():
+                current[name].copy_(value)
+
+    def _record(self, module: nn.Module, _args) -> None:
+        if id(module) not in self.before:
+            self.before[id(module)] = (module, self._copy(module))
+
+    def contexts(self) -> tuple["_ForwardContext", "_RecomputeContext"]:
+        return _ForwardContext(self), _RecomputeContext(self)
+
+
+class _ForwardContext:
+    def __init__(self, replay: _BufferReplay) -> None:
+        self.replay, self.handle = replay, None
+
+    def __enter__(self) -> None:
+        self.handle = register_module_forward_pre_hook(self.replay._record)
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+class _RecomputeContext:
+    """Reusable: a second backward through a retained graph recomputes the stage again."""
+
+    def __init__(self, replay: _BufferReplay) -> None:
+        self.replay, self.current = replay, []
+
+    def __enter__(self) -> None:
+        stateful = [(m, values) for m, values in self.replay.before.values() if values]
+        self.current = [(m, self.replay._copy(m)) for m, _ in stateful]
+        for module, values in stateful:
+            self.replay._load(module, values)
+
+    def __exit__(self, *exc) -> None:
+        current, self.current = self.current, []
+        for module, values in current:
+            self.replay._load(module, values)
+
+
+def checkpoint_stage(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` under activation checkpointing (``torch.utils.checkpoint``, ``use_reentrant=False``): the
+    activations ``fn`` saves for backward are dropped after the forward and recomputed by running ``fn`` again
+    during the backward. ``args`` and the result may be tensors, lists/dicts of tensors, or anything else.
+
+    Module buffers stay exactly those of one plain call. Plain checkpointing runs the forward of every module
+    in ``fn`` twice in a training step, so buffers updated in forward (BatchNorm's running statistics and
+    ``num_batches_tracked``, SEM's EM bases :class:`mtlfast.nn.em_bases.EMBases`) would get two updates, and
+    a module that reads a buffer it updates (EMBases reads μ⁽⁰⁾, then blends the new bases into it) would
+    recompute from the updated value, i.e. compute other gradients. Here the buffers of every module called
+    in ``fn`` are copied before its first call; the recomputation runs on these copies (so it sees exactly
+    the buffers of the original forward) and afterwards the buffers get back the values they had when it
+    began (the result of the one update). RNG state is restored for the recomputation by torch (dropout
+    masks match), and so is autocast. Caveats: buffers changed inside ``fn`` other than through the forward
+    of a module called in it are not covered; the forward pre-hook is process-wide while ``fn`` runs (a module
+    run by another thread at that moment would be copied needlessly, not harmed); collectives inside ``fn``
+    (SyncBatchNorm under DDP) run again in the backward on every rank.
+    """
+    replay = _BufferReplay()
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=replay.contexts)
