@@ -9,11 +9,23 @@ Interface (every model returned by :func:`mtlfast.models.create_model`):
 - ``model.forward_train(images)`` returns ``(preds, aux)``: ``preds`` as above, ``aux`` the deep-supervision
   outputs ``{stage_name: {task: (B, C_task, h, w)}}`` at the stage's own resolution (the loss,
   :class:`mtlfast.losses.MultiTaskLoss`, resizes them to the label size), ``{}`` for methods without deep
-  supervision. Auxiliary tasks (MTI-Net / PAD-Net ``aux_tasks``) appear only in ``aux``.
+  supervision. Auxiliary tasks (MTI-Net / PAD-Net / TPIM ``aux_tasks``, ``model.aux_tasks``) appear only
+  in ``aux``; ``MultiTaskLoss(model.tasks, aux_tasks=model.aux_tasks)`` scores them there (the trainer does
+  this for ``model.kwargs.aux_tasks``).
 - ``model.aux_loss_weights``: ``{stage_name: λ}`` when a stage is weighted differently from 1 (absent
   otherwise); ``model.tasks``, ``model.dataset``, ``model.num_outputs`` ({task: C_task}), ``model.backbone``.
 - Every attention-like computation runs through :mod:`mtlfast.ops`, so ``mtlfast.use_backend(...)`` (or
   ``MTLFAST_BACKEND``) switches the whole model between the kernel and the reference path.
+- ``model.checkpoint_decoder`` (every method's option ``checkpoint_decoder=False``; the trainer's config key
+  ``model.checkpoint_decoder``; may be switched on a built model): activation checkpointing of everything
+  after the backbone, stage by stage. Every method runs its stages through :meth:`MultiTaskModel.stage`,
+  which in training mode with gradients enabled runs the stage under
+  :func:`mtlfast.nn.common.checkpoint_stage` (``torch.utils.checkpoint``, ``use_reentrant=False``): the
+  stage's intermediate activations are freed after the forward and recomputed in the backward, at the cost
+  of a second forward of the decoder. Outputs, losses, gradients and buffers (BatchNorm statistics, SEM's
+  EM bases: updated once, as without checkpointing) are those of the plain model; in eval mode or under
+  ``torch.no_grad`` nothing changes. The backbone is not checkpointed (timm's ``set_grad_checkpointing``
+  does that for its models). Which calls are stages is listed in each model's docstring.
 
 Constructors are registered with :func:`method`, which also checks the keyword arguments: an unknown
 option, task, dataset or backbone is a ``ValueError`` that lists the valid choices.
@@ -30,7 +42,7 @@ from torch import nn
 from mtlfast.data.tasks import canonical_dataset, check_tasks, num_outputs
 from mtlfast.models.backbones import Backbone
 from mtlfast.models.registry import register_model
-from mtlfast.nn.common import resize
+from mtlfast.nn.common import checkpoint_stage, resize
 
 __all__ = ["MultiTaskModel", "method", "build_backbone", "default_img_size", "upsample_all", "check_aux_tasks"]
 
@@ -64,7 +76,8 @@ def upsample_all(outputs: Mapping[str, torch.Tensor], size) -> dict[str, torch.T
 
 
 class MultiTaskModel(nn.Module):
-    """Base class: task bookkeeping and ``forward = forward_train()[0]`` (see the module docstring)."""
+    """Base class: task bookkeeping, ``forward = forward_train()[0]`` and the decoder-stage runner
+    :meth:`stage` (see the module docstring)."""
 
     def __init__(self, tasks: Sequence[str], dataset: str, backbone: Backbone) -> None:
         super().__init__()
@@ -72,6 +85,14 @@ class MultiTaskModel(nn.Module):
         self.tasks = tuple(check_tasks(tasks, self.dataset))
         self.num_outputs = {t: num_outputs(t, self.dataset) for t in self.tasks}
         self.backbone = backbone
+        self.checkpoint_decoder = False
+
+    def stage(self, fn: Callable, *args):
+        """``fn(*args)``, one stage after the backbone; with ``checkpoint_decoder`` on, in training mode with
+        gradients enabled, under activation checkpointing (:func:`mtlfast.nn.common.checkpoint_stage`)."""
+        if self.checkpoint_decoder and self.training and torch.is_grad_enabled():
+            return checkpoint_stage(fn, *args)
+        return fn(*args)
 
     def forward_train(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         raise NotImplementedError
@@ -82,23 +103,28 @@ class MultiTaskModel(nn.Module):
 
 def method(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Registers a model constructor ``fn(tasks, *, backbone, dataset, ...)`` under ``name`` and wraps it so
-    that an unknown keyword argument is a ValueError listing the valid ones."""
+    that an unknown keyword argument is a ValueError listing the valid ones. Every method also takes
+    ``checkpoint_decoder=False`` (set on the built :class:`MultiTaskModel`, see the module docstring)."""
 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         signature = inspect.signature(fn).parameters.values()
-        params = [p.name for p in signature if p.kind is p.KEYWORD_ONLY]
+        params = [p.name for p in signature if p.kind is p.KEYWORD_ONLY] + ["checkpoint_decoder"]
         default_dataset = next(p.default for p in signature if p.name == "dataset")
 
         @functools.wraps(fn)
-        def build(tasks, **cfg):
+        def build(tasks, *, checkpoint_decoder: bool = False, **cfg):
             unknown = sorted(set(cfg) - set(params))
             if unknown:
                 raise ValueError(f"create_model({name!r}): unknown option(s) {', '.join(unknown)}; "
                                  f"valid options: {', '.join(params)}")
+            if not isinstance(checkpoint_decoder, bool):
+                raise TypeError(f"checkpoint_decoder: expected true or false, got {checkpoint_decoder!r}")
             if isinstance(tasks, str):
                 tasks = [tasks]
             check_tasks(tasks, cfg.get("dataset", default_dataset))  # before the backbone is built
-            return fn(list(tasks), **cfg)
+            model = fn(list(tasks), **cfg)
+            model.checkpoint_decoder = checkpoint_decoder
+            return model
 
         build.options = params
         register_model(name)(build)

@@ -5,6 +5,7 @@ Head: :class:`mtlfast.nn.FeatureAggregation` on the backbone's 4 scales (resized
 1×1 conv + BN + ReLU, 1×1 conv), the HRNet segmentation head that MTI-Net and ATRC use as their baseline.
 ``head_channels`` sets the width of its hidden 1×1 conv (default: the sum of the backbone's channels for HRNet,
 as in the public MTI-Net code, and 256 for the wider backbones, where the sum would be 1–4 thousand).
+Stages under ``checkpoint_decoder`` (:mod:`mtlfast.models.base`): each task's head.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class Baseline(MultiTaskModel):
 
     def forward_train(self, images):
         feats = self.backbone(images)
-        return {t: resize(head(feats), images.shape[-2:]) for t, head in self.heads.items()}, {}
+        return {t: resize(self.stage(head, feats), images.shape[-2:]) for t, head in self.heads.items()}, {}
 
 
 @method("baseline")

@@ -16,6 +16,10 @@ Pipeline (choices the paper leaves open are marked *):
 - prediction per task: the refined P_k of every stage resized to the finest stage and concatenated,
   3×3 conv + BN + ReLU to stage_dims[-1], 1×1 conv*; resized to the input.
 
+Stages under ``checkpoint_decoder`` (:mod:`mtlfast.models.base`): the preliminary decoders with TPP and
+the initial predictions; per scale k the up-sampling from scale k-1, the embedding of S_k, the BFE and the
+TFR; each task's prediction head.
+
 Defaults: ``stage_dims`` (576, 288, 144[, 72]) and 2 heads (official code, DESIGN §4), ``embed_dim`` 512.
 """
 from __future__ import annotations
@@ -63,26 +67,33 @@ class BridgeNet(MultiTaskModel):
         self.heads = nn.ModuleDict({t: nn.Sequential(ConvBNAct(sum(dims), dims[-1], 3), nn.Conv2d(dims[-1], c, 1))
                                     for t, c in self.num_outputs.items()})
 
+    def _preliminary(self, coarsest: torch.Tensor):
+        """Preliminary decoders + TPP on the coarsest level: (initial predictions, task features P_0)."""
+        prelim = self.tpp({t: self.prelim[t](coarsest) for t in self.tasks})
+        initial = {t: self.initial_heads[t](x) for t, x in prelim.items()}
+        return initial, {t: self.to_stage0(x) for t, x in prelim.items()}
+
+    def _scale(self, k: int, level: torch.Tensor, task: dict) -> dict:
+        """Decoder stage k: task features of stage k-1 up-sampled to this level (k > 0), S_k, BFE, TFR."""
+        if k > 0:
+            task = {t: self.upsample[k - 1](resize(x, level.shape[-2:])) for t, x in task.items()}
+        bridge = self.bfe[k](self.embed[k](level), task)
+        return self.tfr[k](task, bridge)
+
+    def _head(self, task: str, stages: list, size) -> torch.Tensor:
+        return self.heads[task](torch.cat([resize(s, size) for s in stages], 1))
+
     def forward_train(self, images):
         levels = list(reversed(self.backbone(images)[-self.num_scales:]))  # coarsest first
-        generic = [embed(x) for embed, x in zip(self.embed, levels)]
-        prelim = self.tpp({t: self.prelim[t](levels[0]) for t in self.tasks})
-        aux = {"initial": {t: self.initial_heads[t](x) for t, x in prelim.items()}}
-        task = {t: self.to_stage0(x) for t, x in prelim.items()}
+        initial, task = self.stage(self._preliminary, levels[0])
         stages = []
         for k in range(self.num_scales):
-            bridge = self.bfe[k](generic[k], task)
-            task = self.tfr[k](task, bridge)
+            task = self.stage(self._scale, k, levels[k], task)
             stages.append(task)
-            if k + 1 < self.num_scales:
-                size = generic[k + 1].shape[-2:]
-                task = {t: self.upsample[k](resize(x, size)) for t, x in task.items()}
         finest = stages[-1][self.tasks[0]].shape[-2:]
-        preds = {}
-        for t in self.tasks:
-            x = self.heads[t](torch.cat([resize(s[t], finest) for s in stages], 1))
-            preds[t] = resize(x, images.shape[-2:])
-        return preds, aux
+        preds = {t: resize(self.stage(self._head, t, [s[t] for s in stages], finest), images.shape[-2:])
+                 for t in self.tasks}
+        return preds, {"initial": initial}
 
 
 @method("bridgenet")

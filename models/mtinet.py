@@ -11,6 +11,9 @@ two BasicBlocks give the task feature and a 1×1 conv the initial prediction (de
 Options: ``aux_tasks`` (predicted in the front-end only, e.g. edge + normals on NYUD as in the paper's
 Table S1), ``channels`` (None: the backbone's channels, as with HRNet; else a 1×1 conv + BN + ReLU per
 scale projects the backbone to these widths, useful for wide backbones such as ResNet-50).
+Stages under ``checkpoint_decoder`` (:mod:`mtlfast.models.base`): per scale the initial task
+prediction with the feature propagation to the next finer scale, per scale the distillation, and each
+task's aggregation head.
 Parameter counts with hrnet_w18_small_v2 (DESIGN §4, public implementation): NYUD semseg+depth 8.58 M,
 with edge+normals auxiliary 14.84 M, PASCAL 5 tasks 24.49 M.
 """
@@ -77,21 +80,24 @@ class MTINet(MultiTaskModel):
         self.distill = nn.ModuleList(MultiModalDistillation(self.tasks, c[s], self.front_tasks) for s in range(scales))
         self.heads = nn.ModuleDict({t: FeatureAggregation(c, self.num_outputs[t]) for t in self.tasks})
 
+    def _scale(self, s: int, x: torch.Tensor, propagated: dict | None):
+        """Scale s: initial task features and predictions from the backbone feature (and the coarser scale's
+        propagated features), and their propagation to scale s - 1 (None at s = 0)."""
+        inputs = {t: x if propagated is None else torch.cat([x, resize(propagated[t], x.shape[-2:])], 1)
+                  for t in self.front_tasks}
+        features, predictions = self.initial[s](inputs)
+        return features, predictions, (self.propagate[s - 1](features) if s > 0 else None)
+
     def forward_train(self, images):
-        feats = self.project(self.backbone(images))
+        feats = self.stage(self.project, self.backbone(images))
         task_feats: list[dict] = [{} for _ in feats]
         aux = {}
         propagated = None
         for s in reversed(range(len(feats))):
-            x = feats[s]
-            inputs = {t: x if propagated is None else torch.cat([x, resize(propagated[t], x.shape[-2:])], 1)
-                      for t in self.front_tasks}
-            task_feats[s], aux[f"scale_{s}"] = self.initial[s](inputs)
-            if s > 0:
-                propagated = self.propagate[s - 1](task_feats[s])
-        distilled = [self.distill[s](task_feats[s]) for s in range(len(feats))]
+            task_feats[s], aux[f"scale_{s}"], propagated = self.stage(self._scale, s, feats[s], propagated)
+        distilled = [self.stage(self.distill[s], task_feats[s]) for s in range(len(feats))]
         size = images.shape[-2:]
-        preds = {t: resize(self.heads[t]([d[t] for d in distilled]), size) for t in self.tasks}
+        preds = {t: resize(self.stage(self.heads[t], [d[t] for d in distilled]), size) for t in self.tasks}
         return preds, aux
 
 

@@ -5,6 +5,8 @@ code's HRNet fuse); per front-end task (tasks + ``aux_tasks``) two BasicBlocks t
 1×1 conv give the initial predictions (deep supervision, ``aux["initial"]``); the multi-modal distillation
 (:class:`mtlfast.nn.MultiModalDistillation`, PAD-Net's attention-guided distillation, MTI-Net eq. 1 at one
 scale) refines the task features; per task two bottleneck blocks and a 1×1 conv predict.
+Stages under ``checkpoint_decoder`` (:mod:`mtlfast.models.base`): the scale fusion, the initial task
+prediction, the interaction (distillation, or the TPIM of :mod:`mtlfast.models.tpim`), each task's head.
 """
 from __future__ import annotations
 
@@ -40,13 +42,15 @@ class PADNet(MultiTaskModel):
                                                      nn.Conv2d(channels, n, 1))
                                     for t, n in self.num_outputs.items()})
 
-    def forward_train(self, images):
-        feats = self.backbone(images)
+    def _fuse(self, feats):
         size = feats[0].shape[-2:]
-        x = self.fuse(torch.cat([resize(f, size) for f in feats], 1))
-        task_feats, initial = self.initial({t: x for t in self.front_tasks})
-        distilled = self.interaction(task_feats)
-        preds = {t: resize(self.heads[t](distilled[t]), images.shape[-2:]) for t in self.tasks}
+        return self.fuse(torch.cat([resize(f, size) for f in feats], 1))
+
+    def forward_train(self, images):
+        x = self.stage(self._fuse, self.backbone(images))
+        task_feats, initial = self.stage(self.initial, {t: x for t in self.front_tasks})
+        distilled = self.stage(self.interaction, task_feats)
+        preds = {t: resize(self.stage(self.heads[t], distilled[t]), images.shape[-2:]) for t in self.tasks}
         return preds, {"initial": initial}
 
 

@@ -23,6 +23,13 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def model_options(name: str) -> list[str]:
+    """The keyword options of model ``name``'s constructor (ValueError if unknown)."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+    return list(getattr(_MODELS[name], "options", []))
+
+
 def create_model(name: str, tasks, **cfg) -> nn.Module:
     """Builds model ``name`` for ``tasks`` (a list of task names); ``cfg`` goes to its constructor."""
     if name not in _MODELS:

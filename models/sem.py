@@ -11,6 +11,10 @@ projected to ``dim`` (1×1 conv + BN + ReLU*, per task), then refined by a light
 EMInteraction of that stage across the tasks (K = ``num_bases`` 64, R = ``em_iters`` 5, the best in Fig. 6c,
 EMA momentum 0.9). Head per task: 3×3 conv + BN + ReLU and a 1×1 conv (the "3×3 convolution block" of
 §4.4), resized to the input. No deep supervision.
+
+Stages under ``checkpoint_decoder`` (:mod:`mtlfast.models.base`): each task's intra-task attention, each
+decoder stage (every task's lateral + refinement, then the EMInteraction: its EM bases are updated once per
+step, as without checkpointing), each task's head.
 """
 from __future__ import annotations
 
@@ -74,14 +78,18 @@ class SEM(MultiTaskModel):
         self.heads = nn.ModuleDict({t: nn.Sequential(ConvBNAct(dim, dim, 3), nn.Conv2d(dim, k, 1))
                                     for t, k in self.num_outputs.items()})
 
+    def _decode(self, i: int, x: dict, feat: torch.Tensor) -> dict:
+        """Decoder stage i: per task resize to encoder stage i + its lateral, refinement; then the EMInteraction."""
+        size = feat.shape[-2:]
+        x = {t: self.refine[t][i](resize(x[t], size) + self.lateral[t][i](feat)) for t in self.tasks}
+        return self.inter[i](x)
+
     def forward_train(self, images):
         feats = self.backbone(images)
-        x = {t: self.intra[t](feats) for t in self.tasks}
+        x = {t: self.stage(self.intra[t], feats) for t in self.tasks}
         for i in reversed(range(len(feats))):
-            size = feats[i].shape[-2:]
-            x = {t: self.refine[t][i](resize(x[t], size) + self.lateral[t][i](feats[i])) for t in self.tasks}
-            x = self.inter[i](x)
-        return {t: resize(self.heads[t](x[t]), images.shape[-2:]) for t in self.tasks}, {}
+            x = self.stage(self._decode, i, x, feats[i])
+        return {t: resize(self.stage(self.heads[t], x[t]), images.shape[-2:]) for t in self.tasks}, {}
 
 
 @method("sem")

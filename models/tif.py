@@ -5,6 +5,8 @@ Per task t (choices marked * are open in the paper): X̂_t^i = 3×3 conv + BN + 
 (the split into task-specific features); RX_t^2, RX_t^3 by SFD; RX_t^0, RX_t^1 by LTHD from the SFD query/
 key maps of scales 2 and 3; FX_t = FeatureFuse(RX_t^0..RX_t^3) (eq. 14): every RX resized to scale 0 and
 concatenated, 3×3 conv + BN + ReLU*; a 1×1 conv predicts*; resized to the input. No deep supervision.
+Stages under ``checkpoint_decoder`` (:mod:`mtlfast.models.base`): each scale's SAFF, each task's decoder
+(split, SFD, LTHD, fusion and head).
 ``dim``: the decoder width (all scales; default 80*: with Swin-T it gives 32.5 M parameters for the
 NYUD 4-task model, the paper reports 32.91 M, Table 3).
 """
@@ -35,21 +37,21 @@ class TIF(MultiTaskModel):
         self.heads = nn.ModuleDict({t: nn.Sequential(ConvBNAct(4 * dim, dim, 3), nn.Conv2d(dim, n, 1))
                                     for t, n in self.num_outputs.items()})
 
+    def _decode(self, t: str, shared: list) -> torch.Tensor:
+        """Task t's decoder on the shared SAFF features: its prediction at scale 0."""
+        x = [split(s) for split, s in zip(self.split[t], shared)]
+        rx2, q2, k2 = self.sfd[t][0](x[2])
+        rx3, q3, k3 = self.sfd[t][1](x[3])
+        fine, coarse = (q2, k2, x[2].shape[-2:]), (q3, k3, x[3].shape[-2:])
+        rx0 = self.lthd[t][0](x[0], fine, coarse)
+        rx1 = self.lthd[t][1](x[1], fine, coarse)
+        size = rx0.shape[-2:]
+        return self.heads[t](torch.cat([rx0] + [resize(r, size) for r in (rx1, rx2, rx3)], 1))
+
     def forward_train(self, images):
         feats = self.backbone(images)
-        shared = [saff(feats) for saff in self.saff]
-        preds = {}
-        for t in self.tasks:
-            x = [split(s) for split, s in zip(self.split[t], shared)]
-            rx2, q2, k2 = self.sfd[t][0](x[2])
-            rx3, q3, k3 = self.sfd[t][1](x[3])
-            fine, coarse = (q2, k2, x[2].shape[-2:]), (q3, k3, x[3].shape[-2:])
-            rx0 = self.lthd[t][0](x[0], fine, coarse)
-            rx1 = self.lthd[t][1](x[1], fine, coarse)
-            size = rx0.shape[-2:]
-            fused = torch.cat([rx0] + [resize(r, size) for r in (rx1, rx2, rx3)], 1)
-            preds[t] = resize(self.heads[t](fused), images.shape[-2:])
-        return preds, {}
+        shared = [self.stage(saff, feats) for saff in self.saff]
+        return {t: resize(self.stage(self._decode, t, shared), images.shape[-2:]) for t in self.tasks}, {}
 
 
 @method("tif")
