@@ -133,25 +133,38 @@ class MultiTaskLoss(nn.Module):
       (default :data:`LOSS_WEIGHTS`) and λ_s = ``stage_weights[s]`` (default 1 for every stage: MTI-Net
       weighs its initial predictions like the final ones);
     - ``losses``: the unweighted losses, keys ``task`` and ``"stage/task"``, still attached to the graph.
+
+    ``aux_tasks``: auxiliary tasks (MTI-Net / PAD-Net / TPIM ``aux_tasks``, e.g. edge + normals on NYUD as in
+    MTI-Net's Table S1), predicted in the front-end only: they have no final prediction and are scored
+    wherever they appear in ``aux``, with the same terms as the main tasks' deep supervision, i.e. weight
+    λ_s · w_t with w_t the task's standard weight (``weights`` may override it), as in the public MTI-Net /
+    PAD-Net code, whose deep-supervision terms take ``loss_weights[task]`` for every front-end task,
+    auxiliary or not. Their labels must be in the batch.
     """
 
     def __init__(self, tasks: Sequence[str], weights: Mapping[str, float] | None = None,
-                 stage_weights: Mapping[str, float] | None = None):
+                 stage_weights: Mapping[str, float] | None = None, aux_tasks: Sequence[str] = ()):
         super().__init__()
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-        for task in tasks:
+        aux_tasks = [aux_tasks] if isinstance(aux_tasks, str) else list(aux_tasks or ())
+        for task in tasks + aux_tasks:
             if task not in TASKS:
                 raise ValueError(f"tasks: unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+        overlap = [t for t in aux_tasks if t in tasks]
+        if overlap:
+            raise ValueError(f"aux_tasks: {overlap} are already main tasks {tasks}")
         for task in weights or {}:
-            if task not in tasks:
-                raise ValueError(f"weights: {task!r} is not one of the tasks {tasks}")
+            if task not in tasks + aux_tasks:
+                raise ValueError(f"weights: {task!r} is not one of the tasks {tasks + aux_tasks}")
         self.tasks = tuple(tasks)
-        self.weights = {t: float((weights or {}).get(t, LOSS_WEIGHTS[t])) for t in self.tasks}
+        self.aux_tasks = tuple(aux_tasks)
+        self.weights = {t: float((weights or {}).get(t, LOSS_WEIGHTS[t])) for t in self.tasks + self.aux_tasks}
         self.stage_weights = dict(stage_weights or {})
 
     def _term(self, task: str, pred: torch.Tensor, labels: Mapping, where: str) -> torch.Tensor:
-        if task not in self.tasks:
-            raise KeyError(f"{where}: task {task!r} is not one of the loss's tasks {list(self.tasks)}")
+        if task not in self.weights:
+            raise KeyError(f"{where}: task {task!r} is not one of the loss's tasks {list(self.tasks)}"
+                           + (f" or auxiliary tasks {list(self.aux_tasks)}" if self.aux_tasks else ""))
         if task not in labels:
             raise KeyError(f"labels: no {task!r} label in the batch (keys: {sorted(k for k in labels)})")
         label = labels[task]

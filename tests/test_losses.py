@@ -144,3 +144,33 @@ def test_low_precision_predictions_scored_in_float32():
     total16, _ = MultiTaskLoss(["semseg", "depth", "edge"])({k: v.bfloat16() for k, v in preds.items()}, labels)
     assert total16.dtype == torch.float32
     assert total16.item() == pytest.approx(total32.item(), rel=2e-2)
+
+
+def test_auxiliary_tasks_scored_in_deep_supervision_only():
+    """aux_tasks (MTI-Net / PAD-Net front-end-only tasks): no final prediction, every deep-supervision output
+    scored with the task's standard weight times the stage weight; a stage output of an undeclared task is
+    still an error, and so are overlapping or unknown auxiliary tasks."""
+    preds, labels = _batch()
+    main = {"semseg": preds["semseg"], "depth": preds["depth"]}
+    low_edge = preds["edge"][..., ::2, ::2]
+    criterion = MultiTaskLoss(["semseg", "depth"], aux_tasks=["edge"], stage_weights={"scale_1": 0.5})
+    aux = {"scale_0": {"semseg": preds["semseg"], "edge": preds["edge"]}, "scale_1": {"edge": low_edge}}
+    total, losses = criterion(main, labels, aux)
+    assert set(losses) == {"semseg", "depth", "scale_0/semseg", "scale_0/edge", "scale_1/edge"}
+    up = torch.nn.functional.interpolate(low_edge, size=labels["edge"].shape[-2:], mode="bilinear", align_corners=False)
+    edge0, edge1 = task_loss("edge", preds["edge"], labels["edge"]), task_loss("edge", up, labels["edge"])
+    assert losses["scale_0/edge"].item() == pytest.approx(edge0.item(), rel=1e-6)
+    assert losses["scale_1/edge"].item() == pytest.approx(edge1.item(), rel=1e-6)
+    expected = (2 * losses["semseg"] + losses["depth"] + LOSS_WEIGHTS["edge"] * (edge0 + 0.5 * edge1))
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    heavier, _ = MultiTaskLoss(["semseg", "depth"], aux_tasks=["edge"], weights={"edge": 1.0})(main, labels, aux)
+    assert heavier.item() == pytest.approx((2 * losses["semseg"] + losses["depth"] + edge0 + edge1).item(), rel=1e-6)
+    with pytest.raises(KeyError, match=r"task 'normals' is not one of the loss's tasks \['semseg', 'depth'\] "
+                                       r"or auxiliary tasks \['edge'\]"):
+        criterion(main, labels, {"scale_0": {"normals": torch.zeros(2, 3, 6, 8)}})
+    with pytest.raises(KeyError, match="no 'edge' label"):
+        criterion(main, {k: v for k, v in labels.items() if k != "edge"}, aux)
+    with pytest.raises(ValueError, match=r"aux_tasks: \['depth'\] are already main tasks"):
+        MultiTaskLoss(["semseg", "depth"], aux_tasks=["depth"])
+    with pytest.raises(ValueError, match="unknown task 'edges'"):
+        MultiTaskLoss(["semseg"], aux_tasks=["edges"])
