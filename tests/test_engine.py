@@ -16,6 +16,10 @@ def test_config_overrides_and_errors(tmp_path):
     assert config["optim"]["lr"] == 1e-4 and config["data"]["batch_size"] == 3
     assert config["data"]["tasks"] == ["semseg", "depth"] and config["train"]["backend"] == "reference"
     assert DEFAULTS["optim"]["lr"] != 1e-4  # defaults untouched
+    assert DEFAULTS["model"]["checkpoint_decoder"] is False
+    options = load_config(None, ["model.checkpoint_decoder=true", "model.kwargs={aux_tasks: [edge, normals]}"])
+    assert options["model"]["checkpoint_decoder"] is True
+    assert options["model"]["kwargs"] == {"aux_tasks": ["edge", "normals"]}
     with pytest.raises(KeyError, match=r"unknown key 'optim.learning_rate'"):
         load_config(None, ["optim.learning_rate=1"])
     with pytest.raises(ValueError, match="expected key=value"):
@@ -70,6 +74,10 @@ def test_checkpoint_atomic_and_checked(tmp_path, monkeypatch):
     assert ckpt.load_checkpoint(path)["iteration"] == 1, "a failed save must keep the previous checkpoint"
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
 
+    aux = load_config(None, ["model.kwargs={aux_tasks: [edge]}"])
+    with pytest.raises(RuntimeError, match=r"model.kwargs.aux_tasks=\[\] but the config asks for \['edge'\]"):
+        ckpt.check_compatible(ckpt.load_checkpoint(path), aux, path)
+    ckpt.check_compatible(ckpt.load_checkpoint(path), load_config(None, ["model.checkpoint_decoder=true"]), path)
     other = load_config(None, ["model.name=mtinet"])
     with pytest.raises(RuntimeError, match=r"model.name='baseline' but the config asks for 'mtinet'"):
         ckpt.check_compatible(ckpt.load_checkpoint(path), other, path)

@@ -88,3 +88,67 @@ def test_cli_train_then_eval(tmp_path):
     assert (tmp_path / "m.json").exists()
     bad = subprocess.run(common + ["eval", "--checkpoint", str(tmp_path / "missing.pt")], capture_output=True, text=True)
     assert bad.returncode != 0 and "no such file" in bad.stderr
+
+
+def _run(tmp_path, name, extra):
+    config = load_config(None, TINY + [f"output_dir={tmp_path / name}", "train.iterations=2",
+                                       "train.checkpoint_every=2", "train.backend=reference", *extra])
+    trainer = Trainer(config, progress=False)
+    rows = trainer.train()
+    trainer.close()
+    return rows, trainer
+
+
+def test_checkpoint_decoder_trains_like_the_plain_model(tmp_path):
+    """model.checkpoint_decoder=true through the trainer: 2 iterations of SEM (EM bases + BatchNorm buffers in
+    every checkpointed decoder stage) give the losses, weights and buffers of the plain run."""
+    sem = ["model.name=sem", "model.kwargs={dim: 16, num_bases: 8, em_iters: 2}"]
+    plain_rows, plain = _run(tmp_path, "plain", sem)
+    rows, trainer = _run(tmp_path, "checkpointed", sem + ["model.checkpoint_decoder=true"])
+    assert trainer.model.checkpoint_decoder and not plain.model.checkpoint_decoder
+    assert [r["loss"] for r in rows] == [r["loss"] for r in plain_rows] and len(rows) == 2
+    ours, theirs = trainer.model.state_dict(), plain.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_auxiliary_tasks_train_end_to_end(tmp_path):
+    """model.kwargs.aux_tasks: the training set loads their labels, the loss supervises the auxiliary
+    (front-end) predictions, evaluation and the task list stay the main tasks', a checkpoint resumes only with
+    the same aux_tasks; an auxiliary task without labels in the dataset, or on a method without auxiliary
+    tasks, is a clear error before any data loads."""
+    import pytest
+
+    from mtlfast.losses import LOSS_WEIGHTS
+
+    aux = ["model.name=mtinet", "model.kwargs={aux_tasks: [edge, sal], channels: [8, 8, 8, 8]}",
+           "data.tasks=[semseg, depth]"]
+    rows, trainer = _run(tmp_path, "aux", aux)
+    assert trainer.tasks == ["semseg", "depth"] and trainer.aux_tasks == ["edge", "sal"]
+    assert trainer.model.aux_tasks == ("edge", "sal") and trainer.loss_fn.aux_tasks == ("edge", "sal")
+    assert {"edge", "sal"} <= set(trainer.train_set[0]) and not {"edge", "sal"} & set(trainer.val_set[0])
+    for row in rows:
+        for s in range(4):
+            assert {f"loss_scale_{s}/edge", f"loss_scale_{s}/sal"} <= set(row)
+        assert "loss_edge" not in row and "loss_sal" not in row
+        main = row["loss_semseg"] + row["loss_depth"] + sum(
+            LOSS_WEIGHTS[t] * row[f"loss_scale_{s}/{t}"] for s in range(4) for t in ("semseg", "depth", "edge", "sal"))
+        assert abs(row["loss"] - main) < 1e-4 * row["loss"]
+    metrics = trainer.evaluate()
+    assert {k.split("/")[0] for k in metrics} == {"semseg", "depth"}
+    assert trainer.log.read("train")[-1]["loss_scale_0/sal"] != ""
+    saved = torch.load(tmp_path / "aux" / "last.pt", weights_only=False)
+    assert saved["config"]["data"]["tasks"] == ["semseg", "depth"]
+    assert any(".edge." in k for k in saved["model"]), "the auxiliary heads are part of the checkpoint"
+    other = load_config(None, TINY + aux[:1] + ["model.kwargs={aux_tasks: [edge], channels: [8, 8, 8, 8]}",
+                                                 aux[2], f"output_dir={tmp_path / 'aux'}"])
+    with pytest.raises(RuntimeError, match=r"model.kwargs.aux_tasks=\['edge', 'sal'\] but the config asks for \['edge'\]"):
+        Trainer(other, resume=str(tmp_path / "aux" / "last.pt"), progress=False)
+    nyud = TINY[:4] + ["data.dataset=nyud", "data.root=/nonexistent", "data.tasks=[semseg, depth]", "model.name=padnet"]
+    with pytest.raises(ValueError, match=r"model.kwargs.aux_tasks: dataset nyud has no labels for \['sal'\] "
+                                         r"\(it has semseg, depth, normals, edge\)"):
+        Trainer(load_config(None, nyud + ["model.kwargs={aux_tasks: [normals, sal]}"]), progress=False)
+    with pytest.raises(ValueError, match="model 'bridgenet' has no auxiliary tasks"):
+        Trainer(load_config(None, nyud[:-1] + ["model.name=bridgenet", "model.kwargs={aux_tasks: [edge]}"]),
+                progress=False)
+    with pytest.raises(ValueError, match=r"model.kwargs.aux_tasks: \['depth'\] are already main tasks"):
+        Trainer(load_config(None, nyud + ["model.kwargs={aux_tasks: [depth]}"]), progress=False)

@@ -67,3 +67,7 @@ def check_compatible(payload: dict[str, Any], config: dict[str, Any], path: str)
         a, b = saved.get(section, {}).get(key), config[section][key]
         if a != b:
             raise RuntimeError(f"checkpoint: {path!r} has {section}.{key}={a!r} but the config asks for {b!r}")
+    a = list(saved.get("model", {}).get("kwargs", {}).get("aux_tasks") or [])
+    b = list(config["model"]["kwargs"].get("aux_tasks") or [])
+    if a != b:  # auxiliary heads are part of the weights
+        raise RuntimeError(f"checkpoint: {path!r} has model.kwargs.aux_tasks={a!r} but the config asks for {b!r}")

@@ -1,6 +1,8 @@
 """Training configuration: YAML files merged over defaults, then ``key=value`` command-line overrides.
 
-A config is a nested dict with the sections below. ``DEFAULTS`` is the embedded synthetic default (a small
+A config is a nested dict with the sections below (``model.kwargs`` is passed to the method's constructor
+as is: e.g. ``model.kwargs.aux_tasks=[edge, normals]`` for MTI-Net / PAD-Net / TPIM auxiliary tasks, see
+:class:`mtlfast.engine.trainer.Trainer`). ``DEFAULTS`` is the embedded synthetic default (a small
 model on the procedurally generated dataset, trains on a CPU in minutes); a YAML file under
 ``configs/<dataset>/<backbone>/<method>.yaml`` overrides any subset, and overrides like
 ``optim.lr=1e-4 data.batch_size=8 model.name=mtinet`` override that (values parsed as YAML scalars/lists).
@@ -30,7 +32,9 @@ DEFAULTS: dict[str, Any] = {
         "name": "baseline",
         "backbone": "convnet_tiny",  # timm-free; paper backbones via configs/
         "pretrained": None,         # local path only; nothing downloads
-        "kwargs": {},
+        "checkpoint_decoder": False,  # activation checkpointing of the stages after the backbone (less memory,
+                                      # one more decoder forward per step; same numbers), see mtlfast.models.base
+        "kwargs": {},               # method options, e.g. aux_tasks: [edge, normals] (mtinet, padnet, tpim)
     },
     "optim": {
         "name": "adam",             # adam | adamw | sgd

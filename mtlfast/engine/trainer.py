@@ -57,12 +57,52 @@ class _TrainForward(torch.nn.Module):
         return self.model.forward_train(images)
 
 
+def _aux_tasks(model_cfg: dict, tasks: list[str], dataset: str) -> list[str]:
+    """``model.kwargs.aux_tasks`` checked before any data loads: the method must take them, and the dataset
+    must have their labels."""
+    from mtlfast.data import TASKS, dataset_tasks
+    from mtlfast.models.base import check_aux_tasks
+    from mtlfast.models.registry import model_options
+
+    if "checkpoint_decoder" in model_cfg["kwargs"]:
+        raise ValueError("model.kwargs.checkpoint_decoder: set model.checkpoint_decoder instead")
+    aux = model_cfg["kwargs"].get("aux_tasks") or []
+    aux = [aux] if isinstance(aux, str) else list(aux)
+    if not aux:
+        return []
+    if "aux_tasks" not in model_options(model_cfg["name"]):
+        raise ValueError(f"model.kwargs.aux_tasks: model {model_cfg['name']!r} has no auxiliary tasks "
+                         f"(mtinet, padnet and tpim have)")
+    unknown = [t for t in aux if t not in TASKS]
+    if unknown:
+        raise ValueError(f"model.kwargs.aux_tasks: unknown task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
+    available = dataset_tasks(dataset)
+    missing = [t for t in aux if t not in available]
+    if missing:
+        raise ValueError(f"model.kwargs.aux_tasks: dataset {dataset} has no labels for {missing} "
+                         f"(it has {', '.join(available)}); an auxiliary task is supervised with its labels")
+    try:
+        return list(check_aux_tasks(aux, tasks, dataset))
+    except ValueError as exc:
+        raise ValueError(f"model.kwargs.{exc}") from None
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 class Trainer:
-    """Builds data, model, loss, metrics and optimiser from a config (:mod:`mtlfast.engine.config`)."""
+    """Builds data, model, loss, metrics and optimiser from a config (:mod:`mtlfast.engine.config`).
+
+    Auxiliary tasks (``model.kwargs.aux_tasks``, MTI-Net / PAD-Net / TPIM): the training set loads labels
+    for ``data.tasks`` + aux_tasks, and the loss scores the auxiliary predictions of the model's deep
+    supervision with the task's standard weight (:class:`mtlfast.losses.MultiTaskLoss` ``aux_tasks``).
+    ``self.tasks`` stays the main tasks: the validation set, metrics, Δm and prediction images are for
+    them only; checkpoints hold the whole model (auxiliary heads included, so that training resumes) and a
+    checkpoint only loads with the same aux_tasks.
+    ``model.checkpoint_decoder``: activation checkpointing of the model's decoder stages (same losses and
+    gradients, less activation memory; :mod:`mtlfast.models.base`).
+    """
 
     def __init__(self, config: dict[str, Any], *, resume: str | None = None, progress: bool = True):
         from mtlfast.data import build_dataset, canonical_dataset, check_tasks, collate
@@ -75,13 +115,15 @@ class Trainer:
         self.device = _device(self.dist)
         self.dataset = canonical_dataset(data_cfg["dataset"])
         self.tasks = list(check_tasks(data_cfg["tasks"], self.dataset))
+        self.aux_tasks = _aux_tasks(config["model"], self.tasks, self.dataset)
         self.out_dir = config["output_dir"]
         self.log = RunLog(self.out_dir) if self.dist.is_main else None
 
         extra = ({"length": data_cfg["num_train"], "seed": config["seed"]} if self.dataset == "synthetic" else {})
         val_extra = ({"length": data_cfg["num_val"], "seed": config["seed"]} if self.dataset == "synthetic" else {})
         size = tuple(data_cfg["train_size"])
-        self.train_set = build_dataset(self.dataset, data_cfg["root"], "train", self.tasks, size=size, **extra)
+        self.train_set = build_dataset(self.dataset, data_cfg["root"], "train", self.tasks + self.aux_tasks, size=size,
+                                       **extra)
         self.val_set = build_dataset(self.dataset, data_cfg["root"], "val", self.tasks,
                                      size=size if self.dataset == "synthetic" else None, **val_extra)
         self.sampler = ResumableSampler(len(self.train_set), batch_size=data_cfg["batch_size"], seed=config["seed"],
@@ -96,7 +138,8 @@ class Trainer:
         torch.manual_seed(config["seed"])  # identical initial weights on every rank
         model_cfg = config["model"]
         self.model = create_model(model_cfg["name"], self.tasks, backbone=model_cfg["backbone"], dataset=self.dataset,
-                                  pretrained=model_cfg["pretrained"], **model_cfg["kwargs"])
+                                  pretrained=model_cfg["pretrained"], checkpoint_decoder=model_cfg["checkpoint_decoder"],
+                                  **model_cfg["kwargs"])
         if train_cfg["sync_bn"] and self.device.type != "cuda":
             raise ValueError("train.sync_bn: torch's SyncBatchNorm runs on CUDA only; set train.sync_bn=false on CPU")
         if self.dist.enabled and train_cfg["sync_bn"]:
@@ -106,7 +149,8 @@ class Trainer:
         if self.dist.enabled:
             self.train_forward = DistributedDataParallel(
                 self.train_forward, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
-        self.loss_fn = MultiTaskLoss(self.tasks, stage_weights=getattr(self.model, "aux_loss_weights", None))
+        self.loss_fn = MultiTaskLoss(self.tasks, stage_weights=getattr(self.model, "aux_loss_weights", None),
+                                     aux_tasks=self.aux_tasks)
         self.optimizer = build_optimizer(self.model.parameters(), config["optim"])
         self.scheduler = poly_schedule(self.optimizer, train_cfg["iterations"], config["optim"]["poly_power"])
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -150,7 +194,7 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, float]:
         self.model.train()
         batch = _to_device(batch, self.device)
-        labels = {t: batch[t] for t in self.tasks}
+        labels = {t: batch[t] for t in self.tasks + self.aux_tasks}
         with self._autocast():
             preds, aux = self.train_forward(batch["image"])
             total, per_task = self.loss_fn(preds, labels, aux)
