@@ -1,4 +1,5 @@
-"""Metrics on hand-computed cases: dataset pooling, ignore handling, odsF matching, Δm."""
+"""Metrics on hand-computed cases: dataset pooling, ignore handling, odsF matching, Δm; the fast odsF path
+against the literal per-threshold loop; the stored baselines and the ``baseline`` command."""
 import json
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from mtlfast.metrics import (DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegmentationMeter, build_metrics,
-                             delta_m, edge_nms, load_baseline, match_edges)
+                             delta_m, edge_counts, edge_nms, load_baseline, match_edges)
 
 
 def _row(values, channels=1, dtype=torch.float64):
@@ -217,3 +218,184 @@ def test_match_edges_is_a_maximum_matching():
         admissible = np.linalg.norm(p[:, None, :] - g[None, :, :], axis=-1) <= radius
         rows, cols = linear_sum_assignment(admissible.astype(np.int64), maximize=True)
         assert match_edges(pred, gt, radius) == admissible[rows, cols].sum()
+
+
+# --- odsF fast path against the literal per-threshold loop -------------------------------------------------
+
+def _slow_match_edges(pred, gt, max_dist, gt_distance=None):
+    """match_edges as it was before the fast path (a literal copy): max-flow on the pairs of each call."""
+    from scipy.ndimage import distance_transform_edt
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_flow
+
+    h, w = gt.shape
+    gy, gx = np.nonzero(gt)
+    if len(gy) == 0 or not pred.any():
+        return 0
+    if gt_distance is None:
+        gt_distance = distance_transform_edt(~gt)
+    py, px = np.nonzero(pred & (gt_distance <= max_dist))
+    if len(py) == 0:
+        return 0
+    gt_index = np.full((h, w), -1, dtype=np.int64)
+    gt_index[gy, gx] = np.arange(len(gy))
+    r = int(math.floor(max_dist))
+    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+    inside = dy ** 2 + dx ** 2 <= max_dist ** 2
+    rows, cols = [], []
+    for oy, ox in zip(dy[inside], dx[inside]):
+        y, x = py + oy, px + ox
+        ok = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+        idx = np.full(len(py), -1, dtype=np.int64)
+        idx[ok] = gt_index[y[ok], x[ok]]
+        hit = idx >= 0
+        rows.append(np.nonzero(hit)[0])
+        cols.append(idx[hit])
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    n_gt, n_pred = len(gy), len(py)
+    source, sink = n_gt + n_pred, n_gt + n_pred + 1
+    tail = np.concatenate([np.full(n_gt, source), cols, n_gt + np.arange(n_pred)])
+    head = np.concatenate([np.arange(n_gt), n_gt + rows, np.full(n_pred, sink)])
+    graph = csr_matrix((np.ones(len(tail), dtype=np.int32), (tail, head)), shape=(sink + 1, sink + 1))
+    return int(maximum_flow(graph, source, sink, method="dinic").flow_value)
+
+
+def _slow_edge_counts(prob, gt, max_dist, thresholds):
+    """The per-threshold loop of EdgeMeter.update as it was: skimage's thin, then a matching, per threshold."""
+    from scipy.ndimage import distance_transform_edt
+    from skimage.morphology import thin as sk_thin
+
+    gt_distance = distance_transform_edt(~gt)
+    matched, n_pred = [], []
+    for t in thresholds:
+        binary = sk_thin(prob >= t)
+        matched.append(_slow_match_edges(binary, gt, max_dist, gt_distance))
+        n_pred.append(int(binary.sum()))
+    return np.array(matched), np.array(n_pred)
+
+
+def _random_edge_case(rng, h, w, kind):
+    """(probabilities, ground truth) for an (h, w) image: ground truth = boundaries of random discs;
+    kind "nms": smooth responses near (shifted) boundaries plus texture, after edge_nms (thin ridges, as the
+    meter sees them); "blobs": thick random regions (heavy thinning); "coarse": values on a 0.1 grid (many
+    thresholds give the same set)."""
+    from scipy.ndimage import gaussian_filter
+
+    labels = np.zeros((h, w), dtype=np.int64)
+    yy, xx = np.mgrid[:h, :w]
+    for k in range(1, rng.integers(2, 7)):
+        cy, cx, radius = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(3, max(h, w) / 2)
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 < radius ** 2] = k
+    gt = np.zeros((h, w), dtype=bool)
+    gt[:-1] |= labels[:-1] != labels[1:]
+    gt[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    if kind == "blobs":
+        prob = gaussian_filter(rng.uniform(size=(h, w)), 1.5)
+        prob = (prob - prob.min()) / (np.ptp(prob) + 1e-12)
+    else:
+        ridge = gaussian_filter(np.roll(gt, rng.integers(-1, 2, 2), (0, 1)).astype(float), 1.2)
+        logit = 8 * ridge / (ridge.max() + 1e-12) - 4 + 1.5 * gaussian_filter(rng.normal(size=(h, w)), 1.0) * 3
+        prob = edge_nms(1 / (1 + np.exp(-logit)))
+    if kind == "coarse":
+        prob = np.round(prob, 1)
+    return prob, gt
+
+
+@pytest.mark.parametrize("kind", ["nms", "blobs", "coarse"])
+def test_edge_counts_equal_the_literal_per_threshold_loop(kind):
+    rng = np.random.default_rng({"nms": 1, "blobs": 2, "coarse": 3}[kind])
+    for case in range(4):
+        h, w = rng.integers(20, 56, 2)
+        prob, gt = _random_edge_case(rng, h, w, kind)
+        max_dist = rng.uniform(0.8, 4.5)
+        thresholds = np.linspace(0.01, 0.99, 99) if case % 2 == 0 else rng.uniform(-0.05, 1.05, 23)
+        expected = _slow_edge_counts(prob, gt, max_dist, thresholds)
+        got = edge_counts(prob, gt, max_dist, thresholds)
+        assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]), (kind, case)
+
+
+def test_edge_counts_max_flow_fallback_and_degenerate_inputs(monkeypatch):
+    import mtlfast.metrics as metrics
+
+    rng = np.random.default_rng(4)
+    prob, gt = _random_edge_case(rng, 40, 48, "nms")
+    thresholds = np.linspace(0.01, 0.99, 99)
+    expected = _slow_edge_counts(prob, gt, 2.5, thresholds)
+    monkeypatch.setattr(metrics, "_augment", lambda *args, **kwargs: False)  # every threshold by max-flow
+    got = edge_counts(prob, gt, 2.5, thresholds)
+    assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    monkeypatch.undo()
+    empty = np.zeros_like(gt)
+    for p, g in ((prob, empty), (np.zeros_like(prob), gt), (prob, gt)):
+        for ts in (thresholds, [0.5, 0.5, 0.2], [2.0], []):
+            expected = _slow_edge_counts(p, g, 2.5, ts)
+            got = edge_counts(p, g, 2.5, ts)
+            assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+
+
+def test_thin_is_skimage_thin():
+    from skimage.morphology import _skeletonize, thin as sk_thin
+
+    from mtlfast.metrics import _THIN_LUTS, thin
+
+    assert np.array_equal(_THIN_LUTS[0], _skeletonize.G123_LUT)
+    assert np.array_equal(_THIN_LUTS[1], _skeletonize.G123P_LUT)
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        image = rng.uniform(size=rng.integers(1, 40, 2)) < rng.uniform(0.05, 0.95)
+        assert np.array_equal(thin(image), sk_thin(image))
+    ring = np.zeros((30, 30), dtype=bool)
+    ring[5:25, 5:25] = True
+    ring[10:20, 10:20] = False
+    assert np.array_equal(thin(ring), sk_thin(ring))
+    assert np.array_equal(thin(np.ones((7, 9), dtype=bool)), sk_thin(np.ones((7, 9), dtype=bool)))
+
+
+def test_augmenting_paths_reach_a_maximum_matching():
+    """_augment from random partial matchings against linear_sum_assignment."""
+    from scipy.optimize import linear_sum_assignment
+
+    from mtlfast.metrics import _augment
+
+    rng = np.random.default_rng(6)
+    for _ in range(60):
+        n_a, n_b = rng.integers(1, 25, 2)
+        adjacency = rng.uniform(size=(n_a, n_b)) < rng.uniform(0.05, 0.4)
+        valid_b = rng.uniform(size=n_b) < 0.8
+        admissible = adjacency & valid_b[None, :]
+        rows, cols = linear_sum_assignment(admissible.astype(np.int64), maximize=True)
+        best = int(admissible[rows, cols].sum())
+        a_of_edge, b_of_edge = np.nonzero(adjacency)
+        ptr = np.concatenate([[0], np.cumsum(adjacency.sum(1))])
+        mate_a, mate_b = np.full(n_a, -1), np.full(n_b, -1)
+        for a, b in zip(a_of_edge, b_of_edge):  # a random greedy start
+            if valid_b[b] and mate_a[a] < 0 and mate_b[b] < 0 and rng.uniform() < 0.5:
+                mate_a[a], mate_b[b] = b, a
+        assert _augment(ptr, b_of_edge, mate_a, mate_b, np.ones(n_a, dtype=bool), valid_b)
+        matched = np.flatnonzero(mate_a >= 0)
+        assert len(matched) == best
+        assert np.all(mate_b[mate_a[matched]] == matched) and np.all(adjacency[matched, mate_a[matched]])
+        assert np.all(valid_b[mate_a[matched]])
+
+
+def test_edge_meter_equals_the_literal_loop_with_padding():
+    rng = np.random.default_rng(7)
+    probs, labels = [], []
+    for _ in range(3):
+        prob, gt = _random_edge_case(rng, 36, 44, "nms")
+        probs.append(prob)
+        labels.append(gt.astype(np.float32))
+    labels[2][30:] = 255  # padding at the bottom of the third image
+    pred = torch.from_numpy(np.stack(probs))[:, None]
+    label = torch.from_numpy(np.stack(labels))[:, None]
+    meter = EdgeMeter(0.03, thresholds=99, nms=False, from_logits=False)
+    meter.update(pred, label)
+    expected = np.zeros((2, 99), dtype=np.int64)
+    for prob, lab in zip(probs, labels):
+        valid = lab != 255
+        rows = np.flatnonzero(valid.any(1))
+        prob, gt = np.where(valid, prob, 0.0)[:rows[-1] + 1], (lab == 1)[:rows[-1] + 1]
+        counts = _slow_edge_counts(prob, gt, 0.03 * math.hypot(*prob.shape), meter.thresholds)
+        expected += np.stack(counts)
+    assert np.array_equal(meter.state["matched"].numpy(), expected[0])
+    assert np.array_equal(meter.state["n_pred"].numpy(), expected[1])
