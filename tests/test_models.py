@@ -208,6 +208,30 @@ def _checkpointed_step(model, images, labels, monkeypatch):
     return (preds, aux), loss, grads, harness_bytes, retained, len(calls)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_bfloat16_autocast(method):
+    """The trainer's mixed precision (torch.autocast bfloat16, on CPU here with the reference ops; the GPU
+    kernels in bfloat16 are compared with their references in the op tests): the blocks hand every op inputs
+    of one dtype (an op refuses mixed dtypes), the outputs and the loss are finite, and every parameter gets
+    a finite gradient."""
+    task_set = "one-task" if method == "single_task" else "nyud"
+    model = _build(method, task_set).train()
+    dataset, tasks = TASK_SETS[task_set]
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, 64, 64, generator=gen).to(DEVICE)
+    labels = _labels(tasks, dataset, 2, (64, 64), gen)
+    loss_fn = MultiTaskLoss(model.tasks, stage_weights=getattr(model, "aux_loss_weights", None))
+    with mtlfast.use_backend("reference"), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        preds, aux = model.forward_train(images)
+        loss, _ = loss_fn(preds, labels, aux)
+    assert all(torch.isfinite(p).all() for p in preds.values())
+    assert any(p.dtype == torch.bfloat16 for p in preds.values()), "autocast ran no bfloat16 layer"
+    loss.backward()
+    assert torch.isfinite(loss)
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, f"parameters without a finite gradient: {bad}"
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "single_task"])
 def test_checkpoint_decoder_changes_memory_only(method, monkeypatch):
     """model.checkpoint_decoder: one float64 training step with and without it, from the same weights, gives
