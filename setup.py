@@ -95,4 +95,4 @@ def _extension():
 
 ext_modules, cmdclass = _extension()
 setup(packages=_subpackages(), package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass,
-      package_data={"mtlfast": ["py.typed"]})
+      package_data={"mtlfast": ["py.typed", "baselines/*.yaml"]})

@@ -1,4 +1,4 @@
-"""The ``mtlfast`` command: ``train``, ``eval``, ``bench``, ``info``."""
+"""The ``mtlfast`` command: ``train``, ``eval``, ``baseline``, ``bench``, ``info``."""
 from __future__ import annotations
 
 import argparse
@@ -138,6 +138,97 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    """Trains the ``single_task`` model of each task of a config and writes the measured baseline file."""
+    import copy
+    import math
+    import shlex
+
+    import yaml
+
+    from mtlfast.data import canonical_dataset, check_tasks
+    from mtlfast.data.tasks import TASK_INFO
+    from mtlfast.engine.config import load_config
+    from mtlfast.engine.trainer import Trainer
+    from mtlfast.models.registry import model_options
+
+    config = load_config(args.config, args.overrides)
+    dataset = canonical_dataset(config["data"]["dataset"])
+    tasks = list(check_tasks(config["data"]["tasks"], dataset))
+    allowed = set(model_options("single_task"))
+    kwargs = {k: v for k, v in config["model"]["kwargs"].items() if k in allowed}
+    dropped = sorted(set(config["model"]["kwargs"]) - set(kwargs))
+    if dropped:
+        print(f"mtlfast baseline: model.kwargs {', '.join(dropped)} belong to {config['model']['name']!r}, "
+              f"not single_task; left out")
+    measured: dict[str, dict[str, float]] = {}
+    trainer = None
+    try:
+        for task in tasks:
+            cfg = copy.deepcopy(config)
+            cfg["data"]["tasks"] = [task]
+            cfg["model"]["name"], cfg["model"]["kwargs"] = "single_task", copy.deepcopy(kwargs)
+            cfg["output_dir"] = os.path.join(config["output_dir"], "single_task", task)
+            cfg["eval"]["baseline"] = None
+            last = os.path.join(cfg["output_dir"], "last.pt")
+            resume = last if args.resume and os.path.exists(last) else None
+            print(f"-- single_task {task}: {cfg['model']['backbone']} on {dataset}, "
+                  f"{cfg['train']['iterations']} iterations, run in {cfg['output_dir']}"
+                  + (f" (resuming {last})" if resume else ""), flush=True)
+            # one Trainer per task; the process group (torchrun) is shared and closed after the last task
+            trainer = Trainer(cfg, resume=resume, progress=not args.no_progress)
+            trainer.train()
+            if trainer.dist.is_main:
+                rows = trainer.log.read("eval")
+                if rows and int(rows[-1]["iteration"]) == trainer.iteration:  # evaluated at the end already
+                    flat = {k: v for k, v in rows[-1].items() if k != "iteration"}
+                else:
+                    flat = trainer.evaluate()
+                measured[task] = {k.split("/", 1)[1]: float(v) for k, v in flat.items() if k.startswith(task + "/")}
+    finally:
+        if trainer is not None:
+            trainer.close()
+    if trainer is None or not trainer.dist.is_main:
+        return 0
+    command = "mtlfast baseline" + (f" --config {args.config}" if args.config else "") + "".join(
+        f" {shlex.quote(o)}" for o in args.overrides)
+    primary = {t: {TASK_INFO[t].primary: measured[t][TASK_INFO[t].primary]} for t in tasks}
+    unusable = {t: v for t, v in primary.items() if not all(math.isfinite(x) and x != 0 for x in v.values())}
+    for task in unusable:
+        del primary[task]
+    used = copy.deepcopy(config)  # the config of the runs, data.tasks aside
+    used["model"]["name"], used["model"]["kwargs"], used["eval"]["baseline"] = "single_task", kwargs, None
+    document = {
+        "description": f"measured single-task baselines: single_task / {config['model']['backbone']} / {dataset}, "
+                       f"{config['train']['iterations']} iterations",
+        "source": f"measured by: {command}",
+        "dataset": dataset,
+        "backbone": config["model"]["backbone"],
+        "runs": os.path.join(config["output_dir"], "single_task"),
+        "metrics": primary,
+        "all_metrics": measured,
+        "config": used,
+    }
+    header = ("# Single-task baselines measured by `mtlfast baseline` (one single_task model per task of data.tasks,\n"
+              "# trained with `config` below and evaluated on its validation split), for Δm: use this file as\n"
+              "# eval.baseline=<file>. `metrics` holds the metric Δm uses per task (as MTI-Net); `all_metrics`\n"
+              "# what the evaluation reported (edit `metrics` to compare others).\n"
+              f"# Command: {command}\n")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(header)
+        yaml.safe_dump(document, f, sort_keys=False, allow_unicode=True, width=1000)
+    print(yaml.safe_dump({"metrics": primary}, sort_keys=False).rstrip())
+    print(f"wrote {args.out}")
+    if unusable:
+        print("mtlfast baseline: left out of `metrics` (a Δm baseline needs finite, non-zero values): "
+              + ", ".join(f"{t}.{m} = {x}" for t, v in unusable.items() for m, x in v.items())
+              + "; train longer (train.iterations) or drop the task", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtlfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write the metrics as JSON here")
     evaluate.add_argument("--samples", help="write a PNG of sample predictions here")
     evaluate.set_defaults(func=_cmd_eval)
+
+    baseline = sub.add_parser("baseline", help="train the single_task model of each task of a config and write "
+                                               "the measured baseline file for Δm")
+    baseline.add_argument("--config", help="YAML file; its data.tasks, backbone, data, optim and train settings are "
+                                           "used, model.name becomes single_task (default: the synthetic config)")
+    baseline.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=1000")
+    baseline.add_argument("--out", required=True, help="baseline file to write (YAML), for eval.baseline=<file>")
+    baseline.add_argument("--resume", action="store_true",
+                          help="resume a task's run from <output_dir>/single_task/<task>/last.pt when it exists")
+    baseline.add_argument("--no-progress", action="store_true", help="no progress bar")
+    baseline.set_defaults(func=_cmd_baseline)
 
     info = sub.add_parser("info", help="versions, built extensions, devices, backend per op")
     info.add_argument("--models", action="store_true",

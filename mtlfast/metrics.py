@@ -33,7 +33,9 @@ Each meter has ``update(pred, label)`` (a batch: raw model output (B, C, H, W) a
   published ones. Pixels labelled 255 (padding) are removed from both maps; the diagonal is that of
   the bounding box of the non-ignored pixels (the original image when padding is at the bottom/right).
 
-:func:`delta_m` computes Δm against a stored single-task baseline (:func:`load_baseline`);
+:func:`delta_m` computes Δm against a single-task baseline file (:func:`load_baseline`): a path, or the
+short name of one stored with the package (:func:`list_baselines`: the single-task numbers printed in the
+papers, each file naming its source; ``mtlfast baseline`` measures one for any config);
 :func:`build_metrics` returns a :class:`MultiTaskMetrics` for a task list and dataset.
 """
 from __future__ import annotations
@@ -50,7 +52,7 @@ import torch.nn.functional as F
 from mtlfast.data.tasks import IGNORE_INDEX, TASK_INFO, check_tasks, edge_max_dist, num_outputs
 
 __all__ = ["Meter", "SegmentationMeter", "DepthMeter", "NormalsMeter", "SaliencyMeter", "EdgeMeter",
-           "MultiTaskMetrics", "build_metrics", "delta_m", "load_baseline", "edge_nms",
+           "MultiTaskMetrics", "build_metrics", "delta_m", "load_baseline", "list_baselines", "edge_nms",
            "match_edges", "edge_counts", "thin", "LOWER_IS_BETTER"]
 
 #: Metric names where a lower value is better (for Δm).
@@ -731,12 +733,42 @@ def build_metrics(tasks: Sequence[str] | None, dataset: str, edge_thresholds: in
     return MultiTaskMetrics(meters)
 
 
+#: Folder of the stored single-task baselines (package data), one ``<name>.yaml`` per setting.
+BASELINE_DIR = Path(__file__).resolve().parent / "baselines"
+
+#: The metrics each meter reports, per task (what a baseline file may name).
+METRIC_NAMES = {"semseg": ("mIoU", "pixel_acc"), "parts": ("mIoU", "pixel_acc"), "depth": ("rmse", "abs_rel"),
+                "normals": ("mean", "median", "rmse", "11.25", "22.5", "30"), "sal": ("maxF", "maxIoU"),
+                "edge": ("odsF",)}
+
+
+def list_baselines() -> list[str]:
+    """Short names of the stored single-task baselines (:data:`BASELINE_DIR`), e.g.
+    ``"nyud_hrnet_w18_single_task"``: ``<dataset>_<backbone>_single_task``, with ``_<paper>`` appended when the
+    numbers come from another paper than MTI-Net. Each file names its source (paper, table, row)."""
+    return sorted(p.stem for p in BASELINE_DIR.glob("*.yaml"))
+
+
+def _baseline_path(name: str | Path) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    text = str(name)
+    if "/" not in text and "\\" not in text:  # a short name: a stored baseline
+        stored = BASELINE_DIR / (text if text.endswith((".yaml", ".json")) else text + ".yaml")
+        if stored.is_file():
+            return stored
+        raise FileNotFoundError(f"baseline file not found: {text!r} is neither a file nor a stored baseline; "
+                                f"stored: {', '.join(list_baselines())}")
+    raise FileNotFoundError(f"baseline file not found: {path}")
+
+
 def load_baseline(path: str | Path) -> dict[str, dict[str, float]]:
-    """A single-task baseline file, JSON (``.json``) or YAML: ``{task: {metric: value}}``, optionally under a
-    top-level ``"metrics"`` key (other top-level keys, e.g. a description, are then ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"baseline file not found: {path}")
+    """A single-task baseline: a file path, or the short name of a stored one (:func:`list_baselines`).
+    JSON (``.json``) or YAML: ``{task: {metric: value}}``, optionally under a top-level ``"metrics"`` key
+    (other top-level keys, e.g. a description or the source, are then ignored). Metric names are those the
+    meters report (:data:`METRIC_NAMES`); values are non-zero numbers."""
+    path = _baseline_path(path)
     text = path.read_text()
     try:
         if path.suffix == ".json":
@@ -751,20 +783,28 @@ def load_baseline(path: str | Path) -> dict[str, dict[str, float]]:
         data = data["metrics"]
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ValueError(f"baseline file {path}: expected {{task: {{metric: value}}}}")
+    out: dict[str, dict[str, float]] = {}
     for task, metrics in data.items():
         if task not in TASK_INFO:
             raise ValueError(f"baseline file {path}: unknown task {task!r}")
+        out[task] = {}
         for name, value in metrics.items():
-            if not isinstance(value, (int, float)) or value == 0:
+            name = str(name)  # YAML reads a key 11.25 as a number
+            if name not in METRIC_NAMES[task]:
+                raise ValueError(f"baseline file {path}: {task} has no metric {name!r}; "
+                                 f"its metrics: {', '.join(METRIC_NAMES[task])}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value == 0:
                 raise ValueError(f"baseline file {path}: {task}.{name} must be a non-zero number, got {value!r}")
-    return {t: {m: float(v) for m, v in ms.items()} for t, ms in data.items()}
+            out[task][name] = float(value)
+    return out
 
 
 def delta_m(results: Mapping[str, Mapping[str, float]], baseline: Mapping | str | Path) -> float:
     """Δm in percent: ``100 · mean_t mean_{m ∈ baseline[t]} (−1)^{l_m} (M_m − B_m) / B_m`` over the
     tasks of the baseline, l_m = 1 for lower-is-better metrics (:data:`LOWER_IS_BETTER`). With one metric
-    per task (the usual file) this is MTI-Net's Δm. A task or metric of the baseline that ``results``
-    lacks is an error."""
+    per task (the usual file) this is MTI-Net's Δm. ``baseline``: a mapping, a file or the short name of a
+    stored baseline (:func:`load_baseline`). A task or metric of the baseline that ``results`` lacks is an
+    error."""
     if not isinstance(baseline, Mapping):
         baseline = load_baseline(baseline)
     per_task = []

@@ -399,3 +399,102 @@ def test_edge_meter_equals_the_literal_loop_with_padding():
         expected += np.stack(counts)
     assert np.array_equal(meter.state["matched"].numpy(), expected[0])
     assert np.array_equal(meter.state["n_pred"].numpy(), expected[1])
+
+
+# --- stored single-task baselines and `mtlfast baseline` -----------------------------------------------------
+
+def test_every_stored_baseline_loads_by_name_and_path():
+    import yaml
+
+    from mtlfast.data import dataset_tasks
+    from mtlfast.metrics import BASELINE_DIR, METRIC_NAMES, list_baselines
+
+    names = list_baselines()
+    assert {"nyud_hrnet_w18_single_task", "pascal_hrnet_w18_single_task"} <= set(names) and len(names) >= 10
+    for name in names:
+        path = BASELINE_DIR / f"{name}.yaml"
+        baseline = load_baseline(name)
+        assert load_baseline(path) == baseline == load_baseline(f"{name}.yaml") == load_baseline(str(path))
+        text = path.read_text()
+        document = yaml.safe_load(text)
+        assert "# Source:" in text and "Table" in document["source"], name  # paper and table, in a comment too
+        assert set(baseline) <= set(dataset_tasks(document["dataset"])), name
+        assert name.startswith(document["dataset"] + "_"), name
+        for task, metrics in baseline.items():
+            assert metrics and set(metrics) <= set(METRIC_NAMES[task]), (name, task)
+    # the numbers as printed (MTI-Net Table 2)
+    assert load_baseline("nyud_hrnet_w18_single_task") == {"semseg": {"mIoU": 33.18}, "depth": {"rmse": 0.667}}
+    assert load_baseline("pascal_hrnet_w18_single_task") == {
+        "semseg": {"mIoU": 60.07}, "parts": {"mIoU": 60.74}, "sal": {"maxIoU": 67.18}, "edge": {"odsF": 69.70},
+        "normals": {"mean": 14.59}}
+    # Δm against a stored baseline by name: MTI-Net's NYUD numbers (+5.85 % semseg, +7.05 % depth)
+    results = {"semseg": {"mIoU": 35.12}, "depth": {"rmse": 0.620}}
+    assert delta_m(results, "nyud_hrnet_w18_single_task") == pytest.approx(
+        100 * ((35.12 - 33.18) / 33.18 + (0.667 - 0.620) / 0.667) / 2)
+    with pytest.raises(FileNotFoundError, match="neither a file nor a stored baseline"):
+        load_baseline("nyud_hrnet_w18_single_tsk")
+
+
+def test_load_baseline_checks_metric_names(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text("semseg:\n  miou: 40.0\n")
+    with pytest.raises(ValueError, match="semseg has no metric 'miou'"):
+        load_baseline(path)
+    path.write_text("normals:\n  11.25: 40.0\n  mean: 20.0\n")  # a numeric YAML key is the metric '11.25'
+    assert load_baseline(path) == {"normals": {"11.25": 40.0, "mean": 20.0}}
+    path.write_text("edge:\n  odsF: true\n")
+    with pytest.raises(ValueError, match="non-zero number"):
+        load_baseline(path)
+
+
+def test_baseline_command_trains_single_task_models(tmp_path, capsys, monkeypatch):
+    from mtlfast.cli import main
+    from mtlfast.engine import checkpoint as ckpt
+    from mtlfast.engine.config import load_config
+    from mtlfast.engine.trainer import Trainer
+
+    tiny = ["data.num_train=8", "data.num_val=4", "data.batch_size=4", "data.train_size=[32, 32]",
+            "data.tasks=[semseg, depth, sal]", "train.iterations=2", "train.eval_every=0",
+            "train.checkpoint_every=2", "eval.edge_thresholds=9", f"output_dir={tmp_path / 'runs'}",
+            "model.kwargs={head_channels: 16, aux_tasks: [normals]}"]
+    out = tmp_path / "measured.yaml"
+    assert main(["baseline", "--no-progress", "--out", str(out), *tiny]) == 0
+    assert "aux_tasks belong to 'baseline', not single_task; left out" in capsys.readouterr().out
+    measured = load_baseline(out)
+    assert set(measured) == {"semseg", "depth", "sal"}
+    assert set(measured["semseg"]) == {"mIoU"} and set(measured["depth"]) == {"rmse"}
+    assert set(measured["sal"]) == {"maxF"}
+    for task in ("semseg", "depth", "sal"):  # one single_task model per task, the value its evaluation
+        last = tmp_path / "runs" / "single_task" / task / "last.pt"
+        config = ckpt.load_checkpoint(str(last))["config"]
+        assert config["model"]["name"] == "single_task" and config["data"]["tasks"] == [task]
+        assert config["model"]["kwargs"] == {"head_channels": 16}
+        trainer = Trainer(config, resume=str(last), progress=False)
+        (name, value), = measured[task].items()
+        assert trainer.evaluate()[f"{task}/{name}"] == pytest.approx(value, rel=1e-12)
+        trainer.close()
+    # --resume: finished runs are not trained again, the same numbers come out
+    again = tmp_path / "again.yaml"
+    assert main(["baseline", "--no-progress", "--resume", "--out", str(again), *tiny]) == 0
+    assert load_baseline(again) == measured
+    # Δm of a multi-task run on the synthetic data against the measured file
+    config = load_config(None, tiny[:-2] + [f"output_dir={tmp_path / 'mtl'}", f"eval.baseline={out}"])
+    trainer = Trainer(config, progress=False)
+    trainer.train()
+    flat = trainer.evaluate()
+    trainer.close()
+    results = {t: {m: flat[f"{t}/{m}"] for m in measured[t]} for t in measured}
+    assert flat["delta_m"] == pytest.approx(delta_m(results, measured))
+    # a task measured at 0 (e.g. odsF of an untrained edge model) cannot be a Δm reference: left out, exit 1
+    real_evaluate = Trainer.evaluate
+
+    def evaluate(self, *args, **kwargs):
+        flat = real_evaluate(self, *args, **kwargs)
+        return {k: (0.0 if k == "depth/rmse" else v) for k, v in flat.items()}
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    partial = tmp_path / "partial.yaml"
+    assert main(["baseline", "--no-progress", "--resume", "--out", str(partial), *tiny]) == 1
+    err = capsys.readouterr().err
+    assert "left out of `metrics`" in err and "depth.rmse = 0.0" in err
+    assert load_baseline(partial) == {t: m for t, m in measured.items() if t != "depth"}
