@@ -460,9 +460,15 @@ class _EdgeGraph:
         offsets = _disk_offsets(radius)
         flat_offsets = offsets[:, 0] * width + offsets[:, 1]
         base = (gy + r) * width + (gx + r)
-        cand = index[base[:, None] + flat_offsets[None, :]]  # (n_gt, n_offsets), -1: no candidate there
-        gt_of_edge, k = np.nonzero(cand >= 0)              # row-major: sorted by ground-truth pixel
-        self.gt_of_edge, self.cand_of_edge = gt_of_edge, cand[gt_of_edge, k]
+        gt_parts, cand_parts = [], []
+        block = max(1, (1 << 22) // len(flat_offsets))  # ground-truth pixels per block: bounded memory
+        for lo in range(0, self.n_gt, block):
+            cand = index[base[lo:lo + block, None] + flat_offsets[None, :]]  # -1: no candidate at that offset
+            g, k = np.nonzero(cand >= 0)                                      # row-major: sorted by ground truth
+            gt_parts.append(g + lo)
+            cand_parts.append(cand[g, k])
+        gt_of_edge = np.concatenate(gt_parts)
+        self.gt_of_edge, self.cand_of_edge = gt_of_edge, np.concatenate(cand_parts)
         self.pixels, self.n_cand = (cy, cx), len(cy)
         self.gt_ptr = np.concatenate([[0], np.cumsum(np.bincount(gt_of_edge, minlength=self.n_gt))])
         by_cand = np.argsort(self.cand_of_edge, kind="stable")
