@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mtlfast.engine.config import load_config
@@ -46,6 +47,25 @@ def test_loss_falls_and_eval_runs(tmp_path):
     metrics = trainer.evaluate(str(tmp_path / "samples.png"))
     assert {"semseg/mIoU", "depth/rmse", "normals/mean"} <= set(metrics)
     assert os.path.getsize(tmp_path / "samples.png") > 0
+
+
+def test_baseline_checked_before_training_and_delta_m_logged(tmp_path):
+    """eval.baseline by stored name: restricted to the run's tasks and Δm reported by every evaluation; an
+    unknown name or a baseline without one of the run's tasks fails when the trainer is built."""
+    base = TINY + [f"output_dir={tmp_path}", "data.tasks=[semseg, depth]"]
+    trainer = Trainer(load_config(None, base + ["eval.baseline=nyud_hrnet_w18_single_task"]), progress=False)
+    assert sorted(trainer.baseline) == ["depth", "semseg"]
+    metrics = trainer.evaluate()
+    from mtlfast.metrics import delta_m
+
+    results = {"semseg": {"mIoU": metrics["semseg/mIoU"]}, "depth": {"rmse": metrics["depth/rmse"]}}
+    assert metrics["delta_m"] == delta_m(results, trainer.baseline)
+    trainer.close()
+    with pytest.raises(FileNotFoundError, match="nyud_hrnet_w18_single_tsk"):
+        Trainer(load_config(None, base + ["eval.baseline=nyud_hrnet_w18_single_tsk"]), progress=False)
+    with pytest.raises(ValueError, match=r"no single-task numbers for \['sal'\]"):
+        Trainer(load_config(None, TINY + [f"output_dir={tmp_path}", "data.tasks=[semseg, sal]",
+                                          "eval.baseline=nyud_hrnet_w18_single_task"]), progress=False)
 
 
 _DDP_SCRIPT = """

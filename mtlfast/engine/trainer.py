@@ -135,6 +135,7 @@ class Trainer:
             raise ValueError(f"data.batch_size={data_cfg['batch_size']} exceeds the {self.sampler.per_rank} "
                              f"training samples per process")
 
+        self.baseline = self._load_baseline(config["eval"]["baseline"])
         torch.manual_seed(config["seed"])  # identical initial weights on every rank
         model_cfg = config["model"]
         self.model = create_model(model_cfg["name"], self.tasks, backbone=model_cfg["backbone"], dataset=self.dataset,
@@ -158,6 +159,20 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and self.device.type == "cuda")) else None
         if resume:
             self._load(resume)
+
+    def _load_baseline(self, name_or_path):
+        """eval.baseline read before training (a typo fails now, not after the first evaluation), restricted to
+        this run's main tasks (Δm averages over the tasks of the multi-task model); it must cover each of them."""
+        if not name_or_path:
+            return None
+        from mtlfast.metrics import load_baseline
+
+        baseline = load_baseline(name_or_path)
+        missing = [t for t in self.tasks if t not in baseline]
+        if missing:
+            raise ValueError(f"eval.baseline={name_or_path!r}: no single-task numbers for {missing} "
+                             f"(it has {sorted(baseline)}; data.tasks={self.tasks})")
+        return {t: baseline[t] for t in self.tasks}
 
     # --- state ---------------------------------------------------------------------------------------
 
@@ -288,8 +303,8 @@ class Trainer:
             plot_predictions(*shown, path=sample_path)
         results = metrics.compute()
         flat = {f"{task}/{name}": value for task, values in results.items() for name, value in values.items()}
-        if eval_cfg["baseline"]:
-            flat["delta_m"] = delta_m(results, eval_cfg["baseline"])
+        if self.baseline is not None:
+            flat["delta_m"] = delta_m(results, self.baseline)
         return flat
 
     def evaluate_and_log(self) -> dict[str, float] | None:
