@@ -107,19 +107,23 @@ def test_keys_with_a_large_common_shift(device):
 
 
 def test_kernels_on_rows_with_every_score_far_below_zero(device):
-    """The kernels without the centring (called directly): every score of a row near -400, so exp(s - lse)
-    of a padding key row (s = 0) would overflow; the dq kernel masks those rows. Nk = 20 leaves 12 padding
-    rows in the last 16-key block."""
+    """The kernels without the centring (called directly) on scores -400 + O(1): exp(s - lse) of a padding
+    key row (s = 0) would overflow, so the dq kernel masks those rows. Nk = 20 leaves 12 padding rows in the
+    last 16-key block. q and k are on a 1/16 grid with the -400 in one coordinate, so float32 forms the
+    scores exactly; what remains is the rounding of exp's argument at |s| = 400 (~1e-5 relative), hence
+    the 1e-3 bound: this test is about overflow, the accuracy tests are above."""
     from mtlfast.kernels.attention import attention_backward, attention_forward
 
     gen = torch.Generator().manual_seed(fresh_seed())
     B, H, n_q, n_k, d = 1, 1, 5, 20, 16
-    u = torch.zeros(d, dtype=torch.float64)
-    u[0] = 1.0
-    q = (randn(B, H, n_q, d, generator=gen) + 20 * u).float().to(device)
-    k = (randn(B, H, n_k, d, generator=gen) - 20 * u).float().to(device)
-    v, grad_out = randn(B, H, n_k, 3, generator=gen), randn(B, H, n_q, 3, generator=gen)
-    v, grad_out = v.float().to(device), grad_out.float().to(device)
+
+    def grid_values(n, first):
+        x = (randn(B, H, n, d, generator=gen) * 8).round() / 16
+        x[..., 0] = first
+        return x.float().to(device)
+
+    q, k = grid_values(n_q, 20.0), grid_values(n_k, -20.0)
+    v, grad_out = (randn(B, H, n, 3, generator=gen).float().to(device) for n in (n_k, n_q))
     blocks = _blocks(16, 16, 16, 16)
     out, lse = attention_forward(q, k, v, 1.0, blocks)
     assert lse.max() < -300
@@ -127,7 +131,7 @@ def test_kernels_on_rows_with_every_score_far_below_zero(device):
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     want = torch.autograd.grad(reference_attention(*leaves, scale=1.0), leaves, grad_out.double())
     for name, got, ref in zip("qkv", grads, want):
-        assert rel_error(got, ref) < 1e-4, f"grad {name}: {rel_error(got, ref):.2e}"
+        assert rel_error(got, ref) < 1e-3, f"grad {name}: {rel_error(got, ref):.2e}"
 
 
 def test_logsumexp_output(device):
