@@ -31,6 +31,6 @@ def device() -> str:
 
 
 def pytest_generate_tests(metafunc):
-    # `kernel_dtype`: every dtype the kernels support on this machine (float32 only under the interpreter).
+    # `kernel_dtype`: every dtype the kernels support on this machine (float32 and float16 under the interpreter).
     if "kernel_dtype" in metafunc.fixturenames:
         metafunc.parametrize("kernel_dtype", kernel_dtypes(), ids=lambda d: str(d).replace("torch.", ""))

@@ -1,6 +1,6 @@
 """mtlfast.ops.attention: Triton kernels vs the literal reference, forward and every gradient.
 
-CPU: Triton through its interpreter (float32 only; bfloat16 is refused there), small odd shapes, one
+CPU: Triton through its interpreter (float32 and float16; bfloat16 is refused there), small odd shapes, one
 pinned launch configuration per case. The cases cover Nq = 1, Nq != Nk, Dqk != Dv, Dqk = 300 (> 256,
 several head-dim chunks), several Dv chunks, several chunks of both widths with own != stream tiles,
 and non-contiguous inputs: every specialisation of the kernels (one or several chunks per width).

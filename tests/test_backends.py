@@ -82,3 +82,25 @@ def test_info_lists_each_op_with_its_choice(toy_op):
     text = info_text()
     assert "_toy_double" in text and "auto -> cpp" in text
     assert "triton: device 'cpu' not supported" in text
+
+
+def _bfloat16_calls():
+    x = lambda *shape: torch.randn(*shape, dtype=torch.bfloat16)  # noqa: E731
+    return {
+        "attention": lambda: mtlfast.ops.attention(x(1, 1, 5, 8), x(1, 1, 6, 8), x(1, 1, 6, 4), backend="triton"),
+        "tpp_attention": lambda: mtlfast.ops.tpp_attention(x(1, 2, 1, 5, 8), x(1, 2, 1, 6, 8), x(1, 2, 1, 6, 4),
+                                                           x(2, 1, 2), backend="triton"),
+        "lthd_attention": lambda: mtlfast.ops.lthd_attention(x(1, 16, 8), x(1, 16, 8), x(1, 4, 8), x(1, 4, 8),
+                                                             x(1, 16, 4), (4, 4), (2, 2), backend="triton"),
+        "iterative_fusion": lambda: mtlfast.ops.iterative_fusion(x(1, 9, 8), x(1, 9, 8), x(1, 9, 4),
+                                                                 torch.tensor(0.3), 2, backend="triton"),
+        "em_attention": lambda: mtlfast.ops.em_attention(x(1, 9, 8), x(1, 4, 8), 2, backend="triton"),
+    }
+
+
+@pytest.mark.parametrize("op", list(_bfloat16_calls()))
+def test_triton_refuses_bfloat16_in_the_cpu_interpreter(op):
+    """The interpreter computes bfloat16 wrongly (tpp_attention gave errors of 1e9 before this refusal), so
+    every Triton op refuses bfloat16 CPU tensors and says why."""
+    with pytest.raises(BackendError, match="interpreter"):
+        _bfloat16_calls()[op]()

@@ -7,9 +7,9 @@ With ``detach_iterations=True`` the iterations carry no gradient and one more E 
 does: z = softmax(x mu_outᵀ / tau), x_rec = z mu_out; mu_out is returned detached and ``mu`` gets no
 gradient. The literal definition is :func:`mtlfast.reference.em_attention.em_attention`.
 
-Backends: ``reference`` (any device, float16/bfloat16/float32/float64) and ``triton`` (CUDA, or CPU through
-the interpreter; float16/bfloat16/float32; K <= 256): one pass over x per iteration with E and M steps
-fused, z never stored; the backward recomputes each iteration's z from the saved per-iteration bases
+Backends: ``reference`` (any device, float16/bfloat16/float32/float64) and ``triton`` (CUDA in
+float16/bfloat16/float32, CPU through the interpreter in float16/float32; K <= 256): one pass over x per
+iteration with E and M steps fused, z never stored; the backward recomputes each iteration's z from the saved per-iteration bases
 (float32, (n_iter + 1) x K x C per batch element) instead of saving (B, N, K) per iteration. See
 :mod:`mtlfast.kernels.em_attention` for the kernels and the adjoint formulas.
 
@@ -22,6 +22,7 @@ import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import check_floating_same_device_dtype, check_positive_int, check_shapes
+from mtlfast.ops.attention import interpreter_limits
 from mtlfast.reference import em_attention as _reference
 
 Tensor = torch.Tensor
@@ -108,10 +109,11 @@ def _triton(x, mu, n_iter, *, tau, eps, detach_iterations):
 def _triton_limits(x, mu, n_iter, **kwargs) -> list[str]:
     from mtlfast.kernels.em_attention import MAX_K
 
+    reasons = interpreter_limits(x)
     K = mu.shape[1]
     if K > MAX_K:
-        return [f"K={K} bases exceed the kernel's limit of {MAX_K} (the logits tile is held in registers)"]
-    return []
+        reasons.append(f"K={K} bases exceed the kernel's limit of {MAX_K} (the logits tile is held in registers)")
+    return reasons
 
 
 _OP.register("reference", _reference.em_attention, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)

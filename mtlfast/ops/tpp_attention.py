@@ -8,10 +8,10 @@ official code) or (H, T·H) (shared by all tasks); mix_bias (T, H) / (H,) or Non
 
 The literal definition is :func:`mtlfast.reference.tpp_attention.tpp_attention`.
 
-Backends: ``reference`` (any device, float16/bfloat16/float32/float64) and ``triton`` (CUDA, or CPU through
-the interpreter; float16/bfloat16/float32; T·H <= 16): one fused flash-style kernel computes the T·H score
-tiles once per key block, mixes them in registers and runs an online softmax per output map, saving only
-the logsumexp (B, T·H, Nq); see :mod:`mtlfast.kernels.tpp_attention`. The bias is constant along the
+Backends: ``reference`` (any device, float16/bfloat16/float32/float64) and ``triton`` (CUDA in
+float16/bfloat16/float32, CPU through the interpreter in float16/float32; T·H <= 16): one fused flash-style
+kernel computes the T·H score tiles once per key block, mixes them in registers and runs an online softmax
+per output map, saving only the logsumexp (B, T·H, Nq); see :mod:`mtlfast.kernels.tpp_attention`. The bias is constant along the
 softmax axis, so it cancels: the kernels never read it and its gradient is exactly zero. A shared weight
 is expanded to (T, H, T·H) before the kernel (its gradient is the sum over tasks, by autograd), and the
 keys of every (task, head) are centred over the key axis (exact, see :func:`mtlfast.ops.attention.center_keys`).
@@ -28,7 +28,7 @@ import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor, resolve_scale
-from mtlfast.ops.attention import center_keys
+from mtlfast.ops.attention import center_keys, interpreter_limits
 from mtlfast.reference import tpp_attention as _reference
 
 Tensor = torch.Tensor
@@ -102,10 +102,12 @@ def _triton(q, k, v, mix_weight, mix_bias, *, scale):
 def _triton_limits(q, k, v, mix_weight, mix_bias, **kwargs) -> list[str]:
     from mtlfast.kernels.tpp_attention import MAX_CHANNELS
 
+    reasons = interpreter_limits(q)
     C = q.shape[1] * q.shape[2]
     if C > MAX_CHANNELS:
-        return [f"T·H={C} score maps exceed the kernel's limit of {MAX_CHANNELS} (all of them are mixed in registers)"]
-    return []
+        reasons.append(f"T·H={C} score maps exceed the kernel's limit of {MAX_CHANNELS} (all of them are mixed in "
+                       f"registers)")
+    return reasons
 
 
 _OP.register("reference", _reference.tpp_attention, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
