@@ -76,20 +76,43 @@ trainer = Trainer(load_config(None, sys.argv[1:]), progress=False)
 trainer.train()
 flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 torch.save(flat, trainer.out_dir + f"/weights_rank{trainer.dist.rank}.pt")
+sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules())
+torch.save(sync_bn, trainer.out_dir + f"/sync_bn_rank{trainer.dist.rank}.pt")
 trainer.close()
 """
 
 
-def test_two_process_ddp_ends_with_equal_weights(tmp_path):
+def _torchrun(tmp_path, processes, args):
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
-    args = TINY + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), *args], capture_output=True, text=True, timeout=900, env=env)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={processes}", str(script), *args],
+                            capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_two_process_ddp_ends_with_equal_weights(tmp_path):
+    _torchrun(tmp_path, 2, TINY + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3"])
     w0, w1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1))
     assert torch.equal(w0, w1)
+    assert os.path.exists(tmp_path / "last.pt")
+
+
+def test_sync_bn_refused_on_cpu(tmp_path):
+    config = load_config(None, TINY + [f"output_dir={tmp_path}", "train.sync_bn=true"])
+    with pytest.raises(ValueError, match="train.sync_bn: torch's SyncBatchNorm runs on CUDA only"):
+        Trainer(config, progress=False)
+
+
+@pytest.mark.gpu
+def test_sync_bn_under_torchrun_gpu(tmp_path):
+    """train.sync_bn=true on CUDA: every BatchNorm becomes a SyncBatchNorm and trains under torchrun with NCCL
+    (one process: the test machine has one GPU; torch has no CPU SyncBatchNorm, so CPU runs refuse it)."""
+    args = TINY + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3", "train.sync_bn=true"]
+    _torchrun(tmp_path, 1, args)
+    assert torch.load(tmp_path / "sync_bn_rank0.pt") > 0
+    assert torch.isfinite(torch.load(tmp_path / "weights_rank0.pt")).all()
     assert os.path.exists(tmp_path / "last.pt")
 
 
