@@ -769,11 +769,12 @@ def _baseline_path(name: str | Path) -> Path:
     raise FileNotFoundError(f"baseline file not found: {path}")
 
 
-def load_baseline(path: str | Path) -> dict[str, dict[str, float]]:
+def load_baseline(path: str | Path, dataset: str | None = None) -> dict[str, dict[str, float]]:
     """A single-task baseline: a file path, or the short name of a stored one (:func:`list_baselines`).
     JSON (``.json``) or YAML: ``{task: {metric: value}}``, optionally under a top-level ``"metrics"`` key
     (other top-level keys, e.g. a description or the source, are then ignored). Metric names are those the
-    meters report (:data:`METRIC_NAMES`); values are non-zero numbers."""
+    meters report (:data:`METRIC_NAMES`); values are non-zero numbers. With ``dataset``, a file that declares
+    another ``dataset`` (every stored one does) is refused."""
     path = _baseline_path(path)
     text = path.read_text()
     try:
@@ -786,6 +787,10 @@ def load_baseline(path: str | Path) -> dict[str, dict[str, float]]:
     except Exception as exc:
         raise ValueError(f"cannot parse baseline file {path}: {exc}") from exc
     if isinstance(data, dict) and "metrics" in data:
+        declared = data.get("dataset")
+        if dataset is not None and declared is not None and declared != dataset:
+            raise ValueError(f"baseline {str(path)!r} holds {declared} results, not {dataset}; pick one of "
+                             f"{', '.join(n for n in list_baselines() if n.startswith(dataset + '_'))} or a file")
         data = data["metrics"]
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ValueError(f"baseline file {path}: expected {{task: {{metric: value}}}}")

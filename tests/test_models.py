@@ -368,10 +368,12 @@ def test_every_method_is_registered():
 
 
 def test_config_files():
-    """Every configs/<dataset>/<backbone>/<method>.yaml loads, names its own dataset/backbone/method, and its
-    tasks and model options are valid for create_model."""
+    """Every configs/<dataset>/<backbone>/<method>.yaml loads, names its own dataset/backbone/method, its
+    tasks and model options are valid for create_model, and its Δm baseline (if any) is a stored baseline of
+    its dataset with numbers for each of its tasks."""
     from mtlfast.data.tasks import check_tasks
     from mtlfast.engine.config import load_config
+    from mtlfast.metrics import load_baseline
     from mtlfast.models import registry
 
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*", "*.yaml")))
@@ -384,6 +386,9 @@ def test_config_files():
         options = registry._MODELS[method].options
         assert set(cfg["model"]["kwargs"]) <= set(options), path
         assert isinstance(cfg["optim"]["lr"], float), path
+        if cfg["eval"]["baseline"] is not None:  # a stored baseline of this dataset covering every task
+            baseline = load_baseline(cfg["eval"]["baseline"], dataset=dataset)
+            assert set(cfg["data"]["tasks"]) <= set(baseline), path
 
 
 @needs_timm

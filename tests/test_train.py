@@ -50,10 +50,11 @@ def test_loss_falls_and_eval_runs(tmp_path):
 
 
 def test_baseline_checked_before_training_and_delta_m_logged(tmp_path):
-    """eval.baseline by stored name: restricted to the run's tasks and Δm reported by every evaluation; an
-    unknown name or a baseline without one of the run's tasks fails when the trainer is built."""
+    """eval.baseline (the default: the stored synthetic one) restricted to the run's tasks and Δm reported by
+    every evaluation; an unknown name, a baseline of another dataset or one without numbers for a run task
+    fails when the trainer is built."""
     base = TINY + [f"output_dir={tmp_path}", "data.tasks=[semseg, depth]"]
-    trainer = Trainer(load_config(None, base + ["eval.baseline=nyud_hrnet_w18_single_task"]), progress=False)
+    trainer = Trainer(load_config(None, base), progress=False)
     assert sorted(trainer.baseline) == ["depth", "semseg"]
     metrics = trainer.evaluate()
     from mtlfast.metrics import delta_m
@@ -61,11 +62,17 @@ def test_baseline_checked_before_training_and_delta_m_logged(tmp_path):
     results = {"semseg": {"mIoU": metrics["semseg/mIoU"]}, "depth": {"rmse": metrics["depth/rmse"]}}
     assert metrics["delta_m"] == delta_m(results, trainer.baseline)
     trainer.close()
-    with pytest.raises(FileNotFoundError, match="nyud_hrnet_w18_single_tsk"):
-        Trainer(load_config(None, base + ["eval.baseline=nyud_hrnet_w18_single_tsk"]), progress=False)
-    with pytest.raises(ValueError, match=r"no single-task numbers for \['sal'\]"):
-        Trainer(load_config(None, TINY + [f"output_dir={tmp_path}", "data.tasks=[semseg, sal]",
-                                          "eval.baseline=nyud_hrnet_w18_single_task"]), progress=False)
+    with pytest.raises(FileNotFoundError, match="synthetic_convnet_tiny_single_tsk"):
+        Trainer(load_config(None, base + ["eval.baseline=synthetic_convnet_tiny_single_tsk"]), progress=False)
+    with pytest.raises(ValueError, match="holds nyud results, not synthetic"):
+        Trainer(load_config(None, base + ["eval.baseline=nyud_hrnet_w18_single_task"]), progress=False)
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("metrics:\n  semseg:\n    mIoU: 50.0\n")
+    with pytest.raises(ValueError, match=r"no single-task numbers for \['depth'\]"):
+        Trainer(load_config(None, base + [f"eval.baseline={partial}"]), progress=False)
+    trainer = Trainer(load_config(None, base + ["eval.baseline=null"]), progress=False)
+    assert trainer.baseline is None and "delta_m" not in trainer.evaluate()
+    trainer.close()
 
 
 _DDP_SCRIPT = """
@@ -177,7 +184,7 @@ def test_auxiliary_tasks_train_end_to_end(tmp_path):
             LOSS_WEIGHTS[t] * row[f"loss_scale_{s}/{t}"] for s in range(4) for t in ("semseg", "depth", "edge", "sal"))
         assert abs(row["loss"] - main) < 1e-4 * row["loss"]
     metrics = trainer.evaluate()
-    assert {k.split("/")[0] for k in metrics} == {"semseg", "depth"}
+    assert {k.split("/")[0] for k in metrics} == {"semseg", "depth", "delta_m"}  # Δm over the main tasks
     assert trainer.log.read("train")[-1]["loss_scale_0/sal"] != ""
     saved = torch.load(tmp_path / "aux" / "last.pt", weights_only=False)
     assert saved["config"]["data"]["tasks"] == ["semseg", "depth"]

@@ -56,7 +56,9 @@ DEFAULTS: dict[str, Any] = {
         "eval_at_start": True,      # evaluate the untrained model first (the baseline of the curves)
     },
     "eval": {
-        "baseline": None,           # single-task baseline for delta_m: a file or a stored name (mtlfast.metrics.list_baselines)
+        # single-task baseline for Δm: a file or a stored name (mtlfast.metrics.list_baselines), null for none;
+        # the default was measured with `mtlfast baseline` on this synthetic default
+        "baseline": "synthetic_convnet_tiny_single_task",
         "edge_thresholds": 99,      # odsF thresholds (SEISM's 99; ~0.2 s per 480x640 image)
         "batch_size": 4,
     },

@@ -167,7 +167,7 @@ class Trainer:
             return None
         from mtlfast.metrics import load_baseline
 
-        baseline = load_baseline(name_or_path)
+        baseline = load_baseline(name_or_path, dataset=self.dataset)
         missing = [t for t in self.tasks if t not in baseline]
         if missing:
             raise ValueError(f"eval.baseline={name_or_path!r}: no single-task numbers for {missing} "
