@@ -73,14 +73,14 @@ def plot_curves(log: RunLog, path: str) -> None:
         for key in [k for k in train[0] if k.startswith("loss")]:
             axes[0].plot(its, [r.get(key, np.nan) for r in train], label=key)
         axes[0].set_yscale("log")
+        axes[0].legend(fontsize=7)
     axes[0].set(title="training loss", xlabel="iteration")
-    axes[0].legend(fontsize=7)
     if evals:
         its = [r["iteration"] for r in evals]
         for key in [k for k in evals[0] if k != "iteration"]:
             axes[1].plot(its, [r.get(key, np.nan) for r in evals], marker="o", label=key)
+        axes[1].legend(fontsize=7)
     axes[1].set(title="evaluation", xlabel="iteration")
-    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
