@@ -12,7 +12,24 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from mtlfast import testing  # noqa: E402
 from mtlfast.testing import default_device, kernel_dtypes  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _test_seed(request):
+    """One seed per test (MTLFAST_TEST_SEED or random), from which all its random draws derive."""
+    request.node.mtlfast_seed = testing.begin_test()
+    yield
+    testing.end_test()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    seed = getattr(item, "mtlfast_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("mtlfast seed", f"MTLFAST_TEST_SEED={seed} reproduces this test"))
 
 
 def pytest_collection_modifyitems(config, items):

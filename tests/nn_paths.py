@@ -13,7 +13,7 @@ import copy
 import torch
 
 import mtlfast
-from mtlfast.testing import fresh_seed, rel_error, tolerance
+from mtlfast.testing import fresh_seed, rel_error, rerun_hint, tolerance
 
 #: The kernel path on this machine, as ``use_backend`` arguments.
 KERNEL_PATH = (("auto", {}) if torch.cuda.is_available() else ("triton", {"deform_sample": "cpp"}))
@@ -68,5 +68,5 @@ def compare_paths(module: torch.nn.Module, inputs: dict, *, device: str = "cpu",
                           for n, (e, r) in sorted(bad.items(), key=lambda kv: -kv[1][0]))
         raise AssertionError(f"kernel path vs float64 reference path over max({fixed:.0e}, 2 x float32 reference "
                              f"error) ({len(bad)} of {len(rows)} quantities; cotangent seed {seed}, "
-                             f"MTLFAST_TEST_SEED={seed} reruns it):\n{lines}")
+                             f"{rerun_hint(seed)} reruns it):\n{lines}")
     return rows

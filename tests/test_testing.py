@@ -92,3 +92,14 @@ def test_conditioned_bound_follows_pytorch_own_error():
         check_against_reference(total, total, inputs, dtype=torch.float32, grad=[])
     report = check_against_reference(total, total, inputs, dtype=torch.float32, grad=[], conditioned=("out",))
     assert report.bounds["out"] > 1e-2
+
+
+def test_one_seed_reproduces_every_draw_of_a_test(monkeypatch):
+    """A test's seeds all derive from one number (conftest starts it per test), and a failure names that number:
+    inputs drawn from one fresh_seed() and cotangents from another are reproduced together."""
+    from mtlfast import testing
+
+    monkeypatch.setenv("MTLFAST_TEST_SEED", "123")
+    runs = [(testing.begin_test(), [testing.fresh_seed() for _ in range(3)]) for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0][0] == 123 and len(set(runs[0][1])) == 3
+    assert testing.rerun_hint(runs[0][1][2]) == "MTLFAST_TEST_SEED=123"
