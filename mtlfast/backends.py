@@ -81,20 +81,22 @@ def use_backend(name: str, **per_op: str) -> Iterator[None]:
 
 # --- machine capabilities shared by implementations --------------------------------------------------
 
-def triton_unavailable(device_type: str) -> str | None:
-    """Why Triton kernels cannot run on ``device_type`` here, or None."""
+def triton_unavailable(device_type: str, dtype: torch.dtype | None = None) -> str | None:
+    """Why Triton kernels cannot run on ``device_type`` (in ``dtype``) here, or None."""
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
         return f"triton is not importable ({exc.__class__.__name__}: {exc})"
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before triton is imported"
+    if device_type == "cpu" and dtype == torch.bfloat16:  # it computes bfloat16 wrongly, silently
+        return "the Triton interpreter (CPU) has no bfloat16 math"
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
     return None
 
 
-def extension_unavailable(device_type: str) -> str | None:
+def extension_unavailable(device_type: str, dtype: torch.dtype | None = None) -> str | None:
     """Why the compiled extension cannot serve ``device_type`` here, or None."""
     from mtlfast import _ext
 
@@ -109,7 +111,7 @@ def extension_unavailable(device_type: str) -> str | None:
     return None
 
 
-def _always(device_type: str) -> str | None:
+def _always(device_type: str, dtype: torch.dtype | None = None) -> str | None:
     return None
 
 
@@ -119,7 +121,8 @@ def _always(device_type: str) -> str | None:
 class Implementation:
     """One backend's implementation of an op and its declared capabilities.
 
-    ``available(device_type)`` says why the backend cannot run at all on that device type here (or None);
+    ``available(device_type, dtype)`` says why the backend cannot run at all on that device type (in that
+    dtype) here, or None;
     ``limits(*args, **kwargs)`` returns the reasons it cannot serve these particular inputs (shape limits).
     """
 
@@ -127,7 +130,7 @@ class Implementation:
     fn: Callable
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
-    available: Callable[[str], str | None] = _always
+    available: Callable[[str, torch.dtype], str | None] = _always
     limits: Callable[..., list[str]] | None = None
 
     def refusals(self, device_type: str, dtype: torch.dtype, args: tuple = (), kwargs: dict | None = None,
@@ -136,7 +139,7 @@ class Implementation:
         if device_type not in self.devices:
             reasons.append(f"device {device_type!r} not supported (supports {', '.join(self.devices)})")
         else:
-            why = self.available(device_type)
+            why = self.available(device_type, dtype)
             if why:
                 reasons.append(why)
         if dtype not in self.dtypes:
@@ -161,7 +164,7 @@ class Op:
         OPS[self.name] = self
 
     def register(self, backend: str, fn: Callable, *, devices: Sequence[str], dtypes: Sequence[torch.dtype],
-                 available: Callable[[str], str | None] = _always,
+                 available: Callable[[str, torch.dtype], str | None] = _always,
                  limits: Callable[..., list[str]] | None = None) -> Callable:
         if backend == "auto" or backend not in BACKENDS:
             raise ValueError(f"cannot register backend {backend!r} for {self.name}; expected one of {BACKENDS[1:]}")

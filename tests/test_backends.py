@@ -13,7 +13,7 @@ def toy_op():
     op.register("cpp", lambda x: ("cpp", 2 * x), devices=("cpu",), dtypes=(torch.float32,),
                 limits=lambda x: [f"at most 8 elements (got {x.numel()})"] if x.numel() > 8 else [])
     op.register("triton", lambda x: ("triton", 2 * x), devices=("cuda",), dtypes=(torch.float32,),
-                available=lambda device: "no triton on this test machine")
+                available=lambda device, dtype: "no triton on this test machine")
     yield op
     del OPS["_toy_double"]
 
@@ -101,6 +101,7 @@ def _bfloat16_calls():
 @pytest.mark.parametrize("op", list(_bfloat16_calls()))
 def test_triton_refuses_bfloat16_in_the_cpu_interpreter(op):
     """The interpreter computes bfloat16 wrongly (tpp_attention gave errors of 1e9 before this refusal), so
-    every Triton op refuses bfloat16 CPU tensors and says why."""
+    the Triton backend of every op (mtlfast.backends.triton_unavailable) refuses bfloat16 CPU tensors and
+    says why."""
     with pytest.raises(BackendError, match="interpreter"):
         _bfloat16_calls()[op]()

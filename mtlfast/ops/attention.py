@@ -106,15 +106,8 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, scale: float, fwd_block
     return out
 
 
-def interpreter_limits(x: Tensor) -> list[str]:
-    """Why the Triton interpreter cannot take ``x``'s dtype (it computes bfloat16 wrongly)."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        return ["the Triton interpreter (CPU) has no bfloat16 math"]
-    return []
-
-
 def _triton_limits(q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> list[str]:
-    return interpreter_limits(q) + attention_kernels().grid_limits(q, k, v)
+    return attention_kernels().grid_limits(q, k, v)
 
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:

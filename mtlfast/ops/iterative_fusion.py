@@ -36,7 +36,6 @@ import torch
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import (check_floating_same_device_dtype, check_positive_int, check_shapes,
                                  check_tensor, resolve_scale)
-from mtlfast.ops.attention import interpreter_limits
 from mtlfast.reference import iterative_fusion as _reference
 
 VARIANTS = _reference.VARIANTS
@@ -141,7 +140,7 @@ def _triton_limits(q, k, v, alpha, n_iter, *, scale, variant, mode) -> list[str]
 
     B, N, D = q.shape
     C = v.shape[-1]
-    reasons = interpreter_limits(q)
+    reasons = []
     if D > MAX_HEAD_DIM:
         reasons.append(f"q/k width D={D} > {MAX_HEAD_DIM} (the kernels hold a whole q/k row in registers)")
     if B > _MAX_GRID_YZ:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, resolve_scale
-from mtlfast.ops.attention import attention_kernels, attention_triton, interpreter_limits
+from mtlfast.ops.attention import attention_kernels, attention_triton
 from mtlfast.reference.lthd_attention import lthd_attention as _reference_lthd
 
 __all__ = ["lthd_attention", "upsample_tokens", "widened_qk"]
@@ -57,7 +57,7 @@ def _triton(q_fine, k_fine, q_coarse, k_coarse, v, *, size_fine, size_coarse, sc
 def _triton_lthd_limits(q_fine, k_fine, q_coarse, k_coarse, v, *, size_fine, size_coarse, scale):
     B, n_f, D = q_fine.shape
     wide = torch.empty((B, 1, n_f, 2 * D), device="meta")  # shape and strides of the widened q and k
-    return interpreter_limits(q_fine) + attention_kernels().grid_limits(wide, wide, v[:, None])
+    return attention_kernels().grid_limits(wide, wide, v[:, None])
 
 
 def _reference(q_fine, k_fine, q_coarse, k_coarse, v, *, size_fine, size_coarse, scale):
