@@ -568,10 +568,10 @@ def _augment(ptr: np.ndarray, neighbours: np.ndarray, mate_a: np.ndarray, mate_b
     return False
 
 
-def match_edges(pred: np.ndarray, gt: np.ndarray, max_dist: float, gt_distance: np.ndarray | None = None) -> int:
+def match_edges(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> int:
     """Number of matched pairs between the pixels of two boolean (H, W) edge maps: a maximum one-to-one
     matching of predicted to ground-truth pixels at Euclidean distance <= ``max_dist`` pixels
-    (dy² + dx² <= max_dist²). ``gt_distance`` is accepted for compatibility and not needed."""
+    (dy² + dx² <= max_dist²)."""
     pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
     graph = _EdgeGraph(pred, gt, max_dist)
     return graph.count(np.ones(graph.n_cand, dtype=bool))[0]
