@@ -202,3 +202,46 @@ def test_auxiliary_tasks_train_end_to_end(tmp_path):
                 progress=False)
     with pytest.raises(ValueError, match=r"model.kwargs.aux_tasks: \['depth'\] are already main tasks"):
         Trainer(load_config(None, nyud + ["model.kwargs={aux_tasks: [depth]}"]), progress=False)
+
+
+def test_two_process_ddp_with_checkpoint_decoder_matches_the_plain_ddp_run(tmp_path):
+    """model.checkpoint_decoder under DDP (2 processes, gloo): the recomputation in the backward does not
+    disturb DDP's gradient reduction (every parameter reduced once per step, SEM's EM bases and BatchNorm
+    statistics updated once): both ranks end with the weights of the same DDP run without checkpointing."""
+    sem = ["model.name=sem", "model.kwargs={dim: 16, num_bases: 8, em_iters: 2}", "train.iterations=2",
+           "train.checkpoint_every=2"]
+    for name, extra in (("plain", []), ("checkpointed", ["model.checkpoint_decoder=true"])):
+        (tmp_path / name).mkdir()
+        _torchrun(tmp_path / name, 2, TINY + sem + extra + [f"output_dir={tmp_path / name}"])
+    weights = {name: [torch.load(tmp_path / name / f"weights_rank{r}.pt") for r in (0, 1)]
+               for name in ("plain", "checkpointed")}
+    assert torch.equal(weights["checkpointed"][0], weights["checkpointed"][1])
+    assert torch.equal(weights["checkpointed"][0], weights["plain"][0])
+    plain, ours = (torch.load(tmp_path / n / "last.pt", weights_only=False)["model"] for n in ("plain", "checkpointed"))
+    assert plain.keys() == ours.keys() and all(torch.equal(ours[k], plain[k]) for k in ours), "buffers too"
+
+
+def test_baseline_command_under_torchrun(tmp_path):
+    """`mtlfast baseline` with 2 processes (gloo): one DDP run per task in the same process group, rank 0
+    evaluates and writes the file; the numbers equal those of the checkpoints it leaves."""
+    from mtlfast.engine import checkpoint as ckpt
+    from mtlfast.metrics import load_baseline
+
+    out = tmp_path / "measured.yaml"
+    args = [f"output_dir={tmp_path / 'runs'}", "train.iterations=2", "train.checkpoint_every=2",
+            "data.tasks=[semseg, depth]", *[a for a in TINY if not a.startswith("data.tasks")]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "mtlfast", "baseline", "--no-progress", "--out", str(out), *args],
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    measured = load_baseline(out)
+    assert set(measured) == {"semseg", "depth"}
+    for task in measured:
+        last = tmp_path / "runs" / "single_task" / task / "last.pt"
+        config = ckpt.load_checkpoint(str(last))["config"]
+        trainer = Trainer(config, resume=str(last), progress=False)
+        (name, value), = measured[task].items()
+        # this process runs with other thread counts than the workers (float32 sums in another order)
+        assert trainer.evaluate()[f"{task}/{name}"] == pytest.approx(value, rel=1e-6)
+        trainer.close()
