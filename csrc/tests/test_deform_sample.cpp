@@ -69,21 +69,29 @@ Problem<T> random_problem(std::mt19937& rng, int64_t B, int64_t N, int64_t C, st
   return p;
 }
 
-// Naive forward and backward, one output element at a time, corner validity tested on integers.
-template <typename T>
-struct Naive {
-  std::vector<double> out, grad_points, grad_weights;
-  std::vector<std::vector<double>> grad_values;
+// Forward output and every gradient of a problem, each element preset to `fill` (NaN for the kernels' results:
+// every element must be written).
+template <typename U>
+struct Outputs {
+  std::vector<U> out, grad_points, grad_weights;
+  std::vector<std::vector<U>> grad_values;
 };
 
+template <typename U, typename T>
+Outputs<U> allocate_outputs(const Problem<T>& p, U fill) {
+  Outputs<U> r;
+  r.out.assign(p.B * p.N * p.C, fill);
+  r.grad_points.assign(p.B * p.N * 2, fill);
+  r.grad_weights.assign(p.B * p.N * p.S(), fill);
+  for (int64_t s = 0; s < p.S(); ++s) r.grad_values.emplace_back(p.B * p.H[s] * p.W[s] * p.C, fill);
+  return r;
+}
+
+// Naive forward and backward in double, one output element at a time, corner validity tested on integers.
 template <typename T>
-Naive<T> naive(const Problem<T>& p, const std::vector<T>& grad_out) {
-  Naive<T> r;
+Outputs<double> naive(const Problem<T>& p, const std::vector<T>& grad_out) {
+  auto r = allocate_outputs<double>(p, 0.0);
   const int64_t S = p.S();
-  r.out.assign(p.B * p.N * p.C, 0.0);
-  r.grad_points.assign(p.B * p.N * 2, 0.0);
-  r.grad_weights.assign(p.B * p.N * S, 0.0);
-  for (int64_t s = 0; s < S; ++s) r.grad_values.emplace_back(p.B * p.H[s] * p.W[s] * p.C, 0.0);
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t n = 0; n < p.N; ++n)
       for (int64_t s = 0; s < S; ++s) {
@@ -123,20 +131,9 @@ double max_rel_diff(const std::vector<T>& got, const std::vector<double>& want) 
 }
 
 template <typename T>
-struct Result {
-  std::vector<T> out, grad_points, grad_weights;
-  std::vector<std::vector<T>> grad_values;
-};
-
-template <typename T>
-Result<T> run_kernels(const Problem<T>& p, const std::vector<T>& grad_out) {
-  Result<T> r;
-  const T nan = std::nan("");
-  r.out.assign(p.B * p.N * p.C, nan);  // poisoned: every element must be written
-  r.grad_points.assign(p.B * p.N * 2, nan);
-  r.grad_weights.assign(p.B * p.N * p.S(), nan);
+Outputs<T> run_kernels(const Problem<T>& p, const std::vector<T>& grad_out) {
+  auto r = allocate_outputs<T>(p, T(std::nan("")));
   std::vector<T*> gv_ptrs;
-  for (int64_t s = 0; s < p.S(); ++s) r.grad_values.emplace_back(p.B * p.H[s] * p.W[s] * p.C, nan);
   for (auto& g : r.grad_values) gv_ptrs.push_back(g.data());
   const auto vp = p.value_ptrs();
   int st = deform_sample_forward<T>(vp.data(), p.H.data(), p.W.data(), p.S(), p.points.data(), p.weights.data(),
