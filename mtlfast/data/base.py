@@ -1,4 +1,4 @@
-"""Shared pieces of the datasets: the base class, file decoding with errors that name the path, and the
+"""Shared pieces of the datasets: the base classes, file decoding with errors that name the path, and the
 label-boundary rule used for edges.
 
 Every reader decodes files into the raw sample format: ``{"image": float32 (3,H,W) in [0, 255],
@@ -15,11 +15,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from mtlfast.data.tasks import check_tasks
+from mtlfast.data.tasks import IGNORE_INDEX, check_tasks
 
-__all__ = ["DataError", "MultiTaskDataset", "read_image", "read_label_png", "read_npy", "read_mat",
-           "read_split", "require_dir", "require_file", "resolve_root", "decode_normals", "label_boundaries",
-           "to_sample"]
+__all__ = ["DataError", "MultiTaskDataset", "SplitDataset", "read_image", "read_label_png", "read_class_png",
+           "read_npy", "read_mat", "read_split", "require_dir", "require_file", "resolve_root", "decode_normals",
+           "label_boundaries", "to_sample"]
 
 
 class DataError(RuntimeError):
@@ -70,6 +70,20 @@ def read_label_png(path: Path, mode: str | None = None) -> np.ndarray:
     if mode is not None and image.mode != mode:
         image = image.convert(mode)
     return np.asarray(image)
+
+
+def read_class_png(path: Path, top: int, note: str = "") -> np.ndarray:
+    """int64 (H, W) values of a single-channel class PNG, each in 0..``top`` or 255 (ignore); ``note`` follows
+    the range in the error for other values."""
+    raw = read_label_png(path)
+    if raw.ndim != 2:
+        raise DataError(f"segmentation file {path}: expected a single-channel PNG, got shape {raw.shape}")
+    raw = raw.astype(np.int64)
+    bad = (raw > top) & (raw != IGNORE_INDEX)
+    if bad.any():
+        raise DataError(f"segmentation file {path}: values {sorted(np.unique(raw[bad]))[:5]} outside 0..{top}{note} "
+                        "and 255")
+    return raw
 
 
 def read_npy(path: Path) -> np.ndarray:
@@ -191,3 +205,42 @@ def resolve_root(root: str | os.PathLike | None, folder: str) -> Path:
         return candidate
     raise FileNotFoundError(f"dataset folder not found: neither {root} nor {candidate} is a {folder}/ folder")
 
+
+
+class SplitDataset(MultiTaskDataset):
+    """A dataset folder whose splits are id lists (NYUD-v2, PASCAL-Context).
+
+    Subclasses name the layout (``folder`` under the data root; ``split_folder`` holding ``<split>.txt`` and
+    ``image_folder``, both relative to it), fill ``self.files`` (per id: "image" and each task -> the file
+    its label is decoded from) and implement ``read_labels``; every label is checked against the image size.
+    """
+
+    folder = split_folder = image_folder = ""
+    splits = ("train", "val")
+
+    def __init__(self, root, split: str, tasks: Sequence[str] | None, transform: Callable[[dict], dict] | None):
+        super().__init__(tasks, transform)
+        if split not in self.splits:
+            raise ValueError(f"split: unknown split {split!r} for {self.name}; valid: {', '.join(self.splits)}")
+        self.root = resolve_root(root, self.folder)
+        self.split = split
+        self.ids = read_split(require_dir(self.root / self.split_folder, f"{self.folder} split folder")
+                              / f"{split}.txt")
+        self.image_dir = require_dir(self.root / self.image_folder, f"{self.folder} images")
+        self.files: list[dict[str, Path]] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read_labels(self, files: dict[str, Path], image: np.ndarray) -> dict[str, np.ndarray]:
+        """The decoded label of every task, from ``files`` (an entry of ``self.files``) and the (H, W, 3) image."""
+        raise NotImplementedError
+
+    def load(self, index: int) -> dict:
+        files = self.files[index]
+        image = read_image(files["image"])
+        labels = self.read_labels(files, image)
+        for task, label in labels.items():
+            self._check_same_size(image.shape, label, files[task], files["image"])
+        meta = {"dataset": self.name, "name": self.ids[index], "index": index, "size": tuple(image.shape[:2])}
+        return to_sample(image, labels, meta)

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mtlfast.data.base import (DataError, MultiTaskDataset, decode_normals, read_image, read_label_png,
-                               read_npy, read_split, require_dir, resolve_root, to_sample)
+from mtlfast.data.base import (DataError, SplitDataset, decode_normals, read_class_png, read_label_png, read_npy,
+                               require_dir)
 from mtlfast.data.tasks import IGNORE_INDEX
 
 __all__ = ["NYUDv2"]
 
-_SPLITS = ("train", "val")
 # task -> (folder, accepted extensions in order of preference)
 _FILES = {"semseg": ("segmentation", (".png",)), "depth": ("depth", (".npy",)),
           "normals": ("normals", (".png", ".npy")), "edge": ("edge", (".png", ".npy"))}
@@ -40,52 +39,27 @@ def _find(folder: Path, stem: str, extensions) -> Path:
     raise FileNotFoundError(f"file not found: {folder / stem}{'|'.join(extensions)}")
 
 
-class NYUDv2(MultiTaskDataset):
+class NYUDv2(SplitDataset):
     """NYUD-v2 split with labels for ``tasks`` (semseg, depth, normals, edge)."""
 
     name = "nyud"
+    folder, split_folder, image_folder = "NYUDv2", "gt_sets", "images"
 
     def __init__(self, root=None, split: str = "train", tasks=None, transform=None):
-        super().__init__(tasks, transform)
-        if split not in _SPLITS:
-            raise ValueError(f"split: unknown split {split!r} for nyud; valid: {', '.join(_SPLITS)}")
-        self.root = resolve_root(root, "NYUDv2")
-        self.split = split
-        self.ids = read_split(require_dir(self.root / "gt_sets", "NYUDv2 split folder") / f"{split}.txt")
-        image_dir = require_dir(self.root / "images", "NYUDv2 images")
+        super().__init__(root, split, tasks, transform)
         folders = {t: require_dir(self.root / _FILES[t][0], f"NYUDv2 {t} labels") for t in self.tasks}
-        self.files = []
         for stem in self.ids:
-            entry = {"image": _find(image_dir, stem, (".png", ".jpg", ".jpeg"))}
+            entry = {"image": _find(self.image_dir, stem, (".png", ".jpg", ".jpeg"))}
             for task in self.tasks:
                 entry[task] = _find(folders[task], stem, _FILES[task][1])
             self.files.append(entry)
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def load(self, index: int) -> dict:
-        files = self.files[index]
-        image = read_image(files["image"])
-        labels = {}
-        for task in self.tasks:
-            path = files[task]
-            label = getattr(self, f"_{task}")(path)
-            self._check_same_size(image.shape, label, path, files["image"])
-            labels[task] = label
-        meta = {"dataset": "nyud", "name": self.ids[index], "index": index, "size": tuple(image.shape[:2])}
-        return to_sample(image, labels, meta)
+    def read_labels(self, files: dict[str, Path], image: np.ndarray) -> dict[str, np.ndarray]:
+        return {task: getattr(self, f"_{task}")(files[task]) for task in self.tasks}
 
     @staticmethod
     def _semseg(path: Path) -> np.ndarray:
-        raw = read_label_png(path)
-        if raw.ndim != 2:
-            raise DataError(f"segmentation file {path}: expected a single-channel PNG, got shape {raw.shape}")
-        raw = raw.astype(np.int64)
-        bad = (raw > 40) & (raw != IGNORE_INDEX)
-        if bad.any():
-            raise DataError(f"segmentation file {path}: values {sorted(np.unique(raw[bad]))[:5]} outside 0..40 "
-                            "(0 = unlabelled) and 255")
+        raw = read_class_png(path, 40, " (0 = unlabelled)")
         return np.where((raw == 0) | (raw == IGNORE_INDEX), IGNORE_INDEX, raw - 1)
 
     @staticmethod

@@ -40,14 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mtlfast.data.base import (DataError, MultiTaskDataset, decode_normals, label_boundaries, read_image,
-                               read_label_png, read_mat, read_split, require_dir, require_file, resolve_root,
-                               to_sample)
-from mtlfast.data.tasks import IGNORE_INDEX
+from mtlfast.data.base import (DataError, SplitDataset, decode_normals, label_boundaries, read_class_png,
+                               read_label_png, read_mat, require_dir, require_file)
 
 __all__ = ["PASCALContext", "HUMAN_PART_GROUPS", "PERSON_CLASS"]
 
-_SPLITS = ("train", "val")
 PERSON_CLASS = 15
 _GROUP_NAMES = {
     1: ("head", "hair", "leye", "reye", "lear", "rear", "lebrow", "rebrow", "nose", "mouth"),
@@ -65,20 +62,14 @@ def _scalar(value):
     return np.asarray(value).ravel()[0]
 
 
-class PASCALContext(MultiTaskDataset):
+class PASCALContext(SplitDataset):
     """PASCAL-Context split with labels for ``tasks`` (semseg, parts, sal, normals, edge)."""
 
     name = "pascal"
+    folder, split_folder, image_folder = "PASCALContext", "ImageSets/Context", "JPEGImages"
 
     def __init__(self, root=None, split: str = "train", tasks=None, transform=None):
-        super().__init__(tasks, transform)
-        if split not in _SPLITS:
-            raise ValueError(f"split: unknown split {split!r} for pascal; valid: {', '.join(_SPLITS)}")
-        self.root = resolve_root(root, "PASCALContext")
-        self.split = split
-        self.ids = read_split(require_dir(self.root / "ImageSets" / "Context", "PASCALContext split folder")
-                              / f"{split}.txt")
-        image_dir = require_dir(self.root / "JPEGImages", "PASCALContext images")
+        super().__init__(root, split, tasks, transform)
         self.normal_classes = self._normal_classes() if "normals" in self.tasks else None
         need_labelmap = "edge" in self.tasks or self.normal_classes is not None
         if need_labelmap:
@@ -92,11 +83,12 @@ class PASCALContext(MultiTaskDataset):
         for task in self.tasks:
             if task in folders:
                 require_dir(self.root / folders[task], f"PASCALContext {task} labels")
-        self.files = []
         for stem in self.ids:
-            entry = {"image": require_file(image_dir / f"{stem}.jpg", "image")}
+            entry = {"image": require_file(self.image_dir / f"{stem}.jpg", "image")}
             if need_labelmap:
                 entry["labelmap"] = require_file(context_dir / f"{stem}.mat", "LabelMap")
+            if "edge" in self.tasks:  # edges are decoded from the LabelMap
+                entry["edge"] = entry["labelmap"]
             if "semseg" in self.tasks:
                 found = [d / f"{stem}.png" for d in seg_dirs if (d / f"{stem}.png").is_file()]
                 if not found:
@@ -124,29 +116,21 @@ class PASCALContext(MultiTaskDataset):
             valid.add(int(context["tvmonitor"]))
         return valid
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def load(self, index: int) -> dict:
-        files = self.files[index]
-        image = read_image(files["image"])
+    def read_labels(self, files: dict[str, Path], image: np.ndarray) -> dict[str, np.ndarray]:
         labelmap = self._labelmap(files["labelmap"]) if "labelmap" in files else None
         if labelmap is not None:
             self._check_same_size(image.shape, labelmap, files["labelmap"], files["image"])
         labels = {}
         for task in self.tasks:
             if task == "edge":
-                label = label_boundaries(labelmap)
+                labels[task] = label_boundaries(labelmap)
             elif task == "normals":
-                label = self._normals(files[task], labelmap)
+                labels[task] = self._normals(files[task], labelmap)
             elif task == "parts":
-                label = self._parts(files[task], image.shape[:2])
+                labels[task] = self._parts(files[task], image.shape[:2])
             else:
-                label = getattr(self, f"_{task}")(files[task])
-            self._check_same_size(image.shape, label, files.get(task, files.get("labelmap")), files["image"])
-            labels[task] = label
-        meta = {"dataset": "pascal", "name": self.ids[index], "index": index, "size": tuple(image.shape[:2])}
-        return to_sample(image, labels, meta)
+                labels[task] = getattr(self, f"_{task}")(files[task])
+        return labels
 
     @staticmethod
     def _labelmap(path: Path) -> np.ndarray:
@@ -160,14 +144,7 @@ class PASCALContext(MultiTaskDataset):
 
     @staticmethod
     def _semseg(path: Path) -> np.ndarray:
-        raw = read_label_png(path)
-        if raw.ndim != 2:
-            raise DataError(f"segmentation file {path}: expected a single-channel PNG, got shape {raw.shape}")
-        raw = raw.astype(np.int64)
-        bad = (raw > 20) & (raw != IGNORE_INDEX)
-        if bad.any():
-            raise DataError(f"segmentation file {path}: values {sorted(np.unique(raw[bad]))[:5]} outside 0..20 and 255")
-        return raw
+        return read_class_png(path, 20)
 
     @staticmethod
     def _sal(path: Path) -> np.ndarray:
