@@ -7,12 +7,9 @@ from PIL import Image
 
 from mtlfast.data import DataError, build_dataset
 from mtlfast.data.nyud import NYUDv2
+from data_helpers import identity, snapshot
 
 H, W = 5, 7
-
-
-def _identity(sample):
-    return sample
 
 
 def _unit(v):
@@ -59,14 +56,10 @@ def make_nyud(root):
     return base, truth
 
 
-def _snapshot(folder):
-    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
-
-
 def test_every_label_decoded(tmp_path):
     base, truth = make_nyud(tmp_path)
-    before = _snapshot(base)
-    ds = NYUDv2(tmp_path, split="train", transform=_identity)
+    before = snapshot(base)
+    ds = NYUDv2(tmp_path, split="train", transform=identity)
     assert len(ds) == 2 and ds.ids == ["0001", "0002"] and ds.tasks == ("semseg", "depth", "normals", "edge")
     for index, stem in enumerate(ds.ids):
         s, t = ds[index], truth[stem]
@@ -100,7 +93,7 @@ def test_every_label_decoded(tmp_path):
             expected = np.where(t["edge"] == 255, 255, (t["edge"] >= 0.5).astype(np.float32))
             assert np.array_equal(edge, expected)
             assert edge[0, :3].tolist() == [1.0, 255.0, 0.0]
-    assert _snapshot(base) == before  # nothing written
+    assert snapshot(base) == before  # nothing written
 
 
 def test_val_split_padding_and_task_subset(tmp_path):
@@ -148,7 +141,7 @@ def test_missing_folders_and_files_name_the_path(tmp_path):
 
 def test_corrupt_files_name_the_path(tmp_path):
     base, _ = make_nyud(tmp_path)
-    ds = NYUDv2(base, split="train", transform=_identity)
+    ds = NYUDv2(base, split="train", transform=identity)
     (base / "segmentation" / "0001.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"segmentation.0001\.png"):
         ds[0]

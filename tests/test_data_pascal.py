@@ -10,12 +10,9 @@ from PIL import Image
 
 from mtlfast.data import DataError, build_dataset
 from mtlfast.data.pascal import HUMAN_PART_GROUPS, PASCALContext
+from data_helpers import identity, snapshot
 
 H, W = 6, 8
-
-
-def _identity(sample):
-    return sample
 
 
 def _objects(records):
@@ -98,14 +95,10 @@ def _decode_normals(values):
     return np.where((length >= 0.5) & (length <= 1.5), n / np.maximum(length, 1e-9), 0)
 
 
-def _snapshot(folder):
-    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
-
-
 def test_every_label_decoded(tmp_path):
     base, truth = make_pascal(tmp_path)
-    before = _snapshot(base)
-    ds = PASCALContext(tmp_path, split="train", transform=_identity)
+    before = snapshot(base)
+    ds = PASCALContext(tmp_path, split="train", transform=identity)
     assert ds.tasks == ("semseg", "parts", "sal", "normals", "edge") and ds.ids == ["a", "b"]
     a, b = ds[0], ds[1]
     assert a["meta"] == {"dataset": "pascal", "name": "a", "index": 0, "size": (H, W)}
@@ -146,7 +139,7 @@ def test_every_label_decoded(tmp_path):
     for s, stem in ((a, "a"), (b, "b")):
         assert np.array_equal(s["sal"][0].numpy(), (truth[stem]["sal"] > 127.5).astype(np.float32))
     assert a["sal"][0, 0, :4].tolist() == [0.0, 0.0, 1.0, 1.0]
-    assert _snapshot(base) == before
+    assert snapshot(base) == before
 
 
 def test_val_split_prefers_voc12_and_pads(tmp_path):
@@ -163,7 +156,7 @@ def test_val_split_prefers_voc12_and_pads(tmp_path):
 def test_normals_without_class_lists_warn_and_keep_every_pixel(tmp_path):
     base, truth = make_pascal(tmp_path, with_json=False)
     with pytest.warns(UserWarning, match="nyu_classes.json"):
-        ds = PASCALContext(base, split="train", tasks=["normals"], transform=_identity)
+        ds = PASCALContext(base, split="train", tasks=["normals"], transform=identity)
     assert np.allclose(ds[0]["normals"].permute(1, 2, 0).numpy(), _decode_normals(truth["a"]["normals"]), atol=1e-6)
 
 
@@ -172,7 +165,7 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path):
     (base / "human_parts" / "b.mat").unlink()
     with pytest.raises(FileNotFoundError, match=r"human_parts.b\.mat"):
         PASCALContext(base, split="train")
-    ds = PASCALContext(base, split="train", tasks=["semseg", "edge", "sal"], transform=_identity)
+    ds = PASCALContext(base, split="train", tasks=["semseg", "edge", "sal"], transform=identity)
     (base / "pascal-context" / "trainval" / "a.mat").write_bytes(b"MATLAB 5.0 garbage" * 20)
     with pytest.raises(DataError, match=r"trainval.a\.mat"):
         ds[0]
@@ -180,7 +173,7 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path):
     with pytest.raises(DataError, match="no 'LabelMap'"):
         ds[0]
     Image.fromarray(np.full((H, W), 21, dtype=np.uint8)).save(base / "semseg" / "VOC12" / "a.png")
-    ds = PASCALContext(base, split="train", tasks=["semseg"], transform=_identity)
+    ds = PASCALContext(base, split="train", tasks=["semseg"], transform=identity)
     with pytest.raises(DataError, match="outside 0..20"):
         ds[0]
     (base / "semseg" / "pascal-context" / "b.png").unlink()
@@ -201,7 +194,7 @@ def test_human_parts_errors(tmp_path):
     scipy.io.savemat(base / "human_parts" / "c.mat",
                      {"anno": {"imname": "c", "objects": _objects([("person", 15, _mask((1, 1)),
                                                                      [("tail", _mask((1, 1)))])])}})
-    ds = PASCALContext(base, split="val", tasks=["parts"], transform=_identity)
+    ds = PASCALContext(base, split="val", tasks=["parts"], transform=identity)
     with pytest.raises(DataError, match="unknown person part 'tail'"):
         ds[0]
     big = np.zeros((H + 1, W), dtype=bool)
