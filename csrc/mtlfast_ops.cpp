@@ -101,6 +101,16 @@ Inputs prepare(at::TensorList values, const at::Tensor& points, const at::Tensor
   return in;
 }
 
+// grad_out of the backward ops, checked against the forward's output (B, N, C) and made contiguous.
+at::Tensor checked_grad_out(const at::Tensor& grad_out, const Inputs& in, const at::Tensor& points) {
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({in.batch, in.num_points, in.channels}) &&
+                  grad_out.scalar_type() == points.scalar_type() && grad_out.device() == points.device(),
+              "deform_sample_backward: grad_out must be (B, N, C) = (", in.batch, ", ", in.num_points, ", ",
+              in.channels, ") with the dtype and device of points, got ", grad_out.sizes(), " ",
+              grad_out.scalar_type(), " on ", grad_out.device());
+  return grad_out.contiguous();
+}
+
 // A (B, C, H, W) view with channels-last strides of a fresh (B, H, W, C) buffer.
 at::Tensor channels_last_view(const at::Tensor& nhwc) { return nhwc.permute({0, 3, 1, 2}); }
 
@@ -129,10 +139,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_cpu(const a
                                                                          const at::Tensor& points,
                                                                          const at::Tensor& weights) {
   const Inputs in = prepare(values, points, weights);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({in.batch, in.num_points, in.channels}) &&
-                  grad_out.scalar_type() == points.scalar_type() && grad_out.device() == points.device(),
-              "deform_sample_backward: grad_out must be (B, N, C) like the forward output, got ", grad_out.sizes());
-  const at::Tensor g = grad_out.contiguous();
+  const at::Tensor g = checked_grad_out(grad_out, in, points);
   std::vector<at::Tensor> grad_values;
   for (int64_t s = 0; s < in.stages; ++s)
     grad_values.push_back(new_output({in.batch, in.heights[s], in.widths[s], in.channels}, points.options()));
@@ -178,10 +185,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_cuda(const 
                                                                           const at::Tensor& weights) {
   const c10::DeviceGuard guard(points.device());
   const Inputs in = prepare(values, points, weights);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({in.batch, in.num_points, in.channels}) &&
-                  grad_out.scalar_type() == points.scalar_type() && grad_out.device() == points.device(),
-              "deform_sample_backward: grad_out must be (B, N, C) like the forward output, got ", grad_out.sizes());
-  const at::Tensor g = grad_out.contiguous();
+  const at::Tensor g = checked_grad_out(grad_out, in, points);
   // The value gradient is scattered with fp32 atomics into zero-filled fp32 buffers.
   std::vector<at::Tensor> grad_values;
   std::vector<float*> gv;

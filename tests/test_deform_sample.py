@@ -239,6 +239,11 @@ def test_cpp_op_checks_inputs():
         torch.ops.mtlfast.deform_sample_forward(a["values"], a["points"], a["weights"][..., :1])
     with pytest.raises(RuntimeError, match="at least one"):
         torch.ops.mtlfast.deform_sample_forward([], a["points"], a["weights"])
+    g = torch.zeros(2, 5, 3, dtype=a["points"].dtype)
+    torch.ops.mtlfast.deform_sample_backward(g, a["values"], a["points"], a["weights"])  # the right grad_out passes
+    for bad in (g[:, :4], g.float()):
+        with pytest.raises(RuntimeError, match=r"grad_out must be \(B, N, C\) = \(2, 5, 3\) with the dtype and device"):
+            torch.ops.mtlfast.deform_sample_backward(bad, a["values"], a["points"], a["weights"])
 
 
 # --- GPU -----------------------------------------------------------------------------------------------
