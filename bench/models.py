@@ -24,36 +24,31 @@ import torch
 
 from mtlfast.backends import use_backend
 from mtlfast.bench.harness import peak_memory_cuda
-from mtlfast.models.summary import NYUD, PASCAL
+from mtlfast.models.summary import NYUD, PASCAL, SummarySetting
 
 PATHS = ("kernels", "reference")
 
 
 @dataclass(frozen=True)
-class ModelSetting:
-    method: str
-    backbone: str
-    dataset: str
-    tasks: tuple[str, ...]
-    size: tuple[int, int]
-    batch: int
-    kwargs: dict = field(default_factory=dict)
+class ModelSetting(SummarySetting):
+    """A model of the summary table with the batch size of a training step."""
+    batch: int = field(kw_only=True)
 
     @property
     def name(self) -> str:
         return f"{self.method}-{self.backbone}-{self.dataset}"
 
 
-#: The papers' settings (input size, batch size per GPU as reported or as in their public code).
+#: The papers' settings (paper input size, batch size per GPU as reported or as in their public code).
 SETTINGS = [
-    ModelSetting("bridgenet", "vit_b", "nyud", NYUD, (448, 576), 2),
-    ModelSetting("bridgenet", "vit_l", "nyud", NYUD, (448, 576), 2),
-    ModelSetting("bridgenet", "vit_l", "pascal", PASCAL, (512, 512), 2),
-    ModelSetting("tpim", "hrnet_w18_small_v2", "nyud", NYUD, (448, 576), 4),
-    ModelSetting("tif", "swin_t", "nyud", NYUD, (448, 576), 4),
-    ModelSetting("sem", "vit_b", "nyud", NYUD, (448, 576), 2),
-    ModelSetting("mtinet", "hrnet_w18_small_v2", "nyud", NYUD, (448, 576), 8),
-    ModelSetting("mtinet", "hrnet_w18_small_v2", "pascal", PASCAL, (512, 512), 8),
+    ModelSetting("bridgenet", "vit_b", "nyud", NYUD, batch=2),
+    ModelSetting("bridgenet", "vit_l", "nyud", NYUD, batch=2),
+    ModelSetting("bridgenet", "vit_l", "pascal", PASCAL, batch=2),
+    ModelSetting("tpim", "hrnet_w18_small_v2", "nyud", NYUD, batch=4),
+    ModelSetting("tif", "swin_t", "nyud", NYUD, batch=4),
+    ModelSetting("sem", "vit_b", "nyud", NYUD, batch=2),
+    ModelSetting("mtinet", "hrnet_w18_small_v2", "nyud", NYUD, batch=8),
+    ModelSetting("mtinet", "hrnet_w18_small_v2", "pascal", PASCAL, batch=8),
 ]
 
 
@@ -85,11 +80,9 @@ class _Runner:
 
     def __init__(self, setting: ModelSetting, device: torch.device, state: dict | None):
         from mtlfast.losses import MultiTaskLoss
-        from mtlfast.models import create_model
 
         self.setting, self.device = setting, device
-        self.model = create_model(setting.method, list(setting.tasks), backbone=setting.backbone,
-                                  dataset=setting.dataset, **setting.kwargs).to(device)
+        self.model = setting.create().to(device)
         if state is not None:
             self.model.load_state_dict(state)
         self.loss = MultiTaskLoss(list(setting.tasks), stage_weights=getattr(self.model, "aux_loss_weights", None))

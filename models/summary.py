@@ -26,15 +26,24 @@ _SIZE = {"nyud": (448, 576), "pascal": (512, 512)}
 
 @dataclass(frozen=True)
 class SummarySetting:
+    """One model: ``create_model`` arguments (``kwargs``: the method's options) and the input size (H, W),
+    by default the paper's for the dataset. The model benchmark (mtlfast.bench.models) extends it."""
     method: str
     backbone: str
     dataset: str
     tasks: tuple[str, ...]
     kwargs: dict = field(default_factory=dict)
+    size: tuple[int, int] | None = None
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return _SIZE[self.dataset]
+    def __post_init__(self):
+        if self.size is None:
+            object.__setattr__(self, "size", _SIZE[self.dataset])
+
+    def create(self) -> torch.nn.Module:
+        from mtlfast.models import create_model
+
+        return create_model(self.method, list(self.tasks), backbone=self.backbone, dataset=self.dataset,
+                            **self.kwargs)
 
 
 def _settings() -> list[SummarySetting]:
@@ -61,13 +70,11 @@ SETTINGS = _settings()
 def model_summary(settings=None, *, flops: bool = True) -> list[dict]:
     """One row per setting: method, backbone, dataset, tasks, options, input size, parameters, GFLOPs
     (forward, one image; None when ``flops=False``)."""
-    from mtlfast.models import create_model
-
     rows = []
     for s in settings if settings is not None else SETTINGS:
         gflops = None
         with torch.device("meta"):
-            model = create_model(s.method, list(s.tasks), backbone=s.backbone, dataset=s.dataset, **s.kwargs)
+            model = s.create()
         params = sum(p.numel() for p in model.parameters())
         with FakeTensorMode(allow_non_fake_inputs=True):
             model = model.to_empty(device="cpu").eval()
