@@ -281,5 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command. An error (bad path, config, checkpoint, dataset, missing dependency...) is printed as one
+    line naming the command, exit status 1; MTLFAST_TRACEBACK=1 raises it with its traceback instead."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as error:
+        if os.environ.get("MTLFAST_TRACEBACK", "0") not in ("", "0"):
+            raise
+        print(f"mtlfast {args.command}: {type(error).__name__}: {error}\n"
+              "(MTLFAST_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1

@@ -137,7 +137,11 @@ def test_cli_train_then_eval(tmp_path):
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert (tmp_path / "m.json").exists()
     bad = subprocess.run(common + ["eval", "--checkpoint", str(tmp_path / "missing.pt")], capture_output=True, text=True)
-    assert bad.returncode != 0 and "no such file" in bad.stderr
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith(f"mtlfast eval: FileNotFoundError: checkpoint: no such file '{tmp_path / 'missing.pt'}'")
+    debug = subprocess.run(common + ["eval", "--checkpoint", str(tmp_path / "missing.pt")], capture_output=True,
+                           text=True, env={**os.environ, "MTLFAST_TRACEBACK": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "no such file" in debug.stderr
 
 
 def _run(tmp_path, name, extra):
