@@ -26,24 +26,20 @@ from torch import nn
 
 from mtlfast.models.base import MultiTaskModel, build_backbone, method
 from mtlfast.nn import EMInteraction, HierarchyAdaptiveAttention
-from mtlfast.nn.common import ConvBNAct, FeedForward, merge_heads, resize, split_heads, to_map, to_tokens
-from mtlfast.ops.attention import attention
+from mtlfast.nn.common import ConvBNAct, FeedForward, ProjectedAttention, resize, to_map, to_tokens
 
 __all__ = ["SEM"]
 
 
 class _SRAttention(nn.Module):
-    """Spatial-reduction self-attention block on a map: x + Attn(LN(x), pool_sr(LN(x))), then the FFN."""
+    """Spatial-reduction self-attention block on a map: x + Attn(LN(x), pool_sr(LN(x))), then the FFN; ``attn``
+    (:class:`~mtlfast.nn.common.ProjectedAttention`) applies its own LayerNorm to the pooled tokens."""
 
     def __init__(self, dim: int, heads: int, sr: int) -> None:
         super().__init__()
-        self.heads, self.sr = heads, sr
+        self.sr = sr
         self.norm = nn.LayerNorm(dim)
-        self.kv_norm = nn.LayerNorm(dim)
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
+        self.attn = ProjectedAttention(dim, heads=heads)
         self.ffn = FeedForward(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,11 +47,7 @@ class _SRAttention(nn.Module):
         tokens = to_tokens(x)
         normed = self.norm(tokens)
         pooled = F.adaptive_avg_pool2d(to_map(normed, (h, w)), (math.ceil(h / self.sr), math.ceil(w / self.sr)))
-        kv = self.kv_norm(to_tokens(pooled))
-        q = split_heads(self.q(normed), self.heads)
-        k = split_heads(self.k(kv), self.heads).to(q.dtype)
-        v = split_heads(self.v(kv), self.heads).to(q.dtype)
-        y = tokens + self.proj(merge_heads(attention(q, k, v)))
+        y = tokens + self.attn(normed, to_tokens(pooled))
         return to_map(self.ffn(y), (h, w))
 
 

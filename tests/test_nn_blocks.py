@@ -13,7 +13,7 @@ from mtlfast.nn import (BridgeFeatureExtractor, CrossTaskInteractionBlock, EMInt
                         HierarchyAdaptiveAttention, IterativeFusionBlock, LowToHighDiffusion,
                         MultiModalDistillation, ScaleAttentiveFeatureFusion, SelfFeatureDistillation,
                         TaskFeatureRefiner, TaskPairInteraction, TaskPatternPropagation)
-from mtlfast.nn.common import checkpoint_stage, to_map, to_tokens
+from mtlfast.nn.common import ProjectedAttention, checkpoint_stage, to_map, to_tokens
 from mtlfast.nn.sem import reference_points
 from nn_paths import compare_paths
 
@@ -299,6 +299,37 @@ def test_hierarchy_adaptive_points_and_weights():
         assert block(stages).shape == (1, 8, 2, 3)
 
 
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_projected_attention_is_the_literal_formula(scale):
+    """Per head h: softmax(scale · Q_h K_hᵀ) V_h with Q = x W_q + b_q, K = LN(t) W_k, V = LN(t) W_v + b_v,
+    heads concatenated, then W_o; scale=None is the head width^-0.5."""
+    gen = torch.Generator().manual_seed(10)
+    block = ProjectedAttention(8, 12, heads=2, scale=scale).double()
+    queries, tokens = _randn(2, 5, 8, gen=gen), _randn(2, 7, 12, gen=gen)
+    with mtlfast.use_backend("reference"):
+        out = block(queries, tokens)
+    assert out.shape == (2, 5, 8) and block.k.bias is None
+    kv = F.layer_norm(tokens, (12,), block.kv_norm.weight, block.kv_norm.bias)
+    q, k, v = queries @ block.q.weight.T + block.q.bias, kv @ block.k.weight.T, kv @ block.v.weight.T + block.v.bias
+    s = scale if scale is not None else 4 ** -0.5
+    heads = [torch.softmax(s * q[..., h] @ k[..., h].transpose(1, 2), -1) @ v[..., h]
+             for h in (slice(0, 4), slice(4, 8))]
+    want = torch.cat(heads, -1) @ block.proj.weight.T + block.proj.bias
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("queries, tokens, match", [
+    ((2, 5, 6), (2, 7, 12), "queries: expected shape (B, Nq, dim) with dim=8 (from the arguments), got (2, 5, 6)"),
+    ((2, 5, 8), (2, 7, 8), "kv_tokens: expected shape (B, Nk, kv_dim) with kv_dim=12 (from the arguments)"),
+    ((2, 5, 8), (3, 7, 12), "kv_tokens: expected shape (B, Nk, kv_dim) with B=2 (from queries), got (3, 7, 12)"),
+    ((5, 8), (2, 7, 12), "queries: expected a 3-d tensor of shape (B, Nq, dim), got shape (5, 8)"),
+])
+def test_projected_attention_bad_sizes(queries, tokens, match):
+    block = ProjectedAttention(8, 12, heads=2)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        block(torch.randn(queries), torch.randn(tokens))
+
+
 def test_tfr_sizes_and_ifb_alpha():
     assert [len(TaskFeatureRefiner(["semseg"], 8, size).refiners["semseg"]) for size in ("base", "large", "huge")] \
         == [6, 12, 18]
@@ -323,7 +354,8 @@ def test_scale_attentive_feature_fusion_shapes():
     (lambda: IterativeFusionBlock(0), "n_iter: expected an integer >= 1"),
     (lambda: TaskPatternPropagation(TASKS, 8, 9, heads=2), "dim: attention width 9 is not divisible by heads=2"),
     (lambda: BridgeFeatureExtractor(9, heads=2), "channels: attention width 9 is not divisible by heads=2"),
-    (lambda: HierarchyAdaptiveAttention([4, 4], 9, heads=2), "dim: 9 is not divisible by heads=2"),
+    (lambda: HierarchyAdaptiveAttention([4, 4], 9, heads=2), "dim: attention width 9 is not divisible by heads=2"),
+    (lambda: ProjectedAttention(9, 4, heads=2), "dim: attention width 9 is not divisible by heads=2"),
     (lambda: HierarchyAdaptiveAttention([4, 4], 8, strides=[2]), "strides/kernels: expected 2 values"),
     (lambda: ScaleAttentiveFeatureFusion([4, 4], 2, 8), "index: expected a scale in 0..1"),
     (lambda: MultiModalDistillation(["semseg", "depth"], 8, source_tasks=["semseg"]), "source_tasks: must contain"),

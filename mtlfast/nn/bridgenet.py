@@ -3,7 +3,8 @@ Feature for Multi-task Dense Predictions", §3.2–3.4): TaskPatternPropagation,
 TaskFeatureRefiner.
 
 Task features are dicts ``{task: (B, C, H, W)}``; the attention runs through :func:`mtlfast.ops.tpp_attention`
-and :func:`mtlfast.ops.attention`, so the backend switch applies.
+and :func:`mtlfast.ops.attention` (BFE's in :class:`~mtlfast.nn.common.ProjectedAttention`), so the backend
+switch applies.
 
 Choices the paper leaves open (facts from the official code listed in DESIGN.md §4 where there are any):
 - queries: depth-wise 3×3 conv at stride ``q_stride`` (2) + BN, then LayerNorm and a linear projection;
@@ -27,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlfast.nn.common import FeedForward, merge_heads, resize, split_heads, to_map, to_tokens
-from mtlfast.ops.attention import attention
+from mtlfast.nn.common import FeedForward, ProjectedAttention, merge_heads, resize, split_heads, to_map, to_tokens
 from mtlfast.ops.tpp_attention import tpp_attention
 
 __all__ = ["TaskPatternPropagation", "BridgeFeatureExtractor", "TaskFeatureRefiner", "TFR_SIZES"]
@@ -112,7 +112,9 @@ class BridgeFeatureExtractor(nn.Module):
         S̃ = Flat(Conv(S)) (stride ``q_stride``),   P̃_j = Flat(Pool(P_j)) (stride ``kv_stride``)   (eq. 3)
         Q = LP(S̃),  K = LP(Concat_j P̃_j),  V = LP(Concat_j P̃_j)   (eq. 4; tasks concatenated along tokens)
         x = Softmax(Q Kᵀ / √C_a) V                                    (eq. 5–6, ``heads`` heads, C_a = C)
-    via :func:`mtlfast.ops.attention`; then y = S + Up(Linear(x)), S' = y + MLP(LN(y)) -> (B, C, H, W).
+    then y = S + Up(Linear(x)), S' = y + MLP(LN(y)) -> (B, C, H, W). Submodules: Q's LayerNorm ``q_norm``;
+    ``attn`` (:class:`~mtlfast.nn.common.ProjectedAttention`, scale C^-0.5) with the tokens' LayerNorm, the
+    projections of Q, K, V, the attention and the output Linear; ``ffn``.
     """
 
     def __init__(self, channels: int, task_channels: int | None = None, *, heads: int = 2, q_stride: int = 2,
@@ -120,26 +122,18 @@ class BridgeFeatureExtractor(nn.Module):
         super().__init__()
         if channels % heads:
             raise ValueError(f"channels: attention width {channels} is not divisible by heads={heads}")
-        task_channels = task_channels or channels
-        self.channels, self.heads, self.kv_stride = channels, heads, kv_stride
+        self.kv_stride = kv_stride
         self.q_embed = _QueryEmbed(channels, q_stride)
         self.q_norm = nn.LayerNorm(channels)
-        self.kv_norm = nn.LayerNorm(task_channels)
-        self.q = nn.Linear(channels, channels)
-        self.k = nn.Linear(task_channels, channels, bias=False)
-        self.v = nn.Linear(task_channels, channels)
-        self.proj = nn.Linear(channels, channels)
+        self.attn = ProjectedAttention(channels, task_channels, heads=heads, scale=channels ** -0.5)
         self.ffn = FeedForward(channels, mlp_ratio * channels)
 
     def forward(self, generic: torch.Tensor, task_features: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]):
         maps = list(task_features.values()) if isinstance(task_features, Mapping) else list(task_features)
         qmap = self.q_embed(generic)
-        q = split_heads(self.q(self.q_norm(to_tokens(qmap))), self.heads)
-        kv = self.kv_norm(torch.cat([_pool_tokens(p, self.kv_stride) for p in maps], dim=1))
-        k = split_heads(self.k(kv), self.heads).to(q.dtype)
-        v = split_heads(self.v(kv), self.heads).to(q.dtype)
-        x = merge_heads(attention(q, k, v, scale=self.channels ** -0.5))
-        y = generic + resize(to_map(self.proj(x), qmap.shape[-2:]), generic.shape[-2:])
+        kv = torch.cat([_pool_tokens(p, self.kv_stride) for p in maps], dim=1)
+        x = self.attn(self.q_norm(to_tokens(qmap)), kv)
+        y = generic + resize(to_map(x, qmap.shape[-2:]), generic.shape[-2:])
         return to_map(self.ffn(to_tokens(y)), y.shape[-2:])
 
 

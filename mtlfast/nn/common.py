@@ -1,6 +1,7 @@
 """Small building blocks shared by the papers' modules: conv-BN-activation, ResNet blocks, squeeze-and-
-excitation, the transformer feed-forward network, token <-> feature-map reshapes, and activation
-checkpointing of a model stage that keeps module buffers exact (:func:`checkpoint_stage`).
+excitation, the transformer feed-forward network, the projected multi-head attention of BridgeNet's BFE and
+SEM (:class:`ProjectedAttention`), token <-> feature-map reshapes, and activation checkpointing of a model
+stage that keeps module buffers exact (:func:`checkpoint_stage`).
 
 Conventions: feature maps are (B, C, H, W); token sequences are (B, N, C) with N = H·W in row-major
 order (``x.flatten(2).transpose(1, 2)``); multi-head tensors are (B, heads, N, C / heads).
@@ -15,8 +16,11 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-__all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "SEBlock", "FeedForward", "to_tokens", "to_map",
-           "split_heads", "merge_heads", "resize", "checkpoint_stage"]
+from mtlfast.ops._checks import check_shapes
+from mtlfast.ops.attention import attention
+
+__all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "SEBlock", "FeedForward", "ProjectedAttention", "to_tokens",
+           "to_map", "split_heads", "merge_heads", "resize", "checkpoint_stage"]
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -125,6 +129,43 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class ProjectedAttention(nn.Module):
+    """Multi-head attention of given queries over LayerNorm'd key/value tokens, with its projections:
+
+        X = LN(kv_tokens),  Q = queries W_q + b_q,  K = X W_k,  V = X W_v + b_v
+        out = Concat_h(softmax(scale · Q_h K_hᵀ) V_h) W_o + b_o        (``heads`` heads of width dim / heads)
+
+    ``forward(queries, kv_tokens)``: queries (B, Nq, dim), normalised by the caller (where and how differs
+    between the blocks), kv_tokens (B, Nk, kv_dim) -> (B, Nq, dim), through :func:`mtlfast.ops.attention`
+    (the backend switch applies). ``scale=None``: (dim / heads)^-0.5, the head width. W_k has no bias: it
+    would add the same q·b_k to every score of a query row, which cancels in the softmax (and the kernels
+    centre the keys, :func:`mtlfast.ops.attention.center_keys`), so it would only be a parameter with an
+    exactly zero gradient. K and V are cast to Q's dtype: under autocast they may differ and the op refuses
+    mixed dtypes. Submodules ``kv_norm``, ``q``, ``k``, ``v``, ``proj``; no residual, the caller adds it.
+    """
+
+    def __init__(self, dim: int, kv_dim: int | None = None, *, heads: int, scale: float | None = None) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim: attention width {dim} is not divisible by heads={heads}")
+        kv_dim = kv_dim or dim
+        self.dim, self.kv_dim, self.heads, self.scale = dim, kv_dim, heads, scale
+        self.kv_norm = nn.LayerNorm(kv_dim)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(kv_dim, dim, bias=False)
+        self.v = nn.Linear(kv_dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, queries: torch.Tensor, kv_tokens: torch.Tensor) -> torch.Tensor:
+        check_shapes({"dim": self.dim, "kv_dim": self.kv_dim}, queries=(queries, "B Nq dim"),
+                     kv_tokens=(kv_tokens, "B Nk kv_dim"))
+        kv = self.kv_norm(kv_tokens)
+        q = split_heads(self.q(queries), self.heads)
+        k = split_heads(self.k(kv), self.heads).to(q.dtype)
+        v = split_heads(self.v(kv), self.heads).to(q.dtype)
+        return self.proj(merge_heads(attention(q, k, v, scale=self.scale)))
 
 
 class _BufferReplay:

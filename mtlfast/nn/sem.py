@@ -14,8 +14,9 @@ Choices the paper leaves open:
 - The sampling of eq. 2–4 is one :func:`mtlfast.ops.deform_sample` call (every stage at every point,
   weighted by W); φ(Q; p) is deform_sample with one stage and unit weights.
 - Attention block: Q = LN(query tokens) W_q, K̃ = LN(x̃) W_k, V = LN(x̃) W_v, ``heads`` heads, scale
-  (C/heads)^-0.5, output projection, residual to the query map, then FFN (LN + MLP, ratio 4) with residual.
-  No bias on W_k (it cancels in the softmax).
+  (C/heads)^-0.5, output projection (``q_norm`` and ``attn``, :class:`~mtlfast.nn.common.ProjectedAttention`),
+  residual to the query map, then FFN (LN + MLP, ratio 4) with residual. No bias on W_k (it cancels in the
+  softmax).
 - EMInteraction: per task a 1×1 conv in and (1×1 conv + BN) out with a residual and ReLU, as in EMANet.
   The task bases (μᵗ)⁽ᴿ⁾ are averaged (eq. 10) and every task is reconstructed from its own
   responsibilities and the averaged bases: X̃_t = A_t⁽ᴿ⁾ μ⁽ᴿ⁾ (SEM: "the final μ⁽ᴿ⁾ and A⁽ᴿ⁾ are used to
@@ -31,9 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlfast.nn.common import ConvBNAct, FeedForward, merge_heads, resize, split_heads, to_map, to_tokens
+from mtlfast.nn.common import ConvBNAct, FeedForward, ProjectedAttention, resize, to_map, to_tokens
 from mtlfast.nn.em_bases import EMBases
-from mtlfast.ops.attention import attention
 from mtlfast.ops.deform_sample import deform_sample
 from mtlfast.ops.em_attention import em_attention
 
@@ -91,23 +91,16 @@ class HierarchyAdaptiveAttention(nn.Module):
                  kernels: Sequence[int] | None = None, offset_range: float = 2.0, mlp_ratio: int = 4) -> None:
         super().__init__()
         stages = len(in_channels)
-        if dim % heads:
-            raise ValueError(f"dim: {dim} is not divisible by heads={heads}")
         strides = list(strides) if strides is not None else [2 ** (stages - 1 - s) for s in range(stages)]
         kernels = list(kernels) if kernels is not None else [2 * int(math.log2(r)) + 3 for r in strides]
         if len(strides) != stages or len(kernels) != stages:
             raise ValueError(f"strides/kernels: expected {stages} values (one per stage), got {strides}, {kernels}")
-        self.heads = heads
         self.unify = nn.ModuleList(ConvBNAct(c, dim, 1, act=None) for c in in_channels)
         self.offsets = nn.ModuleList(_OffsetNet(dim, r, k, offset_range) for r, k in zip(strides, kernels))
         self.query = nn.Sequential(nn.Conv2d(stages * dim, dim, 3, padding=1), nn.GELU())
         self.stage_weights = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, stages))
         self.q_norm = nn.LayerNorm(dim)
-        self.kv_norm = nn.LayerNorm(dim)
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
+        self.attn = ProjectedAttention(dim, heads=heads)
         self.ffn = FeedForward(dim, mlp_ratio * dim)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -118,12 +111,9 @@ class HierarchyAdaptiveAttention(nn.Module):
         ones = points.new_ones(points.shape[0], points.shape[1], 1)
         weights = torch.softmax(self.stage_weights(deform_sample([qmap], points, ones)), -1)  # (B, N, S)
         dtype = points.dtype  # under autocast the softmax comes back in float32
-        sampled = self.kv_norm(deform_sample([s.to(dtype) for s in stages], points, weights.to(dtype)))
-        q = split_heads(self.q(self.q_norm(to_tokens(qmap))), self.heads)
-        k = split_heads(self.k(sampled), self.heads).to(q.dtype)
-        v = split_heads(self.v(sampled), self.heads).to(q.dtype)
-        y = to_tokens(qmap) + self.proj(merge_heads(attention(q, k, v)))
-        return to_map(self.ffn(y), size)
+        sampled = deform_sample([s.to(dtype) for s in stages], points, weights.to(dtype))
+        tokens = to_tokens(qmap)
+        return to_map(self.ffn(tokens + self.attn(self.q_norm(tokens), sampled)), size)
 
 
 class EMInteraction(nn.Module):
