@@ -191,6 +191,13 @@ def max_batch(runner: _Runner, limit: int = 256) -> int:
     return lo
 
 
+def failures(results: list[dict]) -> list[str]:
+    """``setting/path: error`` of every path that failed other than by running out of memory (an OOM at the
+    paper's batch size is a result; any other error is a defect)."""
+    return [f"{res['setting']}/{path}: {e['error']}" for res in results for path, e in res["paths"].items()
+            if "error" in e and not e["out_of_memory"]]
+
+
 def run_setting(setting: ModelSetting, device: torch.device, *, quick: bool, find_max_batch: bool) -> dict:
     reps, warmup = (2, 1) if quick else (10, 3)
     result: dict = {"setting": setting.name, "method": setting.method, "backbone": setting.backbone,
@@ -216,6 +223,7 @@ def run_setting(setting: ModelSetting, device: torch.device, *, quick: bool, fin
                     entry["max_train_batch"] = max_batch(runner)
         except Exception as exc:  # OOM or a failing model: recorded, the other path still runs
             entry["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            entry["out_of_memory"] = _is_oom(exc)
         finally:
             runner = None
             if device.type == "cuda":

@@ -82,6 +82,10 @@ def _bench_models(args: argparse.Namespace) -> int:
             json.dump({"environment": harness.environment(device.type), "results": results}, f, indent=1)
         models.plot_models(results, os.path.join(folder, "models.png"))
         print(f"wrote {folder}/models.json and models.png")
+    failed = models.failures(results)
+    if failed:
+        print("mtlfast bench --models: failed (not out of memory):\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

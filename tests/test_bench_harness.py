@@ -47,3 +47,24 @@ def test_cli_bench_and_info_run():
         assert result.returncode == 0, result.stderr
     result = subprocess.run([sys.executable, "-m", "mtlfast", "bench", "no_such_op"], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown op(s) no_such_op" in result.stderr
+
+
+def test_model_benchmark_runs_both_paths_on_cpu():
+    """`mtlfast bench --models` code on a CPU-sized SEM (convnet_tiny, 64x64): both paths measured with the same
+    weights, the per-block breakdown names the model's blocks, ratios computed; failures() reports a failing
+    path unless it ran out of memory."""
+    from mtlfast.bench import models
+
+    setting = models.ModelSetting("sem", "convnet_tiny", "nyud", ("semseg", "depth"), size=(64, 64), batch=1,
+                                  kwargs={"dim": 16, "num_bases": 8, "em_iters": 2})
+    result = models.run_setting(setting, torch.device("cpu"), quick=True, find_max_batch=False)
+    for path in models.PATHS:
+        entry = result["paths"][path]
+        assert "error" not in entry, entry
+        assert entry["train_ms"] > 0 and entry["infer_ms"] > 0 and entry["train_images_per_s"] > 0
+        assert {"HierarchyAdaptiveAttention", "EMInteraction"} <= {b["type"] for b in entry["blocks"]}
+    assert result["train_ms_ratio_kernels_over_reference"] > 0
+    assert models.failures([result]) == []
+    result["paths"]["kernels"] = {"error": "RuntimeError: CUDA out of memory", "out_of_memory": True}
+    result["paths"]["reference"] = {"error": "ValueError: bad", "out_of_memory": False}
+    assert models.failures([result]) == ["sem-convnet_tiny-nyud/reference: ValueError: bad"]
