@@ -39,23 +39,23 @@ class TaskInfo:
 
     ``kind``: "classes" (int64 (H,W) class indices), "binary" (float32 (1,H,W) in {0,1}), "depth",
     "normals". ``pad``: the value written where a label is padded or cropped outside the image (it is the
-    task's invalid value). ``primary``/``higher_is_better``: the metric Δm uses by default.
+    task's invalid value). ``primary``: the metric Δm uses by default
+    (its direction: :data:`mtlfast.metrics.LOWER_IS_BETTER`).
     """
 
     name: str
     kind: str
     pad: float
     primary: str
-    higher_is_better: bool
 
 
 TASK_INFO = {
-    "semseg": TaskInfo("semseg", "classes", IGNORE_INDEX, "mIoU", True),
-    "parts": TaskInfo("parts", "classes", IGNORE_INDEX, "mIoU", True),
-    "depth": TaskInfo("depth", "depth", 0.0, "rmse", False),
-    "normals": TaskInfo("normals", "normals", 0.0, "mean", False),
-    "edge": TaskInfo("edge", "binary", IGNORE_INDEX, "odsF", True),
-    "sal": TaskInfo("sal", "binary", IGNORE_INDEX, "maxF", True),
+    "semseg": TaskInfo("semseg", "classes", IGNORE_INDEX, "mIoU"),
+    "parts": TaskInfo("parts", "classes", IGNORE_INDEX, "mIoU"),
+    "depth": TaskInfo("depth", "depth", 0.0, "rmse"),
+    "normals": TaskInfo("normals", "normals", 0.0, "mean"),
+    "edge": TaskInfo("edge", "binary", IGNORE_INDEX, "odsF"),
+    "sal": TaskInfo("sal", "binary", IGNORE_INDEX, "maxF"),
 }
 
 #: Standard loss weights (DESIGN.md §5; MTI-Net / InvPT setups).
