@@ -1,6 +1,7 @@
 """attention benchmark: BridgeNet's BFE shapes at NYUD 448x576, plus sweeps over N and head width.
 
-Providers: mtlfast (the Triton kernel on a GPU), the eager literal reference, torch.compile of the
+Providers: mtlfast (the Triton kernel on a GPU), mtlfast_no_tails (the same kernels with every head width a
+padded power of two or chunks, no tails: what the tails buy at 72/144/288/384), the eager literal reference, torch.compile of the
 reference, F.scaled_dot_product_attention pinned to each backend (flash / efficient / cudnn / math; on a
 GPU a backend that does not accept the shape is skipped with PyTorch's own verdict; on a CPU only flash
 and math run, PyTorch's CPU kernels), and xformers' memory_efficient_attention when xformers is
@@ -105,7 +106,19 @@ def cases(device):
                for w in (64, 128, 256, 288, 512, 1024, 4096)])
 
 
+def _no_tails(q, k, v):
+    """The Triton kernels with :func:`~mtlfast.kernels.attention.default_blocks` (tails=False): each head width
+    a padded power of two or chunks, recomputing q kᵀ per output chunk (the configuration before tails)."""
+    from mtlfast.kernels.attention import default_blocks
+    from mtlfast.ops.attention import attention_triton
+
+    d_qk, d_v = q.shape[-1], v.shape[-1]
+    fwd, bwd = (default_blocks(d_qk, d_v, q.device, q.dtype, backward=b, tails=False) for b in (False, True))
+    return attention_triton(q, k, v, scale=d_qk ** -0.5, fwd_blocks=fwd, bwd_blocks=bwd)
+
+
 register(Benchmark(
     "attention", cases,
     standard_providers("attention", attention, reference_attention)
+    + [Provider("mtlfast_no_tails", _no_tails, devices=("cuda",))]
     + sdpa_providers(lambda q, k, v, scale=None: (q, k, v, scale))))

@@ -13,8 +13,11 @@ Backward (with ``delta_i = Σ_d dO_id O_id`` computed by a small kernel first):
 One kernel owns ``own`` keys and streams the queries (dk, dv); another owns ``own`` queries and streams
 the keys (dq), so no gradient needs atomics and results are deterministic.
 
-Wide heads (Dqk, Dv up to 4096 and beyond). The head dims are cut into chunks of ``dqk`` / ``dv``
-columns (powers of two >= 16; the tails are masked):
+Wide heads (Dqk, Dv up to 4096 and beyond). A head dim up to a few hundred columns is held by one
+program as one chunk of ``dqk`` / ``dv`` columns plus, where that pads less, a narrower tail chunk
+(``dqk_tail`` / ``dv_tail``; both powers of two >= 16, the last columns masked): 288 = 256 + 32,
+144 = 128 + 16, 72 = 64 + 16. Its tiles and accumulators are then two register tiles, and nothing is
+recomputed. Wider heads are cut into chunks:
 
 - a head dim that is *reduced over* (Dqk in q kᵀ, Dv in dO vᵀ) is looped over chunk by chunk inside the
   kernel, accumulating the score tile in float32;
@@ -64,6 +67,9 @@ class Blocks:
     own: rows a program owns (queries in the forward and the dq kernel, keys in the dk/dv kernel);
     stream: rows streamed through the inner loop; dqk / dv: head-dim chunk widths. All powers of two
     >= 16 (tl.dot needs every dim >= 16 on the GPU, tl.arange powers of two).
+    dqk_tail / dv_tail: 0, or a second power of two >= 16: the head dim is then held by one program as
+    one chunk plus this tail (dqk < Dqk <= dqk + dqk_tail), e.g. 288 = 256 + 32 instead of two chunks of
+    256 (each recomputing q kᵀ) or one padded chunk of 512.
     """
 
     own: int
@@ -72,66 +78,149 @@ class Blocks:
     dv: int
     num_warps: int = 4
     num_stages: int = 2
+    dqk_tail: int = 0
+    dv_tail: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("own", "stream", "dqk", "dv"):
+        for name in ("own", "stream", "dqk", "dv", "dqk_tail", "dv_tail"):
             value = getattr(self, name)
+            if name.endswith("_tail") and value == 0:
+                continue
             if value < 16 or value & (value - 1):
-                raise ValueError(f"Blocks.{name}: expected a power of two >= 16, got {value}")
+                raise ValueError(f"Blocks.{name}: expected a power of two >= 16{' (or 0)' * name.endswith('_tail')}, "
+                                 f"got {value}")
 
     def as_list(self) -> list[int]:
-        return [self.own, self.stream, self.dqk, self.dv, self.num_warps, self.num_stages]
+        return [self.own, self.stream, self.dqk, self.dv, self.num_warps, self.num_stages, self.dqk_tail,
+                self.dv_tail]
 
     @classmethod
     def from_list(cls, values) -> "Blocks":
         return cls(*[int(v) for v in values])
 
 
+@dataclass(frozen=True)
+class WidthPlan:
+    """How a launch covers Dqk and Dv with a :class:`Blocks`: ``one_*`` the width is held by one program
+    (one chunk, plus the tail ``tail_*`` when it is > 0), ``chunks_*`` the programs of grid axis 2 when the
+    width is an output. ``constexprs`` are the kernels' width parameters."""
+
+    one_dqk: bool
+    one_dv: bool
+    tail_dqk: int
+    tail_dv: int
+    chunks_dqk: int
+    chunks_dv: int
+
+    @property
+    def constexprs(self) -> dict:
+        return dict(ONE_DQK=self.one_dqk, ONE_DV=self.one_dv, TAIL_DQK=self.tail_dqk, TAIL_DV=self.tail_dv)
+
+
+def width_plan(blocks: Blocks, d_qk: int, d_v: int) -> WidthPlan:
+    """The :class:`WidthPlan` of ``blocks`` at these widths; ValueError for a tail that does not fit."""
+    sides = {}
+    for name, width in (("dqk", d_qk), ("dv", d_v)):
+        chunk, tail = getattr(blocks, name), getattr(blocks, f"{name}_tail")
+        if tail and not chunk < width <= chunk + tail:
+            raise ValueError(f"Blocks.{name}_tail={tail}: a tail holds the columns past one chunk, so it needs "
+                             f"{name}={chunk} < width <= {chunk + tail}; got width {width}")
+        chunks = 1 if tail else triton.cdiv(width, chunk)
+        if chunks > MAX_GRID_YZ:
+            raise ValueError(f"Blocks.{name}={chunk} gives {chunks} chunks (> {MAX_GRID_YZ})")
+        sides[name] = (chunks == 1, tail, chunks)
+    (one_dqk, tail_dqk, chunks_dqk), (one_dv, tail_dv, chunks_dv) = sides["dqk"], sides["dv"]
+    return WidthPlan(one_dqk, one_dv, tail_dqk, tail_dv, chunks_dqk, chunks_dv)
+
+
 def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def split_width(width: int, cap: int) -> tuple[int, int] | None:
+    """(chunk, tail) holding ``width`` in one program with the least padding, tail 0 when one power of two
+    pads no more than chunk + tail does (72 -> 64 + 16, 144 -> 128 + 16, 288 -> 256 + 32, 200 -> 256 + 0);
+    None when chunk + tail would exceed ``cap``."""
+    full = _pow2_at_least_16(width)
+    main = max(16, 1 << (width.bit_length() - 1))
+    if main < width:
+        tail = _pow2_at_least_16(width - main)
+        if main + tail < full:
+            return (main, tail) if main + tail <= cap else None
+    return (full, 0) if full <= cap else None
+
+
+def _one_chunk(width: int, cap: int) -> tuple[int, int] | None:
+    """(the power of two holding ``width``, no tail), or None above ``cap``: :func:`default_blocks` without tails."""
+    full = _pow2_at_least_16(width)
+    return (full, 0) if full <= cap else None
+
+
 def default_blocks(d_qk: int, d_v: int, device: torch.device | str, dtype: torch.dtype,
-                   backward: bool = False) -> Blocks:
+                   backward: bool = False, tails: bool = True) -> Blocks:
     """The launch configuration used when none is given.
 
-    Interpreter (CPU): 32 × 32 tiles and chunks of at most 128 columns (numpy cost grows with the number
-    of tile operations; 128 keeps a program's working set small and exercises chunking at width > 128).
+    ``tails=False`` gives the configuration without tails (a width is one padded power of two up to 256,
+    float32 backward 128, else chunks): the benchmark's ``mtlfast_no_tails`` provider times it beside the
+    default, to measure what the tails buy at the BridgeNet widths.
 
-    GPU: NOT yet timed on a GPU (open item). Chosen so that ptxas (sm_90a) reports at most 68 bytes of
+    Interpreter (CPU): 32 × 32 tiles; a width up to 192 is held by one program (with a tail where that
+    pads less), wider ones in chunks of 128 (numpy cost grows with the number of tile operations; this
+    exercises tails and chunking at small sizes).
+
+    GPU: NOT yet timed on a GPU (open item). Chosen so that ptxas (sm_90a) reports at most 72 bytes of
     register spills and at most 70 KB of shared memory (checked for widths 16…4096 in bf16 and float32),
-    and so that the BridgeNet/TIF widths (72, 144, 288, 384) need few chunks. 8 warps throughout.
+    and so that the BridgeNet/TIF widths (72, 144, 288, 384) each run in one program per output
+    (:func:`split_width`: 64 + 16, 128 + 16, 256 + 32, 256 + 128), i.e. without recomputing q kᵀ and with
+    at most 16 padded columns. 8 warps throughout.
 
-    - forward, Dv (an output: one recomputation of q kᵀ per chunk): the whole padded width if <= 256,
-      else chunks of 256. Dqk (reduced over): q stays in registers (one chunk) while both padded widths
-      are <= 128 (float32: 64); otherwise chunks of 32, or of 64 for Dqk > 64 when that pads less
-      (288 -> 9 × 32, 384 -> 6 × 64). Tiles: 128 queries × 64 keys when the Dv chunk is <= 128, else
+    - forward, Dv (an output): held by one program up to 384 columns (float32: 256), else chunks of 256
+      (one recomputation of q kᵀ per chunk). Dqk (reduced over): q stays in registers (one chunk and its
+      tail) while both widths are <= 128 (float32: 64); otherwise chunks of 32, or of 64 for Dqk > 64 when
+      that pads less (288 -> 9 × 32, 384 -> 6 × 64). Tiles: 128 queries × 64 keys when Dv is <= 128, else
       64 × 64; float32 64 × 32 (its exact dots run on FMA units and need the registers).
-    - backward (dk, dv and dq are all outputs): chunks of the whole padded width if <= 256 (float32:
-      128), else 128; owned × streamed tiles 64 × 32, or 32 × 32 when a chunk is wider than 128
-      (float32: 64).
+    - backward (dk, dv and dq are all outputs): each width held by one program up to 384 columns (float32:
+      128), else chunks of 128; owned × streamed tiles 64 × 32 when both widths are <= 128 (float32:
+      64), else 32 × 32, and with a tail wider than 128 (bf16/fp16) 32 × 16 up to 160 columns, 16 × 16
+      beyond: a program then holds k, v, dk and dv (or q, dO, dq) at full width. Trade-off to time on a
+      GPU: at 288 this does 1/2.9 of the q kᵀ / dO vᵀ work of 128-column chunks (six programs per key
+      block recomputing both), on smaller tiles.
     """
     if torch.device(device).type == "cpu":
-        return Blocks(own=32, stream=32, dqk=_pow2_at_least_16(min(d_qk, 128)), dv=_pow2_at_least_16(min(d_v, 128)))
+        dqk, dqk_tail = split_width(d_qk, 192) or (128, 0)
+        dv, dv_tail = split_width(d_v, 192) or (128, 0)
+        return Blocks(own=32, stream=32, dqk=dqk, dv=dv, dqk_tail=dqk_tail, dv_tail=dv_tail)
     half = dtype != torch.float32
+    split = split_width if tails else lambda width, cap: _one_chunk(width, min(cap, 256))
     if backward:
-        cap = 256 if half else 128
-        dqk, dv = (_pow2_at_least_16(d) if d <= cap else 128 for d in (d_qk, d_v))
-        own = 64 if max(dqk, dv) <= (128 if half else 64) else 32
-        return Blocks(own=own, stream=32, dqk=dqk, dv=dv, num_warps=8, num_stages=2)
-    dv = _pow2_at_least_16(d_v) if d_v <= 256 else 256
+        cap = 384 if half else 128
+        dqk, dqk_tail = split(d_qk, cap) or (128, 0)
+        dv, dv_tail = split(d_v, cap) or (128, 0)
+        held = max(dqk + dqk_tail, dv + dv_tail)
+        if held <= (128 if half else 64):
+            own, stream = 64, 32
+        elif not (dqk_tail or dv_tail) or not half:
+            own, stream = 32, 32
+        else:  # a program holds k, v, dk, dv (or q, dO, dq) of up to 384 columns
+            own, stream = (32, 16) if held <= 160 else (16, 16)
+        return Blocks(own=own, stream=stream, dqk=dqk, dv=dv, num_warps=8, num_stages=2, dqk_tail=dqk_tail,
+                      dv_tail=dv_tail)
+    dv, dv_tail = split(d_v, 384 if half else 256) or (256, 0)
     hoist = 128 if half else 64
-    if d_qk <= hoist and dv <= hoist:
-        dqk = _pow2_at_least_16(d_qk)
+    dqk_tail = 0
+    if d_qk <= hoist and dv + dv_tail <= hoist:
+        dqk, dqk_tail = split(d_qk, hoist)
     elif d_qk <= 64 or not half:
         dqk = 32
     else:
         dqk = min((64, 32), key=lambda c: triton.cdiv(d_qk, c) * c)
+    tails = dict(dqk_tail=dqk_tail, dv_tail=dv_tail)
     if not half:
-        return Blocks(own=64, stream=32, dqk=dqk, dv=dv, num_warps=8, num_stages=2)
-    if dv <= 128:
-        return Blocks(own=128, stream=64, dqk=dqk, dv=dv, num_warps=8, num_stages=3)
-    return Blocks(own=64, stream=64, dqk=dqk, dv=dv, num_warps=8, num_stages=2)
+        return Blocks(own=64, stream=32, dqk=dqk, dv=dv, num_warps=8, num_stages=2, **tails)
+    if dv + dv_tail <= 128:
+        return Blocks(own=128, stream=64, dqk=dqk, dv=dv, num_warps=8, num_stages=3, **tails)
+    return Blocks(own=64, stream=64 if dv + dv_tail <= 256 else 32, dqk=dqk, dv=dv, num_warps=8, num_stages=2,
+                  **tails)
 
 
 # --- kernels -----------------------------------------------------------------------------------------
@@ -168,7 +257,7 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE, qk_scale, H, N_Q, N_K, D_QK, D_V,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ONE_DQK: tl.constexpr, PRECISION: tl.constexpr,
+    TAIL_DQK: tl.constexpr, TAIL_DV: tl.constexpr, ONE_DQK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m, pid_bh, pid_dv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
@@ -181,15 +270,24 @@ def _attn_fwd_kernel(
     offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     if ONE_DQK:
         q = _load_tile(Q, offs_m, offs_dqk, N_Q, D_QK, sq_n, sq_d)
+        if TAIL_DQK > 0:
+            offs_dqk_t = BLOCK_DQK + tl.arange(0, TAIL_DQK)
+            q_t = _load_tile(Q, offs_m, offs_dqk_t, N_Q, D_QK, sq_n, sq_d)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    if TAIL_DV > 0:  # one program holds all of Dv: BLOCK_DV + TAIL_DV columns
+        offs_dv_t = BLOCK_DV + tl.arange(0, TAIL_DV)
+        acc_t = tl.zeros((BLOCK_M, TAIL_DV), dtype=tl.float32)
     for start_n in range(0, N_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if ONE_DQK:
             k = _load_tile(K, offs_n, offs_dqk, N_K, D_QK, sk_n, sk_d)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            if TAIL_DQK > 0:
+                k_t = _load_tile(K, offs_n, offs_dqk_t, N_K, D_QK, sk_n, sk_d)
+                s = tl.dot(q_t, tl.trans(k_t), s, input_precision=PRECISION)
         else:
             s = _dot_nt(Q, K, offs_m, offs_n, N_Q, N_K, D_QK, sq_n, sq_d, sk_n, sk_d,
                         BLOCK_M, BLOCK_N, BLOCK_DQK, PRECISION)
@@ -198,11 +296,16 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(V.dtype.element_ty)
         v = _load_tile(V, offs_n, offs_dv, N_K, D_V, sv_n, sv_d)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        if TAIL_DV > 0:
+            v_t = _load_tile(V, offs_n, offs_dv_t, N_K, D_V, sv_n, sv_d)
+            acc_t = acc_t * alpha[:, None] + tl.dot(p, v_t, input_precision=PRECISION)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    _store_tile(O, acc.to(O.dtype.element_ty), offs_m, offs_dv, N_Q, D_V, so_n, so_d)
+    _store_tile(O, (acc / l_i[:, None]).to(O.dtype.element_ty), offs_m, offs_dv, N_Q, D_V, so_n, so_d)
+    if TAIL_DV > 0:
+        _store_tile(O, (acc_t / l_i[:, None]).to(O.dtype.element_ty), offs_m, offs_dv_t, N_Q, D_V, so_n, so_d)
     # Every Dv chunk computes the same lse; chunk 0 writes it.
     lse = (m_i + tl.log2(l_i)) * LN2
     tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=(offs_m < N_Q) & (pid_dv == 0))
@@ -234,11 +337,12 @@ def _attn_bwd_dkdv_kernel(
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
     sdo_b, sdo_h, sdo_n, sdo_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ONE_DQK: tl.constexpr, ONE_DV: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    TAIL_DQK: tl.constexpr, TAIL_DV: tl.constexpr, ONE_DQK: tl.constexpr, ONE_DV: tl.constexpr,
+    DO_DK: tl.constexpr, DO_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Owns BLOCK_N keys, streams the queries. DO_DK and DO_DV: both gradients (grid axis 2 has one
-    program, both widths fit one chunk); one of them: grid axis 2 enumerates that gradient's chunks."""
+    program, both widths fit one chunk, each with its tail); one of them: grid axis 2 enumerates that
+    gradient's chunks (one program if its width fits one chunk and its tail)."""
     pid_n, pid_bh, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     Q += b * sq_b + h * sq_h
@@ -257,42 +361,70 @@ def _attn_bwd_dkdv_kernel(
         offs_dv = pid_c * BLOCK_DV + tl.arange(0, BLOCK_DV)
     else:
         offs_dv = tl.arange(0, BLOCK_DV)
+    # Tails (TAIL_* > 0 only with ONE_*): the columns past the one chunk.
+    if TAIL_DQK > 0:
+        offs_dqk_t = BLOCK_DQK + tl.arange(0, TAIL_DQK)
+    if TAIL_DV > 0:
+        offs_dv_t = BLOCK_DV + tl.arange(0, TAIL_DV)
     if ONE_DQK:
         k = _load_tile(K, offs_n, offs_dqk, N_K, D_QK, sk_n, sk_d)
+        if TAIL_DQK > 0:
+            k_t = _load_tile(K, offs_n, offs_dqk_t, N_K, D_QK, sk_n, sk_d)
     if ONE_DV and DO_DK:
         v = _load_tile(V, offs_n, offs_dv, N_K, D_V, sv_n, sv_d)
+        if TAIL_DV > 0:
+            v_t = _load_tile(V, offs_n, offs_dv_t, N_K, D_V, sv_n, sv_d)
 
     dk = tl.zeros((BLOCK_N, BLOCK_DQK), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+    if TAIL_DQK > 0 and DO_DK:
+        dk_t = tl.zeros((BLOCK_N, TAIL_DQK), dtype=tl.float32)
+    if TAIL_DV > 0 and DO_DV:
+        dv_t = tl.zeros((BLOCK_N, TAIL_DV), dtype=tl.float32)
     for start_m in range(0, N_Q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         lse2 = tl.load(LSE + offs_m, mask=offs_m < N_Q, other=float("inf")) * LOG2E
         if ONE_DQK:
             q = _load_tile(Q, offs_m, offs_dqk, N_Q, D_QK, sq_n, sq_d)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            if TAIL_DQK > 0:
+                q_t = _load_tile(Q, offs_m, offs_dqk_t, N_Q, D_QK, sq_n, sq_d)
+                st = tl.dot(k_t, tl.trans(q_t), st, input_precision=PRECISION)
         else:
             st = _dot_nt(K, Q, offs_n, offs_m, N_K, N_Q, D_QK, sk_n, sk_d, sq_n, sq_d,
                          BLOCK_N, BLOCK_M, BLOCK_DQK, PRECISION)
         pt = tl.exp2(st * qk_scale - lse2[None, :])  # Pᵀ tile; 0 for query rows past N_Q
         if DO_DV or ONE_DV:
             do = _load_tile(DO, offs_m, offs_dv, N_Q, D_V, sdo_n, sdo_d)
+            if TAIL_DV > 0:
+                do_t = _load_tile(DO, offs_m, offs_dv_t, N_Q, D_V, sdo_n, sdo_d)
         if DO_DV:
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            if TAIL_DV > 0:
+                dv_t += tl.dot(pt.to(do.dtype), do_t, input_precision=PRECISION)
         if DO_DK:
             if ONE_DV:
                 dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                if TAIL_DV > 0:
+                    dpt = tl.dot(v_t, tl.trans(do_t), dpt, input_precision=PRECISION)
             else:
                 dpt = _dot_nt(V, DO, offs_n, offs_m, N_K, N_Q, D_V, sv_n, sv_d, sdo_n, sdo_d,
                               BLOCK_N, BLOCK_M, BLOCK_DV, PRECISION)
             delta = tl.load(DELTA + offs_m, mask=offs_m < N_Q, other=0.0)
-            dst = pt * (dpt - delta[None, :])
+            dst = (pt * (dpt - delta[None, :])).to(Q.dtype.element_ty)
             if not ONE_DQK:
                 q = _load_tile(Q, offs_m, offs_dqk_out, N_Q, D_QK, sq_n, sq_d)
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+            dk += tl.dot(dst, q, input_precision=PRECISION)
+            if TAIL_DQK > 0:
+                dk_t += tl.dot(dst, q_t, input_precision=PRECISION)
     if DO_DV:
         _store_tile(DV, dv.to(DV.dtype.element_ty), offs_n, offs_dv, N_K, D_V, sdv_n, sdv_d)
+        if TAIL_DV > 0:
+            _store_tile(DV, dv_t.to(DV.dtype.element_ty), offs_n, offs_dv_t, N_K, D_V, sdv_n, sdv_d)
     if DO_DK:
         _store_tile(DK, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, offs_dqk_out, N_K, D_QK, sdk_n, sdk_d)
+        if TAIL_DQK > 0:
+            _store_tile(DK, (dk_t * sm_scale).to(DK.dtype.element_ty), offs_n, offs_dqk_t, N_K, D_QK, sdk_n, sdk_d)
 
 
 @triton.jit
@@ -301,9 +433,11 @@ def _attn_bwd_dq_kernel(
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
     sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ONE_DQK: tl.constexpr, ONE_DV: tl.constexpr, PRECISION: tl.constexpr,
+    TAIL_DQK: tl.constexpr, TAIL_DV: tl.constexpr, ONE_DQK: tl.constexpr, ONE_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Owns BLOCK_M queries, streams the keys; grid axis 2 enumerates the Dqk chunks of dq."""
+    """Owns BLOCK_M queries, streams the keys; grid axis 2 enumerates the Dqk chunks of dq (one program
+    writing the chunk and its tail when TAIL_DQK > 0)."""
     pid_m, pid_bh, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     Q += b * sq_b + h * sq_h
@@ -318,8 +452,15 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     if ONE_DQK:
         q = _load_tile(Q, offs_m, offs_dqk, N_Q, D_QK, sq_n, sq_d)
+        if TAIL_DQK > 0:
+            offs_dqk_t = BLOCK_DQK + tl.arange(0, TAIL_DQK)
+            q_t = _load_tile(Q, offs_m, offs_dqk_t, N_Q, D_QK, sq_n, sq_d)
+            dq_t = tl.zeros((BLOCK_M, TAIL_DQK), dtype=tl.float32)
     if ONE_DV:
         do = _load_tile(DO, offs_m, offs_dv, N_Q, D_V, sdo_n, sdo_d)
+        if TAIL_DV > 0:
+            offs_dv_t = BLOCK_DV + tl.arange(0, TAIL_DV)
+            do_t = _load_tile(DO, offs_m, offs_dv_t, N_Q, D_V, sdo_n, sdo_d)
 
     dq = tl.zeros((BLOCK_M, BLOCK_DQK), dtype=tl.float32)
     for start_n in range(0, N_K, BLOCK_N):
@@ -327,20 +468,30 @@ def _attn_bwd_dq_kernel(
         k = _load_tile(K, offs_n, offs_dqk, N_K, D_QK, sk_n, sk_d)
         if ONE_DQK:
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            if TAIL_DQK > 0:
+                k_t = _load_tile(K, offs_n, offs_dqk_t, N_K, D_QK, sk_n, sk_d)
+                s = tl.dot(q_t, tl.trans(k_t), s, input_precision=PRECISION)
         else:
             s = _dot_nt(Q, K, offs_m, offs_n, N_Q, N_K, D_QK, sq_n, sq_d, sk_n, sk_d,
                         BLOCK_M, BLOCK_N, BLOCK_DQK, PRECISION)
         if ONE_DV:
             v = _load_tile(V, offs_n, offs_dv, N_K, D_V, sv_n, sv_d)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if TAIL_DV > 0:
+                v_t = _load_tile(V, offs_n, offs_dv_t, N_K, D_V, sv_n, sv_d)
+                dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=PRECISION)
         else:
             dp = _dot_nt(DO, V, offs_m, offs_n, N_Q, N_K, D_V, sdo_n, sdo_d, sv_n, sv_d,
                          BLOCK_M, BLOCK_N, BLOCK_DV, PRECISION)
         # Key rows past N_K: masked, since exp2(0 - lse2) overflows when every score of a row is < -88.
         p = tl.where(offs_n[None, :] < N_K, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
+        dq += tl.dot(ds, k, input_precision=PRECISION)
+        if TAIL_DQK > 0:
+            dq_t += tl.dot(ds, k_t, input_precision=PRECISION)
     _store_tile(DQ, (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, offs_dqk, N_Q, D_QK, sdq_n, sdq_d)
+    if TAIL_DQK > 0:
+        _store_tile(DQ, (dq_t * sm_scale).to(DQ.dtype.element_ty), offs_m, offs_dqk_t, N_Q, D_QK, sdq_n, sdq_d)
 
 
 # --- launchers ---------------------------------------------------------------------------------------
@@ -374,30 +525,41 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _check_blocks(blocks: Blocks, d_qk: int, d_v: int) -> None:
-    for name, count in (("dqk", triton.cdiv(d_qk, blocks.dqk)), ("dv", triton.cdiv(d_v, blocks.dv))):
-        if count > MAX_GRID_YZ:
-            raise ValueError(f"Blocks.{name}={getattr(blocks, name)} gives {count} chunks (> {MAX_GRID_YZ})")
-
-
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       blocks: Blocks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B,H,Nq,Dv) in q's dtype and lse (B,H,Nq) float32. Inputs may have any strides."""
     B, H, n_q, d_qk = q.shape
     n_k, d_v = k.shape[2], v.shape[3]
     blocks = blocks or default_blocks(d_qk, d_v, q.device, q.dtype)
-    _check_blocks(blocks, d_qk, d_v)
+    plan = width_plan(blocks, d_qk, d_v)
     out = empty((B, H, n_q, d_v), dtype=q.dtype, device=q.device)
     lse = empty((B, H, n_q), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(n_q, blocks.own), B * H, triton.cdiv(d_v, blocks.dv))
+    grid = (triton.cdiv(n_q, blocks.own), B * H, plan.chunks_dv)
     with _on_device(q):
         _attn_fwd_kernel[grid](
             q, k, v, out, lse, scale * LOG2E.value, H, n_q, n_k, d_qk, d_v,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            BLOCK_M=blocks.own, BLOCK_N=blocks.stream, BLOCK_DQK=blocks.dqk, BLOCK_DV=blocks.dv,
-            ONE_DQK=d_qk <= blocks.dqk, PRECISION=dot_precision(q.dtype),
-            num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), **fwd_constexprs(blocks, plan, q.dtype))
     return out, lse
+
+
+def fwd_constexprs(blocks: Blocks, plan: WidthPlan, dtype: torch.dtype) -> dict:
+    """The forward kernel's compile-time parameters (and launch options)."""
+    return dict(BLOCK_M=blocks.own, BLOCK_N=blocks.stream, BLOCK_DQK=blocks.dqk, BLOCK_DV=blocks.dv,
+                TAIL_DQK=plan.tail_dqk, TAIL_DV=plan.tail_dv, ONE_DQK=plan.one_dqk, PRECISION=dot_precision(dtype),
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+def bwd_constexprs(blocks: Blocks, plan: WidthPlan, dtype: torch.dtype) -> tuple[list[tuple[dict, int]], dict]:
+    """The backward kernels' compile-time parameters: [(dk/dv kernel parameters, grid axis 2)] per pass
+    (both widths held by one program: one pass writing dk and dv; else a dv pass and a dk pass, each
+    enumerating its chunks), and the dq kernel's."""
+    launch = dict(PRECISION=dot_precision(dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+                  BLOCK_DQK=blocks.dqk, BLOCK_DV=blocks.dv, **plan.constexprs)
+    passes = [(True, True, 1)] if plan.one_dqk and plan.one_dv else \
+        [(False, True, plan.chunks_dv), (True, False, plan.chunks_dqk)]
+    dkdv = [(dict(launch, BLOCK_M=blocks.stream, BLOCK_N=blocks.own, DO_DK=do_dk, DO_DV=do_dv), chunks)
+            for do_dk, do_dv, chunks in passes]
+    return dkdv, dict(launch, BLOCK_M=blocks.own, BLOCK_N=blocks.stream)
 
 
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -407,29 +569,21 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     B, H, n_q, d_qk = q.shape
     n_k, d_v = k.shape[2], v.shape[3]
     blocks = blocks or default_blocks(d_qk, d_v, q.device, q.dtype, backward=True)
-    _check_blocks(blocks, d_qk, d_v)
+    plan = width_plan(blocks, d_qk, d_v)
     lse = lse.contiguous()
-    launch = dict(PRECISION=dot_precision(q.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    one_dqk, one_dv = d_qk <= blocks.dqk, d_v <= blocks.dv
     delta = empty((B, H, n_q), dtype=torch.float32, device=q.device)
     dq, dk, dv = (empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     common = (scale * LOG2E.value, scale, H, n_q, n_k, d_qk, d_v)
-    # Both widths in one chunk: one program per key block writes dk and dv; else one launch each.
-    passes = [(True, True, 1)] if one_dqk and one_dv else \
-        [(False, True, triton.cdiv(d_v, blocks.dv)), (True, False, triton.cdiv(d_qk, blocks.dqk))]
+    dkdv_passes, dq_meta = bwd_constexprs(blocks, plan, q.dtype)
     with _on_device(q):
         _attn_bwd_delta_kernel[(triton.cdiv(n_q, blocks.own), B * H)](
             out, grad_out, delta, H, n_q, d_v, *out.stride(), *grad_out.stride(),
             BLOCK_M=blocks.own, BLOCK_DV=blocks.dv, num_warps=blocks.num_warps)
-        for do_dk, do_dv, chunks in passes:
+        for meta, chunks in dkdv_passes:
             _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, blocks.own), B * H, chunks)](
                 q, k, v, grad_out, lse, delta, dk, dv, *common,
-                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-                BLOCK_M=blocks.stream, BLOCK_N=blocks.own, BLOCK_DQK=blocks.dqk, BLOCK_DV=blocks.dv,
-                ONE_DQK=one_dqk, ONE_DV=one_dv, DO_DK=do_dk, DO_DV=do_dv, **launch)
-        _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks.own), B * H, triton.cdiv(d_qk, blocks.dqk))](
+                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), **meta)
+        _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks.own), B * H, plan.chunks_dqk)](
             q, k, v, grad_out, lse, delta, dq, *common,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            BLOCK_M=blocks.own, BLOCK_N=blocks.stream, BLOCK_DQK=blocks.dqk, BLOCK_DV=blocks.dv,
-            ONE_DQK=one_dqk, ONE_DV=one_dv, **launch)
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), **dq_meta)
     return dq, dk, dv

@@ -37,19 +37,23 @@ def _tf32() -> bool:
     return dot_precision(torch.float32) == "tf32"
 
 
-def _blocks(own, stream, dqk, dv):
+def _blocks(own, stream, dqk, dv, dqk_tail=0, dv_tail=0):
     from mtlfast.kernels.attention import Blocks
 
-    return Blocks(own=own, stream=stream, dqk=dqk, dv=dv)
+    return Blocks(own=own, stream=stream, dqk=dqk, dv=dv, dqk_tail=dqk_tail, dv_tail=dv_tail)
 
 
 # (B, H, Nq, Nk, Dqk, Dv, scale, blocks or None for the default, permuted inputs)
 CASES = {
-    "odd_noncontiguous": (1, 2, 37, 50, 24, 40, None, None, True),
+    "odd_noncontiguous": (1, 2, 37, 50, 24, 40, None, None, True),  # Dv 40 = 32 + a tail of 16
     "nq1_tiny_widths": (2, 1, 1, 7, 7, 3, 0.3, None, False),
     "dqk300": (1, 1, 63, 17, 300, 33, None, None, False),  # 3 Dqk chunks of 128: dq/dk chunk grid
-    "dv150": (1, 1, 17, 30, 20, 150, None, None, False),  # 2 Dv chunks, 1 Dqk chunk: out/dv chunk grid
+    "dv300": (1, 1, 17, 30, 20, 300, None, None, False),  # 3 Dv chunks, 1 Dqk chunk: out/dv chunk grid
+    "tails_both": (1, 1, 17, 30, 150, 144, None, None, False),  # 128 + 32 and 128 + 16, one program each
     "chunks_both": (1, 2, 21, 19, 20, 36, 1.7, (32, 16, 16, 16), False),  # 2 Dqk x 3 Dv chunks
+    # one width held with a tail, the other in chunks (the split dk / dv passes of the backward)
+    "tail_dqk_chunked_dv": (1, 2, 21, 19, 40, 50, None, (16, 16, 32, 16, 16, 0), False),
+    "chunked_dqk_tail_dv": (2, 1, 19, 23, 50, 40, None, (16, 16, 16, 32, 0, 16), False),
 }
 
 
@@ -72,6 +76,31 @@ def test_attention_matches_reference(case, kernel_dtype, device):
         return reference_attention(q, k, v, scale=scale)
 
     check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=_tf32())
+
+
+def test_width_split_and_plan():
+    """split_width holds a width in one program as chunk + tail with the least padding (the BridgeNet/TIF
+    widths pad at most 8 columns), width_plan refuses a tail that does not hold the rest of the width."""
+    from mtlfast.kernels.attention import split_width, width_plan
+
+    assert [split_width(w, 384) for w in (7, 16, 24, 40, 72, 144, 200, 256, 288, 384)] == [
+        (16, 0), (16, 0), (32, 0), (32, 16), (64, 16), (128, 16), (256, 0), (256, 0), (256, 32), (256, 128)]
+    assert split_width(400, 384) is None and split_width(288, 256) is None
+    plan = width_plan(_blocks(16, 16, 32, 16, dqk_tail=16), 40, 50)
+    assert (plan.one_dqk, plan.tail_dqk, plan.chunks_dqk, plan.one_dv, plan.chunks_dv) == (True, 16, 1, False, 4)
+    for width in (32, 49):
+        with pytest.raises(ValueError, match=rf"Blocks.dqk_tail=16: .* needs dqk=32 < width <= 48; got width {width}"):
+            width_plan(_blocks(16, 16, 32, 16, dqk_tail=16), width, 16)
+    with pytest.raises(ValueError, match=r"Blocks.dv_tail: expected a power of two >= 16 \(or 0\), got 24"):
+        _blocks(16, 16, 16, 16, dv_tail=24)
+    # the GPU defaults at 288 (BridgeNet's 1/32 stage), and without tails (the benchmark's comparison)
+    from mtlfast.kernels.attention import Blocks, default_blocks
+
+    bf16 = torch.bfloat16
+    assert default_blocks(288, 288, "cuda", bf16) == Blocks(64, 32, 32, 256, 8, 2, dv_tail=32)
+    assert default_blocks(288, 288, "cuda", bf16, backward=True) == Blocks(16, 16, 256, 256, 8, 2, 32, 32)
+    assert default_blocks(288, 288, "cuda", bf16, tails=False) == Blocks(64, 64, 32, 256, 8, 2)
+    assert default_blocks(288, 288, "cuda", bf16, backward=True, tails=False) == Blocks(64, 32, 128, 128, 8, 2)
 
 
 def test_centred_keys_change_nothing_float64():
@@ -235,9 +264,10 @@ def test_kernels_compile_for_sm90():
 
 
 def _compile_sm90() -> None:
-    """Compiles, in bfloat16 at the default GPU configurations, the forward and every backward
-    specialisation: a narrow head (64: one chunk, fused dk/dv) and a chunked one (288); plus the
-    float32 forward with exact ("ieee") dots."""
+    """Compiles, at the default GPU configurations, the forward and every backward pass of the launchers
+    (the same compile-time parameters, from fwd_constexprs / bwd_constexprs): in bfloat16 at the BridgeNet/TIF
+    widths 72, 144, 288, 384 (one program per width, with tails) and a chunked one (1000), plus float32
+    (exact "ieee" dots) at 64 and 288."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -246,38 +276,32 @@ def _compile_sm90() -> None:
 
     pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA"}
 
-    def build(fn, blocks, constexprs, dtype="*bf16"):
-        if "PRECISION" in fn.arg_names:
-            constexprs = dict(constexprs, PRECISION="ieee" if dtype == "*fp32" else "tf32")
+    def build(fn, meta, dtype):
+        meta = dict(meta)
+        options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages", 2))
         sig = {}
         for name in fn.arg_names:
-            if name in constexprs:
+            if name in meta:
                 sig[name] = "constexpr"
             elif name in pointers:
                 sig[name] = "*fp32" if name in ("LSE", "DELTA") else dtype
             else:
                 sig[name] = "fp32" if name.endswith("scale") else "i32"
-        triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages))
+        triton.compile(ASTSource(fn, sig, constexprs=meta), target=GPUTarget("cuda", 90, 32), options=options)
 
-    f32 = A.default_blocks(64, 64, "cuda", torch.float32)
-    build(A._attn_fwd_kernel, f32, dict(BLOCK_M=f32.own, BLOCK_N=f32.stream, BLOCK_DQK=f32.dqk, BLOCK_DV=f32.dv,
-                                        ONE_DQK=True), dtype="*fp32")
-    count = 1
-    for width in (64, 288):
-        fwd = A.default_blocks(width, width, "cuda", torch.bfloat16)
-        build(A._attn_fwd_kernel, fwd, dict(BLOCK_M=fwd.own, BLOCK_N=fwd.stream, BLOCK_DQK=fwd.dqk,
-                                            BLOCK_DV=fwd.dv, ONE_DQK=width <= fwd.dqk))
-        bwd = A.default_blocks(width, width, "cuda", torch.bfloat16, backward=True)
-        one = width <= bwd.dqk
-        sizes = dict(BLOCK_DQK=bwd.dqk, BLOCK_DV=bwd.dv)
-        for do_dk, do_dv in ([(True, True)] if one else [(True, False), (False, True)]):
-            build(A._attn_bwd_dkdv_kernel, bwd, dict(sizes, BLOCK_M=bwd.stream, BLOCK_N=bwd.own,
-                                                     ONE_DQK=one, ONE_DV=one, DO_DK=do_dk, DO_DV=do_dv))
-            count += 1
-        build(A._attn_bwd_dq_kernel, bwd, dict(sizes, BLOCK_M=bwd.own, BLOCK_N=bwd.stream, ONE_DQK=one, ONE_DV=one))
-        build(A._attn_bwd_delta_kernel, bwd, dict(BLOCK_M=bwd.own, BLOCK_DV=bwd.dv))
-        count += 3
+    count = 0
+    for torch_dtype, dtype, widths in ((torch.bfloat16, "*bf16", (72, 144, 288, 384, 1000)),
+                                       (torch.float32, "*fp32", (64, 288))):
+        for width in widths:
+            fwd = A.default_blocks(width, width, "cuda", torch_dtype)
+            build(A._attn_fwd_kernel, A.fwd_constexprs(fwd, A.width_plan(fwd, width, width), torch_dtype), dtype)
+            bwd = A.default_blocks(width, width, "cuda", torch_dtype, backward=True)
+            passes, dq = A.bwd_constexprs(bwd, A.width_plan(bwd, width, width), torch_dtype)
+            for meta, _ in passes:
+                build(A._attn_bwd_dkdv_kernel, meta, dtype)
+            build(A._attn_bwd_dq_kernel, dq, dtype)
+            build(A._attn_bwd_delta_kernel, dict(BLOCK_M=bwd.own, BLOCK_DV=bwd.dv, num_warps=bwd.num_warps), dtype)
+            count += 3 + len(passes)
     print(f"compiled {count} kernels for sm_90a")
 
 
