@@ -9,7 +9,8 @@
 # all = build test-gpu test bench: the phases in the order of what matters most. A device call may run 600 s,
 # so the phases share a time budget (GPU_CHECK_BUDGET seconds, default 560): each runs under `timeout` with
 # what is left, a phase that no longer fits is reported "not run (budget)", and the tarball is written in any
-# case. The build stays in the tree of a warm machine, so the next call goes on with the phases left, e.g.
+# case. Tests run in GPU_CHECK_WORKERS (default 8) processes where pytest-xdist is installed. The build stays in
+# the tree of a warm machine, so the next call goes on with the phases left, e.g.
 # `bash bench/gpu_check.sh test bench` or `bash bench/gpu_check.sh models`. BENCH_ARGS passes arguments to
 # `mtlfast bench` (e.g. BENCH_ARGS="attention tpp_attention"). After a run, unpack the tarball here and commit
 # results/<device>/*.json under bench/results/.
@@ -55,8 +56,14 @@ run_phase() {  # name, command...: logs to $OUT/logs/<name>.log under the remain
   fi
 }
 
+# The GPU image has pytest-xdist and pytest-timeout: tests in parallel processes (they share the GPU; Triton's
+# compilations are CPU work), and a hung test fails alone instead of using up the call.
+pytest_opts=()
+$PY -c "import xdist" 2>/dev/null && pytest_opts+=(-n "${GPU_CHECK_WORKERS:-8}")
+$PY -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout=300)
+
 pytest_phase() {  # name, marker expression
-  run_phase "$1" $PY -m pytest tests -q -rs -m "$2" --durations=15 --junitxml="$OUT/logs/junit-$1.xml"
+  run_phase "$1" $PY -m pytest tests -q -rs -m "$2" --durations=15 --junitxml="$OUT/logs/junit-$1.xml" "${pytest_opts[@]}"
   [[ -f $OUT/logs/$1.log ]] && tail -n 3 "$OUT/logs/$1.log"
 }
 
