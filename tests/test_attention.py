@@ -164,11 +164,12 @@ def test_kernels_on_rows_with_every_score_far_below_zero(device):
 
 
 def test_logsumexp_output(device):
-    """The saved row logsumexp is log Σ_j exp(scale q_i·k_j) (natural log, float32)."""
+    """The saved row logsumexp is log Σ_j exp(scale q_i·(k_j − k̄)) (the op works on the centred keys;
+    natural log, float32)."""
     ins = _inputs(1, 2, 19, 45, 9, 5, seed=fresh_seed())
     q, k, v = (t.to(device=device, dtype=torch.float32) for t in ins.values())
     out, lse = torch.ops.mtlfast.attention_fwd(q, k, v, 0.4, [], [])
-    want = torch.logsumexp(0.4 * ins["q"] @ ins["k"].transpose(-2, -1), dim=-1)
+    want = torch.logsumexp(0.4 * ins["q"] @ center_keys(ins["k"]).transpose(-2, -1), dim=-1)
     assert lse.dtype == torch.float32 and lse.shape == (1, 2, 19)
     assert (lse.double().cpu() - want).norm() / want.norm() < 1e-5
     assert not lse.requires_grad
@@ -331,3 +332,15 @@ def test_inductor_compile_gpu():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
     _compile_sm90()
+
+
+def test_saved_for_backward_is_the_output_and_logsumexp():
+    """The Triton path keeps q, k, v (the caller's, no centred copy) plus out and the float32 logsumexp:
+    O(N) beyond the inputs (counted on meta tensors with the ops' fake implementations)."""
+    from mtlfast.bench.harness import saved_activation_bytes
+
+    B, H, n_q, n_k, d_qk, d_v = 2, 3, 513, 257, 288, 144
+    inputs = {n: torch.empty(s, device="meta", dtype=torch.bfloat16).requires_grad_()
+              for n, s in (("q", (B, H, n_q, d_qk)), ("k", (B, H, n_k, d_qk)), ("v", (B, H, n_k, d_v)))}
+    saved = saved_activation_bytes(lambda q, k, v: attention_triton(q, k, v, scale=0.1), inputs)
+    assert saved == B * H * n_q * d_v * 2 + B * H * n_q * 4

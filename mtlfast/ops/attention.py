@@ -8,8 +8,8 @@ Backends: ``reference`` (:func:`mtlfast.reference.attention.attention`, any devi
 and ``triton`` (flash-style forward and backward, CUDA in float16/bfloat16/float32, CPU through the
 Triton interpreter in float16/float32). The Triton path is the torch.library op ``mtlfast::attention_fwd``
 (outputs out and the float32 row logsumexp) with its backward ``mtlfast::attention_bwd``, registered with
-fake (meta) implementations and autograd, so it composes with torch.compile; the keys are centred
-before it (:func:`center_keys`, exact, for well-conditioned q/k gradients). :func:`attention_triton`
+fake (meta) implementations and autograd, so it composes with torch.compile; both ops centre the keys
+(:func:`center_keys`, exact, for well-conditioned q/k gradients) on a transient copy. :func:`attention_triton`
 is that path with explicit launch configurations, for other ops built on it (lthd_attention) and tests.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, resolve_scale
 from mtlfast.reference.attention import attention as _reference_attention
 
-__all__ = ["attention", "attention_triton", "center_keys"]
+__all__ = ["attention", "attention_triton", "center_keys", "center_keys_adjoint"]
 
 _OP = Op("attention")
 
@@ -41,9 +41,10 @@ def _blocks(values: Sequence[int]):
 @torch.library.custom_op("mtlfast::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, fwd_blocks: list[int],
                    bwd_blocks: list[int]) -> tuple[Tensor, Tensor]:
-    """(out, lse). ``*_blocks``: a :class:`~mtlfast.kernels.attention.Blocks` as a list, [] = default;
+    """(out, lse) of attention on the centred keys (:func:`center_keys`, a transient copy: autograd keeps the
+    caller's k). ``*_blocks``: a :class:`~mtlfast.kernels.attention.Blocks` as a list, [] = default;
     bwd_blocks is only kept for the backward."""
-    return attention_kernels().attention_forward(q, k, v, scale, _blocks(fwd_blocks))
+    return attention_kernels().attention_forward(q, center_keys(k), v, scale, _blocks(fwd_blocks))
 
 
 @_attention_fwd.register_fake
@@ -55,7 +56,10 @@ def _attention_fwd_fake(q, k, v, scale, fwd_blocks, bwd_blocks):
 @torch.library.custom_op("mtlfast::attention_bwd", mutates_args=())
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
                    bwd_blocks: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    return attention_kernels().attention_backward(grad_out, q, k, v, out, lse, scale, _blocks(bwd_blocks))
+    """(dq, dk, dv) for the caller's k: the kernels run on the centred keys again, then the centring's adjoint."""
+    dq, dk, dv = attention_kernels().attention_backward(grad_out, q, center_keys(k), v, out, lse, scale,
+                                                        _blocks(bwd_blocks))
+    return dq, center_keys_adjoint(dk), dv
 
 
 @_attention_bwd.register_fake
@@ -92,17 +96,25 @@ def center_keys(k: Tensor) -> Tensor:
     then get q/k gradients several times less accurate than PyTorch's softmax backward. With centred keys
     dq_i = Σ_j dS_ij (k_j − k̄) carries no such term, and autograd of this subtraction gives
     dk = dk_c − mean_j dk_c, which removes the same residue from Σ_j dk_j (mathematically 0). The proof that
-    it changes nothing in exact arithmetic and the test it fixes are in tests/test_attention.py."""
+    it changes nothing in exact arithmetic and the test it fixes are in tests/test_attention.py.
+
+    The Triton ops centre inside their forward and backward (transient copies), so autograd keeps the
+    caller's k and no centred copy of it: saved activations stay O(N) (TPP's 1/20-of-eager target)."""
     return k - k.mean(dim=-2, keepdim=True)
 
 
+def center_keys_adjoint(grad_centred: Tensor) -> Tensor:
+    """The gradient of k from that of center_keys(k): dk = dk_c − mean_j dk_c over the key axis (dim −2)."""
+    return grad_centred - grad_centred.mean(dim=-2, keepdim=True)
+
+
 def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, scale: float, fwd_blocks=None, bwd_blocks=None) -> Tensor:
-    """The Triton path on already validated inputs (keys centred, :func:`center_keys`); ``*_blocks``: a
-    ``Blocks`` (None = default)."""
+    """The Triton path on already validated inputs (the ops centre the keys, :func:`center_keys`);
+    ``*_blocks``: a ``Blocks`` (None = default)."""
     def as_list(blocks):
         return blocks.as_list() if blocks is not None else []
 
-    out, _ = _attention_fwd(q, center_keys(k), v, float(scale), as_list(fwd_blocks), as_list(bwd_blocks))
+    out, _ = _attention_fwd(q, k, v, float(scale), as_list(fwd_blocks), as_list(bwd_blocks))
     return out
 
 

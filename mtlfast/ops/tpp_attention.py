@@ -14,7 +14,8 @@ kernel computes the T·H score tiles once per key block, mixes them in registers
 per output map, saving only the logsumexp (B, T·H, Nq); see :mod:`mtlfast.kernels.tpp_attention`. The bias is constant along the
 softmax axis, so it cancels: the kernels never read it and its gradient is exactly zero. A shared weight
 is expanded to (T, H, T·H) before the kernel (its gradient is the sum over tasks, by autograd), and the
-keys of every (task, head) are centred over the key axis (exact, see :func:`mtlfast.ops.attention.center_keys`).
+ops centre the keys of every (task, head) over the key axis on a transient copy (exact, see
+:func:`mtlfast.ops.attention.center_keys`), so only the caller's k is kept for the backward.
 
 The Triton path is two torch.library custom ops, ``mtlfast::tpp_attention_fwd`` and
 ``mtlfast::tpp_attention_bwd``, so it composes with torch.compile. The launch configuration comes from
@@ -28,7 +29,7 @@ import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor, resolve_scale
-from mtlfast.ops.attention import center_keys
+from mtlfast.ops.attention import center_keys, center_keys_adjoint
 from mtlfast.reference import tpp_attention as _reference
 
 Tensor = torch.Tensor
@@ -41,10 +42,11 @@ _OP = Op("tpp_attention")
 @torch.library.custom_op("mtlfast::tpp_attention_fwd", mutates_args=())
 def _fwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, b: Optional[Tensor], scale: float,
          config: list[int]) -> tuple[Tensor, Tensor]:
-    """w (T·H, T·H) rows t·H + o; b is not read (it cancels) -> (out, logsumexp (B, T·H, Nq) f32)."""
+    """w (T·H, T·H) rows t·H + o; b is not read (it cancels) -> (out, logsumexp (B, T·H, Nq) f32), computed on
+    the centred keys (a transient copy: autograd keeps the caller's k)."""
     from mtlfast.kernels import tpp_attention as kernels
 
-    return kernels.forward(q, k, v, w, scale, kernels.Config(*config))
+    return kernels.forward(q, center_keys(k), v, w, scale, kernels.Config(*config))
 
 
 @_fwd.register_fake
@@ -56,10 +58,11 @@ def _(q, k, v, w, b, scale, config):
 @torch.library.custom_op("mtlfast::tpp_attention_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor, out: Tensor, lse: Tensor, scale: float,
          config: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (dq, dk, dv, dw (T·H, T·H) float32)."""
+    """-> (dq, dk, dv, dw (T·H, T·H) float32), dk for the caller's k (the centring's adjoint applied)."""
     from mtlfast.kernels import tpp_attention as kernels
 
-    return kernels.backward(do, q, k, v, w, out, lse, scale, kernels.Config(*config))
+    dq, dk, dv, dw = kernels.backward(do, q, center_keys(k), v, w, out, lse, scale, kernels.Config(*config))
+    return dq, center_keys_adjoint(dk), dv, dw
 
 
 @_bwd.register_fake
@@ -95,7 +98,7 @@ def _triton(q, k, v, mix_weight, mix_bias, *, scale):
     C = T * H
     w = mix_weight.expand(T, H, C).reshape(C, C)  # shared (H, T·H): the same rows for every task
     b = None if mix_bias is None else mix_bias.expand(T, H).reshape(C)
-    out, _ = _fwd(q, center_keys(k), v, w, b, scale, current_config(C, D, v.shape[-1]).as_list())
+    out, _ = _fwd(q, k, v, w, b, scale, current_config(C, D, v.shape[-1]).as_list())
     return out
 
 
