@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mtlfast.bench.harness import Benchmark, Case, Provider, register, standard_providers
+from mtlfast.bench.harness import Benchmark, Case, Provider, Target, register, standard_providers
 from mtlfast.ops.attention import attention
 from mtlfast.reference.attention import attention as reference_attention
 
@@ -121,4 +121,12 @@ register(Benchmark(
     "attention", cases,
     standard_providers("attention", attention, reference_attention)
     + [Provider("mtlfast_no_tails", _no_tails, devices=("cuda",))]
-    + sdpa_providers(lambda q, k, v, scale=None: (q, k, v, scale))))
+    + sdpa_providers(lambda q, k, v, scale=None: (q, k, v, scale)),
+    targets=[  # issue 3, bf16 on an H100/H200
+        Target(">= 0.9x the best SDPA backend (widths <= 256)", r"bfe_s(16|8)|sweep_n\d+_w128|sweep_w(64|128|256)_n4096",
+               "speedup", against=("sdpa_.*", "xformers"), at_least=0.9),
+        Target(">= 2x the best PyTorch path (widths 288-4096)", r"bfe_s32|bfe_vit_s16|sweep_w(288|512|1024|4096)_n4096",
+               "speedup", against=("eager", "compile", "sdpa_.*", "xformers"), at_least=2.0),
+        Target("forward >= 50% of the bf16 matmul rate (N >= 4096, width 128)", r"sweep_n(4096|8192)_w128",
+               "pct_matmul_peak", mode="fwd", at_least=50.0),
+    ]))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast.bench.harness import Benchmark, Case, register, standard_providers
+from mtlfast.bench.harness import Benchmark, Case, Target, register, standard_providers
 from mtlfast.ops.deform_sample import deform_sample
 from mtlfast.reference.deform_sample import deform_sample as reference_deform_sample
 
@@ -70,4 +70,12 @@ def cases(device):
 
 
 register(Benchmark("deform_sample", cases,
-                   standard_providers("deform_sample", deform_sample, reference_deform_sample)))
+                   standard_providers("deform_sample", deform_sample, reference_deform_sample),
+                   targets=[  # issue 5
+                       Target(">= 5x the grid_sample reference (H100/H200)", r"sem_.*", "speedup", against=("eager",),
+                              at_least=5.0),
+                       Target("<= 1/3 of the reference's peak memory (H100/H200)", r"sem_.*", "memory",
+                              against=("eager",), at_most=1 / 3),
+                       Target(">= 3x the reference on the 2-core CPU", r"cpu_c256_n4096", "speedup", against=("eager",),
+                              at_least=3.0, device="cpu"),
+                   ]))

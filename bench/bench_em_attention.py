@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast.bench.harness import Benchmark, Case, register, standard_providers
+from mtlfast.bench.harness import Benchmark, Case, Target, register, standard_providers
 from mtlfast.ops.em_attention import em_attention
 from mtlfast.reference.em_attention import em_attention as reference_em
 
@@ -41,4 +41,10 @@ def cases(device):
             + [_case("em_n16384_r3_detach", 8, 16384, 512, 64, 3, detach=True)])
 
 
-register(Benchmark("em_attention", cases, standard_providers("em_attention", em_attention, reference_em)))
+register(Benchmark("em_attention", cases, standard_providers("em_attention", em_attention, reference_em),
+                   targets=[  # issue 4, bf16 on an H100/H200
+                       Target(">= 3x eager", r"em_n\d+_r\d", "speedup", against=("eager",), at_least=3.0),
+                       Target(">= 1.5x torch.compile", r"em_n\d+_r\d", "speedup", against=("compile",), at_least=1.5),
+                       Target("forward >= 60% of the copy rate for (R+1) reads of x", r"em_n\d+_r\d", "pct_copy_peak",
+                              mode="fwd", at_least=60.0),
+                   ]))

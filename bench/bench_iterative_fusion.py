@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast.bench.harness import (Benchmark, Case, Provider, register, saved_activation_bytes,
+from mtlfast.bench.harness import (Benchmark, Case, Provider, Target, register, saved_activation_bytes,
                                    standard_providers)
 from mtlfast.ops.iterative_fusion import iterative_fusion
 from mtlfast.reference.iterative_fusion import iterative_fusion as reference
@@ -77,4 +77,10 @@ def _pinned(mode):
 register(Benchmark("iterative_fusion", cases,
                    standard_providers("iterative_fusion", iterative_fusion, reference)
                    + [Provider(f"mtlfast_{mode}", _pinned(mode), devices=("cuda",))
-                      for mode in ("materialize", "recompute")]))
+                      for mode in ("materialize", "recompute")],
+                   targets=[  # issue 4, bf16 on an H100/H200, n = 18
+                       Target(">= 3x eager", r"n(28x36|56x72)_T[24]", "speedup", against=("eager",), at_least=3.0),
+                       Target(">= 1.5x torch.compile", r"n(28x36|56x72)_T[24]", "speedup", against=("compile",),
+                              at_least=1.5),
+                       Target("saved activations <= 1/5 of eager", r"n.*", "param:saved_ratio", at_most=0.2),
+                   ]))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from mtlfast.bench.bench_attention import sdpa_providers
-from mtlfast.bench.harness import Benchmark, Case, register, standard_providers
+from mtlfast.bench.harness import Benchmark, Case, Target, register, standard_providers
 from mtlfast.ops.lthd_attention import lthd_attention, widened_qk
 from mtlfast.reference.lthd_attention import lthd_attention as reference_lthd
 
@@ -59,4 +59,5 @@ def cases(device):
 
 register(Benchmark(
     "lthd_attention", cases,
-    standard_providers("lthd_attention", lthd_attention, reference_lthd) + sdpa_providers(_to_sdpa, _from_sdpa)))
+    standard_providers("lthd_attention", lthd_attention, reference_lthd) + sdpa_providers(_to_sdpa, _from_sdpa),
+    targets=[Target(">= 3x eager", r"lthd_.*", "speedup", against=("eager",), at_least=3.0)]))  # issue 3

@@ -78,7 +78,11 @@ for phase in "${phases[@]}"; do
       ;;
     test-gpu) pytest_phase test-gpu gpu ;;
     test) pytest_phase test "not gpu" ;;
-    bench) run_phase bench $PY -m mtlfast bench --out "$OUT/results" ${BENCH_ARGS:-} ;;
+    bench)
+      run_phase bench $PY -m mtlfast bench --out "$OUT/results" ${BENCH_ARGS:-}
+      # the issues' targets checked on the results (also in bench.log after each op): the README table
+      run_phase report bash -c 'for d in "$1"/results/*/; do "$2" -m mtlfast bench --report "$d" || exit 1; done' _ "$OUT" "$PY"
+      ;;
     models) run_phase models $PY -m mtlfast bench --models --max-batch --out "$OUT/results" ;;
   esac
 done

@@ -62,11 +62,43 @@ class Provider:
     backward: bool = True
 
 
+@dataclass(frozen=True)
+class Target:
+    """One goal of the op's issue, checked on a result of :func:`run_benchmark` by :func:`check_targets`.
+
+    ``metric``: "speedup" — the best time among the providers whose name fully matches one of the regular
+    expressions ``against``, over mtlfast's (> 1: mtlfast faster); "memory" — mtlfast's peak memory over
+    the least of theirs; "pct_matmul_peak" / "pct_copy_peak" — mtlfast's rate as a share of the peak
+    measured in the same run; "param:<name>" — a number the case records in its params (e.g. saved
+    activation bytes counted on meta tensors). Checked on the cases whose name fully matches ``cases``, in
+    ``mode``, on results of ``device`` ("cuda": the issues' H100/H200 targets).
+    """
+
+    goal: str
+    cases: str
+    metric: str
+    mode: str = "fwd+bwd"
+    against: tuple[str, ...] = ()
+    at_least: float | None = None
+    at_most: float | None = None
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        known = ("speedup", "memory", "pct_matmul_peak", "pct_copy_peak")
+        if self.metric not in known and not self.metric.startswith("param:"):
+            raise ValueError(f"Target.metric: expected one of {', '.join(known)} or param:<name>, got {self.metric!r}")
+        if (self.at_least is None) == (self.at_most is None):
+            raise ValueError(f"Target {self.goal!r}: give exactly one of at_least / at_most")
+        if self.metric in ("speedup", "memory") and not self.against:
+            raise ValueError(f"Target {self.goal!r}: metric {self.metric} needs the providers to compare against")
+
+
 @dataclass
 class Benchmark:
     op: str
     cases: Callable[[str], list[Case]]
     providers: list[Provider]
+    targets: list[Target] = field(default_factory=list)
 
 
 BENCHMARKS: dict[str, Benchmark] = {}
@@ -317,8 +349,8 @@ def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, mode
                         torch.cuda.empty_cache()
                 rows.append(row)
         del inputs
-    return {"op": benchmark.op, "dtype": str(dtype).replace("torch.", ""), "environment": environment(device),
-            "peaks": peaks, "rows": rows}
+    return {"op": benchmark.op, "dtype": str(dtype).replace("torch.", ""), "device_type": device,
+            "environment": environment(device), "peaks": peaks, "rows": rows}
 
 
 def format_table(result: Mapping[str, object]) -> str:
@@ -339,6 +371,63 @@ def format_table(result: Mapping[str, object]) -> str:
                     f"{r['pct_matmul_peak']:.0f}% of matmul peak" if "pct_matmul_peak" in r else "")
                 lines.append(f"{case:<22} {mode:<8} {r['provider']:<16} {ms or float('nan'):>10.3f} "
                              f"{ratio:>10} {mem:>10}  {note}")
+    return "\n".join(lines)
+
+
+def result_device(result: Mapping[str, object]) -> str:
+    """"cuda" or "cpu": the kind of device a result file was measured on."""
+    return result.get("device_type") or ("cpu" if result["environment"].get("cuda") is None else "cuda")
+
+
+def check_targets(result: Mapping[str, object], targets: Sequence[Target]) -> list[dict[str, object]]:
+    """Every (target, matching case) of a result: ``value`` (None when it cannot be computed), ``status``
+    "met", "MISSED" or "no data: <why>", ``compared`` (the provider that set the comparison). Targets of
+    another device than the result's are left out."""
+    rows = result["rows"]
+    checks = []
+    for target in (t for t in targets if t.device == result_device(result)):
+        for case in dict.fromkeys(r["case"] for r in rows if re.fullmatch(target.cases, r["case"])):
+            group = [r for r in rows if r["case"] == case and r["mode"] == target.mode]
+            ours = next((r for r in group if r["provider"] == "mtlfast"), None)
+            check = {"op": result["op"], "goal": target.goal, "case": case, "mode": target.mode, "value": None,
+                     "compared": None}
+            key = {"speedup": "ms", "memory": "peak_mem_bytes"}.get(target.metric, target.metric)
+            if ours is None or ("ms" not in ours and not target.metric.startswith("param:")):
+                why = ours.get("skipped") or ours.get("error") if ours else f"no mtlfast row in {target.mode}"
+                check["status"] = f"no data: {why}"
+            elif target.metric.startswith("param:"):
+                check["value"] = ours["params"].get(target.metric[len("param:"):])
+            elif target.metric in ("speedup", "memory"):
+                theirs = [r for r in group if r.get(key) is not None
+                          and any(re.fullmatch(a, r["provider"]) for a in target.against)]
+                if ours.get(key) is None or not theirs:
+                    what = "mtlfast" if ours.get(key) is None else f"no provider of {'|'.join(target.against)}"
+                    check["status"] = f"no data: {what} has no {key}"
+                else:
+                    best = min(theirs, key=lambda r: r[key])
+                    ratio = best[key] / ours[key] if target.metric == "speedup" else ours[key] / best[key]
+                    check["value"], check["compared"] = ratio, best["provider"]
+            else:
+                check["value"] = ours.get(key)
+            if "status" not in check:
+                if check["value"] is None:
+                    check["status"] = f"no data: mtlfast has no {key}"
+                else:
+                    ok = (target.at_least is None or check["value"] >= target.at_least) and (
+                        target.at_most is None or check["value"] <= target.at_most)
+                    check["status"] = "met" if ok else "MISSED"
+            check["bound"] = f">= {target.at_least:g}" if target.at_least is not None else f"<= {target.at_most:g}"
+            checks.append(check)
+    return checks
+
+
+def format_targets(checks: Sequence[Mapping[str, object]]) -> str:
+    """A Markdown table of :func:`check_targets` rows (for the README's benchmark table)."""
+    lines = ["| op | goal | case | mode | measured | target | vs | status |", "|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        value = "" if c["value"] is None else f"{c['value']:.3g}"
+        lines.append(f"| {c['op']} | {c['goal']} | {c['case']} | {c['mode']} | {value} | {c['bound']} | "
+                     f"{c['compared'] or ''} | {c['status']} |")
     return "\n".join(lines)
 
 

@@ -28,6 +28,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.models:
         return _bench_models(args)
     benchmarks = harness.load_benchmarks()
+    if args.report:
+        return _bench_report(args.report, benchmarks)
     unknown = [op for op in args.ops if op not in benchmarks]
     if unknown:
         print(f"mtlfast bench: unknown op(s) {', '.join(unknown)}; available: {', '.join(sorted(benchmarks)) or 'none'}",
@@ -49,8 +51,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = harness.run_benchmark(benchmarks[op], device=device, dtype=dtype, modes=modes, peaks=peaks,
                                        quick=args.quick, case_filter=args.cases)
         print(harness.format_table(result))
+        checks = harness.check_targets(result, benchmarks[op].targets)
+        if checks:
+            print(harness.format_targets(checks))
         if args.out:
             print(f"wrote {harness.write_result(result, args.out, device)}")
+    return 0
+
+
+def _bench_report(folder: str, benchmarks: dict) -> int:
+    """The targets of every op result file (``<op>.json``) in a results folder, as one Markdown table."""
+    import glob
+    import json
+
+    from mtlfast.bench import harness
+
+    paths = sorted(p for p in glob.glob(os.path.join(folder, "*.json")) if os.path.basename(p)[:-5] in benchmarks)
+    if not paths:
+        raise FileNotFoundError(f"--report: no op result files (<op>.json for {', '.join(sorted(benchmarks))}) "
+                                f"in {folder!r}")
+    checks = []
+    for path in paths:
+        with open(path) as f:
+            result = json.load(f)
+        checks += harness.check_targets(result, benchmarks[result["op"]].targets)
+        env = result["environment"]
+        print(f"{os.path.basename(path)}: {env['device']}, torch {env['torch']}, triton {env.get('triton')}, "
+              f"commit {env['commit']}, {env['date']}")
+    print(harness.format_targets(checks))
     return 0
 
 
@@ -277,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=os.path.join("bench", "results"),
                        help="results folder (<out>/<device>/<op>.json); '' to not write")
     bench.add_argument("--quick", action="store_true", help="few repetitions (smoke test, not for reporting)")
+    bench.add_argument("--report", metavar="DIR",
+                       help="check the issues' targets on the result files in DIR (bench/results/<device>) and "
+                            "print them as a Markdown table; measures nothing")
     bench.add_argument("--models", action="store_true",
                        help="model-level benchmark: training step and inference, kernel vs reference path")
     bench.add_argument("--max-batch", action="store_true", help="with --models: search the largest batch per path")

@@ -1,8 +1,10 @@
 """The benchmark harness on CPU with a toy benchmark: rows, ratios, refusals and the result file."""
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mtlfast.bench import harness
@@ -68,3 +70,81 @@ def test_model_benchmark_runs_both_paths_on_cpu():
     result["paths"]["kernels"] = {"error": "RuntimeError: CUDA out of memory", "out_of_memory": True}
     result["paths"]["reference"] = {"error": "ValueError: bad", "out_of_memory": False}
     assert models.failures([result]) == ["sem-convnet_tiny-nyud/reference: ValueError: bad"]
+
+
+def _result_with_rows():
+    def row(case, provider, mode="fwd+bwd", **values):
+        return {"case": case, "provider": provider, "mode": mode, "params": {"saved_ratio": 0.7}, **values}
+
+    rows = [row("wide_a", "mtlfast", ms=1.0, peak_mem_bytes=10), row("wide_a", "eager", ms=4.0, peak_mem_bytes=100),
+            row("wide_a", "compile", ms=2.0, peak_mem_bytes=90), row("wide_a", "sdpa_flash", ms=0.8),
+            row("wide_a", "sdpa_math", skipped="refused"),
+            row("wide_b", "mtlfast", skipped="T·H=32 over the kernel's limit"), row("wide_b", "eager", ms=3.0),
+            row("other", "mtlfast", ms=1.0)]
+    return {"op": "toy", "device_type": "cuda", "environment": {"cuda": "13.0"}, "rows": rows}
+
+
+def test_check_targets():
+    """Each metric on a hand-made result: the ratio against the best matching provider, met / MISSED, and
+    'no data' with the reason where mtlfast did not run or nothing to compare with ran; targets of another
+    device are left out."""
+    from mtlfast.bench.harness import Target, check_targets, format_targets
+
+    targets = [Target(">= 3x eager", r"wide_.", "speedup", against=("eager",), at_least=3.0),
+               Target(">= 1.3x SDPA", r"wide_a", "speedup", against=("sdpa_.*",), at_least=1.3),
+               Target("<= 1/5 of eager's memory", r"wide_a", "memory", against=("eager", "compile"), at_most=0.2),
+               Target("saved <= 1/2", r"wide_a", "param:saved_ratio", at_most=0.5),
+               Target("forward >= 50% of matmul", r"wide_a", "pct_matmul_peak", mode="fwd", at_least=50.0),
+               Target("cpu only", r".*", "speedup", against=("eager",), at_least=1.0, device="cpu")]
+    checks = check_targets(_result_with_rows(), targets)
+    got = [(c["goal"], c["case"], c["value"] and round(c["value"], 3), c["compared"], c["status"]) for c in checks]
+    assert got == [(">= 3x eager", "wide_a", 4.0, "eager", "met"),
+                   (">= 3x eager", "wide_b", None, None, "no data: T·H=32 over the kernel's limit"),
+                   (">= 1.3x SDPA", "wide_a", 0.8, "sdpa_flash", "MISSED"),
+                   ("<= 1/5 of eager's memory", "wide_a", 0.111, "compile", "met"),
+                   ("saved <= 1/2", "wide_a", 0.7, None, "MISSED"),
+                   ("forward >= 50% of matmul", "wide_a", None, None, "no data: no mtlfast row in fwd")]
+    table = format_targets(checks)
+    assert table.splitlines()[0].startswith("| op | goal |") and "| toy | >= 1.3x SDPA | wide_a | fwd+bwd | 0.8 |" in table
+
+
+def test_target_declarations():
+    """Bad declarations are refused; every registered target selects at least one case of its device (a typo in
+    a case pattern would otherwise leave a target silently unchecked)."""
+    import re
+
+    from mtlfast.bench.harness import Target, load_benchmarks
+
+    with pytest.raises(ValueError, match="Target.metric: expected one of"):
+        Target("x", ".*", "speed", against=("eager",), at_least=1.0)
+    with pytest.raises(ValueError, match="give exactly one of at_least / at_most"):
+        Target("x", ".*", "speedup", against=("eager",))
+    with pytest.raises(ValueError, match="needs the providers to compare against"):
+        Target("x", ".*", "memory", at_most=1.0)
+    benchmarks = load_benchmarks()
+    assert {op for op, b in benchmarks.items() if b.targets} >= {"attention", "tpp_attention", "lthd_attention",
+                                                                  "iterative_fusion", "em_attention", "deform_sample"}
+    for op, benchmark in benchmarks.items():
+        names = {device: [c.name for c in benchmark.cases(device)] for device in ("cuda", "cpu")}
+        providers = {p.name for p in benchmark.providers}
+        for target in benchmark.targets:
+            assert any(re.fullmatch(target.cases, n) for n in names[target.device]), (op, target.goal)
+            if target.against:  # (xformers is a provider only where it is installed)
+                assert any(re.fullmatch(a, p) for a in target.against for p in providers), (op, target.goal)
+
+
+def test_cli_bench_report(tmp_path):
+    """`mtlfast bench --report DIR`: the targets of the result files in DIR as a Markdown table (the committed
+    CPU deform_sample result meets its CPU target); a folder without result files is an error."""
+    import shutil
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "bench", "results", "cpu-2-cores", "deform_sample.json"),
+                tmp_path)
+    result = subprocess.run([sys.executable, "-m", "mtlfast", "bench", "--report", str(tmp_path)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "| deform_sample | >= 3x the reference on the 2-core CPU | cpu_c256_n4096 | fwd+bwd |" in result.stdout
+    assert result.stdout.rstrip().endswith("| eager | met |")
+    empty = subprocess.run([sys.executable, "-m", "mtlfast", "bench", "--report", str(tmp_path / "none")],
+                           capture_output=True, text=True, timeout=600)
+    assert empty.returncode == 1 and "--report: no op result files" in empty.stderr
