@@ -113,10 +113,13 @@ def test_sync_bn_refused_on_cpu(tmp_path):
 
 
 @pytest.mark.gpu
-def test_sync_bn_under_torchrun_gpu(tmp_path):
+@pytest.mark.parametrize("checkpoint_decoder", [False, True])
+def test_sync_bn_under_torchrun_gpu(tmp_path, checkpoint_decoder):
     """train.sync_bn=true on CUDA: every BatchNorm becomes a SyncBatchNorm and trains under torchrun with NCCL
-    (one process: the test machine has one GPU; torch has no CPU SyncBatchNorm, so CPU runs refuse it)."""
-    args = TINY + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3", "train.sync_bn=true"]
+    (one process: the test machine has one GPU; torch has no CPU SyncBatchNorm, so CPU runs refuse it), also
+    with the decoder stages checkpointed (their SyncBatchNorm collectives run again in the recomputation)."""
+    args = TINY + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3", "train.sync_bn=true",
+                   f"model.checkpoint_decoder={str(checkpoint_decoder).lower()}"]
     _torchrun(tmp_path, 1, args)
     assert torch.load(tmp_path / "sync_bn_rank0.pt") > 0
     assert torch.isfinite(torch.load(tmp_path / "weights_rank0.pt")).all()
