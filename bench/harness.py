@@ -254,6 +254,7 @@ def environment(device: str) -> dict[str, object]:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "commit": _git_commit(),
+        "source": source_fingerprint(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_threads": torch.get_num_threads(),
     }
@@ -304,53 +305,134 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+#: ``skipped`` reason of the rows of a case that a run with a time budget did not get to (resumable).
+NOT_RUN = "not run: the time budget was spent"
+
+
+def source_fingerprint() -> str:
+    """SHA-256 over the sources that decide a measurement: the Python files of mtlfast and its kernels,
+    models and bench packages, and the C++/CUDA sources next to an editable install. Results and docs are
+    not part of it, so a commit that only adds result files keeps it (unlike the commit hash), and it needs
+    no git checkout (the GPU machine gets a copy of the tree)."""
+    import hashlib
+
+    import mtlfast
+
+    root = os.path.dirname(os.path.abspath(mtlfast.__file__))
+    folders = [root] + [p for name in ("kernels", "models", "bench")
+                        for p in importlib.import_module(f"mtlfast.{name}").__path__]
+    csrc = os.path.join(os.path.dirname(root), "csrc")
+    folders += [csrc] if os.path.isdir(csrc) else []
+    files = sorted({os.path.join(d, f) for folder in folders for d, _, names in os.walk(folder) for f in names
+                    if f.endswith((".py", ".cpp", ".h", ".cu", ".cuh"))})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(os.path.relpath(path, os.path.dirname(root)).encode())
+        with open(path, "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()[:16]
+
+
+def resumable(previous: Mapping[str, object] | None, op: str, dtype: torch.dtype,
+              modes: Sequence[str]) -> tuple[bool, str]:
+    """Whether ``run_benchmark(..., previous=previous)`` may keep ``previous``'s measured cases: the same op,
+    dtype, modes and :func:`source_fingerprint` as this run. Returns (ok, why not)."""
+    if previous is None:
+        return False, "no earlier result"
+    wanted = {"op": op, "dtype": str(dtype).replace("torch.", ""), "modes": list(modes),
+              "source": source_fingerprint()}
+    found = {"op": previous.get("op"), "dtype": previous.get("dtype"), "modes": previous.get("modes"),
+             "source": previous.get("environment", {}).get("source")}
+    differ = [f"{key} {found[key]!r} (now {wanted[key]!r})" for key in wanted if found[key] != wanted[key]]
+    return not differ, ("earlier result has " + ", ".join(differ)) if differ else ""
+
+
 def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, modes=("fwd", "fwd+bwd"),
                   peaks: Mapping[str, float] | None = None, quick: bool = False,
-                  case_filter: str | None = None) -> dict[str, object]:
-    """Measures every case x provider x mode; returns the JSON-ready result (rows + environment)."""
+                  case_filter: str | None = None, deadline: float | None = None,
+                  previous: Mapping[str, object] | None = None,
+                  on_case: Callable[[dict[str, object]], None] | None = None) -> dict[str, object]:
+    """Measures every case x provider x mode; returns the JSON-ready result (rows + environment).
+
+    A GPU lease is short, so a run can be split: with ``deadline`` (a ``time.monotonic()`` value) no case
+    starts after it, and the rows of the cases left carry ``skipped == NOT_RUN`` (``complete`` is False);
+    ``on_case(result)`` is called after every case (the CLI writes the file then, so a killed run keeps what it
+    measured); ``previous``, an earlier result that :func:`resumable` accepts, contributes its measured cases
+    unchanged (also those ``case_filter`` leaves out), and only the others run. All providers of one case are always measured in the same run, so
+    every ratio is a same-run ratio; ``runs`` lists each run's environment and peaks, and each row's ``run``
+    indexes it.
+    """
     peaks = dict(peaks or {})
-    rows = []
+    runs = list(previous.get("runs") or [{"environment": previous["environment"], "peaks": previous.get("peaks", {})}]
+                ) if previous else []
+    kept = {} if previous is None else {
+        case: [r for r in previous["rows"] if r["case"] == case]
+        for case in dict.fromkeys(r["case"] for r in previous["rows"])
+        if not any(r.get("skipped") == NOT_RUN for r in previous["rows"] if r["case"] == case)}
+    run_index = len(runs)
+    runs.append({"environment": environment(device), "peaks": peaks})
+    rows: list[dict[str, object]] = []
+    result = {"op": benchmark.op, "dtype": str(dtype).replace("torch.", ""), "device_type": device,
+              "modes": list(modes), "environment": runs[-1]["environment"], "peaks": peaks, "runs": runs,
+              "complete": False, "rows": rows}
     time_fn = _time_cuda if device == "cuda" else _time_cpu
     for case in benchmark.cases(device):
+        if case.name in kept:  # also where case_filter leaves it out: runs of different filters add up
+            rows += [{"run": 0, **r} for r in kept[case.name]]
+            continue
         if case_filter and not re.search(case_filter, case.name):
             continue
-        inputs = case.make(device, dtype)
-        for provider in benchmark.providers:
-            for mode in modes:
-                row = {"case": case.name, "provider": provider.name, "mode": mode, **{"params": dict(case.params)}}
-                reason = None
-                if device not in provider.devices:
-                    reason = f"{provider.name} does not run on {device}"
-                elif mode == "fwd+bwd" and not provider.backward:
-                    reason = f"{provider.name} has no backward"
-                else:
-                    reason = provider.refuse(inputs)
-                if reason:
-                    rows.append({**row, "skipped": reason})
-                    continue
-                try:
-                    run, leaves = _callable_for(provider, inputs, mode)
-                    ms = time_fn(run, leaves, quick)
-                    row["ms"] = ms
-                    if device == "cuda":
-                        row["peak_mem_bytes"] = peak_memory_cuda(run, leaves)
-                    factor = 1 if mode == "fwd" else 3
-                    if case.flops:
-                        row["tflops"] = factor * case.flops / ms / 1e9
-                        if "matmul_bf16_tflops" in peaks:
-                            row["pct_matmul_peak"] = 100 * row["tflops"] / peaks["matmul_bf16_tflops"]
-                    if case.bytes:
-                        row["gbs"] = case.bytes / ms / 1e6 if mode == "fwd" else None
-                        if row["gbs"] and "copy_gbs" in peaks:
-                            row["pct_copy_peak"] = 100 * row["gbs"] / peaks["copy_gbs"]
-                except Exception as exc:  # OOM, compile failure...: recorded, the run goes on
-                    row["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                rows.append(row)
-        del inputs
-    return {"op": benchmark.op, "dtype": str(dtype).replace("torch.", ""), "device_type": device,
-            "environment": environment(device), "peaks": peaks, "rows": rows}
+        if deadline is not None and time.monotonic() > deadline:
+            rows += [{"case": case.name, "provider": p.name, "mode": mode, "params": dict(case.params),
+                      "skipped": NOT_RUN} for p in benchmark.providers for mode in modes]
+            continue
+        rows += _measure_case(benchmark, case, device, dtype, modes, peaks, quick, time_fn, run_index)
+        if on_case is not None:
+            on_case(result)
+    result["complete"] = not any(r.get("skipped") == NOT_RUN for r in rows)
+    return result
+
+
+def _measure_case(benchmark: Benchmark, case: Case, device: str, dtype: torch.dtype, modes: Sequence[str],
+                  peaks: Mapping[str, float], quick: bool, time_fn, run_index: int) -> list[dict[str, object]]:
+    """The rows of one case: every provider in every mode (or why it was skipped / what went wrong)."""
+    rows = []
+    inputs = case.make(device, dtype)
+    for provider in benchmark.providers:
+        for mode in modes:
+            row = {"case": case.name, "provider": provider.name, "mode": mode, "run": run_index,
+                   "params": dict(case.params)}
+            reason = None
+            if device not in provider.devices:
+                reason = f"{provider.name} does not run on {device}"
+            elif mode == "fwd+bwd" and not provider.backward:
+                reason = f"{provider.name} has no backward"
+            else:
+                reason = provider.refuse(inputs)
+            if reason:
+                rows.append({**row, "skipped": reason})
+                continue
+            try:
+                run, leaves = _callable_for(provider, inputs, mode)
+                ms = time_fn(run, leaves, quick)
+                row["ms"] = ms
+                if device == "cuda":
+                    row["peak_mem_bytes"] = peak_memory_cuda(run, leaves)
+                factor = 1 if mode == "fwd" else 3
+                if case.flops:
+                    row["tflops"] = factor * case.flops / ms / 1e9
+                    if "matmul_bf16_tflops" in peaks:
+                        row["pct_matmul_peak"] = 100 * row["tflops"] / peaks["matmul_bf16_tflops"]
+                if case.bytes:
+                    row["gbs"] = case.bytes / ms / 1e6 if mode == "fwd" else None
+                    if row["gbs"] and "copy_gbs" in peaks:
+                        row["pct_copy_peak"] = 100 * row["gbs"] / peaks["copy_gbs"]
+            except Exception as exc:  # OOM, compile failure...: recorded, the run goes on
+                row["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+    return rows
 
 
 def format_table(result: Mapping[str, object]) -> str:
@@ -431,10 +513,22 @@ def format_targets(checks: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def result_path(out_dir: str, device: str, op: str) -> str:
+    return os.path.join(out_dir, device_slug(device), f"{op}.json")
+
+
+def read_result(out_dir: str, device: str, op: str) -> dict[str, object] | None:
+    """The result file :func:`write_result` wrote for ``op`` on this device, or None if there is none."""
+    path = result_path(out_dir, device, op)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_result(result: Mapping[str, object], out_dir: str, device: str) -> str:
-    folder = os.path.join(out_dir, device_slug(device))
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{result['op']}.json")
+    path = result_path(out_dir, device, result["op"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)

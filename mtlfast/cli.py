@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
@@ -45,17 +46,37 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not selected:
         print("mtlfast bench: no benchmarks registered yet")
         return 0
+    if args.resume and not args.out:
+        raise ValueError("--resume continues the result files under --out; give --out")
+    deadline = None if args.budget is None else time.monotonic() + args.budget
     peaks = harness.measure_peaks(device)
     modes = tuple(args.modes.split(","))
+    incomplete = []
     for op in selected:
+        previous = None
+        if args.resume:
+            previous = harness.read_result(args.out, device, op)
+            ok, why = harness.resumable(previous, op, dtype, modes)
+            if previous is not None and not ok:
+                print(f"mtlfast bench: {op}: not resuming, {why}")
+                previous = None
+        # written after every case, so that a run stopped from outside keeps what it measured
+        save = (lambda result: harness.write_result(result, args.out, device)) if args.out else None
         result = harness.run_benchmark(benchmarks[op], device=device, dtype=dtype, modes=modes, peaks=peaks,
-                                       quick=args.quick, case_filter=args.cases)
+                                       quick=args.quick, case_filter=args.cases, deadline=deadline,
+                                       previous=previous, on_case=save)
         print(harness.format_table(result))
         checks = harness.check_targets(result, benchmarks[op].targets)
         if checks:
             print(harness.format_targets(checks))
         if args.out:
             print(f"wrote {harness.write_result(result, args.out, device)}")
+        if not result["complete"]:
+            incomplete.append(op)
+    if incomplete:
+        print(f"mtlfast bench: time budget spent; cases left in {', '.join(incomplete)} "
+              "(run again with --resume to measure only those)")
+        return 3
     return 0
 
 
@@ -75,9 +96,12 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
         with open(path) as f:
             result = json.load(f)
         checks += harness.check_targets(result, benchmarks[result["op"]].targets)
-        env = result["environment"]
-        print(f"{os.path.basename(path)}: {env['device']}, torch {env['torch']}, triton {env.get('triton')}, "
-              f"commit {env['commit']}, {env['date']}")
+        for run in result.get("runs") or [{"environment": result["environment"]}]:
+            env = run["environment"]
+            print(f"{os.path.basename(path)}: {env['device']}, torch {env['torch']}, triton {env.get('triton')}, "
+                  f"commit {env['commit']}, {env['date']}")
+        if result.get("complete") is False:
+            print(f"{os.path.basename(path)}: incomplete (cases left by a time budget)")
     print(harness.format_targets(checks))
     return 0
 
@@ -305,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=os.path.join("bench", "results"),
                        help="results folder (<out>/<device>/<op>.json); '' to not write")
     bench.add_argument("--quick", action="store_true", help="few repetitions (smoke test, not for reporting)")
+    bench.add_argument("--budget", type=float, metavar="SECONDS",
+                       help="start no case after this many seconds; the cases left are recorded as not run "
+                            "(exit status 3)")
+    bench.add_argument("--resume", action="store_true",
+                       help="keep the cases an earlier result file of the same commit, dtype and modes measured; "
+                            "run only the others")
     bench.add_argument("--report", metavar="DIR",
                        help="check the issues' targets on the result files in DIR (bench/results/<device>) and "
                             "print them as a Markdown table; measures nothing")

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -40,6 +41,94 @@ def test_run_benchmark_on_cpu(tmp_path):
     assert "x mtlfast" in table and "width over 32" in table
     path = harness.write_result(result, str(tmp_path), "cpu")
     assert json.load(open(path))["op"] == "_toy_matmul"
+
+
+def _two_case_benchmark(calls):
+    """Cases "a" and "b"; ``calls`` counts the provider calls per case (to see what a resumed run measures)."""
+    def make(name):
+        def inputs(device, dtype):
+            return {"x": torch.randn(8, 8, dtype=dtype), "tag": name}
+        return inputs
+
+    def double(x, tag):
+        calls[tag] = calls.get(tag, 0) + 1
+        return 2 * x
+
+    return harness.Benchmark("_toy_two", lambda device: [harness.Case(n, make(n)) for n in ("a", "b")],
+                             [harness.Provider("mtlfast", double), harness.Provider("eager", double)])
+
+
+def test_time_budget_and_resume():
+    """A run whose deadline passes records the cases left as not run (incomplete, every provider and mode) and
+    reports each measured case to on_case; a resumed run keeps the measured case's rows (with the run that
+    measured them) and measures only the rest; an earlier result of other sources, dtype or modes is not
+    resumed."""
+    calls, seen = {}, []
+    benchmark = _two_case_benchmark(calls)
+    deadline = time.monotonic() + 2.0
+
+    def on_case(result):  # "a" is measured well before the deadline; "b" would start after it
+        seen.append([r["case"] for r in result["rows"]])
+        time.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+
+    first = harness.run_benchmark(benchmark, device="cpu", dtype=torch.float32, quick=True, deadline=deadline,
+                                  on_case=on_case)
+    assert not first["complete"] and set(calls) == {"a"} and seen == [["a"] * 4]
+    left = [r for r in first["rows"] if r["case"] == "b"]
+    assert len(left) == 4 and all(r["skipped"] == harness.NOT_RUN for r in left)
+    assert harness.check_targets(first, [harness.Target("t", "b", "speedup", against=("eager",), at_least=1.0,
+                                                        device="cpu")])[0]["status"] == f"no data: {harness.NOT_RUN}"
+
+    ok, why = harness.resumable(first, "_toy_two", torch.float32, ("fwd", "fwd+bwd"))
+    assert ok, why
+    first = json.loads(json.dumps(first))  # as read back from the file
+    calls.clear()
+    second = harness.run_benchmark(benchmark, device="cpu", dtype=torch.float32, quick=True, previous=first)
+    assert second["complete"] and set(calls) == {"b"}
+    assert [r for r in second["rows"] if r["case"] == "a"] == [r for r in first["rows"] if r["case"] == "a"]
+    assert {r["run"] for r in second["rows"] if r["case"] == "b"} == {1} and len(second["runs"]) == 2
+    assert all("ms" in r for r in second["rows"])
+    calls.clear()  # a resumed run with a filter keeps the other measured cases too
+    third = harness.run_benchmark(benchmark, device="cpu", dtype=torch.float32, quick=True, case_filter="^b$",
+                                  previous={**first, "rows": [r for r in first["rows"] if r["case"] == "a"]})
+    assert set(calls) == {"b"} and [r["case"] for r in third["rows"]] == ["a"] * 4 + ["b"] * 4
+
+    assert harness.resumable(None, "_toy_two", torch.float32, ("fwd",)) == (False, "no earlier result")
+    other = {**first, "environment": {**first["environment"], "source": "0" * 16}}
+    for args, word in [((first, "_toy_two", torch.float16, ("fwd", "fwd+bwd")), "dtype"),
+                       ((first, "_toy_two", torch.float32, ("fwd",)), "modes"),
+                       ((other, "_toy_two", torch.float32, ("fwd", "fwd+bwd")), "source")]:
+        ok, why = harness.resumable(*args)
+        assert not ok and why.startswith(f"earlier result has {word} "), why
+
+
+def test_source_fingerprint_follows_the_sources(tmp_path, monkeypatch):
+    """The resume key changes when a source file of the packages changes, and not otherwise."""
+    import mtlfast.kernels
+
+    before = harness.source_fingerprint()
+    assert harness.source_fingerprint() == before
+    extra = tmp_path / "kernels_copy"
+    extra.mkdir()
+    (extra / "probe.py").write_text("x = 1\n")
+    monkeypatch.setattr(mtlfast.kernels, "__path__", [*mtlfast.kernels.__path__, str(extra)])
+    with_probe = harness.source_fingerprint()
+    (extra / "probe.py").write_text("x = 2\n")
+    assert len({before, with_probe, harness.source_fingerprint()}) == 3
+
+
+def test_cli_bench_budget_and_resume(tmp_path):
+    """`mtlfast bench --budget 0` measures nothing, writes every case as not run and exits 3; --resume needs
+    --out."""
+    out = tmp_path / "results"
+    run = [sys.executable, "-m", "mtlfast", "bench", "deform_sample", "--quick", "--out", str(out)]
+    result = subprocess.run(run + ["--budget", "0"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 3 and "time budget spent" in result.stdout, result.stderr
+    (path,) = out.glob("*/deform_sample.json")
+    saved = json.loads(path.read_text())
+    assert saved["complete"] is False and all(r["skipped"] == harness.NOT_RUN for r in saved["rows"])
+    result = subprocess.run(run[:-2] + ["--out", "", "--resume"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "--resume continues the result files under --out" in result.stderr
 
 
 def test_cli_bench_and_info_run():
