@@ -60,7 +60,9 @@ def _extension():
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
 
     sources = ["csrc/mtlfast_ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch's cpp_extension adds the language standard its headers need (C++20 from torch 2.13;
+    # torch 2.14's ATen refuses C++17).
+    cxx = ["-O3", "-fopenmp"]
     define_macros = []
     if with_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -68,7 +70,7 @@ def _extension():
         define_macros += [("MTLFAST_WITH_CUDA", None), ("MTLFAST_CUDA_ARCHS", f'"{archs}"')]
         ext = cpp_extension.CUDAExtension(
             "mtlfast._C", sources, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"])
     else:
         ext = cpp_extension.CppExtension("mtlfast._C", sources, extra_compile_args={"cxx": cxx},

@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
+#include <algorithm>
 #include <atomic>
+#include <numeric>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -184,7 +186,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_cuda(const 
                                                                           const at::Tensor& points,
                                                                           const at::Tensor& weights) {
   const c10::DeviceGuard guard(points.device());
-  const Inputs in = prepare(values, points, weights);
+  Inputs in = prepare(values, points, weights);
   const at::Tensor g = checked_grad_out(grad_out, in, points);
   // The value gradient is scattered with fp32 atomics into zero-filled fp32 buffers.
   std::vector<at::Tensor> grad_values;
@@ -201,7 +203,17 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_cuda(const 
       in.stages, in.points.data_ptr(), in.weights.data_ptr(), in.batch, in.num_points, in.channels, gv.data(),
       grad_points.data_ptr(), grad_weights.data_ptr(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(st == 0, "deform_sample_backward (cuda): ", mtlfast::cuda::deform_sample_status_string(st));
-  for (auto& t : grad_values) t = channels_last_view(t.to(points.scalar_type()));
+  // Peak memory (16-bit dtypes, V = the values' bytes): the channels-last copies go before the casts, and each
+  // fp32 buffer as soon as its stage is cast, smallest stage first: 2V + max_k (V_k - sum_{i<k} V_i) instead of
+  // 4V for non-channels-last inputs. Frees are stream-ordered (the caching allocator reuses these blocks only for
+  // work queued after the kernel).
+  in.values.clear();
+  std::vector<int64_t> order(in.stages);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return in.heights[a] * in.widths[a] < in.heights[b] * in.widths[b];
+  });
+  for (const int64_t s : order) grad_values[s] = channels_last_view(grad_values[s].to(points.scalar_type()));
   return {grad_values, grad_points, grad_weights};
 }
 #endif

@@ -285,6 +285,36 @@ def test_cuda_misaligned_and_channels_last(kernel_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cuda_backward_peak_memory(channels_last):
+    """Peak bytes the bfloat16 CUDA backward allocates (V = the values' bytes): the point/weight gradients, the
+    channels-last copies (none for channels-last inputs) next to the fp32 value-gradient buffers (2V), then the
+    casts smallest stage first, each fp32 buffer freed after its cast: 2V + max_k (V_k - sum_{i<k} V_i). Casting
+    with the copies still alive (or all buffers kept) would be 4V / 3V."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    B, N, C, sizes = 2, 1000, 256, [(64, 80), (8, 10), (32, 40), (16, 20)]
+    inputs = _inputs(B, N, C, sizes, gen, device="cuda")
+    values = [v.to(torch.bfloat16) for v in inputs["values"]]
+    if channels_last:
+        values = [v.contiguous(memory_format=torch.channels_last) for v in values]
+    points, weights = inputs["points"].to(torch.bfloat16), inputs["weights"].to(torch.bfloat16)
+    grad_out = torch.randn(B, N, C, device="cuda", dtype=torch.bfloat16)
+    stage_bytes = sorted(v.numel() * 2 for v in values)
+    total = sum(stage_bytes)
+    casts = max(b - sum(stage_bytes[:k]) for k, b in enumerate(stage_bytes))
+    small = B * N * (2 + len(sizes)) * 2 + 512 * (3 * len(sizes) + 4)  # point/weight gradients, block rounding
+    bound = small + max((0 if channels_last else total) + 2 * total, 2 * total + casts)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = torch.ops.mtlfast.deform_sample_backward(grad_out, values, points, weights)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert [g.shape for g in grads[0]] == [v.shape for v in values]
+    assert peak <= bound, f"peak {peak / total:.3f} V, bound {bound / total:.3f} V"
+
+
+@pytest.mark.gpu
 def test_cuda_stage_limit():
     gen = torch.Generator().manual_seed(fresh_seed())
     inputs = _inputs(1, 3, 2, [(2, 2)] * 17, gen, device="cuda")

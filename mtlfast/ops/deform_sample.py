@@ -15,6 +15,8 @@ Backends:
   through a by-value pointer table; a group of up to 32 threads per point with 16-byte vector channel loads
   where C and the pointers allow; fp32 accumulation; value gradient by fp32 atomic scatter (vector atomics on
   sm_90) into fp32 buffers, then cast; point and weight gradients by a shuffle reduction of four corner dots.
+  The backward's peak for 16-bit values of V bytes: 3V (channels-last copy + fp32 buffers), or about 2.5V for
+  channels-last inputs of a stride-2 pyramid (the buffers cast stage by stage, smallest first); grid_sample's is V.
 - ``reference`` (any device and float dtype): one grid_sample per stage.
 
 Choices the paper and grid_sample leave to the kernels (exact reformulations, proven in the tests):
