@@ -20,7 +20,7 @@
 # packed into $OUT/gpu_check.tar.gz (the device tool returns few files). Copy the JSON back into
 # bench/results/ here: uncommitted, the next call's `bench` resumes them; committed, any later session's does
 # as long as the sources are unchanged (the resume key is harness.source_fingerprint(), not the commit).
-# Tests run in GPU_CHECK_WORKERS (default 8) pytest-xdist processes; BENCH_ARGS is passed to `mtlfast bench`
+# Tests run in GPU_CHECK_WORKERS (default 12) pytest-xdist processes; BENCH_ARGS is passed to `mtlfast bench`
 # (e.g. BENCH_ARGS="attention tpp_attention"). MTLFAST_COMMIT is recorded in the results where the tree that
 # travelled has no .git.
 set -uo pipefail
@@ -73,10 +73,11 @@ run_phase() {  # name, max seconds (0: no cap), command...: logs to $OUT/logs/<n
 }
 
 # The GPU image has pytest-xdist and pytest-timeout: tests in parallel processes (they share the GPU; Triton's
-# compilations are CPU work), and a hung test fails alone instead of using up the call. -v lists every test's
+# compilations are CPU work: the op tests launch ~500 distinct kernel specialisations in fp32/fp16 on the CPU,
+# so ~750 with bf16, at ~0.6 s of one core each for sm_90), and a hung test fails alone instead of using up the call. -v lists every test's
 # outcome as it ends, so a phase stopped by its time limit still says what passed.
 pytest_opts=(-v -rs --durations=15)
-$PY -c "import xdist" 2>/dev/null && pytest_opts+=(-n "${GPU_CHECK_WORKERS:-8}")
+$PY -c "import xdist" 2>/dev/null && pytest_opts+=(-n "${GPU_CHECK_WORKERS:-12}")
 $PY -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout=240)
 op_tests=(tests/test_attention.py tests/test_tpp_attention.py tests/test_lthd_attention.py
   tests/test_iterative_fusion.py tests/test_em_attention.py tests/test_deform_sample.py tests/test_backends.py)
