@@ -1,7 +1,8 @@
 """deform_sample benchmark: SEM's hierarchy-adaptive key sampling (4 stages, per-point stage weights).
 
-Providers: mtlfast (backend ``auto``: the CUDA kernel on a GPU, the C++ OpenMP kernel on a CPU), the eager
-reference (one F.grid_sample per stage + weighted sum) and torch.compile of the reference.
+Providers: mtlfast (backend ``auto``: the CUDA kernel on a GPU, the C++ OpenMP kernel on a CPU),
+mtlfast_triton (the Triton path: deterministic gather backward, peak about the values' size; GPU only), the
+eager reference (one F.grid_sample per stage + weighted sum) and torch.compile of the reference.
 
 Shapes. GPU: a Swin-style 4-stage pyramid of a 448 x 576 NYUD crop (strides 4/8/16/32: grids 112x144,
 56x72, 28x36, 14x18), C = 256 and 512, batch 4. The deformed points follow SEM eq. 1: reference grids of
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast.bench.harness import Benchmark, Case, Target, register, standard_providers
+from mtlfast.bench.harness import Benchmark, Case, Provider, Target, register, standard_providers
 from mtlfast.ops.deform_sample import deform_sample
 from mtlfast.reference.deform_sample import deform_sample as reference_deform_sample
 
@@ -70,7 +71,9 @@ def cases(device):
 
 
 register(Benchmark("deform_sample", cases,
-                   standard_providers("deform_sample", deform_sample, reference_deform_sample),
+                   standard_providers("deform_sample", deform_sample, reference_deform_sample)
+                   + [Provider("mtlfast_triton", lambda **inputs: deform_sample(**inputs, backend="triton"),
+                               devices=("cuda",))],
                    targets=[  # issue 5
                        Target(">= 5x the grid_sample reference (H100/H200)", r"sem_.*", "speedup", against=("eager",),
                               at_least=5.0),

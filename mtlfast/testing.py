@@ -21,6 +21,8 @@ its seed (:func:`begin_test`, :func:`fresh_seed`), and a failure prints it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -30,7 +32,7 @@ from mtlfast._alloc import poisoned as poison_outputs
 
 __all__ = ["ODD_SIZES", "SMALL_ODD_SIZES", "tolerance", "rel_error", "fresh_seed", "randn",
            "check_against_reference", "poison_outputs", "kernel_dtypes", "default_device", "begin_test", "end_test",
-           "rerun_hint"]
+           "rerun_hint", "run_without_interpreter"]
 
 #: Odd sizes for token counts and widths (1, a prime below a block, just past a power of two).
 ODD_SIZES = (1, 7, 63, 257)
@@ -43,6 +45,15 @@ _LOW_PRECISION_EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 def default_device() -> str:
     """The device the kernel tests run on: CUDA when present, else CPU (Triton through its interpreter)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_without_interpreter(args: list[str], timeout: float = 600) -> str:
+    """``python ARGS`` in a subprocess without TRITON_INTERPRET (Triton's real compiler: the sm_90 compile tests
+    need no GPU); fails the test with the end of its output unless it exits 0. Returns its stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def kernel_dtypes(device: str | None = None) -> list[torch.dtype]:

@@ -95,6 +95,8 @@ def _bfloat16_calls():
         "iterative_fusion": lambda: mtlfast.ops.iterative_fusion(x(1, 9, 8), x(1, 9, 8), x(1, 9, 4),
                                                                  torch.tensor(0.3), 2, backend="triton"),
         "em_attention": lambda: mtlfast.ops.em_attention(x(1, 9, 8), x(1, 4, 8), 2, backend="triton"),
+        "deform_sample": lambda: mtlfast.ops.deform_sample([x(1, 4, 3, 5)], x(1, 7, 2), x(1, 7, 1),
+                                                           backend="triton"),
     }
 
 

@@ -3,6 +3,8 @@ literal grid_sample reference, forward and the gradients to every stage, the poi
 gradcheck; a float64 proof of the corner-dot rewrite the kernels use for the point/weight gradients;
 determinism of the value gradient; layouts; torch.library registration (opcheck, torch.compile); input errors.
 The torch-free kernel itself is also unit-tested under ctest (csrc/tests/test_deform_sample.cpp)."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,10 +13,11 @@ import mtlfast
 from mtlfast.backends import BackendError
 from mtlfast.ops.deform_sample import deform_sample
 from mtlfast.reference import deform_sample as reference
-from mtlfast.testing import check_against_reference, fresh_seed, randn
+from mtlfast.testing import check_against_reference, fresh_seed, randn, run_without_interpreter
 
-pytestmark = pytest.mark.skipif(mtlfast._ext.status().loaded is False,
-                                reason=f"compiled extension missing: {mtlfast._ext.status().reason}")
+# The cpp and cuda backends are the compiled extension; the triton backend and the reference need none.
+needs_extension = pytest.mark.skipif(mtlfast._ext.status().loaded is False,
+                                     reason=f"compiled extension missing: {mtlfast._ext.status().reason}")
 
 # (B, N, C, stage sizes (H, W)): S = 1..4 stages of different sizes, C not a multiple of 8 (and 1), N odd.
 # The (4, 8) stage has power-of-two sizes, so the pixel-centre lines hit by _points are exact in float32.
@@ -59,6 +62,7 @@ def _cuda(**kwargs):
     return deform_sample(**kwargs, backend="cuda")
 
 
+@needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("B,N,C,sizes", CASES, ids=IDS)
 def test_cpp_matches_reference(B, N, C, sizes, dtype):
@@ -67,6 +71,7 @@ def test_cpp_matches_reference(B, N, C, sizes, dtype):
                             grad=_grad_names(len(sizes)))
 
 
+@needs_extension
 def test_cpp_gradcheck_float64():
     gen = torch.Generator().manual_seed(fresh_seed())
     inputs = _inputs(2, 5, 3, [(3, 4), (2, 1)], gen)
@@ -78,6 +83,45 @@ def test_cpp_gradcheck_float64():
         return deform_sample([v0, v1], points, weights, backend="cpp")
 
     assert torch.autograd.gradcheck(fn, leaves)
+
+
+def _triton(**kwargs):
+    return deform_sample(**kwargs, backend="triton")
+
+
+@pytest.mark.parametrize("B,N,C,sizes", CASES, ids=IDS)
+def test_triton_matches_reference(device, kernel_dtype, B, N, C, sizes):
+    gen = torch.Generator().manual_seed(fresh_seed())
+    check_against_reference(_triton, reference.deform_sample, _inputs(B, N, C, sizes, gen, device=device),
+                            dtype=kernel_dtype, grad=_grad_names(len(sizes)))
+
+
+def test_triton_value_gradient_deterministic(device):
+    """Many points on few pixels (long per-pixel runs of the gather): every gradient bit-identical across runs
+    (stable sort by pixel, float32 sums in a fixed order; grid_sample's atomic backward is not)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _float32(_inputs(2, 1001, 24, [(3, 2), (2, 5)], gen), device)
+    g = randn(2, 1001, 24, generator=gen, dtype=torch.float32, device=device)
+    first = _backward_grads(inputs, g, "triton")
+    for a, b in zip(first, _backward_grads(inputs, g, "triton")):
+        assert torch.equal(a, b)
+
+
+def test_triton_infinite_and_far_points(device):
+    """Coordinates clamped before the int32 conversion: points at ±1e30 agree with grid_sample (zeros, zero
+    gradients); an infinite coordinate reads zero (grid_sample gives NaN there), as on the C++/CUDA paths."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _float32(_inputs(1, 6, 5, [(4, 8), (3, 5)], gen), device)
+    inputs["points"][0, :4] = torch.tensor([[1e30, 0.0], [-1e30, 0.5], [0.2, 1e30], [0.1, -1e30]])
+    got = _backward_grads(inputs, torch.ones(1, 6, 5, device=device), "triton")
+    leaves = [t.detach().requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
+    want_out = reference.deform_sample(leaves[:2], leaves[2], leaves[3])
+    want = torch.autograd.grad(want_out, leaves, torch.ones_like(want_out))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    inputs["points"][0, 0] = torch.tensor([float("inf"), 0.0])
+    out = deform_sample(**inputs, backend="triton")
+    assert torch.isfinite(out).all() and out[0, 0].abs().sum() == 0
 
 
 def test_corner_dot_rewrite_float64():
@@ -109,19 +153,24 @@ def test_corner_dot_rewrite_float64():
     torch.testing.assert_close(torch.stack([got_x, got_y], -1), want_p, rtol=1e-12, atol=1e-12)
 
 
-def _backward_grads(inputs, g):
+def _backward_grads(inputs, g, backend="cpp"):
     leaves = [t.detach().requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
     S = len(inputs["values"])
-    out = deform_sample(leaves[:S], leaves[S], leaves[S + 1], backend="cpp")
+    out = deform_sample(leaves[:S], leaves[S], leaves[S + 1], backend=backend)
     return torch.autograd.grad(out, leaves, g)
 
 
+def _float32(inputs, device="cpu"):
+    return {k: (v.to(device, torch.float32) if isinstance(v, torch.Tensor) else [t.to(device, torch.float32) for t in v])
+            for k, v in inputs.items()}
+
+
+@needs_extension
 def test_cpp_value_gradient_deterministic():
     """Many points on few pixels (long per-pixel buckets): every gradient bit-identical across runs and across
     thread counts (the value gradient is a gather in a fixed order, deform_sample.cpp)."""
     gen = torch.Generator().manual_seed(fresh_seed())
-    inputs = {k: (v.float() if isinstance(v, torch.Tensor) else [t.float() for t in v])
-              for k, v in _inputs(2, 2001, 24, [(3, 2), (2, 5)], gen).items()}
+    inputs = _float32(_inputs(2, 2001, 24, [(3, 2), (2, 5)], gen))
     g = randn(2, 2001, 24, generator=gen, dtype=torch.float32)
     first = _backward_grads(inputs, g)
     threads = torch.get_num_threads()
@@ -135,25 +184,27 @@ def test_cpp_value_gradient_deterministic():
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_cpp_layouts():
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_extension), "triton"])
+def test_layouts(backend):
     """Channels-last and non-contiguous inputs give the same results; value gradients have the inputs' shapes."""
     gen = torch.Generator().manual_seed(fresh_seed())
-    inputs = _inputs(2, 9, 6, [(5, 4), (3, 3)], gen)
-    g = randn(2, 9, 6, generator=gen)
-    base = _backward_grads(inputs, g)
+    inputs = _float32(_inputs(2, 9, 6, [(5, 4), (3, 3)], gen))
+    g = randn(2, 9, 6, generator=gen, dtype=torch.float32)
+    base = _backward_grads(inputs, g, backend)
     other = {
         "values": [inputs["values"][0].contiguous(memory_format=torch.channels_last),
                    inputs["values"][1].transpose(2, 3).contiguous().transpose(2, 3)],
         "points": inputs["points"].transpose(0, 1).contiguous().transpose(0, 1),
         "weights": inputs["weights"][..., [1, 0]].contiguous()[..., [1, 0]],
     }
-    for a, b in zip(base, _backward_grads(other, g)):
+    for a, b in zip(base, _backward_grads(other, g, backend)):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for gv, v in zip(base, inputs["values"]):
         assert gv.shape == v.shape
 
 
+@needs_extension
 def test_auto_backend_choice():
     from mtlfast.ops.deform_sample import _OP
 
@@ -170,29 +221,38 @@ def test_auto_backend_choice():
         deform_sample(**inputs, backend="cuda")
 
 
-def test_opcheck_and_compile():
-    """Schemas, fake implementations (shapes and strides) and autograd registration of the C++ ops; the public
-    function under torch.compile (AOT autograd) matches eager, forward and backward."""
+#: The custom ops (forward, backward) of each kernel backend.
+_OPS = {"cpp": ("deform_sample_forward", "deform_sample_backward"),
+        "triton": ("deform_sample_triton", "deform_sample_triton_backward")}
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_extension), "triton"])
+def test_opcheck_and_compile(backend, device):
+    """Schemas, fake implementations (shapes and the channels-last strides) and autograd registration of the
+    backend's custom ops; the public function under torch.compile (AOT autograd) matches eager exactly,
+    forward and backward."""
     gen = torch.Generator().manual_seed(fresh_seed())
     inputs = _inputs(2, 7, 5, [(4, 6), (1, 2)], gen)
+    if backend == "triton":
+        inputs = _float32(inputs, device)
     leaves = [t.requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
     args = (leaves[:2], leaves[2], leaves[3])
-    torch.library.opcheck(torch.ops.mtlfast.deform_sample_forward.default, args,
+    forward_op, backward_op = (getattr(torch.ops.mtlfast, name).default for name in _OPS[backend])
+    torch.library.opcheck(forward_op, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    g = randn(2, 7, 5, generator=gen)
-    torch.library.opcheck(torch.ops.mtlfast.deform_sample_backward.default, (g, *args),
-                          test_utils=("test_schema", "test_faketensor"))
+    g = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64).to(leaves[0])
+    torch.library.opcheck(backward_op, (g, *args), test_utils=("test_schema", "test_faketensor"))
 
-    compiled = torch.compile(lambda v0, v1, p, w: deform_sample([v0, v1], p, w, backend="cpp"),
+    compiled = torch.compile(lambda v0, v1, p, w: deform_sample([v0, v1], p, w, backend=backend),
                              backend="aot_eager", fullgraph=True)
     out = compiled(*leaves)
     got = torch.autograd.grad(out, leaves, g)
-    want = _backward_grads(inputs, g)
-    torch.testing.assert_close(out, deform_sample(*args, backend="cpp"), rtol=0, atol=0)
-    for a, b in zip(got, want):
+    torch.testing.assert_close(out, deform_sample(*args, backend=backend), rtol=0, atol=0)
+    for a, b in zip(got, _backward_grads(inputs, g, backend)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@needs_extension
 def test_double_backward_raises():
     gen = torch.Generator().manual_seed(fresh_seed())
     inputs = _inputs(1, 4, 3, [(3, 3)], gen)
@@ -210,6 +270,7 @@ def _good():
     return _inputs(2, 5, 3, [(4, 4), (2, 3)], gen)
 
 
+@needs_extension
 @pytest.mark.parametrize("change,error,match", [
     (lambda a: a.update(values=[]), ValueError, r"values: expected at least one stage"),
     (lambda a: a.update(values=a["values"][0]), TypeError, r"values: expected a sequence"),
@@ -232,6 +293,7 @@ def test_bad_inputs(change, error, match):
         deform_sample(**args, backend="cpp")
 
 
+@needs_extension
 def test_cpp_op_checks_inputs():
     """The C++ op validates on its own too (it can be called directly through torch.ops)."""
     a = _good()
@@ -258,18 +320,24 @@ GPU_CASES = [
 ]
 
 
+GPU_BACKENDS = [pytest.param("cuda", marks=needs_extension), "triton"]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("B,N,C,sizes", GPU_CASES, ids=[f"S{len(c[3])}-N{c[1]}-C{c[2]}" for c in GPU_CASES])
-def test_cuda_matches_reference(kernel_dtype, B, N, C, sizes):
+def test_gpu_matches_reference(backend, kernel_dtype, B, N, C, sizes):
     gen = torch.Generator().manual_seed(fresh_seed())
-    check_against_reference(_cuda, reference.deform_sample, _inputs(B, N, C, sizes, gen, device="cuda"),
-                            dtype=kernel_dtype, grad=_grad_names(len(sizes)))
+    check_against_reference(lambda **kw: deform_sample(**kw, backend=backend), reference.deform_sample,
+                            _inputs(B, N, C, sizes, gen, device="cuda"), dtype=kernel_dtype,
+                            grad=_grad_names(len(sizes)))
 
 
 @pytest.mark.gpu
-def test_cuda_misaligned_and_channels_last(kernel_dtype):
-    """A channels-last stage starting one element into its storage (so the launch falls back to scalar loads
-    and atomics) next to an ordinary one."""
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_misaligned_and_channels_last(backend, kernel_dtype):
+    """A channels-last stage starting one element into its storage (so the CUDA launch falls back to scalar
+    loads and atomics) next to an ordinary one."""
     gen = torch.Generator().manual_seed(fresh_seed())
     inputs = _inputs(2, 65, 16, [(6, 7), (3, 4)], gen, device="cuda")
 
@@ -279,18 +347,13 @@ def test_cuda_misaligned_and_channels_last(kernel_dtype):
         flat = torch.cat([v0.new_zeros(1), v0.permute(0, 2, 3, 1).reshape(-1)])
         shifted = flat[1:].view(B, H, W, C).permute(0, 3, 1, 2)  # channels-last, misaligned
         assert shifted.is_contiguous(memory_format=torch.channels_last) and shifted.data_ptr() % 16 != 0
-        return deform_sample([shifted, values[1]], points, weights, backend="cuda")
+        return deform_sample([shifted, values[1]], points, weights, backend=backend)
 
     check_against_reference(fn, reference.deform_sample, inputs, dtype=kernel_dtype, grad=_grad_names(2))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_cuda_backward_peak_memory(channels_last):
-    """Peak bytes the bfloat16 CUDA backward allocates (V = the values' bytes): the point/weight gradients, the
-    channels-last copies (none for channels-last inputs) next to the fp32 value-gradient buffers (2V), then the
-    casts smallest stage first, each fp32 buffer freed after its cast: 2V + max_k (V_k - sum_{i<k} V_i). Casting
-    with the copies still alive (or all buffers kept) would be 4V / 3V."""
+def _bf16_gpu_inputs(channels_last):
+    """SEM-like stages (not in size order), bfloat16 on the GPU, NCHW or channels-last; and V, their bytes."""
     gen = torch.Generator().manual_seed(fresh_seed())
     B, N, C, sizes = 2, 1000, 256, [(64, 80), (8, 10), (32, 40), (16, 20)]
     inputs = _inputs(B, N, C, sizes, gen, device="cuda")
@@ -299,21 +362,58 @@ def test_cuda_backward_peak_memory(channels_last):
         values = [v.contiguous(memory_format=torch.channels_last) for v in values]
     points, weights = inputs["points"].to(torch.bfloat16), inputs["weights"].to(torch.bfloat16)
     grad_out = torch.randn(B, N, C, device="cuda", dtype=torch.bfloat16)
-    stage_bytes = sorted(v.numel() * 2 for v in values)
-    total = sum(stage_bytes)
-    casts = max(b - sum(stage_bytes[:k]) for k, b in enumerate(stage_bytes))
-    small = B * N * (2 + len(sizes)) * 2 + 512 * (3 * len(sizes) + 4)  # point/weight gradients, block rounding
-    bound = small + max((0 if channels_last else total) + 2 * total, 2 * total + casts)
+    return grad_out, values, points, weights
+
+
+def _peak_bytes(fn, *args):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    grads = torch.ops.mtlfast.deform_sample_backward(grad_out, values, points, weights)
+    result = fn(*args)
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    return torch.cuda.max_memory_allocated() - base, result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_triton_backward_peak_memory(channels_last):
+    """The Triton backward's peak is the values' size V plus O(B·N + B·H·W) bookkeeping, for either layout:
+    point/weight gradients first, then each stage's channels-last copy freed before its gradient exists; the
+    gather's keys, coefficients, sort order (4·B·N entries) and per-pixel counts/starts are small."""
+    grad_out, values, points, weights = _bf16_gpu_inputs(channels_last)
+    B, N, C = grad_out.shape
+    total = sum(v.numel() * 2 for v in values)
+    pixels = max(B * v.shape[2] * v.shape[3] for v in values)
+    entries = 4 * B * N
+    # keys, coefficients, sort order and its temporaries (generously 64 bytes an entry), per-pixel int64 arrays
+    bookkeeping = entries * 64 + 8 * 8 * (pixels + 1) + B * N * (8 + 4 + 2 * len(values))
+    peak, grads = _peak_bytes(torch.ops.mtlfast.deform_sample_triton_backward, grad_out, values, points, weights)
+    assert [g.shape for g in grads[0]] == [v.shape for v in values]
+    bound = total + bookkeeping + 512 * 64  # block rounding
+    assert peak <= bound, f"peak {peak / total:.3f} V, bound {bound / total:.3f} V"
+
+
+@needs_extension
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cuda_backward_peak_memory(channels_last):
+    """Peak bytes the bfloat16 CUDA backward allocates (V = the values' bytes): the point/weight gradients, the
+    channels-last copies (none for channels-last inputs) next to the fp32 value-gradient buffers (2V), then the
+    casts smallest stage first, each fp32 buffer freed after its cast: 2V + max_k (V_k - sum_{i<k} V_i). Casting
+    with the copies still alive (or all buffers kept) would be 4V / 3V."""
+    grad_out, values, points, weights = _bf16_gpu_inputs(channels_last)
+    B, N, C = grad_out.shape
+    stage_bytes = sorted(v.numel() * 2 for v in values)
+    total = sum(stage_bytes)
+    casts = max(b - sum(stage_bytes[:k]) for k, b in enumerate(stage_bytes))
+    small = B * N * (2 + len(values)) * 2 + 512 * (3 * len(values) + 4)  # point/weight gradients, block rounding
+    bound = small + max((0 if channels_last else total) + 2 * total, 2 * total + casts)
+    peak, grads = _peak_bytes(torch.ops.mtlfast.deform_sample_backward, grad_out, values, points, weights)
     assert [g.shape for g in grads[0]] == [v.shape for v in values]
     assert peak <= bound, f"peak {peak / total:.3f} V, bound {bound / total:.3f} V"
 
 
+@needs_extension
 @pytest.mark.gpu
 def test_cuda_stage_limit():
     gen = torch.Generator().manual_seed(fresh_seed())
@@ -331,3 +431,49 @@ def test_reference_is_grid_sample():
     want = F.grid_sample(v, p[:, :, None], mode="bilinear", padding_mode="zeros", align_corners=False)
     got = reference.deform_sample([v], p, torch.ones(2, 13, 1, dtype=torch.float64))
     torch.testing.assert_close(got, want[..., 0].transpose(1, 2), rtol=0, atol=0)
+
+
+# --- GPU compilation of the Triton kernels without a GPU ----------------------------------------------------
+
+def test_triton_kernels_compile_for_sm90():
+    """Every Triton kernel of the path compiles to sm_90a cubin at the GPU launch configuration (power-of-two
+    aranges, constexpr branches, the int64 offsets) in bfloat16 and float32, with Triton's compiler and ptxas,
+    in a subprocess without the interpreter. Needs no GPU."""
+    out = run_without_interpreter([__file__, "--compile-sm90"])
+    assert "compiled 14" in out, out
+
+
+def _compile_sm90() -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mtlfast.kernels import deform_sample as D
+
+    count = 0
+    pointer_types = {"ACC": "*fp32", "GP": "*fp32", "KEYS": "*i32", "COEF": "*fp32", "ROWS": "*i32",
+                     "START": "*i64", "COUNT": "*i64"}
+    same_as_values = {"V", "P", "WTS", "G", "GW", "GV"}
+
+    def build(fn, constexprs, dtype, num_warps):
+        nonlocal count
+        sig = {name: "constexpr" if name in constexprs else dtype if name in same_as_values
+               else pointer_types.get(name, "i32") for name in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps))
+        count += 1
+
+    for dtype in ("*bf16", "*fp32"):
+        cfg = D.launch_config(256, torch.device("cuda"))
+        for first in (True, False):
+            tiles = dict(FIRST=first, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c)
+            build(D._forward_kernel, tiles, dtype, cfg.num_warps)
+            build(D._point_grad_kernel, tiles, dtype, cfg.num_warps)
+        build(D._corner_keys_kernel, dict(BLOCK=4 * cfg.block_n), dtype, cfg.num_warps)
+        build(D._gather_kernel, dict(BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c), dtype, cfg.num_warps)
+        build(D._gather_kernel, dict(BLOCK_P=cfg.block_p, BLOCK_C=1), dtype, cfg.num_warps)  # C = 1
+    print(f"compiled {count}")
+
+
+if __name__ == "__main__" and "--compile-sm90" in sys.argv:
+    _compile_sm90()

@@ -2,8 +2,6 @@
 reference, forward and the gradients to q, k, v and alpha, every variant in both modes; a float64 proof of
 the adjoint recursion the backward kernels implement; saved-activation memory against eager autograd;
 torch.library / torch.compile composition; sm_90 compilation; input errors."""
-import os
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +11,7 @@ from mtlfast.backends import BackendError
 from mtlfast.bench.harness import saved_activation_bytes
 from mtlfast.ops.iterative_fusion import choose_materialize, iterative_fusion
 from mtlfast.reference.iterative_fusion import iterative_fusion as reference
-from mtlfast.testing import check_against_reference, fresh_seed, randn
+from mtlfast.testing import check_against_reference, fresh_seed, randn, run_without_interpreter
 
 VARIANTS = ("A", "B", "C")
 MODES = ("materialize", "recompute")
@@ -281,11 +279,7 @@ def test_backend_refusals(device):
 def test_kernels_compile_for_sm90():
     """Every kernel, in the specialisations the launchers use, compiles to sm_90 cubin with Triton's own
     compiler and ptxas, in a subprocess without the interpreter. Needs no GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, __file__, "--compile-sm90"], env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "compiled 9 kernels" in result.stdout
+    assert "compiled 9 kernels" in run_without_interpreter([__file__, "--compile-sm90"])
 
 
 def _compile_sm90() -> None:

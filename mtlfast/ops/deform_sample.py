@@ -17,6 +17,14 @@ Backends:
   sm_90) into fp32 buffers, then cast; point and weight gradients by a shuffle reduction of four corner dots.
   The backward's peak for 16-bit values of V bytes: 3V (channels-last copy + fp32 buffers), or about 2.5V for
   channels-last inputs of a stride-2 pyramid (the buffers cast stage by stage, smallest first); grid_sample's is V.
+- ``triton`` (CUDA in float16/bfloat16/float32, CPU through the interpreter in float16/float32;
+  kernels/deform_sample.py): the low-memory, deterministic path, one launch per stage. The value gradient is a
+  GATHER over the corner contributions sorted by pixel (stable sort: bit-identical from run to run), summed in
+  float32 registers and written once in the input dtype; the point/weight gradients are computed first and
+  a stage's channels-last copy is freed before its gradient is allocated, so the backward's peak is about V
+  (grid_sample's). ``auto`` does not pick it (the CUDA kernel stays the GPU default until the two are timed
+  side by side: ``mtlfast bench deform_sample``, provider ``mtlfast_triton``); ask for it with
+  ``backend="triton"``.
 - ``reference`` (any device and float dtype): one grid_sample per stage.
 
 Choices the paper and grid_sample leave to the kernels (exact reformulations, proven in the tests):
@@ -41,7 +49,7 @@ from typing import Sequence
 import torch
 
 from mtlfast import _ext
-from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, extension_unavailable
+from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, extension_unavailable, triton_unavailable
 from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor
 from mtlfast.reference import deform_sample as _reference
 
@@ -74,22 +82,69 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(points, weights, *values)
 
 
-def _backward(ctx, grad_out):
-    points, weights, *values = ctx.saved_tensors
-    grad_values, grad_points, grad_weights = torch.ops.mtlfast.deform_sample_backward(grad_out, values, points,
-                                                                                      weights)
-    return list(grad_values), grad_points, grad_weights
+def _autograd_backward(backward_op):
+    """The autograd backward of a forward op whose backward op is ``backward_op`` (the C++ or the Triton one)."""
+    def backward(ctx, grad_out):
+        points, weights, *values = ctx.saved_tensors
+        grad_values, grad_points, grad_weights = backward_op(grad_out, values, points, weights)
+        return list(grad_values), grad_points, grad_weights
+
+    return backward
 
 
 def _register_compiled_ops() -> None:
     """Fake implementations + autograd of the C++ ops (the C++ side names this module as their home)."""
     torch.library.register_fake("mtlfast::deform_sample_forward", _fake_forward)
     torch.library.register_fake("mtlfast::deform_sample_backward", _fake_backward)
-    torch.library.register_autograd("mtlfast::deform_sample_forward", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("mtlfast::deform_sample_forward",
+                                    _autograd_backward(torch.ops.mtlfast.deform_sample_backward),
+                                    setup_context=_setup_context)
 
 
 if _ext.status().loaded:
     _register_compiled_ops()
+
+
+# --- the Triton path as custom ops ---------------------------------------------------------------------
+
+@torch.library.custom_op("mtlfast::deform_sample_triton", mutates_args=())
+def _triton_forward(values: list[Tensor], points: Tensor, weights: Tensor) -> Tensor:
+    from mtlfast.kernels import deform_sample as kernels
+
+    return kernels.forward(values, points, weights)
+
+
+@torch.library.custom_op("mtlfast::deform_sample_triton_backward", mutates_args=())
+def _triton_backward(grad_out: Tensor, values: list[Tensor], points: Tensor,
+                     weights: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+    from mtlfast.kernels import deform_sample as kernels
+
+    return kernels.backward(grad_out, values, points, weights)
+
+
+_triton_forward.register_fake(_fake_forward)
+_triton_backward.register_fake(_fake_backward)
+
+
+_triton_forward.register_autograd(_autograd_backward(_triton_backward), setup_context=_setup_context)
+
+
+def _triton(values, points, weights):
+    return _triton_forward(list(values), points, weights)
+
+
+def _triton_limits(values, points, weights) -> list[str]:
+    from mtlfast.kernels.deform_sample import MAX_KEYS
+
+    B, N, _ = points.shape
+    reasons = []
+    if 4 * B * N > MAX_KEYS:
+        reasons.append(f"4·B·N = {4 * B * N} corner entries exceed the kernel's limit of {MAX_KEYS} (int32)")
+    for s, v in enumerate(values):
+        if B * v.shape[2] * v.shape[3] > MAX_KEYS:
+            reasons.append(f"values[{s}]: B·H·W = {B * v.shape[2] * v.shape[3]} pixels exceed the kernel's limit "
+                           f"of {MAX_KEYS} (int32 pixel keys)")
+    return reasons
 
 
 def _compiled(values, points, weights):
@@ -114,6 +169,8 @@ _OP.register("cpp", _compiled, devices=("cpu",), dtypes=(torch.float32, torch.fl
              available=extension_unavailable, limits=_limits(None))
 _OP.register("cuda", _compiled, devices=("cuda",), dtypes=GPU_DTYPES, available=extension_unavailable,
              limits=_limits(CUDA_MAX_STAGES))
+_OP.register("triton", _triton, devices=("cuda", "cpu"), dtypes=GPU_DTYPES, available=triton_unavailable,
+             limits=_triton_limits)
 
 
 # --- public function -----------------------------------------------------------------------------------
