@@ -79,6 +79,11 @@ register(Benchmark("deform_sample", cases,
                               at_least=5.0),
                        Target("<= 1/3 of the reference's peak memory (H100/H200)", r"sem_.*", "memory",
                               against=("eager",), at_most=1 / 3),
+                       # the Triton path is the low-memory one: the same goals, for the record beside the CUDA kernel
+                       Target(">= 5x the grid_sample reference, Triton path", r"sem_.*", "speedup",
+                              against=("eager",), at_least=5.0, provider="mtlfast_triton"),
+                       Target("<= 1/3 of the reference's peak memory, Triton path", r"sem_.*", "memory",
+                              against=("eager",), at_most=1 / 3, provider="mtlfast_triton"),
                        Target(">= 3x the reference on the 2-core CPU", r"cpu_c256_n4096", "speedup", against=("eager",),
                               at_least=3.0, device="cpu"),
                    ]))

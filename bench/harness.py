@@ -71,13 +71,15 @@ class Target:
     the least of theirs; "pct_matmul_peak" / "pct_copy_peak" — mtlfast's rate as a share of the peak
     measured in the same run; "param:<name>" — a number the case records in its params (e.g. saved
     activation bytes counted on meta tensors). Checked on the cases whose name fully matches ``cases``, in
-    ``mode``, on results of ``device`` ("cuda": the issues' H100/H200 targets).
+    ``mode``, on results of ``device`` ("cuda": the issues' H100/H200 targets), for ``provider`` ("mtlfast",
+    the op's ``auto`` choice, unless a goal concerns another of our paths, e.g. "mtlfast_triton").
     """
 
     goal: str
     cases: str
     metric: str
     mode: str = "fwd+bwd"
+    provider: str = "mtlfast"
     against: tuple[str, ...] = ()
     at_least: float | None = None
     at_most: float | None = None
@@ -470,12 +472,12 @@ def check_targets(result: Mapping[str, object], targets: Sequence[Target]) -> li
     for target in (t for t in targets if t.device == result_device(result)):
         for case in dict.fromkeys(r["case"] for r in rows if re.fullmatch(target.cases, r["case"])):
             group = [r for r in rows if r["case"] == case and r["mode"] == target.mode]
-            ours = next((r for r in group if r["provider"] == "mtlfast"), None)
+            ours = next((r for r in group if r["provider"] == target.provider), None)
             check = {"op": result["op"], "goal": target.goal, "case": case, "mode": target.mode, "value": None,
                      "compared": None}
             key = {"speedup": "ms", "memory": "peak_mem_bytes"}.get(target.metric, target.metric)
             if ours is None or ("ms" not in ours and not target.metric.startswith("param:")):
-                why = ours.get("skipped") or ours.get("error") if ours else f"no mtlfast row in {target.mode}"
+                why = ours.get("skipped") or ours.get("error") if ours else f"no {target.provider} row in {target.mode}"
                 check["status"] = f"no data: {why}"
             elif target.metric.startswith("param:"):
                 check["value"] = ours["params"].get(target.metric[len("param:"):])
@@ -483,7 +485,7 @@ def check_targets(result: Mapping[str, object], targets: Sequence[Target]) -> li
                 theirs = [r for r in group if r.get(key) is not None
                           and any(re.fullmatch(a, r["provider"]) for a in target.against)]
                 if ours.get(key) is None or not theirs:
-                    what = "mtlfast" if ours.get(key) is None else f"no provider of {'|'.join(target.against)}"
+                    what = target.provider if ours.get(key) is None else f"no provider of {'|'.join(target.against)}"
                     check["status"] = f"no data: {what} has no {key}"
                 else:
                     best = min(theirs, key=lambda r: r[key])
@@ -493,7 +495,7 @@ def check_targets(result: Mapping[str, object], targets: Sequence[Target]) -> li
                 check["value"] = ours.get(key)
             if "status" not in check:
                 if check["value"] is None:
-                    check["status"] = f"no data: mtlfast has no {key}"
+                    check["status"] = f"no data: {target.provider} has no {key}"
                 else:
                     ok = (target.at_least is None or check["value"] >= target.at_least) and (
                         target.at_most is None or check["value"] <= target.at_most)

@@ -252,6 +252,7 @@ def test_grid_limits_reported():
 # --- GPU rules the interpreter does not enforce ---------------------------------------------------------
 
 
+@pytest.mark.compile_only
 def test_kernels_compile_for_sm90():
     """Every kernel specialisation compiles to sm_90a cubin (tl.dot shapes, constexpr branches, globals),
     with Triton's own compiler and ptxas, in a subprocess without the interpreter. Needs no GPU."""

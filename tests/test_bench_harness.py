@@ -184,6 +184,8 @@ def test_check_targets():
                Target("<= 1/5 of eager's memory", r"wide_a", "memory", against=("eager", "compile"), at_most=0.2),
                Target("saved <= 1/2", r"wide_a", "param:saved_ratio", at_most=0.5),
                Target("forward >= 50% of matmul", r"wide_a", "pct_matmul_peak", mode="fwd", at_least=50.0),
+               Target("compile >= 1.5x eager", r"wide_a", "speedup", against=("eager",), at_least=1.5,
+                      provider="compile"),
                Target("cpu only", r".*", "speedup", against=("eager",), at_least=1.0, device="cpu")]
     checks = check_targets(_result_with_rows(), targets)
     got = [(c["goal"], c["case"], c["value"] and round(c["value"], 3), c["compared"], c["status"]) for c in checks]
@@ -192,7 +194,8 @@ def test_check_targets():
                    (">= 1.3x SDPA", "wide_a", 0.8, "sdpa_flash", "MISSED"),
                    ("<= 1/5 of eager's memory", "wide_a", 0.111, "compile", "met"),
                    ("saved <= 1/2", "wide_a", 0.7, None, "MISSED"),
-                   ("forward >= 50% of matmul", "wide_a", None, None, "no data: no mtlfast row in fwd")]
+                   ("forward >= 50% of matmul", "wide_a", None, None, "no data: no mtlfast row in fwd"),
+                   ("compile >= 1.5x eager", "wide_a", 2.0, "eager", "met")]
     table = format_targets(checks)
     assert table.splitlines()[0].startswith("| op | goal |") and "| toy | >= 1.3x SDPA | wide_a | fwd+bwd | 0.8 |" in table
 
@@ -218,6 +221,7 @@ def test_target_declarations():
         providers = {p.name for p in benchmark.providers}
         for target in benchmark.targets:
             assert any(re.fullmatch(target.cases, n) for n in names[target.device]), (op, target.goal)
+            assert target.provider in providers, (op, target.goal)
             if target.against:  # (xformers is a provider only where it is installed)
                 assert any(re.fullmatch(a, p) for a in target.against for p in providers), (op, target.goal)
 

@@ -352,6 +352,23 @@ def test_gpu_misaligned_and_channels_last(backend, kernel_dtype):
     check_against_reference(fn, reference.deform_sample, inputs, dtype=kernel_dtype, grad=_grad_names(2))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_inductor_compile_gpu(backend):
+    """torch.compile (Inductor) of a graph around the op, bfloat16, forward and backward."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(2, 301, 64, [(28, 36), (14, 18)], gen, device="cuda")
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
+    f = torch.compile(lambda v0, v1, p, w: deform_sample([v0, v1], p, w, backend=backend).float().sin(),
+                      fullgraph=True)
+    out = f(*leaves)
+    out.sum().backward()
+    want = reference.deform_sample([t.detach().float() for t in leaves[:2]], leaves[2].detach().float(),
+                                   leaves[3].detach().float()).sin()
+    assert (out - want).norm() / want.norm() < 2e-2
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
 def _bf16_gpu_inputs(channels_last):
     """SEM-like stages (not in size order), bfloat16 on the GPU, NCHW or channels-last; and V, their bytes."""
     gen = torch.Generator().manual_seed(fresh_seed())
@@ -435,6 +452,7 @@ def test_reference_is_grid_sample():
 
 # --- GPU compilation of the Triton kernels without a GPU ----------------------------------------------------
 
+@pytest.mark.compile_only
 def test_triton_kernels_compile_for_sm90():
     """Every Triton kernel of the path compiles to sm_90a cubin at the GPU launch configuration (power-of-two
     aranges, constexpr branches, the int64 offsets) in bfloat16 and float32, with Triton's compiler and ptxas,

@@ -200,6 +200,7 @@ def test_reference_is_the_auto_choice_on_cpu():
 
 # --- GPU compilation without a GPU -------------------------------------------------------------------------
 
+@pytest.mark.compile_only
 def test_kernels_compile_for_sm90():
     """Every kernel specialisation the launchers use compiles to sm_90a cubin at the default GPU configuration
     (tl.dot shapes >= 16, power-of-two aranges, constexpr branches) with Triton's compiler and ptxas, in a

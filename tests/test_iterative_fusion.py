@@ -276,6 +276,7 @@ def test_backend_refusals(device):
 
 # --- GPU rules the interpreter does not enforce ------------------------------------------------------------
 
+@pytest.mark.compile_only
 def test_kernels_compile_for_sm90():
     """Every kernel, in the specialisations the launchers use, compiles to sm_90 cubin with Triton's own
     compiler and ptxas, in a subprocess without the interpreter. Needs no GPU."""

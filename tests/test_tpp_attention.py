@@ -270,6 +270,7 @@ for kernel in (K._fwd_kernel, K._bwd_kv_kernel, K._bwd_q_kernel):
 """
 
 
+@pytest.mark.compile_only
 def test_kernels_compile_for_sm90():
     assert run_without_interpreter(["-c", _COMPILE_SM90], timeout=900).count("shared memory") == 3
 
