@@ -65,7 +65,8 @@ run_phase() {  # name, max seconds (0: no cap), command...: logs to $OUT/logs/<n
   fi
   case $status in
     124 | 137) status="timed out" ;;
-    3) [[ $name == bench ]] && status="incomplete: time budget spent, the next call's bench resumes" ;;
+    3) [[ $name == bench ]] && status="incomplete: time budget spent, the next call's bench resumes"
+       [[ $name == models ]] && status="incomplete: time budget spent, settings left (see the log)" ;;
   esac
   summary+=("$(printf '%-7s FAILED (%s) %6d s, see logs/%s.log' "$name" "$status" $((SECONDS - start)) "$name")")
   failed+=("$name")
@@ -106,7 +107,9 @@ for phase in "${phases[@]}"; do
       # the issues' targets checked on the results (also in bench.log after each op): the README table
       run_phase report 0 bash -c 'for d in bench/results/*/; do "$1" -m mtlfast bench --report "$d" || exit 1; done' _ "$PY"
       ;;
-    models) run_phase models 0 $PY -m mtlfast bench --models --max-batch --out bench/results ;;
+    models)  # the budget stops new settings ~120 s before the phase's limit (a setting with its batch search)
+      run_phase models 0 bash -c '"$1" -m mtlfast bench --models --max-batch --out bench/results --budget $((PHASE_SECONDS - 120))' _ "$PY"
+      ;;
     cmake)
       run_phase cmake 0 bash -c "cmake -S . -B build/cmake -G Ninja -DMTLFAST_CUDA=ON && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure"
       ;;

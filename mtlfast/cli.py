@@ -121,23 +121,40 @@ def _bench_models(args: argparse.Namespace) -> int:
         print("mtlfast bench --models: no CUDA device; running tiny shapes (64x64, batch 1) as a check only, "
               "no claim about speed")
         settings = [dataclasses.replace(s, size=(64, 64), batch=1) for s in settings]
-    results = []
+    deadline = None if args.budget is None else time.monotonic() + args.budget
+    folder = os.path.join(args.out, harness.device_slug(device.type)) if args.out else None
+    environment = harness.environment(device.type)
+
+    def save(results, complete):  # after every setting, so that a run stopped from outside keeps what it measured
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, "models.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump({"environment": environment, "complete": complete, "results": results}, f, indent=1)
+            os.replace(tmp, os.path.join(folder, "models.json"))
+
+    results, left = [], []
     for setting in settings:
+        if deadline is not None and time.monotonic() > deadline:
+            left.append(setting.name)
+            continue
         print(f"-- {setting.name} {setting.size} batch {setting.batch}", flush=True)
         results.append(models.run_setting(setting, device, quick=args.quick or device.type == "cpu",
                                           find_max_batch=args.max_batch))
+        save(results, complete=False)
     print(models.format_models_table(results))
-    if args.out:
-        folder = os.path.join(args.out, harness.device_slug(device.type))
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "models.json"), "w") as f:
-            json.dump({"environment": harness.environment(device.type), "results": results}, f, indent=1)
-        models.plot_models(results, os.path.join(folder, "models.png"))
-        print(f"wrote {folder}/models.json and models.png")
+    save(results, complete=not left)
+    if folder:
+        if results:
+            models.plot_models(results, os.path.join(folder, "models.png"))
+        print(f"wrote {folder}/models.json" + (" and models.png" if results else ""))
     failed = models.failures(results)
     if failed:
         print("mtlfast bench --models: failed (not out of memory):\n  " + "\n  ".join(failed), file=sys.stderr)
         return 1
+    if left:
+        print(f"mtlfast bench --models: time budget spent; not run: {', '.join(left)}")
+        return 3
     return 0
 
 
@@ -330,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="results folder (<out>/<device>/<op>.json); '' to not write")
     bench.add_argument("--quick", action="store_true", help="few repetitions (smoke test, not for reporting)")
     bench.add_argument("--budget", type=float, metavar="SECONDS",
-                       help="start no case after this many seconds; the cases left are recorded as not run "
-                            "(exit status 3)")
+                       help="start no case (with --models: no model setting) after this many seconds; the ones "
+                            "left are recorded as not run (exit status 3)")
     bench.add_argument("--resume", action="store_true",
                        help="keep the cases an earlier result file of the same commit, dtype and modes measured; "
                             "run only the others")

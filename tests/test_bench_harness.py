@@ -118,8 +118,8 @@ def test_source_fingerprint_follows_the_sources(tmp_path, monkeypatch):
 
 
 def test_cli_bench_budget_and_resume(tmp_path):
-    """`mtlfast bench --budget 0` measures nothing, writes every case as not run and exits 3; --resume needs
-    --out."""
+    """`mtlfast bench --budget 0` measures nothing, writes every case as not run and exits 3 (likewise with
+    --models: no setting runs, models.json says incomplete); --resume needs --out."""
     out = tmp_path / "results"
     run = [sys.executable, "-m", "mtlfast", "bench", "deform_sample", "--quick", "--out", str(out)]
     result = subprocess.run(run + ["--budget", "0"], capture_output=True, text=True, timeout=600)
@@ -129,6 +129,11 @@ def test_cli_bench_budget_and_resume(tmp_path):
     assert saved["complete"] is False and all(r["skipped"] == harness.NOT_RUN for r in saved["rows"])
     result = subprocess.run(run[:-2] + ["--out", "", "--resume"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and "--resume continues the result files under --out" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "mtlfast", "bench", "--models", "--budget", "0", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 3 and "not run: " in result.stdout, result.stderr
+    (path,) = out.glob("*/models.json")
+    assert json.loads(path.read_text())["complete"] is False
 
 
 def test_cli_bench_and_info_run():
