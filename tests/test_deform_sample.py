@@ -252,6 +252,38 @@ def test_opcheck_and_compile(backend, device):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_triton_backend_declarations():
+    """On a GPU auto takes the Triton path only where the CUDA kernel refuses (it stays the default until both
+    are timed); the CUDA kernel refuses a call that will need a gradient under
+    torch.use_deterministic_algorithms(True) (its atomic value gradient), not an inference call and not in
+    warn-only mode. Asked for, the Triton path refuses float64 with the reason (bfloat16 under the interpreter:
+    test_backends)."""
+    from mtlfast.ops.deform_sample import _OP
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _inputs(1, 3, 2, [(2, 2)], gen)
+    args = (inputs["values"], inputs["points"], inputs["weights"])
+    assert _OP.auto_order["cuda"] == ("cuda", "triton", "reference") and "triton" not in _OP.auto_order["cpu"]
+    with pytest.raises(BackendError, match="triton: dtype float64 not supported"):
+        deform_sample(*args, backend="triton")
+
+    cuda_limits = _OP.implementations["cuda"].limits
+    grad_args = (args[0], args[1], args[2].clone().requires_grad_())
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        assert cuda_limits(*grad_args) == []
+        torch.use_deterministic_algorithms(True)
+        (reason,) = cuda_limits(*grad_args)
+        assert "use_deterministic_algorithms(True)" in reason and "triton" in reason
+        assert cuda_limits(*args) == []  # nothing needs a gradient
+        with torch.no_grad():
+            assert cuda_limits(*grad_args) == []
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        assert cuda_limits(*grad_args) == []
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
 @needs_extension
 def test_double_backward_raises():
     gen = torch.Generator().manual_seed(fresh_seed())
@@ -369,6 +401,28 @@ def test_inductor_compile_gpu(backend):
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
 
 
+@needs_extension
+@pytest.mark.gpu
+def test_auto_is_deterministic_under_deterministic_algorithms():
+    """With torch.use_deterministic_algorithms(True), auto serves a call that needs gradients with the Triton
+    path, and the value gradient is bit-identical across runs."""
+    from mtlfast.ops.deform_sample import _OP
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _float32(_inputs(2, 3001, 32, [(3, 2), (2, 5)], gen), "cuda")
+    g = randn(2, 3001, 32, generator=gen, dtype=torch.float32, device="cuda")
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        leaves = [t.requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
+        assert _OP.select("auto", "cuda", torch.float32, (leaves[:2], leaves[2], leaves[3])).backend == "triton"
+        first = _backward_grads(inputs, g, "auto")
+        for a, b in zip(first, _backward_grads(inputs, g, "auto")):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
 def _bf16_gpu_inputs(channels_last):
     """SEM-like stages (not in size order), bfloat16 on the GPU, NCHW or channels-last; and V, their bytes."""
     gen = torch.Generator().manual_seed(fresh_seed())
@@ -437,7 +491,7 @@ def test_cuda_stage_limit():
     inputs = _inputs(1, 3, 2, [(2, 2)] * 17, gen, device="cuda")
     with pytest.raises(BackendError, match="S=17 stages exceed"):
         deform_sample(**inputs, backend="cuda")
-    assert deform_sample(**inputs, backend="auto").shape == (1, 3, 2)  # auto falls to the reference
+    assert deform_sample(**inputs, backend="auto").shape == (1, 3, 2)  # auto falls to the Triton path
 
 
 def test_reference_is_grid_sample():

@@ -22,9 +22,10 @@ Backends:
   GATHER over the corner contributions sorted by pixel (stable sort: bit-identical from run to run), summed in
   float32 registers and written once in the input dtype; the point/weight gradients are computed first and
   a stage's channels-last copy is freed before its gradient is allocated, so the backward's peak is about V
-  (grid_sample's). ``auto`` does not pick it (the CUDA kernel stays the GPU default until the two are timed
-  side by side: ``mtlfast bench deform_sample``, provider ``mtlfast_triton``); ask for it with
-  ``backend="triton"``.
+  (grid_sample's). ``auto`` takes it on a GPU where the CUDA kernel refuses: more than 16 stages, or a
+  gradient under ``torch.use_deterministic_algorithms(True)``; otherwise the CUDA kernel stays the GPU default
+  until the two are timed side by side (``mtlfast bench deform_sample``, provider ``mtlfast_triton``). Ask for
+  it with ``backend="triton"``.
 - ``reference`` (any device and float dtype): one grid_sample per stage.
 
 Choices the paper and grid_sample leave to the kernels (exact reformulations, proven in the tests):
@@ -60,7 +61,7 @@ CUDA_MAX_STAGES = 16
 #: The CPU value-gradient buckets store int32 point indices; the CUDA kernels index points with int32 too.
 MAX_POINTS = 2 ** 31 - 1
 
-_OP = Op("deform_sample", auto_order={"cuda": ("cuda", "reference"), "cpu": ("cpp", "reference")})
+_OP = Op("deform_sample", auto_order={"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")})
 
 
 # --- the compiled ops: fake implementations and autograd ------------------------------------------------
@@ -167,8 +168,26 @@ def _limits(max_stages: int | None):
 _OP.register("reference", _reference.deform_sample, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
 _OP.register("cpp", _compiled, devices=("cpu",), dtypes=(torch.float32, torch.float64),
              available=extension_unavailable, limits=_limits(None))
+def _atomic_backward_refused(values, points, weights) -> bool:
+    """Whether a gradient will be needed while torch.use_deterministic_algorithms(True) is on (not warn-only):
+    the CUDA kernel's value gradient is a float atomic scatter, whose sums differ in the last bits from run to
+    run, so it refuses then, and auto takes the Triton path (a gather in a fixed order), as PyTorch refuses
+    its own nondeterministic backward kernels."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*values, points, weights))
+    return (needs_grad and torch.are_deterministic_algorithms_enabled()
+            and not torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+def _cuda_limits(values, points, weights) -> list[str]:
+    reasons = _limits(CUDA_MAX_STAGES)(values, points, weights)
+    if _atomic_backward_refused(values, points, weights):
+        reasons.append("torch.use_deterministic_algorithms(True) is on and its value gradient is a float atomic "
+                       "scatter (not bit-reproducible); the triton backend's gather is deterministic")
+    return reasons
+
+
 _OP.register("cuda", _compiled, devices=("cuda",), dtypes=GPU_DTYPES, available=extension_unavailable,
-             limits=_limits(CUDA_MAX_STAGES))
+             limits=_cuda_limits)
 _OP.register("triton", _triton, devices=("cuda", "cpu"), dtypes=GPU_DTYPES, available=triton_unavailable,
              limits=_triton_limits)
 
