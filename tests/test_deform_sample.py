@@ -284,6 +284,26 @@ def test_triton_backend_declarations():
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
+def test_cuda_limits_trace_under_torch_compile():
+    """The deterministic-mode query inside the CUDA kernel's limits does not break a fullgraph torch.compile
+    (Dynamo cannot trace torch.is_deterministic_algorithms_warn_only_enabled itself)."""
+    from mtlfast.ops.deform_sample import _OP
+
+    cuda_limits = _OP.implementations["cuda"].limits
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _float32(_inputs(1, 3, 2, [(2, 2)], gen))
+    points = inputs["points"].requires_grad_()
+    count = torch.compile(lambda v, p, w: p * len(cuda_limits([v], p, w)), fullgraph=True, backend="aot_eager")
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch._dynamo.reset()
+        assert torch.equal(count(inputs["values"][0], points, inputs["weights"]), points)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+        torch._dynamo.reset()
+
+
 @needs_extension
 def test_double_backward_raises():
     gen = torch.Generator().manual_seed(fresh_seed())

@@ -168,14 +168,18 @@ def _limits(max_stages: int | None):
 _OP.register("reference", _reference.deform_sample, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
 _OP.register("cpp", _compiled, devices=("cpu",), dtypes=(torch.float32, torch.float64),
              available=extension_unavailable, limits=_limits(None))
+@torch.compiler.assume_constant_result  # torch.compile cannot trace the warn-only query: read once per trace
+def _deterministic_mode() -> bool:
+    """torch.use_deterministic_algorithms(True) is on, and not in warn-only mode."""
+    return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+
+
 def _atomic_backward_refused(values, points, weights) -> bool:
-    """Whether a gradient will be needed while torch.use_deterministic_algorithms(True) is on (not warn-only):
-    the CUDA kernel's value gradient is a float atomic scatter, whose sums differ in the last bits from run to
-    run, so it refuses then, and auto takes the Triton path (a gather in a fixed order), as PyTorch refuses
-    its own nondeterministic backward kernels."""
+    """Whether a gradient will be needed in deterministic mode: the CUDA kernel's value gradient is a float
+    atomic scatter, whose sums differ in the last bits from run to run, so it refuses then, and auto takes the
+    Triton path (a gather in a fixed order), as PyTorch refuses its own nondeterministic backward kernels."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*values, points, weights))
-    return (needs_grad and torch.are_deterministic_algorithms_enabled()
-            and not torch.is_deterministic_algorithms_warn_only_enabled())
+    return needs_grad and _deterministic_mode()
 
 
 def _cuda_limits(values, points, weights) -> list[str]:
