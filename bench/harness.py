@@ -360,9 +360,9 @@ def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, mode
     starts after it, and the rows of the cases left carry ``skipped == NOT_RUN`` (``complete`` is False);
     ``on_case(result)`` is called after every case (the CLI writes the file then, so a killed run keeps what it
     measured); ``previous``, an earlier result that :func:`resumable` accepts, contributes its measured cases
-    unchanged (also those ``case_filter`` leaves out), and only the others run. All providers of one case are always measured in the same run, so
-    every ratio is a same-run ratio; ``runs`` lists each run's environment and peaks, and each row's ``run``
-    indexes it.
+    unchanged (also those ``case_filter`` leaves out), and only the others run. All providers of one case are
+    always measured in the same run, so every ratio is a same-run ratio; ``runs`` lists each run's environment
+    and peaks, and each row's ``run`` indexes it.
     """
     peaks = dict(peaks or {})
     runs = list(previous.get("runs") or [{"environment": previous["environment"], "peaks": previous.get("peaks", {})}]

@@ -112,6 +112,13 @@ def _forward_kernel(V, P, WTS, ACC, s, S, N, C, H, W, sv_b, sv_c, sv_h, sv_w,
 
 
 @triton.jit
+def _row_dots(g, base, inside, c_off, c_mask):
+    """<g_n, corner row_n> over one channel chunk, per point (float32)."""
+    v = tl.load(base[:, None] + c_off, mask=inside[:, None] & c_mask[None, :], other=0.0)
+    return tl.sum(g * v.to(tl.float32), 1)
+
+
+@triton.jit
 def _point_grad_kernel(V, P, WTS, G, GP, GW, s, S, N, C, H, W, sv_b, sv_c, sv_h, sv_w,
                        FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -133,10 +140,10 @@ def _point_grad_kernel(V, P, WTS, G, GP, GW, s, S, N, C, H, W, sv_b, sv_c, sv_h,
         c_mask = c < C
         c_off = c.to(tl.int64)[None, :] * sv_c
         g = tl.load(g_rows + c[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-        d00 += tl.sum(g * tl.load(b00[:, None] + c_off, mask=in00[:, None] & c_mask[None, :], other=0.0).to(tl.float32), 1)
-        d01 += tl.sum(g * tl.load(b01[:, None] + c_off, mask=in01[:, None] & c_mask[None, :], other=0.0).to(tl.float32), 1)
-        d10 += tl.sum(g * tl.load(b10[:, None] + c_off, mask=in10[:, None] & c_mask[None, :], other=0.0).to(tl.float32), 1)
-        d11 += tl.sum(g * tl.load(b11[:, None] + c_off, mask=in11[:, None] & c_mask[None, :], other=0.0).to(tl.float32), 1)
+        d00 += _row_dots(g, b00, in00, c_off, c_mask)
+        d01 += _row_dots(g, b01, in01, c_off, c_mask)
+        d10 += _row_dots(g, b10, in10, c_off, c_mask)
+        d11 += _row_dots(g, b11, in11, c_off, c_mask)
     grad_w = (1.0 - fx) * (1.0 - fy) * d00 + fx * (1.0 - fy) * d01 + (1.0 - fx) * fy * d10 + fx * fy * d11
     grad_x = w * (W * 0.5) * ((1.0 - fy) * (d01 - d00) + fy * (d11 - d10))
     grad_y = w * (H * 0.5) * ((1.0 - fx) * (d10 - d00) + fx * (d11 - d01))
