@@ -16,10 +16,11 @@
 #
 # Every phase runs under `timeout` with what is left of GPU_CHECK_BUDGET (default 560 s); `ops` at most
 # GPU_CHECK_OPS_MAX (default 270 s) so that the benchmarks get time in the same call. A phase that no longer
-# fits is reported "not run (budget)". Logs, junit XML and every result JSON under bench/results go to $OUT,
-# packed into $OUT/gpu_check.tar.gz (the device tool returns few files). Copy the JSON back into
-# bench/results/ here: uncommitted, the next call's `bench` resumes them; committed, any later session's does
-# as long as the sources are unchanged (the resume key is harness.source_fingerprint(), not the commit).
+# fits is reported "not run (budget)". Logs, junit XML and every result JSON under bench/results are packed
+# into $OUT/gpu_check.tar.gz, next to $OUT/summary.txt (the device tool returns at most 8 files, so nothing
+# else is written under $OUT; the work folder is GPU_CHECK_WORK, default a temporary one). Copy the JSON back
+# into bench/results/ here: uncommitted, the next call's `bench` resumes them; committed, any later session's
+# does as long as the sources are unchanged (the resume key is harness.source_fingerprint(), not the commit).
 # Tests run in GPU_CHECK_WORKERS (default 12) pytest-xdist processes; BENCH_ARGS is passed to `mtlfast bench`
 # (e.g. BENCH_ARGS="attention tpp_attention"). MTLFAST_COMMIT is recorded in the results where the tree that
 # travelled has no .git.
@@ -35,7 +36,8 @@ for p in "${phases[@]}"; do
   esac
 done
 OUT=${OUT:-$PWD/bench/out}
-mkdir -p "$OUT/logs" "$OUT/results"
+WORK=${GPU_CHECK_WORK:-$(mktemp -d)}
+mkdir -p "$OUT" "$WORK/logs" "$WORK/results"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 if ! git rev-parse HEAD >/dev/null 2>&1 && [[ -z ${MTLFAST_COMMIT:-} ]]; then
@@ -45,7 +47,7 @@ deadline=$((SECONDS + ${GPU_CHECK_BUDGET:-560}))
 summary=()
 failed=()
 
-run_phase() {  # name, max seconds (0: no cap), command...: logs to $OUT/logs/<name>.log under the budget
+run_phase() {  # name, max seconds (0: no cap), command...: logs to $WORK/logs/<name>.log under the budget
   local name=$1 cap=$2
   shift 2
   local left=$((deadline - SECONDS - 15))  # keep time to pack the tarball
@@ -57,7 +59,7 @@ run_phase() {  # name, max seconds (0: no cap), command...: logs to $OUT/logs/<n
   fi
   echo "== $name (<= ${left} s): $*"
   local start=$SECONDS status
-  PHASE_SECONDS=$left timeout --kill-after=10 "$left" "$@" >"$OUT/logs/$name.log" 2>&1
+  PHASE_SECONDS=$left timeout --kill-after=10 "$left" "$@" >"$WORK/logs/$name.log" 2>&1
   status=$?
   if ((status == 0)); then
     summary+=("$(printf '%-7s ok %6d s' "$name" $((SECONDS - start)))")
@@ -70,7 +72,7 @@ run_phase() {  # name, max seconds (0: no cap), command...: logs to $OUT/logs/<n
   esac
   summary+=("$(printf '%-7s FAILED (%s) %6d s, see logs/%s.log' "$name" "$status" $((SECONDS - start)) "$name")")
   failed+=("$name")
-  tail -n 25 "$OUT/logs/$name.log" | sed 's/^/   | /'
+  tail -n 25 "$WORK/logs/$name.log" | sed 's/^/   | /'
 }
 
 # The GPU image has pytest-xdist and pytest-timeout: tests in parallel processes (they share the GPU; Triton's
@@ -86,14 +88,14 @@ op_tests=(tests/test_attention.py tests/test_tpp_attention.py tests/test_lthd_at
 pytest_phase() {  # name, max seconds, pytest arguments...
   local name=$1 cap=$2
   shift 2
-  run_phase "$name" "$cap" $PY -m pytest "$@" --junitxml="$OUT/logs/junit-$name.xml" "${pytest_opts[@]}"
-  [[ -f $OUT/logs/$name.log ]] && tail -n 2 "$OUT/logs/$name.log"
+  run_phase "$name" "$cap" $PY -m pytest "$@" --junitxml="$WORK/logs/junit-$name.xml" "${pytest_opts[@]}"
+  [[ -f $WORK/logs/$name.log ]] && tail -n 2 "$WORK/logs/$name.log"
 }
 
 for phase in "${phases[@]}"; do
   case $phase in
     build)
-      { nvidia-smi; $PY -c "import torch, triton, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; } >"$OUT/logs/environment.log" 2>&1
+      { nvidia-smi; $PY -c "import torch, triton, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; } >"$WORK/logs/environment.log" 2>&1
       run_phase build 0 env MTLFAST_BUILD_CUDA=1 MTLFAST_STRICT_BUILD=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
         $PY -m pip install --no-deps --no-build-isolation --no-index -e .
       run_phase info 0 $PY -m mtlfast info
@@ -116,12 +118,13 @@ for phase in "${phases[@]}"; do
   esac
 done
 
-cp -r bench/results/. "$OUT/results/"
-tar czf "$OUT/gpu_check.tar.gz" -C "$OUT" logs results
-echo "wrote $OUT/gpu_check.tar.gz"
-printf '%s\n' "${summary[@]}"
+cp -r bench/results/. "$WORK/results/"
 if ((${#failed[@]})); then
-  echo "FAILED or not run: ${failed[*]}"
-  exit 1
+  summary+=("FAILED or not run: ${failed[*]}")
+else
+  summary+=("all phases passed")
 fi
-echo "all phases passed"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt" "$WORK/logs/summary.txt"
+tar czf "$OUT/gpu_check.tar.gz" -C "$WORK" logs results
+echo "wrote $OUT/gpu_check.tar.gz"
+((${#failed[@]} == 0))
