@@ -45,15 +45,16 @@ MAX_KEYS = 2 ** 31 - 2
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    block_n: int  # points per program (forward, point gradients, corner keys / 4)
+    block_n: int  # points per program (forward, point gradients; the corner-key kernel takes 4x as many)
     block_c: int  # channels per program (forward, gather) or per chunk (point gradients)
     block_p: int  # pixels per program of the gather
     num_warps: int
 
 
 def launch_config(channels: int, device: torch.device) -> LaunchConfig:
-    """GPU: 32 points x 64 channels (each corner row a 128-byte bf16 segment of a channels-last stage); under
-    the interpreter few, large programs."""
+    """GPU: 32 points x 64 channels (each corner row a 128-byte bf16 segment of a channels-last stage), 4 warps:
+    chosen without a GPU (compiles for sm_90 without local memory), not yet timed. Under the interpreter few,
+    large programs."""
     on_gpu = device.type == "cuda"
     block_c = min(triton.next_power_of_2(channels), 64 if on_gpu else 128)
     if on_gpu:
