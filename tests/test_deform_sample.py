@@ -443,10 +443,16 @@ def test_auto_is_deterministic_under_deterministic_algorithms():
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
+#: The caching allocator counts a large block whole when the rest of its segment is too small to split off
+#: (under 1 MiB; segments are rounded to 2 MiB): up to 2 MiB more than asked, per large allocation.
+ALLOCATOR_SLACK = 2 * 2**20
+
+
 def _bf16_gpu_inputs(channels_last):
-    """SEM-like stages (not in size order), bfloat16 on the GPU, NCHW or channels-last; and V, their bytes."""
+    """SEM-like stages (not in size order), bfloat16 on the GPU, NCHW or channels-last; V = 111 MB, large
+    against the allocator's rounding."""
     gen = torch.Generator().manual_seed(fresh_seed())
-    B, N, C, sizes = 2, 1000, 256, [(64, 80), (8, 10), (32, 40), (16, 20)]
+    B, N, C, sizes = 4, 1000, 512, [(128, 160), (16, 20), (64, 80), (32, 40)]
     inputs = _inputs(B, N, C, sizes, gen, device="cuda")
     values = [v.to(torch.bfloat16) for v in inputs["values"]]
     if channels_last:
@@ -480,7 +486,7 @@ def test_triton_backward_peak_memory(channels_last):
     bookkeeping = entries * 64 + 8 * 8 * (pixels + 1) + B * N * (8 + 4 + 2 * len(values))
     peak, grads = _peak_bytes(torch.ops.mtlfast.deform_sample_triton_backward, grad_out, values, points, weights)
     assert [g.shape for g in grads[0]] == [v.shape for v in values]
-    bound = total + bookkeeping + 512 * 64  # block rounding
+    bound = total + bookkeeping + ALLOCATOR_SLACK * (2 * len(values) + 4)  # copies, gradients, point/weight
     assert peak <= bound, f"peak {peak / total:.3f} V, bound {bound / total:.3f} V"
 
 
@@ -491,13 +497,13 @@ def test_cuda_backward_peak_memory(channels_last):
     """Peak bytes the bfloat16 CUDA backward allocates (V = the values' bytes): the point/weight gradients, the
     channels-last copies (none for channels-last inputs) next to the fp32 value-gradient buffers (2V), then the
     casts smallest stage first, each fp32 buffer freed after its cast: 2V + max_k (V_k - sum_{i<k} V_i). Casting
-    with the copies still alive (or all buffers kept) would be 4V / 3V."""
+    with the copies still alive (or all buffers kept) would be 4V / 3V; the bounds are 3.26V / 2.77V here."""
     grad_out, values, points, weights = _bf16_gpu_inputs(channels_last)
     B, N, C = grad_out.shape
     stage_bytes = sorted(v.numel() * 2 for v in values)
     total = sum(stage_bytes)
     casts = max(b - sum(stage_bytes[:k]) for k, b in enumerate(stage_bytes))
-    small = B * N * (2 + len(values)) * 2 + 512 * (3 * len(values) + 4)  # point/weight gradients, block rounding
+    small = B * N * (2 + len(values)) * 2 + ALLOCATOR_SLACK * (3 * len(values) + 2)  # copies, buffers, casts
     bound = small + max((0 if channels_last else total) + 2 * total, 2 * total + casts)
     peak, grads = _peak_bytes(torch.ops.mtlfast.deform_sample_backward, grad_out, values, points, weights)
     assert [g.shape for g in grads[0]] == [v.shape for v in values]
