@@ -214,20 +214,26 @@ def peak_memory_cuda(run: Callable[[], None], leaves: Sequence[torch.Tensor] = (
     return torch.cuda.max_memory_allocated() - base
 
 
-def saved_activation_bytes(fn, inputs) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn(**inputs)`` runs, the inputs'
-    own storages excluded (works on meta tensors)."""
-    own = {t.untyped_storage()._cdata for t in inputs.values() if isinstance(t, torch.Tensor)}
+def saved_activation_bytes(fn, inputs, exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages kept for the backward while ``fn(**inputs)`` runs: what autograd saves
+    (pack hooks) and the inputs of activation-checkpointed stages (mtlfast.nn.common.checkpoint_stage keeps
+    them for the recomputation; no pack hook sees them). The inputs' own storages and those of ``exclude``
+    (e.g. a model's parameters and buffers) are not counted. Works on meta tensors."""
+    from mtlfast.nn.common import record_checkpoint_inputs
+
+    own = {t.untyped_storage()._cdata for t in [*inputs.values(), *exclude] if isinstance(t, torch.Tensor)}
     seen: dict[int, int] = {}
 
-    def pack(t):
+    def keep(t):
         storage = t.untyped_storage()
         if storage._cdata not in own:
             seen[storage._cdata] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with record_checkpoint_inputs() as stage_inputs, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         out = fn(**inputs)
+    for t in stage_inputs:
+        keep(t)
     del out
     return sum(seen.values())
 

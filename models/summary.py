@@ -1,4 +1,4 @@
-"""Parameter / FLOP table of the models (for ``mtlfast info --models``).
+"""Parameter / FLOP / saved-activation table of the models (for ``mtlfast info --models``).
 
 :func:`model_summary` builds each model on the ``meta`` device and runs it on fake CPU tensors (no storage:
 no memory, no weights, seconds even for ViT-L; the ops' reference implementations serve them) and counts the forward FLOPs of one image at the paper's input size with
@@ -6,6 +6,14 @@ no memory, no weights, seconds even for ViT-L; the ops' reference implementation
 compute the same products). Convention: FLOPs = 2 × the multiply-adds of matrix products and convolutions
 (torch's counter); element-wise work, softmax and resizing are not counted. Papers that use fvcore
 report multiply-adds as "FLOPs", i.e. half of these numbers.
+
+:func:`saved_activations` counts, exactly and without a GPU, the bytes of the activations one training forward
+keeps for the backward on the reference path and on the GPU kernel path: the model runs in bfloat16 on meta
+tensors with the backends planned as on a GPU (:func:`mtlfast.backends.meta_planning`), so every op runs its
+fake implementation and autograd records what the real one saves. Parameters, buffers and the images are not counted. This is the part of the training
+memory that the kernels change; the GPU peak (issue 8, ``mtlfast bench --models``) also holds weights,
+gradients, optimiser state and transients, and the bfloat16 model stands for bf16 autocast (which keeps a few
+ops in float32).
 """
 from __future__ import annotations
 
@@ -15,9 +23,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from mtlfast.backends import use_backend
+from mtlfast.backends import meta_planning, use_backend
 
-__all__ = ["SummarySetting", "SETTINGS", "model_summary", "format_table"]
+__all__ = ["SummarySetting", "SETTINGS", "model_summary", "saved_activations", "format_table"]
 
 NYUD = ("semseg", "depth", "normals", "edge")
 PASCAL = ("semseg", "parts", "sal", "normals", "edge")
@@ -67,9 +75,36 @@ def _settings() -> list[SummarySetting]:
 SETTINGS = _settings()
 
 
-def model_summary(settings=None, *, flops: bool = True) -> list[dict]:
+#: The paths :func:`saved_activations` counts: (backend, model.checkpoint_decoder).
+ACTIVATION_PATHS = {"reference": ("reference", False), "kernels": ("auto", False),
+                    "kernels_checkpointed": ("auto", True)}
+
+
+def saved_activations(setting: SummarySetting, *, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
+                      paths: tuple[str, ...] = tuple(ACTIVATION_PATHS)) -> dict[str, int]:
+    """Bytes of the activations one training forward (``forward_train``, all outputs incl. deep supervision)
+    of ``batch`` images keeps for the backward, in ``dtype``, per path of :data:`ACTIVATION_PATHS`: the
+    reference ops, the GPU kernel path (backend auto as on a GPU), and the kernel path with the decoder stages
+    checkpointed (``checkpoint_decoder``; their inputs count). See the module docstring."""
+    from mtlfast.bench.harness import saved_activation_bytes
+
+    counts = {}
+    images = torch.empty(batch, 3, *setting.size, device="meta", dtype=dtype)
+    for path in paths:
+        backend, checkpointed = ACTIVATION_PATHS[path]
+        with torch.device("meta"):
+            model = setting.create().to(dtype).train()
+        model.checkpoint_decoder = checkpointed
+        state = [*model.parameters(), *model.buffers()]
+        with meta_planning("cuda"), use_backend(backend):
+            counts[path] = saved_activation_bytes(model.forward_train, {"images": images}, exclude=state)
+    return counts
+
+
+def model_summary(settings=None, *, flops: bool = True, activations: bool = False) -> list[dict]:
     """One row per setting: method, backbone, dataset, tasks, options, input size, parameters, GFLOPs
-    (forward, one image; None when ``flops=False``)."""
+    (forward, one image; None when ``flops=False``) and, with ``activations``, :func:`saved_activations` of
+    one image in MB per path (None otherwise)."""
     rows = []
     for s in settings if settings is not None else SETTINGS:
         gflops = None
@@ -84,19 +119,29 @@ def model_summary(settings=None, *, flops: bool = True) -> list[dict]:
                 with torch.no_grad(), use_backend("reference"), counter:
                     model(images)
                 gflops = counter.get_total_flops() / 1e9
+        saved = saved_activations(s) if activations else None
         rows.append({"method": s.method, "backbone": s.backbone, "dataset": s.dataset, "tasks": list(s.tasks),
-                     "options": dict(s.kwargs), "input": list(s.size), "params_m": params / 1e6, "gflops": gflops})
+                     "options": dict(s.kwargs), "input": list(s.size), "params_m": params / 1e6, "gflops": gflops,
+                     "saved_mb": None if saved is None else {k: v / 1e6 for k, v in saved.items()}})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    """Plain-text table of :func:`model_summary` rows."""
+    """Plain-text table of :func:`model_summary` rows (saved-activation columns where they were counted)."""
+    saved = any(r.get("saved_mb") for r in rows)
     header = f"{'method':<12}{'backbone':<20}{'dataset':<8}{'tasks':<38}{'input':<10}{'params (M)':>11}{'GFLOPs':>10}"
+    if saved:
+        header += f"{'saved MB: ref':>15}{'kernels':>9}{'ratio':>7}{'+ckpt':>7}{'ratio':>7}"
     lines = [header, "-" * len(header)]
     for r in rows:
         tasks = ",".join(r["tasks"]) + ("+aux:" + ",".join(r["options"]["aux_tasks"]) if r["options"].get("aux_tasks")
                                         else "")
         gflops = "" if r["gflops"] is None else f"{r['gflops']:.1f}"
-        lines.append(f"{r['method']:<12}{r['backbone']:<20}{r['dataset']:<8}{tasks:<38}"
-                     f"{'x'.join(map(str, r['input'])):<10}{r['params_m']:>11.2f}{gflops:>10}")
+        line = (f"{r['method']:<12}{r['backbone']:<20}{r['dataset']:<8}{tasks:<38}"
+                f"{'x'.join(map(str, r['input'])):<10}{r['params_m']:>11.2f}{gflops:>10}")
+        if saved and r.get("saved_mb"):
+            mb = r["saved_mb"]
+            line += (f"{mb['reference']:>15.0f}{mb['kernels']:>9.0f}{mb['kernels'] / mb['reference']:>7.2f}"
+                     f"{mb['kernels_checkpointed']:>7.0f}{mb['kernels_checkpointed'] / mb['reference']:>7.2f}")
+        lines.append(line)
     return "\n".join(lines)

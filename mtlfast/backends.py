@@ -28,6 +28,7 @@ DEFAULT_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "r
 _scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("mtlfast_backend", default=None)
 _scoped_op_backends: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("mtlfast_op_backends",
                                                                                      default={})
+_meta_plan: contextvars.ContextVar[str | None] = contextvars.ContextVar("mtlfast_meta_plan", default=None)
 
 #: name -> Op, filled as op modules are imported (``mtlfast.ops`` imports all of them).
 OPS: dict[str, "Op"] = {}
@@ -80,6 +81,25 @@ def use_backend(name: str, **per_op: str) -> Iterator[None]:
 
 
 # --- machine capabilities shared by implementations --------------------------------------------------
+
+@contextlib.contextmanager
+def meta_planning(device: str = "cuda") -> Iterator[None]:
+    """Ops on ``meta`` tensors select their backend as on ``device`` and run its fake implementation.
+
+    Meta tensors have shapes and dtypes but no data, and autograd runs on them, so a CPU machine can plan the
+    GPU kernel path of a whole model: which backend auto picks for every op and the activation memory each
+    keeps for the backward (models/summary.py). Declared devices, dtypes and shape limits still apply; only
+    the machine checks of ``device`` (a GPU present, the extension built with CUDA) are skipped: each
+    backend's ``available`` is asked about "meta" instead, so Triton must import and the C++ ops must be
+    loaded (their fake implementations are registered with them)."""
+    if device not in DEFAULT_AUTO_ORDER:
+        raise ValueError(f"meta_planning: device must be one of {', '.join(DEFAULT_AUTO_ORDER)}, got {device!r}")
+    token = _meta_plan.set(device)
+    try:
+        yield
+    finally:
+        _meta_plan.reset(token)
+
 
 def triton_unavailable(device_type: str, dtype: torch.dtype | None = None) -> str | None:
     """Why Triton kernels cannot run on ``device_type`` (in ``dtype``) here, or None."""
@@ -134,12 +154,14 @@ class Implementation:
     limits: Callable[..., list[str]] | None = None
 
     def refusals(self, device_type: str, dtype: torch.dtype, args: tuple = (), kwargs: dict | None = None,
-                 check_limits: bool = True) -> list[str]:
+                 check_limits: bool = True, available_on: str | None = None) -> list[str]:
+        """Why this backend cannot serve the call (empty: it can). ``available_on``: the device type whose
+        machine checks apply, if not ``device_type`` ("meta" for calls planned by :func:`meta_planning`)."""
         reasons = []
         if device_type not in self.devices:
             reasons.append(f"device {device_type!r} not supported (supports {', '.join(self.devices)})")
         else:
-            why = self.available(device_type, dtype)
+            why = self.available(available_on or device_type, dtype)
             if why:
                 reasons.append(why)
         if dtype not in self.dtypes:
@@ -176,6 +198,9 @@ class Op:
         """The implementation that serves this call, or :class:`BackendError` with every reason."""
         requested = current_backend(backend, self.name)
         device_type = torch.device(device).type
+        available_on = None
+        if device_type == "meta" and _meta_plan.get() is not None:  # planned: declarations of the planned device
+            device_type, available_on = _meta_plan.get(), "meta"
         if requested == "auto":
             candidates = [b for b in self.auto_order.get(device_type, ()) if b in self.implementations]
         else:
@@ -187,7 +212,7 @@ class Op:
                 refusals[name] = [f"{self.name} has no {name} implementation "
                                   f"(implemented: {', '.join(self.implementations)})"]
                 continue
-            reasons = impl.refusals(device_type, dtype, args, kwargs, check_limits)
+            reasons = impl.refusals(device_type, dtype, args, kwargs, check_limits, available_on)
             if not reasons:
                 return impl
             refusals[name] = reasons

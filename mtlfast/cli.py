@@ -13,11 +13,30 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from mtlfast.info import info_text
 
     print(info_text())
+    if args.out and not args.models:
+        raise ValueError("--out writes the --models table; give --models")
     if args.models:
         from mtlfast.models.summary import format_table, model_summary
 
+        rows = model_summary(flops=not args.no_flops, activations=args.activations)
         print()
-        print(format_table(model_summary(flops=not args.no_flops)))
+        print(format_table(rows))
+        if args.out:
+            import json
+
+            from mtlfast.bench.harness import environment
+
+            env = environment("cpu")
+            try:  # the paper backbones' provenance
+                import timm
+                env["timm"] = timm.__version__
+            except ImportError:
+                env["timm"] = None
+            tmp = args.out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"environment": env, "rows": rows}, f, indent=1)
+            os.replace(tmp, args.out)
+            print(f"wrote {args.out}")
     return 0
 
 
@@ -335,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--models", action="store_true",
                       help="also print the parameter/FLOP table of every model at the papers' input sizes")
     info.add_argument("--no-flops", action="store_true", help="with --models: parameters only (faster)")
+    info.add_argument("--activations", action="store_true",
+                      help="with --models: the activation bytes one training forward keeps for the backward on "
+                           "the reference path, the GPU kernel path and with the decoder checkpointed (exact, "
+                           "counted on meta tensors; no GPU needed)")
+    info.add_argument("--out", metavar="FILE", help="with --models: also write the table as JSON, with versions")
     info.set_defaults(func=_cmd_info)
 
     bench = sub.add_parser("bench", help="microbenchmarks of the ops against eager, torch.compile, SDPA...")

@@ -107,3 +107,26 @@ def test_triton_refuses_bfloat16_in_the_cpu_interpreter(op):
     says why."""
     with pytest.raises(BackendError, match="interpreter"):
         _bfloat16_calls()[op]()
+
+
+def test_meta_planning():
+    """Under meta_planning, meta tensors select as on the planned device, with the declared devices, dtypes and
+    limits of that device but the machine checks asked about "meta" (no GPU needed); the ops then run their
+    fake implementations. Outside it, meta tensors are refused."""
+    from mtlfast.backends import meta_planning
+    from mtlfast.ops.attention import _OP as attention_op
+
+    q = torch.empty(1, 2, 9, 16, device="meta")
+    args, kwargs = (q, q, q), {"scale": 0.25}
+    with pytest.raises(BackendError, match="no backend is declared for device type 'meta'"):
+        attention_op.select(None, q.device, q.dtype, args, kwargs)
+    with meta_planning("cuda"):
+        assert attention_op.select(None, q.device, q.dtype, args, kwargs).backend == "triton"
+        out = mtlfast.ops.attention(q, q, q)
+        assert out.device.type == "meta" and out.shape == (1, 2, 9, 16)
+        with pytest.raises(BackendError, match="dtype float64 not supported"):
+            attention_op.select("triton", q.device, torch.float64, args, kwargs)
+        assert attention_op.select(None, torch.device("cpu"), q.dtype, args, kwargs).backend == "reference"
+    with pytest.raises(ValueError, match="meta_planning: device must be one of cuda, cpu"):
+        with meta_planning("tpu"):
+            pass

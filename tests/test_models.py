@@ -170,10 +170,10 @@ def _storage_bytes(tensors) -> dict[int, int]:
 
 def _checkpointed_step(model, images, labels, monkeypatch):
     """One training step (forward, loss, backward, SGD step) in float64 on the reference path. Returns the
-    outputs, the loss, the gradients, the saved-activation bytes of the forward (measured on a copy by
-    bench.harness.saved_activation_bytes: what autograd's pack hooks see), the retained bytes (the same
-    count plus the storages that checkpointed stages keep as their inputs, which no pack hook sees) and the
-    number of checkpointed stages."""
+    outputs, the loss, the gradients, the bytes kept for the backward measured on a copy by
+    bench.harness.saved_activation_bytes, the same count made here independently (what autograd's pack hooks
+    see plus the storages that checkpointed stages keep as their inputs, recorded by wrapping
+    checkpoint_stage) and the number of checkpointed stages."""
     stage_inputs: dict[int, int] = {}
     calls = []
 
@@ -195,6 +195,7 @@ def _checkpointed_step(model, images, labels, monkeypatch):
     with mtlfast.use_backend("reference"):
         harness_bytes = saved_activation_bytes(copy.deepcopy(model).forward_train, {"images": images})
         calls.clear()
+        stage_inputs.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             preds, aux = model.forward_train(images)
         loss, _ = loss_fn(preds, labels, aux)
@@ -261,6 +262,7 @@ def test_checkpoint_decoder_changes_memory_only(method, monkeypatch):
                and not torch.equal(v, plain.state_dict()[k])]
     assert changed, "the step updated no buffer"
     assert got[3] < ref[3] and got[4] < ref[4], (got[3:5], ref[3:5])
+    assert (got[3], ref[3]) == (got[4], ref[4])  # the harness's count (record_checkpoint_inputs) = this one
     print(f"{method}: saved {ref[3]} -> {got[3]} bytes, retained {ref[4]} -> {got[4]} bytes, {got[5]} stages")
     calls = []
     monkeypatch.setattr(mtlfast.models.base, "checkpoint_stage", lambda fn, *args: calls.append(fn) or fn(*args))
@@ -269,6 +271,30 @@ def test_checkpoint_decoder_changes_memory_only(method, monkeypatch):
             checkpointed.train().forward_train(images)
         checkpointed.eval().forward_train(images)
     assert not calls
+
+
+@pytest.mark.parametrize("method", ["tpim", "bridgenet", "tif", "sem"])
+def test_saved_activations_on_meta_match_a_real_run(method):
+    """models.summary.saved_activations counts on meta tensors, with the backends planned as on a GPU, exactly
+    the bytes a real forward keeps for the backward: float32 on CPU tensors, the reference path, the kernel
+    path (Triton through the interpreter here, deform_sample's C++ kernel: the same saved tensors as the GPU
+    backends) and the kernel path with the decoder checkpointed, which keeps less. (At this tiny size the
+    kernels' logsumexp and outputs can outweigh the reference's attention maps; the paper-size counts are in
+    bench/results/activations/.)"""
+    from mtlfast.models.summary import ACTIVATION_PATHS, SummarySetting, saved_activations
+
+    setting = SummarySetting(method, "convnet_tiny", "nyud", ("semseg", "depth"), kwargs=SMALL[method], size=(64, 64))
+    counted = saved_activations(setting, batch=2, dtype=torch.float32)
+    images = torch.randn(2, 3, 64, 64)  # (BatchNorm needs two values per channel in training)
+    for path, (backend, checkpointed) in ACTIVATION_PATHS.items():
+        model = setting.create().train()
+        model.checkpoint_decoder = checkpointed
+        state = [*model.parameters(), *model.buffers()]
+        real_backend, per_op = ("reference", {}) if backend == "reference" else KERNEL_PATH
+        with mtlfast.use_backend(real_backend, **per_op):
+            real = saved_activation_bytes(model.forward_train, {"images": images}, exclude=state)
+        assert real == counted[path], (path, real, counted[path])
+    assert counted["kernels_checkpointed"] < counted["kernels"], counted
 
 
 def test_checkpoint_decoder_option():

@@ -8,7 +8,9 @@ order (``x.flatten(2).transpose(1, 2)``); multi-head tensors are (B, heads, N, C
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from mtlfast.ops._checks import check_shapes
 from mtlfast.ops.attention import attention
 
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "SEBlock", "FeedForward", "ProjectedAttention", "to_tokens",
-           "to_map", "split_heads", "merge_heads", "resize", "checkpoint_stage"]
+           "to_map", "split_heads", "merge_heads", "resize", "checkpoint_stage", "record_checkpoint_inputs"]
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -227,6 +229,23 @@ class _RecomputeContext:
             self.replay._load(module, values)
 
 
+_checkpoint_inputs: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
+    "mtlfast_checkpoint_inputs", default=None)
+
+
+@contextlib.contextmanager
+def record_checkpoint_inputs() -> Iterator[list[torch.Tensor]]:
+    """Yields a list that collects the tensor arguments of every :func:`checkpoint_stage` call in the block:
+    what checkpointing keeps alive for the recomputation, which no saved-tensor hook sees (memory accounting:
+    bench.harness.saved_activation_bytes)."""
+    recorded: list[torch.Tensor] = []
+    token = _checkpoint_inputs.set(recorded)
+    try:
+        yield recorded
+    finally:
+        _checkpoint_inputs.reset(token)
+
+
 def checkpoint_stage(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` under activation checkpointing (``torch.utils.checkpoint``, ``use_reentrant=False``): the
     activations ``fn`` saves for backward are dropped after the forward and recomputed by running ``fn`` again
@@ -245,5 +264,8 @@ def checkpoint_stage(fn: Callable[..., Any], *args: Any) -> Any:
     run by another thread at that moment would be copied needlessly, not harmed); collectives inside ``fn``
     (SyncBatchNorm under DDP) run again in the backward on every rank.
     """
+    recorded = _checkpoint_inputs.get()
+    if recorded is not None:
+        recorded.extend(t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
     replay = _BufferReplay()
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=replay.contexts)
