@@ -297,6 +297,29 @@ def test_saved_activations_on_meta_match_a_real_run(method):
     assert counted["kernels_checkpointed"] < counted["kernels"], counted
 
 
+@pytest.mark.parametrize("dataset", ["nyud", "pascal"])
+@pytest.mark.parametrize("method", ["bridgenet", "tpim", "tif", "sem"])
+def test_gpu_kernel_path_runs_kernels_at_paper_sizes(method, dataset, monkeypatch):
+    """Planned on meta tensors as on a GPU, the paper-size models (paper decoder widths, input sizes and task
+    sets; convnet_tiny stands in for the backbone) get a kernel for every op call on the kernel path: no
+    shape limit of a kernel sends an op to the reference there."""
+    from mtlfast.backends import Op
+    from mtlfast.models.summary import NYUD, PASCAL, SummarySetting, saved_activations
+
+    chosen = []
+    select = Op.select
+
+    def recording(self, *args, **kwargs):
+        impl = select(self, *args, **kwargs)
+        chosen.append((self.name, impl.backend))
+        return impl
+
+    monkeypatch.setattr(Op, "select", recording)
+    setting = SummarySetting(method, "convnet_tiny", dataset, NYUD if dataset == "nyud" else PASCAL)
+    saved_activations(setting, paths=("kernels",))
+    assert chosen and not [c for c in chosen if c[1] == "reference"], sorted(set(chosen))
+
+
 def test_checkpoint_decoder_option():
     model = create_model("baseline", ["semseg"], backbone="convnet_tiny", checkpoint_decoder=True)
     assert model.checkpoint_decoder and not create_model("baseline", ["semseg"], backbone="convnet_tiny").checkpoint_decoder
