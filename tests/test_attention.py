@@ -261,9 +261,9 @@ def test_kernels_compile_for_sm90():
 
 def _compile_sm90() -> None:
     """Compiles, at the default GPU configurations, the forward and every backward pass of the launchers
-    (the same compile-time parameters, from fwd_constexprs / bwd_constexprs): in bfloat16 at the BridgeNet/TIF
-    widths 72, 144, 288, 384 (one program per width, with tails) and a chunked one (1000), plus float32
-    (exact "ieee" dots) at 64 and 288."""
+    (the same compile-time parameters, from fwd_constexprs / bwd_constexprs): in bfloat16 at every width the
+    models call (one program per width, with tails) and a chunked one (1000), plus float32 (exact "ieee" dots)
+    at 64 and 288."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -286,7 +286,9 @@ def _compile_sm90() -> None:
         triton.compile(ASTSource(fn, sig, constexprs=meta), target=GPUTarget("cuda", 90, 32), options=options)
 
     count = 0
-    for torch_dtype, dtype, widths in ((torch.bfloat16, "*bf16", (72, 144, 288, 384, 1000)),
+    # bf16 widths: BridgeNet/TIF's 72, 144, 288, 384 and those the paper-size models call (36, 80, 128, and
+    # LTHD's concatenated 160; found by planning them on meta tensors), and a chunked one
+    for torch_dtype, dtype, widths in ((torch.bfloat16, "*bf16", (36, 72, 80, 128, 144, 160, 288, 384, 1000)),
                                        (torch.float32, "*fp32", (64, 288))):
         for width in widths:
             fwd = A.default_blocks(width, width, "cuda", torch_dtype)

@@ -254,25 +254,27 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mtlfast.kernels import tpp_attention as K
 
-C, D, Dv = 8, 288, 288
-cfg = K.default_config(C, D, Dv)
-consts = dict(C=C, C_PAD=8, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-              BLOCK_DV=cfg.block_dv, BLOCK_DG=cfg.block_dgrad)
 tensors = {"q", "k", "v", "w", "out", "do", "dk", "dv", "dq"}
-for kernel in (K._fwd_kernel, K._bwd_kv_kernel, K._bwd_q_kernel):
-    const = {name: value for name, value in consts.items() if name in kernel.arg_names}
-    signature = {name: "*bf16" if name in tensors else "*fp32" if name in ("lse", "delta", "dw_part")
-                 else "fp32" if name == "scale" else "i32" for name in kernel.arg_names if name not in const}
-    signature.update({name: "constexpr" for name in const})
-    compiled = triton.compile(ASTSource(kernel, signature, const), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    print(kernel.__name__, "shared memory", compiled.metadata.shared)
+# T·H channels and widths: the issue's benchmark shape (8, 288) and BridgeNet's decoder on NYUD (T = 4) and
+# PASCAL (T = 5), 2 heads of 256 (as the models call it, found by planning them on meta tensors)
+for C, D in ((8, 288), (8, 256), (10, 256)):
+    cfg = K.default_config(C, D, D)
+    consts = dict(C=C, C_PAD=K._pow2(C), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                  BLOCK_DV=cfg.block_dv, BLOCK_DG=cfg.block_dgrad)
+    for kernel in (K._fwd_kernel, K._bwd_kv_kernel, K._bwd_q_kernel):
+        const = {name: value for name, value in consts.items() if name in kernel.arg_names}
+        signature = {name: "*bf16" if name in tensors else "*fp32" if name in ("lse", "delta", "dw_part")
+                     else "fp32" if name == "scale" else "i32" for name in kernel.arg_names if name not in const}
+        signature.update({name: "constexpr" for name in const})
+        compiled = triton.compile(ASTSource(kernel, signature, const), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        print(C, D, kernel.__name__, "shared memory", compiled.metadata.shared)
 """
 
 
 @pytest.mark.compile_only
 def test_kernels_compile_for_sm90():
-    assert run_without_interpreter(["-c", _COMPILE_SM90], timeout=900).count("shared memory") == 3
+    assert run_without_interpreter(["-c", _COMPILE_SM90], timeout=900).count("shared memory") == 9
 
 
 def test_saved_activations_within_the_target():
