@@ -246,3 +246,19 @@ def test_cli_bench_report(tmp_path):
     empty = subprocess.run([sys.executable, "-m", "mtlfast", "bench", "--report", str(tmp_path / "none")],
                            capture_output=True, text=True, timeout=600)
     assert empty.returncode == 1 and "--report: no op result files" in empty.stderr
+
+
+def test_gpu_check_first_cases_exist():
+    """gpu_check.sh's first benchmark pass names one case per target: every name is a registered GPU case and
+    every op with GPU targets has one (a typo would silently measure nothing first)."""
+    import re
+
+    from mtlfast.bench.harness import load_benchmarks
+
+    script = open(os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.sh")).read()
+    (pattern,) = re.findall(r"first='\^\(([^)]*)\)\$'", script)
+    names = pattern.split("|")
+    cases = {op: [c.name for c in b.cases("cuda")] for op, b in load_benchmarks().items()}
+    assert all(any(n in cs for cs in cases.values()) for n in names), names
+    with_gpu_targets = {op for op, b in load_benchmarks().items() if any(t.device == "cuda" for t in b.targets)}
+    assert {op for op, cs in cases.items() if set(cs) & set(names)} == with_gpu_targets
