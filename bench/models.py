@@ -1,7 +1,10 @@
 """Model-level benchmark behind ``mtlfast bench --models`` (issue 8): kernel path vs reference path.
 
 For each model setting (method, backbone, dataset input size, paper batch size) and each path
-(``kernels``: backend ``auto``; ``reference``: backend ``reference``), in bf16 autocast on a GPU:
+(``kernels``: backend ``auto``; ``reference``: backend ``reference``; ``kernels_checkpointed``: backend ``auto``
+with ``model.checkpoint_decoder``, the configuration that the exact activation counts of
+``mtlfast info --models --activations`` show is needed for large memory savings outside TPIM), in bf16
+autocast on a GPU:
 
 - one training step (forward + backward + optimiser step): median time, images/s, peak memory;
 - one inference forward: median time, images/s, peak memory;
@@ -26,7 +29,9 @@ from mtlfast.backends import use_backend
 from mtlfast.bench.harness import peak_memory_cuda
 from mtlfast.models.summary import NYUD, PASCAL, SummarySetting
 
-PATHS = ("kernels", "reference")
+#: path -> (backend, model.checkpoint_decoder)
+PATHS = {"kernels": ("auto", False), "reference": ("reference", False),
+         "kernels_checkpointed": ("auto", True)}
 
 
 @dataclass(frozen=True)
@@ -78,11 +83,13 @@ def _is_oom(exc: BaseException) -> bool:
 class _Runner:
     """A model with its loss and optimiser, and closures for a training step and an inference forward."""
 
-    def __init__(self, setting: ModelSetting, device: torch.device, state: dict | None):
+    def __init__(self, setting: ModelSetting, device: torch.device, state: dict | None,
+                 checkpoint_decoder: bool = False):
         from mtlfast.losses import MultiTaskLoss
 
         self.setting, self.device = setting, device
         self.model = setting.create().to(device)
+        self.model.checkpoint_decoder = checkpoint_decoder
         if state is not None:
             self.model.load_state_dict(state)
         self.loss = MultiTaskLoss(list(setting.tasks), stage_weights=getattr(self.model, "aux_loss_weights", None))
@@ -203,12 +210,12 @@ def run_setting(setting: ModelSetting, device: torch.device, *, quick: bool, fin
     result: dict = {"setting": setting.name, "method": setting.method, "backbone": setting.backbone,
                     "dataset": setting.dataset, "size": list(setting.size), "batch": setting.batch, "paths": {}}
     state = None
-    for path in PATHS:
+    for path, (backend, checkpointed) in PATHS.items():
         entry: dict = {}
         try:
-            with use_backend("auto" if path == "kernels" else "reference"):
+            with use_backend(backend):
                 torch.manual_seed(0)
-                runner = _Runner(setting, device, state)
+                runner = _Runner(setting, device, state, checkpoint_decoder=checkpointed)
                 state = state or {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
                 images, labels = runner.batch(setting.batch)
                 train_ms = _median_ms(lambda: runner.train_step(images, labels), device, reps, warmup)
@@ -229,33 +236,36 @@ def run_setting(setting: ModelSetting, device: torch.device, *, quick: bool, fin
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         result["paths"][path] = entry
-    k, r = result["paths"]["kernels"], result["paths"]["reference"]
-    for key in ("train_ms", "infer_ms", "train_peak_bytes", "infer_peak_bytes"):
-        if k.get(key) and r.get(key):
-            result[f"{key}_ratio_kernels_over_reference"] = k[key] / r[key]
+    r = result["paths"]["reference"]
+    for path in (p for p in PATHS if p != "reference"):
+        k = result["paths"][path]
+        for key in ("train_ms", "infer_ms", "train_peak_bytes", "infer_peak_bytes"):
+            if k.get(key) and r.get(key):
+                result[f"{key}_ratio_{path}_over_reference"] = k[key] / r[key]
     return result
 
 
 def format_models_table(results: list[dict]) -> str:
-    lines = [f"{'setting':<40} {'path':<10} {'train ms':>9} {'img/s':>7} {'peak GiB':>9} {'infer ms':>9} "
+    lines = [f"{'setting':<40} {'path':<20} {'train ms':>9} {'img/s':>7} {'peak GiB':>9} {'infer ms':>9} "
              f"{'max batch':>9}"]
     for res in results:
         for path, e in res["paths"].items():
             if "error" in e:
-                lines.append(f"{res['setting']:<40} {path:<10} {e['error']}")
+                lines.append(f"{res['setting']:<40} {path:<20} {e['error']}")
                 continue
             peak = f"{e['train_peak_bytes'] / 2**30:.2f}" if e.get("train_peak_bytes") is not None else "-"
-            lines.append(f"{res['setting']:<40} {path:<10} {e['train_ms']:>9.1f} {e['train_images_per_s']:>7.1f} "
+            lines.append(f"{res['setting']:<40} {path:<20} {e['train_ms']:>9.1f} {e['train_images_per_s']:>7.1f} "
                          f"{peak:>9} {e['infer_ms']:>9.1f} {e.get('max_train_batch', '-'):>9}")
-        ratios = {k: v for k, v in res.items() if k.endswith("_ratio_kernels_over_reference")}
-        if ratios:
-            lines.append("    kernels/reference: " + ", ".join(
-                f"{k.replace('_ratio_kernels_over_reference', '')} {v:.2f}" for k, v in ratios.items()))
+        for path in (p for p in PATHS if p != "reference"):
+            suffix = f"_ratio_{path}_over_reference"
+            ratios = {k[:-len(suffix)]: v for k, v in res.items() if k.endswith(suffix)}
+            if ratios:
+                lines.append(f"    {path}/reference: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     return "\n".join(lines)
 
 
 def plot_models(results: list[dict], path: str) -> None:
-    """Bars per model setting: training step time and peak memory, reference vs kernels."""
+    """Bars per model setting: training step time and peak memory, per path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -263,9 +273,11 @@ def plot_models(results: list[dict], path: str) -> None:
     names = [r["setting"] for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(names)), 4.5))
     for ax, key, label in ((axes[0], "train_ms", "training step (ms)"), (axes[1], "train_peak_bytes", "peak memory (GiB)")):
-        for offset, p in ((-0.2, "reference"), (0.2, "kernels")):
-            values = [(r["paths"][p].get(key) or 0) / (2**30 if "bytes" in key else 1) for r in results]
-            ax.bar([i + offset for i in range(len(names))], values, width=0.4, label=p)
+        width = 0.8 / len(PATHS)
+        for j, p in enumerate(("reference", *(p for p in PATHS if p != "reference"))):
+            values = [(r["paths"].get(p, {}).get(key) or 0) / (2**30 if "bytes" in key else 1) for r in results]
+            offset = (j - (len(PATHS) - 1) / 2) * width
+            ax.bar([i + offset for i in range(len(names))], values, width=width, label=p)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.set_title(label)
         ax.legend()

@@ -145,10 +145,11 @@ def test_cli_bench_and_info_run():
     assert result.returncode == 2 and "unknown op(s) no_such_op" in result.stderr
 
 
-def test_model_benchmark_runs_both_paths_on_cpu():
-    """`mtlfast bench --models` code on a CPU-sized SEM (convnet_tiny, 64x64): both paths measured with the same
-    weights, the per-block breakdown names the model's blocks, ratios computed; failures() reports a failing
-    path unless it ran out of memory."""
+def test_model_benchmark_runs_every_path_on_cpu(tmp_path):
+    """`mtlfast bench --models` code on a CPU-sized SEM (convnet_tiny, 64x64): every path (kernels, reference,
+    kernels with the decoder checkpointed) measured with the same weights, the per-block breakdown names the
+    model's blocks, ratios to the reference computed, table and plot made; failures() reports a failing path
+    unless it ran out of memory."""
     from mtlfast.bench import models
 
     setting = models.ModelSetting("sem", "convnet_tiny", "nyud", ("semseg", "depth"), size=(64, 64), batch=1,
@@ -160,6 +161,10 @@ def test_model_benchmark_runs_both_paths_on_cpu():
         assert entry["train_ms"] > 0 and entry["infer_ms"] > 0 and entry["train_images_per_s"] > 0
         assert {"HierarchyAdaptiveAttention", "EMInteraction"} <= {b["type"] for b in entry["blocks"]}
     assert result["train_ms_ratio_kernels_over_reference"] > 0
+    assert result["train_ms_ratio_kernels_checkpointed_over_reference"] > 0
+    assert "kernels_checkpointed/reference: train_ms" in models.format_models_table([result])
+    models.plot_models([result], str(tmp_path / "models.png"))
+    assert (tmp_path / "models.png").stat().st_size > 0
     assert models.failures([result]) == []
     result["paths"]["kernels"] = {"error": "RuntimeError: CUDA out of memory", "out_of_memory": True}
     result["paths"]["reference"] = {"error": "ValueError: bad", "out_of_memory": False}
