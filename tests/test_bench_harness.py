@@ -143,6 +143,9 @@ def test_cli_bench_and_info_run():
         assert result.returncode == 0, result.stderr
     result = subprocess.run([sys.executable, "-m", "mtlfast", "bench", "no_such_op"], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown op(s) no_such_op" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "mtlfast", "info", "--out", "table.json"], capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and "--out writes the --models table; give --models" in result.stderr
 
 
 def test_model_benchmark_runs_every_path_on_cpu(tmp_path):

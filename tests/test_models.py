@@ -452,3 +452,19 @@ def test_summary_table():
     n, c = 64 * 64, 256
     assert rows[1]["gflops"] * 1e9 > 6 * 4 * 2 * n * n * c
     assert "mtinet" in format_table(rows)
+
+
+def test_summary_table_with_activations():
+    """`mtlfast info --models --activations` rows: saved MB per path (the same numbers as saved_activations) and
+    the table's saved-activation columns with both ratios."""
+    from mtlfast.models.summary import SummarySetting, format_table, model_summary, saved_activations
+
+    setting = SummarySetting("tpim", "convnet_tiny", "nyud", ("semseg", "depth"), SMALL["tpim"], size=(64, 96))
+    (row,) = model_summary([setting], flops=False, activations=True)
+    assert row["gflops"] is None
+    assert row["saved_mb"] == {k: v / 1e6 for k, v in saved_activations(setting).items()}
+    mb = row["saved_mb"]
+    line = format_table([row]).splitlines()[-1]
+    assert line.endswith(f"{mb['reference']:>15.0f}{mb['kernels']:>9.0f}{mb['kernels'] / mb['reference']:>7.2f}"
+                         f"{mb['kernels_checkpointed']:>7.0f}{mb['kernels_checkpointed'] / mb['reference']:>7.2f}")
+    assert "saved MB: ref" in format_table([row])
