@@ -77,8 +77,8 @@ run_phase() {  # name, max seconds (0: no cap), command...: logs to $WORK/logs/<
 
 # The GPU image has pytest-xdist and pytest-timeout: tests in parallel processes (they share the GPU; Triton's
 # compilations are CPU work: the op tests launch ~500 distinct kernel specialisations in fp32/fp16 on the CPU,
-# so ~750 with bf16, at ~0.6 s of one core each for sm_90), and a hung test fails alone instead of using up the call. -v lists every test's
-# outcome as it ends, so a phase stopped by its time limit still says what passed.
+# so ~750 with bf16, at ~0.6 s of one core each for sm_90), and a hung test fails alone instead of using up
+# the call. -v lists every test's outcome as it ends, so a phase stopped by its time limit still says what passed.
 pytest_opts=(-v -rs --durations=15)
 $PY -c "import xdist" 2>/dev/null && pytest_opts+=(-n "${GPU_CHECK_WORKERS:-12}")
 $PY -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout=240)

@@ -374,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start no case (with --models: no model setting) after this many seconds; the ones "
                             "left are recorded as not run (exit status 3)")
     bench.add_argument("--resume", action="store_true",
-                       help="keep the cases an earlier result file of the same commit, dtype and modes measured; "
-                            "run only the others")
+                       help="keep the cases an earlier result file of the same sources (harness.source_fingerprint), "
+                            "dtype and modes measured; run only the others")
     bench.add_argument("--report", metavar="DIR",
                        help="check the issues' targets on the result files in DIR (bench/results/<device>) and "
                             "print them as a Markdown table; measures nothing")
