@@ -534,11 +534,16 @@ def read_result(out_dir: str, device: str, op: str) -> dict[str, object] | None:
         return json.load(f)
 
 
-def write_result(result: Mapping[str, object], out_dir: str, device: str) -> str:
-    path = result_path(out_dir, device, result["op"])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def write_json(path: str, data: object) -> str:
+    """Writes ``data`` as JSON to ``path`` atomically (a temporary file, then a rename), creating the folder:
+    a run stopped mid-write leaves the previous file intact."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump(data, f, indent=1)
     os.replace(tmp, path)
     return path
+
+
+def write_result(result: Mapping[str, object], out_dir: str, device: str) -> str:
+    return write_json(result_path(out_dir, device, result["op"]), result)

@@ -22,9 +22,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print()
         print(format_table(rows))
         if args.out:
-            import json
-
-            from mtlfast.bench.harness import environment
+            from mtlfast.bench.harness import environment, write_json
 
             env = environment("cpu")
             try:  # the paper backbones' provenance
@@ -32,11 +30,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 env["timm"] = timm.__version__
             except ImportError:
                 env["timm"] = None
-            tmp = args.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"environment": env, "rows": rows}, f, indent=1)
-            os.replace(tmp, args.out)
-            print(f"wrote {args.out}")
+            print(f"wrote {write_json(args.out, {'environment': env, 'rows': rows})}")
     return 0
 
 
@@ -127,7 +121,6 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
 
 def _bench_models(args: argparse.Namespace) -> int:
     import dataclasses
-    import json
     import re
 
     import torch
@@ -146,11 +139,8 @@ def _bench_models(args: argparse.Namespace) -> int:
 
     def save(results, complete):  # after every setting, so that a run stopped from outside keeps what it measured
         if folder:
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, "models.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump({"environment": environment, "complete": complete, "results": results}, f, indent=1)
-            os.replace(tmp, os.path.join(folder, "models.json"))
+            harness.write_json(os.path.join(folder, "models.json"),
+                               {"environment": environment, "complete": complete, "results": results})
 
     results, left = [], []
     for setting in settings:
