@@ -27,11 +27,9 @@ import torch
 
 from mtlfast.backends import use_backend
 from mtlfast.bench.harness import peak_memory_cuda
-from mtlfast.models.summary import NYUD, PASCAL, SummarySetting
+from mtlfast.models.summary import NYUD, PASCAL, PATHS, SummarySetting
 
-#: path -> (backend, model.checkpoint_decoder)
-PATHS = {"kernels": ("auto", False), "reference": ("reference", False),
-         "kernels_checkpointed": ("auto", True)}
+
 
 
 @dataclass(frozen=True)
@@ -274,7 +272,7 @@ def plot_models(results: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(names)), 4.5))
     for ax, key, label in ((axes[0], "train_ms", "training step (ms)"), (axes[1], "train_peak_bytes", "peak memory (GiB)")):
         width = 0.8 / len(PATHS)
-        for j, p in enumerate(("reference", *(p for p in PATHS if p != "reference"))):
+        for j, p in enumerate(PATHS):
             values = [(r["paths"].get(p, {}).get(key) or 0) / (2**30 if "bytes" in key else 1) for r in results]
             offset = (j - (len(PATHS) - 1) / 2) * width
             ax.bar([i + offset for i in range(len(names))], values, width=width, label=p)

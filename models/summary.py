@@ -10,10 +10,10 @@ report multiply-adds as "FLOPs", i.e. half of these numbers.
 :func:`saved_activations` counts, exactly and without a GPU, the bytes of the activations one training forward
 keeps for the backward on the reference path and on the GPU kernel path: the model runs in bfloat16 on meta
 tensors with the backends planned as on a GPU (:func:`mtlfast.backends.meta_planning`), so every op runs its
-fake implementation and autograd records what the real one saves. Parameters, buffers and the images are not counted. This is the part of the training
-memory that the kernels change; the GPU peak (issue 8, ``mtlfast bench --models``) also holds weights,
-gradients, optimiser state and transients, and the bfloat16 model stands for bf16 autocast (which keeps a few
-ops in float32).
+fake implementation and autograd records what the real one saves. Parameters, buffers and the images are not
+counted. This is the part of the training memory that the kernels change; the GPU peak (issue 8,
+``mtlfast bench --models``) also holds weights, gradients, optimiser state and transients, and the bfloat16
+model stands for bf16 autocast (which keeps a few ops in float32).
 """
 from __future__ import annotations
 
@@ -75,15 +75,15 @@ def _settings() -> list[SummarySetting]:
 SETTINGS = _settings()
 
 
-#: The paths :func:`saved_activations` counts: (backend, model.checkpoint_decoder).
-ACTIVATION_PATHS = {"reference": ("reference", False), "kernels": ("auto", False),
-                    "kernels_checkpointed": ("auto", True)}
+#: The training paths compared, by :func:`saved_activations` here and by ``mtlfast bench --models`` on a GPU:
+#: name -> (backend, model.checkpoint_decoder).
+PATHS = {"reference": ("reference", False), "kernels": ("auto", False), "kernels_checkpointed": ("auto", True)}
 
 
 def saved_activations(setting: SummarySetting, *, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
-                      paths: tuple[str, ...] = tuple(ACTIVATION_PATHS)) -> dict[str, int]:
+                      paths: tuple[str, ...] = tuple(PATHS)) -> dict[str, int]:
     """Bytes of the activations one training forward (``forward_train``, all outputs incl. deep supervision)
-    of ``batch`` images keeps for the backward, in ``dtype``, per path of :data:`ACTIVATION_PATHS`: the
+    of ``batch`` images keeps for the backward, in ``dtype``, per path of :data:`PATHS`: the
     reference ops, the GPU kernel path (backend auto as on a GPU), and the kernel path with the decoder stages
     checkpointed (``checkpoint_decoder``; their inputs count). See the module docstring."""
     from mtlfast.bench.harness import saved_activation_bytes
@@ -91,7 +91,7 @@ def saved_activations(setting: SummarySetting, *, batch: int = 1, dtype: torch.d
     counts = {}
     images = torch.empty(batch, 3, *setting.size, device="meta", dtype=dtype)
     for path in paths:
-        backend, checkpointed = ACTIVATION_PATHS[path]
+        backend, checkpointed = PATHS[path]
         with torch.device("meta"):
             model = setting.create().to(dtype).train()
         model.checkpoint_decoder = checkpointed

@@ -281,12 +281,12 @@ def test_saved_activations_on_meta_match_a_real_run(method):
     backends) and the kernel path with the decoder checkpointed, which keeps less. (At this tiny size the
     kernels' logsumexp and outputs can outweigh the reference's attention maps; the paper-size counts are in
     bench/results/activations/.)"""
-    from mtlfast.models.summary import ACTIVATION_PATHS, SummarySetting, saved_activations
+    from mtlfast.models.summary import PATHS, SummarySetting, saved_activations
 
     setting = SummarySetting(method, "convnet_tiny", "nyud", ("semseg", "depth"), kwargs=SMALL[method], size=(64, 64))
     counted = saved_activations(setting, batch=2, dtype=torch.float32)
     images = torch.randn(2, 3, 64, 64)  # (BatchNorm needs two values per channel in training)
-    for path, (backend, checkpointed) in ACTIVATION_PATHS.items():
+    for path, (backend, checkpointed) in PATHS.items():
         model = setting.create().train()
         model.checkpoint_decoder = checkpointed
         state = [*model.parameters(), *model.buffers()]

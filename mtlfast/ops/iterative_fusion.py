@@ -23,10 +23,9 @@ gradient comes back in its own dtype.
   log-sum-exp (flash-style), and so does the backward. Costs 2·N²·D extra flops and N² exponentials per
   step; needed when B·N² does not fit (e.g. N = 16k).
 - ``"auto"``: materialize when the Co buffer, B·N²·itemsize bytes, is at most a quarter of the free device
-  memory (CUDA: ``torch.cuda.mem_get_info``; on CPU, on fake CUDA tensors without a GPU, and while
-  torch.compile traces, a fixed 4 GiB is assumed free) and N² < 2³¹ (32-bit offsets within one batch
-  element), else recompute. The rule is about memory only: which mode is faster at a given N is not measured
-  yet (no GPU so far).
+  memory (CUDA: ``torch.cuda.mem_get_info``; on CPU, and while torch.compile traces, a fixed 4 GiB is
+  assumed free) and N² < 2³¹ (32-bit offsets within one batch element), else recompute. The rule is about
+  memory only: which mode is faster at a given N is not measured yet (no GPU so far).
 Both modes save only lse (B, N) and ⌈n/L⌉ − 1 checkpoints of Vᵗ (L = ⌈√n⌉) for the backward; see
 kernels/iterative_fusion.py for the adjoint recursion and the memory accounting.
 """
@@ -75,7 +74,7 @@ def choose_materialize(mode: str, q: torch.Tensor) -> bool:
     B, N = q.shape[0], q.shape[1]
     co_bytes = B * N * N * q.element_size()
     free = _ASSUMED_FREE_BYTES
-    if q.device.type == "cuda" and torch.cuda.is_available() and not torch.compiler.is_compiling():
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
         free = torch.cuda.mem_get_info(q.device)[0]
     return N * N < _INT32 and co_bytes <= free // 4
 
