@@ -80,6 +80,12 @@ def _corner_coordinates(P, WTS, row, s, S, mask, H, W):
 
 
 @triton.jit
+def _corner_weight(fx, fy, w, K: tl.constexpr):
+    """c_k · w for corner K = 0..3 at (y0 + K // 2, x0 + K % 2)."""
+    return (fx if K % 2 else 1.0 - fx) * (fy if K // 2 else 1.0 - fy) * w
+
+
+@triton.jit
 def _corner_rows(V, b, x, y, mask, H, W, sv_b, sv_h, sv_w):
     """Offsets of the corner rows (int64) and whether each is inside the image."""
     inside = mask & (x >= 0) & (x < W) & (y >= 0) & (y < H)
@@ -100,8 +106,7 @@ def _forward_kernel(V, P, WTS, ACC, s, S, N, C, H, W, sv_b, sv_c, sv_h, sv_w,
     c_off = c.to(tl.int64)[None, :] * sv_c
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for k in tl.static_range(4):
-        # corner k: (y0 + k // 2, x0 + k % 2); k is a compile-time constant
-        coef = (fx if k % 2 else 1.0 - fx) * (fy if k // 2 else 1.0 - fy) * w
+        coef = _corner_weight(fx, fy, w, k)
         base, inside = _corner_rows(V, b, x0 + k % 2, y0 + k // 2, n_mask, H, W, sv_b, sv_h, sv_w)
         v = tl.load(base[:, None] + c_off, mask=inside[:, None] & c_mask[None, :], other=0.0)
         acc += coef[:, None] * v.to(tl.float32)
@@ -169,7 +174,7 @@ def _corner_keys_kernel(P, WTS, KEYS, COEF, s, S, N, BN, H, W, num_pixels, BLOCK
         y = y0 + k // 2
         inside = (x >= 0) & (x < W) & (y >= 0) & (y < H)
         key = tl.where(inside, (b * H + y) * W + x, num_pixels)
-        coef = (fx if k % 2 else 1.0 - fx) * (fy if k // 2 else 1.0 - fy) * w
+        coef = _corner_weight(fx, fy, w, k)
         tl.store(KEYS + row * 4 + k, key, mask=mask)
         tl.store(COEF + row * 4 + k, coef, mask=mask)
 
@@ -216,15 +221,13 @@ def _forward(values, points, weights):
     C, S = values[0].shape[1], len(values)
     cfg = launch_config(C, points.device)
     points, weights = points.contiguous(), weights.contiguous()
-    acc = torch.empty(B, N, C, device=points.device, dtype=torch.float32)
+    acc = empty((B, N, C), device=points.device, dtype=torch.float32)  # the first stage writes every element
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(C, cfg.block_c), B)
     for s, stage in enumerate(values):
         v = _channels_last(stage)
         _forward_kernel[grid](v, points, weights, acc, s, S, N, C, v.shape[2], v.shape[3], *_strides(v),
                               FIRST=s == 0, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
-    out = empty((B, N, C), device=points.device, dtype=points.dtype)
-    out.copy_(acc)
-    return out
+    return acc.to(points.dtype)
 
 
 def _value_gradient(grad_out: torch.Tensor, points: torch.Tensor, weights: torch.Tensor, s: int, H: int, W: int,

@@ -182,8 +182,11 @@ def _atomic_backward_refused(values, points, weights) -> bool:
     return needs_grad and _deterministic_mode()
 
 
+_cuda_shape_limits = _limits(CUDA_MAX_STAGES)
+
+
 def _cuda_limits(values, points, weights) -> list[str]:
-    reasons = _limits(CUDA_MAX_STAGES)(values, points, weights)
+    reasons = _cuda_shape_limits(values, points, weights)
     if _atomic_backward_refused(values, points, weights):
         reasons.append("torch.use_deterministic_algorithms(True) is on and its value gradient is a float atomic "
                        "scatter (not bit-reproducible); the triton backend's gather is deterministic")
