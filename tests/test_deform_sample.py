@@ -3,6 +3,7 @@ literal grid_sample reference, forward and the gradients to every stage, the poi
 gradcheck; a float64 proof of the corner-dot rewrite the kernels use for the point/weight gradients;
 determinism of the value gradient; layouts; torch.library registration (opcheck, torch.compile); input errors.
 The torch-free kernel itself is also unit-tested under ctest (csrc/tests/test_deform_sample.cpp)."""
+import contextlib
 import sys
 
 import pytest
@@ -161,8 +162,10 @@ def _backward_grads(inputs, g, backend="cpp"):
 
 
 def _float32(inputs, device="cpu"):
-    return {k: (v.to(device, torch.float32) if isinstance(v, torch.Tensor) else [t.to(device, torch.float32) for t in v])
-            for k, v in inputs.items()}
+    def cast(t):
+        return t.to(device, torch.float32)
+
+    return {k: cast(v) if isinstance(v, torch.Tensor) else [cast(t) for t in v] for k, v in inputs.items()}
 
 
 @needs_extension
@@ -252,6 +255,18 @@ def test_opcheck_and_compile(backend, device):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@contextlib.contextmanager
+def _deterministic_algorithms(warn_only=False):
+    """torch.use_deterministic_algorithms(True, warn_only=...) inside the block; the previous mode after it."""
+    was = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn_only)
+
+
 def test_triton_backend_declarations():
     """On a GPU auto takes the Triton path only where the CUDA kernel refuses (it stays the default until both
     are timed); the CUDA kernel refuses a call that will need a gradient under
@@ -269,19 +284,15 @@ def test_triton_backend_declarations():
 
     cuda_limits = _OP.implementations["cuda"].limits
     grad_args = (args[0], args[1], args[2].clone().requires_grad_())
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        assert cuda_limits(*grad_args) == []
-        torch.use_deterministic_algorithms(True)
+    assert cuda_limits(*grad_args) == []
+    with _deterministic_algorithms():
         (reason,) = cuda_limits(*grad_args)
         assert "use_deterministic_algorithms(True)" in reason and "triton" in reason
         assert cuda_limits(*args) == []  # nothing needs a gradient
         with torch.no_grad():
             assert cuda_limits(*grad_args) == []
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    with _deterministic_algorithms(warn_only=True):
         assert cuda_limits(*grad_args) == []
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 def test_cuda_limits_trace_under_torch_compile():
@@ -294,13 +305,11 @@ def test_cuda_limits_trace_under_torch_compile():
     inputs = _float32(_inputs(1, 3, 2, [(2, 2)], gen))
     points = inputs["points"].requires_grad_()
     count = torch.compile(lambda v, p, w: p * len(cuda_limits([v], p, w)), fullgraph=True, backend="aot_eager")
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        torch.use_deterministic_algorithms(True)
-        torch._dynamo.reset()
-        assert torch.equal(count(inputs["values"][0], points, inputs["weights"]), points)
+        with _deterministic_algorithms():
+            torch._dynamo.reset()
+            assert torch.equal(count(inputs["values"][0], points, inputs["weights"]), points)
     finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
         torch._dynamo.reset()
 
 
@@ -431,16 +440,12 @@ def test_auto_is_deterministic_under_deterministic_algorithms():
     gen = torch.Generator().manual_seed(fresh_seed())
     inputs = _float32(_inputs(2, 3001, 32, [(3, 2), (2, 5)], gen), "cuda")
     g = randn(2, 3001, 32, generator=gen, dtype=torch.float32, device="cuda")
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
+    with _deterministic_algorithms():
         leaves = [t.requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
         assert _OP.select("auto", "cuda", torch.float32, (leaves[:2], leaves[2], leaves[3])).backend == "triton"
         first = _backward_grads(inputs, g, "auto")
         for a, b in zip(first, _backward_grads(inputs, g, "auto")):
             assert torch.equal(a, b)
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 #: The caching allocator counts a large block whole when the rest of its segment is too small to split off
@@ -463,12 +468,11 @@ def _bf16_gpu_inputs(channels_last):
 
 
 def _peak_bytes(fn, *args):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    result = fn(*args)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base, result
+    """(peak CUDA bytes allocated during fn(*args) above what was allocated before, its result)."""
+    from mtlfast.bench.harness import peak_memory_cuda
+
+    result = []
+    return peak_memory_cuda(lambda: result.append(fn(*args))), result[0]
 
 
 @pytest.mark.gpu
