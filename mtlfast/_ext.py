@@ -7,6 +7,7 @@ never an ImportError for the user: :func:`status` records why, and the backend m
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,9 @@ def status() -> ExtensionStatus:
 
 
 def _load() -> ExtensionStatus:
+    if importlib.util.find_spec("mtlfast._C") is None:  # Python's own message for this names a circular import
+        return ExtensionStatus(False, "not built: a pure-Python install (torch absent at install time, "
+                                      "MTLFAST_NO_EXTENSION=1, or a compile error without MTLFAST_STRICT_BUILD=1)")
     try:
         from mtlfast import _C  # noqa: F401  (registers torch.ops.mtlfast.*)
     except Exception as exc:  # ImportError when not built; OSError for an ABI mismatch with torch

@@ -101,6 +101,20 @@ def meta_planning(device: str = "cuda") -> Iterator[None]:
         _meta_plan.reset(token)
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int(minor)
+
+
+def _interpreter_numpy_clash() -> bool:
+    """Triton <= 3.6's interpreter converts one-element arrays to Python scalars, deprecated by numpy 1.25 and a
+    TypeError since numpy 2.4 (seen with triton 3.6.0: numpy 2.3.5 passes the op tests, 2.4.0 and 2.5.2 fail)."""
+    import numpy
+    import triton
+
+    return _version(triton.__version__) <= (3, 6) and _version(numpy.__version__) >= (2, 4)
+
+
 def triton_unavailable(device_type: str, dtype: torch.dtype | None = None) -> str | None:
     """Why Triton kernels cannot run on ``device_type`` (in ``dtype``) here, or None."""
     try:
@@ -111,6 +125,11 @@ def triton_unavailable(device_type: str, dtype: torch.dtype | None = None) -> st
         return "Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before triton is imported"
     if device_type == "cpu" and dtype == torch.bfloat16:  # it computes bfloat16 wrongly, silently
         return "the Triton interpreter (CPU) has no bfloat16 math"
+    if device_type == "cpu" and _interpreter_numpy_clash():
+        import numpy
+        return (f"Triton {triton.__version__}'s interpreter fails on these kernels with numpy >= 2.4 (TypeError: only "
+                f"0-dimensional arrays ...; numpy {numpy.__version__} is installed): install numpy<2.4, as the [test] "
+                "extra does")
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
     return None

@@ -130,3 +130,24 @@ def test_meta_planning():
     with pytest.raises(ValueError, match="meta_planning: device must be one of cuda, cpu"):
         with meta_planning("tpu"):
             pass
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.3.5", False), ("3.6.0", "2.4.0", True), ("3.6.0", "2.5.2", True), ("3.7.0", "2.5.2", False)])
+def test_triton_refuses_the_interpreter_with_numpy_2_4(monkeypatch, triton_version, numpy_version, refused):
+    """Triton 3.6's interpreter raises a bare TypeError inside every kernel under numpy >= 2.4 (seen: 140 op tests
+    failed with numpy 2.5.2), so the CPU Triton backend refuses up front and names the fix."""
+    import numpy
+    import triton
+
+    from mtlfast.backends import triton_unavailable
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # also where a GPU is present and the tests do not set it
+    reason = triton_unavailable("cpu", torch.float32)
+    if refused:
+        assert f"numpy {numpy_version} is installed" in reason and "numpy<2.4" in reason
+    else:
+        assert reason is None
+    assert triton_unavailable("meta", torch.float32) is None  # the GPU (and its planning) runs no interpreter

@@ -39,6 +39,20 @@ def test_extension_built_and_loaded():
     assert "openmp=yes" in status.build_info
 
 
+def test_missing_extension_reason(monkeypatch):
+    """A pure install's reason says so (Python's own ImportError for the missing submodule names a circular
+    import, which sent readers of `mtlfast info` the wrong way)."""
+    import importlib.util
+
+    from mtlfast import _ext
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mtlfast._C" else real_find_spec(name, *a))
+    status = _ext._load()
+    assert not status.loaded and status.reason.startswith("not built: a pure-Python install")
+
+
 def test_pure_python_wheel_without_torch(tmp_path):
     """With torch not importable at build time, setup.py still builds a (pure-Python) wheel."""
     # sys.modules["torch"] = None makes every `import torch` in setup.py raise ImportError.
