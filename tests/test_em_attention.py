@@ -182,12 +182,12 @@ def test_bad_inputs(backend):
         call(x, mu, 3, detach_iterations=1)
 
 
-def test_triton_refusals():
+def test_triton_refusals(device):
     x, mu = _x_mu(K=257)
-    with pytest.raises(BackendError, match="K=257 bases exceed"):
-        em_attention(x, mu, 1, backend="triton")
+    with pytest.raises(BackendError, match="K=257 bases exceed"):  # on the device: a limit is asked of a usable backend
+        em_attention(x.to(device), mu.to(device), 1, backend="triton")
     with pytest.raises(BackendError, match="float64 not supported"):
-        em_attention(*_x_mu(dtype=torch.float64), 1, backend="triton")
+        em_attention(*(t.to(device) for t in _x_mu(dtype=torch.float64)), 1, backend="triton")
 
 
 def test_reference_is_the_auto_choice_on_cpu():

@@ -285,9 +285,9 @@ def test_saved_activations_on_meta_match_a_real_run(method):
 
     setting = SummarySetting(method, "convnet_tiny", "nyud", ("semseg", "depth"), kwargs=SMALL[method], size=(64, 64))
     counted = saved_activations(setting, batch=2, dtype=torch.float32)
-    images = torch.randn(2, 3, 64, 64)  # (BatchNorm needs two values per channel in training)
-    for path, (backend, checkpointed) in PATHS.items():
-        model = setting.create().train()
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)  # (BatchNorm needs two values per channel in training)
+    for path, (backend, checkpointed) in PATHS.items():  # on a GPU, auto there is the path planned on meta
+        model = setting.create().train().to(DEVICE)
         model.checkpoint_decoder = checkpointed
         state = [*model.parameters(), *model.buffers()]
         real_backend, per_op = ("reference", {}) if backend == "reference" else KERNEL_PATH
