@@ -14,11 +14,12 @@ Per stage s (one launch each; stages may differ in size and layout):
   then ∂L/∂w_s = Σ_k c_k d_k and ∂L/∂(x, y) += w_s (W_s/2 ((1-fy)(d01-d00) + fy(d11-d10)),
   H_s/2 ((1-fx)(d10-d00) + fx(d11-d01))) (float32 accumulator over stages).
 - The value gradient is a GATHER, not an atomic scatter: ``_corner_keys_kernel`` lists every in-image corner
-  contribution as (pixel key b·H·W + y·W + x, c_k w_s); a stable sort by key (torch.argsort) groups them by
-  pixel in increasing point order, bincount/cumsum give each pixel's range, and ``_gather_kernel``, grid
-  (B·H·W / BLOCK_P, C / BLOCK_C), sums each pixel's contributions c_k w_s g_bn in float32 and writes the
-  gradient once, in the input dtype, channels-last. No float32 copy of the values' size exists and the sum
-  order is fixed: the value gradient is bit-identical from run to run (grid_sample's atomics are not).
+  contribution as (pixel key b·H·W + y·W + x, c_k w_s); a stable sort by key (torch.sort) groups them by
+  pixel in increasing point order, a binary search (torch.searchsorted) gives each pixel's range, and
+  ``_gather_kernel``, grid (B·H·W / BLOCK_P, C / BLOCK_C), sums each pixel's contributions c_k w_s g_bn in
+  float32 and writes the gradient once, in the input dtype, channels-last. No float32 copy of the values' size
+  exists and the sum order is fixed: the value gradient is bit-identical from run to run (grid_sample's
+  atomics are not).
 
 The backward computes the point/weight gradients first (they read the values), drops the channels-last copy
 of a stage that was not channels-last, and only then allocates that stage's value gradient: its peak is about
@@ -242,12 +243,15 @@ def _value_gradient(grad_out: torch.Tensor, points: torch.Tensor, weights: torch
     num_pixels = B * H * W
     _corner_keys_kernel[(triton.cdiv(B * N, block),)](points, weights, keys, coef, s, S, N, B * N, H, W, num_pixels,
                                                        BLOCK=block, num_warps=cfg.num_warps)
-    order = torch.argsort(keys, stable=True)
-    count = torch.bincount(keys, minlength=num_pixels + 1)[:num_pixels]
-    start = torch.cumsum(count, 0) - count
+    sorted_keys, order = torch.sort(keys, stable=True)
+    # Pixel p's entries are the run [start_p, start_p + count_p) of the sorted keys: found by binary search, which
+    # is deterministic on every device (CUDA's bincount uses atomics and refuses deterministic mode in some torch
+    # releases), so this path serves torch.use_deterministic_algorithms(True).
+    bounds = torch.searchsorted(sorted_keys, torch.arange(num_pixels + 1, device=device, dtype=keys.dtype))
+    start, count = bounds[:-1], bounds.diff()
     rows = (order // 4).to(torch.int32)
     coef = coef[order]
-    del keys, order
+    del keys, sorted_keys, order, bounds
     grad = empty((B, H, W, C), device=device, dtype=grad_out.dtype)
     grid = (triton.cdiv(num_pixels, cfg.block_p), triton.cdiv(C, cfg.block_c))
     _gather_kernel[grid](grad_out, rows, coef, start, count, grad, num_pixels, C,

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mtlfast
 from mtlfast.backends import BackendError
@@ -106,6 +107,39 @@ def test_triton_value_gradient_deterministic(device):
     first = _backward_grads(inputs, g, "triton")
     for a, b in zip(first, _backward_grads(inputs, g, "triton")):
         assert torch.equal(a, b)
+
+
+#: torch ops whose CUDA kernels accumulate with atomics (nondeterministic; torch.use_deterministic_algorithms(True)
+#: makes them raise, e.g. bincount in the releases that alert for it without weights).
+ATOMIC_ON_CUDA = {"bincount", "histc", "index_add", "scatter_add", "scatter_reduce", "put"}
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every aten op called inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__.rstrip("_"))
+        return func(*args, **(kwargs or {}))
+
+
+def test_triton_backward_calls_no_atomic_torch_op(device):
+    """auto serves gradient calls under torch.use_deterministic_algorithms(True) with the Triton path, so besides
+    its own kernels (no atomics) the backward may call no torch op that accumulates with atomics on CUDA: the
+    per-pixel ranges of the gather come from a sort and a binary search (they came from bincount, which alerts
+    in deterministic mode)."""
+    from mtlfast.kernels import deform_sample as kernels
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _float32(_inputs(2, 33, 5, [(3, 4), (2, 5)], gen), device)
+    g = randn(2, 33, 5, generator=gen, dtype=torch.float32, device=device)
+    with _OpNames() as calls:
+        kernels.backward(g, inputs["values"], inputs["points"], inputs["weights"])
+    assert {"sort", "searchsorted"} <= calls.names, calls.names  # the mode sees the launcher's torch ops
+    assert not calls.names & ATOMIC_ON_CUDA, calls.names & ATOMIC_ON_CUDA
 
 
 def test_triton_infinite_and_far_points(device):
