@@ -13,6 +13,10 @@ from mtlfast.engine.trainer import Trainer
 TINY = ["data.num_train=16", "data.num_val=4", "data.batch_size=4", "data.train_size=[32, 32]",
         "data.tasks=[semseg, depth, normals]", "train.log_every=1", "train.eval_every=0",
         "train.eval_at_start=false", "eval.edge_thresholds=5"]
+#: Tests of bit-exact equalities (resume, checkpointed decoder, DDP ranks) and the multi-process runs (gloo) train
+#: on the CPU on every machine: on a GPU, atomics in cuDNN/cuBLAS (and in some kernels) change the last bits from
+#: run to run, resumed or not, and NCCL takes one GPU per process.
+ON_CPU = ["train.device=cpu"]
 
 
 def _losses(config, resume=None):
@@ -23,12 +27,12 @@ def _losses(config, resume=None):
 
 
 def test_resume_replays_the_same_losses(tmp_path):
-    full_cfg = load_config(None, TINY + [f"output_dir={tmp_path / 'full'}", "train.iterations=7",
-                                         "train.checkpoint_every=3"])
+    full_cfg = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path / 'full'}", "train.iterations=7",
+                                                  "train.checkpoint_every=3"])
     full, _ = _losses(full_cfg)
     # interrupted run: stops after 3 iterations (its checkpoint), then resumes to 7
-    part_cfg = load_config(None, TINY + [f"output_dir={tmp_path / 'part'}", "train.iterations=7",
-                                         "train.checkpoint_every=3"])
+    part_cfg = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path / 'part'}", "train.iterations=7",
+                                                  "train.checkpoint_every=3"])
     trainer = Trainer(copy.deepcopy(part_cfg), progress=False)
     trainer.config["train"]["iterations"] = 3  # the same (7-iteration) schedule, stopped after 3
     first = [r["loss"] for r in trainer.train()]
@@ -100,24 +104,38 @@ def _torchrun(tmp_path, processes, args):
 
 
 def test_two_process_ddp_ends_with_equal_weights(tmp_path):
-    _torchrun(tmp_path, 2, TINY + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3"])
+    _torchrun(tmp_path, 2, TINY + ON_CPU + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3"])
     w0, w1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1))
     assert torch.equal(w0, w1)
     assert os.path.exists(tmp_path / "last.pt")
 
 
 def test_sync_bn_refused_on_cpu(tmp_path):
-    config = load_config(None, TINY + [f"output_dir={tmp_path}", "train.sync_bn=true"])
+    config = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path}", "train.sync_bn=true"])
     with pytest.raises(ValueError, match="train.sync_bn: torch's SyncBatchNorm runs on CUDA only"):
         Trainer(config, progress=False)
+
+
+def test_train_device_option(tmp_path):
+    """train.device: auto, cuda or cpu; anything else, or cuda without a GPU, is refused naming the key."""
+    from mtlfast.engine.trainer import _device_type
+
+    assert _device_type("cpu") == "cpu"
+    assert _device_type("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="train.device: expected auto, cuda or cpu, got 'gpu'"):
+        Trainer(load_config(None, TINY + [f"output_dir={tmp_path}", "train.device=gpu"]), progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="train.device=cuda: no CUDA device"):
+            _device_type("cuda")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("checkpoint_decoder", [False, True])
 def test_sync_bn_under_torchrun_gpu(tmp_path, checkpoint_decoder):
-    """train.sync_bn=true on CUDA: every BatchNorm becomes a SyncBatchNorm and trains under torchrun with NCCL
-    (one process: the test machine has one GPU; torch has no CPU SyncBatchNorm, so CPU runs refuse it), also
-    with the decoder stages checkpointed (their SyncBatchNorm collectives run again in the recomputation)."""
+    """train.sync_bn=true on CUDA: every BatchNorm becomes a SyncBatchNorm and trains under torchrun, also with
+    the decoder stages checkpointed. One process (the test machine has one GPU and NCCL takes one per process),
+    so no statistics are exchanged: this checks the conversion and the training path, not the collectives; torch
+    has no CPU SyncBatchNorm, so CPU runs refuse it."""
     args = TINY + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3", "train.sync_bn=true",
                    f"model.checkpoint_decoder={str(checkpoint_decoder).lower()}"]
     _torchrun(tmp_path, 1, args)
@@ -148,8 +166,8 @@ def test_cli_train_then_eval(tmp_path):
 
 
 def _run(tmp_path, name, extra):
-    config = load_config(None, TINY + [f"output_dir={tmp_path / name}", "train.iterations=2",
-                                       "train.checkpoint_every=2", "train.backend=reference", *extra])
+    config = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path / name}", "train.iterations=2",
+                                                "train.checkpoint_every=2", "train.backend=reference", *extra])
     trainer = Trainer(config, progress=False)
     rows = trainer.train()
     trainer.close()
@@ -219,7 +237,7 @@ def test_two_process_ddp_with_checkpoint_decoder_matches_the_plain_ddp_run(tmp_p
            "train.checkpoint_every=2"]
     for name, extra in (("plain", []), ("checkpointed", ["model.checkpoint_decoder=true"])):
         (tmp_path / name).mkdir()
-        _torchrun(tmp_path / name, 2, TINY + sem + extra + [f"output_dir={tmp_path / name}"])
+        _torchrun(tmp_path / name, 2, TINY + ON_CPU + sem + extra + [f"output_dir={tmp_path / name}"])
     weights = {name: [torch.load(tmp_path / name / f"weights_rank{r}.pt") for r in (0, 1)]
                for name in ("plain", "checkpointed")}
     assert torch.equal(weights["checkpointed"][0], weights["checkpointed"][1])
@@ -236,7 +254,7 @@ def test_baseline_command_under_torchrun(tmp_path):
 
     out = tmp_path / "measured.yaml"
     args = [f"output_dir={tmp_path / 'runs'}", "train.iterations=2", "train.checkpoint_every=2",
-            "data.tasks=[semseg, depth]", *[a for a in TINY if not a.startswith("data.tasks")]]
+            "data.tasks=[semseg, depth]", *ON_CPU, *[a for a in TINY if not a.startswith("data.tasks")]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "mtlfast", "baseline", "--no-progress", "--out", str(out), *args],

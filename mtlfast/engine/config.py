@@ -49,8 +49,9 @@ DEFAULTS: dict[str, Any] = {
         "eval_every": 150,
         "checkpoint_every": 100,
         "log_every": 10,
+        "device": "auto",           # auto (CUDA when available, else CPU) | cuda | cpu (e.g. gloo DDP on a GPU machine)
         "amp": "auto",              # auto (bf16 on CUDA, off on CPU) | bf16 | off
-        "sync_bn": False,
+        "sync_bn": False,           # BatchNorm -> SyncBatchNorm (CUDA only; statistics shared across processes)
         "backend": None,            # mtlfast backend for the ops (None: MTLFAST_BACKEND or auto)
         "sample_images": 4,         # prediction PNGs written after evaluation
         "eval_at_start": True,      # evaluate the untrained model first (the baseline of the curves)

@@ -1,8 +1,8 @@
 """torchrun / DDP plumbing: process-group set-up from the environment, rank helpers, reductions.
 
 ``torchrun --nproc_per_node=N -m mtlfast train ...`` sets RANK, WORLD_SIZE and LOCAL_RANK; each process
-then uses ``cuda:LOCAL_RANK`` (NCCL) or the CPU (gloo). Without those variables everything is a no-op and
-the run is single-process.
+then uses ``cuda:LOCAL_RANK`` (NCCL) or, with ``train.device=cpu`` or no GPU, the CPU (gloo). Without those
+variables everything is a no-op and the run is single-process.
 """
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ def init_distributed(device_type: str) -> DistInfo:
         raise RuntimeError("distributed: WORLD_SIZE > 1 but RANK/LOCAL_RANK are not set; launch with torchrun")
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
     if device_type == "cuda":
+        visible = torch.cuda.device_count()
+        if info.local_rank >= visible:  # NCCL takes one GPU per process
+            raise RuntimeError(f"distributed: LOCAL_RANK={info.local_rank} but {visible} CUDA device(s) are visible: "
+                               f"launch at most {visible} processes per node, or set train.device=cpu (gloo)")
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")

@@ -25,8 +25,19 @@ from mtlfast.engine.logs import RunLog, plot_curves, plot_predictions
 from mtlfast.engine.sampler import ResumableSampler, SeededDataset
 
 
-def _device(info: DistInfo) -> torch.device:
-    return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+def _device_type(requested: str) -> str:
+    """``train.device`` -> "cuda" or "cpu"."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested not in ("cuda", "cpu"):
+        raise ValueError(f"train.device: expected auto, cuda or cpu, got {requested!r}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+    return requested
+
+
+def _device(info: DistInfo, device_type: str) -> torch.device:
+    return torch.device(f"cuda:{info.local_rank}") if device_type == "cuda" else torch.device("cpu")
 
 
 def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
@@ -111,8 +122,9 @@ class Trainer:
 
         self.config, self.progress = config, progress
         data_cfg, train_cfg = config["data"], config["train"]
-        self.dist = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = _device(self.dist)
+        device_type = _device_type(train_cfg["device"])
+        self.dist = init_distributed(device_type)
+        self.device = _device(self.dist, device_type)
         self.dataset = canonical_dataset(data_cfg["dataset"])
         self.tasks = list(check_tasks(data_cfg["tasks"], self.dataset))
         self.aux_tasks = _aux_tasks(config["model"], self.tasks, self.dataset)
@@ -143,7 +155,7 @@ class Trainer:
                                   **model_cfg["kwargs"])
         if train_cfg["sync_bn"] and self.device.type != "cuda":
             raise ValueError("train.sync_bn: torch's SyncBatchNorm runs on CUDA only; set train.sync_bn=false on CPU")
-        if self.dist.enabled and train_cfg["sync_bn"]:
+        if train_cfg["sync_bn"]:  # also in one process: SyncBatchNorm then normalises like BatchNorm
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
         self.train_forward: torch.nn.Module = _TrainForward(self.model)
