@@ -41,6 +41,20 @@ WORK=${GPU_CHECK_WORK:-$(mktemp -d)}
 mkdir -p "$OUT" "$WORK/logs" "$WORK/results"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# Installing needs a writable site-packages. Where the image's is not (a non-root user; GPU_CHECK_VENV=1 forces
+# this), a venv in the work folder takes the install and sees the image's packages (torch, triton, timm, pip)
+# through a .pth file that adds the image's site folders (their own .pth files included): the image's python is
+# itself a venv, whose packages --system-site-packages would not show.
+if [[ ${GPU_CHECK_VENV:-0} == 1 ]] || ! $PY -c "import os, sys, sysconfig; sys.exit(not os.access(sysconfig.get_paths()['purelib'], os.W_OK))"; then
+  if [[ ! -x $WORK/venv/bin/python ]]; then
+    $PY -m venv --without-pip "$WORK/venv" || exit 1
+    venv_site=$("$WORK/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") || exit 1
+    $PY -c "import sysconfig; print('import site; ' + '; '.join(f'site.addsitedir({p!r})' for p in dict.fromkeys(
+      sysconfig.get_paths()[k] for k in ('purelib', 'platlib'))))" >"$venv_site/gpu_check_image.pth" || exit 1
+  fi
+  PY=$WORK/venv/bin/python
+  echo "gpu_check.sh: installing into $WORK/venv, which sees the image's packages"
+fi
 if ! git rev-parse HEAD >/dev/null 2>&1 && [[ -z ${MTLFAST_COMMIT:-} ]]; then
   echo "gpu_check.sh: no .git here and MTLFAST_COMMIT unset: results will not name their commit" >&2
 fi
