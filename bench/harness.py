@@ -404,6 +404,9 @@ def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, mode
 def _measure_case(benchmark: Benchmark, case: Case, device: str, dtype: torch.dtype, modes: Sequence[str],
                   peaks: Mapping[str, float], quick: bool, time_fn, run_index: int) -> list[dict[str, object]]:
     """The rows of one case: every provider in every mode (or why it was skipped / what went wrong)."""
+    # Dynamo keeps the graphs of all cases on the reference's code object and, past its recompile limit (8),
+    # runs new shapes eagerly with only a warning: the "compile" rows of later cases would time eager code.
+    torch._dynamo.reset()
     rows = []
     inputs = case.make(device, dtype)
     for provider in benchmark.providers:

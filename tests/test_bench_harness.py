@@ -270,3 +270,22 @@ def test_gpu_check_first_cases_exist():
     assert all(any(n in cs for cs in cases.values()) for n in names), names
     with_gpu_targets = {op for op, b in load_benchmarks().items() if any(t.device == "cuda" for t in b.targets)}
     assert {op for op, cs in cases.items() if set(cs) & set(names)} == with_gpu_targets
+
+
+def test_compile_provider_compiles_every_case():
+    """Each case starts with an empty Dynamo cache: a torch.compile provider run over more shapes than Dynamo's
+    recompile limit (8) still compiles every case (without the reset, the later ones ran eagerly, timed as
+    "compile")."""
+    from torch._dynamo.utils import counters
+
+    def cases(device):
+        return [harness.Case(f"n{n}", make=lambda device, dtype, n=n: {"x": torch.randn(n, 3, dtype=dtype)})
+                for n in range(1, 11)]
+
+    compiled = torch.compile(lambda x: (2 * x).sin(), backend="eager", dynamic=False)
+    benchmark = harness.Benchmark("_toy_compile", cases, [harness.Provider("compile", compiled)])
+    counters.clear()
+    result = harness.run_benchmark(benchmark, device="cpu", dtype=torch.float32, modes=("fwd",), quick=True)
+    assert all("ms" in r for r in result["rows"]) and len(result["rows"]) == 10
+    assert counters["stats"]["unique_graphs"] == 10, dict(counters["stats"])
+    assert not any("recompile" in key for key in counters["unimplemented"]), dict(counters["unimplemented"])
