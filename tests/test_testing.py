@@ -103,3 +103,30 @@ def test_one_seed_reproduces_every_draw_of_a_test(monkeypatch):
     runs = [(testing.begin_test(), [testing.fresh_seed() for _ in range(3)]) for _ in range(2)]
     assert runs[0] == runs[1] and runs[0][0] == 123 and len(set(runs[0][1])) == 3
     assert testing.rerun_hint(runs[0][1][2]) == "MTLFAST_TEST_SEED=123"
+
+
+def test_simulated_gpu_rehearsal(tmp_path):
+    """MTLFAST_SIMULATE_GPU=1 (tests/conftest.py): CUDA reported present, so the GPU-machine branches run; an
+    error that only says no GPU is here becomes a skip, any other failure stays a failure; `gpu` tests skip."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a rehearsal for machines without a GPU")
+    (tmp_path / "test_rehearsal.py").write_text(
+        "import pytest, torch\n"
+        "def test_branch():\n    assert torch.cuda.is_available()\n"
+        "def test_needs_device():\n    torch.zeros(1, device='cuda') + 1\n"
+        "def test_other_defect():\n    torch.zeros(1, device='cuda') if False else None\n    assert 1 == 2\n"
+        "@pytest.mark.gpu\ndef test_gpu_marked():\n    assert False\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "MTLFAST_SIMULATE_GPU": "1", "PYTHONPATH": tests}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-rs",
+                             "-o", "markers=gpu", str(tmp_path / "test_rehearsal.py")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = result.stdout
+    assert "1 failed, 1 passed, 2 skipped" in out, out + result.stderr
+    assert "test_other_defect" in out and "MTLFAST_SIMULATE_GPU: needs the GPU" in out
+    assert "a `gpu` test needs the device itself" in out
