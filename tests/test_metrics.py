@@ -462,8 +462,9 @@ def test_baseline_command_trains_single_task_models(tmp_path, capsys, monkeypatc
             "train.checkpoint_every=2", "eval.edge_thresholds=9", f"output_dir={tmp_path / 'runs'}",
             "model.kwargs={head_channels: 16, aux_tasks: [normals]}"]
     out = tmp_path / "measured.yaml"
-    assert main(["baseline", "--no-progress", "--out", str(out), *tiny]) == 0
-    assert "aux_tasks belong to 'baseline', not single_task; left out" in capsys.readouterr().out
+    code, captured = main(["baseline", "--no-progress", "--out", str(out), *tiny]), capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    assert "aux_tasks belong to 'baseline', not single_task; left out" in captured.out
     measured = load_baseline(out)
     assert set(measured) == {"semseg", "depth", "sal"}
     assert set(measured["semseg"]) == {"mIoU"} and set(measured["depth"]) == {"rmse"}
