@@ -30,8 +30,6 @@ from mtlfast.bench.harness import peak_memory_cuda
 from mtlfast.models.summary import NYUD, PASCAL, PATHS, SummarySetting
 
 
-
-
 @dataclass(frozen=True)
 class ModelSetting(SummarySetting):
     """A model of the summary table with the batch size of a training step."""

@@ -227,7 +227,7 @@ def test_layouts(backend, device):
     device = "cpu" if backend == "cpp" else device
     gen = torch.Generator().manual_seed(fresh_seed())
     inputs = _float32(_inputs(2, 9, 6, [(5, 4), (3, 3)], gen), device)
-    g = randn(2, 9, 6, generator=gen, dtype=torch.float32).to(device)
+    g = randn(2, 9, 6, generator=gen, dtype=torch.float32, device=device)
     base = _backward_grads(inputs, g, backend)
     other = {
         "values": [inputs["values"][0].contiguous(memory_format=torch.channels_last),
@@ -311,11 +311,11 @@ def test_triton_backend_declarations(device):
     from mtlfast.ops.deform_sample import _OP
 
     gen = torch.Generator().manual_seed(fresh_seed())
-    inputs = _inputs(1, 3, 2, [(2, 2)], gen)
+    inputs = _inputs(1, 3, 2, [(2, 2)], gen, device=device)
     args = (inputs["values"], inputs["points"], inputs["weights"])
     assert _OP.auto_order["cuda"] == ("cuda", "triton", "reference") and "triton" not in _OP.auto_order["cpu"]
     with pytest.raises(BackendError, match="dtype float64 not supported"):
-        deform_sample([v.to(device) for v in args[0]], args[1].to(device), args[2].to(device), backend="triton")
+        deform_sample(*args, backend="triton")
 
     cuda_limits = _OP.implementations["cuda"].limits
     grad_args = (args[0], args[1], args[2].clone().requires_grad_())

@@ -125,8 +125,6 @@ def _triton_backward(grad_out: Tensor, values: list[Tensor], points: Tensor,
 
 _triton_forward.register_fake(_fake_forward)
 _triton_backward.register_fake(_fake_backward)
-
-
 _triton_forward.register_autograd(_autograd_backward(_triton_backward), setup_context=_setup_context)
 
 
@@ -168,6 +166,8 @@ def _limits(max_stages: int | None):
 _OP.register("reference", _reference.deform_sample, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
 _OP.register("cpp", _compiled, devices=("cpu",), dtypes=(torch.float32, torch.float64),
              available=extension_unavailable, limits=_limits(None))
+
+
 @torch.compiler.assume_constant_result  # torch.compile cannot trace the warn-only query: read once per trace
 def _deterministic_mode() -> bool:
     """torch.use_deterministic_algorithms(True) is on, and not in warn-only mode."""
