@@ -127,9 +127,9 @@ def triton_unavailable(device_type: str, dtype: torch.dtype | None = None) -> st
         return "the Triton interpreter (CPU) has no bfloat16 math"
     if device_type == "cpu" and _interpreter_numpy_clash():
         import numpy
-        return (f"Triton {triton.__version__}'s interpreter fails on these kernels with numpy >= 2.4 (TypeError: only "
-                f"0-dimensional arrays ...; numpy {numpy.__version__} is installed): install numpy<2.3 as the [test] extra "
-                "does (2.3.5 was also seen to pass)")
+        return (f"Triton {triton.__version__}'s interpreter fails on these kernels with numpy >= 2.4 (TypeError: "
+                f"only 0-dimensional arrays ...; numpy {numpy.__version__} is installed): install numpy<2.3 as the "
+                "[test] extra does (2.3.5 was also seen to pass)")
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
     return None

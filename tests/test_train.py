@@ -93,14 +93,20 @@ trainer.close()
 """
 
 
+def _launch(processes, target):
+    """``torchrun --standalone --nproc_per_node=processes TARGET...`` (a script or ``-m module`` and its
+    arguments), one thread per process; fails the test with the end of the output unless it succeeds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={processes}", *target],
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def _torchrun(tmp_path, processes, args):
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={processes}", str(script), *args],
-                            capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _launch(processes, [str(script), *args])
 
 
 def test_two_process_ddp_ends_with_equal_weights(tmp_path):
@@ -255,11 +261,7 @@ def test_baseline_command_under_torchrun(tmp_path):
     out = tmp_path / "measured.yaml"
     args = [f"output_dir={tmp_path / 'runs'}", "train.iterations=2", "train.checkpoint_every=2",
             "data.tasks=[semseg, depth]", *ON_CPU, *[a for a in TINY if not a.startswith("data.tasks")]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "mtlfast", "baseline", "--no-progress", "--out", str(out), *args],
-                            capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _launch(2, ["-m", "mtlfast", "baseline", "--no-progress", "--out", str(out), *args])
     measured = load_baseline(out)
     assert set(measured) == {"semseg", "depth"}
     for task in measured:
