@@ -1,5 +1,6 @@
 """The training pipeline end to end on tiny synthetic runs: loss falls, exact resume, 2-process DDP, CLI."""
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -51,6 +52,32 @@ def test_loss_falls_and_eval_runs(tmp_path):
     metrics = trainer.evaluate(str(tmp_path / "samples.png"))
     assert {"semseg/mIoU", "depth/rmse", "normals/mean"} <= set(metrics)
     assert os.path.getsize(tmp_path / "samples.png") > 0
+
+
+def test_bf16_autocast_trains_and_logs_throughput_and_memory(tmp_path):
+    """train.amp=bf16 (the GPU default, forced here on the CPU, where torch's autocast also takes bfloat16): the
+    convolutions run in bfloat16 in training and evaluation while the weights stay float32, the loss stays finite,
+    and every log row has the throughput and this device's memory column."""
+    config = load_config(None, TINY + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3",
+                                       "train.amp=bf16"])
+    trainer = Trainer(config, progress=False)
+    seen = set()
+    for module in trainer.model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, args, out: seen.add((m.training, out.dtype)))
+    rows = trainer.train()
+    assert seen == {(True, torch.bfloat16)}
+    metrics = trainer.evaluate()
+    assert seen == {(True, torch.bfloat16), (False, torch.bfloat16)}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert all(torch.isfinite(torch.tensor(list(metrics.values()))))
+    memory = "peak_mem_mib" if trainer.device.type == "cuda" else "peak_rss_mib"
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 and r[memory] > 0 for r in rows)
+    logged = trainer.log.read("train")
+    assert [float(r[memory]) for r in logged] == [r[memory] for r in rows]
+    trainer.close()
+    with pytest.raises(ValueError, match="train.amp: expected auto, bf16 or off, got 'fp16'"):
+        Trainer(load_config(None, TINY + [f"output_dir={tmp_path}", "train.amp=fp16"]), progress=False)
 
 
 def test_baseline_checked_before_training_and_delta_m_logged(tmp_path):

@@ -98,6 +98,19 @@ def _aux_tasks(model_cfg: dict, tasks: list[str], dataset: str) -> list[str]:
         raise ValueError(f"model.kwargs.{exc}") from None
 
 
+def _peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """The training log's memory column: on CUDA the peak of allocated tensor memory since training started
+    (``peak_mem_mib``); on a CPU the process's peak resident set size (``peak_rss_mib``: it includes the
+    Python interpreter and libraries, and never decreases; Linux reports KiB, macOS bytes)."""
+    if device.type == "cuda":
+        return {"peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_mib": peak / (2**20 if sys.platform == "darwin" else 2**10)}
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -168,6 +181,8 @@ class Trainer:
         self.scheduler = poly_schedule(self.optimizer, train_cfg["iterations"], config["optim"]["poly_power"])
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
         amp = train_cfg["amp"]
+        if amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"train.amp: expected auto, bf16 or off, got {amp!r}")
         self.autocast_dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and self.device.type == "cuda")) else None
         if resume:
             self._load(resume)
@@ -260,8 +275,7 @@ class Trainer:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     row = {"iteration": self.iteration, **row, "lr": self.scheduler.get_last_lr()[0],
                            "images_per_s": self.config["data"]["batch_size"] * self.dist.world_size / seconds}
-                    if self.device.type == "cuda":
-                        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+                    row.update(_peak_memory_mib(self.device))
                     history.append(row)
                     if not math.isfinite(row["loss"]):
                         raise FloatingPointError(f"training loss is {row['loss']} at iteration {self.iteration}")
