@@ -27,20 +27,22 @@ from torch import nn
 from mtlfast.models.base import MultiTaskModel, build_backbone, check_aux_tasks, method
 from mtlfast.data.tasks import num_outputs
 from mtlfast.nn import FeatureAggregation, FeaturePropagation, MultiModalDistillation
-from mtlfast.nn.common import BasicBlock, ConvBNAct, resize
+from mtlfast.nn.common import BasicBlock, Bottleneck, ConvBNAct, resize
 
 __all__ = ["MTINet", "InitialTaskPrediction", "ScaleProjection"]
 
 
 class InitialTaskPrediction(nn.Module):
-    """Per task: two BasicBlocks (cin -> c -> c) then a 1×1 conv predictor (MTI-Net's task-specific heads).
+    """Per task: two residual blocks (cin -> c -> c) then a 1×1 conv predictor: MTI-Net's task-specific heads
+    with ``block=BasicBlock``, PAD-Net's with ``block=Bottleneck`` (as in the public code of both).
 
     ``forward(inputs)`` with ``{task: (B, cin, H, W)}`` -> ``(features {task: (B, c, H, W)},
     predictions {task: (B, C_task, H, W)})``."""
 
-    def __init__(self, outputs: Mapping[str, int], cin: int, channels: int) -> None:
+    def __init__(self, outputs: Mapping[str, int], cin: int, channels: int,
+                 block: type[BasicBlock] | type[Bottleneck] = BasicBlock) -> None:
         super().__init__()
-        self.refine = nn.ModuleDict({t: nn.Sequential(BasicBlock(cin, channels), BasicBlock(channels, channels))
+        self.refine = nn.ModuleDict({t: nn.Sequential(block(cin, channels), block(channels, channels))
                                      for t in outputs})
         self.predict = nn.ModuleDict({t: nn.Conv2d(channels, n, 1) for t, n in outputs.items()})
 

@@ -164,6 +164,16 @@ def test_task_pair_interaction_batching_equals_each_pair_eq5():
             want = want + self_term + F.interpolate(to_map(v, grid), size=(7, 9), mode="bilinear",
                                                     align_corners=False)
         torch.testing.assert_close(out[t], want, rtol=1e-10, atol=1e-10)
+    # targets: auxiliary tasks are sources only; the kept pairs and outputs are those of the full module
+    first = TaskPairInteraction(TASKS, 8, 4, downscale=2, n_iter=3, variant="C", targets=TASKS[:1]).double().eval()
+    assert first.pairs == [(s, TASKS[0]) for s in TASKS[1:]]
+    missing, _ = first.load_state_dict(block.state_dict(), strict=False)
+    assert not missing
+    with mtlfast.use_backend("reference"):
+        assert list(first(x)) == [TASKS[0]]
+        torch.testing.assert_close(first(x)[TASKS[0]], out[TASKS[0]], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"targets: \['sal'\] are not among tasks"):
+        TaskPairInteraction(TASKS, 8, 4, targets=["sal"])
 
 
 def test_em_interaction_averages_task_bases_eq10():

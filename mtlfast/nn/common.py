@@ -94,16 +94,18 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck block: 1x1 (C -> C/4), 3x3, 1x1 (-> C), each with BN, residual, ReLU."""
+    """ResNet bottleneck block: relu(body(x) + shortcut(x)), body = 1x1 (cin -> cout/4), 3x3, 1x1 (-> cout), each
+    with BN; the shortcut a 1x1 conv + BN when the width changes (``cout=None``: cout = cin)."""
 
-    def __init__(self, channels: int, reduction: int = 4) -> None:
+    def __init__(self, cin: int, cout: int | None = None, reduction: int = 4) -> None:
         super().__init__()
-        mid = max(1, channels // reduction)
-        self.body = nn.Sequential(ConvBNAct(channels, mid, 1), ConvBNAct(mid, mid, 3),
-                                  ConvBNAct(mid, channels, 1, act=None))
+        cout = cin if cout is None else cout
+        mid = max(1, cout // reduction)
+        self.body = nn.Sequential(ConvBNAct(cin, mid, 1), ConvBNAct(mid, mid, 3), ConvBNAct(mid, cout, 1, act=None))
+        self.shortcut = ConvBNAct(cin, cout, 1, act=None) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x + self.body(x))
+        return F.relu(self.shortcut(x) + self.body(x))
 
 
 class SEBlock(nn.Module):

@@ -112,15 +112,22 @@ class TaskPairInteraction(nn.Module):
     """Task Pair Interaction Module (§3.2, Fig. 1): one CIB per ordered pair (s, t), s ≠ t, and per target
     the aggregation (eq. 5) f°_t = f_t + Σ_{s≠t} f_{s→t} (the pair (t, t) is the identity).
 
-    All T·(T−1) pairs × B batch elements go through one :func:`mtlfast.ops.iterative_fusion` call (one
-    shared α). Input and output ``{task: (B, C, H, W)}``; with one task the module is the identity.
+    ``targets`` (default: all ``tasks``) are the tasks whose refined features are computed and returned; every
+    task of ``tasks`` is a source (auxiliary tasks: sources only). All pairs × B batch elements go through one
+    :func:`mtlfast.ops.iterative_fusion` call (one shared α). Input ``{task: (B, C, H, W)}`` for ``tasks``,
+    output for ``targets``; without pairs (one task) the module returns its targets' inputs.
     """
 
     def __init__(self, tasks: Sequence[str], channels: int, dim: int | None = None, *, downscale: int = 2,
-                 n_iter: int = 18, variant: str = "C", alpha: float = 0.3, mode: str = "auto") -> None:
+                 n_iter: int = 18, variant: str = "C", alpha: float = 0.3, mode: str = "auto",
+                 targets: Sequence[str] | None = None) -> None:
         super().__init__()
         self.tasks = tuple(tasks)
-        self.pairs = [(s, t) for t in self.tasks for s in self.tasks if s != t]
+        self.targets = self.tasks if targets is None else tuple(targets)
+        unknown = [t for t in self.targets if t not in self.tasks]
+        if unknown:
+            raise ValueError(f"targets: {unknown} are not among tasks {list(self.tasks)}")
+        self.pairs = [(s, t) for t in self.targets for s in self.tasks if s != t]
         self.cib = nn.ModuleDict({f"{s}_to_{t}": CrossTaskInteractionBlock(channels, dim, downscale=downscale,
                                                                          own_fusion=False)
                                   for s, t in self.pairs})
@@ -130,7 +137,7 @@ class TaskPairInteraction(nn.Module):
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.pairs:
-            return {t: features[t] for t in self.tasks}
+            return {t: features[t] for t in self.targets}
         out = dict(features)
         prepared = [self.cib[f"{s}_to_{t}"].prepare(features[s], features[t]) for s, t in self.pairs]
         q = torch.cat([p[0] for p in prepared])
@@ -139,4 +146,4 @@ class TaskPairInteraction(nn.Module):
         fused = self.fusion(q, k, v, scale=self.dim ** -0.5).chunk(len(self.pairs))
         for (s, t), (_, _, _, self_term, grid), f in zip(self.pairs, prepared, fused):
             out[t] = out[t] + CrossTaskInteractionBlock.combine(f, self_term, grid)
-        return {t: out[t] for t in self.tasks}
+        return {t: out[t] for t in self.targets}
