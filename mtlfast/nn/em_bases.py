@@ -8,9 +8,10 @@ the details it leaves open follow EMANet's public implementation:
 
 - init: mu⁽⁰⁾ ~ N(0, sqrt(2 / K)) elementwise (std sqrt(2/K)), then each of the K rows l2-normalised over
   C as m / (eps + ‖m‖₂);
-- update(μ): μ̄ = mean of μ over every leading dimension (batch, and tasks if not fused yet), l2-normalised
-  over C the same way, then mu⁽⁰⁾ ← momentum · mu⁽⁰⁾ + (1 − momentum) · μ̄ in place (momentum = SEM's α,
-  default 0.9). mu⁽⁰⁾ itself is not re-normalised after the blend (EMANet does not either).
+- update(μ): μ̄ = mean of μ over every leading dimension (batch, and tasks if not fused yet), then
+  mu⁽⁰⁾ ← momentum · mu⁽⁰⁾ + (1 − momentum) · μ̄ in place (momentum = SEM's α, default 0.9). Neither μ̄ nor the
+  blend is re-normalised, as in EMANet's training loop (the mean of unit rows has norm <= 1, so mu⁽⁰⁾'s rows may
+  shrink; the first M-step normalises again).
   The update runs under ``torch.no_grad`` (μ's graph is untouched) and does nothing in eval mode.
 - mu⁽⁰⁾ is a buffer, not a parameter: it gets no gradient, it is saved in the state dict, and under DDP
   (``broadcast_buffers=True``, the default) rank 0's copy is broadcast at every forward.
@@ -56,7 +57,7 @@ class EMBases(nn.Module):
 
     @torch.no_grad()
     def update(self, mu_new: torch.Tensor) -> None:
-        """mu⁽⁰⁾ ← momentum · mu⁽⁰⁾ + (1 − momentum) · l2normalize(mean of mu_new (..., K, C) over leading dims).
+        """mu⁽⁰⁾ ← momentum · mu⁽⁰⁾ + (1 − momentum) · (mean of mu_new (..., K, C) over its leading dims).
 
         Training mode only; in eval mode mu⁽⁰⁾ is left unchanged."""
         if not self.training:
@@ -65,7 +66,7 @@ class EMBases(nn.Module):
             raise ValueError(f"mu_new: expected shape (..., {self.mu.shape[0]}, {self.mu.shape[1]}), "
                              f"got {tuple(mu_new.shape)}")
         mean = mu_new.detach().to(device=self.mu.device, dtype=self.mu.dtype).reshape(-1, *self.mu.shape).mean(dim=0)
-        self.mu.mul_(self.momentum).add_(_l2normalize(mean, self.eps), alpha=1.0 - self.momentum)
+        self.mu.mul_(self.momentum).add_(mean, alpha=1.0 - self.momentum)
 
     def extra_repr(self) -> str:
         return f"num_bases={self.mu.shape[0]}, channels={self.mu.shape[1]}, momentum={self.momentum}"

@@ -17,7 +17,7 @@ Choices the paper leaves open:
   (C/heads)^-0.5, output projection (``q_norm`` and ``attn``, :class:`~mtlfast.nn.common.ProjectedAttention`),
   residual to the query map, then FFN (LN + MLP, ratio 4) with residual. No bias on W_k (it cancels in the
   softmax).
-- EMInteraction: per task a 1×1 conv in and (1×1 conv + BN) out with a residual and ReLU, as in EMANet.
+- EMInteraction: per task a 1×1 conv in, and out ReLU(X + BN(Conv1×1(ReLU(X̃)))), as EMANet's EMA unit.
   The task bases (μᵗ)⁽ᴿ⁾ are averaged (eq. 10) and every task is reconstructed from its own
   responsibilities and the averaged bases: X̃_t = A_t⁽ᴿ⁾ μ⁽ᴿ⁾ (SEM: "the final μ⁽ᴿ⁾ and A⁽ᴿ⁾ are used to
   reconstruct X̃"). ``detach_iterations`` (default True) runs the R iterations without gradient and one
@@ -122,7 +122,7 @@ class EMInteraction(nn.Module):
     For every task t, from the shared initial bases μ⁽⁰⁾ (K, C) (an EMA buffer, :class:`EMBases`):
         R iterations of  A = softmax(X_t μᵀ / τ),  μ = l2norm(Aᵀ X_t / Σ_N A)   (eq. 8–9, em_attention)
         μ⁽ᴿ⁾ = (1/T) Σ_t (μᵗ)⁽ᴿ⁾                                              (eq. 10)
-        X̃_t = A_t⁽ᴿ⁾ μ⁽ᴿ⁾,   out_t = ReLU(X_t + BN(Conv1×1(X̃_t)))
+        X̃_t = A_t⁽ᴿ⁾ μ⁽ᴿ⁾,   out_t = ReLU(X_t + BN(Conv1×1(ReLU(X̃_t))))                 (EMANet's unit)
     and in training μ⁽⁰⁾ ← m μ⁽⁰⁾ + (1 − m) mean_batch(μ⁽ᴿ⁾). All tasks go through one
     :func:`mtlfast.ops.em_attention` call. Input and output ``{task: (B, C, H, W)}``.
     """
@@ -145,5 +145,5 @@ class EMInteraction(nn.Module):
         mu_mean = mu.reshape(len(tasks), b, *mu.shape[1:]).mean(0)  # (B, K, C)
         self.bases.update(mu_mean)
         recon = torch.bmm(z, mu_mean.repeat(len(tasks), 1, 1)).chunk(len(tasks))
-        return {t: F.relu(features[t] + self.out[t](to_map(r, features[t].shape[-2:])))
+        return {t: F.relu(features[t] + self.out[t](F.relu(to_map(r, features[t].shape[-2:]))))
                 for t, r in zip(tasks, recon)}
