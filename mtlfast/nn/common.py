@@ -122,17 +122,20 @@ class SEBlock(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Transformer feed-forward with its residual: x + W₂ GELU(W₁ LayerNorm(x)) on tokens (..., C)."""
+    """Transformer feed-forward on tokens (..., C): x + W₂ GELU(W₁ LayerNorm(x)), or without the residual
+    (``residual=False``: W₂ GELU(W₁ LayerNorm(x))) where a paper's equation adds none (TIF eq. 13)."""
 
-    def __init__(self, dim: int, hidden: int | None = None) -> None:
+    def __init__(self, dim: int, hidden: int | None = None, *, residual: bool = True) -> None:
         super().__init__()
         hidden = hidden or 4 * dim
+        self.residual = residual
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        out = self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return x + out if self.residual else out
 
 
 class ProjectedAttention(nn.Module):

@@ -16,8 +16,9 @@ TIF has no public code; the choices its text leaves open:
   the maps of two scales). One head.
 - LTHD (eq. 11–13): the approximate map A⁰ = up(A³) + A² (up = bilinear along the query and key grids)
   is never formed: :func:`mtlfast.ops.lthd_attention` takes the SFD query/key tokens of scales 2 and 3.
-  Pool = adaptive average pool of X̂_t^j to the scale-2 grid; W_t^j a linear map; FFN as in SFD; the
-  result is resized to scale j and FeatureFuse = 3×3 conv + BN + ReLU on [RX, X̂_t^j].
+  Pool = adaptive average pool of X̂_t^j to the scale-2 grid; W_t^j a linear map; FFN as in SFD but, as eq.
+  13 reads, without eq. 10's residual; the result is resized to scale j and FeatureFuse ("convolutional
+  layers followed by batch normalization") = 3×3 conv + BN, no activation, on [RX, X̂_t^j].
 """
 from __future__ import annotations
 
@@ -108,8 +109,8 @@ class LowToHighDiffusion(nn.Module):
         super().__init__()
         self.dim = dim
         self.value = nn.Linear(dim, dim)
-        self.ffn = FeedForward(dim, mlp_ratio * dim)
-        self.fuse = ConvBNAct(2 * dim, dim, 3)
+        self.ffn = FeedForward(dim, mlp_ratio * dim, residual=False)  # eq. 13: FeatureFuse(FFN(RX), X̂), no "+ RX"
+        self.fuse = ConvBNAct(2 * dim, dim, 3, act=None)
 
     def forward(self, x: torch.Tensor, fine, coarse) -> torch.Tensor:
         q_f, k_f, size_f = fine
