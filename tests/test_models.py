@@ -21,6 +21,7 @@ from mtlfast.models.backbones import Backbone, timm_unusable
 from mtlfast.models.mtinet import MTINet
 from mtlfast.models.padnet import PADNet
 from mtlfast.models.tif import TIF
+from mtlfast.testing import fresh_seed
 from nn_paths import KERNEL_PATH, compare_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,9 +173,9 @@ def test_kernel_path_matches_reference_path(method):
     block level (tests/test_nn_blocks.py)."""
     extra = {"detach_iterations": False} if method == "sem" else {}
     dataset, tasks = "nyud", ["semseg", "depth"]
-    torch.manual_seed(0)
+    torch.manual_seed(fresh_seed())  # fresh weights and inputs (DESIGN §6)
     model = create_model(method, tasks, backbone=BACKBONE, dataset=dataset, **SMALL[method], **extra).double()
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator().manual_seed(fresh_seed())
     images = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
     _calibrate(model, images)
     compare_paths(_TrainForward(model), {"images": images}, device=DEVICE)
@@ -514,7 +515,7 @@ def test_summary_table():
 
     rows = model_summary([SummarySetting("mtinet", HRNET, "nyud", ("semseg", "depth")),
                           SummarySetting("tpim", HRNET, "pascal", ("semseg", "parts", "sal"), {"n_iter": 4})])
-    assert rows[0]["params_m"] == pytest.approx(8.58, rel=0.01) and rows[0]["input"] == [448, 576]
+    assert rows[0]["params_m"] == pytest.approx(8.58, abs=0.005) and rows[0]["input"] == [448, 576]
     assert all(r["gflops"] > 1 for r in rows)
     # TPIM's 4 IFB iterations of 6 pairs over N = (128/2)² tokens are part of the count: 2·N²·C per step
     n, c = 64 * 64, 256
