@@ -1,35 +1,77 @@
 """BridgeNet (Zhang et al., §3, Fig. 2): preliminary decoders with Task Pattern Propagation, then per scale
-a Bridge Feature Extractor and a Task Feature Refiner, decoding from the coarsest scale to the finest.
+a Bridge Feature Extractor and a Task Feature Refiner, decoding from the coarsest scale to the finest, and
+the multi-scale task features aggregated into the prediction heads.
 
-Pipeline (choices the paper leaves open are marked *):
-- backbone pyramid; the last ``num_scales`` levels are used (§4.1: 3 for ViT, "the last three layers";
-  4 for HRNet and the other multi-scale backbones). Stage k = 0 is the coarsest.
-- generic features S_k: the level embedded into the stage width ``stage_dims[k]`` by a 1×1 conv + BN + ReLU*.
-- preliminary decoder per task on the coarsest level: 3×3 conv + BN + ReLU to ``prelim_channels``
-  (§4.1: 768 / 1024 for ViT-B / -L, 144 / 384 for HRNet-W18 / -W48, i.e. the backbone's deepest width,
-  the default), then :class:`~mtlfast.nn.TaskPatternPropagation` (attention width ``embed_dim``, 2 heads),
-  then a 1×1 conv predictor per task: the initial predictions (deep supervision ``aux["initial"]``).
-- task features P_0 = a 1×1 conv + BN + ReLU (shared by the tasks*) from ``prelim_channels`` to stage_dims[0].
-- stage k: S'_k = BridgeFeatureExtractor(S_k, {P_k}) (keys/values pooled by ``kv_strides[k]``, 2/4/8(/16)),
-  P_k <- TaskFeatureRefiner(P_k, S'_k) (``tfr`` = base/large/huge = 2/4/6 layers); then P_{k+1} = shared
-  up-sampling layer (bilinear resize to the next level, 3×3 conv + BN + ReLU to stage_dims[k+1]*).
-- prediction per task: the refined P_k of every stage resized to the finest stage and concatenated,
-  3×3 conv + BN + ReLU to stage_dims[-1], 1×1 conv*; resized to the input.
+Pipeline (k = 0 is the coarsest of the ``num_scales`` last backbone levels: 3 for ViT, "the last three
+layers", §4.1; 4 for HRNet and the other multi-scale backbones; T tasks):
+1. preliminary decoder per task on the coarsest level: 3×3 conv + BN + ReLU to ``prelim_channels`` (§4.1:
+   768 / 1024 for ViT-B / -L, 144 / 384 for HRNet-W18 / -W48, i.e. the level's width, the default), 3×3
+   conv + BN + ReLU to ``embed_dim`` (512); :class:`~mtlfast.nn.TaskPatternPropagation` (width
+   ``embed_dim``, 2 heads); a 1×1 conv per task: the initial predictions (deep supervision
+   ``aux["initial"]``, at the coarsest level's resolution).
+2. task features P_0 per task: 1×1 conv (with bias) of Concat(TPP feature, initial prediction logits),
+   ``embed_dim`` + C_task -> ``stage_dims[0]`` (576).
+3. generic features S_k: level 0 by a 1×1 conv + BN + ReLU to stage_dims[0]; level k > 0 by a 3×3 conv
+   (with bias) to stage_dims[k-1], then a 1×1 conv + BN + ReLU to stage_dims[k].
+4. stage k: (k > 0) P_k = up-sampling of the refined P_{k-1}: bilinear resize to level k, 3×3 conv + BN +
+   ReLU to stage_dims[k] and 3×3 conv + BN + ReLU, both with dilation 2, shared by the tasks;
+   bridge S'_k = BridgeFeatureExtractor(S_k, {P_k}) (keys / values pooled by ``kv_strides[k]``, 2/4/8(/16))
+   + (k > 0) the bridge of stage k-1 through a 1×1 conv (with bias) to stage_dims[k], resized to S_k;
+   P_k <- TaskFeatureRefiner(P_k, S'_k) (``tfr`` = base / large / huge = 2 / 4 / 6 layers of 3 blocks).
+5. prediction: per stage, one LayerNorm over the refined features of all T tasks concatenated along the
+   channels (T·stage_dims[k]); per task, stage k > 0 through a 1×1 conv (with bias) to stage_dims[0];
+   all resized (bilinear) to 1/4 of the input and summed; 3×3 conv + BN + ReLU (stage_dims[0]); 1×1
+   conv to C_task; resized to the input.
 
-Stages under ``checkpoint_decoder`` (:mod:`mtlfast.models.base`): the preliminary decoders with TPP and
-the initial predictions; per scale k the up-sampling from scale k-1, the embedding of S_k, the BFE and the
-TFR; each task's prediction head.
+Follows the official code (github.com/Evergreen0929/EEMTL, BridgeNet/: models/transformers/
+transformer_decoder.py, the decoder file it imports as .BridgeNet (TRFL, CAStage), configs/*/*_vit*.yml;
+read for the structure, not copied): steps 1–5 as written, with these facts: two 3×3 conv blocks in the
+preliminary decoder and TPP / initial heads at embed_dim 512; stage widths 576 / 288 / 144 = embed_dim +
+PRED_OUT_NUM_CONSTANT (64), halved per stage; the logits of the initial predictions concatenated to the
+task features; the generic embeddings of step 3; the up-sampling layer of step 4 (bilinear ×2, two
+dilated 3×3 conv blocks); the cross-scale bridge link; the BFE details (:mod:`mtlfast.nn.bridgenet`); the
+joint LayerNorm, the per-task 1×1 convs to 576 and the sum at 1/4 of step 5; 2 heads; query stride 2,
+key / value strides 2 / 4 / 8. (Its ViT configs use TFR huge on NYUD and TFR large on PASCAL.)
 
-Defaults: ``stage_dims`` (576, 288, 144[, 72]) and 2 heads (official code, DESIGN §4), ``embed_dim`` 512.
+Follows the paper where the official code differs from it:
+- the TPP output is the task feature P_0 that goes on to the BFE ("the produced high-quality task-specific
+  features ... are firstly processed by BFE", Fig. 2; TPP "provid[es] high-quality participants", §3.2).
+  The official code passes the preliminary decoder's features from before TPP on, so TPP reaches the rest
+  of the decoder only through the initial predictions.
+- the up-sampling layers are shared by the tasks ("shared up-sampling layers at each scale", §3.1). The
+  official code has one per task (T-1 more copies: +8.4 M parameters for NYUD's 4 tasks, +11.2 M for
+  PASCAL's 5, at the default widths with 3 stages).
+
+Open choices (*):
+- * the levels: this library's backbone pyramid (models/backbones.py; ViT: the blocks d/4, d/2, 3d/4, d as
+  a ViTDet-style pyramid at strides 4 / 8 / 16 / 32), the last ``num_scales`` of them, so S_k and P_k share
+  one resolution per stage. The official ViT decoder keeps all generic features at stride 16 (the blocks
+  d, 3d/4, d/2 for stages 0 / 1 / 2; block d/4 goes through a transposed conv that the 3-stage decoder never
+  uses) and feeds the preliminary decoder the last block bilinearly resized to stride 32; its task
+  features are at strides 32 / 16 / 8, and the TFR resizes the bridge to them. (Its last block also
+  passes the ViT's final LayerNorm; timm's features_only maps here do not.)
+- * the prediction resolution 1/4 of the input; the official formula (twice the finest stage) gives 1/4
+  for its 3-stage ViT / InternImage decoders, and 1/2 would follow for 4 stages (HRNet, whose official
+  decoder is not public); a 4th stage width 72 (halving, as the official widths do).
+- * biases directly before a BatchNorm are left out (the official generic-embedding 1×1 conv and 3×3 head
+  conv have one; BatchNorm removes it).
+- * the module-level choices of :mod:`mtlfast.nn.bridgenet` (no stochastic depth, default init, ...).
+
+Stages under ``checkpoint_decoder`` (:mod:`mtlfast.models.base`): the preliminary decoders with TPP, the
+initial predictions and P_0; per scale k the up-sampling from scale k-1, S_k, the BFE with the bridge
+link, the TFR and the stage's LayerNorm; each task's prediction head (1×1 convs, sum at 1/4, 3×3 conv,
+1×1 conv).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from mtlfast.models.base import MultiTaskModel, build_backbone, method
 from mtlfast.nn import BridgeFeatureExtractor, TaskFeatureRefiner, TaskPatternPropagation
-from mtlfast.nn.common import ConvBNAct, resize
+from mtlfast.nn.common import ConvBNAct, resize, to_map, to_tokens
 
 __all__ = ["BridgeNet"]
 
@@ -54,44 +96,67 @@ class BridgeNet(MultiTaskModel):
         self.num_scales = n
         dims = _per_stage("stage_dims", stage_dims, _STAGE_DIMS, n)
         strides = _per_stage("kv_strides", kv_strides, _KV_STRIDES, n)
+        self.stage_dims = dims
         levels = list(reversed(backbone.channels[-n:]))  # coarsest first
         prelim = prelim_channels or levels[0]
-        self.embed = nn.ModuleList(ConvBNAct(c, d, 1) for c, d in zip(levels, dims))
-        self.prelim = nn.ModuleDict({t: ConvBNAct(levels[0], prelim, 3) for t in self.tasks})
-        self.tpp = TaskPatternPropagation(self.tasks, prelim, embed_dim, heads=heads)
-        self.initial_heads = nn.ModuleDict({t: nn.Conv2d(prelim, c, 1) for t, c in self.num_outputs.items()})
-        self.to_stage0 = ConvBNAct(prelim, dims[0], 1)
+        outputs = self.num_outputs
+        self.prelim = nn.ModuleDict({t: nn.Sequential(ConvBNAct(levels[0], prelim, 3), ConvBNAct(prelim, embed_dim, 3))
+                                     for t in self.tasks})
+        self.tpp = TaskPatternPropagation(self.tasks, embed_dim, embed_dim, heads=heads)
+        self.initial_heads = nn.ModuleDict({t: nn.Conv2d(embed_dim, c, 1) for t, c in outputs.items()})
+        self.mix = nn.ModuleDict({t: nn.Conv2d(embed_dim + c, dims[0], 1) for t, c in outputs.items()})
+        self.embed = nn.ModuleList(
+            [ConvBNAct(levels[0], dims[0], 1)]
+            + [nn.Sequential(nn.Conv2d(levels[k], dims[k - 1], 3, padding=1), ConvBNAct(dims[k - 1], dims[k], 1))
+               for k in range(1, n)])
+        self.upsample = nn.ModuleList(
+            nn.Sequential(ConvBNAct(dims[k - 1], dims[k], 3, dilation=2), ConvBNAct(dims[k], dims[k], 3, dilation=2))
+            for k in range(1, n))
         self.bfe = nn.ModuleList(BridgeFeatureExtractor(d, heads=heads, kv_stride=s) for d, s in zip(dims, strides))
+        self.bridge_link = nn.ModuleList(nn.Conv2d(dims[k - 1], dims[k], 1) for k in range(1, n))
         self.tfr = nn.ModuleList(TaskFeatureRefiner(self.tasks, d, tfr) for d in dims)
-        self.upsample = nn.ModuleList(ConvBNAct(dims[k], dims[k + 1], 3) for k in range(n - 1))
-        self.heads = nn.ModuleDict({t: nn.Sequential(ConvBNAct(sum(dims), dims[-1], 3), nn.Conv2d(dims[-1], c, 1))
-                                    for t, c in self.num_outputs.items()})
+        self.out_norm = nn.ModuleList(nn.LayerNorm(len(self.tasks) * d) for d in dims)
+        self.to_head = nn.ModuleList(nn.ModuleDict({t: nn.Conv2d(dims[k], dims[0], 1) for t in self.tasks})
+                                     for k in range(1, n))
+        self.heads = nn.ModuleDict({t: nn.Sequential(ConvBNAct(dims[0], dims[0], 3), nn.Conv2d(dims[0], c, 1))
+                                    for t, c in outputs.items()})
 
     def _preliminary(self, coarsest: torch.Tensor):
         """Preliminary decoders + TPP on the coarsest level: (initial predictions, task features P_0)."""
-        prelim = self.tpp({t: self.prelim[t](coarsest) for t in self.tasks})
-        initial = {t: self.initial_heads[t](x) for t, x in prelim.items()}
-        return initial, {t: self.to_stage0(x) for t, x in prelim.items()}
+        features = self.tpp({t: self.prelim[t](coarsest) for t in self.tasks})
+        initial = {t: self.initial_heads[t](x) for t, x in features.items()}
+        return initial, {t: self.mix[t](torch.cat([features[t], initial[t]], 1)) for t in self.tasks}
 
-    def _scale(self, k: int, level: torch.Tensor, task: dict) -> dict:
-        """Decoder stage k: task features of stage k-1 up-sampled to this level (k > 0), S_k, BFE, TFR."""
+    def _scale(self, k: int, level: torch.Tensor, task: dict, bridge):
+        """Decoder stage k: P_k (up-sampled from stage k-1 for k > 0), S_k, the bridge S'_k, TFR; returns the
+        refined P_k, the same after the stage's joint LayerNorm, and S'_k."""
+        generic = self.embed[k](level)
         if k > 0:
             task = {t: self.upsample[k - 1](resize(x, level.shape[-2:])) for t, x in task.items()}
-        bridge = self.bfe[k](self.embed[k](level), task)
-        return self.tfr[k](task, bridge)
+        new_bridge = self.bfe[k](generic, task)
+        if k > 0:
+            new_bridge = new_bridge + resize(self.bridge_link[k - 1](bridge), generic.shape[-2:])
+        task = self.tfr[k](task, new_bridge)
+        joint = torch.cat([task[t] for t in self.tasks], 1)
+        normed = to_map(self.out_norm[k](to_tokens(joint)), joint.shape[-2:]).split(self.stage_dims[k], 1)
+        return task, dict(zip(self.tasks, normed)), new_bridge
 
     def _head(self, task: str, stages: list, size) -> torch.Tensor:
-        return self.heads[task](torch.cat([resize(s, size) for s in stages], 1))
+        """Stage features of one task (LayerNorm'd) -> 1×1 convs to stage_dims[0], sum at ``size``, head."""
+        x = resize(stages[0], size)
+        for k, s in enumerate(stages[1:]):
+            x = x + resize(self.to_head[k][task](s), size)
+        return self.heads[task](x)
 
     def forward_train(self, images):
         levels = list(reversed(self.backbone(images)[-self.num_scales:]))  # coarsest first
         initial, task = self.stage(self._preliminary, levels[0])
-        stages = []
+        bridge, stages = None, []
         for k in range(self.num_scales):
-            task = self.stage(self._scale, k, levels[k], task)
-            stages.append(task)
-        finest = stages[-1][self.tasks[0]].shape[-2:]
-        preds = {t: resize(self.stage(self._head, t, [s[t] for s in stages], finest), images.shape[-2:])
+            task, normed, bridge = self.stage(self._scale, k, levels[k], task, bridge)
+            stages.append(normed)
+        quarter = tuple(math.ceil(s / 4) for s in images.shape[-2:])
+        preds = {t: resize(self.stage(self._head, t, [s[t] for s in stages], quarter), images.shape[-2:])
                  for t in self.tasks}
         return preds, {"initial": initial}
 

@@ -408,6 +408,138 @@ def test_padnet_decoder_has_the_public_structure(dataset, tasks):
     assert _decoder_parameters("padnet", tasks, dataset) == expected
 
 
+class _ViTWidths(torch.nn.Module):
+    """A parameter-free stand-in with this library's ViT-B pyramid description (models/backbones.py)."""
+    family, channels, strides = "vit", [192, 384, 768, 768], [4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("dataset, tasks, tfr", [("nyud", ["semseg", "depth", "normals", "edge"], "base"),
+                                                 ("pascal", ["semseg", "parts", "sal", "normals", "edge"], "large")])
+def test_bridgenet_decoder_has_the_official_structure(dataset, tasks, tfr):
+    """BridgeNet's decoder on ViT-B widths counted layer by layer from the official code's structure
+    (models/bridgenet.py docstring): preliminary decoder 3×3 conv blocks C -> C -> 512, TPP and the initial
+    1×1 heads at 512; per task a 1×1 conv (bias) of [512 features, initial logits] -> 576; generic features
+    1×1 conv + BN + ReLU (stage 0) or 3×3 conv (bias) to the previous stage's width + 1×1 conv + BN + ReLU;
+    up-sampling (shared, the paper) two dilated 3×3 conv blocks; BFE (depth-wise query conv + BN, LN, q/k/v/o
+    projections, depth-wise 3×3 restore conv with bias, FFN ×4); bridge link 1×1 conv (bias); TFR blocks
+    2C -> C/2 -> dw -> C; per stage a LayerNorm over all tasks' channels; per task 1×1 convs (bias) to 576
+    for stages 1, 2; head 3×3 conv + BN + ReLU at 576 and a 1×1 predictor."""
+    from mtlfast.models.bridgenet import BridgeNet
+
+    def conv(cin, cout, k, bias=False, groups=1):
+        return cin // groups * cout * k * k + (cout if bias else 0)
+
+    def linear(cin, cout, bias=True):
+        return cin * cout + (cout if bias else 0)
+
+    t, e, dims, levels, blocks = len(tasks), 512, [576, 288, 144], [768, 768, 384], {"base": 6, "large": 12}[tfr]
+    outputs = [num_outputs(task, dataset) for task in tasks]
+    prelim = conv(768, 768, 3) + 2 * 768 + conv(768, e, 3) + 2 * e
+    tpp = (conv(e, e, 3, groups=e) + 2 * e + 4 * e + 3 * linear(e, e) - e + linear(e, e)
+           + 2 * e + linear(e, 4 * e) + linear(4 * e, e))
+    expected = t * (prelim + tpp) + t * 2 * 2 * t
+    expected += sum(conv(e, n, 1, True) + conv(e + n, dims[0], 1, True) for n in outputs)
+    expected += conv(levels[0], dims[0], 1) + 2 * dims[0]
+    for k in (1, 2):
+        expected += conv(levels[k], dims[k - 1], 3, True) + conv(dims[k - 1], dims[k], 1) + 2 * dims[k]
+        expected += conv(dims[k - 1], dims[k], 3) + conv(dims[k], dims[k], 3) + 4 * dims[k]  # up-sampling
+        expected += conv(dims[k - 1], dims[k], 1, True) + t * conv(dims[k], dims[0], 1, True)  # bridge link, to head
+    for d in dims:
+        bfe = (conv(d, d, 3, groups=d) + 2 * d + 2 * d + 4 * linear(d, d) - d + conv(d, d, 3, True, groups=d)
+               + 2 * d + linear(d, 4 * d) + linear(4 * d, d))
+        tfr_block = conv(2 * d, d // 2, 1) + 2 * (d // 2) + conv(d // 2, d // 2, 3, groups=d // 2) + 2 * (d // 2) \
+            + conv(d // 2, d, 1, True)
+        expected += bfe + t * blocks * tfr_block + 2 * t * d
+    expected += sum(conv(dims[0], dims[0], 3) + 2 * dims[0] + conv(dims[0], n, 1, True) for n in outputs)
+    model = BridgeNet(tasks, dataset, _ViTWidths(), tfr=tfr)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def _small_bridgenet(tasks=("semseg", "depth"), **extra):
+    """A float64 eval-mode BridgeNet on convnet_tiny, unequal stage widths, random BN statistics and LN affine."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    model = create_model("bridgenet", list(tasks), backbone="convnet_tiny", dataset="nyud",
+                         **{**SMALL["bridgenet"], "stage_dims": [16, 12, 8, 8], **extra}).double().eval()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+            m.weight.data.copy_(torch.randn(m.weight.shape, generator=gen, dtype=torch.float64))
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=gen, dtype=torch.float64))
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen, dtype=torch.float64))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen, dtype=torch.float64) + 0.5)
+    return model, gen
+
+
+def _conv_bn_relu(block, x):
+    conv, bn = block[0], block[1]
+    y = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=conv.padding, dilation=conv.dilation)
+    return torch.relu(torch.nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False,
+                                                     0.0, bn.eps))
+
+
+def test_bridgenet_initial_predictions_enter_the_stage0_features():
+    """P_0 = Conv1×1(Concat(TPP(prelim(x)), initial logits)) (official mix_proj), the preliminary decoder two 3×3
+    conv blocks to embed_dim; and the initial heads get a gradient from the final predictions alone."""
+    F = torch.nn.functional
+    model, gen = _small_bridgenet()
+    x = torch.randn(2, 256, 3, 5, generator=gen, dtype=torch.float64)
+    with mtlfast.use_backend("reference"):
+        initial, p0 = model._preliminary(x)
+        features = model.tpp({t: _conv_bn_relu(model.prelim[t][1], _conv_bn_relu(model.prelim[t][0], x))
+                              for t in model.tasks})
+    for t in model.tasks:
+        head, mix = model.initial_heads[t], model.mix[t]
+        assert model.prelim[t][0][0].kernel_size == model.prelim[t][1][0].kernel_size == (3, 3)
+        assert mix.in_channels == 16 + model.num_outputs[t] and mix.out_channels == 16
+        want = F.conv2d(features[t], head.weight, head.bias)
+        torch.testing.assert_close(initial[t], want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(p0[t], F.conv2d(torch.cat([features[t], want], 1), mix.weight, mix.bias),
+                                   rtol=1e-12, atol=1e-12)
+    images = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+    with mtlfast.use_backend("reference"):
+        sum(p.square().mean() for p in model(images).values()).backward()
+    assert all(model.initial_heads[t].weight.grad.abs().sum() > 0 for t in model.tasks)
+
+
+def test_bridgenet_scale_and_head_wiring():
+    """Stage k = 1 written out: S_1 = BN-ReLU(Conv1×1(Conv3×3(level) + b)); P_1 = two dilated 3×3 conv blocks
+    on P_0 resized to the level (shared by the tasks); S'_1 = BFE(S_1, P_1) + Up(Conv1×1(S'_0) + b); TFR; one
+    LayerNorm over both tasks' channels. Head: stage 0 as it is plus 1×1 convs (bias) of stages 1..3, each
+    resized to 1/4 of the input and summed, 3×3 conv + BN + ReLU, 1×1 conv."""
+    F = torch.nn.functional
+    model, gen = _small_bridgenet()
+    level = torch.randn(2, 128, 4, 5, generator=gen, dtype=torch.float64)
+    task = {t: torch.randn(2, 16, 2, 3, generator=gen, dtype=torch.float64) for t in model.tasks}
+    bridge = torch.randn(2, 16, 2, 3, generator=gen, dtype=torch.float64)
+    with mtlfast.use_backend("reference"):
+        refined, normed, new_bridge = model._scale(1, level, task, bridge)
+        embed, up, link = model.embed[1], model.upsample[0], model.bridge_link[0]
+        generic = _conv_bn_relu(embed[1], F.conv2d(level, embed[0].weight, embed[0].bias, padding=1))
+        p1 = {t: _conv_bn_relu(up[1], _conv_bn_relu(up[0], F.interpolate(x, size=(4, 5), mode="bilinear")))
+              for t, x in task.items()}
+        want_bridge = model.bfe[1](generic, p1) + F.interpolate(F.conv2d(bridge, link.weight, link.bias), size=(4, 5),
+                                                                mode="bilinear")
+        want = model.tfr[1](p1, want_bridge)
+    assert up[0][0].dilation == up[1][0].dilation == (2, 2)
+    torch.testing.assert_close(new_bridge, want_bridge, rtol=1e-12, atol=1e-12)
+    norm = model.out_norm[1]
+    joint = F.layer_norm(torch.cat([want[t] for t in model.tasks], 1).permute(0, 2, 3, 1), (24,), norm.weight,
+                         norm.bias).permute(0, 3, 1, 2)
+    for i, t in enumerate(model.tasks):
+        torch.testing.assert_close(refined[t], want[t], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(normed[t], joint[:, 12 * i:12 * (i + 1)], rtol=1e-12, atol=1e-12)
+    stages = [torch.randn(2, c, s, s, generator=gen, dtype=torch.float64)
+              for c, s in zip((16, 12, 8, 8), (2, 4, 8, 16))]
+    x = stages[0]
+    for k, s in enumerate(stages[1:]):
+        conv = model.to_head[k]["depth"]
+        x = F.interpolate(x, size=(16, 16), mode="bilinear") + F.interpolate(
+            F.conv2d(s, conv.weight, conv.bias), size=(16, 16), mode="bilinear")
+    head = model.heads["depth"]
+    want = F.conv2d(_conv_bn_relu(head[0], x), head[1].weight, head[1].bias)
+    torch.testing.assert_close(model._head("depth", stages, (16, 16)), want, rtol=1e-12, atol=1e-12)
+
+
 @needs_timm
 def test_backbone_pyramids():
     gen = torch.Generator().manual_seed(3)

@@ -138,8 +138,7 @@ def test_feature_aggregation_is_the_hrnet_head():
     x = torch.cat([feats[0]] + [F.interpolate(f, size=(17, 21), mode="bilinear", align_corners=False)
                                 for f in feats[1:]], 1)
     conv, bn, predict = block.fuse[0], block.fuse[1], block.predict
-    hidden = F.relu(F.batch_norm(F.conv2d(x, conv.weight, conv.bias), bn.running_mean, bn.running_var, bn.weight,
-                                 bn.bias, False, 0.0, bn.eps))
+    hidden = F.relu(_bn(bn, F.conv2d(x, conv.weight, conv.bias)))
     torch.testing.assert_close(block(feats), F.conv2d(hidden, predict.weight, predict.bias), rtol=1e-10, atol=1e-10)
 
 
@@ -384,6 +383,80 @@ def test_tfr_sizes_and_ifb_alpha():
     assert list(IterativeFusionBlock(4, "A").parameters()) == []
 
 
+def _random_layer_norms(module, gen):
+    """LayerNorms with random affine parameters (the default identity affine would hide a swapped one)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.weight.data.copy_(_randn(*m.weight.shape, gen=gen))
+            m.bias.data.copy_(_randn(*m.bias.shape, gen=gen))
+    return module
+
+
+def _pool_cells(x, s):
+    """Average of every s×s cell (row-major), a cell cut by the border averaging its valid positions -> tokens."""
+    h, w = x.shape[-2:]
+    cells = [x[..., i:i + s, j:j + s].mean((-2, -1)) for i in range(0, h, s) for j in range(0, w, s)]
+    return torch.stack(cells, 1)
+
+
+def test_bridge_feature_extractor_is_eq3_to_6():
+    """BridgeNet §3.3 written out (float64, eval-mode BN, random statistics and affine parameters):
+    S̃ = Flat(BN(DWConv3×3 stride 2 (S))); P̃_j = Flat(AvgPool_l(LN(P_j))), every l×l cell (ceil mode, the
+    border cells averaging their valid positions), tasks concatenated along the tokens (eq. 3);
+    Q = S̃ W_q + b_q, K = P̃ W_k, V = P̃ W_v + b_v (eq. 4); per head softmax(Q_h K_hᵀ / √C) V_h (eq. 5–6, C the
+    full width); W_o; bilinear up-sampling to H×W; depth-wise 3×3 conv (official); + S; + MLP(LN(·))."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    c, cp, heads, l = 8, 6, 2, 3
+    block = BridgeFeatureExtractor(c, cp, heads=heads, kv_stride=l).double()
+    block = _random_layer_norms(_random_batch_norms(block, gen), gen)
+    generic = _randn(2, c, 9, 7, gen=gen)
+    tasks = {t: _randn(2, cp, 8, 7, gen=gen) for t in TASKS}
+    with mtlfast.use_backend("reference"):
+        out = block(generic, tasks)
+    conv = block.q_embed[0]
+    s = _bn(block.q_embed[1], F.conv2d(generic, conv.weight, stride=2, padding=1, groups=c))
+    grid = s.shape[-2:]
+    assert grid == (5, 4)
+    norm = block.kv_norm
+    p = torch.cat([_pool_cells(F.layer_norm(x.permute(0, 2, 3, 1), (cp,), norm.weight, norm.bias).permute(0, 3, 1, 2),
+                               l) for x in tasks.values()], 1)
+    assert p.shape == (2, 3 * 3 * 3, cp)
+    attn = block.attn
+    q = s.flatten(2).transpose(1, 2) @ attn.q.weight.T + attn.q.bias
+    k, v = p @ attn.k.weight.T, p @ attn.v.weight.T + attn.v.bias
+    x = torch.cat([torch.softmax(q[..., h] @ k[..., h].transpose(1, 2) / math.sqrt(c), -1) @ v[..., h]
+                   for h in (slice(0, 4), slice(4, 8))], -1) @ attn.proj.weight.T + attn.proj.bias
+    x = F.interpolate(x.transpose(1, 2).reshape(2, c, *grid), size=(9, 7), mode="bilinear", align_corners=False)
+    y = generic + F.conv2d(x, block.restore.weight, block.restore.bias, padding=1, groups=c)
+    ffn = block.ffn
+    t = y.flatten(2).transpose(1, 2)
+    hidden = F.gelu(F.linear(F.layer_norm(t, (c,), ffn.norm.weight, ffn.norm.bias), ffn.fc1.weight, ffn.fc1.bias))
+    t = t + F.linear(hidden, ffn.fc2.weight, ffn.fc2.bias)
+    torch.testing.assert_close(out, t.transpose(1, 2).reshape(2, c, 9, 7), rtol=1e-10, atol=1e-10)
+
+
+def test_task_feature_refiner_is_eq7():
+    """BridgeNet eq. 7 with the official block: per task x <- x + W₃ GELU(BN(DWConv3×3_d(GELU(BN(W₁ [x, S']))))),
+    d cycling 1, 2, 5 over the 3·M blocks (M = 2), S' resized bilinearly to the task features' size first."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    block = _random_batch_norms(TaskFeatureRefiner(TASKS, 8, layers=2).double(), gen)
+    tasks = {t: _randn(2, 8, 9, 11, gen=gen) for t in TASKS}
+    bridge = _randn(2, 8, 5, 6, gen=gen)
+    out = block(tasks, bridge)
+    guide = F.interpolate(bridge, size=(9, 11), mode="bilinear", align_corners=False)
+
+    for t in TASKS:
+        x = tasks[t]
+        for i, b in enumerate(block.refiners[t]):
+            conv1, bn1, _, dw, bn2, _, conv3 = b.body
+            d = (1, 2, 5)[i % 3]
+            assert conv1.bias is None and dw.dilation == (d, d)
+            h = F.gelu(_bn(bn1, F.conv2d(torch.cat([x, guide], 1), conv1.weight)))
+            h = F.gelu(_bn(bn2, F.conv2d(h, dw.weight, padding=d, dilation=d, groups=4)))
+            x = x + F.conv2d(h, conv3.weight, conv3.bias)
+        torch.testing.assert_close(out[t], x, rtol=1e-10, atol=1e-10)
+
+
 def _random_batch_norms(module, gen):
     """Eval-mode BatchNorms with random statistics and affine parameters (an identity BN would hide a missing
     or misplaced one)."""
@@ -397,11 +470,15 @@ def _random_batch_norms(module, gen):
     return module.eval()
 
 
+def _bn(bn, x):
+    """An eval-mode BatchNorm2d written with the functional op."""
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
 def _conv_bn(conv_bn, x):
     """BN(Conv(x)) of a ConvBNAct without its activation, written with the functional ops (eval-mode BN)."""
-    conv, bn = conv_bn[0], conv_bn[1]
-    y = F.conv2d(x, conv.weight, conv.bias, padding=conv.padding, groups=conv.groups)
-    return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    conv = conv_bn[0]
+    return _bn(conv_bn[1], F.conv2d(x, conv.weight, conv.bias, padding=conv.padding, groups=conv.groups))
 
 
 @pytest.mark.parametrize("index", [0, 2, 3])

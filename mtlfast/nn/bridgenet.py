@@ -3,21 +3,38 @@ Feature for Multi-task Dense Predictions", §3.2–3.4): TaskPatternPropagation,
 TaskFeatureRefiner.
 
 Task features are dicts ``{task: (B, C, H, W)}``; the attention runs through :func:`mtlfast.ops.tpp_attention`
-and :func:`mtlfast.ops.attention` (BFE's in :class:`~mtlfast.nn.common.ProjectedAttention`), so the backend
-switch applies.
+and :func:`mtlfast.ops.attention`, so the backend switch applies.
 
-Choices the paper leaves open (facts from the official code listed in DESIGN.md §4 where there are any):
-- queries: depth-wise 3×3 conv at stride ``q_stride`` (2) + BN, then LayerNorm and a linear projection;
-  keys/values: average pooling by ``kv_stride`` (an adaptive average pool to ⌈H/s⌉×⌈W/s⌉ cells, so that
-  any size works), then LayerNorm and linear projections. 2 heads; the score scale is C_a^-0.5 of the
-  full attention width C_a (not of the head width).
-- after the attention: a linear output projection, the token map (at the query grid) resized bilinearly
-  to the input size, the input added (the paper's "residual paths"), then the FFN (LayerNorm + MLP with
-  ratio 4, GELU) with its own residual (§3.3: "a feed-forward network which is composed of a layer
-  normalization and an MLP"); TPP uses "an FFN which has a similar structure in BFE".
-- TPP's 1×1 conv over the concatenated maps is per task (``mix_weight`` (T, H, T·H)). Biases that cancel
-  in the softmax are left out: the conv's bias, and a bias on the keys (it adds the same q·b to every
-  score of a query row); both would only be parameters with an exactly zero gradient.
+What follows the official code (github.com/Evergreen0929/EEMTL, BridgeNet/, read for its structure only):
+- BFE (its cross-attention block): queries by a depth-wise 3×3 conv at stride ``q_stride`` (2) + BN, then a
+  linear projection (no LayerNorm on the queries); the task tokens LayerNorm'd (one LayerNorm, shared by
+  the tasks) at their full resolution, then average-pooled by ``kv_stride`` (kernel = stride, no padding,
+  ceil mode: a window cut by the border averages its valid cells) and concatenated along the tokens, then
+  the key / value projections; 2 heads; score scale C^-0.5 of the full attention width C; a linear
+  output projection, the token map (at the query grid) resized bilinearly to the input size and passed
+  through a depth-wise 3×3 conv (with bias), added to the generic input S, then the FFN (LayerNorm + MLP,
+  ratio 4, GELU) with its own residual.
+- TFR: per task, a cascade of blocks Concat(x, S') -> 1×1 conv to C/2 -> BN, GELU -> depth-wise 3×3 conv
+  with dilation cycling 1, 2, 5 -> BN, GELU -> 1×1 conv to C, added to x; S' is resized (bilinear) to the
+  task feature's size and concatenated before every block. The official configs count blocks (REFINE_DEPTH
+  6 / 12 / 18 = the paper's 2 / 4 / 6 layers of three blocks).
+- TPP: 2 heads, queries by a depth-wise conv + BN at stride 2, the per-task 1×1 mixing of all T·H score
+  maps (DESIGN.md §4; the official TPP block's own file is not in the public snapshot that was read).
+
+What follows the paper: eq. 1–2 (TPP), eq. 3–6 and the up-sampling + FFN of §3.3 (BFE), eq. 7 and the HDC
+dilations 1, 2, 5 (TFR), the three TFR sizes base / large / huge = 2 / 4 / 6 layers (§4.1).
+
+Open choices (*):
+- * TPP's keys / values are pooled like BFE's (stride ``kv_stride`` 2, ceil mode) and LayerNorm'd after
+  the pooling; TPP's output: y = P + Up(Linear(x)), out = y + MLP(LN(y)) ("an FFN which has a similar
+  structure in BFE", §3.2).
+- * biases that cancel are left out: the key projection's (it adds the same q·b to every score of a query
+  row, softmax removes it; the kernels centre the keys), TPP's mixing-conv bias (constant along the
+  softmax axis), and the bias of the TFR block's first 1×1 conv (BatchNorm follows and removes it). The
+  official code has them; each would be a parameter with an exactly zero gradient.
+- * no stochastic depth (the official TFR blocks use drop-path rates rising linearly 0 -> 0.15 per stage)
+  and PyTorch's default initialisation (the official code uses truncated normals, std 0.02 for linear
+  layers and 0.001 for the convolutions of its decoder stages).
 """
 from __future__ import annotations
 
@@ -38,9 +55,14 @@ TFR_SIZES = {"base": 2, "large": 4, "huge": 6}
 
 
 def _pool_tokens(x: torch.Tensor, stride: int) -> torch.Tensor:
-    """Average pooling by ``stride`` (adaptive, ⌈H/s⌉×⌈W/s⌉ cells) -> tokens (B, N, C)."""
-    h, w = x.shape[-2:]
-    return to_tokens(F.adaptive_avg_pool2d(x, (math.ceil(h / stride), math.ceil(w / stride))))
+    """Average pooling by ``stride`` (kernel = stride, ceil mode: ⌈H/s⌉×⌈W/s⌉ cells, a border cell averages
+    only its valid positions) -> tokens (B, N, C)."""
+    return to_tokens(F.avg_pool2d(x, stride, stride, ceil_mode=True))
+
+
+def _channel_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the channels of every position of a map (B, C, H, W)."""
+    return to_map(norm(to_tokens(x)), x.shape[-2:])
 
 
 class _QueryEmbed(nn.Sequential):
@@ -108,13 +130,16 @@ class TaskPatternPropagation(nn.Module):
 class BridgeFeatureExtractor(nn.Module):
     """Bridge Feature Extraction, BridgeNet §3.3, eq. 3–6, at one scale.
 
-    S (B, C, H, W) task-generic, P_j (B, C_p, H_p, W_p) task-specific (j over every task):
-        S̃ = Flat(Conv(S)) (stride ``q_stride``),   P̃_j = Flat(Pool(P_j)) (stride ``kv_stride``)   (eq. 3)
-        Q = LP(S̃),  K = LP(Concat_j P̃_j),  V = LP(Concat_j P̃_j)   (eq. 4; tasks concatenated along tokens)
-        x = Softmax(Q Kᵀ / √C_a) V                                    (eq. 5–6, ``heads`` heads, C_a = C)
-    then y = S + Up(Linear(x)), S' = y + MLP(LN(y)) -> (B, C, H, W). Submodules: Q's LayerNorm ``q_norm``;
-    ``attn`` (:class:`~mtlfast.nn.common.ProjectedAttention`, scale C^-0.5) with the tokens' LayerNorm, the
-    projections of Q, K, V, the attention and the output Linear; ``ffn``.
+    S (B, C, H, W) task-generic, P_j (B, C_p, H_p, W_p) task-specific (j over every task, all of one size):
+        S̃ = Flat(DWConv_d(S)),   P̃_j = Flat(Pool_l(LN(P_j)))                  (eq. 3; d = ``q_stride``,
+                                                                                l = ``kv_stride``)
+        Q = S̃ W_q + b_q,  K = Concat_j(P̃_j) W_k,  V = Concat_j(P̃_j) W_v + b_v  (eq. 4, tasks along tokens)
+        x = Softmax(Q Kᵀ / √C) V                                               (eq. 5–6, ``heads`` heads)
+    then y = S + DWConv3×3(Up(x W_o + b_o)) (Up: bilinear, query grid -> H×W), S' = y + MLP(LN(y))
+    -> (B, C, H, W). DWConv_d is a depth-wise 3×3 conv at stride d + BN, LN one LayerNorm over the channels
+    shared by the tasks, Pool_l an average pooling (ceil mode) by l. Submodules ``q_embed``, ``kv_norm``,
+    ``attn`` (:class:`~mtlfast.nn.common.ProjectedAttention` without its own LayerNorm: q, k, v, proj),
+    ``restore`` (the depth-wise conv after the up-sampling), ``ffn``.
     """
 
     def __init__(self, channels: int, task_channels: int | None = None, *, heads: int = 2, q_stride: int = 2,
@@ -122,18 +147,20 @@ class BridgeFeatureExtractor(nn.Module):
         super().__init__()
         if channels % heads:
             raise ValueError(f"channels: attention width {channels} is not divisible by heads={heads}")
+        task_channels = task_channels or channels
         self.kv_stride = kv_stride
         self.q_embed = _QueryEmbed(channels, q_stride)
-        self.q_norm = nn.LayerNorm(channels)
-        self.attn = ProjectedAttention(channels, task_channels, heads=heads, scale=channels ** -0.5)
+        self.kv_norm = nn.LayerNorm(task_channels)  # before the pooling, so not the attention's own
+        self.attn = ProjectedAttention(channels, task_channels, heads=heads, scale=channels ** -0.5, kv_norm=False)
+        self.restore = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
         self.ffn = FeedForward(channels, mlp_ratio * channels)
 
     def forward(self, generic: torch.Tensor, task_features: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]):
         maps = list(task_features.values()) if isinstance(task_features, Mapping) else list(task_features)
         qmap = self.q_embed(generic)
-        kv = torch.cat([_pool_tokens(p, self.kv_stride) for p in maps], dim=1)
-        x = self.attn(self.q_norm(to_tokens(qmap)), kv)
-        y = generic + resize(to_map(x, qmap.shape[-2:]), generic.shape[-2:])
+        kv = torch.cat([_pool_tokens(_channel_norm(self.kv_norm, p), self.kv_stride) for p in maps], dim=1)
+        x = self.attn(to_tokens(qmap), kv)
+        y = generic + self.restore(resize(to_map(x, qmap.shape[-2:]), generic.shape[-2:]))
         return to_map(self.ffn(to_tokens(y)), y.shape[-2:])
 
 
@@ -159,8 +186,9 @@ class TaskFeatureRefiner(nn.Module):
 
     Each TFR layer follows Hybrid Dilated Convolution: three depth-wise separable dilated blocks with
     dilations ``dilations`` (1, 2, 5); a block is Concat(x, S') -> 1×1 conv to C/2 -> BN, GELU -> depth-wise
-    3×3 dilated conv -> BN, GELU -> 1×1 conv to C, added to x (the official code's block, DESIGN §4).
-    The bridge S' is concatenated before every block. Input ``{task: (B, C, H, W)}`` and S' (B, C, H, W).
+    3×3 dilated conv -> BN, GELU -> 1×1 conv to C, added to x (the official code's block). S' is resized
+    (bilinear) to the task features' size and concatenated before every block. Input ``{task: (B, C, H, W)}``
+    and S' (B, C, H', W').
     """
 
     def __init__(self, tasks: Sequence[str], channels: int, layers: int | str = "base",
@@ -182,7 +210,8 @@ class TaskFeatureRefiner(nn.Module):
         out = {}
         for t in self.tasks:
             x = features[t]
+            guide = resize(bridge, x.shape[-2:])
             for block in self.refiners[t]:
-                x = block(x, bridge)
+                x = block(x, guide)
             out[t] = x
         return out

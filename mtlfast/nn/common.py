@@ -139,9 +139,9 @@ class FeedForward(nn.Module):
 
 
 class ProjectedAttention(nn.Module):
-    """Multi-head attention of given queries over LayerNorm'd key/value tokens, with its projections:
+    """Multi-head attention of given queries over (LayerNorm'd) key/value tokens, with its projections:
 
-        X = LN(kv_tokens),  Q = queries W_q + b_q,  K = X W_k,  V = X W_v + b_v
+        X = LN(kv_tokens),  Q = queries W_q + b_q,  K = X W_k,  V = X W_v + b_v     (``kv_norm=False``: X = kv_tokens)
         out = Concat_h(softmax(scale · Q_h K_hᵀ) V_h) W_o + b_o        (``heads`` heads of width dim / heads)
 
     ``forward(queries, kv_tokens)``: queries (B, Nq, dim), normalised by the caller (where and how differs
@@ -150,16 +150,18 @@ class ProjectedAttention(nn.Module):
     would add the same q·b_k to every score of a query row, which cancels in the softmax (and the kernels
     centre the keys, :func:`mtlfast.ops.attention.center_keys`), so it would only be a parameter with an
     exactly zero gradient. K and V are cast to Q's dtype: under autocast they may differ and the op refuses
-    mixed dtypes. Submodules ``kv_norm``, ``q``, ``k``, ``v``, ``proj``; no residual, the caller adds it.
+    mixed dtypes. Submodules ``kv_norm`` (an Identity with ``kv_norm=False``, for callers that normalise before
+    pooling the tokens), ``q``, ``k``, ``v``, ``proj``; no residual, the caller adds it.
     """
 
-    def __init__(self, dim: int, kv_dim: int | None = None, *, heads: int, scale: float | None = None) -> None:
+    def __init__(self, dim: int, kv_dim: int | None = None, *, heads: int, scale: float | None = None,
+                 kv_norm: bool = True) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim: attention width {dim} is not divisible by heads={heads}")
         kv_dim = kv_dim or dim
         self.dim, self.kv_dim, self.heads, self.scale = dim, kv_dim, heads, scale
-        self.kv_norm = nn.LayerNorm(kv_dim)
+        self.kv_norm = nn.LayerNorm(kv_dim) if kv_norm else nn.Identity()
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(kv_dim, dim, bias=False)
         self.v = nn.Linear(kv_dim, dim)
