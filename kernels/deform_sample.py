@@ -270,7 +270,7 @@ def _backward(grad_out, values, points, weights):
     S = len(values)
     cfg = launch_config(C, points.device)
     grad_out, points, weights = grad_out.contiguous(), points.contiguous(), weights.contiguous()
-    grad_points = torch.empty(B, N, 2, device=points.device, dtype=torch.float32)
+    grad_points = empty((B, N, 2), device=points.device, dtype=torch.float32)
     grad_weights = empty((B, N, S), device=points.device, dtype=weights.dtype)
     grad_values = []
     for s, stage in enumerate(values):

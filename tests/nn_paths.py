@@ -4,11 +4,17 @@ The reference path runs the module in float64 with every op on ``backend="refere
 runs a float32 copy with the same state on the kernel backends (on a CPU: Triton through its interpreter,
 and the C++ kernel for deform_sample, which has no Triton kernel). Every output and the gradient of every
 parameter and input (from one backward of Σ ⟨out, random cotangent⟩) must agree to the float32 bound of
-DESIGN.md §6 (relative error < 1e-4 against float64).
+DESIGN.md §6 (relative error < 1e-4 against float64; 1e-3 on a GPU, where float32 dots may use TF32).
+
+A quantity whose float64 value is numerically zero (norm below 1e-12 of the largest compared quantity's: a
+gradient that vanishes in exact arithmetic, such as a bias that cancels, is left as rounding noise) is
+compared by its absolute norm against the same bound, as check_against_reference does for an exact zero.
+Only the quantities the caller names in ``conditioned`` get a looser bound (see :func:`compare_paths`).
 """
 from __future__ import annotations
 
 import copy
+import fnmatch
 
 import torch
 
@@ -45,9 +51,19 @@ def _run(module, inputs: dict, dtype, backend, per_op, cotangents, device, seed)
     return outs + grads, cotangents
 
 
-def compare_paths(module: torch.nn.Module, inputs: dict, *, device: str = "cpu", report: bool = False):
+def _named(name: str, entry: str) -> bool:
+    """``entry`` is the quantity's name (which may hold brackets: "out[0][depth]") or a pattern matching it."""
+    return name == entry or fnmatch.fnmatchcase(name, entry)
+
+
+def compare_paths(module: torch.nn.Module, inputs: dict, *, device: str = "cpu", conditioned: tuple[str, ...] = ()):
     """Runs the reference path in float64 and in float32 and the kernel path in float32 on copies of
-    ``module``; raises AssertionError listing every quantity over its bound (see the module docstring)."""
+    ``module``; raises AssertionError listing every quantity over its bound (see the module docstring).
+    Returns {quantity: (kernel path error, float32 reference path error)}.
+
+    ``conditioned`` names ill-conditioned quantities (as in the failure table, e.g. ``"grad model.fuse.0.bias"``,
+    or fnmatch patterns such as ``"grad model.backbone.*"``); their bound is max(fixed bound, 2x the float32
+    reference path's error), as check_against_reference's ``conditioned``. Each entry must name a quantity."""
     seed = fresh_seed()
     paths = {}
     cot = None
@@ -57,16 +73,23 @@ def compare_paths(module: torch.nn.Module, inputs: dict, *, device: str = "cpu",
         copy_ = copy.deepcopy(module).to(device=device, dtype=dtype)
         paths[key], cot = _run(copy_, inputs, dtype, b, ops, cot, device, seed)
     names = [n for n, _ in paths["ref64"]]
+    unmatched = [c for c in conditioned if not any(_named(n, c) for n in names)]
+    if unmatched:
+        raise ValueError(f"conditioned: {unmatched} name no compared quantity")
     fixed = tolerance(torch.float32, tf32_dots=device == "cuda")
-    rows = {}
+    scale = max(torch.linalg.vector_norm(w.detach().double()).item() for _, w in paths["ref64"])
+    rows, bounds = {}, {}
     for i, n in enumerate(names):
-        want = paths["ref64"][i][1]
+        want = paths["ref64"][i][1].detach()
+        if torch.linalg.vector_norm(want.double()).item() <= 1e-12 * scale:
+            want = torch.zeros_like(want)  # rel_error then takes the absolute norm
         rows[n] = (rel_error(paths["kernel"][i][1], want), rel_error(paths["ref32"][i][1], want))
-    bad = {n: (e, r) for n, (e, r) in rows.items() if not e <= max(fixed, 2 * r)}
+        loose = any(_named(n, c) for c in conditioned)
+        bounds[n] = max(fixed, 2 * rows[n][1]) if loose else fixed
+    bad = {n: (e, r) for n, (e, r) in rows.items() if not e <= bounds[n]}
     if bad:
-        lines = "\n".join(f"  {n}: kernel {e:.3e}, float32 reference {r:.3e}"
+        lines = "\n".join(f"  {n}: kernel {e:.3e}, bound {bounds[n]:.3e}, float32 reference {r:.3e}"
                           for n, (e, r) in sorted(bad.items(), key=lambda kv: -kv[1][0]))
-        raise AssertionError(f"kernel path vs float64 reference path over max({fixed:.0e}, 2 x float32 reference "
-                             f"error) ({len(bad)} of {len(rows)} quantities; cotangent seed {seed}, "
-                             f"{rerun_hint(seed)} reruns it):\n{lines}")
+        raise AssertionError(f"kernel path vs float64 reference path over the bound ({len(bad)} of {len(rows)} "
+                             f"quantities; cotangent seed {seed}, {rerun_hint(seed)} reruns it):\n{lines}")
     return rows

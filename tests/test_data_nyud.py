@@ -135,7 +135,7 @@ def test_missing_folders_and_files_name_the_path(tmp_path):
     (base / "gt_sets" / "val.txt").unlink()
     with pytest.raises(FileNotFoundError, match="val.txt"):
         NYUDv2(base, split="val", tasks=["semseg"])
-    with pytest.raises(ValueError, match="valid: train, val"):
+    with pytest.raises(ValueError, match="split: unknown split 'test' for nyud; valid: train, val"):
         NYUDv2(base, split="test")
 
 

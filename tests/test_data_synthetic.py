@@ -104,7 +104,7 @@ def test_dataset_items_follow_the_sample_format():
     train = build_dataset("synthetic", split="train", tasks=["semseg", "depth"], length=2)
     item = train[0]
     assert set(item) == {"image", "meta", "semseg", "depth"} and item["image"].shape == (3, 64, 64)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"index 2 out of range for synthetic \(2 items\)"):
         train[2]
 
 

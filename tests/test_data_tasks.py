@@ -30,7 +30,7 @@ def test_errors_list_valid_choices():
         check_tasks(["depth", "depth"], "synthetic")
     with pytest.raises(ValueError, match="at least one task"):
         check_tasks([], "synthetic")
-    with pytest.raises(ValueError, match="valid choices"):
+    with pytest.raises(ValueError, match="dataset: unknown dataset 'kitti'; valid choices"):
         build_dataset("kitti")
     with pytest.raises(ValueError, match="unknown split 'tset'"):
         build_dataset("synthetic", split="tset")

@@ -102,11 +102,29 @@ def test_photometric_changes_only_the_image():
     assert any(changed)
 
 
-def test_photometric_hue_rotation_keeps_grey():
-    s = {"image": torch.full((3, 2, 2), 100.0), "meta": {}}
-    t = PhotometricDistortion(brightness=0.0, contrast=(1, 1), saturation=(1, 1), hue=18.0,
-                              generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(t(s)["image"], s["image"], atol=1e-3)
+def test_photometric_hue_rotation_keeps_grey_and_turns_colour(monkeypatch):
+    """With every step forced on and the other steps neutral, the hue step alone: a grey pixel (no chroma) is
+    unchanged and a coloured one is the documented rotation of its YIQ chroma plane by the drawn angle."""
+    from mtlfast.data import transforms
+
+    monkeypatch.setattr(transforms, "_chance", lambda p, generator: True)  # each step otherwise runs at p = 1/2
+    monkeypatch.setattr(transforms, "_uniform", lambda lo, hi, generator: hi)  # the angle drawn: +18 degrees
+    grey, colour = [100.0, 100.0, 100.0], [180.0, 90.0, 40.0]
+    image = torch.tensor([grey, colour]).T.reshape(3, 1, 2)
+    t = PhotometricDistortion(brightness=0.0, contrast=(1, 1), saturation=(1, 1), hue=18.0)
+    out = t({"image": image, "meta": {}})["image"].reshape(3, 2).T
+    assert torch.allclose(out[0], torch.tensor(grey), atol=1e-3)
+    # NTSC YIQ: the luma y stays, the chroma (i, q) turns by +18 degrees, back to RGB
+    rgb2yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                           dtype=torch.float64)
+    y, i, q = (rgb2yiq @ torch.tensor(colour, dtype=torch.float64)).tolist()
+    a = math.radians(18.0)
+    turned = torch.tensor([y, i * math.cos(a) - q * math.sin(a), i * math.sin(a) + q * math.cos(a)],
+                          dtype=torch.float64)
+    want = torch.linalg.solve(rgb2yiq, turned)
+    assert 0 < want.min() and want.max() < 255  # no clamping in play
+    assert not torch.allclose(want, torch.tensor(colour, dtype=torch.float64), atol=1.0)  # the hue did move
+    assert torch.allclose(out[1].double(), want, atol=1e-3)
 
 
 def test_normalize_values():

@@ -15,7 +15,7 @@ import mtlfast
 from mtlfast.backends import BackendError
 from mtlfast.ops.deform_sample import deform_sample
 from mtlfast.reference import deform_sample as reference
-from mtlfast.testing import check_against_reference, fresh_seed, randn, run_without_interpreter
+from mtlfast.testing import check_against_reference, fresh_seed, randn, rel_error, run_without_interpreter
 
 # The cpp and cuda backends are the compiled extension; the triton backend and the reference need none.
 needs_extension = pytest.mark.skipif(mtlfast._ext.status().loaded is False,
@@ -451,7 +451,10 @@ def test_gpu_misaligned_and_channels_last(backend, kernel_dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_inductor_compile_gpu(backend):
-    """torch.compile (Inductor) of a graph around the op, bfloat16, forward and backward."""
+    """torch.compile (Inductor) of a graph around the op, bfloat16: forward and the gradients to both stages, the
+    points and the weights against the float32 reference on the same bfloat16 inputs (the kernels compute the
+    coordinates and sums in float32; PyTorch's own bfloat16 grid_sample, coordinates in bfloat16, is ~10% off and
+    sets no useful bound)."""
     gen = torch.Generator().manual_seed(fresh_seed())
     inputs = _inputs(2, 301, 64, [(28, 36), (14, 18)], gen, device="cuda")
     leaves = [t.to(torch.bfloat16).requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
@@ -459,10 +462,12 @@ def test_inductor_compile_gpu(backend):
                       fullgraph=True)
     out = f(*leaves)
     out.sum().backward()
-    want = reference.deform_sample([t.detach().float() for t in leaves[:2]], leaves[2].detach().float(),
-                                   leaves[3].detach().float()).sin()
-    assert (out - want).norm() / want.norm() < 2e-2
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    want = reference.deform_sample(ref_leaves[:2], ref_leaves[2], ref_leaves[3]).sin()
+    want.sum().backward()
+    assert rel_error(out, want) < 2e-2
+    for name, t, ref in zip(_grad_names(2), leaves, ref_leaves):
+        assert rel_error(t.grad, ref.grad) < 2e-2, f"grad {name}"
 
 
 @needs_extension

@@ -64,6 +64,36 @@ def test_matches_reference(pinned, device, kernel_dtype, B, N, C, K, n_iter, det
                             output_names=OUTPUTS)
 
 
+# (B, N, C, K, n_iter, detach_iterations) at eps = 0.05, where eps changes every output and gradient by several
+# percent (a kernel that ignores eps fails them all): ordinary sizes, one token, one channel. The size-one cases
+# need an eps this large: at eps = 1e-6 the M step's gradient is a cancellation no float32 implementation computes
+# (the derivative of z / (eps + Σ_N z) with one token, of m / (eps + ‖m‖) with one channel, is of order
+# eps / (eps + ·)²; PyTorch's own float32 grad mu is 2-20% off float64 there).
+EPS_CASES = [
+    (2, 37, 21, 16, 4, False),
+    (2, 37, 21, 16, 4, True),
+    (2, 1, 21, 16, 4, False),
+    (2, 1, 21, 16, 4, True),
+    (2, 37, 1, 16, 4, False),
+    (2, 37, 1, 16, 4, True),
+]
+
+
+@pytest.mark.parametrize("B,N,C,K,n_iter,detach", EPS_CASES,
+                         ids=[f"N{c[1]}-C{c[2]}-{'detach' if c[5] else 'full'}" for c in EPS_CASES])
+def test_matches_reference_large_eps(pinned, device, kernel_dtype, B, N, C, K, n_iter, detach):
+    """eps reaches every kernel (the other cases use the default 1e-6, where a kernel that ignores eps stays
+    inside the bounds), and single-token and single-channel inputs, forward and gradients."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = {**_inputs(B, N, C, K, device, gen), "n_iter": n_iter, "eps": 0.05, "detach_iterations": detach}
+    # One token, detached iterations: every final base is a multiple of that token x, so ∂L/∂x = x̂ Σ_k ds_k ‖mu_k‖
+    # with Σ_k ds_k = 0, a cancellation (PyTorch's own float32 is ~20% off float64); the full mode's one-token case
+    # compares ∂L/∂x, and this one the forward.
+    grad = [] if detach and N == 1 else ["x", "mu"]
+    check_against_reference(_triton, reference.em_attention, inputs, dtype=kernel_dtype, grad=grad,
+                            output_names=OUTPUTS)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("detach", [False, True])
 def test_matches_reference_paper_shape_gpu(kernel_dtype, detach):
@@ -191,11 +221,16 @@ def test_triton_refusals(device):
 
 
 def test_reference_is_the_auto_choice_on_cpu():
+    """auto serves a CPU call with the reference (the Triton path runs there only through the interpreter)."""
+    from mtlfast.ops.em_attention import _OP
+
     x, mu = _x_mu()
     with mtlfast.use_backend("auto"):
+        kwargs = dict(tau=1.0, eps=1e-6, detach_iterations=False)
+        assert _OP.select(None, "cpu", x.dtype, (x, mu, 2), kwargs).backend == "reference"
         got = em_attention(x, mu, 2)
     for g, w in zip(got, reference.em_attention(x, mu, 2)):
-        torch.testing.assert_close(g, w)
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 # --- GPU compilation without a GPU -------------------------------------------------------------------------

@@ -84,5 +84,5 @@ def test_checkpoint_atomic_and_checked(tmp_path, monkeypatch):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="not a readable mtlfast checkpoint"):
         ckpt.load_checkpoint(str(tmp_path / "bad.pt"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="checkpoint: no such file .*none.pt"):
         ckpt.load_checkpoint(str(tmp_path / "none.pt"))

@@ -11,7 +11,7 @@ from mtlfast.backends import BackendError
 from mtlfast.bench.harness import saved_activation_bytes
 from mtlfast.ops.iterative_fusion import choose_materialize, iterative_fusion
 from mtlfast.reference.iterative_fusion import iterative_fusion as reference
-from mtlfast.testing import check_against_reference, fresh_seed, randn, run_without_interpreter
+from mtlfast.testing import check_against_reference, fresh_seed, randn, rel_error, run_without_interpreter
 
 VARIANTS = ("A", "B", "C")
 MODES = ("materialize", "recompute")
@@ -32,11 +32,12 @@ def _check(device, dtype, variant, mode, B, N, D, C, n_iter, scale=None, alpha=(
     them nearly cancel, PyTorch's own float32 misses 1e-4 too (1 draw in ~1500 at n = 1 in a float32
     simulation), so its bound is max(1e-4, 2x PyTorch's float32 error on these inputs and on two copies
     perturbed by one float32 epsilon) (check_against_reference's ``conditioned``)."""
-    seed = fresh_seed()  # one seed for inputs and cotangents: MTLFAST_TEST_SEED=<seed> reproduces a failure
+    # independent seeds for the inputs and the cotangent (one seed made the cotangent a copy of q's first values);
+    # both derive from the test's seed, which reproduces a failure
     check_against_reference(
         lambda **kw: iterative_fusion(**kw, scale=scale, variant=variant, mode=mode, backend="triton"),
         lambda **kw: reference(**kw, scale=scale, variant=variant),
-        _inputs(B, N, D, C, n_iter, device, seed, alpha), dtype=dtype, seed=seed, conditioned=("grad alpha",))
+        _inputs(B, N, D, C, n_iter, device, fresh_seed(), alpha), dtype=dtype, conditioned=("grad alpha",))
 
 
 @pytest.fixture
@@ -90,10 +91,9 @@ def test_matches_reference_float16(device, mode):
 def test_non_contiguous_inputs_and_alpha_of_another_dtype(device):
     """A transposed view of q and a float64 alpha (as a float32 parameter next to 16-bit activations would be)
     give exactly what contiguous inputs and a float32 alpha give; alpha's gradient comes back in its dtype."""
-    seed = fresh_seed()
-    ins = _inputs(2, 17, 5, 6, 3, device, seed)
+    ins = _inputs(2, 17, 5, 6, 3, device, fresh_seed())
     q, k, v, alpha = (ins[n].float() for n in ("q", "k", "v", "alpha"))
-    cot = randn(2, 17, 6, generator=torch.Generator().manual_seed(seed), device=device, dtype=torch.float32)
+    cot = randn(2, 17, 6, generator=torch.Generator().manual_seed(fresh_seed()), device=device, dtype=torch.float32)
 
     def run(q, alpha):
         leaves = [t.detach().requires_grad_() for t in (q, k, v, alpha)]
@@ -328,14 +328,28 @@ def test_matches_reference_tpim_shape_gpu(kernel_dtype, mode):
 
 @pytest.mark.gpu
 def test_inductor_compile_gpu():
+    """torch.compile (Inductor) around the op in bfloat16: forward and the gradients to q, k, v and alpha against
+    the float32 reference on the same bfloat16 inputs. A gradient's bound is 2e-2 or twice PyTorch's own bfloat16
+    error, whichever is larger: dα sums B·N·C·n = 7e5 products of bfloat16 Vᵗ and Gᵗ (PyTorch's own bfloat16 dα is
+    9-22% off at this shape, its dq, dk, dv up to 1.2%, measured on the CPU)."""
     ins = _inputs(4, 300, 64, 96, 6, "cuda", fresh_seed())
     q, k, v, alpha = (ins[n].to(torch.bfloat16).requires_grad_() for n in ("q", "k", "v", "alpha"))
     f = torch.compile(lambda q, k, v, a: iterative_fusion(q, k, v, a, 6, backend="triton").float().sin(),
                       fullgraph=True)
     out = f(q, k, v, alpha)
     out.sum().backward()
-    want = reference(*(t.detach().float() for t in (q, k, v, alpha)), 6).sin()
-    assert (out - want).norm() / want.norm() < 2e-2
+
+    def reference_run(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, alpha)]
+        want = reference(*leaves, 6).float().sin()
+        return want, torch.autograd.grad(want.sum(), leaves)
+
+    want, want_grads = reference_run(torch.float32)
+    _, own_grads = reference_run(torch.bfloat16)
+    assert rel_error(out, want) < 2e-2
+    for name, t, w, own in zip(("q", "k", "v", "alpha"), (q, k, v, alpha), want_grads, own_grads):
+        bound = max(2e-2, 2 * rel_error(own, w))
+        assert rel_error(t.grad, w) < bound, f"grad {name}: bound {bound:.2e}"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:

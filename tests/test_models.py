@@ -76,29 +76,41 @@ def _labels(tasks, dataset, batch, size, gen):
 
 
 def _check_step(model, images, labels, backend, per_op=None):
-    """One SGD step on a fixed batch changes the parameters and lowers the loss. The step is sized so that its
-    first-order predicted decrease is 0.1 % of the loss (lr = 0.001·L/‖g‖²): the gradient must be a descent
-    direction. (Adam's first step moves every parameter by lr whatever its gradient, which at 64×64 with
-    batch statistics over a few pixels is not a descent test.) Train mode; the buffers (BN statistics,
-    SEM's EM bases) are restored before the second forward, so only the step differs."""
+    """Every parameter gets a gradient and a gradient step on a fixed batch lowers the loss by at least half of
+    its first-order prediction: the gradient is the loss's (a wrong one is not a descent direction at small
+    steps). Steps of lr = f·L/‖g‖² (predicted decrease f·L) for f = 1e-3, 1e-4, 1e-5 from the same weights,
+    the first that achieves it passes; smaller steps only matter where the loss curves within the larger ones
+    (fresh random weights). (Adam's first step moves every parameter by lr whatever its gradient, which at
+    64×64 with batch statistics over a few pixels is not a descent test.) Train mode; the buffers (BN
+    statistics, SEM's EM bases) are restored before every evaluation, so only the step differs."""
     model.train()
     loss_fn = MultiTaskLoss(model.tasks, stage_weights=getattr(model, "aux_loss_weights", None),
                             aux_tasks=getattr(model, "aux_tasks", ()))
     buffers = copy.deepcopy(dict(model.named_buffers()))
     before = [p.detach().clone() for p in model.parameters()]
+    tried = []
     with mtlfast.use_backend(backend, **(per_op or {})):
         loss0, _ = loss_fn(*_preds_and_labels(model, images, labels))
         model.zero_grad()
         loss0.backward()
         unused = [n for n, p in model.named_parameters() if p.grad is None]
         assert not unused, f"parameters outside the graph (DDP would need find_unused_parameters): {unused}"
-        squared = sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None)
-        torch.optim.SGD(model.parameters(), lr=1e-3 * loss0.item() / squared).step()
-        model.load_state_dict(buffers, strict=False)
-        with torch.no_grad():
-            loss1, _ = loss_fn(*_preds_and_labels(model, images, labels))
+        grads = [p.grad.clone() for p in model.parameters()]
+        squared = sum(float(g.square().sum()) for g in grads)
+        for fraction in (1e-3, 1e-4, 1e-5):
+            lr = fraction * loss0.item() / squared
+            with torch.no_grad():
+                for p, start, g in zip(model.parameters(), before, grads):
+                    p.copy_(start - lr * g)
+            model.load_state_dict(buffers, strict=False)
+            with torch.no_grad():
+                loss1, _ = loss_fn(*_preds_and_labels(model, images, labels))
+            tried.append((fraction, loss1.item() - loss0.item()))
+            if loss0.item() - loss1.item() >= 0.5 * fraction * loss0.item():
+                break
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    assert loss1.item() < loss0.item(), f"loss {loss0.item():.6f} -> {loss1.item():.6f} after one step"
+    assert loss0.item() - loss1.item() >= 0.5 * tried[-1][0] * loss0.item(), (
+        f"loss {loss0.item():.6f}: change after steps predicted to lower it by f·L (f, change): {tried}")
 
 
 def _preds_and_labels(model, images, labels):
@@ -178,7 +190,10 @@ def test_kernel_path_matches_reference_path(method):
     gen = torch.Generator().manual_seed(fresh_seed())
     images = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
     _calibrate(model, images)
-    compare_paths(_TrainForward(model), {"images": images}, device=DEVICE)
+    # Every gradient of a whole random network is ill-conditioned somewhere: the float32 reference path alone
+    # exceeds 1e-4 against float64 in some draws (tpim 7/24, sem 4/12, bridgenet 3/12), the kernel path then
+    # by as much; the gradients get 2x the float32 reference error, the outputs stay at 1e-4.
+    compare_paths(_TrainForward(model), {"images": images}, device=DEVICE, conditioned=("grad *",))
     backend, per_op = KERNEL_PATH
     model = model.float().to(DEVICE)
     _check_step(model, images.float().to(DEVICE), _labels(tasks, dataset, 2, (64, 64), gen), backend, per_op)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mtlfast import _alloc
-from mtlfast.testing import check_against_reference, randn, rel_error, tolerance
+from mtlfast.testing import check_against_reference, poison_outputs, randn, rel_error, tolerance
 
 
 def reference(x, w):
@@ -59,6 +59,44 @@ def test_missing_gradient_is_caught():
     with pytest.raises(AssertionError, match=r"grad w"):
         check_against_reference(lambda x, w: reference(x, w.detach()), reference, make_inputs(gen),
                                 dtype=torch.float32)
+
+
+def test_deform_sample_triton_buffers_are_poisoned(monkeypatch, device):
+    """Under poison_outputs(), every buffer the Triton launchers of deform_sample return (the output; the value,
+    point and weight gradients) is all NaN when the first kernel that receives it starts, so an element their
+    kernels forget to write cannot pass check_against_reference (the point-gradient buffer was a plain
+    torch.empty, never poisoned)."""
+    from triton.runtime.jit import KernelInterface
+
+    from mtlfast.kernels import deform_sample as kernels
+
+    launch = KernelInterface.__getitem__
+    # storage address -> (the tensor, all NaN at its first launch); holding the tensor keeps its address from
+    # being reused by a later buffer (a freed channels-last copy of a stage, say)
+    first_launch = {}
+
+    def spy(kernel, grid):
+        def run(*args, **kwargs):
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.is_floating_point():
+                    first_launch.setdefault(a.untyped_storage().data_ptr(), (a, bool(a.isnan().all())))
+            return launch(kernel, grid)(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(KernelInterface, "__getitem__", spy)
+    gen = torch.Generator().manual_seed(0)
+    values = [randn(2, 5, 4, 3, generator=gen, device=device, dtype=torch.float32),
+              randn(2, 5, 2, 2, generator=gen, device=device, dtype=torch.float32)]
+    points = (torch.rand(2, 7, 2, generator=gen) * 2.6 - 1.3).to(device)
+    weights, grad_out = (randn(2, 7, *s, generator=gen, device=device, dtype=torch.float32) for s in ((2,), (5,)))
+    with poison_outputs():
+        out = kernels.forward(values, points, weights)
+        grad_values, grad_points, grad_weights = kernels.backward(grad_out, values, points, weights)
+    returned = {"out": out, "grad points": grad_points, "grad weights": grad_weights}
+    returned |= {f"grad values[{i}]": g for i, g in enumerate(grad_values)}
+    for name, t in returned.items():
+        _, poisoned = first_launch.get(t.untyped_storage().data_ptr(), (None, False))
+        assert poisoned, f"{name}: not NaN-filled when its first kernel started"
 
 
 def test_low_precision_bound_comes_from_pytorch_own_error():

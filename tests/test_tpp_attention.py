@@ -20,6 +20,7 @@ CASES = [
     (1, 4, 2, 9, 19, 7, 12, False, True),     # T·H = 8 maps, per task
     (1, 4, 1, 7, 33, 12, 5, True, True),      # shared weight with bias, 3 key blocks
     (1, 1, 2, 5, 21, 300, 20, False, False),  # D > 256 (wider blocks below: 5 reduction chunks, 3 dq/dk chunks)
+    (2, 2, 1, 9, 1, 5, 3, False, True),       # one key: out = v, the q, k, mix_weight gradients exactly zero
 ]
 WIDE = dict(block_d=64, block_dgrad=128)
 #: dW[j, c] sums dĀ_j ∘ A_c over every batch element, query and key (terms of random sign; with T·H = 1 it is
@@ -73,6 +74,16 @@ def test_default_config(device, kernel_dtype):
     check_against_reference(_triton, reference.tpp_attention, inputs, dtype=kernel_dtype,
                             grad=["q", "k", "v", "mix_weight"],
                             tf32_dots=device == "cuda" and kernel_dtype == torch.float32, conditioned=MIX_WEIGHT)
+
+
+def test_explicit_scale(device, kernel_dtype):
+    """An explicit scale= reaches the kernels (every other case takes the default D ** -0.5 = 0.45 here)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = {**_inputs(1, 2, 2, 9, 11, 5, 4, False, True, device, gen), "scale": 0.37}
+    with _pinned(5):
+        check_against_reference(_triton, reference.tpp_attention, inputs, dtype=kernel_dtype,
+                                grad=["q", "k", "v", "mix_weight"],
+                                tf32_dots=device == "cuda" and kernel_dtype == torch.float32, conditioned=MIX_WEIGHT)
 
 
 def test_strided_inputs(device, kernel_dtype):
@@ -153,8 +164,8 @@ def test_keys_with_a_large_common_shift(device):
 @pytest.mark.parametrize("shared", [False, True])
 def test_bias_cancels(device, shared):
     """The bias is constant along the softmax axis: in float64 the reference's output does not depend on it
-    and its gradient is roundoff; the kernel path returns exactly zero for it and the reference's
-    gradients for everything else."""
+    and its gradient is roundoff; the kernel path returns exactly zero for it and, with the bias given, the
+    reference's forward and gradients for everything else (check_against_reference)."""
     gen = torch.Generator().manual_seed(fresh_seed())
     inputs = _inputs(1, 2, 2, 6, 5, 4, 3, shared, True, "cpu", gen)
     no_bias = {k: v for k, v in inputs.items() if k != "mix_bias"}
@@ -171,7 +182,9 @@ def test_bias_cancels(device, shared):
     out = _triton(**leaves)
     grads = torch.autograd.grad(out, list(leaves.values()), cotangent.to(device=device, dtype=torch.float32))
     assert grads[-1].shape == bias.shape and torch.equal(grads[-1], torch.zeros_like(grads[-1]))
-    assert all(g.abs().sum() > 0 for g in grads[:-1])
+    check_against_reference(_triton, reference.tpp_attention, {k: v.to(device) for k, v in inputs.items()},
+                            dtype=torch.float32, grad=["q", "k", "v", "mix_weight"], tf32_dots=device == "cuda",
+                            conditioned=MIX_WEIGHT)
 
 
 def test_library_registration(device):
@@ -186,9 +199,15 @@ def test_library_registration(device):
 
 
 def test_auto_on_cpu_is_reference_and_limits(device):
+    """auto serves a CPU call with the reference (the Triton path runs there only through the interpreter)."""
+    from mtlfast.ops.tpp_attention import _OP
+
     gen = torch.Generator().manual_seed(fresh_seed())
-    x = _inputs(1, 1, 1, 3, 4, 5, 2, False, False, "cpu", gen)
-    torch.testing.assert_close(tpp_attention(**x, backend="auto"), reference.tpp_attention(**x))
+    # float32, which the Triton path takes on the CPU too (it refuses float64: no choice would be left to test)
+    x = {k: v.float() for k, v in _inputs(1, 1, 1, 3, 4, 5, 2, False, False, "cpu", gen).items()}
+    args = (x["q"], x["k"], x["v"], x["mix_weight"], None)
+    assert _OP.select("auto", "cpu", x["q"].dtype, args, dict(scale=5 ** -0.5)).backend == "reference"
+    torch.testing.assert_close(tpp_attention(**x, backend="auto"), reference.tpp_attention(**x), rtol=0, atol=0)
     # on the kernel device: shape limits are asked only of a backend that can run there
     x = {k: v.float() for k, v in _inputs(1, 17, 1, 2, 2, 4, 2, False, False, device, gen).items()}
     with pytest.raises(BackendError, match="T·H=17"):

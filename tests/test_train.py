@@ -111,9 +111,11 @@ import sys, torch
 from mtlfast.engine.config import load_config
 from mtlfast.engine.trainer import Trainer
 trainer = Trainer(load_config(None, sys.argv[1:]), progress=False)
+def weights():
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+torch.save(weights(), trainer.out_dir + f"/initial_weights_rank{trainer.dist.rank}.pt")
 trainer.train()
-flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-torch.save(flat, trainer.out_dir + f"/weights_rank{trainer.dist.rank}.pt")
+torch.save(weights(), trainer.out_dir + f"/weights_rank{trainer.dist.rank}.pt")
 sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules())
 torch.save(sync_bn, trainer.out_dir + f"/sync_bn_rank{trainer.dist.rank}.pt")
 trainer.close()
@@ -137,9 +139,11 @@ def _torchrun(tmp_path, processes, args):
 
 
 def test_two_process_ddp_ends_with_equal_weights(tmp_path):
+    """Both ranks end with the same weights, and these moved from the initial ones (the run stepped)."""
     _torchrun(tmp_path, 2, TINY + ON_CPU + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3"])
     w0, w1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1))
     assert torch.equal(w0, w1)
+    assert not torch.equal(w0, torch.load(tmp_path / "initial_weights_rank0.pt"))
     assert os.path.exists(tmp_path / "last.pt")
 
 
