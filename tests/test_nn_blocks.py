@@ -428,11 +428,51 @@ def test_bridge_feature_extractor_is_eq3_to_6():
                    for h in (slice(0, 4), slice(4, 8))], -1) @ attn.proj.weight.T + attn.proj.bias
     x = F.interpolate(x.transpose(1, 2).reshape(2, c, *grid), size=(9, 7), mode="bilinear", align_corners=False)
     y = generic + F.conv2d(x, block.restore.weight, block.restore.bias, padding=1, groups=c)
-    ffn = block.ffn
-    t = y.flatten(2).transpose(1, 2)
-    hidden = F.gelu(F.linear(F.layer_norm(t, (c,), ffn.norm.weight, ffn.norm.bias), ffn.fc1.weight, ffn.fc1.bias))
-    t = t + F.linear(hidden, ffn.fc2.weight, ffn.fc2.bias)
+    t = _ffn(block.ffn, y.flatten(2).transpose(1, 2))
     torch.testing.assert_close(out, t.transpose(1, 2).reshape(2, c, 9, 7), rtol=1e-10, atol=1e-10)
+
+
+def _ffn(ffn, tokens):
+    """x + W₂ GELU(W₁ LN(x)) with the functional ops."""
+    hidden = F.gelu(F.linear(F.layer_norm(tokens, tokens.shape[-1:], ffn.norm.weight, ffn.norm.bias), ffn.fc1.weight,
+                             ffn.fc1.bias))
+    return tokens + F.linear(hidden, ffn.fc2.weight, ffn.fc2.bias)
+
+
+def test_task_pattern_propagation_is_eq1_2():
+    """BridgeNet eq. 1–2 written out (float64, random eval-mode BN and LayerNorms): per task j, Q_j from the
+    stride-2 depth-wise conv + BN, LN, W_q; K_j, V_j from the 2×2 cell averages (ceil mode), LN, W_k, W_v; the
+    T·H maps A_c = Q_j,h K_j,hᵀ / √dim (c = j·H + h); per task t and head o, Ā = Σ_c W[t, o, c] A_c, softmax,
+    times V_t,o; then W_o, bilinear up-sampling, + P_t, + MLP(LN(·))."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    c, heads, t_count = 8, 2, len(TASKS)
+    block = _random_layer_norms(_random_batch_norms(TaskPatternPropagation(TASKS, c, c, heads=heads).double(), gen),
+                                gen)
+    feats = {t: _randn(2, c, 9, 7, gen=gen) for t in TASKS}
+    with mtlfast.use_backend("reference"):
+        out = block(feats)
+    qs, ks, vs = [], [], []
+    for t in TASKS:
+        conv = block.q_embed[t][0]
+        qmap = _bn(block.q_embed[t][1], F.conv2d(feats[t], conv.weight, stride=2, padding=1, groups=c))
+        grid = qmap.shape[-2:]
+        qn, kvn = block.q_norm[t], block.kv_norm[t]
+        q = F.layer_norm(qmap.flatten(2).transpose(1, 2), (c,), qn.weight, qn.bias)
+        kv = F.layer_norm(_pool_cells(feats[t], 2), (c,), kvn.weight, kvn.bias)
+        qs.append(F.linear(q, block.q[t].weight, block.q[t].bias))
+        ks.append(F.linear(kv, block.k[t].weight))
+        vs.append(F.linear(kv, block.v[t].weight, block.v[t].bias))
+    width = c // heads
+    maps = [qs[j][..., h * width:(h + 1) * width] @ ks[j][..., h * width:(h + 1) * width].transpose(1, 2) / math.sqrt(c)
+            for j in range(t_count) for h in range(heads)]  # eq. 1, channel j·H + h
+    for i, t in enumerate(TASKS):
+        x = torch.cat([torch.softmax(sum(block.mix_weight[i, o, ch] * a for ch, a in enumerate(maps)), -1)
+                       @ vs[i][..., o * width:(o + 1) * width] for o in range(heads)], -1)  # eq. 2
+        up = F.interpolate(F.linear(x, block.proj[t].weight, block.proj[t].bias).transpose(1, 2).reshape(2, c, *grid),
+                           size=(9, 7), mode="bilinear", align_corners=False)
+        y = (feats[t] + up).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(out[t], _ffn(block.ffn[t], y).transpose(1, 2).reshape(2, c, 9, 7),
+                                   rtol=1e-10, atol=1e-10)
 
 
 def test_task_feature_refiner_is_eq7():
