@@ -13,7 +13,9 @@ Interface (every model returned by :func:`mtlfast.models.create_model`):
   in ``aux``; ``MultiTaskLoss(model.tasks, aux_tasks=model.aux_tasks)`` scores them there (the trainer does
   this for ``model.kwargs.aux_tasks``).
 - ``model.aux_loss_weights``: ``{stage_name: λ}`` when a stage is weighted differently from 1 (absent
-  otherwise); ``model.tasks``, ``model.dataset``, ``model.num_outputs`` ({task: C_task}), ``model.backbone``.
+  otherwise); ``model.normals_loss_reduction``: how the method's public code averages the normals L1 loss
+  (:func:`mtlfast.losses.normals_loss`: "element" for the MTI-Net code base, the default; "pixel" for the
+  InvPT / ATRC code bases, which BridgeNet, SEM and TIF train with); ``model.tasks``, ``model.dataset``, ``model.num_outputs`` ({task: C_task}), ``model.backbone``.
 - Every attention-like computation runs through :mod:`mtlfast.ops`, so ``mtlfast.use_backend(...)`` (or
   ``MTLFAST_BACKEND``) switches the whole model between the kernel and the reference path.
 - ``model.checkpoint_decoder`` (every method's option ``checkpoint_decoder=False``; the trainer's config key
@@ -78,6 +80,8 @@ def upsample_all(outputs: Mapping[str, torch.Tensor], size) -> dict[str, torch.T
 class MultiTaskModel(nn.Module):
     """Base class: task bookkeeping, ``forward = forward_train()[0]`` and the decoder-stage runner
     :meth:`stage` (see the module docstring)."""
+
+    normals_loss_reduction = "element"
 
     def __init__(self, tasks: Sequence[str], dataset: str, backbone: Backbone) -> None:
         super().__init__()

@@ -87,6 +87,7 @@ def _per_stage(name: str, values, default, n: int) -> list[int]:
 
 
 class BridgeNet(MultiTaskModel):
+    normals_loss_reduction = "pixel"  # the official code trains with InvPT's losses
     def __init__(self, tasks, dataset, backbone, *, num_scales=None, prelim_channels=None, embed_dim=512,
                  stage_dims=None, kv_strides=None, heads=2, tfr="base") -> None:
         super().__init__(tasks, dataset, backbone)

@@ -61,6 +61,7 @@ class _SRAttention(nn.Module):
 
 
 class SEM(MultiTaskModel):
+    normals_loss_reduction = "pixel"  # "the same loss function as in [42]" (InvPT)
     def __init__(self, tasks, dataset, backbone, *, dim=256, heads=2, num_bases=64, em_iters=5, em_momentum=0.9,
                  detach_iterations=True, sr_ratios=None, offset_range=2.0) -> None:
         super().__init__(tasks, dataset, backbone)

@@ -84,14 +84,22 @@ def balanced_bce_loss(pred: torch.Tensor, label: torch.Tensor, pos_weight: float
     return _mean(w * loss_pos + (1 - w) * loss_neg, n_valid)
 
 
-def normals_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """pred (B,3,H,W) unnormalised, label (B,3,H,W) unit vectors, zero vector = invalid;
-    mean |pred/‖pred‖ − label| over the valid entries."""
+NORMALS_REDUCTIONS = ("element", "pixel")
+
+
+def normals_loss(pred: torch.Tensor, label: torch.Tensor, reduction: str = "element") -> torch.Tensor:
+    """pred (B,3,H,W) unnormalised, label (B,3,H,W) unit vectors, zero vector = invalid; the L1 distance
+    |pred/‖pred‖ − label| summed over the valid pixels' 3 components and divided by the number of valid
+    entries (``reduction="element"``: 3 per pixel, the MTI-Net / PAD-Net code) or of valid pixels
+    (``"pixel"``: 3 times larger, the InvPT / ATRC code, whose methods keep the weight 10)."""
     _check("normals", pred, label, 3, False)
+    if reduction not in NORMALS_REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {', '.join(NORMALS_REDUCTIONS)}, got {reduction!r}")
     pred = _wide(pred)
     valid = (label != 0).any(dim=1, keepdim=True)
     diff = (F.normalize(pred, dim=1) - label).abs()
-    return _mean(torch.where(valid, diff, torch.zeros_like(diff)).sum(), valid.sum() * 3)
+    count = valid.sum() * (3 if reduction == "element" else 1)
+    return _mean(torch.where(valid, diff, torch.zeros_like(diff)).sum(), count)
 
 
 def depth_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -104,8 +112,8 @@ def depth_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return _mean(torch.where(valid, diff, torch.zeros_like(diff)).sum(), valid.sum())
 
 
-def task_loss(task: str, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """The (unweighted) standard loss of ``task``."""
+def task_loss(task: str, pred: torch.Tensor, label: torch.Tensor, normals_reduction: str = "element") -> torch.Tensor:
+    """The (unweighted) standard loss of ``task`` (``normals_reduction``: see :func:`normals_loss`)."""
     if task in ("semseg", "parts"):
         return cross_entropy_loss(pred, label)
     if task == "sal":
@@ -113,7 +121,7 @@ def task_loss(task: str, pred: torch.Tensor, label: torch.Tensor) -> torch.Tenso
     if task == "edge":
         return balanced_bce_loss(pred, label, pos_weight=EDGE_POS_WEIGHT)
     if task == "normals":
-        return normals_loss(pred, label)
+        return normals_loss(pred, label, normals_reduction)
     if task == "depth":
         return depth_loss(pred, label)
     raise ValueError(f"task: unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -140,11 +148,19 @@ class MultiTaskLoss(nn.Module):
     λ_s · w_t with w_t the task's standard weight (``weights`` may override it), as in the public MTI-Net /
     PAD-Net code, whose deep-supervision terms take ``loss_weights[task]`` for every front-end task,
     auxiliary or not. Their labels must be in the batch.
+
+    ``normals_reduction``: "element" or "pixel" (:func:`normals_loss`); models give theirs as
+    ``model.normals_loss_reduction`` (the trainer passes it).
     """
 
     def __init__(self, tasks: Sequence[str], weights: Mapping[str, float] | None = None,
-                 stage_weights: Mapping[str, float] | None = None, aux_tasks: Sequence[str] = ()):
+                 stage_weights: Mapping[str, float] | None = None, aux_tasks: Sequence[str] = (),
+                 normals_reduction: str = "element"):
         super().__init__()
+        if normals_reduction not in NORMALS_REDUCTIONS:
+            raise ValueError(f"normals_reduction: expected one of {', '.join(NORMALS_REDUCTIONS)}, "
+                             f"got {normals_reduction!r}")
+        self.normals_reduction = normals_reduction
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         aux_tasks = [aux_tasks] if isinstance(aux_tasks, str) else list(aux_tasks or ())
         for task in tasks + aux_tasks:
@@ -173,7 +189,7 @@ class MultiTaskLoss(nn.Module):
                 raise ValueError(f"preds[{task!r}]: size {tuple(pred.shape[-2:])} differs from the label's "
                                  f"{tuple(label.shape[-2:])}; final predictions must be at label resolution")
             pred = F.interpolate(pred, size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
-        return task_loss(task, pred, label)
+        return task_loss(task, pred, label, self.normals_reduction)
 
     def forward(self, preds: Mapping[str, torch.Tensor], labels: Mapping, aux: Mapping | None = None):
         losses: dict[str, torch.Tensor] = {}

@@ -139,7 +139,12 @@ class SegmentationMeter(Meter):
         self._add(confusion=counts.view(self.num_classes, self.num_classes))
 
     def per_class(self) -> torch.Tensor:
-        """IoU of each class in [0, 1] (NaN for a class absent from labels and predictions)."""
+        """IoU of each class in [0, 1] (NaN for a class absent from labels and predictions).
+
+        mIoU averages the classes that occur (in labels or predictions). The public MTI-Net / InvPT evaluation
+        counts a class absent from both as IoU 0; the two agree whenever every class occurs in the evaluated
+        set (NYUD-v2 and PASCAL-Context val) and differ on subsets (quick evaluations, small synthetic sets),
+        where a class nobody saw or predicted says nothing about the model."""
         conf = self.state["confusion"].double()
         tp = conf.diag()
         union = conf.sum(0) + conf.sum(1) - tp
@@ -154,7 +159,8 @@ class SegmentationMeter(Meter):
 
 
 class DepthMeter(Meter):
-    """Pixel-pooled depth errors over labels that are finite and > 0; pred, label (B,1,H,W) metres."""
+    """Pixel-pooled depth errors over labels that are finite and > 0; pred, label (B,1,H,W) metres; negative
+    predictions count as 0 (the public MTI-Net / InvPT meters clamp them too)."""
 
     def _zero_state(self):
         return {"sq_err": torch.zeros((), dtype=torch.float64), "rel_err": torch.zeros((), dtype=torch.float64),
@@ -163,7 +169,7 @@ class DepthMeter(Meter):
     def update(self, pred, label):
         _check_pair("depth", pred, label, 1, False)
         valid = torch.isfinite(label) & (label > 0)
-        p, y = pred[valid].double(), label[valid].double()
+        p, y = pred[valid].double().clamp(min=0), label[valid].double()  # depth >= 0, as the MTI-Net/InvPT meters
         self._add(sq_err=((p - y) ** 2).sum(), rel_err=((p - y).abs() / y).sum(), count=valid.sum())
 
     def compute(self):

@@ -125,7 +125,7 @@ def test_every_label_decoded(tmp_path):
     expected[4, :2] = 6                     # lower leg
     expected[5, 3], expected[5, 4], expected[0, 7] = 5, 6, 2  # upper leg, foot, neck
     assert np.array_equal(a["parts"].numpy(), expected)
-    assert torch.all(b["parts"] == 0)
+    assert torch.all(b["parts"] == 255)  # no annotated person: ignored (MTI-Net / InvPT AddIgnoreRegions)
     # normals: 2v/255-1, unit, kept on NYU classes only (a: wall=3 on the left, cat=7 on the right;
     # b: tvmonitor=9 kept, sky=20 dropped)
     for s, stem in ((a, "a"), (b, "b")):
@@ -153,11 +153,13 @@ def test_val_split_prefers_voc12_and_pads(tmp_path):
     assert np.array_equal(s["parts"][:H, :W].numpy(), expected) and torch.all(s["parts"][H:] == 255)
 
 
-def test_normals_without_class_lists_warn_and_keep_every_pixel(tmp_path):
+def test_normals_without_class_lists_warn_on_train_and_refuse_val(tmp_path):
     base, truth = make_pascal(tmp_path, with_json=False)
     with pytest.warns(UserWarning, match="nyu_classes.json"):
         ds = PASCALContext(base, split="train", tasks=["normals"], transform=identity)
     assert np.allclose(ds[0]["normals"].permute(1, 2, 0).numpy(), _decode_normals(truth["a"]["normals"]), atol=1e-6)
+    with pytest.raises(DataError, match=r"nyu_classes\.json.*normals of split 'val' are evaluated on the NYU classes"):
+        PASCALContext(base, split="val", tasks=["normals"], transform=identity)
 
 
 def test_missing_and_corrupt_files_name_the_path(tmp_path):

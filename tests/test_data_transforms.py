@@ -91,6 +91,18 @@ def test_crop_pads_small_samples_with_invalid_values():
     assert torch.all(out["image"][:, 4:] == 0)  # the mean colour after normalisation
 
 
+def test_crop_without_person_parts_ignores_the_parts_label():
+    """InvPT's training crops: a parts crop with only background (0) and ignored (255) pixels becomes all 255;
+    a crop that keeps a part pixel is unchanged (crops of the full size, so the crop itself is the identity)."""
+    s = _sample(6, 8)
+    s["parts"] = torch.zeros(6, 8, dtype=torch.int64)
+    s["parts"][5, :] = 255
+    crop = RandomCrop((6, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.all(crop(s)["parts"] == 255)
+    s["parts"][0, 0] = 3
+    assert torch.equal(crop(s)["parts"], s["parts"])
+
+
 def test_photometric_changes_only_the_image():
     s = _sample()
     out = PhotometricDistortion(generator=torch.Generator().manual_seed(1))(s)

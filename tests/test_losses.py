@@ -66,6 +66,23 @@ def test_normals_l1_on_normalised_prediction():
     label = _img([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], channels=3)  # last: invalid
     # pixel 0: exact; pixel 1: |0-1| + |1-0| = 2; mean over the 6 valid entries
     assert normals_loss(pred, label).item() == pytest.approx(2 / 6, rel=1e-12)
+    # InvPT / ATRC: divided by the 2 valid pixels
+    assert normals_loss(pred, label, "pixel").item() == pytest.approx(2 / 2, rel=1e-12)
+    total, _ = MultiTaskLoss(["normals"], normals_reduction="pixel")({"normals": pred}, {"normals": label})
+    assert total.item() == pytest.approx(10 * 2 / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="normals_reduction: expected one of element, pixel, got 'mean'"):
+        MultiTaskLoss(["normals"], normals_reduction="mean")
+
+
+def test_models_declare_their_code_base_normals_reduction():
+    from mtlfast.models.bridgenet import BridgeNet
+    from mtlfast.models.mtinet import MTINet
+    from mtlfast.models.padnet import PADNet
+    from mtlfast.models.sem import SEM
+    from mtlfast.models.tif import TIF
+
+    assert [m.normals_loss_reduction for m in (BridgeNet, SEM, TIF)] == ["pixel"] * 3
+    assert [m.normals_loss_reduction for m in (MTINet, PADNet)] == ["element"] * 2
 
 
 def test_depth_l1_masked_and_nan_safe():

@@ -39,6 +39,8 @@ def test_depth_rmse_pixel_pooled():
     out = m.compute()
     assert out["rmse"] == pytest.approx(math.sqrt(4 / 3))    # per-image mean would be (2 + 0) / 2 = 1
     assert out["abs_rel"] == pytest.approx(2 / 3)
+    m.update(_row([-1.0]), _row([2.0]))                      # a negative depth counts as 0: error 2
+    assert m.compute()["rmse"] == pytest.approx(math.sqrt(8 / 4))
 
 
 def test_normals_angles():

@@ -7,7 +7,8 @@
       segmentation/<id>.png       0 = unlabelled, 1..40 = classes       -> semseg: 0 -> 255, v -> v - 1
       depth/<id>.npy              metres, (H,W), (H,W,1) or (1,H,W)      -> depth; 0 / NaN / <0 -> 0 (invalid)
       normals/<id>.png|.npy       png: 2 v / 255 - 1; npy: values        -> unit normals; |n| not in [0.5, 1.5] -> 0
-      edge/<id>.png|.npy          png: v / 255 >= 0.5; npy: v >= 0.5     -> {0,1} (255 stays 255: ignored)
+      edge/<id>.png|.npy          png: v / 255 >= 0.5 (a 0/1 png: v >= 0.5); npy: v >= 0.5 -> {0,1}
+                                  (npy: 255 stays 255, ignored)
       gt_sets/train.txt, val.txt  one image id per line
 
 Segmentation values other than 0..40 and 255 (kept as ignore) are reported as a corrupt file. Every
@@ -79,7 +80,8 @@ class NYUDv2(SplitDataset):
     @staticmethod
     def _edge(path: Path) -> np.ndarray:
         if path.suffix == ".png":
-            raw = read_label_png(path, "L").astype(np.float32) / 255.0
+            raw = read_label_png(path, "L").astype(np.float32)
+            raw = raw / 255.0 if raw.max() > 1 else raw  # 0/255 maps, or 0/1 ones (which /255 would empty)
         else:
             raw = read_npy(path).astype(np.float32)
             raw = raw.reshape(raw.shape[1:]) if raw.ndim == 3 and raw.shape[0] == 1 else raw

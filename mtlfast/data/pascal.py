@@ -23,12 +23,16 @@ Conventions implemented:
   mask is painted with its group, in file order (later parts overwrite earlier ones): 1 head (head,
   hair, eyes, ears, eyebrows, nose, mouth), 2 torso (torso, neck), 3 upper arms, 4 lower arms and
   hands, 5 upper legs, 6 lower legs and feet (the ``*arm``/``*leg`` names: l/r, then l(ower)/u(pper)).
-  As in the public ASTMT/MTI-Net code, a person without part annotations, and person pixels no part
-  covers, stay background; images without people are all background. An unknown part name is an error.
+  A person without part annotations, and person pixels no part covers, stay background; an image with no
+  part pixel at all (no annotated person) is ignored entirely (255), as the public MTI-Net / InvPT code does
+  (their ``AddIgnoreRegions``: such images would otherwise train and score the parts head as pure
+  background); training crops without a part pixel are ignored too (:class:`~mtlfast.data.transforms.RandomCrop`,
+  as InvPT). An unknown part name is an error.
 - normals: unit vectors; when both json files exist, only pixels whose ``LabelMap`` class is one of the
   NYU classes (``context_classes.json`` maps names to LabelMap ids; ``nyu_classes.json`` lists names;
   "unknown" excluded, "tvmonitor" added) keep their normal, all others become the zero vector (invalid),
-  as in the public protocol. Without the json files every pixel is kept and a warning says so.
+  as in the public protocol. Without the json files the train split keeps every pixel (with a warning) and
+  any other split is an error (its normals metric would not follow the protocol).
 - sal: ``v / 255 > 0.5`` -> 1 else 0; no ignored pixels.
 - semseg: values as stored (palette PNGs give indices); anything outside 0..20 and 255 is an error.
 """
@@ -42,6 +46,7 @@ import numpy as np
 
 from mtlfast.data.base import (DataError, SplitDataset, decode_normals, label_boundaries, read_class_png,
                                read_label_png, read_mat, require_dir, require_file)
+from mtlfast.data.tasks import IGNORE_INDEX
 
 __all__ = ["PASCALContext", "HUMAN_PART_GROUPS", "PERSON_CLASS"]
 
@@ -104,8 +109,13 @@ class PASCALContext(SplitDataset):
     def _normal_classes(self) -> set[int] | None:
         nyu_path, ctx_path = self.root / "json" / "nyu_classes.json", self.root / "json" / "context_classes.json"
         if not (nyu_path.is_file() and ctx_path.is_file()):
-            warnings.warn(f"{nyu_path} / {ctx_path} not found: PASCALContext normals are used on every pixel, "
-                          "not only on the NYU classes of the public protocol", stacklevel=3)
+            what = (f"{nyu_path} / {ctx_path} not found (they come with the PASCAL-Context release of the "
+                    "multi-task benchmark, folder json/)")
+            if self.split != "train":  # the metric would not be the published protocol's
+                raise DataError(f"{what}: normals of split {self.split!r} are evaluated on the NYU classes only; "
+                                "without the class lists they cannot be")
+            warnings.warn(f"{what}: training normals are used on every pixel, not only on the NYU classes of "
+                          "the public protocol", stacklevel=3)
             return None
         try:
             nyu, context = json.loads(nyu_path.read_text()), json.loads(ctx_path.read_text())
@@ -175,4 +185,6 @@ class PASCALContext(SplitDataset):
                 if mask.shape != shape:
                     raise DataError(f"{path}: part mask of shape {mask.shape}, the image has {shape}")
                 target[mask] = HUMAN_PART_GROUPS[name]
+        if not target.any():  # no annotated person part: the whole image is ignored
+            target[:] = IGNORE_INDEX
         return target

@@ -22,6 +22,13 @@ worker), so a seeded run is reproducible.
 (padding first when needed). The order differs from the list in DESIGN.md §5 (crop after the photometric
 step and normalisation) only so that the padded area is exactly the mean colour; the distribution of
 crops is the same. ``val_transform(size)``: normalise, pad to ``size`` (or to a multiple of 32).
+
+Known differences from the InvPT / mmsegmentation training pipeline (whose recipes the ViT methods use): a
+scaled image smaller than the crop is padded at the bottom/right (InvPT centres it); the crop has no
+``cat_max_ratio`` retry (InvPT: up to 10 draws until no class covers 75 % of the crop); the photometric
+distortion works in RGB/YIQ (brightness, contrast, saturation blended with luma, hue rotated by up to
+``hue`` = 18 degrees) where mmseg shifts OpenCV HSV (hue by up to 18 of 180 units = 36 degrees) and orders
+contrast randomly first or last.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from mtlfast.data.tasks import TASK_INFO
+from mtlfast.data.tasks import IGNORE_INDEX, TASK_INFO
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Compose", "Normalize", "RandomScale", "RandomHorizontalFlip",
            "PhotometricDistortion", "RandomCrop", "PadTo", "train_transform", "val_transform",
@@ -217,7 +224,9 @@ class PhotometricDistortion:
 
 class RandomCrop:
     """Random (H, W) crop; a smaller sample is first padded at the bottom/right (labels with their invalid
-    value, the image with ``image_value``); ``meta["crop"] = (top, left)``."""
+    value, the image with ``image_value``); ``meta["crop"] = (top, left)``. A human-parts crop with no part
+    pixel (only background / ignored) becomes all ignored, as InvPT's training crops (the reader does the
+    same for whole images, :mod:`mtlfast.data.pascal`)."""
 
     def __init__(self, size, image_value: float = 0.0, generator: torch.Generator | None = None):
         self.size, self.image_value, self.generator = _size2(size), image_value, generator
@@ -231,6 +240,9 @@ class RandomCrop:
         left = int(torch.randint(0, w - cw + 1, (), generator=self.generator))
         out = crop_sample(sample, top, left, self.size)
         out["meta"]["crop"] = (top, left)
+        parts = out.get("parts")
+        if parts is not None and not ((parts > 0) & (parts != IGNORE_INDEX)).any():
+            out["parts"] = torch.full_like(parts, IGNORE_INDEX)
         return out
 
 

@@ -176,6 +176,7 @@ class Trainer:
             self.train_forward = DistributedDataParallel(
                 self.train_forward, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
         self.loss_fn = MultiTaskLoss(self.tasks, stage_weights=getattr(self.model, "aux_loss_weights", None),
+                                     normals_reduction=self.model.normals_loss_reduction,
                                      aux_tasks=self.aux_tasks)
         self.optimizer = build_optimizer(self.model.parameters(), config["optim"])
         self.scheduler = poly_schedule(self.optimizer, train_cfg["iterations"], config["optim"]["poly_power"])
