@@ -80,6 +80,33 @@ def use_backend(name: str, **per_op: str) -> Iterator[None]:
         _scoped_backend.reset(token)
 
 
+@dataclass(frozen=True)
+class BackendScope:
+    """The backend choices in force (:func:`use_backend` with its per-op overrides, :func:`meta_planning`),
+    captured to be re-entered elsewhere. They live in context variables, which another thread, or code run
+    after the ``with`` block, does not see: activation checkpointing recomputes a stage during the backward
+    (on autograd's device thread on a GPU, or after the block), where the recomputation must choose the
+    backends the forward chose (:func:`mtlfast.nn.common.checkpoint_stage` does this)."""
+
+    backend: str | None
+    op_backends: dict
+    meta_plan: str | None
+
+    @classmethod
+    def capture(cls) -> "BackendScope":
+        return cls(_scoped_backend.get(), dict(_scoped_op_backends.get()), _meta_plan.get())
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        tokens = (_scoped_backend.set(self.backend), _scoped_op_backends.set(dict(self.op_backends)),
+                  _meta_plan.set(self.meta_plan))
+        try:
+            yield
+        finally:
+            for var, token in zip((_scoped_backend, _scoped_op_backends, _meta_plan), tokens):
+                var.reset(token)
+
+
 # --- machine capabilities shared by implementations --------------------------------------------------
 
 @contextlib.contextmanager
@@ -236,7 +263,9 @@ class Op:
                 return impl
             refusals[name] = reasons
         if not candidates:
-            refusals["auto"] = [f"no backend is declared for device type {device_type!r}"]
+            hint = (" (to plan a model's GPU or CPU path on meta tensors, run it under "
+                    "mtlfast.backends.meta_planning('cuda' | 'cpu'))" if device_type == "meta" else "")
+            refusals["auto"] = [f"no backend is declared for device type {device_type!r}{hint}"]
         lines = "\n".join(f"  {b}: " + "; ".join(r) for b, r in refusals.items())
         raise BackendError(
             f"mtlfast.ops.{self.name}: backend {requested!r} cannot serve this call "

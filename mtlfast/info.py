@@ -25,13 +25,16 @@ def device_types() -> list[str]:
 def backend_table() -> list[tuple[str, str, str, str]]:
     """(op, device, backend in force -> chosen implementation, refusals of the others) per op and device."""
     rows = []
-    requested = current_backend()
+    try:
+        requested = current_backend()
+    except ValueError as exc:  # a bad MTLFAST_BACKEND: the table still shows what each backend can serve
+        requested = f"invalid ({exc})"
     for name, op in sorted(OPS.items()):
         for device in device_types():
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
             try:
                 chosen = op.select(None, device, dtype, check_limits=False).backend
-            except BackendError as exc:
+            except (BackendError, ValueError) as exc:
                 chosen = "none: " + str(exc).splitlines()[0]
             others = "; ".join(f"{b}: {', '.join(r)}" for b, r in op.support_table(device, dtype).items()
                                if r and b != chosen)

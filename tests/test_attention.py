@@ -8,6 +8,7 @@ GPU-only tests (marker ``gpu``) add the paper widths, 4096-wide heads and Induct
 """
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,8 +231,12 @@ def test_bad_inputs(backend):
         op(q, k.to("meta"), v, backend=backend)
     with pytest.raises(ValueError, match=r"k: every dimension must be >= 1"):
         op(q, k[:, :, :0], v[:, :, :0], backend=backend)
-    with pytest.raises(TypeError, match=r"scale: expected a Python float"):
+    with pytest.raises(TypeError, match=r"scale: expected a real number or None, got Tensor"):
         op(q, k, v, scale=torch.tensor(0.5), backend=backend)
+    with pytest.raises(ValueError, match=r"scale: expected a finite number, got inf"):
+        op(q, k, v, scale=float("inf"), backend=backend)
+    torch.testing.assert_close(op(q, k, v, scale=np.float32(0.5), backend=backend),
+                               op(q, k, v, scale=0.5, backend=backend), rtol=0, atol=0)
 
 
 def test_backend_refusals():

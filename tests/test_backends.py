@@ -84,6 +84,16 @@ def test_info_lists_each_op_with_its_choice(toy_op):
     assert "triton: device 'cpu' not supported" in text
 
 
+def test_info_survives_a_bad_mtlfast_backend(toy_op, monkeypatch):
+    """The diagnostic tool still prints its table and names the bad value."""
+    from mtlfast.info import info_text
+
+    monkeypatch.setenv("MTLFAST_BACKEND", "bogus")
+    text = info_text()
+    assert "MTLFAST_BACKEND=bogus" in text and "invalid (MTLFAST_BACKEND: unknown backend 'bogus'" in text
+    assert "_toy_double" in text
+
+
 def _bfloat16_calls():
     x = lambda *shape: torch.randn(*shape, dtype=torch.bfloat16)  # noqa: E731
     return {
@@ -118,7 +128,7 @@ def test_meta_planning():
 
     q = torch.empty(1, 2, 9, 16, device="meta")
     args, kwargs = (q, q, q), {"scale": 0.25}
-    with pytest.raises(BackendError, match="no backend is declared for device type 'meta'"):
+    with pytest.raises(BackendError, match=r"no backend is declared for device type 'meta' \(to plan .*meta_planning"):
         attention_op.select(None, q.device, q.dtype, args, kwargs)
     with meta_planning("cuda"):
         assert attention_op.select(None, q.device, q.dtype, args, kwargs).backend == "triton"

@@ -371,7 +371,7 @@ def _good():
     (lambda a: a.update(values=[]), ValueError, r"values: expected at least one stage"),
     (lambda a: a.update(values=a["values"][0]), TypeError, r"values: expected a sequence"),
     (lambda a: a.update(weights=a["weights"][..., :1]), ValueError, r"weights: expected shape \(B, N, S\) with S=2"),
-    (lambda a: a.update(points=a["points"][..., :1]), ValueError, r"points: expected shape \(B, N, 2\)"),
+    (lambda a: a.update(points=a["points"][..., :1]), ValueError, r"points: expected shape \(B, N, 2\) with size 2 at dim 2, got .* \(size 1 at dim 2\)"),
     (lambda a: a.update(points=a["points"][0]), ValueError, r"points: expected a 3-d tensor"),
     (lambda a: a["values"].__setitem__(1, a["values"][1][:1]), ValueError, r"values\[1\]: .*B=2"),
     (lambda a: a["values"].__setitem__(1, a["values"][1][:, :2]), ValueError, r"values\[1\]: .*C=3"),

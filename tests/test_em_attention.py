@@ -3,6 +3,7 @@ and mu, both gradient modes; a float64 proof of the adjoint rewrite the backward
 backward saves; torch.compile composition; input errors."""
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,6 +171,10 @@ def test_detached_mu_out_has_no_grad(pinned, device):
     x, mu = (t.float().requires_grad_() for t in _inputs(1, 7, 17, 16, device, gen).values())
     x_rec, mu_out, z = em_attention(x, mu, 2, detach_iterations=True, backend="triton")
     assert x_rec.requires_grad and z.requires_grad and not mu_out.requires_grad
+    # the initial bases enter only through the detached iterations: with only mu requiring grad, no output does
+    for backend in ("reference", "triton"):
+        outs = em_attention(x.detach(), mu, 2, detach_iterations=True, backend=backend)
+        assert not any(o.requires_grad for o in outs), backend
 
 
 # --- input errors ------------------------------------------------------------------------------------------
@@ -190,9 +195,10 @@ def test_bad_inputs(backend):
         call(x[0], mu, 3)
     with pytest.raises(ValueError, match=r"mu: expected every size"):
         call(x, mu[:, :0], 3)
-    for n_iter in (0, -1, 2.0, True):
-        with pytest.raises(ValueError, match="n_iter"):
+    for n_iter, error in ((0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="n_iter: expected an integer >= 1"):
             call(x, mu, n_iter)
+    torch.testing.assert_close(call(x, mu, np.int64(3))[0], call(x, mu, 3)[0], rtol=0, atol=0)
     for tau in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="tau"):
             call(x, mu, 3, tau=tau)

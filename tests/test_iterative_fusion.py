@@ -147,6 +147,27 @@ def _adjoint_backward(q, k, v, alpha, n_iter, scale, variant, grad_out):
     return dq, dk, g, dalpha
 
 
+def test_variant_a_output_does_not_require_grad_through_alpha(device):
+    """Variant A does not use α: with only α requiring grad the output requires none, on both backends (the
+    Triton op would otherwise mark it and a backward would silently give α no gradient)."""
+    inputs = _inputs(1, 7, 4, 3, 2, device, fresh_seed())
+    inputs["q"], inputs["k"], inputs["v"] = (inputs[n].float() for n in ("q", "k", "v"))
+    alpha = inputs.pop("alpha").float().requires_grad_()
+    for backend in ("reference", "triton"):
+        assert not iterative_fusion(**inputs, alpha=alpha, variant="A", backend=backend).requires_grad, backend
+        assert iterative_fusion(**inputs, alpha=alpha, variant="C", backend=backend).requires_grad, backend
+
+
+def test_reference_blends_in_the_wider_dtype():
+    """A float16 α with float32 activations: the reference computes 1 − α in float32 (as the kernels do), so it
+    equals the run with the same α given in float32. α = 1229/4096 is a float16 number whose 1 − α = 2867/4096
+    is not (float16 has 11 significant bits in [0.5, 1))."""
+    ins = _inputs(1, 9, 4, 3, 6, "cpu", fresh_seed())
+    q, k, v = (ins[n].float() for n in ("q", "k", "v"))
+    alpha = torch.tensor(1229 / 4096, dtype=torch.float16)
+    torch.testing.assert_close(reference(q, k, v, alpha, 6), reference(q, k, v, alpha.float(), 6), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("n_iter", [1, 2, 5, 18])
 def test_adjoint_recursion_float64(variant, n_iter):
@@ -250,15 +271,17 @@ def test_bad_inputs(backend):
         call(v=v.double())
     with pytest.raises(ValueError, match=r"k: expected device cpu \(as q\), got meta"):
         call(k=k.to("meta"))
-    for bad in (0, -1, 2.0, True):
-        with pytest.raises(ValueError, match=r"n_iter: expected an integer >= 1"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=r"n_iter: expected an integer >= 1"):
             call(n_iter=bad)
     with pytest.raises(ValueError, match=r"variant: expected one of A, B, C, got 'D'"):
         call(variant="D")
     with pytest.raises(ValueError, match=r"mode: expected one of materialize, recompute, auto, got 'fast'"):
         call(mode="fast")
-    with pytest.raises(TypeError, match=r"scale: expected a Python float"):
+    with pytest.raises(TypeError, match=r"scale: expected a real number or None, got Tensor"):
         call(scale=torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"scale: expected a finite number, got nan"):
+        call(scale=float("nan"))
 
 
 def test_backend_refusals(device):

@@ -264,6 +264,32 @@ def test_checkpoint_stage_updates_buffers_once(detach_iterations):
     assert not torch.equal(plain.bases.mu, block.bases.mu)  # one update happened
 
 
+@pytest.mark.parametrize("where", ["after the block", "on another thread"])
+def test_checkpoint_stage_recomputes_on_the_forwards_backends(where):
+    """The forward runs attention on the Triton backend (use_backend); the backward, run after the block or on
+    another thread (as autograd's device threads on a GPU), where the scope's context variables are not
+    set, must recompute on Triton too: auto on a CPU would pick the reference, which saves other tensors
+    (torch.utils.checkpoint then fails) or, worse, computes differently."""
+    import threading
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, k, v = (_randn(1, 2, 9, 16, gen=gen).float().requires_grad_() for _ in range(3))
+    with mtlfast.use_backend("triton"):
+        out = checkpoint_stage(lambda a, b, c: mtlfast.ops.attention(a, b, c).sin(), q, k, v)
+        grads = []
+        backward = lambda: grads.extend(torch.autograd.grad(out.sum(), (q, k, v)))  # noqa: E731
+        if where == "on another thread":
+            thread = threading.Thread(target=backward)
+            thread.start()
+            thread.join()
+    if where == "after the block":
+        backward()
+    want = torch.autograd.grad(torch.sin(mtlfast.ops.attention(q, k, v, backend="triton")).sum(), (q, k, v))
+    assert len(grads) == 3
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def _upsample_scores(a, coarse, fine):
     """Bilinear resize of a (B, hc·wc, hc·wc) score map along the key grid, then the query grid."""
     b = a.shape[0]

@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+from mtlfast.backends import BackendScope
 from mtlfast.ops._checks import check_shapes
 from mtlfast.ops.attention import attention
 
@@ -204,7 +205,7 @@ class _BufferReplay:
             self.before[id(module)] = (module, self._copy(module))
 
     def contexts(self) -> tuple["_ForwardContext", "_RecomputeContext"]:
-        return _ForwardContext(self), _RecomputeContext(self)
+        return _ForwardContext(self), _RecomputeContext(self, BackendScope.capture())
 
 
 class _ForwardContext:
@@ -219,18 +220,23 @@ class _ForwardContext:
 
 
 class _RecomputeContext:
-    """Reusable: a second backward through a retained graph recomputes the stage again."""
+    """Reusable: a second backward through a retained graph recomputes the stage again. The recomputation
+    runs under the backend scope of the forward (``scope``)."""
 
-    def __init__(self, replay: _BufferReplay) -> None:
-        self.replay, self.current = replay, []
+    def __init__(self, replay: _BufferReplay, scope: BackendScope) -> None:
+        self.replay, self.scope, self.current, self.scoped = replay, scope, [], None
 
     def __enter__(self) -> None:
         stateful = [(m, values) for m, values in self.replay.before.values() if values]
         self.current = [(m, self.replay._copy(m)) for m, _ in stateful]
         for module, values in stateful:
             self.replay._load(module, values)
+        self.scoped = self.scope.active()
+        self.scoped.__enter__()
 
     def __exit__(self, *exc) -> None:
+        scoped, self.scoped = self.scoped, None
+        scoped.__exit__(*exc)
         current, self.current = self.current, []
         for module, values in current:
             self.replay._load(module, values)
@@ -267,7 +273,9 @@ def checkpoint_stage(fn: Callable[..., Any], *args: Any) -> Any:
     the buffers of the original forward) and afterwards the buffers get back the values they had when it
     began (the result of the one update). RNG state is restored for the recomputation by torch (dropout
     masks match), and so is autocast. Caveats: buffers changed inside ``fn`` other than through the forward
-    of a module called in it are not covered; the forward pre-hook is process-wide while ``fn`` runs (a module
+    of a module called in it are not covered. The recomputation chooses the backends the forward chose
+    (:class:`mtlfast.backends.BackendScope`), also when the backward runs outside the forward's
+    :func:`~mtlfast.backends.use_backend` block or on another thread. The forward pre-hook is process-wide while ``fn`` runs (a module
     run by another thread at that moment would be copied needlessly, not harmed); collectives inside ``fn``
     (SyncBatchNorm under DDP) run again in the backward on every rank.
     """

@@ -8,6 +8,10 @@ to that number ("B N 2"); "*" matches anything.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
 import torch
 
 
@@ -36,8 +40,8 @@ def check_shapes(known: dict[str, int] | None = None, /, **specs: tuple[torch.Te
                 continue
             expected = int(symbol) if symbol.isdigit() else sizes.get(symbol)
             if expected is not None and expected != size:
-                src = "" if symbol.isdigit() else f" (from {origin[symbol]})"
-                raise ValueError(f"{name}: expected shape ({', '.join(symbols)}) with {symbol}={expected}{src}, "
+                which = f"size {expected} at dim {axis}" if symbol.isdigit() else f"{symbol}={expected} (from {origin[symbol]})"
+                raise ValueError(f"{name}: expected shape ({', '.join(symbols)}) with {which}, "
                                  f"got {tuple(tensor.shape)} (size {size} at dim {axis})")
             if not symbol.isdigit() and symbol not in sizes:
                 sizes[symbol], origin[symbol] = size, name
@@ -65,15 +69,25 @@ def check_floating_same_device_dtype(**tensors: torch.Tensor | None) -> None:
 
 
 def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """An integer >= 1: a Python or numpy integer (``operator.index``), not a bool, float or tensor."""
+    if isinstance(value, (bool, torch.Tensor)):
+        raise TypeError(f"{name}: expected an integer >= 1, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer >= 1, got {type(value).__name__} {value!r}") from None
+    if number < 1:
         raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return value
+    return number
 
 
 def resolve_scale(scale: float | None, width: int) -> float:
-    """``scale=None`` means ``width ** -0.5`` (DESIGN.md §3)."""
+    """``scale=None`` means ``width ** -0.5`` (DESIGN.md §3); otherwise a finite real number (Python or numpy;
+    not a tensor, which would have to be read back from the device)."""
     if scale is None:
         return width ** -0.5
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
     return float(scale)

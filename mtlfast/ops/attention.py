@@ -99,7 +99,9 @@ def center_keys(k: Tensor) -> Tensor:
     it changes nothing in exact arithmetic and the test it fixes are in tests/test_attention.py.
 
     The Triton ops centre inside their forward and backward (transient copies), so autograd keeps the
-    caller's k and no centred copy of it: saved activations stay O(N) (TPP's 1/20-of-eager target)."""
+    caller's k and no centred copy of it: saved activations stay O(N) (TPP's 1/20-of-eager target).
+    Exact for finite keys only: one infinite key component makes the mean infinite, so every output row of
+    that (batch, head) becomes NaN on the Triton path (the reference: the rows whose scores it reaches)."""
     return k - k.mean(dim=-2, keepdim=True)
 
 

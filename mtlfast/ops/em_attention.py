@@ -101,6 +101,8 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton(x, mu, n_iter, *, tau, eps, detach_iterations):
+    if detach_iterations:  # the initial bases enter only through the detached iterations: no gradient path
+        mu = mu.detach()
     x_rec, mu_out, z, _, _ = _fwd(x, mu, n_iter, tau, eps, detach_iterations)
     return x_rec, (mu_out.detach() if detach_iterations else mu_out), z
 
@@ -152,7 +154,7 @@ def em_attention(x: Tensor, mu: Tensor, n_iter: int, *, tau: float = 1.0, eps: f
     for name, t, dims in (("x", x, "B N C"), ("mu", mu, "B K C")):
         if t.numel() == 0:
             raise ValueError(f"{name}: expected every size of ({', '.join(dims.split())}) >= 1, got {tuple(t.shape)}")
-    check_positive_int("n_iter", n_iter)
+    n_iter = check_positive_int("n_iter", n_iter)
     tau = _check_positive_float("tau", tau)
     eps = _check_positive_float("eps", eps, allow_zero=True)
     if not isinstance(detach_iterations, bool):

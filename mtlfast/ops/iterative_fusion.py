@@ -47,7 +47,8 @@ _MAX_GRID_YZ = 65535
 _OP = Op("iterative_fusion")
 
 
-def _validate(q, k, v, alpha, n_iter, variant, mode) -> None:
+def _validate(q, k, v, alpha, n_iter, variant, mode) -> int:
+    """Raises on bad input; returns n_iter as a Python int."""
     check_shapes(q=(q, "B N D"), k=(k, "B N D"), v=(v, "B N C"))
     check_floating_same_device_dtype(q=q, k=k, v=v)
     check_tensor("alpha", alpha)
@@ -60,11 +61,11 @@ def _validate(q, k, v, alpha, n_iter, variant, mode) -> None:
     for name, t in (("q", q), ("v", v)):
         if t.numel() == 0:
             raise ValueError(f"{name}: expected every size >= 1, got shape {tuple(t.shape)}")
-    check_positive_int("n_iter", n_iter)
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    return check_positive_int("n_iter", n_iter)
 
 
 def choose_materialize(mode: str, q: torch.Tensor) -> bool:
@@ -132,6 +133,8 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 # --- implementations ----------------------------------------------------------------------------------
 
 def _triton(q, k, v, alpha, n_iter, *, scale, variant, mode):
+    if variant == "A":  # α is unused: no gradient path (the output must not require grad through it)
+        alpha = alpha.detach()
     return _fwd(q, k, v, alpha, n_iter, scale, variant, choose_materialize(mode, q))[0]
 
 
@@ -166,7 +169,7 @@ def iterative_fusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: t
                      scale: float | None = None, variant: str = "C", mode: str = "auto",
                      backend: str | None = None) -> torch.Tensor:
     """Vⁿ of the Iterative Fusion Block (module docstring): (B, N, C)."""
-    _validate(q, k, v, alpha, n_iter, variant, mode)
+    n_iter = _validate(q, k, v, alpha, n_iter, variant, mode)
     scale = resolve_scale(scale, q.shape[-1])
     impl = _OP.select(backend, q.device, q.dtype, (q, k, v, alpha, n_iter),
                       dict(scale=scale, variant=variant, mode=mode))

@@ -28,6 +28,7 @@ def iterative_fusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: t
     if scale is None:
         scale = q.shape[-1] ** -0.5
     co = torch.softmax(scale * (q @ k.transpose(-1, -2)), dim=-1)
+    alpha = alpha.to(torch.promote_types(alpha.dtype, v.dtype))  # 1 - α in the wider of the two dtypes
     out = v
     for _ in range(n_iter):
         if variant == "A":
