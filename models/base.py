@@ -15,7 +15,8 @@ Interface (every model returned by :func:`mtlfast.models.create_model`):
 - ``model.aux_loss_weights``: ``{stage_name: λ}`` when a stage is weighted differently from 1 (absent
   otherwise); ``model.normals_loss_reduction``: how the method's public code averages the normals L1 loss
   (:func:`mtlfast.losses.normals_loss`: "element" for the MTI-Net code base, the default; "pixel" for the
-  InvPT / ATRC code bases, which BridgeNet, SEM and TIF train with); ``model.tasks``, ``model.dataset``, ``model.num_outputs`` ({task: C_task}), ``model.backbone``.
+  InvPT / ATRC code bases, which BridgeNet, SEM and TIF train with); ``model.tasks``, ``model.dataset``,
+  ``model.num_outputs`` ({task: C_task}), ``model.backbone``.
 - Every attention-like computation runs through :mod:`mtlfast.ops`, so ``mtlfast.use_backend(...)`` (or
   ``MTLFAST_BACKEND``) switches the whole model between the kernel and the reference path.
 - ``model.checkpoint_decoder`` (every method's option ``checkpoint_decoder=False``; the trainer's config key

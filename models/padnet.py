@@ -1,8 +1,9 @@
 """PAD-Net (Xu et al., CVPR 2018) on a multi-scale backbone, as MTI-Net's paper compares it (§3.1).
 
 Backbone scales resized to 1/4 and concatenated (ΣC channels), 1×1 conv + BN + ReLU (the public MTI-Net
-code's HRNet fuse); per front-end task (tasks + ``aux_tasks``) two bottleneck blocks to ``channels`` (256, the
-first with a 1×1 conv + BN shortcut, as in the public PAD-Net code) and a 1×1 conv give the initial predictions (deep supervision, ``aux["initial"]``); the multi-modal distillation
+code's HRNet fuse); per front-end task (tasks + ``aux_tasks``) two bottleneck blocks to ``channels`` (256,
+the first with a 1×1 conv + BN shortcut, as in the public PAD-Net code) and a 1×1 conv give the initial
+predictions (deep supervision, ``aux["initial"]``); the multi-modal distillation
 (:class:`mtlfast.nn.MultiModalDistillation`, PAD-Net's attention-guided distillation, MTI-Net eq. 1 at one
 scale) refines the task features; per task two bottleneck blocks and a 1×1 conv predict.
 Stages under ``checkpoint_decoder`` (:mod:`mtlfast.models.base`): the scale fusion, the initial task

@@ -4,6 +4,7 @@ import torch
 
 import mtlfast
 from mtlfast.backends import OPS, BackendError, Op, current_backend, use_backend
+from mtlfast.testing import fresh_seed, rel_error
 
 
 @pytest.fixture
@@ -108,6 +109,41 @@ def _bfloat16_calls():
         "deform_sample": lambda: mtlfast.ops.deform_sample([x(1, 4, 3, 5)], x(1, 7, 2), x(1, 7, 1),
                                                            backend="triton"),
     }
+
+
+def _float32_calls(gen, mixed=False):
+    """Each attention-like op on float32 inputs (with ``mixed``, the first input in float16, as a Linear's output
+    under autocast next to a float32 tensor)."""
+    def r(*shape, first=False):
+        t = torch.randn(*shape, generator=gen)
+        return t.half() if mixed and first else t
+
+    return {
+        "attention": lambda b: mtlfast.ops.attention(r(1, 2, 9, 8, first=True), r(1, 2, 7, 8), r(1, 2, 7, 4),
+                                                     backend=b),
+        "tpp_attention": lambda b: mtlfast.ops.tpp_attention(r(1, 2, 1, 9, 8, first=True), r(1, 2, 1, 7, 8),
+                                                             r(1, 2, 1, 7, 4), r(2, 1, 2), backend=b),
+        "lthd_attention": lambda b: mtlfast.ops.lthd_attention(r(1, 16, 8, first=True), r(1, 16, 8), r(1, 4, 8),
+                                                               r(1, 4, 8), r(1, 16, 4), (4, 4), (2, 2), backend=b),
+        "iterative_fusion": lambda b: mtlfast.ops.iterative_fusion(r(1, 9, 8, first=True), r(1, 9, 8), r(1, 9, 4),
+                                                                   torch.tensor(0.3), 3, backend=b),
+        "em_attention": lambda b: mtlfast.ops.em_attention(r(1, 9, 8, first=True), r(1, 3, 8), 2, backend=b)[0],
+    }
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("op", list(_float32_calls(None)))
+def test_ops_follow_autocast_on_every_backend(op, mixed):
+    """Under torch.autocast the ops cast their inputs to its dtype (as SDPA does): the reference (whose matmuls
+    autocast by themselves) and the Triton kernels (custom ops, which autocast does not touch) return the same
+    dtype from the same inputs, and mixed float16/float32 inputs are accepted there."""
+    seed = fresh_seed()
+    outs = {}
+    for backend in ("reference", "triton"):
+        with torch.autocast("cpu", dtype=torch.float16):
+            outs[backend] = _float32_calls(torch.Generator().manual_seed(seed), mixed)[op](backend)
+    assert {o.dtype for o in outs.values()} == {torch.float16}
+    assert rel_error(outs["triton"], outs["reference"].double()) < 1e-2
 
 
 @pytest.mark.parametrize("op", list(_bfloat16_calls()))

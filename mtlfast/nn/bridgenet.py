@@ -116,9 +116,9 @@ class TaskPatternPropagation(nn.Module):
             ks.append(self.k[t](kv))
             vs.append(self.v[t](kv))
         q = split_heads(torch.stack(qs, 1), self.heads)  # (B, T, heads, Nq, dim / heads)
-        k = split_heads(torch.stack(ks, 1), self.heads).to(q.dtype)
-        v = split_heads(torch.stack(vs, 1), self.heads).to(q.dtype)
-        out = merge_heads(tpp_attention(q, k, v, self.mix_weight.to(q.dtype), scale=self.dim ** -0.5))
+        k = split_heads(torch.stack(ks, 1), self.heads)
+        v = split_heads(torch.stack(vs, 1), self.heads)
+        out = merge_heads(tpp_attention(q, k, v, self.mix_weight, scale=self.dim ** -0.5))
         result = {}
         for i, t in enumerate(self.tasks):
             x = features[t]

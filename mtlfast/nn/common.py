@@ -150,8 +150,7 @@ class ProjectedAttention(nn.Module):
     (the backend switch applies). ``scale=None``: (dim / heads)^-0.5, the head width. W_k has no bias: it
     would add the same q·b_k to every score of a query row, which cancels in the softmax (and the kernels
     centre the keys, :func:`mtlfast.ops.attention.center_keys`), so it would only be a parameter with an
-    exactly zero gradient. K and V are cast to Q's dtype: under autocast they may differ and the op refuses
-    mixed dtypes. Submodules ``kv_norm`` (an Identity with ``kv_norm=False``, for callers that normalise before
+    exactly zero gradient (under autocast the op casts q, k, v to its dtype). Submodules ``kv_norm`` (an Identity with ``kv_norm=False``, for callers that normalise before
     pooling the tokens), ``q``, ``k``, ``v``, ``proj``; no residual, the caller adds it.
     """
 
@@ -173,8 +172,8 @@ class ProjectedAttention(nn.Module):
                      kv_tokens=(kv_tokens, "B Nk kv_dim"))
         kv = self.kv_norm(kv_tokens)
         q = split_heads(self.q(queries), self.heads)
-        k = split_heads(self.k(kv), self.heads).to(q.dtype)
-        v = split_heads(self.v(kv), self.heads).to(q.dtype)
+        k = split_heads(self.k(kv), self.heads)
+        v = split_heads(self.v(kv), self.heads)
         return self.proj(merge_heads(attention(q, k, v, scale=self.scale)))
 
 
@@ -275,9 +274,9 @@ def checkpoint_stage(fn: Callable[..., Any], *args: Any) -> Any:
     masks match), and so is autocast. Caveats: buffers changed inside ``fn`` other than through the forward
     of a module called in it are not covered. The recomputation chooses the backends the forward chose
     (:class:`mtlfast.backends.BackendScope`), also when the backward runs outside the forward's
-    :func:`~mtlfast.backends.use_backend` block or on another thread. The forward pre-hook is process-wide while ``fn`` runs (a module
-    run by another thread at that moment would be copied needlessly, not harmed); collectives inside ``fn``
-    (SyncBatchNorm under DDP) run again in the backward on every rank.
+    :func:`~mtlfast.backends.use_backend` block or on another thread. The forward pre-hook is process-wide
+    while ``fn`` runs (a module run by another thread at that moment would be copied needlessly, not
+    harmed); collectives inside ``fn`` (SyncBatchNorm under DDP) run again in the backward on every rank.
     """
     recorded = _checkpoint_inputs.get()
     if recorded is not None:

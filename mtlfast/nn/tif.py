@@ -116,7 +116,6 @@ class LowToHighDiffusion(nn.Module):
         q_f, k_f, size_f = fine
         q_c, k_c, size_c = coarse
         v = self.value(to_tokens(F.adaptive_avg_pool2d(x, tuple(size_f))))
-        out = lthd_attention(q_f, k_f.to(q_f.dtype), q_c.to(q_f.dtype), k_c.to(q_f.dtype), v.to(q_f.dtype),
-                             tuple(size_f), tuple(size_c), scale=self.dim ** -0.5)
+        out = lthd_attention(q_f, k_f, q_c, k_c, v, tuple(size_f), tuple(size_c), scale=self.dim ** -0.5)
         refined = resize(to_map(self.ffn(out), size_f), x.shape[-2:])
         return self.fuse(torch.cat([refined, x], 1))

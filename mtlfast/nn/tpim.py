@@ -50,8 +50,7 @@ class IterativeFusionBlock(nn.Module):
             self.alpha = nn.Parameter(torch.tensor(float(alpha)))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-        return iterative_fusion(q, k.to(q.dtype), v.to(q.dtype), self.alpha, self.n_iter, scale=scale,
-                                variant=self.variant, mode=self.mode)
+        return iterative_fusion(q, k, v, self.alpha, self.n_iter, scale=scale, variant=self.variant, mode=self.mode)
 
     def extra_repr(self) -> str:
         return f"n_iter={self.n_iter}, variant={self.variant!r}, mode={self.mode!r}"

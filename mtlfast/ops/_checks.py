@@ -40,7 +40,8 @@ def check_shapes(known: dict[str, int] | None = None, /, **specs: tuple[torch.Te
                 continue
             expected = int(symbol) if symbol.isdigit() else sizes.get(symbol)
             if expected is not None and expected != size:
-                which = f"size {expected} at dim {axis}" if symbol.isdigit() else f"{symbol}={expected} (from {origin[symbol]})"
+                which = (f"size {expected} at dim {axis}" if symbol.isdigit()
+                         else f"{symbol}={expected} (from {origin[symbol]})")
                 raise ValueError(f"{name}: expected shape ({', '.join(symbols)}) with {which}, "
                                  f"got {tuple(tensor.shape)} (size {size} at dim {axis})")
             if not symbol.isdigit() and symbol not in sizes:
@@ -66,6 +67,21 @@ def check_floating_same_device_dtype(**tensors: torch.Tensor | None) -> None:
         if t.dtype != first.dtype:
             raise TypeError(f"{name}: expected dtype {_fmt_dtype(first.dtype)} (as {first_name}), "
                             f"got {_fmt_dtype(t.dtype)}")
+
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_inputs(*tensors):
+    """Under ``torch.autocast`` for the first tensor's device type, the float32/float16/bfloat16 tensors cast to
+    the autocast dtype (as torch's own attention, SDPA, does: float64 and non-tensors pass unchanged); outside
+    autocast, the arguments as given. So every backend computes from the same inputs and returns the autocast
+    dtype (the references' matmuls follow autocast by themselves, the custom kernel ops would not)."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or first.device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTS else t for t in tensors)
 
 
 def check_positive_int(name: str, value) -> int:

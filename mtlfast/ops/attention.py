@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
-from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, resolve_scale
+from mtlfast.ops._checks import autocast_inputs, check_floating_same_device_dtype, check_shapes, resolve_scale
 from mtlfast.reference.attention import attention as _reference_attention
 
 __all__ = ["attention", "attention_triton", "center_keys", "center_keys_adjoint"]
@@ -144,7 +144,9 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> dict[str, int]:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str | None = None) -> Tensor:
-    """softmax(scale · q kᵀ, -1) v: q (B,H,Nq,Dqk), k (B,H,Nk,Dqk), v (B,H,Nk,Dv) -> (B,H,Nq,Dv)."""
+    """softmax(scale · q kᵀ, -1) v: q (B,H,Nq,Dqk), k (B,H,Nk,Dqk), v (B,H,Nk,Dv) -> (B,H,Nq,Dv).
+    Under torch.autocast the inputs are cast to its dtype first (:func:`~mtlfast.ops._checks.autocast_inputs`)."""
+    q, k, v = autocast_inputs(q, k, v)
     sizes = _check_inputs(q, k, v)
     scale = resolve_scale(scale, sizes["Dqk"])
     impl = _OP.select(backend, q.device, q.dtype, (q, k, v), {"scale": scale})

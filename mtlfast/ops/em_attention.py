@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
-from mtlfast.ops._checks import check_floating_same_device_dtype, check_positive_int, check_shapes
+from mtlfast.ops._checks import autocast_inputs, check_floating_same_device_dtype, check_positive_int, check_shapes
 from mtlfast.reference import em_attention as _reference
 
 Tensor = torch.Tensor
@@ -147,8 +147,10 @@ def em_attention(x: Tensor, mu: Tensor, n_iter: int, *, tau: float = 1.0, eps: f
 
     Returns:
         x_rec (B, N, C) = z mu_out, mu_out (B, K, C) the final bases, z (B, N, K) the responsibilities used
-        in x_rec (the last iteration's, or the extra E step's with ``detach_iterations``).
+        in x_rec (the last iteration's, or the extra E step's with ``detach_iterations``). Under torch.autocast
+        x and mu are cast to its dtype first (as attention).
     """
+    x, mu = autocast_inputs(x, mu)
     check_shapes(x=(x, "B N C"), mu=(mu, "B K C"))
     check_floating_same_device_dtype(x=x, mu=mu)
     for name, t, dims in (("x", x, "B N C"), ("mu", mu, "B K C")):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
-from mtlfast.ops._checks import (check_floating_same_device_dtype, check_positive_int, check_shapes,
+from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_int, check_shapes,
                                  check_tensor, resolve_scale)
 from mtlfast.reference import iterative_fusion as _reference
 
@@ -168,7 +168,9 @@ _OP.register("triton", _triton, devices=("cuda", "cpu"), dtypes=GPU_DTYPES, avai
 def iterative_fusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, n_iter: int, *,
                      scale: float | None = None, variant: str = "C", mode: str = "auto",
                      backend: str | None = None) -> torch.Tensor:
-    """Vⁿ of the Iterative Fusion Block (module docstring): (B, N, C)."""
+    """Vⁿ of the Iterative Fusion Block (module docstring): (B, N, C). Under torch.autocast q, k, v are cast to
+    its dtype first (as attention); α keeps its own."""
+    q, k, v = autocast_inputs(q, k, v)
     n_iter = _validate(q, k, v, alpha, n_iter, variant, mode)
     scale = resolve_scale(scale, q.shape[-1])
     impl = _OP.select(backend, q.device, q.dtype, (q, k, v, alpha, n_iter),

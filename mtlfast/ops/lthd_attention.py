@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
-from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, resolve_scale
+from mtlfast.ops._checks import autocast_inputs, check_floating_same_device_dtype, check_shapes, resolve_scale
 from mtlfast.ops.attention import attention_kernels, attention_triton
 from mtlfast.reference.lthd_attention import lthd_attention as _reference_lthd
 
@@ -81,7 +81,9 @@ def _check_grid(name: str, size, n_tokens: int, tokens_from: str) -> tuple[int, 
 
 def lthd_attention(q_fine: Tensor, k_fine: Tensor, q_coarse: Tensor, k_coarse: Tensor, v: Tensor,
                    size_fine, size_coarse, *, scale: float | None = None, backend: str | None = None) -> Tensor:
-    """softmax(scale·q_f k_fᵀ + Up(scale·q_c k_cᵀ), -1) v -> (B, Nf, C); see the module docstring."""
+    """softmax(scale·q_f k_fᵀ + Up(scale·q_c k_cᵀ), -1) v -> (B, Nf, C); see the module docstring. Under
+    torch.autocast the inputs are cast to its dtype first (as attention)."""
+    q_fine, k_fine, q_coarse, k_coarse, v = autocast_inputs(q_fine, k_fine, q_coarse, k_coarse, v)
     sizes = check_shapes(q_fine=(q_fine, "B Nf D"), k_fine=(k_fine, "B Nf D"), q_coarse=(q_coarse, "B Nc D"),
                          k_coarse=(k_coarse, "B Nc D"), v=(v, "B Nf C"))
     tensors = dict(q_fine=q_fine, k_fine=k_fine, q_coarse=q_coarse, k_coarse=k_coarse, v=v)

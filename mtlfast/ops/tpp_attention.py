@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
-from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor, resolve_scale
+from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_shapes, check_tensor,
+                                 resolve_scale)
 from mtlfast.ops.attention import center_keys, center_keys_adjoint
 from mtlfast.reference import tpp_attention as _reference
 
@@ -132,8 +133,9 @@ def tpp_attention(q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias:
         backend: see :mod:`mtlfast.backends`.
 
     Returns:
-        (B, T, H, Nq, Dv).
+        (B, T, H, Nq, Dv). Under torch.autocast the inputs are cast to its dtype first (as attention).
     """
+    q, k, v, mix_weight, mix_bias = autocast_inputs(q, k, v, mix_weight, mix_bias)
     sizes = check_shapes(q=(q, "B T H Nq D"), k=(k, "B T H Nk D"), v=(v, "B T H Nk Dv"))
     T, H = sizes["T"], sizes["H"]
     known = {"T": T, "H": H, "T·H": T * H}
