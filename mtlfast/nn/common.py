@@ -142,7 +142,7 @@ class FeedForward(nn.Module):
 class ProjectedAttention(nn.Module):
     """Multi-head attention of given queries over (LayerNorm'd) key/value tokens, with its projections:
 
-        X = LN(kv_tokens),  Q = queries W_q + b_q,  K = X W_k,  V = X W_v + b_v     (``kv_norm=False``: X = kv_tokens)
+        X = LN(kv_tokens) (``kv_norm=False``: X = kv_tokens),  Q = queries W_q + b_q,  K = X W_k,  V = X W_v + b_v
         out = Concat_h(softmax(scale · Q_h K_hᵀ) V_h) W_o + b_o        (``heads`` heads of width dim / heads)
 
     ``forward(queries, kv_tokens)``: queries (B, Nq, dim), normalised by the caller (where and how differs
@@ -150,8 +150,9 @@ class ProjectedAttention(nn.Module):
     (the backend switch applies). ``scale=None``: (dim / heads)^-0.5, the head width. W_k has no bias: it
     would add the same q·b_k to every score of a query row, which cancels in the softmax (and the kernels
     centre the keys, :func:`mtlfast.ops.attention.center_keys`), so it would only be a parameter with an
-    exactly zero gradient (under autocast the op casts q, k, v to its dtype). Submodules ``kv_norm`` (an Identity with ``kv_norm=False``, for callers that normalise before
-    pooling the tokens), ``q``, ``k``, ``v``, ``proj``; no residual, the caller adds it.
+    exactly zero gradient (under autocast the op casts q, k, v to its dtype). Submodules ``kv_norm`` (an
+    Identity with ``kv_norm=False``, for callers that normalise before pooling the tokens), ``q``, ``k``,
+    ``v``, ``proj``; no residual, the caller adds it.
     """
 
     def __init__(self, dim: int, kv_dim: int | None = None, *, heads: int, scale: float | None = None,
