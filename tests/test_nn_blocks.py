@@ -580,10 +580,35 @@ def test_scale_attentive_feature_fusion_is_eq2_to_5(index):
     (lambda: HierarchyAdaptiveAttention([4, 4], 8, strides=[2]), "strides/kernels: expected 2 values"),
     (lambda: ScaleAttentiveFeatureFusion([4, 4], 2, 8), "index: expected a scale in 0..1"),
     (lambda: MultiModalDistillation(["semseg", "depth"], 8, source_tasks=["semseg"]), "source_tasks: must contain"),
+    (lambda: TaskPatternPropagation("semseg", 8), "tasks: expected a non-empty list of task names, got 'semseg'"),
+    (lambda: EMInteraction([], 8), "tasks: expected a non-empty list of task names, got []"),
+    (lambda: TaskPairInteraction(["depth", "depth"], 8), "tasks: expected distinct task names"),
+    (lambda: TaskPatternPropagation(TASKS, 8, heads=0), "heads: expected an integer >= 1, got 0"),
+    (lambda: BridgeFeatureExtractor(0), "channels: expected an integer >= 1, got 0"),
+    (lambda: FeaturePropagation(TASKS, 8, se_reduction=0), "se_reduction: expected an integer >= 1, got 0"),
+    (lambda: CrossTaskInteractionBlock(8, downscale=0), "downscale: expected an integer >= 1, got 0"),
+    (lambda: SelfFeatureDistillation(0), "dim: expected an integer >= 1, got 0"),
+    (lambda: HierarchyAdaptiveAttention([], 8), "in_channels: expected the channels of at least one stage"),
+    (lambda: FeatureAggregation([8, 0], 3), "in_channels[1]: expected an integer >= 1, got 0"),
+    (lambda: EMInteraction(TASKS, 8, tau=0.0), "tau: expected a finite number > 0, got 0.0"),
+    (lambda: EMInteraction(TASKS, 8, n_iter=0), "n_iter: expected an integer >= 1, got 0"),
+    (lambda: IterativeFusionBlock(3, mode="fast"), "mode: expected one of materialize, recompute, auto, got 'fast'"),
 ])
 def test_bad_block_configuration(build, match):
     with pytest.raises(ValueError, match=re.escape(match)):
         build()
+
+
+@pytest.mark.parametrize("block", [lambda: TaskPatternPropagation(TASKS, 8), lambda: EMInteraction(TASKS, 8),
+                                   lambda: TaskPairInteraction(TASKS, 8)])
+def test_blocks_check_their_task_features(block):
+    """A missing task or maps of different shapes are named before any computation."""
+    module = block()
+    x = {t: torch.randn(1, 8, 5, 6) for t in TASKS}
+    with pytest.raises(KeyError, match=re.escape(f"features: no feature map for tasks ['{TASKS[-1]}']")):
+        module({t: x[t] for t in TASKS[:-1]})
+    with pytest.raises(ValueError, match=re.escape(f"features['{TASKS[1]}']: expected shape (B, C, H, W) with W=6")):
+        module({**x, TASKS[1]: torch.randn(1, 8, 5, 7)})
 
 
 def test_drop_in_example_runs():

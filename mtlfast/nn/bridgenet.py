@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlfast.nn.common import FeedForward, ProjectedAttention, merge_heads, resize, split_heads, to_map, to_tokens
+from mtlfast.nn.common import (FeedForward, ProjectedAttention, check_sizes, check_task_features, check_task_names,
+                                merge_heads, resize, split_heads, to_map, to_tokens)
 from mtlfast.ops.tpp_attention import tpp_attention
 
 __all__ = ["TaskPatternPropagation", "BridgeFeatureExtractor", "TaskFeatureRefiner", "TFR_SIZES"]
@@ -88,7 +89,9 @@ class TaskPatternPropagation(nn.Module):
     def __init__(self, tasks: Sequence[str], channels: int, dim: int | None = None, *, heads: int = 2,
                  q_stride: int = 2, kv_stride: int = 2, mlp_ratio: int = 4) -> None:
         super().__init__()
-        self.tasks = tuple(tasks)
+        self.tasks = check_task_names(tasks)
+        check_sizes(channels=channels, dim=dim, heads=heads, q_stride=q_stride, kv_stride=kv_stride,
+                    mlp_ratio=mlp_ratio)
         dim = dim or channels
         if dim % heads:
             raise ValueError(f"dim: attention width {dim} is not divisible by heads={heads}")
@@ -106,6 +109,7 @@ class TaskPatternPropagation(nn.Module):
         self.ffn = nn.ModuleDict({k: FeedForward(channels, mlp_ratio * channels) for k in self.tasks})
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_task_features(features, self.tasks)
         qs, ks, vs, grids = [], [], [], []
         for t in self.tasks:
             x = features[t]
@@ -145,6 +149,8 @@ class BridgeFeatureExtractor(nn.Module):
     def __init__(self, channels: int, task_channels: int | None = None, *, heads: int = 2, q_stride: int = 2,
                  kv_stride: int = 2, mlp_ratio: int = 4) -> None:
         super().__init__()
+        check_sizes(channels=channels, task_channels=task_channels, heads=heads, q_stride=q_stride,
+                    kv_stride=kv_stride, mlp_ratio=mlp_ratio)
         if channels % heads:
             raise ValueError(f"channels: attention width {channels} is not divisible by heads={heads}")
         task_channels = task_channels or channels
@@ -201,7 +207,8 @@ class TaskFeatureRefiner(nn.Module):
             layers = TFR_SIZES[layers]
         if layers < 1:
             raise ValueError(f"layers: expected >= 1 TFR layers, got {layers}")
-        self.tasks = tuple(tasks)
+        check_sizes(channels=channels)
+        self.tasks = check_task_names(tasks)
         self.refiners = nn.ModuleDict({
             t: nn.ModuleList(_RefinerBlock(channels, d) for _ in range(layers) for d in dilations)
             for t in self.tasks})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +19,39 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from mtlfast.backends import BackendScope
-from mtlfast.ops._checks import check_shapes
+from mtlfast.ops._checks import check_positive_int, check_shapes
 from mtlfast.ops.attention import attention
 
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "SEBlock", "FeedForward", "ProjectedAttention", "to_tokens",
-           "to_map", "split_heads", "merge_heads", "resize", "checkpoint_stage", "record_checkpoint_inputs"]
+           "to_map", "split_heads", "merge_heads", "resize", "checkpoint_stage", "record_checkpoint_inputs",
+           "check_task_names", "check_sizes", "check_task_features"]
+
+
+def check_task_names(tasks, name: str = "tasks") -> tuple[str, ...]:
+    """A non-empty sequence of distinct task names, as a tuple (a bare string would become its letters)."""
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks:
+        raise ValueError(f"{name}: expected a non-empty list of task names, got {tasks!r}")
+    names = tuple(tasks)
+    if len(set(names)) != len(names) or not all(isinstance(t, str) for t in names):
+        raise ValueError(f"{name}: expected distinct task names (strings), got {list(names)}")
+    return names
+
+
+def check_sizes(**sizes) -> None:
+    """Every given size (width, head count, stride, ratio, ...) is an integer >= 1; None means "default"."""
+    for name, value in sizes.items():
+        if value is not None:
+            check_positive_int(name, value)
+
+
+def check_task_features(features, tasks: Sequence[str], name: str = "features") -> None:
+    """``features`` holds a (B, C, H, W) map of one shape for every task of ``tasks``."""
+    if not isinstance(features, Mapping):
+        raise TypeError(f"{name}: expected a dict {{task: (B, C, H, W) tensor}}, got {type(features).__name__}")
+    missing = [t for t in tasks if t not in features]
+    if missing:
+        raise KeyError(f"{name}: no feature map for tasks {missing} (got {sorted(features)})")
+    check_shapes(**{f"{name}[{t!r}]": (features[t], "B C H W") for t in tasks})
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -114,6 +142,7 @@ class SEBlock(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
+        check_sizes(channels=channels, reduction=reduction)
         hidden = max(1, channels // reduction)
         self.fc = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels), nn.Sigmoid())
 
@@ -158,6 +187,7 @@ class ProjectedAttention(nn.Module):
     def __init__(self, dim: int, kv_dim: int | None = None, *, heads: int, scale: float | None = None,
                  kv_norm: bool = True) -> None:
         super().__init__()
+        check_sizes(dim=dim, kv_dim=kv_dim, heads=heads)
         if dim % heads:
             raise ValueError(f"dim: attention width {dim} is not divisible by heads={heads}")
         kv_dim = kv_dim or dim

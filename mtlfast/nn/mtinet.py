@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from mtlfast.nn.common import BasicBlock, SEBlock, resize
+from mtlfast.nn.common import BasicBlock, SEBlock, check_sizes, check_task_names, resize
 
 __all__ = ["MultiModalDistillation", "FeaturePropagation", "FeatureAggregation"]
 
@@ -47,8 +47,9 @@ class MultiModalDistillation(nn.Module):
 
     def __init__(self, tasks: Sequence[str], channels: int, source_tasks: Sequence[str] | None = None) -> None:
         super().__init__()
-        self.tasks = tuple(tasks)
-        self.source_tasks = tuple(source_tasks) if source_tasks is not None else self.tasks
+        self.tasks = check_task_names(tasks)
+        check_sizes(channels=channels)
+        self.source_tasks = check_task_names(source_tasks, "source_tasks") if source_tasks is not None else self.tasks
         missing = [t for t in self.tasks if t not in self.source_tasks]
         if missing:
             raise ValueError(f"source_tasks: must contain every target task; missing {missing}")
@@ -80,7 +81,8 @@ class FeaturePropagation(nn.Module):
 
     def __init__(self, tasks: Sequence[str], channels: int, se_reduction: int = 16) -> None:
         super().__init__()
-        self.tasks = tuple(tasks)
+        self.tasks = check_task_names(tasks)
+        check_sizes(channels=channels, se_reduction=se_reduction)
         n = len(self.tasks)
         shared = n * channels
         quarter = max(1, shared // 4)
@@ -104,6 +106,10 @@ class FeatureAggregation(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], num_outputs: int, mid_channels: int | None = None) -> None:
         super().__init__()
+        if not in_channels:
+            raise ValueError("in_channels: expected the channels of at least one scale")
+        check_sizes(num_outputs=num_outputs, mid_channels=mid_channels,
+                    **{f"in_channels[{i}]": c for i, c in enumerate(in_channels)})
         total = sum(in_channels)
         mid = mid_channels or total
         self.fuse = nn.Sequential(nn.Conv2d(total, mid, 1), nn.BatchNorm2d(mid), nn.ReLU())

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlfast.nn.common import ConvBNAct, FeedForward, ProjectedAttention, resize, to_map, to_tokens
+from mtlfast.nn.common import (ConvBNAct, FeedForward, ProjectedAttention, check_sizes, check_task_features,
+                                check_task_names, resize, to_map, to_tokens)
 from mtlfast.nn.em_bases import EMBases
 from mtlfast.ops.deform_sample import deform_sample
 from mtlfast.ops.em_attention import em_attention
@@ -90,6 +91,10 @@ class HierarchyAdaptiveAttention(nn.Module):
     def __init__(self, in_channels: Sequence[int], dim: int, *, heads: int = 2, strides: Sequence[int] | None = None,
                  kernels: Sequence[int] | None = None, offset_range: float = 2.0, mlp_ratio: int = 4) -> None:
         super().__init__()
+        if not in_channels:
+            raise ValueError("in_channels: expected the channels of at least one stage")
+        check_sizes(dim=dim, heads=heads, mlp_ratio=mlp_ratio,
+                    **{f"in_channels[{i}]": c for i, c in enumerate(in_channels)})
         stages = len(in_channels)
         strides = list(strides) if strides is not None else [2 ** (stages - 1 - s) for s in range(stages)]
         kernels = list(kernels) if kernels is not None else [2 * int(math.log2(r)) + 3 for r in strides]
@@ -130,13 +135,17 @@ class EMInteraction(nn.Module):
     def __init__(self, tasks: Sequence[str], channels: int, *, num_bases: int = 64, n_iter: int = 5,
                  momentum: float = 0.9, tau: float = 1.0, detach_iterations: bool = True) -> None:
         super().__init__()
-        self.tasks = tuple(tasks)
+        self.tasks = check_task_names(tasks)
+        check_sizes(channels=channels, num_bases=num_bases, n_iter=n_iter)
+        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau: expected a finite number > 0, got {tau!r}")
         self.n_iter, self.tau, self.detach_iterations = n_iter, tau, detach_iterations
         self.bases = EMBases(num_bases, channels, momentum=momentum)
         self.inp = nn.ModuleDict({t: nn.Conv2d(channels, channels, 1) for t in self.tasks})
         self.out = nn.ModuleDict({t: ConvBNAct(channels, channels, 1, act=None) for t in self.tasks})
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_task_features(features, self.tasks)
         tasks = self.tasks
         b = features[tasks[0]].shape[0]
         x = torch.cat([to_tokens(self.inp[t](features[t])) for t in tasks])  # (T·B, N, C)

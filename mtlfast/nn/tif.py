@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlfast.nn.common import ConvBNAct, FeedForward, resize, to_map, to_tokens
+from mtlfast.nn.common import ConvBNAct, FeedForward, check_sizes, resize, to_map, to_tokens
 from mtlfast.ops.attention import attention
 from mtlfast.ops.lthd_attention import lthd_attention
 
@@ -47,6 +47,7 @@ class ScaleAttentiveFeatureFusion(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], index: int, dim: int) -> None:
         super().__init__()
+        check_sizes(dim=dim, **{f"in_channels[{i}]": c for i, c in enumerate(in_channels)})
         if not 0 <= index < len(in_channels):
             raise ValueError(f"index: expected a scale in 0..{len(in_channels) - 1}, got {index}")
         self.index = index
@@ -81,6 +82,7 @@ class SelfFeatureDistillation(nn.Module):
 
     def __init__(self, dim: int, mlp_ratio: int = 4) -> None:
         super().__init__()
+        check_sizes(dim=dim, mlp_ratio=mlp_ratio)
         self.dim = dim
         self.norm = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim)
@@ -107,6 +109,7 @@ class LowToHighDiffusion(nn.Module):
 
     def __init__(self, dim: int, mlp_ratio: int = 4) -> None:
         super().__init__()
+        check_sizes(dim=dim, mlp_ratio=mlp_ratio)
         self.dim = dim
         self.value = nn.Linear(dim, dim)
         self.ffn = FeedForward(dim, mlp_ratio * dim, residual=False)  # eq. 13: FeatureFuse(FFN(RX), X̂), no "+ RX"

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlfast.nn.common import ConvBNAct, resize, to_map, to_tokens
-from mtlfast.ops.iterative_fusion import VARIANTS, iterative_fusion
+from mtlfast.nn.common import ConvBNAct, check_sizes, check_task_features, check_task_names, resize, to_map, to_tokens
+from mtlfast.ops.iterative_fusion import MODES, VARIANTS, iterative_fusion
 
 __all__ = ["IterativeFusionBlock", "CrossTaskInteractionBlock", "TaskPairInteraction"]
 
@@ -43,6 +43,8 @@ class IterativeFusionBlock(nn.Module):
             raise ValueError(f"variant: unknown IFB variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
         if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
             raise ValueError(f"n_iter: expected an integer >= 1, got {n_iter!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
         self.n_iter, self.variant, self.mode = n_iter, variant, mode
         if variant == "A":  # unused by the update; kept as a buffer because the op takes a tensor
             self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
@@ -72,6 +74,7 @@ class CrossTaskInteractionBlock(nn.Module):
     def __init__(self, channels: int, dim: int | None = None, *, downscale: int = 2, n_iter: int = 18,
                  variant: str = "C", alpha: float = 0.3, own_fusion: bool = True) -> None:
         super().__init__()
+        check_sizes(channels=channels, dim=dim, downscale=downscale)
         self.dim = dim or max(1, channels // 4)
         self.downscale = downscale
         self.f_s = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
@@ -121,8 +124,8 @@ class TaskPairInteraction(nn.Module):
                  n_iter: int = 18, variant: str = "C", alpha: float = 0.3, mode: str = "auto",
                  targets: Sequence[str] | None = None) -> None:
         super().__init__()
-        self.tasks = tuple(tasks)
-        self.targets = self.tasks if targets is None else tuple(targets)
+        self.tasks = check_task_names(tasks)
+        self.targets = self.tasks if targets is None else check_task_names(targets, "targets")
         unknown = [t for t in self.targets if t not in self.tasks]
         if unknown:
             raise ValueError(f"targets: {unknown} are not among tasks {list(self.tasks)}")
@@ -135,6 +138,7 @@ class TaskPairInteraction(nn.Module):
         self.dim = dim or max(1, channels // 4)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_task_features(features, self.tasks)
         if not self.pairs:
             return {t: features[t] for t in self.targets}
         out = dict(features)
