@@ -146,6 +146,29 @@ def test_ops_follow_autocast_on_every_backend(op, mixed):
     assert rel_error(outs["triton"], outs["reference"].double()) < 1e-2
 
 
+@pytest.mark.parametrize("op", ["attention", "tpp_attention", "iterative_fusion", "em_attention",
+                                "em_attention_detached", "deform_sample"])
+def test_triton_double_backward_is_refused_clearly(op):
+    """The kernel backwards have no derivative: a gradient of a gradient names the op and the way out."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    x = torch.randn(1, 9, 8, generator=gen, requires_grad=True)
+    calls = {
+        "attention": lambda: mtlfast.ops.attention(x[None], x[None], x[None], backend="triton"),
+        "tpp_attention": lambda: mtlfast.ops.tpp_attention(x[None, None], x[None, None], x[None, None],
+                                                           torch.ones(1, 1, 1), backend="triton"),
+        "iterative_fusion": lambda: mtlfast.ops.iterative_fusion(x, x, x, torch.tensor(0.3), 2, backend="triton"),
+        "em_attention": lambda: mtlfast.ops.em_attention(x, x[:, :3], 2, backend="triton")[0],
+        "em_attention_detached": lambda: mtlfast.ops.em_attention(x, x[:, :3].detach(), 2, detach_iterations=True,
+                                                                  backend="triton")[0],
+        "deform_sample": lambda: mtlfast.ops.deform_sample([x[None]], torch.tanh(x[:, :, :2]), x[:, :, 2:3],
+                                                           backend="triton"),
+    }
+    (grad,) = torch.autograd.grad(calls[op]().square().sum(), x, create_graph=True)
+    name = op.replace("_detached", "")
+    with pytest.raises(NotImplementedError, match=rf"mtlfast.ops.{name}: double backward .* use backend='reference'"):
+        grad.sum().backward()
+
+
 @pytest.mark.parametrize("op", list(_bfloat16_calls()))
 def test_triton_refuses_bfloat16_in_the_cpu_interpreter(op):
     """The interpreter computes bfloat16 wrongly (tpp_attention gave errors of 1e9 before this refusal), so

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
-from mtlfast.ops._checks import autocast_inputs, check_floating_same_device_dtype, check_shapes, resolve_scale
+from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_shapes, refuse_double_backward,
+                                 resolve_scale)
 from mtlfast.reference.attention import attention as _reference_attention
 
 __all__ = ["attention", "attention_triton", "center_keys", "center_keys_adjoint"]
@@ -82,6 +83,7 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward("mtlfast::attention_bwd", "attention")
 
 
 def center_keys(k: Tensor) -> Tensor:

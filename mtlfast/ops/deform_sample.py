@@ -53,7 +53,7 @@ import torch
 
 from mtlfast import _ext
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, extension_unavailable, triton_unavailable
-from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor
+from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor, refuse_double_backward
 from mtlfast.reference import deform_sample as _reference
 
 Tensor = torch.Tensor
@@ -128,6 +128,7 @@ def _triton_backward(grad_out: Tensor, values: list[Tensor], points: Tensor,
 _triton_forward.register_fake(_fake_forward)
 _triton_backward.register_fake(_fake_backward)
 _triton_forward.register_autograd(_autograd_backward(_triton_backward), setup_context=_setup_context)
+refuse_double_backward("mtlfast::deform_sample_triton_backward", "deform_sample")
 
 
 def _triton(values, points, weights):

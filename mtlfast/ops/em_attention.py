@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
-from mtlfast.ops._checks import autocast_inputs, check_floating_same_device_dtype, check_positive_int, check_shapes
+from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_int, check_shapes,
+                                 refuse_double_backward)
 from mtlfast.reference import em_attention as _reference
 
 Tensor = torch.Tensor
@@ -98,6 +99,8 @@ def _backward(ctx, g_xrec, g_mu, g_z, _g_bases, _g_stats):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward("mtlfast::em_attention_bwd", "em_attention")
+refuse_double_backward("mtlfast::em_attention_bwd_detached", "em_attention")
 
 
 def _triton(x, mu, n_iter, *, tau, eps, detach_iterations):

@@ -35,7 +35,7 @@ import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_int, check_shapes,
-                                 check_tensor, resolve_scale)
+                                 check_tensor, refuse_double_backward, resolve_scale)
 from mtlfast.reference import iterative_fusion as _reference
 
 VARIANTS = _reference.VARIANTS
@@ -128,6 +128,7 @@ def _backward(ctx, grad_out, grad_lse, grad_ckpt):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward("mtlfast::iterative_fusion_bwd", "iterative_fusion")
 
 
 # --- implementations ----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_shapes, check_tensor,
-                                 resolve_scale)
+                                 refuse_double_backward, resolve_scale)
 from mtlfast.ops.attention import center_keys, center_keys_adjoint
 from mtlfast.reference import tpp_attention as _reference
 
@@ -90,6 +90,7 @@ def _backward(ctx, g_out, _g_lse):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward("mtlfast::tpp_attention_bwd", "tpp_attention")
 
 
 def _triton(q, k, v, mix_weight, mix_bias, *, scale):
