@@ -67,7 +67,7 @@ def launch_config(channels: int, device: torch.device) -> LaunchConfig:
 def _corner_coordinates(P, WTS, row, s, S, mask, H, W):
     """Point rows ``row`` (b·N + n): x0, y0 (int32), fx, fy and the stage weight w (float32). Coordinates are
     clamped to [-2, size + 1] first, which keeps every out-of-image corner out of the image and the int32
-    conversion in range for points of any magnitude (an infinite coordinate reads zero)."""
+    conversion in range for points of any magnitude (the forward then writes NaN at non-finite points)."""
     px = tl.load(P + row * 2, mask=mask, other=0.0).to(tl.float32)
     py = tl.load(P + row * 2 + 1, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(WTS + row * S + s, mask=mask, other=0.0).to(tl.float32)
@@ -111,6 +111,11 @@ def _forward_kernel(V, P, WTS, ACC, s, S, N, C, H, W, sv_b, sv_c, sv_h, sv_w,
         base, inside = _corner_rows(V, b, x0 + k % 2, y0 + k // 2, n_mask, H, W, sv_b, sv_h, sv_w)
         v = tl.load(base[:, None] + c_off, mask=inside[:, None] & c_mask[None, :], other=0.0)
         acc += coef[:, None] * v.to(tl.float32)
+    # grid_sample returns NaN at a non-finite point (its weights become inf - inf or NaN); |NaN| < inf is false
+    px = tl.load(P + row * 2, mask=n_mask, other=0.0).to(tl.float32)
+    py = tl.load(P + row * 2 + 1, mask=n_mask, other=0.0).to(tl.float32)
+    finite = (tl.abs(px) < float("inf")) & (tl.abs(py) < float("inf"))
+    acc = tl.where(finite[:, None], acc, float("nan"))
     out = ACC + row.to(tl.int64)[:, None] * C + c[None, :]
     mask = n_mask[:, None] & c_mask[None, :]
     if not FIRST:

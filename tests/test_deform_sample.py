@@ -144,7 +144,7 @@ def test_triton_backward_calls_no_atomic_torch_op(device):
 
 def test_triton_infinite_and_far_points(device):
     """Coordinates clamped before the int32 conversion: points at ±1e30 agree with grid_sample (zeros, zero
-    gradients); an infinite coordinate reads zero (grid_sample gives NaN there), as on the C++/CUDA paths."""
+    gradients); an infinite coordinate gives a NaN row, as grid_sample and the C++/CUDA paths."""
     gen = torch.Generator().manual_seed(fresh_seed())
     inputs = _float32(_inputs(1, 6, 5, [(4, 8), (3, 5)], gen), device)
     inputs["points"][0, :4] = torch.tensor([[1e30, 0.0], [-1e30, 0.5], [0.2, 1e30], [0.1, -1e30]])
@@ -156,7 +156,21 @@ def test_triton_infinite_and_far_points(device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     inputs["points"][0, 0] = torch.tensor([float("inf"), 0.0])
     out = deform_sample(**inputs, backend="triton")
-    assert torch.isfinite(out).all() and out[0, 0].abs().sum() == 0
+    assert torch.isnan(out[0, 0]).all() and torch.isfinite(out[0, 1:]).all()  # grid_sample: NaN there
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_extension), "triton"])
+def test_non_finite_points_give_nan_rows(backend):
+    """grid_sample's value at a point with an infinite or NaN coordinate is NaN (its bilinear weights become
+    inf - inf, or NaN); every backend returns NaN there, never a silent zero, and the other rows are exact."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _float32(_inputs(1, 7, 5, [(4, 8), (3, 5)], gen), "cpu")
+    bad = [[float("nan"), 0.1], [0.2, float("nan")], [float("inf"), 0.0], [0.3, -float("inf")]]
+    inputs["points"][0, :4] = torch.tensor(bad)
+    out = deform_sample(**inputs, backend=backend)
+    want = reference.deform_sample(inputs["values"], inputs["points"], inputs["weights"])
+    assert torch.isnan(want[0, :4]).all() and torch.isnan(out[0, :4]).all()
+    torch.testing.assert_close(out[0, 4:], want[0, 4:], rtol=1e-5, atol=1e-6)
 
 
 def test_corner_dot_rewrite_float64():

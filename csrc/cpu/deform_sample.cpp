@@ -11,6 +11,7 @@
 #include "deform_sample.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -77,6 +78,10 @@ int deform_sample_forward(const T* const* values, const int64_t* heights, const 
   maybe_parallel_for(batch * num_points, 4 * stages * C, [&](int64_t bn) {
     const int64_t b = bn / num_points;
     T* __restrict o = out + bn * C;
+    if (!(std::isfinite(points[2 * bn]) && std::isfinite(points[2 * bn + 1]))) {
+      std::fill(o, o + C, std::numeric_limits<T>::quiet_NaN());  // grid_sample's value (inf - inf, or NaN)
+      return;
+    }
     std::fill(o, o + C, T(0));
     for (int64_t s = 0; s < stages; ++s) {
       const int64_t H = heights[s], W = widths[s];

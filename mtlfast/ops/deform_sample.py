@@ -34,11 +34,10 @@ copied to that layout at every call (forward and backward): pass channels-last f
 The value gradients are returned as channels-last tensors. The point/weight gradients use, per stage, the
 four dots d_k = <grad_out, corner row k>: dL/dw_s = Σ_k coef_k d_k, dL/dx = w_s W_s/2 ((1-fy)(d01-d00) +
 fy(d11-d10)), dL/dy = w_s H_s/2 ((1-fx)(d10-d00) + fx(d11-d01)), with grid_sample's one-sided derivative
-(floor) on pixel-centre lines. The backward always computes all three gradients. Non-finite points differ:
-a point with an infinite or NaN coordinate reads zero on the C++/CUDA paths (every bounds test is false),
-where grid_sample returns NaN (its bilinear weights become inf - inf, or NaN); the Triton kernel returns
-NaN for NaN points in the CPU interpreter (its clamp may drop a NaN on a GPU). Their point/weight gradients
-differ between backends too. Finite points of any magnitude agree.
+(floor) on pixel-centre lines. The backward always computes all three gradients. A point with an infinite
+or NaN coordinate gives a NaN output row on every backend, as grid_sample (its bilinear weights become
+inf - inf, or NaN); the gradients at such points are not specified (they differ between backends). Finite
+points of any magnitude agree.
 
 Both kernel paths are the C++ ops ``mtlfast::deform_sample_forward`` / ``mtlfast::deform_sample_backward``
 (TORCH_LIBRARY in csrc/mtlfast_ops.cpp, CPU and CUDA kernels) with their fake implementations and autograd
