@@ -4,6 +4,7 @@ The kernel path rests on Up(q_c k_cᵀ) = up(q_c) up(k_c)ᵀ (bilinear resize is
 A = scale · [q_f | up(q_c)] [k_f | up(k_c)]ᵀ. test_rewrite_is_exact checks it in float64 with pure
 PyTorch (no kernel) at odd grids, including a coarse grid that is not half the fine one.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,11 @@ def test_bad_inputs(backend):
         call(size_fine=12)
     with pytest.raises(ValueError, match=r"size_coarse: expected \(height, width\)"):
         call(size_coarse=(2.0, 2))
+    with pytest.raises(ValueError, match=r"size_coarse: expected \(height, width\)"):
+        call(size_coarse=(True, 4))
+    # numpy integers and torch.Size are grids too
+    torch.testing.assert_close(call(size_fine=(np.int64(3), np.int32(4)), size_coarse=torch.Size([2, 2])), call(),
+                               rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"k_coarse: expected shape \(B, Nc, D\) with D=5"):
         call(replace={3: torch.randn(2, 4, 6)})
     with pytest.raises(ValueError, match=r"k_fine: expected shape \(B, Nf, D\) with Nf=12"):

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
-from mtlfast.ops._checks import autocast_inputs, check_floating_same_device_dtype, check_shapes, resolve_scale
+from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_int, check_shapes,
+                                 resolve_scale)
 from mtlfast.ops.attention import attention_kernels, attention_triton
 from mtlfast.reference.lthd_attention import lthd_attention as _reference_lthd
 
@@ -70,10 +71,13 @@ _OP.register("triton", _triton, devices=("cuda", "cpu"), dtypes=GPU_DTYPES,
 
 
 def _check_grid(name: str, size, n_tokens: int, tokens_from: str) -> tuple[int, int]:
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
-        raise ValueError(f"{name}: expected (height, width), two integers >= 1, got {size!r}")
-    h, w = size
+    """(height, width): a tuple/list/torch.Size of two integers >= 1 (Python or numpy: ``operator.index``)."""
+    try:
+        if not isinstance(size, (tuple, list)) or len(size) != 2:
+            raise ValueError
+        h, w = (check_positive_int(name, s) for s in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected (height, width), two integers >= 1, got {size!r}") from None
     if h * w != n_tokens:
         raise ValueError(f"{name}: the grid {h}x{w} has {h * w} tokens, but {tokens_from} has {n_tokens}")
     return h, w
