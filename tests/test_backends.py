@@ -111,11 +111,11 @@ def _bfloat16_calls():
     }
 
 
-def _float32_calls(gen, mixed=False):
-    """Each attention-like op on float32 inputs (with ``mixed``, the first input in float16, as a Linear's output
-    under autocast next to a float32 tensor)."""
+def _float32_calls(gen, mixed=False, device="cpu"):
+    """Each attention-like op on float32 inputs on ``device`` (with ``mixed``, the first input in float16, as a
+    Linear's output under autocast next to a float32 tensor)."""
     def r(*shape, first=False):
-        t = torch.randn(*shape, generator=gen)
+        t = torch.randn(*shape, generator=gen).to(device)
         return t.half() if mixed and first else t
 
     return {
@@ -126,37 +126,38 @@ def _float32_calls(gen, mixed=False):
         "lthd_attention": lambda b: mtlfast.ops.lthd_attention(r(1, 16, 8, first=True), r(1, 16, 8), r(1, 4, 8),
                                                                r(1, 4, 8), r(1, 16, 4), (4, 4), (2, 2), backend=b),
         "iterative_fusion": lambda b: mtlfast.ops.iterative_fusion(r(1, 9, 8, first=True), r(1, 9, 8), r(1, 9, 4),
-                                                                   torch.tensor(0.3), 3, backend=b),
+                                                                   torch.tensor(0.3, device=device), 3, backend=b),
         "em_attention": lambda b: mtlfast.ops.em_attention(r(1, 9, 8, first=True), r(1, 3, 8), 2, backend=b)[0],
     }
 
 
 @pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("op", list(_float32_calls(None)))
-def test_ops_follow_autocast_on_every_backend(op, mixed):
+def test_ops_follow_autocast_on_every_backend(op, mixed, device):
     """Under torch.autocast the ops cast their inputs to its dtype (as SDPA does): the reference (whose matmuls
     autocast by themselves) and the Triton kernels (custom ops, which autocast does not touch) return the same
     dtype from the same inputs, and mixed float16/float32 inputs are accepted there."""
     seed = fresh_seed()
     outs = {}
     for backend in ("reference", "triton"):
-        with torch.autocast("cpu", dtype=torch.float16):
-            outs[backend] = _float32_calls(torch.Generator().manual_seed(seed), mixed)[op](backend)
+        with torch.autocast(device, dtype=torch.float16):
+            outs[backend] = _float32_calls(torch.Generator().manual_seed(seed), mixed, device)[op](backend)
     assert {o.dtype for o in outs.values()} == {torch.float16}
     assert rel_error(outs["triton"], outs["reference"].double()) < 1e-2
 
 
 @pytest.mark.parametrize("op", ["attention", "tpp_attention", "iterative_fusion", "em_attention",
                                 "em_attention_detached", "deform_sample"])
-def test_triton_double_backward_is_refused_clearly(op):
+def test_triton_double_backward_is_refused_clearly(op, device):
     """The kernel backwards have no derivative: a gradient of a gradient names the op and the way out."""
     gen = torch.Generator().manual_seed(fresh_seed())
-    x = torch.randn(1, 9, 8, generator=gen, requires_grad=True)
+    x = torch.randn(1, 9, 8, generator=gen).to(device).requires_grad_()
     calls = {
         "attention": lambda: mtlfast.ops.attention(x[None], x[None], x[None], backend="triton"),
         "tpp_attention": lambda: mtlfast.ops.tpp_attention(x[None, None], x[None, None], x[None, None],
-                                                           torch.ones(1, 1, 1), backend="triton"),
-        "iterative_fusion": lambda: mtlfast.ops.iterative_fusion(x, x, x, torch.tensor(0.3), 2, backend="triton"),
+                                                           torch.ones(1, 1, 1, device=device), backend="triton"),
+        "iterative_fusion": lambda: mtlfast.ops.iterative_fusion(x, x, x, torch.tensor(0.3, device=device), 2,
+                                                                 backend="triton"),
         "em_attention": lambda: mtlfast.ops.em_attention(x, x[:, :3], 2, backend="triton")[0],
         "em_attention_detached": lambda: mtlfast.ops.em_attention(x, x[:, :3].detach(), 2, detach_iterations=True,
                                                                   backend="triton")[0],

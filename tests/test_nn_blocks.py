@@ -265,7 +265,7 @@ def test_checkpoint_stage_updates_buffers_once(detach_iterations):
 
 
 @pytest.mark.parametrize("where", ["after the block", "on another thread"])
-def test_checkpoint_stage_recomputes_on_the_forwards_backends(where):
+def test_checkpoint_stage_recomputes_on_the_forwards_backends(where, device):
     """The forward runs attention on the Triton backend (use_backend); the backward, run after the block or on
     another thread (as autograd's device threads on a GPU), where the scope's context variables are not
     set, must recompute on Triton too: auto on a CPU would pick the reference, which saves other tensors
@@ -273,7 +273,7 @@ def test_checkpoint_stage_recomputes_on_the_forwards_backends(where):
     import threading
 
     gen = torch.Generator().manual_seed(fresh_seed())
-    q, k, v = (_randn(1, 2, 9, 16, gen=gen).float().requires_grad_() for _ in range(3))
+    q, k, v = (_randn(1, 2, 9, 16, gen=gen).float().to(device).requires_grad_() for _ in range(3))
     with mtlfast.use_backend("triton"):
         out = checkpoint_stage(lambda a, b, c: mtlfast.ops.attention(a, b, c).sin(), q, k, v)
         grads = []
