@@ -65,11 +65,13 @@ def launch_config(channels: int, device: torch.device) -> LaunchConfig:
 
 @triton.jit
 def _corner_coordinates(P, WTS, row, s, S, mask, H, W):
-    """Point rows ``row`` (b·N + n): x0, y0 (int32), fx, fy and the stage weight w (float32). Coordinates are
-    clamped to [-2, size + 1] first, which keeps every out-of-image corner out of the image and the int32
-    conversion in range for points of any magnitude (the forward then writes NaN at non-finite points)."""
+    """Point rows ``row`` (b·N + n): x0, y0 (int32), fx, fy, the stage weight w (float32) and whether the point
+    is finite (|NaN| < inf is false). Coordinates are clamped to [-2, size + 1] first, which keeps every
+    out-of-image corner out of the image and the int32 conversion in range for points of any magnitude (the
+    forward then writes NaN at non-finite points)."""
     px = tl.load(P + row * 2, mask=mask, other=0.0).to(tl.float32)
     py = tl.load(P + row * 2 + 1, mask=mask, other=0.0).to(tl.float32)
+    finite = (tl.abs(px) < float("inf")) & (tl.abs(py) < float("inf"))
     w = tl.load(WTS + row * S + s, mask=mask, other=0.0).to(tl.float32)
     ix = ((px + 1.0) * W - 1.0) * 0.5
     iy = ((py + 1.0) * H - 1.0) * 0.5
@@ -77,7 +79,7 @@ def _corner_coordinates(P, WTS, row, s, S, mask, H, W):
     iy = tl.minimum(tl.maximum(iy, -2.0), H + 1.0)
     x0f = tl.floor(ix)
     y0f = tl.floor(iy)
-    return x0f.to(tl.int32), y0f.to(tl.int32), ix - x0f, iy - y0f, w
+    return x0f.to(tl.int32), y0f.to(tl.int32), ix - x0f, iy - y0f, w, finite
 
 
 @triton.jit
@@ -103,7 +105,7 @@ def _forward_kernel(V, P, WTS, ACC, s, S, N, C, H, W, sv_b, sv_c, sv_h, sv_w,
     n_mask = n < N
     c_mask = c < C
     row = b * N + n
-    x0, y0, fx, fy, w = _corner_coordinates(P, WTS, row, s, S, n_mask, H, W)
+    x0, y0, fx, fy, w, finite = _corner_coordinates(P, WTS, row, s, S, n_mask, H, W)
     c_off = c.to(tl.int64)[None, :] * sv_c
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for k in tl.static_range(4):
@@ -111,11 +113,7 @@ def _forward_kernel(V, P, WTS, ACC, s, S, N, C, H, W, sv_b, sv_c, sv_h, sv_w,
         base, inside = _corner_rows(V, b, x0 + k % 2, y0 + k // 2, n_mask, H, W, sv_b, sv_h, sv_w)
         v = tl.load(base[:, None] + c_off, mask=inside[:, None] & c_mask[None, :], other=0.0)
         acc += coef[:, None] * v.to(tl.float32)
-    # grid_sample returns NaN at a non-finite point (its weights become inf - inf or NaN); |NaN| < inf is false
-    px = tl.load(P + row * 2, mask=n_mask, other=0.0).to(tl.float32)
-    py = tl.load(P + row * 2 + 1, mask=n_mask, other=0.0).to(tl.float32)
-    finite = (tl.abs(px) < float("inf")) & (tl.abs(py) < float("inf"))
-    acc = tl.where(finite[:, None], acc, float("nan"))
+    acc = tl.where(finite[:, None], acc, float("nan"))  # grid_sample's value there (weights inf - inf, or NaN)
     out = ACC + row.to(tl.int64)[:, None] * C + c[None, :]
     mask = n_mask[:, None] & c_mask[None, :]
     if not FIRST:
@@ -137,7 +135,7 @@ def _point_grad_kernel(V, P, WTS, G, GP, GW, s, S, N, C, H, W, sv_b, sv_c, sv_h,
     b = tl.program_id(1)
     n_mask = n < N
     row = b * N + n
-    x0, y0, fx, fy, w = _corner_coordinates(P, WTS, row, s, S, n_mask, H, W)
+    x0, y0, fx, fy, w, _ = _corner_coordinates(P, WTS, row, s, S, n_mask, H, W)
     b00, in00 = _corner_rows(V, b, x0, y0, n_mask, H, W, sv_b, sv_h, sv_w)
     b01, in01 = _corner_rows(V, b, x0 + 1, y0, n_mask, H, W, sv_b, sv_h, sv_w)
     b10, in10 = _corner_rows(V, b, x0, y0 + 1, n_mask, H, W, sv_b, sv_h, sv_w)
@@ -173,7 +171,7 @@ def _corner_keys_kernel(P, WTS, KEYS, COEF, s, S, N, BN, H, W, num_pixels, BLOCK
     ``num_pixels`` (= B·H·W) if that corner is outside the image; and its weight c_k w_s."""
     row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = row < BN
-    x0, y0, fx, fy, w = _corner_coordinates(P, WTS, row, s, S, mask, H, W)
+    x0, y0, fx, fy, w, _ = _corner_coordinates(P, WTS, row, s, S, mask, H, W)
     b = row // N
     for k in tl.static_range(4):
         x = x0 + k % 2
