@@ -71,7 +71,7 @@ from torch import nn
 
 from mtlfast.models.base import MultiTaskModel, build_backbone, method
 from mtlfast.nn import BridgeFeatureExtractor, TaskFeatureRefiner, TaskPatternPropagation
-from mtlfast.nn.common import ConvBNAct, resize, to_map, to_tokens
+from mtlfast.nn.common import ChannelNorm, ConvBNAct, resize
 
 __all__ = ["BridgeNet"]
 
@@ -116,7 +116,7 @@ class BridgeNet(MultiTaskModel):
         self.bfe = nn.ModuleList(BridgeFeatureExtractor(d, heads=heads, kv_stride=s) for d, s in zip(dims, strides))
         self.bridge_link = nn.ModuleList(nn.Conv2d(dims[k - 1], dims[k], 1) for k in range(1, n))
         self.tfr = nn.ModuleList(TaskFeatureRefiner(self.tasks, d, tfr) for d in dims)
-        self.out_norm = nn.ModuleList(nn.LayerNorm(len(self.tasks) * d) for d in dims)
+        self.out_norm = nn.ModuleList(ChannelNorm(len(self.tasks) * d) for d in dims)
         self.to_head = nn.ModuleList(nn.ModuleDict({t: nn.Conv2d(dims[k], dims[0], 1) for t in self.tasks})
                                      for k in range(1, n))
         self.heads = nn.ModuleDict({t: nn.Sequential(ConvBNAct(dims[0], dims[0], 3), nn.Conv2d(dims[0], c, 1))
@@ -139,7 +139,7 @@ class BridgeNet(MultiTaskModel):
             new_bridge = new_bridge + resize(self.bridge_link[k - 1](bridge), generic.shape[-2:])
         task = self.tfr[k](task, new_bridge)
         joint = torch.cat([task[t] for t in self.tasks], 1)
-        normed = to_map(self.out_norm[k](to_tokens(joint)), joint.shape[-2:]).split(self.stage_dims[k], 1)
+        normed = self.out_norm[k](joint).split(self.stage_dims[k], 1)
         return task, dict(zip(self.tasks, normed)), new_bridge
 
     def _head(self, task: str, stages: list, size) -> torch.Tensor:

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlfast.nn.common import (FeedForward, ProjectedAttention, check_sizes, check_task_features, check_task_names,
-                                merge_heads, resize, split_heads, to_map, to_tokens)
+from mtlfast.nn.common import (ChannelNorm, FeedForward, ProjectedAttention, check_sizes, check_task_features,
+                                check_task_names, merge_heads, resize, split_heads, to_map, to_tokens)
 from mtlfast.ops.tpp_attention import tpp_attention
 
 __all__ = ["TaskPatternPropagation", "BridgeFeatureExtractor", "TaskFeatureRefiner", "TFR_SIZES"]
@@ -59,11 +59,6 @@ def _pool_tokens(x: torch.Tensor, stride: int) -> torch.Tensor:
     """Average pooling by ``stride`` (kernel = stride, ceil mode: ⌈H/s⌉×⌈W/s⌉ cells, a border cell averages
     only its valid positions) -> tokens (B, N, C)."""
     return to_tokens(F.avg_pool2d(x, stride, stride, ceil_mode=True))
-
-
-def _channel_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the channels of every position of a map (B, C, H, W)."""
-    return to_map(norm(to_tokens(x)), x.shape[-2:])
 
 
 class _QueryEmbed(nn.Sequential):
@@ -156,7 +151,7 @@ class BridgeFeatureExtractor(nn.Module):
         task_channels = task_channels or channels
         self.kv_stride = kv_stride
         self.q_embed = _QueryEmbed(channels, q_stride)
-        self.kv_norm = nn.LayerNorm(task_channels)  # before the pooling, so not the attention's own
+        self.kv_norm = ChannelNorm(task_channels)  # before the pooling, so not the attention's own
         self.attn = ProjectedAttention(channels, task_channels, heads=heads, scale=channels ** -0.5, kv_norm=False)
         self.restore = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
         self.ffn = FeedForward(channels, mlp_ratio * channels)
@@ -164,7 +159,7 @@ class BridgeFeatureExtractor(nn.Module):
     def forward(self, generic: torch.Tensor, task_features: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]):
         maps = list(task_features.values()) if isinstance(task_features, Mapping) else list(task_features)
         qmap = self.q_embed(generic)
-        kv = torch.cat([_pool_tokens(_channel_norm(self.kv_norm, p), self.kv_stride) for p in maps], dim=1)
+        kv = torch.cat([_pool_tokens(self.kv_norm(p), self.kv_stride) for p in maps], dim=1)
         x = self.attn(to_tokens(qmap), kv)
         y = generic + self.restore(resize(to_map(x, qmap.shape[-2:]), generic.shape[-2:]))
         return to_map(self.ffn(to_tokens(y)), y.shape[-2:])

@@ -22,8 +22,8 @@ from mtlfast.backends import BackendScope
 from mtlfast.ops._checks import check_positive_int, check_shapes
 from mtlfast.ops.attention import attention
 
-__all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "SEBlock", "FeedForward", "ProjectedAttention", "to_tokens",
-           "to_map", "split_heads", "merge_heads", "resize", "checkpoint_stage", "record_checkpoint_inputs",
+__all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "SEBlock", "FeedForward", "ChannelNorm", "ProjectedAttention",
+           "to_tokens", "to_map", "split_heads", "merge_heads", "resize", "checkpoint_stage", "record_checkpoint_inputs",
            "check_task_names", "check_sizes", "check_task_features"]
 
 
@@ -166,6 +166,13 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fc2(F.gelu(self.fc1(self.norm(x))))
         return x + out if self.residual else out
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of every position of a (B, C, H, W) map (parameters as nn.LayerNorm(C))."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class ProjectedAttention(nn.Module):

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlfast.nn.common import (ConvBNAct, FeedForward, ProjectedAttention, check_sizes, check_task_features,
-                                check_task_names, resize, to_map, to_tokens)
+from mtlfast.nn.common import (ChannelNorm, ConvBNAct, FeedForward, ProjectedAttention, check_sizes,
+                                check_task_features, check_task_names, resize, to_map, to_tokens)
 from mtlfast.nn.em_bases import EMBases
 from mtlfast.ops.deform_sample import deform_sample
 from mtlfast.ops.em_attention import em_attention
@@ -50,13 +50,6 @@ def reference_points(grid: Sequence[int], batch: int, *, device=None, dtype=None
     return torch.stack([xx, yy], -1).reshape(1, gh * gw, 2).expand(batch, -1, -1)
 
 
-class _ChannelNorm(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
 class _OffsetNet(nn.Module):
     """DAT offset network for one stage: (B, C, H, W) -> points (B, gh·gw, 2) = reference + offsets."""
 
@@ -64,7 +57,7 @@ class _OffsetNet(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(channels, channels, kernel, stride=stride, padding=kernel // 2, groups=channels),
-            _ChannelNorm(channels), nn.GELU(), nn.Conv2d(channels, 2, 1, bias=False))
+            ChannelNorm(channels), nn.GELU(), nn.Conv2d(channels, 2, 1, bias=False))
         self.offset_range = offset_range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
