@@ -88,8 +88,7 @@ class _Runner:
         self.model.checkpoint_decoder = checkpoint_decoder
         if state is not None:
             self.model.load_state_dict(state)
-        self.loss = MultiTaskLoss(list(setting.tasks), stage_weights=getattr(self.model, "aux_loss_weights", None),
-                                  normals_reduction=self.model.normals_loss_reduction)
+        self.loss = MultiTaskLoss.for_model(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-6)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))

@@ -149,8 +149,7 @@ class MultiTaskLoss(nn.Module):
     PAD-Net code, whose deep-supervision terms take ``loss_weights[task]`` for every front-end task,
     auxiliary or not. Their labels must be in the batch.
 
-    ``normals_reduction``: "element" or "pixel" (:func:`normals_loss`); models give theirs as
-    ``model.normals_loss_reduction`` (the trainer passes it).
+    ``normals_reduction``: "element" or "pixel" (:func:`normals_loss`); :meth:`for_model` takes a model's.
     """
 
     def __init__(self, tasks: Sequence[str], weights: Mapping[str, float] | None = None,
@@ -176,6 +175,13 @@ class MultiTaskLoss(nn.Module):
         self.aux_tasks = tuple(aux_tasks)
         self.weights = {t: float((weights or {}).get(t, LOSS_WEIGHTS[t])) for t in self.tasks + self.aux_tasks}
         self.stage_weights = dict(stage_weights or {})
+
+    @classmethod
+    def for_model(cls, model: nn.Module, aux_tasks: Sequence[str] = ()) -> "MultiTaskLoss":
+        """The loss a model trains with: its tasks, its deep-supervision stage weights (``aux_loss_weights``) and
+        its normals reduction (``normals_loss_reduction``), see :mod:`mtlfast.models.base`."""
+        return cls(model.tasks, stage_weights=getattr(model, "aux_loss_weights", None), aux_tasks=aux_tasks,
+                   normals_reduction=model.normals_loss_reduction)
 
     def _term(self, task: str, pred: torch.Tensor, labels: Mapping, where: str) -> torch.Tensor:
         if task not in self.weights:

@@ -590,7 +590,7 @@ def test_scale_attentive_feature_fusion_is_eq2_to_5(index):
     (lambda: SelfFeatureDistillation(0), "dim: expected an integer >= 1, got 0"),
     (lambda: HierarchyAdaptiveAttention([], 8), "in_channels: expected the channels of at least one stage"),
     (lambda: FeatureAggregation([8, 0], 3), "in_channels[1]: expected an integer >= 1, got 0"),
-    (lambda: EMInteraction(TASKS, 8, tau=0.0), "tau: expected a finite number > 0, got 0.0"),
+    (lambda: EMInteraction(TASKS, 8, tau=0.0), "tau: expected a finite float > 0, got 0.0"),
     (lambda: EMInteraction(TASKS, 8, n_iter=0), "n_iter: expected an integer >= 1, got 0"),
     (lambda: IterativeFusionBlock(3, mode="fast"), "mode: expected one of materialize, recompute, auto, got 'fast'"),
 ])

@@ -35,6 +35,7 @@ from torch import nn
 from mtlfast.nn.common import (ChannelNorm, ConvBNAct, FeedForward, ProjectedAttention, check_sizes,
                                 check_task_features, check_task_names, resize, to_map, to_tokens)
 from mtlfast.nn.em_bases import EMBases
+from mtlfast.ops._checks import check_positive_float
 from mtlfast.ops.deform_sample import deform_sample
 from mtlfast.ops.em_attention import em_attention
 
@@ -130,8 +131,7 @@ class EMInteraction(nn.Module):
         super().__init__()
         self.tasks = check_task_names(tasks)
         check_sizes(channels=channels, num_bases=num_bases, n_iter=n_iter)
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"tau: expected a finite number > 0, got {tau!r}")
+        check_positive_float("tau", tau)
         self.n_iter, self.tau, self.detach_iterations = n_iter, tau, detach_iterations
         self.bases = EMBases(num_bases, channels, momentum=momentum)
         self.inp = nn.ModuleDict({t: nn.Conv2d(channels, channels, 1) for t in self.tasks})

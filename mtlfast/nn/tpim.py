@@ -41,8 +41,7 @@ class IterativeFusionBlock(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant: unknown IFB variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
-        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-            raise ValueError(f"n_iter: expected an integer >= 1, got {n_iter!r}")
+        check_sizes(n_iter=n_iter)
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
         self.n_iter, self.variant, self.mode = n_iter, variant, mode

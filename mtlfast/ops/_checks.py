@@ -109,6 +109,15 @@ def check_positive_int(name: str, value) -> int:
     return number
 
 
+def check_positive_float(name: str, value, *, allow_zero: bool = False) -> float:
+    """A finite Python number > 0 (>= 0 with ``allow_zero``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+    if not (value >= 0 if allow_zero else value > 0) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite float {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return float(value)
+
+
 def resolve_scale(scale: float | None, width: int) -> float:
     """``scale=None`` means ``width ** -0.5`` (DESIGN.md §3); otherwise a finite real number (Python or numpy;
     not a tensor, which would have to be read back from the device)."""

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
-from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_int, check_shapes,
-                                 refuse_double_backward)
+from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_float,
+                                 check_positive_int, check_shapes, refuse_double_backward)
 from mtlfast.reference import em_attention as _reference
 
 Tensor = torch.Tensor
@@ -126,14 +126,6 @@ _OP.register("triton", _triton, devices=("cuda", "cpu"), dtypes=GPU_DTYPES, avai
 
 # --- public function -----------------------------------------------------------------------------------
 
-def _check_positive_float(name: str, value, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
-    if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
-        raise ValueError(f"{name}: expected a finite float {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return float(value)
-
-
 def em_attention(x: Tensor, mu: Tensor, n_iter: int, *, tau: float = 1.0, eps: float = 1e-6,
                  detach_iterations: bool = False, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """EM attention: n_iter E/M iterations of bases mu over tokens x, then the reconstruction.
@@ -160,8 +152,8 @@ def em_attention(x: Tensor, mu: Tensor, n_iter: int, *, tau: float = 1.0, eps: f
         if t.numel() == 0:
             raise ValueError(f"{name}: expected every size of ({', '.join(dims.split())}) >= 1, got {tuple(t.shape)}")
     n_iter = check_positive_int("n_iter", n_iter)
-    tau = _check_positive_float("tau", tau)
-    eps = _check_positive_float("eps", eps, allow_zero=True)
+    tau = check_positive_float("tau", tau)
+    eps = check_positive_float("eps", eps, allow_zero=True)
     if not isinstance(detach_iterations, bool):
         raise TypeError(f"detach_iterations: expected a bool, got {type(detach_iterations).__name__}")
     kwargs = dict(tau=tau, eps=eps, detach_iterations=detach_iterations)
