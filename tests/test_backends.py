@@ -95,28 +95,11 @@ def test_info_survives_a_bad_mtlfast_backend(toy_op, monkeypatch):
     assert "_toy_double" in text
 
 
-def _bfloat16_calls():
-    x = lambda *shape: torch.randn(*shape, dtype=torch.bfloat16)  # noqa: E731
-    return {
-        "attention": lambda: mtlfast.ops.attention(x(1, 1, 5, 8), x(1, 1, 6, 8), x(1, 1, 6, 4), backend="triton"),
-        "tpp_attention": lambda: mtlfast.ops.tpp_attention(x(1, 2, 1, 5, 8), x(1, 2, 1, 6, 8), x(1, 2, 1, 6, 4),
-                                                           x(2, 1, 2), backend="triton"),
-        "lthd_attention": lambda: mtlfast.ops.lthd_attention(x(1, 16, 8), x(1, 16, 8), x(1, 4, 8), x(1, 4, 8),
-                                                             x(1, 16, 4), (4, 4), (2, 2), backend="triton"),
-        "iterative_fusion": lambda: mtlfast.ops.iterative_fusion(x(1, 9, 8), x(1, 9, 8), x(1, 9, 4),
-                                                                 torch.tensor(0.3), 2, backend="triton"),
-        "em_attention": lambda: mtlfast.ops.em_attention(x(1, 9, 8), x(1, 4, 8), 2, backend="triton"),
-        "deform_sample": lambda: mtlfast.ops.deform_sample([x(1, 4, 3, 5)], x(1, 7, 2), x(1, 7, 1),
-                                                           backend="triton"),
-    }
-
-
-def _float32_calls(gen, mixed=False, device="cpu"):
-    """Each attention-like op on float32 inputs on ``device`` (with ``mixed``, the first input in float16, as a
-    Linear's output under autocast next to a float32 tensor)."""
+def _op_calls(gen, dtype=torch.float32, device="cpu", first_dtype=None):
+    """Each op on small random tensors of ``dtype`` on ``device``, the backend as argument (``first_dtype``:
+    the first input in another dtype, as a Linear's output under autocast next to a float32 tensor)."""
     def r(*shape, first=False):
-        t = torch.randn(*shape, generator=gen).to(device)
-        return t.half() if mixed and first else t
+        return torch.randn(*shape, generator=gen).to(device, first_dtype if first and first_dtype else dtype)
 
     return {
         "attention": lambda b: mtlfast.ops.attention(r(1, 2, 9, 8, first=True), r(1, 2, 7, 8), r(1, 2, 7, 4),
@@ -128,11 +111,17 @@ def _float32_calls(gen, mixed=False, device="cpu"):
         "iterative_fusion": lambda b: mtlfast.ops.iterative_fusion(r(1, 9, 8, first=True), r(1, 9, 8), r(1, 9, 4),
                                                                    torch.tensor(0.3, device=device), 3, backend=b),
         "em_attention": lambda b: mtlfast.ops.em_attention(r(1, 9, 8, first=True), r(1, 3, 8), 2, backend=b)[0],
+        "deform_sample": lambda b: mtlfast.ops.deform_sample([r(1, 4, 3, 5, first=True)], r(1, 7, 2), r(1, 7, 1),
+                                                             backend=b),
     }
 
 
+# deform_sample does not follow autocast: its reference, grid_sample, runs in float32 under autocast
+_AUTOCAST_OPS = [op for op in _op_calls(None) if op != "deform_sample"]
+
+
 @pytest.mark.parametrize("mixed", [False, True])
-@pytest.mark.parametrize("op", list(_float32_calls(None)))
+@pytest.mark.parametrize("op", _AUTOCAST_OPS)
 def test_ops_follow_autocast_on_every_backend(op, mixed, device):
     """Under torch.autocast the ops cast their inputs to its dtype (as SDPA does): the reference (whose matmuls
     autocast by themselves) and the Triton kernels (custom ops, which autocast does not touch) return the same
@@ -141,7 +130,8 @@ def test_ops_follow_autocast_on_every_backend(op, mixed, device):
     outs = {}
     for backend in ("reference", "triton"):
         with torch.autocast(device, dtype=torch.float16):
-            outs[backend] = _float32_calls(torch.Generator().manual_seed(seed), mixed, device)[op](backend)
+            gen = torch.Generator().manual_seed(seed)
+            outs[backend] = _op_calls(gen, device=device, first_dtype=torch.float16 if mixed else None)[op](backend)
     assert {o.dtype for o in outs.values()} == {torch.float16}
     assert rel_error(outs["triton"], outs["reference"].double()) < 1e-2
 
@@ -170,13 +160,13 @@ def test_triton_double_backward_is_refused_clearly(op, device):
         grad.sum().backward()
 
 
-@pytest.mark.parametrize("op", list(_bfloat16_calls()))
+@pytest.mark.parametrize("op", list(_op_calls(None)))
 def test_triton_refuses_bfloat16_in_the_cpu_interpreter(op):
     """The interpreter computes bfloat16 wrongly (tpp_attention gave errors of 1e9 before this refusal), so
     the Triton backend of every op (mtlfast.backends.triton_unavailable) refuses bfloat16 CPU tensors and
     says why."""
     with pytest.raises(BackendError, match="interpreter"):
-        _bfloat16_calls()[op]()
+        _op_calls(None, torch.bfloat16)[op]("triton")
 
 
 def test_meta_planning():

@@ -22,6 +22,7 @@ from mtlfast.models.mtinet import MTINet
 from mtlfast.models.padnet import PADNet
 from mtlfast.models.tif import TIF
 from mtlfast.testing import fresh_seed
+from literal import conv_bn_relu, random_norms
 from nn_paths import KERNEL_PATH, compare_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -474,22 +475,9 @@ def _small_bridgenet(tasks=("semseg", "depth"), **extra):
     """A float64 eval-mode BridgeNet on convnet_tiny, unequal stage widths, random BN statistics and LN affine."""
     gen = torch.Generator().manual_seed(fresh_seed())
     model = create_model("bridgenet", list(tasks), backbone="convnet_tiny", dataset="nyud",
-                         **{**SMALL["bridgenet"], "stage_dims": [16, 12, 8, 8], **extra}).double().eval()
-    for m in model.modules():
-        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
-            m.weight.data.copy_(torch.randn(m.weight.shape, generator=gen, dtype=torch.float64))
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=gen, dtype=torch.float64))
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen, dtype=torch.float64))
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen, dtype=torch.float64) + 0.5)
+                         **{**SMALL["bridgenet"], "stage_dims": [16, 12, 8, 8], **extra}).double()
+    model = random_norms(model, gen)
     return model, gen
-
-
-def _conv_bn_relu(block, x):
-    conv, bn = block[0], block[1]
-    y = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=conv.padding, dilation=conv.dilation)
-    return torch.relu(torch.nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False,
-                                                     0.0, bn.eps))
 
 
 def test_bridgenet_initial_predictions_enter_the_stage0_features():
@@ -500,7 +488,7 @@ def test_bridgenet_initial_predictions_enter_the_stage0_features():
     x = torch.randn(2, 256, 3, 5, generator=gen, dtype=torch.float64)
     with mtlfast.use_backend("reference"):
         initial, p0 = model._preliminary(x)
-        features = model.tpp({t: _conv_bn_relu(model.prelim[t][1], _conv_bn_relu(model.prelim[t][0], x))
+        features = model.tpp({t: conv_bn_relu(model.prelim[t][1], conv_bn_relu(model.prelim[t][0], x))
                               for t in model.tasks})
     for t in model.tasks:
         head, mix = model.initial_heads[t], model.mix[t]
@@ -529,8 +517,8 @@ def test_bridgenet_scale_and_head_wiring():
     with mtlfast.use_backend("reference"):
         refined, normed, new_bridge = model._scale(1, level, task, bridge)
         embed, up, link = model.embed[1], model.upsample[0], model.bridge_link[0]
-        generic = _conv_bn_relu(embed[1], F.conv2d(level, embed[0].weight, embed[0].bias, padding=1))
-        p1 = {t: _conv_bn_relu(up[1], _conv_bn_relu(up[0], F.interpolate(x, size=(4, 5), mode="bilinear")))
+        generic = conv_bn_relu(embed[1], F.conv2d(level, embed[0].weight, embed[0].bias, padding=1))
+        p1 = {t: conv_bn_relu(up[1], conv_bn_relu(up[0], F.interpolate(x, size=(4, 5), mode="bilinear")))
               for t, x in task.items()}
         want_bridge = model.bfe[1](generic, p1) + F.interpolate(F.conv2d(bridge, link.weight, link.bias), size=(4, 5),
                                                                 mode="bilinear")
@@ -551,7 +539,7 @@ def test_bridgenet_scale_and_head_wiring():
         x = F.interpolate(x, size=(16, 16), mode="bilinear") + F.interpolate(
             F.conv2d(s, conv.weight, conv.bias), size=(16, 16), mode="bilinear")
     head = model.heads["depth"]
-    want = F.conv2d(_conv_bn_relu(head[0], x), head[1].weight, head[1].bias)
+    want = F.conv2d(conv_bn_relu(head[0], x), head[1].weight, head[1].bias)
     torch.testing.assert_close(model._head("depth", stages, (16, 16)), want, rtol=1e-12, atol=1e-12)
 
 

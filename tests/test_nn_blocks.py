@@ -16,13 +16,10 @@ from mtlfast.nn import (BridgeFeatureExtractor, CrossTaskInteractionBlock, EMInt
 from mtlfast.nn.common import ProjectedAttention, checkpoint_stage, to_map, to_tokens
 from mtlfast.nn.sem import reference_points
 from mtlfast.testing import fresh_seed
+from literal import batch_norm, conv_bn, randn, random_norms
 from nn_paths import compare_paths
 
 TASKS = ("semseg", "depth", "edge")
-
-
-def _randn(*shape, gen):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
 
 class _Tasks(torch.nn.Module):
@@ -77,26 +74,26 @@ class _TifDecoder(torch.nn.Module):
 def _case(name, gen):
     """(module, inputs) of each block case; sizes odd and small for the interpreter."""
     if name == "TaskPatternPropagation":
-        return _Tasks(TaskPatternPropagation(TASKS, 12, 8, heads=2)), {t: _randn(2, 12, 7, 9, gen=gen) for t in TASKS}
+        return _Tasks(TaskPatternPropagation(TASKS, 12, 8, heads=2)), {t: randn(2, 12, 7, 9, gen=gen) for t in TASKS}
     if name == "BridgeFeatureExtractor+TaskFeatureRefiner":
-        inputs = {t: _randn(2, 12, 9, 7, gen=gen) for t in TASKS}
-        return _BridgeScale(), {"generic": _randn(2, 8, 9, 7, gen=gen), **inputs}
+        inputs = {t: randn(2, 12, 9, 7, gen=gen) for t in TASKS}
+        return _BridgeScale(), {"generic": randn(2, 8, 9, 7, gen=gen), **inputs}
     if name == "CrossTaskInteractionBlock":
         block = CrossTaskInteractionBlock(8, 4, downscale=1, n_iter=4, variant="B")
-        return block, {"source": _randn(2, 8, 5, 6, gen=gen), "target": _randn(2, 8, 5, 6, gen=gen)}
+        return block, {"source": randn(2, 8, 5, 6, gen=gen), "target": randn(2, 8, 5, 6, gen=gen)}
     if name == "TaskPairInteraction":
         return (_Tasks(TaskPairInteraction(TASKS, 8, 4, downscale=2, n_iter=4, variant="C")),
-                {t: _randn(2, 8, 7, 9, gen=gen) for t in TASKS})
+                {t: randn(2, 8, 7, 9, gen=gen) for t in TASKS})
     if name == "SelfFeatureDistillation+LowToHighDiffusion":
         sizes = [(11, 13), (6, 7), (3, 4), (2, 2)]
-        return _TifDecoder(), {f"x{i}": _randn(2, 8, h, w, gen=gen) for i, (h, w) in enumerate(sizes)}
+        return _TifDecoder(), {f"x{i}": randn(2, 8, h, w, gen=gen) for i, (h, w) in enumerate(sizes)}
     if name == "HierarchyAdaptiveAttention":
         sizes, channels = [(15, 13), (8, 7), (4, 4), (2, 2)], [6, 8, 10, 12]
         return (_Stages(HierarchyAdaptiveAttention(channels, 16, heads=2)),
-                {f"f{i}": _randn(2, c, h, w, gen=gen) for i, ((h, w), c) in enumerate(zip(sizes, channels))})
+                {f"f{i}": randn(2, c, h, w, gen=gen) for i, ((h, w), c) in enumerate(zip(sizes, channels))})
     if name.startswith("EMInteraction"):
         block = EMInteraction(TASKS, 16, num_bases=8, n_iter=3, detach_iterations=name.endswith("detached"))
-        return _Tasks(block), {t: _randn(2, 16, 5, 7, gen=gen) for t in TASKS}
+        return _Tasks(block), {t: randn(2, 16, 5, 7, gen=gen) for t in TASKS}
     raise KeyError(name)
 
 
@@ -118,7 +115,7 @@ def test_kernel_path_matches_reference_path(name):
 def test_multimodal_distillation_is_eq1():
     gen = torch.Generator().manual_seed(2)
     block = MultiModalDistillation(["semseg", "depth"], 6, source_tasks=["semseg", "depth", "edge"]).double()
-    x = {t: _randn(2, 6, 5, 7, gen=gen) for t in ("semseg", "depth", "edge")}
+    x = {t: randn(2, 6, 5, 7, gen=gen) for t in ("semseg", "depth", "edge")}
     out = block(x)
     for k in ("semseg", "depth"):
         want = x[k].clone()
@@ -133,19 +130,19 @@ def test_multimodal_distillation_is_eq1():
 def test_feature_aggregation_is_the_hrnet_head():
     """MTI-Net §2.5: every scale resized (bilinear) to the finest, concatenated, 1×1 conv + BN + ReLU, 1×1 conv."""
     gen = torch.Generator().manual_seed(fresh_seed())
-    feats = [_randn(2, c, 17 // 2 ** i, 21 // 2 ** i, gen=gen) for i, c in enumerate((3, 5, 7, 9))]
-    block = _random_batch_norms(FeatureAggregation([3, 5, 7, 9], 4, mid_channels=6).double(), gen)
+    feats = [randn(2, c, 17 // 2 ** i, 21 // 2 ** i, gen=gen) for i, c in enumerate((3, 5, 7, 9))]
+    block = random_norms(FeatureAggregation([3, 5, 7, 9], 4, mid_channels=6).double(), gen)
     x = torch.cat([feats[0]] + [F.interpolate(f, size=(17, 21), mode="bilinear", align_corners=False)
                                 for f in feats[1:]], 1)
     conv, bn, predict = block.fuse[0], block.fuse[1], block.predict
-    hidden = F.relu(_bn(bn, F.conv2d(x, conv.weight, conv.bias)))
+    hidden = F.relu(batch_norm(bn, F.conv2d(x, conv.weight, conv.bias)))
     torch.testing.assert_close(block(feats), F.conv2d(hidden, predict.weight, predict.bias), rtol=1e-10, atol=1e-10)
 
 
 def test_feature_propagation_gates_over_tasks():
     gen = torch.Generator().manual_seed(3)
     block = FeaturePropagation(TASKS, 8).double().eval()
-    x = {t: _randn(2, 8, 5, 6, gen=gen) for t in TASKS}
+    x = {t: randn(2, 8, 5, 6, gen=gen) for t in TASKS}
     out = block(x)
     concat = torch.cat([x[t] for t in TASKS], 1)
     logits = block.harmonize(concat)
@@ -160,7 +157,7 @@ def test_task_pair_interaction_batching_equals_each_pair_eq5():
     """f°_t = f_t + Σ_{s≠t} CIB_{s→t}(f_s, f_t) with every pair computed on its own (eq. 2–5)."""
     gen = torch.Generator().manual_seed(4)
     block = TaskPairInteraction(TASKS, 8, 4, downscale=2, n_iter=3, variant="C", alpha=0.3).double().eval()
-    x = {t: _randn(2, 8, 7, 9, gen=gen) for t in TASKS}
+    x = {t: randn(2, 8, 7, 9, gen=gen) for t in TASKS}
     with mtlfast.use_backend("reference"):
         out = block(x)
     alpha = block.fusion.alpha
@@ -192,7 +189,7 @@ def test_task_pair_interaction_batching_equals_each_pair_eq5():
 def test_em_interaction_averages_task_bases_eq10():
     gen = torch.Generator().manual_seed(5)
     block = EMInteraction(TASKS, 6, num_bases=4, n_iter=3, momentum=0.9).double()
-    x = {t: _randn(2, 6, 3, 5, gen=gen) for t in TASKS}
+    x = {t: randn(2, 6, 3, 5, gen=gen) for t in TASKS}
     mu0 = block.bases.mu.clone()
     with mtlfast.use_backend("reference"):
         out = block(x)
@@ -240,7 +237,7 @@ def test_checkpoint_stage_updates_buffers_once(detach_iterations):
     gen = torch.Generator().manual_seed(11)
     block = EMInteraction(TASKS, 6, num_bases=4, n_iter=3, momentum=0.9,
                           detach_iterations=detach_iterations).double().train()
-    x = {t: _randn(2, 6, 3, 5, gen=gen) for t in TASKS}
+    x = {t: randn(2, 6, 3, 5, gen=gen) for t in TASKS}
     runs = {"plain": lambda b, v: b(v), "checkpoint_stage": lambda b, v: checkpoint_stage(b, v),
             "torch_checkpoint": lambda b, v: torch.utils.checkpoint.checkpoint(b, v, use_reentrant=False)}
     results = {}
@@ -273,7 +270,7 @@ def test_checkpoint_stage_recomputes_on_the_forwards_backends(where, device):
     import threading
 
     gen = torch.Generator().manual_seed(fresh_seed())
-    q, k, v = (_randn(1, 2, 9, 16, gen=gen).float().to(device).requires_grad_() for _ in range(3))
+    q, k, v = (randn(1, 2, 9, 16, gen=gen).float().to(device).requires_grad_() for _ in range(3))
     with mtlfast.use_backend("triton"):
         out = checkpoint_stage(lambda a, b, c: mtlfast.ops.attention(a, b, c).sin(), q, k, v)
         grads = []
@@ -303,7 +300,7 @@ def test_low_to_high_diffusion_is_eq11_12():
     """A⁰ = up(A³) + A² from the SFD maps of scales 2 and 3, formed explicitly."""
     gen = torch.Generator().manual_seed(6)
     dec = _TifDecoder(dim=8).double().eval()
-    x0, x2, x3 = _randn(2, 8, 9, 11, gen=gen), _randn(2, 8, 3, 4, gen=gen), _randn(2, 8, 2, 2, gen=gen)
+    x0, x2, x3 = randn(2, 8, 9, 11, gen=gen), randn(2, 8, 3, 4, gen=gen), randn(2, 8, 2, 2, gen=gen)
     with mtlfast.use_backend("reference"):
         _, q2, k2 = dec.sfd[0](x2)
         _, q3, k3 = dec.sfd[1](x3)
@@ -320,7 +317,7 @@ def test_low_to_high_diffusion_is_eq11_12():
 def test_self_feature_distillation_is_eq6_10():
     gen = torch.Generator().manual_seed(7)
     sfd = SelfFeatureDistillation(8).double()
-    x = _randn(2, 8, 3, 5, gen=gen)
+    x = randn(2, 8, 3, 5, gen=gen)
     with mtlfast.use_backend("reference"):
         out, q, k = sfd(x)
     tokens = sfd.norm(to_tokens(x))
@@ -337,7 +334,7 @@ def test_hierarchy_adaptive_attention_is_eq1_to_4():
     block's own modules."""
     gen = torch.Generator().manual_seed(fresh_seed())
     block = HierarchyAdaptiveAttention([4, 5, 6, 7], 8, heads=2, offset_range=2.0).double().eval()
-    stages = [_randn(2, c, 17 // 2 ** i, 23 // 2 ** i, gen=gen) * 10 for i, c in enumerate([4, 5, 6, 7])]
+    stages = [randn(2, c, 17 // 2 ** i, 23 // 2 ** i, gen=gen) * 10 for i, c in enumerate([4, 5, 6, 7])]
     with mtlfast.use_backend("reference"):
         out = block(stages)
 
@@ -375,7 +372,7 @@ def test_projected_attention_is_the_literal_formula(scale):
     heads concatenated, then W_o; scale=None is the head width^-0.5."""
     gen = torch.Generator().manual_seed(10)
     block = ProjectedAttention(8, 12, heads=2, scale=scale).double()
-    queries, tokens = _randn(2, 5, 8, gen=gen), _randn(2, 7, 12, gen=gen)
+    queries, tokens = randn(2, 5, 8, gen=gen), randn(2, 7, 12, gen=gen)
     with mtlfast.use_backend("reference"):
         out = block(queries, tokens)
     assert out.shape == (2, 5, 8) and block.k.bias is None
@@ -409,15 +406,6 @@ def test_tfr_sizes_and_ifb_alpha():
     assert list(IterativeFusionBlock(4, "A").parameters()) == []
 
 
-def _random_layer_norms(module, gen):
-    """LayerNorms with random affine parameters (the default identity affine would hide a swapped one)."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.LayerNorm):
-            m.weight.data.copy_(_randn(*m.weight.shape, gen=gen))
-            m.bias.data.copy_(_randn(*m.bias.shape, gen=gen))
-    return module
-
-
 def _pool_cells(x, s):
     """Average of every s×s cell (row-major), a cell cut by the border averaging its valid positions -> tokens."""
     h, w = x.shape[-2:]
@@ -434,13 +422,13 @@ def test_bridge_feature_extractor_is_eq3_to_6():
     gen = torch.Generator().manual_seed(fresh_seed())
     c, cp, heads, l = 8, 6, 2, 3
     block = BridgeFeatureExtractor(c, cp, heads=heads, kv_stride=l).double()
-    block = _random_layer_norms(_random_batch_norms(block, gen), gen)
-    generic = _randn(2, c, 9, 7, gen=gen)
-    tasks = {t: _randn(2, cp, 8, 7, gen=gen) for t in TASKS}
+    block = random_norms(block, gen)
+    generic = randn(2, c, 9, 7, gen=gen)
+    tasks = {t: randn(2, cp, 8, 7, gen=gen) for t in TASKS}
     with mtlfast.use_backend("reference"):
         out = block(generic, tasks)
     conv = block.q_embed[0]
-    s = _bn(block.q_embed[1], F.conv2d(generic, conv.weight, stride=2, padding=1, groups=c))
+    s = batch_norm(block.q_embed[1], F.conv2d(generic, conv.weight, stride=2, padding=1, groups=c))
     grid = s.shape[-2:]
     assert grid == (5, 4)
     norm = block.kv_norm
@@ -472,15 +460,14 @@ def test_task_pattern_propagation_is_eq1_2():
     times V_t,o; then W_o, bilinear up-sampling, + P_t, + MLP(LN(·))."""
     gen = torch.Generator().manual_seed(fresh_seed())
     c, heads, t_count = 8, 2, len(TASKS)
-    block = _random_layer_norms(_random_batch_norms(TaskPatternPropagation(TASKS, c, c, heads=heads).double(), gen),
-                                gen)
-    feats = {t: _randn(2, c, 9, 7, gen=gen) for t in TASKS}
+    block = random_norms(TaskPatternPropagation(TASKS, c, c, heads=heads).double(), gen)
+    feats = {t: randn(2, c, 9, 7, gen=gen) for t in TASKS}
     with mtlfast.use_backend("reference"):
         out = block(feats)
     qs, ks, vs = [], [], []
     for t in TASKS:
         conv = block.q_embed[t][0]
-        qmap = _bn(block.q_embed[t][1], F.conv2d(feats[t], conv.weight, stride=2, padding=1, groups=c))
+        qmap = batch_norm(block.q_embed[t][1], F.conv2d(feats[t], conv.weight, stride=2, padding=1, groups=c))
         grid = qmap.shape[-2:]
         qn, kvn = block.q_norm[t], block.kv_norm[t]
         q = F.layer_norm(qmap.flatten(2).transpose(1, 2), (c,), qn.weight, qn.bias)
@@ -505,9 +492,9 @@ def test_task_feature_refiner_is_eq7():
     """BridgeNet eq. 7 with the official block: per task x <- x + W₃ GELU(BN(DWConv3×3_d(GELU(BN(W₁ [x, S']))))),
     d cycling 1, 2, 5 over the 3·M blocks (M = 2), S' resized bilinearly to the task features' size first."""
     gen = torch.Generator().manual_seed(fresh_seed())
-    block = _random_batch_norms(TaskFeatureRefiner(TASKS, 8, layers=2).double(), gen)
-    tasks = {t: _randn(2, 8, 9, 11, gen=gen) for t in TASKS}
-    bridge = _randn(2, 8, 5, 6, gen=gen)
+    block = random_norms(TaskFeatureRefiner(TASKS, 8, layers=2).double(), gen)
+    tasks = {t: randn(2, 8, 9, 11, gen=gen) for t in TASKS}
+    bridge = randn(2, 8, 5, 6, gen=gen)
     out = block(tasks, bridge)
     guide = F.interpolate(bridge, size=(9, 11), mode="bilinear", align_corners=False)
 
@@ -517,34 +504,10 @@ def test_task_feature_refiner_is_eq7():
             conv1, bn1, _, dw, bn2, _, conv3 = b.body
             d = (1, 2, 5)[i % 3]
             assert conv1.bias is None and dw.dilation == (d, d)
-            h = F.gelu(_bn(bn1, F.conv2d(torch.cat([x, guide], 1), conv1.weight)))
-            h = F.gelu(_bn(bn2, F.conv2d(h, dw.weight, padding=d, dilation=d, groups=4)))
+            h = F.gelu(batch_norm(bn1, F.conv2d(torch.cat([x, guide], 1), conv1.weight)))
+            h = F.gelu(batch_norm(bn2, F.conv2d(h, dw.weight, padding=d, dilation=d, groups=4)))
             x = x + F.conv2d(h, conv3.weight, conv3.bias)
         torch.testing.assert_close(out[t], x, rtol=1e-10, atol=1e-10)
-
-
-def _random_batch_norms(module, gen):
-    """Eval-mode BatchNorms with random statistics and affine parameters (an identity BN would hide a missing
-    or misplaced one)."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(_randn(c, gen=gen))
-            m.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)
-            m.weight.data.copy_(_randn(c, gen=gen))
-            m.bias.data.copy_(_randn(c, gen=gen))
-    return module.eval()
-
-
-def _bn(bn, x):
-    """An eval-mode BatchNorm2d written with the functional op."""
-    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-
-
-def _conv_bn(conv_bn, x):
-    """BN(Conv(x)) of a ConvBNAct without its activation, written with the functional ops (eval-mode BN)."""
-    conv = conv_bn[0]
-    return _bn(conv_bn[1], F.conv2d(x, conv.weight, conv.bias, padding=conv.padding, groups=conv.groups))
 
 
 @pytest.mark.parametrize("index", [0, 2, 3])
@@ -553,13 +516,13 @@ def test_scale_attentive_feature_fusion_is_eq2_to_5(index):
     3×3 conv, ReLU, 3×3 conv (eq. 3); X̂ = Conv1×1(ReLU(depth-wise Conv3×3(SFX))) (eq. 4–5)."""
     gen = torch.Generator().manual_seed(fresh_seed())
     channels = (4, 6, 8, 10)
-    feats = [_randn(2, c, 17 // 2 ** i, 21 // 2 ** i, gen=gen) for i, c in enumerate(channels)]
-    block = _random_batch_norms(ScaleAttentiveFeatureFusion(channels, index, 12).double(), gen)
+    feats = [randn(2, c, 17 // 2 ** i, 21 // 2 ** i, gen=gen) for i, c in enumerate(channels)]
+    block = random_norms(ScaleAttentiveFeatureFusion(channels, index, 12).double(), gen)
     size = feats[index].shape[-2:]
-    low = _conv_bn(block.low, feats[index])
+    low = conv_bn(block.low, feats[index])
     others = [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
               for j, f in enumerate(feats) if j != index]
-    aligned = _conv_bn(block.align, torch.cat(others, 1))
+    aligned = conv_bn(block.align, torch.cat(others, 1))
     c1, c2 = block.sff[0], block.sff[2]
     sfx = F.conv2d(F.relu(F.conv2d(torch.cat([low, aligned], 1), c1.weight, c1.bias, padding=1)), c2.weight,
                    c2.bias, padding=1) + low
