@@ -55,7 +55,9 @@ Open choices (*):
   decoder is not public); a 4th stage width 72 (halving, as the official widths do).
 - * biases directly before a BatchNorm are left out (the official generic-embedding 1×1 conv and 3×3 head
   conv have one; BatchNorm removes it).
-- * the module-level choices of :mod:`mtlfast.nn.bridgenet` (no stochastic depth, default init, ...).
+- * the module-level choices of :mod:`mtlfast.nn.bridgenet` (stochastic depth in the TFR only, default
+  init, ...). ``drop_path`` (TFR, 0 by default) and the backbone's ``drop_path_rate`` (a backbone_kwargs
+  entry) are 0.15 in the official ViT setup; the ViT configs set both.
 
 Stages under ``checkpoint_decoder`` (:mod:`mtlfast.models.base`): the preliminary decoders with TPP, the
 initial predictions and P_0; per scale k the up-sampling from scale k-1, S_k, the BFE with the bridge
@@ -89,7 +91,7 @@ def _per_stage(name: str, values, default, n: int) -> list[int]:
 class BridgeNet(MultiTaskModel):
     normals_loss_reduction = "pixel"  # the official code trains with InvPT's losses
     def __init__(self, tasks, dataset, backbone, *, num_scales=None, prelim_channels=None, embed_dim=512,
-                 stage_dims=None, kv_strides=None, heads=2, tfr="base") -> None:
+                 stage_dims=None, kv_strides=None, heads=2, tfr="base", drop_path=0.0) -> None:
         super().__init__(tasks, dataset, backbone)
         n = num_scales or (3 if backbone.family == "vit" else 4)
         if not 1 <= n <= len(backbone.channels):
@@ -115,7 +117,7 @@ class BridgeNet(MultiTaskModel):
             for k in range(1, n))
         self.bfe = nn.ModuleList(BridgeFeatureExtractor(d, heads=heads, kv_stride=s) for d, s in zip(dims, strides))
         self.bridge_link = nn.ModuleList(nn.Conv2d(dims[k - 1], dims[k], 1) for k in range(1, n))
-        self.tfr = nn.ModuleList(TaskFeatureRefiner(self.tasks, d, tfr) for d in dims)
+        self.tfr = nn.ModuleList(TaskFeatureRefiner(self.tasks, d, tfr, drop_path=drop_path) for d in dims)
         self.out_norm = nn.ModuleList(ChannelNorm(len(self.tasks) * d) for d in dims)
         self.to_head = nn.ModuleList(nn.ModuleDict({t: nn.Conv2d(dims[k], dims[0], 1) for t in self.tasks})
                                      for k in range(1, n))
@@ -165,7 +167,7 @@ class BridgeNet(MultiTaskModel):
 @method("bridgenet")
 def bridgenet(tasks, *, backbone="vit_l", dataset="nyud", pretrained=None, img_size=None, backbone_kwargs=None,
               num_scales=None, prelim_channels=None, embed_dim=512, stage_dims=None, kv_strides=None, heads=2,
-              tfr="base") -> BridgeNet:
+              tfr="base", drop_path=0.0) -> BridgeNet:
     return BridgeNet(tasks, dataset, build_backbone(backbone, dataset, pretrained, img_size, backbone_kwargs),
                      num_scales=num_scales, prelim_channels=prelim_channels, embed_dim=embed_dim,
-                     stage_dims=stage_dims, kv_strides=kv_strides, heads=heads, tfr=tfr)
+                     stage_dims=stage_dims, kv_strides=kv_strides, heads=heads, tfr=tfr, drop_path=drop_path)

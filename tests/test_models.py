@@ -560,12 +560,18 @@ def test_backbone_pyramids():
 
 @needs_timm
 def test_transformer_backbones_in_models():
-    """BridgeNet on a (tiny) ViT uses the last three pyramid levels; SEM runs on a (tiny) Swin."""
+    """BridgeNet on a (tiny) ViT uses the last three pyramid levels, and the official stochastic depth reaches
+    the ViT's blocks (backbone_kwargs, timm's rule: rising to drop_path_rate) and the TFR blocks; SEM runs on
+    a (tiny) Swin."""
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
-    vit = dict(depth=4, embed_dim=32, num_heads=2)
+    vit = dict(depth=4, embed_dim=32, num_heads=2, drop_path_rate=0.15)
     model = create_model("bridgenet", ["semseg", "depth"], backbone="vit_t", img_size=64, backbone_kwargs=vit,
-                         **{**SMALL["bridgenet"], "stage_dims": [16, 16, 16]})
+                         **{**SMALL["bridgenet"], "stage_dims": [16, 16, 16], "drop_path": 0.15})
     assert model.num_scales == 3
+    backbone_rates = [m.drop_prob for m in model.backbone.modules() if type(m).__name__ == "DropPath"]
+    assert backbone_rates == pytest.approx([0.05, 0.05, 0.1, 0.1, 0.15, 0.15])  # blocks 2-4 (block 1: rate 0)
+    assert all(max(block.drop_path.p for block in tfr.refiners["depth"]) == pytest.approx(0.15)
+               for tfr in model.tfr)
     swin = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
     sem = create_model("sem", ["semseg", "depth"], backbone="swin_t", img_size=64, backbone_kwargs=swin, **SMALL["sem"])
     with mtlfast.use_backend("reference"):
@@ -622,8 +628,8 @@ def test_every_method_is_registered():
 
 def test_config_files():
     """Every configs/<dataset>/<backbone>/<method>.yaml loads, names its own dataset/backbone/method, its
-    tasks and model options are valid for create_model, and its Δm baseline (if any) is a stored baseline of
-    its dataset with numbers for each of its tasks."""
+    tasks and model options are valid for create_model, its backbone_kwargs valid for timm (where it imports),
+    and its Δm baseline (if any) is a stored baseline of its dataset with numbers for each of its tasks."""
     from mtlfast.data.tasks import check_tasks
     from mtlfast.engine.config import load_config
     from mtlfast.metrics import load_baseline
@@ -642,6 +648,10 @@ def test_config_files():
         if cfg["eval"]["baseline"] is not None:  # a stored baseline of this dataset covering every task
             baseline = load_baseline(cfg["eval"]["baseline"], dataset=dataset)
             assert set(cfg["data"]["tasks"]) <= set(baseline), path
+        backbone_kwargs = cfg["model"]["kwargs"].get("backbone_kwargs")
+        if backbone_kwargs and TIMM_UNUSABLE is None:  # timm accepts them (built without memory)
+            with torch.device("meta"):
+                Backbone(backbone, img_size=cfg["data"]["train_size"], **backbone_kwargs)
 
 
 @needs_timm

@@ -13,7 +13,7 @@ from mtlfast.nn import (BridgeFeatureExtractor, CrossTaskInteractionBlock, EMInt
                         FeaturePropagation, HierarchyAdaptiveAttention, IterativeFusionBlock, LowToHighDiffusion,
                         MultiModalDistillation, ScaleAttentiveFeatureFusion, SelfFeatureDistillation,
                         TaskFeatureRefiner, TaskPairInteraction, TaskPatternPropagation)
-from mtlfast.nn.common import ProjectedAttention, checkpoint_stage, to_map, to_tokens
+from mtlfast.nn.common import DropPath, ProjectedAttention, checkpoint_stage, to_map, to_tokens
 from mtlfast.nn.sem import reference_points
 from mtlfast.testing import fresh_seed
 from literal import batch_norm, conv_bn, randn, random_norms
@@ -395,6 +395,38 @@ def test_projected_attention_bad_sizes(queries, tokens, match):
     block = ProjectedAttention(8, 12, heads=2)
     with pytest.raises(ValueError, match=re.escape(match)):
         block(torch.randn(queries), torch.randn(tokens))
+
+
+def test_drop_path():
+    """Stochastic depth: per sample the branch is zeroed or scaled by 1/(1-p); identity in eval and at p = 0."""
+    torch.manual_seed(fresh_seed())
+    x = torch.randn(4000, 3, 2, 2) + 3.0
+    drop = DropPath(0.25).train()
+    y = drop(x)
+    kept = (y != 0).flatten(1).all(1)
+    assert torch.equal((y == 0).flatten(1).all(1), ~kept)  # whole samples, never parts of one
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    assert abs(kept.double().mean().item() - 0.75) < 6 * (0.25 * 0.75 / 4000) ** 0.5
+    assert torch.equal(drop.eval()(x), x) and torch.equal(DropPath(0.0).train()(x), x)
+    for p in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=rf"drop_path: expected a probability in \[0, 1\), got {p}"):
+            DropPath(p)
+
+
+def test_tfr_drop_path_rises_linearly_and_is_off_in_eval():
+    """The official TFR stages: drop-path rates from 0 at the first block to ``drop_path`` at the last; eval is
+    unaffected (same output as without stochastic depth)."""
+    tfr = TaskFeatureRefiner(TASKS, 8, layers=2, drop_path=0.15)
+    assert [b.drop_path.p for b in tfr.refiners["depth"]] == pytest.approx([0.0, 0.03, 0.06, 0.09, 0.12, 0.15])
+    plain = TaskFeatureRefiner(TASKS, 8, layers=2)
+    plain.load_state_dict(tfr.state_dict())
+    gen = torch.Generator().manual_seed(fresh_seed())
+    feats = {t: torch.randn(2, 8, 5, 6, generator=gen) for t in TASKS}
+    bridge = torch.randn(2, 8, 3, 3, generator=gen)
+    with torch.no_grad():
+        out, want = tfr.eval()(feats, bridge), plain.eval()(feats, bridge)
+    for t in TASKS:
+        torch.testing.assert_close(out[t], want[t], rtol=0, atol=0)
 
 
 def test_tfr_sizes_and_ifb_alpha():

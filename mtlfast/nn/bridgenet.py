@@ -32,8 +32,8 @@ Open choices (*):
   row, softmax removes it; the kernels centre the keys), TPP's mixing-conv bias (constant along the
   softmax axis), and the bias of the TFR block's first 1×1 conv (BatchNorm follows and removes it). The
   official code has them; each would be a parameter with an exactly zero gradient.
-- * no stochastic depth (the official TFR blocks use drop-path rates rising linearly 0 -> 0.15 per stage)
-  and PyTorch's default initialisation (the official code uses truncated normals, std 0.02 for linear
+- * stochastic depth in the TFR blocks only (``drop_path``, rising linearly per stage; the configs set the
+  official 0.15), none in TPP and BFE; PyTorch's default initialisation (the official code uses truncated normals, std 0.02 for linear
   layers and 0.001 for the convolutions of its decoder stages).
 """
 from __future__ import annotations
@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlfast.nn.common import (ChannelNorm, FeedForward, ProjectedAttention, check_sizes, check_task_features,
-                                check_task_names, merge_heads, resize, split_heads, to_map, to_tokens)
+from mtlfast.nn.common import (ChannelNorm, DropPath, FeedForward, ProjectedAttention, check_sizes,
+                                check_task_features, check_task_names, merge_heads, resize, split_heads, to_map,
+                                to_tokens)
 from mtlfast.ops.tpp_attention import tpp_attention
 
 __all__ = ["TaskPatternPropagation", "BridgeFeatureExtractor", "TaskFeatureRefiner", "TFR_SIZES"]
@@ -166,9 +167,9 @@ class BridgeFeatureExtractor(nn.Module):
 
 
 class _RefinerBlock(nn.Module):
-    """x + Conv1×1(GELU(BN(DWConv3×3_d(GELU(BN(Conv1×1(Concat(x, S')))))))): 2C -> C/2 -> C/2 -> C."""
+    """x + DropPath(Conv1×1(GELU(BN(DWConv3×3_d(GELU(BN(Conv1×1(Concat(x, S'))))))))): 2C -> C/2 -> C/2 -> C."""
 
-    def __init__(self, channels: int, dilation: int) -> None:
+    def __init__(self, channels: int, dilation: int, drop_path: float = 0.0) -> None:
         super().__init__()
         mid = max(1, channels // 2)
         self.body = nn.Sequential(
@@ -176,9 +177,10 @@ class _RefinerBlock(nn.Module):
             nn.Conv2d(mid, mid, 3, padding=dilation, dilation=dilation, groups=mid, bias=False),
             nn.BatchNorm2d(mid), nn.GELU(),
             nn.Conv2d(mid, channels, 1))
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, bridge: torch.Tensor) -> torch.Tensor:
-        return x + self.body(torch.cat([x, bridge], dim=1))
+        return x + self.drop_path(self.body(torch.cat([x, bridge], dim=1)))
 
 
 class TaskFeatureRefiner(nn.Module):
@@ -190,10 +192,13 @@ class TaskFeatureRefiner(nn.Module):
     3×3 dilated conv -> BN, GELU -> 1×1 conv to C, added to x (the official code's block). S' is resized
     (bilinear) to the task features' size and concatenated before every block. Input ``{task: (B, C, H, W)}``
     and S' (B, C, H', W').
+
+    ``drop_path``: stochastic depth of the blocks' residual branches in training, the rate rising linearly
+    from 0 at the first block to ``drop_path`` at the last (as the official code's stages, 0.15 there).
     """
 
     def __init__(self, tasks: Sequence[str], channels: int, layers: int | str = "base",
-                 dilations: Sequence[int] = (1, 2, 5)) -> None:
+                 dilations: Sequence[int] = (1, 2, 5), drop_path: float = 0.0) -> None:
         super().__init__()
         if isinstance(layers, str):
             if layers not in TFR_SIZES:
@@ -204,8 +209,10 @@ class TaskFeatureRefiner(nn.Module):
             raise ValueError(f"layers: expected >= 1 TFR layers, got {layers}")
         check_sizes(channels=channels)
         self.tasks = check_task_names(tasks)
+        blocks = layers * len(dilations)
+        rates = [drop_path * i / max(1, blocks - 1) for i in range(blocks)]
         self.refiners = nn.ModuleDict({
-            t: nn.ModuleList(_RefinerBlock(channels, d) for _ in range(layers) for d in dilations)
+            t: nn.ModuleList(_RefinerBlock(channels, d, rate) for d, rate in zip(list(dilations) * layers, rates))
             for t in self.tasks})
 
     def forward(self, features: Mapping[str, torch.Tensor], bridge: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -168,6 +168,27 @@ class FeedForward(nn.Module):
         return x + out if self.residual else out
 
 
+class DropPath(nn.Module):
+    """Stochastic depth of a residual branch (Huang et al., 2016): in training each sample's branch is zeroed
+    with probability ``p`` and the kept ones scaled by 1/(1-p), so the expectation is unchanged; the identity
+    in eval mode and at p = 0. Input (B, ...)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= float(p) < 1.0:
+            raise ValueError(f"drop_path: expected a probability in [0, 1), got {p}")
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class ChannelNorm(nn.LayerNorm):
     """LayerNorm over the channels of every position of a (B, C, H, W) map (parameters as nn.LayerNorm(C))."""
 
