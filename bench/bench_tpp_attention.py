@@ -13,7 +13,9 @@ Shapes: TPP runs on the 1/16-scale task features (28 x 36 = 1008 tokens for a 44
 T = 4 tasks, H = 2 heads of width 288 (decoder stage dim 576, DESIGN.md §4), batch 6 (the paper's), queries
 and keys over all tokens (BridgeNet may downsample them; this is the upper bound), per-task mix weights
 with bias. The sweep varies N = Nq = Nk at batch 1 to show the O(N) memory of the kernel
-(target: <= 1/20 of eager at N = 4096).
+(target: <= 1/20 of eager at N = 4096). ``tpp_bridgenet_s32`` is the shape this library's BridgeNet runs
+(models/bridgenet.py: TPP at embed_dim 512 = 2 heads of 256 on the coarsest ViT level, 14 x 18 at 1/32,
+queries by the stride-2 conv and keys pooled by 2: 7 x 9 = 63 each, batch 6).
 """
 from __future__ import annotations
 
@@ -87,7 +89,8 @@ def _saved_memory(B, T, H, Nq, Nk, D, Dv, dtype=torch.bfloat16) -> dict[str, obj
 def cases(device):
     if device != "cuda":  # eager / compile only on CPU: small shapes
         return [_case("tpp_cpu_n256", 1, 4, 2, 256, 256, 64, 64)]
-    return ([_case("tpp_nyud_s16", 6, 4, 2, 1008, 1008, 288, 288)]
+    return ([_case("tpp_nyud_s16", 6, 4, 2, 1008, 1008, 288, 288),
+             _case("tpp_bridgenet_s32", 6, 4, 2, 63, 63, 256, 256)]
             + [_case(f"tpp_sweep_n{n}", 1, 4, 2, n, n, 288, 288) for n in (256, 1024, 2048, 4096)])
 
 
