@@ -386,8 +386,8 @@ def test_projected_attention_is_the_literal_formula(scale):
 
 
 @pytest.mark.parametrize("queries, tokens, match", [
-    ((2, 5, 6), (2, 7, 12), "queries: expected shape (B, Nq, dim) with dim=8 (from the arguments), got (2, 5, 6)"),
-    ((2, 5, 8), (2, 7, 8), "kv_tokens: expected shape (B, Nk, kv_dim) with kv_dim=12 (from the arguments)"),
+    ((2, 5, 6), (2, 7, 12), "queries: expected shape (B, Nq, dim) with dim=8 (from the module), got (2, 5, 6)"),
+    ((2, 5, 8), (2, 7, 8), "kv_tokens: expected shape (B, Nk, kv_dim) with kv_dim=12 (from the module)"),
     ((2, 5, 8), (3, 7, 12), "kv_tokens: expected shape (B, Nk, kv_dim) with B=2 (from queries), got (3, 7, 12)"),
     ((5, 8), (2, 7, 12), "queries: expected a 3-d tensor of shape (B, Nq, dim), got shape (5, 8)"),
 ])

@@ -223,8 +223,8 @@ def _bad(**changes):
 
 
 @pytest.mark.parametrize("changes,error,match", [
-    (dict(mix_weight=torch.randn(2, 2, 3)), ValueError, r"mix_weight: .*T·H=4"),
-    (dict(mix_weight=torch.randn(3, 2, 4)), ValueError, r"mix_weight: .*T=2"),
+    (dict(mix_weight=torch.randn(2, 2, 3)), ValueError, r"mix_weight: .*T·H=4 \(from q\), got \(2, 2, 3\)"),
+    (dict(mix_weight=torch.randn(3, 2, 4)), ValueError, r"mix_weight: .*T=2 \(from q\)"),
     (dict(mix_weight=torch.randn(2, 5)), ValueError, r"mix_weight: .*T·H=4"),
     (dict(mix_weight=torch.randn(4)), ValueError, r"mix_weight: expected shape \(T, H, T·H\) = \(2, 2, 4\)"),
     (dict(mix_bias=torch.randn(2)), ValueError, r"mix_bias: expected a 2-d tensor"),

@@ -227,7 +227,8 @@ class ProjectedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, queries: torch.Tensor, kv_tokens: torch.Tensor) -> torch.Tensor:
-        check_shapes({"dim": self.dim, "kv_dim": self.kv_dim}, queries=(queries, "B Nq dim"),
+        check_shapes({"dim": (self.dim, "the module"), "kv_dim": (self.kv_dim, "the module")},
+                     queries=(queries, "B Nq dim"),
                      kv_tokens=(kv_tokens, "B Nk kv_dim"))
         kv = self.kv_norm(kv_tokens)
         q = split_heads(self.q(queries), self.heads)

@@ -25,10 +25,12 @@ def check_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
-def check_shapes(known: dict[str, int] | None = None, /, **specs: tuple[torch.Tensor, str]) -> dict[str, int]:
-    """Checks ``name=(tensor, "A B C")`` specs against each other; returns the symbol -> size map."""
-    sizes: dict[str, int] = dict(known or {})
-    origin: dict[str, str] = {k: "the arguments" for k in sizes}
+def check_shapes(known: dict[str, tuple[int, str]] | None = None, /,
+                 **specs: tuple[torch.Tensor, str]) -> dict[str, int]:
+    """Checks ``name=(tensor, "A B C")`` specs against each other and against the ``known`` sizes
+    (symbol -> (size, where it comes from), for the error message); returns the symbol -> size map."""
+    sizes = {symbol: size for symbol, (size, _) in (known or {}).items()}
+    origin = {symbol: source for symbol, (_, source) in (known or {}).items()}
     for name, (tensor, spec) in specs.items():
         check_tensor(name, tensor)
         symbols = spec.split()

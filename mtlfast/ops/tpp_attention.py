@@ -139,7 +139,7 @@ def tpp_attention(q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias:
     q, k, v, mix_weight, mix_bias = autocast_inputs(q, k, v, mix_weight, mix_bias)
     sizes = check_shapes(q=(q, "B T H Nq D"), k=(k, "B T H Nk D"), v=(v, "B T H Nk Dv"))
     T, H = sizes["T"], sizes["H"]
-    known = {"T": T, "H": H, "T·H": T * H}
+    known = {"T": (T, "q"), "H": (H, "q"), "T·H": (T * H, "q")}
     check_tensor("mix_weight", mix_weight)
     if mix_weight.dim() == 3:
         check_shapes(known, mix_weight=(mix_weight, "T H T·H"))
