@@ -1,7 +1,7 @@
 """Shared encoders: timm models with ``features_only``, returning a 4-level feature pyramid.
 
 ``Backbone(name)(images)`` -> ``[f0, f1, f2, f3]``, f_i (B, channels[i], ~H/strides[i], ~W/strides[i]),
-strides (4, 8, 16, 32) for every supported backbone:
+strides (4, 8, 16, 32) for every supported backbone (a ViT with ``vit_pyramid=False``: 16, 16, 16, 16):
 
 - HRNet (``hrnet_w18_small_v2``, ``hrnet_w18``, ``hrnet_w48``): the four branch outputs (timm
   ``feature_location=""``: the raw branches, 18/36/72/144 channels for W18, not the classification
@@ -16,7 +16,9 @@ strides (4, 8, 16, 32) for every supported backbone:
   transposed convs (D -> D/2 -> D/4, BN + GELU between) at stride 4; block d/2 -> one 2×2 transposed conv
   (D -> D/2) at stride 8; block 3d/4 as it is (stride 16); block d -> 2×2 max-pool (stride 32, ceil mode).
   Channels (D/4, D/2, D, D). ``dynamic_img_size`` and ``dynamic_img_pad`` let any input size run (the
-  position embedding is interpolated, the image padded to a multiple of 16).
+  position embedding is interpolated, the image padded to a multiple of 16). With ``vit_pyramid=False``
+  the four maps are returned as they are (all at stride 16, width D; ``single_scale`` is True), as the
+  official BridgeNet code uses them (only :mod:`mtlfast.models.bridgenet` accepts such a backbone).
 
 Weights: ``pretrained`` is None (random init) or a local file (a timm/ImageNet state dict, ``.pth``/
 ``.bin``/``.safetensors``), loaded through timm's own filter (position-embedding resampling, dropping the
@@ -159,15 +161,20 @@ class Backbone(nn.Module):
 
     ``name``: a key of :data:`BACKBONES` (or its timm name); ``pretrained``: None or a local weight file;
     ``img_size``: the training input size (Swin/ViT position tables are built for it);
+    ``vit_pyramid``: a ViT's maps built into the 4-level pyramid (default) or left at stride 16;
     ``timm_kwargs``: extra keyword arguments for ``timm.create_model`` (e.g. ``depth=4`` for a small test ViT).
-    Attributes ``channels`` and ``strides`` describe the output.
+    Attributes ``channels`` and ``strides`` describe the output; ``single_scale``: every level at one stride.
     """
 
-    def __init__(self, name: str, *, pretrained=None, img_size=224, **timm_kwargs) -> None:
+    def __init__(self, name: str, *, pretrained=None, img_size=224, vit_pyramid: bool = True,
+                 **timm_kwargs) -> None:
         super().__init__()
         self.name, spec = _resolve(name)
         self.family = spec.family
         self.nhwc, self.pyramid = False, None
+        if not vit_pyramid and spec.family != "vit":
+            raise ValueError(f"vit_pyramid: only ViT backbones have maps to leave at one stride; backbone {name} "
+                             f"is a {spec.family} pyramid")
         kwargs = dict(features_only=True, **_pretrained_kwargs(pretrained))
         if spec.family == "plain":
             if pretrained is not None or timm_kwargs:
@@ -193,7 +200,7 @@ class Backbone(nn.Module):
         self.encoder = timm.create_model(spec.timm_name, **kwargs)
         info = self.encoder.feature_info
         self.nhwc = str(getattr(self.encoder, "output_fmt", "NCHW")).endswith("NHWC")
-        if spec.family == "vit":
+        if spec.family == "vit" and vit_pyramid:
             self.pyramid = _VitPyramid(info.channels()[-1])
             self.channels = self.pyramid.channels
             self.strides = [4, 8, 16, 32]
@@ -203,6 +210,10 @@ class Backbone(nn.Module):
             self.strides = list(info.reduction())
         if len(self.channels) != 4:
             raise RuntimeError(f"backbone {name}: expected 4 feature levels, timm returned {len(self.channels)}")
+
+    @property
+    def single_scale(self) -> bool:
+        return len(set(self.strides)) == 1
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         feats = self.encoder(images)

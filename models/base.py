@@ -83,9 +83,14 @@ class MultiTaskModel(nn.Module):
     :meth:`stage` (see the module docstring)."""
 
     normals_loss_reduction = "element"
+    #: Whether the method runs on levels that share one stride (a ViT with ``vit_pyramid=False``).
+    accepts_single_scale = False
 
     def __init__(self, tasks: Sequence[str], dataset: str, backbone: Backbone) -> None:
         super().__init__()
+        if getattr(backbone, "single_scale", False) and not self.accepts_single_scale:
+            raise ValueError(f"backbone_kwargs: vit_pyramid=False (every level at stride {backbone.strides[0]}) "
+                             f"is for bridgenet only; {type(self).__name__} decodes a multi-scale pyramid")
         self.dataset = canonical_dataset(dataset)
         self.tasks = tuple(check_tasks(tasks, self.dataset))
         self.num_outputs = {t: num_outputs(t, self.dataset) for t in self.tasks}

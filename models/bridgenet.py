@@ -4,17 +4,18 @@ the multi-scale task features aggregated into the prediction heads.
 
 Pipeline (k = 0 is the coarsest of the ``num_scales`` last backbone levels: 3 for ViT, "the last three
 layers", §4.1; 4 for HRNet and the other multi-scale backbones; T tasks):
-1. preliminary decoder per task on the coarsest level: 3×3 conv + BN + ReLU to ``prelim_channels`` (§4.1:
-   768 / 1024 for ViT-B / -L, 144 / 384 for HRNet-W18 / -W48, i.e. the level's width, the default), 3×3
-   conv + BN + ReLU to ``embed_dim`` (512); :class:`~mtlfast.nn.TaskPatternPropagation` (width
-   ``embed_dim``, 2 heads); a 1×1 conv per task: the initial predictions (deep supervision
-   ``aux["initial"]``, at the coarsest level's resolution).
+1. preliminary decoder per task on the coarsest level (resized by 1/2 in the official ViT layout, below):
+   3×3 conv + BN + ReLU to ``prelim_channels`` (§4.1: 768 / 1024 for ViT-B / -L, 144 / 384 for HRNet-W18
+   / -W48, i.e. the level's width, the default), 3×3 conv + BN + ReLU to ``embed_dim`` (512);
+   :class:`~mtlfast.nn.TaskPatternPropagation` (width ``embed_dim``, 2 heads); a 1×1 conv per task: the
+   initial predictions (deep supervision ``aux["initial"]``, at the preliminary decoder's resolution).
 2. task features P_0 per task: 1×1 conv (with bias) of Concat(TPP feature, initial prediction logits),
    ``embed_dim`` + C_task -> ``stage_dims[0]`` (576).
 3. generic features S_k: level 0 by a 1×1 conv + BN + ReLU to stage_dims[0]; level k > 0 by a 3×3 conv
    (with bias) to stage_dims[k-1], then a 1×1 conv + BN + ReLU to stage_dims[k].
-4. stage k: (k > 0) P_k = up-sampling of the refined P_{k-1}: bilinear resize to level k, 3×3 conv + BN +
-   ReLU to stage_dims[k] and 3×3 conv + BN + ReLU, both with dilation 2, shared by the tasks;
+4. stage k: (k > 0) P_k = up-sampling of the refined P_{k-1}: bilinear resize to level k (×2 in the
+   official ViT layout), 3×3 conv + BN + ReLU to stage_dims[k] and 3×3 conv + BN + ReLU, both with
+   dilation 2, shared by the tasks;
    bridge S'_k = BridgeFeatureExtractor(S_k, {P_k}) (keys / values pooled by ``kv_strides[k]``, 2/4/8(/16))
    + (k > 0) the bridge of stage k-1 through a 1×1 conv (with bias) to stage_dims[k], resized to S_k;
    P_k <- TaskFeatureRefiner(P_k, S'_k) (``tfr`` = base / large / huge = 2 / 4 / 6 layers of 3 blocks).
@@ -43,13 +44,15 @@ Follows the paper where the official code differs from it:
   PASCAL's 5, at the default widths with 3 stages).
 
 Open choices (*):
-- * the levels: this library's backbone pyramid (models/backbones.py; ViT: the blocks d/4, d/2, 3d/4, d as
-  a ViTDet-style pyramid at strides 4 / 8 / 16 / 32), the last ``num_scales`` of them, so S_k and P_k share
-  one resolution per stage. The official ViT decoder keeps all generic features at stride 16 (the blocks
-  d, 3d/4, d/2 for stages 0 / 1 / 2; block d/4 goes through a transposed conv that the 3-stage decoder never
-  uses) and feeds the preliminary decoder the last block bilinearly resized to stride 32; its task
-  features are at strides 32 / 16 / 8, and the TFR resizes the bridge to them. (Its last block also
-  passes the ViT's final LayerNorm; timm's features_only maps here do not.)
+- the levels, two layouts. The official ViT layout (``backbone_kwargs={"vit_pyramid": False}``, set by
+  the ViT configs): the ViT's maps stay at stride 16, so the generic features S_0 / S_1 / S_2 are the
+  blocks d, 3d/4, d/2 at stride 16; the preliminary decoder gets block d bilinearly resized by 1/2
+  (stride 32); P_k is up-sampled ×2 per stage (strides 32 / 16 / 8), and the BFE (queries from S_k, keys
+  from P_k) and the TFR (bridge resized to P_k) bridge the two resolutions. (The official code also runs
+  block d/4 through a transposed conv that its 3-stage decoder never uses, and its last block passes the
+  ViT's final LayerNorm; timm's features_only maps do not.) * The default layout, for every backbone:
+  this library's pyramid (models/backbones.py; ViT: a ViTDet-style pyramid at strides 4 / 8 / 16 / 32),
+  the last ``num_scales`` levels, S_k and P_k at level k's resolution.
 - * the prediction resolution 1/4 of the input; the official formula (twice the finest stage) gives 1/4
   for its 3-stage ViT / InternImage decoders, and 1/2 would follow for 4 stages (HRNet, whose official
   decoder is not public); a 4th stage width 72 (halving, as the official widths do).
@@ -90,6 +93,8 @@ def _per_stage(name: str, values, default, n: int) -> list[int]:
 
 class BridgeNet(MultiTaskModel):
     normals_loss_reduction = "pixel"  # the official code trains with InvPT's losses
+    accepts_single_scale = True  # the official ViT layout
+
     def __init__(self, tasks, dataset, backbone, *, num_scales=None, prelim_channels=None, embed_dim=512,
                  stage_dims=None, kv_strides=None, heads=2, tfr="base", drop_path=0.0) -> None:
         super().__init__(tasks, dataset, backbone)
@@ -100,6 +105,7 @@ class BridgeNet(MultiTaskModel):
         dims = _per_stage("stage_dims", stage_dims, _STAGE_DIMS, n)
         strides = _per_stage("kv_strides", kv_strides, _KV_STRIDES, n)
         self.stage_dims = dims
+        self.single_scale = backbone.single_scale
         levels = list(reversed(backbone.channels[-n:]))  # coarsest first
         prelim = prelim_channels or levels[0]
         outputs = self.num_outputs
@@ -125,7 +131,10 @@ class BridgeNet(MultiTaskModel):
                                     for t, c in outputs.items()})
 
     def _preliminary(self, coarsest: torch.Tensor):
-        """Preliminary decoders + TPP on the coarsest level: (initial predictions, task features P_0)."""
+        """Preliminary decoders + TPP on the coarsest level (single-scale levels: resized by 1/2):
+        (initial predictions, task features P_0)."""
+        if self.single_scale:
+            coarsest = resize(coarsest, [max(1, s // 2) for s in coarsest.shape[-2:]])
         features = self.tpp({t: self.prelim[t](coarsest) for t in self.tasks})
         initial = {t: self.initial_heads[t](x) for t, x in features.items()}
         return initial, {t: self.mix[t](torch.cat([features[t], initial[t]], 1)) for t in self.tasks}
@@ -134,8 +143,9 @@ class BridgeNet(MultiTaskModel):
         """Decoder stage k: P_k (up-sampled from stage k-1 for k > 0), S_k, the bridge S'_k, TFR; returns the
         refined P_k, the same after the stage's joint LayerNorm, and S'_k."""
         generic = self.embed[k](level)
-        if k > 0:
-            task = {t: self.upsample[k - 1](resize(x, level.shape[-2:])) for t, x in task.items()}
+        if k > 0:  # P_k at level k's size, or twice P_{k-1}'s where the levels share one stride
+            task = {t: self.upsample[k - 1](resize(x, [2 * s for s in x.shape[-2:]] if self.single_scale
+                                                   else level.shape[-2:])) for t, x in task.items()}
         new_bridge = self.bfe[k](generic, task)
         if k > 0:
             new_bridge = new_bridge + resize(self.bridge_link[k - 1](bridge), generic.shape[-2:])

@@ -61,10 +61,13 @@ def _settings() -> list[SummarySetting]:
             rows += [SummarySetting(m, backbone, dataset, tasks) for m in ("baseline", "padnet", "mtinet")]
         rows.append(SummarySetting("tpim", "hrnet_w18_small_v2", dataset, tasks))
         # the papers' settings, as in configs/: TIF's HRNet width (Table 3), BridgeNet's TFR size per dataset (§4.2)
+        # and the official ViT layout
         rows += [SummarySetting("tif", b, dataset, tasks, {"dim": 44} if b.startswith("hrnet") else {})
                  for b in ("hrnet_w18_small_v2", "swin_t", "swin_b")]
         tfr = {"tfr": "huge" if dataset == "nyud" else "large"}
-        rows += [SummarySetting("bridgenet", b, dataset, tasks, tfr) for b in ("hrnet_w18_small_v2", "vit_b", "vit_l")]
+        official_vit = {**tfr, "backbone_kwargs": {"vit_pyramid": False}}
+        rows += [SummarySetting("bridgenet", b, dataset, tasks, official_vit if b.startswith("vit") else tfr)
+                 for b in ("hrnet_w18_small_v2", "vit_b", "vit_l")]
         rows += [SummarySetting("sem", b, dataset, tasks) for b in ("swin_t", "vit_b", "vit_l")]
         rows += [SummarySetting("baseline", b, dataset, tasks) for b in ("resnet50d", "swin_t", "vit_b", "vit_l")]
     # MTI-Net's published parameter counts (DESIGN.md §4) are for these task sets.

@@ -425,13 +425,22 @@ def test_padnet_decoder_has_the_public_structure(dataset, tasks):
 
 
 class _ViTWidths(torch.nn.Module):
-    """A parameter-free stand-in with this library's ViT-B pyramid description (models/backbones.py)."""
-    family, channels, strides = "vit", [192, 384, 768, 768], [4, 8, 16, 32]
+    """A parameter-free stand-in with this library's ViT-B description (models/backbones.py): the pyramid, or
+    (``single_scale``) the four stride-16 maps of ``vit_pyramid=False``."""
+    family = "vit"
+
+    def __init__(self, single_scale=False):
+        super().__init__()
+        self.single_scale = single_scale
+        self.channels = [768] * 4 if single_scale else [192, 384, 768, 768]
+        self.strides = [16] * 4 if single_scale else [4, 8, 16, 32]
 
 
-@pytest.mark.parametrize("dataset, tasks, tfr", [("nyud", ["semseg", "depth", "normals", "edge"], "base"),
-                                                 ("pascal", ["semseg", "parts", "sal", "normals", "edge"], "large")])
-def test_bridgenet_decoder_has_the_official_structure(dataset, tasks, tfr):
+@pytest.mark.parametrize("dataset, tasks, tfr, single_scale", [
+    ("nyud", ["semseg", "depth", "normals", "edge"], "base", False),
+    ("pascal", ["semseg", "parts", "sal", "normals", "edge"], "large", False),
+    ("nyud", ["semseg", "depth", "normals", "edge"], "base", True)])
+def test_bridgenet_decoder_has_the_official_structure(dataset, tasks, tfr, single_scale):
     """BridgeNet's decoder on ViT-B widths counted layer by layer from the official code's structure
     (models/bridgenet.py docstring): preliminary decoder 3×3 conv blocks C -> C -> 512, TPP and the initial
     1×1 heads at 512; per task a 1×1 conv (bias) of [512 features, initial logits] -> 576; generic features
@@ -448,7 +457,8 @@ def test_bridgenet_decoder_has_the_official_structure(dataset, tasks, tfr):
     def linear(cin, cout, bias=True):
         return cin * cout + (cout if bias else 0)
 
-    t, e, dims, levels, blocks = len(tasks), 512, [576, 288, 144], [768, 768, 384], {"base": 6, "large": 12}[tfr]
+    t, e, dims, blocks = len(tasks), 512, [576, 288, 144], {"base": 6, "large": 12}[tfr]
+    levels = [768, 768, 768] if single_scale else [768, 768, 384]  # coarsest first
     outputs = [num_outputs(task, dataset) for task in tasks]
     prelim = conv(768, 768, 3) + 2 * 768 + conv(768, e, 3) + 2 * e
     tpp = (conv(e, e, 3, groups=e) + 2 * e + 4 * e + 3 * linear(e, e) - e + linear(e, e)
@@ -467,8 +477,42 @@ def test_bridgenet_decoder_has_the_official_structure(dataset, tasks, tfr):
             + conv(d // 2, d, 1, True)
         expected += bfe + t * blocks * tfr_block + 2 * t * d
     expected += sum(conv(dims[0], dims[0], 3) + 2 * dims[0] + conv(dims[0], n, 1, True) for n in outputs)
-    model = BridgeNet(tasks, dataset, _ViTWidths(), tfr=tfr)
+    model = BridgeNet(tasks, dataset, _ViTWidths(single_scale), tfr=tfr)
     assert sum(p.numel() for p in model.parameters()) == expected
+
+
+class _StrideSixteen(torch.nn.Module):
+    """A stand-in ViT without the pyramid (vit_pyramid=False): four maps of width 16 at stride 16."""
+    family, channels, strides, single_scale = "vit", [16] * 4, [16] * 4, True
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, 16 * 4, 1)
+
+    def forward(self, images):
+        return list(self.proj(torch.nn.functional.avg_pool2d(images, 16, ceil_mode=True)).chunk(4, 1))
+
+
+def test_bridgenet_official_vit_layout():
+    """vit_pyramid=False (the official ViT layout): the preliminary decoder runs on block d resized by 1/2
+    (stride 32), P_k is up-sampled ×2 per stage (strides 32 / 16 / 8) while every S_k stays at stride 16;
+    the BFE queries S_k and the TFR gets P_k's size; predictions at the input size. Other methods refuse
+    such a backbone."""
+    from mtlfast.models.bridgenet import BridgeNet
+
+    model = BridgeNet(["semseg", "depth"], "nyud", _StrideSixteen(), embed_dim=16, stage_dims=[16, 12, 8])
+    seen = []
+    model.prelim["depth"].register_forward_hook(lambda m, args, out: seen.append(("prelim", args[0].shape[-2:])))
+    for k, bfe in enumerate(model.bfe):
+        bfe.register_forward_hook(lambda m, args, out, k=k: seen.append(
+            (f"bfe{k}", args[0].shape[-2:], args[1]["depth"].shape[-2:], out.shape[-2:])))
+    with mtlfast.use_backend("reference"):
+        preds, aux = model.forward_train(torch.randn(2, 3, 96, 128))
+    s16, s32, s8 = (6, 8), (3, 4), (12, 16)
+    assert seen == [("prelim", s32), ("bfe0", s16, s32, s16), ("bfe1", s16, s16, s16), ("bfe2", s16, s8, s16)]
+    assert preds["semseg"].shape == (2, 40, 96, 128) and aux["initial"]["depth"].shape == (2, 1, 3, 4)
+    with pytest.raises(ValueError, match="backbone_kwargs: vit_pyramid=False .* is for bridgenet only; MTINet"):
+        MTINet(["semseg", "depth"], "nyud", _StrideSixteen())
 
 
 def _small_bridgenet(tasks=("semseg", "depth"), **extra):
@@ -556,6 +600,23 @@ def test_backbone_pyramids():
         feats = backbone(images)
         assert backbone.channels == channels and backbone.strides == [4, 8, 16, 32]
         assert [tuple(f.shape) for f in feats] == [(1, c, 64 // s, 96 // s) for c, s in zip(channels, [4, 8, 16, 32])]
+
+
+@needs_timm
+def test_vit_without_pyramid():
+    """vit_pyramid=False: the four block outputs at stride 16 (the official BridgeNet layout), BridgeNet runs on
+    them; other backbone families refuse the option."""
+    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    vit = Backbone("vit_t", img_size=(64, 96), vit_pyramid=False, depth=4, embed_dim=32, num_heads=2)
+    assert vit.single_scale and vit.channels == [32] * 4 and vit.strides == [16] * 4 and vit.pyramid is None
+    assert [tuple(f.shape) for f in vit(images)] == [(1, 32, 4, 6)] * 4
+    with pytest.raises(ValueError, match="vit_pyramid: only ViT backbones .* hrnet_w18_small_v2 is a hrnet pyramid"):
+        Backbone(HRNET, vit_pyramid=False)
+    model = create_model("bridgenet", ["semseg", "depth"], backbone="vit_t", img_size=(64, 96),
+                         backbone_kwargs=dict(vit_pyramid=False, depth=4, embed_dim=32, num_heads=2),
+                         **{**SMALL["bridgenet"], "stage_dims": [16, 16, 16]})
+    with mtlfast.use_backend("reference"):
+        assert model(images)["depth"].shape == (1, 1, 64, 96)
 
 
 @needs_timm
