@@ -17,7 +17,7 @@ model stands for bf16 autocast (which keeps a few ops in float32).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -25,25 +25,40 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mtlfast.backends import meta_planning, use_backend
 
-__all__ = ["SummarySetting", "SETTINGS", "model_summary", "saved_activations", "format_table"]
+__all__ = ["SummarySetting", "SETTINGS", "paper_options", "model_summary", "saved_activations", "format_table"]
 
 NYUD = ("semseg", "depth", "normals", "edge")
 PASCAL = ("semseg", "parts", "sal", "normals", "edge")
 _SIZE = {"nyud": (448, 576), "pascal": (512, 512)}
 
 
+def paper_options(method: str, backbone: str, dataset: str) -> dict:
+    """The papers' settings that differ from the methods' defaults (the configs/ files set them too): TIF's
+    HRNet decoder width (Table 3's parameter counts), BridgeNet's TFR size per dataset (§4.2) and, on a ViT,
+    the official layout (no pyramid)."""
+    if method == "tif" and backbone.startswith("hrnet"):
+        return {"dim": 44}
+    if method == "bridgenet":
+        tfr = {"tfr": "huge" if dataset == "nyud" else "large"}
+        return {**tfr, "backbone_kwargs": {"vit_pyramid": False}} if backbone.startswith("vit") else tfr
+    return {}
+
+
 @dataclass(frozen=True)
 class SummarySetting:
-    """One model: ``create_model`` arguments (``kwargs``: the method's options) and the input size (H, W),
-    by default the paper's for the dataset. The model benchmark (mtlfast.bench.models) extends it."""
+    """One model: ``create_model`` arguments (``kwargs``: the method's options, by default
+    :func:`paper_options`) and the input size (H, W), by default the paper's for the dataset. The model
+    benchmark (mtlfast.bench.models) extends it."""
     method: str
     backbone: str
     dataset: str
     tasks: tuple[str, ...]
-    kwargs: dict = field(default_factory=dict)
+    kwargs: dict | None = None
     size: tuple[int, int] | None = None
 
     def __post_init__(self):
+        if self.kwargs is None:
+            object.__setattr__(self, "kwargs", paper_options(self.method, self.backbone, self.dataset))
         if self.size is None:
             object.__setattr__(self, "size", _SIZE[self.dataset])
 
@@ -60,14 +75,8 @@ def _settings() -> list[SummarySetting]:
         for backbone in ("hrnet_w18_small_v2", "hrnet_w48"):
             rows += [SummarySetting(m, backbone, dataset, tasks) for m in ("baseline", "padnet", "mtinet")]
         rows.append(SummarySetting("tpim", "hrnet_w18_small_v2", dataset, tasks))
-        # the papers' settings, as in configs/: TIF's HRNet width (Table 3), BridgeNet's TFR size per dataset (§4.2)
-        # and the official ViT layout
-        rows += [SummarySetting("tif", b, dataset, tasks, {"dim": 44} if b.startswith("hrnet") else {})
-                 for b in ("hrnet_w18_small_v2", "swin_t", "swin_b")]
-        tfr = {"tfr": "huge" if dataset == "nyud" else "large"}
-        official_vit = {**tfr, "backbone_kwargs": {"vit_pyramid": False}}
-        rows += [SummarySetting("bridgenet", b, dataset, tasks, official_vit if b.startswith("vit") else tfr)
-                 for b in ("hrnet_w18_small_v2", "vit_b", "vit_l")]
+        rows += [SummarySetting("tif", b, dataset, tasks) for b in ("hrnet_w18_small_v2", "swin_t", "swin_b")]
+        rows += [SummarySetting("bridgenet", b, dataset, tasks) for b in ("hrnet_w18_small_v2", "vit_b", "vit_l")]
         rows += [SummarySetting("sem", b, dataset, tasks) for b in ("swin_t", "vit_b", "vit_l")]
         rows += [SummarySetting("baseline", b, dataset, tasks) for b in ("resnet50d", "swin_t", "vit_b", "vit_l")]
     # MTI-Net's published parameter counts (DESIGN.md §4) are for these task sets.

@@ -689,12 +689,14 @@ def test_every_method_is_registered():
 
 def test_config_files():
     """Every configs/<dataset>/<backbone>/<method>.yaml loads, names its own dataset/backbone/method, its
-    tasks and model options are valid for create_model, its backbone_kwargs valid for timm (where it imports),
+    tasks and model options are valid for create_model and include the papers' settings of the summary table
+    (paper_options), its backbone_kwargs are valid for timm (where it imports),
     and its Δm baseline (if any) is a stored baseline of its dataset with numbers for each of its tasks."""
     from mtlfast.data.tasks import check_tasks
     from mtlfast.engine.config import load_config
     from mtlfast.metrics import load_baseline
     from mtlfast.models import registry
+    from mtlfast.models.summary import paper_options
 
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*", "*.yaml")))
     assert {os.path.basename(p)[:-5] for p in paths} == set(METHODS)
@@ -709,6 +711,9 @@ def test_config_files():
         if cfg["eval"]["baseline"] is not None:  # a stored baseline of this dataset covering every task
             baseline = load_baseline(cfg["eval"]["baseline"], dataset=dataset)
             assert set(cfg["data"]["tasks"]) <= set(baseline), path
+        for key, value in paper_options(method, backbone, dataset).items():  # as the summary table builds it
+            got = cfg["model"]["kwargs"].get(key)
+            assert (value.items() <= got.items() if isinstance(value, dict) else got == value), (path, key)
         backbone_kwargs = cfg["model"]["kwargs"].get("backbone_kwargs")
         if backbone_kwargs and TIMM_UNUSABLE is None:  # timm accepts them (built without memory)
             with torch.device("meta"):
