@@ -19,14 +19,20 @@
 # GPU_CHECK_OPS_MAX (default 270 s) so that the benchmarks get time in the same call. A phase that no longer
 # fits is reported "not run (budget)". Logs, junit XML and every result JSON under bench/results are packed
 # into $OUT/gpu_check.tar.gz, next to $OUT/summary.txt (the device tool returns at most 8 files, so nothing
-# else is written under $OUT; the work folder is GPU_CHECK_WORK, default a temporary one). Copy the JSON back
+# else is written under $OUT; the work folder is GPU_CHECK_WORK, default a temporary one). Both are refreshed
+# while the phases run (the tarball every 15 s), so a call stopped from outside (its limit can be under
+# timeout_s when little device time is left: then set GPU_CHECK_BUDGET below it) still returns what it did.
+# Phases other than build/cmake on a machine without the install (a fresh one) run build first. Copy the JSON back
 # into bench/results/ here: uncommitted, the next call's `bench` resumes them; committed, any later session's
 # does as long as the sources are unchanged (the resume key is harness.source_fingerprint(), not the commit).
 # Tests run in GPU_CHECK_WORKERS (default 12) pytest-xdist processes; BENCH_ARGS is passed to `mtlfast bench`
 # (e.g. BENCH_ARGS="attention tpp_attention"). MTLFAST_COMMIT is recorded in the results where the tree that
 # travelled has no .git.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
+# The GPU runs the compiled Triton kernels through the `auto` backend: the CPU interpreter, the CPU rehearsal or
+# a pinned backend left in the environment would time something else under the "mtlfast" name.
+unset TRITON_INTERPRET MTLFAST_SIMULATE_GPU MTLFAST_BACKEND
 phases=("$@")
 if ((${#phases[@]} == 0)) || [[ ${phases[*]} == all ]]; then
   phases=(build ops bench test)
@@ -58,9 +64,28 @@ fi
 if ! git rev-parse HEAD >/dev/null 2>&1 && [[ -z ${MTLFAST_COMMIT:-} ]]; then
   echo "gpu_check.sh: no .git here and MTLFAST_COMMIT unset: results will not name their commit" >&2
 fi
+if [[ " ${phases[*]} " != *" build "* && " ${phases[*]} " =~ \ (ops|bench|test|models)\  ]] &&
+  ! $PY -c "import mtlfast.bench.harness" 2>/dev/null; then  # a fresh machine: nothing installed yet
+  phases=(build "${phases[@]}")
+fi
 deadline=$((SECONDS + ${GPU_CHECK_BUDGET:-560}))
 summary=()
 failed=()
+
+write_summary() {  # the phases so far (and a line for the one running) -> $OUT/summary.txt
+  printf '%s\n' "${summary[@]}" "$@" >"$WORK/logs/summary.txt"
+  cp "$WORK/logs/summary.txt" "$OUT/summary.txt"
+}
+pack() {  # part name: logs + results -> $OUT/gpu_check.tar.gz, renamed into place (a stop mid-write keeps the last)
+  cp -r bench/results/. "$WORK/results/" 2>/dev/null
+  tar czf "$OUT/gpu_check.$1.tar.gz" -C "$WORK" logs results 2>/dev/null
+  (($? <= 1)) && mv -f "$OUT/gpu_check.$1.tar.gz" "$OUT/gpu_check.tar.gz"  # 1: a log grew while read
+}
+write_summary "(no phase finished yet)"
+# Its own part name: a tar left running when it is killed writes no other; no stdout: its last sleep must not hold
+# the call's output open.
+(while sleep 15; do pack bg; done) </dev/null >/dev/null 2>&1 &
+packer=$!
 
 run_phase() {  # name, max seconds (0: no cap), command...: logs to $WORK/logs/<name>.log under the budget
   local name=$1 cap=$2
@@ -73,11 +98,13 @@ run_phase() {  # name, max seconds (0: no cap), command...: logs to $WORK/logs/<
     return
   fi
   echo "== $name (<= ${left} s): $*"
+  write_summary "$(printf '%-7s running (if this is the last line, the call was stopped during it)' "$name")"
   local start=$SECONDS status
   PHASE_SECONDS=$left timeout --kill-after=10 "$left" "$@" >"$WORK/logs/$name.log" 2>&1
   status=$?
   if ((status == 0)); then
     summary+=("$(printf '%-7s ok %6d s' "$name" $((SECONDS - start)))")
+    write_summary
     return
   fi
   case $status in
@@ -87,6 +114,7 @@ run_phase() {  # name, max seconds (0: no cap), command...: logs to $WORK/logs/<
   esac
   summary+=("$(printf '%-7s FAILED (%s) %6d s, see logs/%s.log' "$name" "$status" $((SECONDS - start)) "$name")")
   failed+=("$name")
+  write_summary
   tail -n 25 "$WORK/logs/$name.log" | sed 's/^/   | /'
 }
 
@@ -103,7 +131,9 @@ op_tests=(tests/test_attention.py tests/test_tpp_attention.py tests/test_lthd_at
 pytest_phase() {  # name, max seconds, pytest arguments...
   local name=$1 cap=$2
   shift 2
-  run_phase "$name" "$cap" $PY -m pytest "$@" --junitxml="$WORK/logs/junit-$name.xml" "${pytest_opts[@]}"
+  # one Inductor compile process per xdist worker (its default pool per worker would start ~16 each)
+  run_phase "$name" "$cap" env TORCHINDUCTOR_COMPILE_THREADS=1 \
+    $PY -m pytest "$@" --junitxml="$WORK/logs/junit-$name.xml" "${pytest_opts[@]}"
   [[ -f $WORK/logs/$name.log ]] && tail -n 2 "$WORK/logs/$name.log"
 }
 
@@ -118,7 +148,9 @@ for phase in "${phases[@]}"; do
           [[ -f $dir/include/cuda_runtime_api.h ]] && { export CUDA_HOME=$dir; break; }
         done
       fi
-      run_phase build 0 env MTLFAST_BUILD_CUDA=1 MTLFAST_STRICT_BUILD=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+      # capped: a hung compile must leave time for the pure-Python install and the phases after it
+      run_phase build "${GPU_CHECK_BUILD_MAX:-240}" env MTLFAST_BUILD_CUDA=1 MTLFAST_STRICT_BUILD=1 \
+        TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
         $PY -m pip install --no-deps --no-build-isolation --no-index -e .
       if [[ ${failed[*]} == *build* ]]; then  # the Triton ops need no extension: keep the rest of the call useful
         rm -f mtlfast/_C.*.so  # an extension left by an earlier call would not be what failed to build now
@@ -150,13 +182,16 @@ for phase in "${phases[@]}"; do
   esac
 done
 
-cp -r bench/results/. "$WORK/results/"
+kill "$packer" 2>/dev/null
+wait "$packer" 2>/dev/null
 if ((${#failed[@]})); then
   summary+=("FAILED or not run: ${failed[*]}")
 else
   summary+=("all phases passed")
 fi
-printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt" "$WORK/logs/summary.txt"
-tar czf "$OUT/gpu_check.tar.gz" -C "$WORK" logs results
+write_summary
+cat "$OUT/summary.txt"
+pack final
+rm -f "$OUT/gpu_check.bg.tar.gz"
 echo "wrote $OUT/gpu_check.tar.gz"
 ((${#failed[@]} == 0))

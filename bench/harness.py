@@ -363,7 +363,9 @@ def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, mode
     """Measures every case x provider x mode; returns the JSON-ready result (rows + environment).
 
     A GPU lease is short, so a run can be split: with ``deadline`` (a ``time.monotonic()`` value) no case
-    starts after it, and the rows of the cases left carry ``skipped == NOT_RUN`` (``complete`` is False);
+    starts after it, and the rows of the cases left carry ``skipped == NOT_RUN``; ``complete`` says whether
+    every case of the benchmark has rows measured, ``cases_left`` names the others (left by the deadline or
+    by ``case_filter``);
     ``on_case(result)`` is called after every case (the CLI writes the file then, so a killed run keeps what it
     measured); ``previous``, an earlier result that :func:`resumable` accepts, contributes its measured cases
     unchanged (also those ``case_filter`` leaves out), and only the others run. All providers of one case are
@@ -382,22 +384,24 @@ def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, mode
     rows: list[dict[str, object]] = []
     result = {"op": benchmark.op, "dtype": str(dtype).replace("torch.", ""), "device_type": device,
               "modes": list(modes), "environment": runs[-1]["environment"], "peaks": peaks, "runs": runs,
-              "complete": False, "rows": rows}
+              "complete": False, "cases_left": [], "rows": rows}
     time_fn = _time_cuda if device == "cuda" else _time_cpu
     for case in benchmark.cases(device):
         if case.name in kept:  # also where case_filter leaves it out: runs of different filters add up
             rows += [{"run": 0, **r} for r in kept[case.name]]
             continue
         if case_filter and not re.search(case_filter, case.name):
+            result["cases_left"].append(case.name)
             continue
         if deadline is not None and time.monotonic() > deadline:
             rows += [{"case": case.name, "provider": p.name, "mode": mode, "params": dict(case.params),
                       "skipped": NOT_RUN} for p in benchmark.providers for mode in modes]
+            result["cases_left"].append(case.name)
             continue
         rows += _measure_case(benchmark, case, device, dtype, modes, peaks, quick, time_fn, run_index)
         if on_case is not None:
             on_case(result)
-    result["complete"] = not any(r.get("skipped") == NOT_RUN for r in rows)
+    result["complete"] = not result["cases_left"]
     return result
 
 
@@ -408,7 +412,13 @@ def _measure_case(benchmark: Benchmark, case: Case, device: str, dtype: torch.dt
     # runs new shapes eagerly with only a warning: the "compile" rows of later cases would time eager code.
     torch._dynamo.reset()
     rows = []
-    inputs = case.make(device, dtype)
+    try:
+        inputs = case.make(device, dtype)
+    except Exception as exc:  # e.g. out of memory at this size: an error row each, the other cases still run
+        error = _error_text(exc)
+        _stop_if_cuda_lost(device, f"{case.name} (making the inputs)", error)
+        return [{"case": case.name, "provider": p.name, "mode": mode, "run": run_index, "params": dict(case.params),
+                 "error": error} for p in benchmark.providers for mode in modes]
     for provider in benchmark.providers:
         for mode in modes:
             row = {"case": case.name, "provider": provider.name, "mode": mode, "run": run_index,
@@ -418,12 +428,11 @@ def _measure_case(benchmark: Benchmark, case: Case, device: str, dtype: torch.dt
                 reason = f"{provider.name} does not run on {device}"
             elif mode == "fwd+bwd" and not provider.backward:
                 reason = f"{provider.name} has no backward"
-            else:
-                reason = provider.refuse(inputs)
-            if reason:
-                rows.append({**row, "skipped": reason})
-                continue
-            try:
+            try:  # a refuse() that raises is that provider's error, not the end of the run
+                reason = reason or provider.refuse(inputs)
+                if reason:
+                    rows.append({**row, "skipped": reason})
+                    continue
                 run, leaves = _callable_for(provider, inputs, mode)
                 ms = time_fn(run, leaves, quick)
                 row["ms"] = ms
@@ -439,11 +448,29 @@ def _measure_case(benchmark: Benchmark, case: Case, device: str, dtype: torch.dt
                     if row["gbs"] and "copy_gbs" in peaks:
                         row["pct_copy_peak"] = 100 * row["gbs"] / peaks["copy_gbs"]
             except Exception as exc:  # OOM, compile failure...: recorded, the run goes on
-                row["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                row["error"] = _error_text(exc)
+                _stop_if_cuda_lost(device, f"{case.name} / {provider.name} / {mode}", row["error"])
                 if device == "cuda":
                     torch.cuda.empty_cache()
             rows.append(row)
     return rows
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _stop_if_cuda_lost(device: str, where: str, error: str) -> None:
+    """Raises when an error left the CUDA context unusable (illegal address, device-side assert): every later
+    call in this process would fail, and their rows (kept by --resume) would carry this error under other
+    providers' and cases' names. The run stops naming the culprit; the cases measured before it are saved."""
+    if device != "cuda":
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:
+        raise RuntimeError(f"{where}: {error}; the CUDA context is lost, nothing more can run in this process "
+                           f"({_error_text(exc)})") from exc
 
 
 def format_table(result: Mapping[str, object]) -> str:

@@ -92,6 +92,10 @@ def test_time_budget_and_resume():
     third = harness.run_benchmark(benchmark, device="cpu", dtype=torch.float32, quick=True, case_filter="^b$",
                                   previous={**first, "rows": [r for r in first["rows"] if r["case"] == "a"]})
     assert set(calls) == {"b"} and [r["case"] for r in third["rows"]] == ["a"] * 4 + ["b"] * 4
+    assert first["cases_left"] == ["b"] and second["cases_left"] == [] and third["complete"]
+    calls.clear()  # a filtered run measures what it selects and is not complete: the report says which are left
+    only_a = harness.run_benchmark(benchmark, device="cpu", dtype=torch.float32, quick=True, case_filter="^a$")
+    assert set(calls) == {"a"} and not only_a["complete"] and only_a["cases_left"] == ["b"]
 
     assert harness.resumable(None, "_toy_two", torch.float32, ("fwd",)) == (False, "no earlier result")
     other = {**first, "environment": {**first["environment"], "source": "0" * 16}}
@@ -290,3 +294,73 @@ def test_compile_provider_compiles_every_case():
     assert not errors and len(result["rows"]) == 10, errors
     assert counters["stats"]["unique_graphs"] == 10, dict(counters["stats"])
     assert not any("recompile" in key for key in counters["unimplemented"]), dict(counters["unimplemented"])
+
+
+def test_case_errors_are_rows_and_a_lost_cuda_context_stops_the_run(monkeypatch):
+    """An input maker or a refuse() that raises gives error rows and the other cases still run (an unattended GPU
+    call must not lose every later op to one case); an error after which CUDA cannot synchronise (illegal address:
+    every later call fails) stops the run, naming where it happened."""
+    def bad_make(device, dtype):
+        raise RuntimeError("out of memory at this size")
+
+    def cases(device):
+        return [harness.Case("bad", bad_make),
+                harness.Case("good", lambda device, dtype: {"x": torch.randn(4, dtype=dtype)})]
+
+    def refuse(inputs):
+        raise ValueError("cannot tell")
+
+    benchmark = harness.Benchmark("_toy_errors", cases, [harness.Provider("mtlfast", lambda x: 2 * x),
+                                                          harness.Provider("picky", lambda x: x, refuse=refuse)])
+    result = harness.run_benchmark(benchmark, device="cpu", dtype=torch.float32, quick=True)
+    rows = {(r["case"], r["provider"], r["mode"]): r for r in result["rows"]}
+    assert len(rows) == 8 and result["complete"]
+    assert {rows[("bad", p, m)]["error"] for p in ("mtlfast", "picky") for m in ("fwd", "fwd+bwd")} == {
+        "RuntimeError: out of memory at this size"}
+    assert rows[("good", "mtlfast", "fwd+bwd")]["ms"] > 0
+    assert rows[("good", "picky", "fwd")]["error"] == "ValueError: cannot tell"
+
+    def lost():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lost)
+    crash = harness.Benchmark("_toy_crash", cases, [harness.Provider("mtlfast", lambda x: x[100])])
+    with pytest.raises(RuntimeError, match=r"^good / mtlfast / fwd: IndexError: .*the CUDA context is lost"):
+        harness._measure_case(crash, cases("cpu")[1], "cuda", torch.float32, ("fwd",), {}, True, harness._time_cpu, 0)
+
+
+def test_gpu_check_script_flow(tmp_path):
+    """bench/gpu_check.sh with a stand-in python (records its calls, answers at once): a phase that needs the
+    install runs build first where mtlfast is not importable, TRITON_INTERPRET is not passed on, every phase
+    gets a summary line, and $OUT holds exactly summary.txt and the tarball of the logs and results."""
+    import tarfile
+
+    calls = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "TRITON_INTERPRET=${{TRITON_INTERPRET:-}} $*" >>{calls}
+case "$1 $2" in
+  "-c "*"import mtlfast.bench"*|"-c "*"import xdist"*|"-c "*"import pytest_timeout"*) exit 1 ;;
+  "-c "*) exec {sys.executable} "$@" ;;
+  "-m mtlfast") [[ $3 == bench && $* != *--report* ]] && exit 3 ;;
+esac
+exit 0
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(out), "GPU_CHECK_WORK": str(tmp_path / "work"),
+           "GPU_CHECK_BUDGET": "200", "TRITON_INTERPRET": "1", "MTLFAST_COMMIT": "0" * 40}
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.sh")
+    result = subprocess.run(["bash", script, "bench"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr  # bench exit 3: cases left
+    log = calls.read_text()
+    assert "-m pip install --no-deps --no-build-isolation --no-index -e ." in log and "TRITON_INTERPRET=1" not in log
+    assert log.index("-m pip install") < log.index("-m mtlfast bench --out bench/results --resume")
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in summary[:4]] == ["build", "info", "bench", "report"], summary
+    assert "incomplete: time budget spent" in summary[2] and summary[-1] == "FAILED or not run: bench"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tar.gz", "summary.txt"]
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        names = tar.getnames()
+    assert {"logs/build.log", "logs/bench.log", "logs/summary.txt", "results/cpu-2-cores/deform_sample.json"} <= set(
+        names)
