@@ -84,7 +84,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(harness.format_targets(checks))
         if args.out:
             print(f"wrote {harness.write_result(result, args.out, device)}")
-        if not result["complete"]:
+        if any(r.get("skipped") == harness.NOT_RUN for r in result["rows"]):
             incomplete.append(op)
     if incomplete:
         print(f"mtlfast bench: time budget spent; cases left in {', '.join(incomplete)} "
@@ -114,7 +114,8 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
             print(f"{os.path.basename(path)}: {env['device']}, torch {env['torch']}, triton {env.get('triton')}, "
                   f"commit {env['commit']}, {env['date']}")
         if result.get("complete") is False:
-            print(f"{os.path.basename(path)}: incomplete (cases left by a time budget)")
+            print(f"{os.path.basename(path)}: incomplete, cases not measured yet: "
+                  f"{', '.join(result.get('cases_left') or ['(by a time budget)'])}")
     print(harness.format_targets(checks))
     return 0
 
@@ -184,8 +185,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume = last if os.path.exists(last) else None
     trainer = Trainer(config, resume=resume, progress=not args.no_progress)
     try:
-        if trainer.dist.is_main and trainer.iteration == 0 and config["train"]["eval_at_start"]:
-            trainer.evaluate_and_log()
+        if trainer.iteration == 0 and config["train"]["eval_at_start"]:
+            trainer.evaluate_and_log()  # every rank: rank 0 evaluates, the others wait in its barrier
         trainer.train()
         if trainer.dist.is_main:
             rows = trainer.log.read("eval")
@@ -208,7 +209,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mtlfast.engine.trainer import Trainer
 
     config = load_config(None, args.overrides, base=ckpt.load_checkpoint(args.checkpoint)["config"])
-    trainer = Trainer(config, resume=args.checkpoint, progress=False)
+    trainer = Trainer(config, resume=args.checkpoint, progress=False, logs=False)  # the run's logs stay as they are
     try:
         metrics = trainer.evaluate(args.samples)
     finally:

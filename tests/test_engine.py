@@ -86,3 +86,75 @@ def test_checkpoint_atomic_and_checked(tmp_path, monkeypatch):
         ckpt.load_checkpoint(str(tmp_path / "bad.pt"))
     with pytest.raises(FileNotFoundError, match="checkpoint: no such file .*none.pt"):
         ckpt.load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_config_file_numbers_and_kwargs_overrides(tmp_path):
+    """A YAML file's ``lr: 2e-5`` is a number as on the command line (PyYAML alone reads it as a string), and
+    an override of one method option keeps the file's others (nested ones too)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 2e-5\n  weight_decay: 1E-6\nmodel:\n  name: bridgenet\n  kwargs:\n    tfr: huge\n"
+                    "    backbone_kwargs: {vit_pyramid: false, drop_path_rate: 0.15}\n")
+    config = load_config(str(path), ["model.kwargs.drop_path=0.1", "model.kwargs.backbone_kwargs.drop_path_rate=0"])
+    assert config["optim"]["lr"] == 2e-5 and config["optim"]["weight_decay"] == 1e-6
+    assert config["model"]["kwargs"] == {"tfr": "huge", "drop_path": 0.1,
+                                         "backbone_kwargs": {"vit_pyramid": False, "drop_path_rate": 0}}
+    with pytest.raises(TypeError, match="'model.kwargs' must be a mapping"):
+        load_config(None, ["model.kwargs=3"])
+
+
+def test_checkpoint_file_mode_follows_the_umask(tmp_path):
+    """mkstemp makes owner-only files; a checkpoint gets the permissions of any new file (shared run folders)."""
+    umask = os.umask(0o022)
+    try:
+        ckpt.save_checkpoint(str(tmp_path / "last.pt"), {"iteration": 1})
+    finally:
+        os.umask(umask)
+    assert os.stat(tmp_path / "last.pt").st_mode & 0o777 == 0o644
+
+
+def test_cuda_rng_state_is_the_current_devices(monkeypatch):
+    """The checkpoint holds the current device's CUDA RNG state and restores it there: a checkpoint of a machine
+    with 8 visible GPUs resumes or evaluates on one with 1 (set_rng_state_all would index devices it lacks)."""
+    states = {0: torch.tensor([1], dtype=torch.uint8), 1: torch.tensor([2], dtype=torch.uint8)}
+    restored = {}
+
+    def set_rng_state(state, device="cuda"):
+        restored[0] = state
+
+    def set_rng_state_all(new_states):
+        for i, state in enumerate(new_states):
+            if i >= 1:
+                raise IndexError("tuple index out of range")  # torch.cuda.default_generators of a 1-GPU machine
+            set_rng_state(state)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[0])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [states[0], states[1]])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
+    state = ckpt.rng_state()
+    ckpt.set_rng_state(state)
+    assert torch.equal(restored[0], states[0])
+    ckpt.set_rng_state({**state, "cuda": [states[1], states[0]]})  # a checkpoint of the earlier format
+    assert torch.equal(restored[0], states[1])
+
+
+def test_process_group_outlasts_rank0_evaluation(monkeypatch):
+    """The other ranks wait in a barrier while rank 0 evaluates (PASCAL-Context: 5105 images, odsF ~0.2 s each):
+    the process group's timeout must outlast that, not NCCL's default 10 minutes."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from mtlfast.engine import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: calls.append((backend, kwargs)))
+    info = distributed.init_distributed("cpu")
+    assert info.rank == 1 and info.world_size == 2
+    (backend, kwargs), = calls
+    assert backend == "gloo" and kwargs.get("timeout", datetime.timedelta(0)) >= datetime.timedelta(hours=1)

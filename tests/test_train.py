@@ -20,25 +20,35 @@ TINY = ["data.num_train=16", "data.num_val=4", "data.batch_size=4", "data.train_
 ON_CPU = ["train.device=cpu"]
 
 
-def _losses(config, resume=None):
+def _losses(config, resume=None, setup=None):
     trainer = Trainer(config, resume=resume, progress=False)
+    if setup is not None:
+        setup(trainer)
     rows = trainer.train()
     trainer.close()
     return [r["loss"] for r in rows], trainer
 
 
-def test_resume_replays_the_same_losses(tmp_path):
-    full_cfg = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path / 'full'}", "train.iterations=7",
-                                                  "train.checkpoint_every=3"])
-    full, _ = _losses(full_cfg)
-    # interrupted run: stops after 3 iterations (its checkpoint), then resumes to 7
-    part_cfg = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path / 'part'}", "train.iterations=7",
-                                                  "train.checkpoint_every=3"])
+def _dropout(trainer):
+    """Randomness in the training forward, as dropout or stochastic depth (BridgeNet's drop_path)."""
+    first = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first.register_forward_hook(lambda m, args, out: torch.nn.functional.dropout(out, 0.2, m.training))
+
+
+@pytest.mark.parametrize("stop, eval_every", [(3, 0), (4, 4)], ids=["mid-epoch", "evaluated-at-epoch-end"])
+def test_resume_replays_the_same_losses(tmp_path, stop, eval_every):
+    """Also with randomness in the training forward (4 batches per epoch): neither the resumed run's data loader
+    started mid-epoch nor the evaluation after the checkpoint the run resumes from may draw from the global RNG."""
+    args = TINY + ON_CPU + ["train.iterations=7", f"train.checkpoint_every={stop}", f"train.eval_every={eval_every}"]
+    full, _ = _losses(load_config(None, args + [f"output_dir={tmp_path / 'full'}"]), setup=_dropout)
+    # interrupted run: stops after `stop` iterations (its checkpoint), then resumes to 7
+    part_cfg = load_config(None, args + [f"output_dir={tmp_path / 'part'}"])
     trainer = Trainer(copy.deepcopy(part_cfg), progress=False)
-    trainer.config["train"]["iterations"] = 3  # the same (7-iteration) schedule, stopped after 3
+    _dropout(trainer)
+    trainer.config["train"]["iterations"] = stop  # the same (7-iteration) schedule, stopped at the checkpoint
     first = [r["loss"] for r in trainer.train()]
     trainer.close()
-    resumed, trainer = _losses(part_cfg, resume=str(tmp_path / "part" / "last.pt"))
+    resumed, trainer = _losses(part_cfg, resume=str(tmp_path / "part" / "last.pt"), setup=_dropout)
     assert len(full) == 7 and first + resumed == full, (full, first, resumed)
     logged = trainer.log.read("train")
     assert [int(r["iteration"]) for r in logged] == list(range(1, 8))
@@ -122,14 +132,21 @@ trainer.close()
 """
 
 
-def _launch(processes, target):
+def _launch(processes, target, timeout=900):
     """``torchrun --standalone --nproc_per_node=processes TARGET...`` (a script or ``-m module`` and its
-    arguments), one thread per process; fails the test with the end of the output unless it succeeds."""
+    arguments), one thread per process; fails the test with the end of the output unless it succeeds (a run
+    past ``timeout`` seconds, e.g. ranks deadlocked in mismatched collectives, is killed with its workers)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={processes}", *target],
-                            capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc_per_node={processes}", *target], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # torchrun stops its workers (each in a session of its own) on SIGTERM
+        stdout, stderr = process.communicate(timeout=120)
+        pytest.fail(f"torchrun still running after {timeout} s (deadlock?):\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
 
 
 def _torchrun(tmp_path, processes, args):
@@ -145,6 +162,23 @@ def test_two_process_ddp_ends_with_equal_weights(tmp_path):
     assert torch.equal(w0, w1)
     assert not torch.equal(w0, torch.load(tmp_path / "initial_weights_rank0.pt"))
     assert os.path.exists(tmp_path / "last.pt")
+
+
+def test_cli_train_under_torchrun_evaluates_first_and_eval_loads_its_checkpoint(tmp_path):
+    """`torchrun -m mtlfast train` with train.eval_at_start (the default): rank 0 evaluates the untrained model
+    while the other ranks wait for it (instead of going on into the DDP step against rank 0's barrier: a
+    deadlock); `mtlfast eval` loads the DDP run's checkpoint (the unwrapped model's weights, no 'module.')."""
+    from mtlfast.engine.logs import RunLog
+
+    out = tmp_path / "run"
+    _launch(2, ["-m", "mtlfast", "train", "--no-progress", f"output_dir={out}", "train.iterations=2",
+                "train.checkpoint_every=2", "train.eval_every=2", *ON_CPU, *TINY[:-3], "eval.edge_thresholds=5"],
+            timeout=300)
+    assert [int(r["iteration"]) for r in RunLog(str(out)).read("eval")] == [0, 2]
+    assert not any(k.startswith("module.") for k in torch.load(out / "last.pt", weights_only=False)["model"])
+    evaluate = subprocess.run([sys.executable, "-m", "mtlfast", "eval", "--checkpoint", str(out / "last.pt")],
+                              capture_output=True, text=True, timeout=900)
+    assert evaluate.returncode == 0 and "(iteration 2)" in evaluate.stdout, evaluate.stderr[-3000:]
 
 
 def test_sync_bn_refused_on_cpu(tmp_path):
@@ -194,6 +228,21 @@ def test_cli_train_then_eval(tmp_path):
                               capture_output=True, text=True, timeout=900)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert (tmp_path / "m.json").exists()
+    # evaluating an earlier checkpoint of the run leaves the run's logs whole (a resume cuts them back to it)
+    from mtlfast.engine import checkpoint as ckpt
+
+    logs = {name: (out / name).read_text() for name in ("train.csv", "eval.csv")}
+    ckpt.save_checkpoint(str(tmp_path / "earlier.pt"), {**ckpt.load_checkpoint(str(out / "last.pt")), "iteration": 1})
+    evaluate = subprocess.run(common + ["eval", "--checkpoint", str(tmp_path / "earlier.pt")], capture_output=True,
+                              text=True, timeout=900)
+    assert evaluate.returncode == 0 and "(iteration 1)" in evaluate.stdout, evaluate.stderr[-3000:]
+    assert {name: (out / name).read_text() for name in logs} == logs
+    # a new run in the folder of an earlier one would overwrite its checkpoint and append to its logs: refused
+    checkpoint = (out / "last.pt").read_bytes()
+    again = subprocess.run(common + ["train", "--no-progress", f"output_dir={out}", "train.iterations=1", *TINY],
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 1 and "holds the checkpoint of an earlier run" in again.stderr, again.stderr[-3000:]
+    assert (out / "last.pt").read_bytes() == checkpoint and {n: (out / n).read_text() for n in logs} == logs
     bad = subprocess.run(common + ["eval", "--checkpoint", str(tmp_path / "missing.pt")], capture_output=True, text=True)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith(f"mtlfast eval: FileNotFoundError: checkpoint: no such file '{tmp_path / 'missing.pt'}'")

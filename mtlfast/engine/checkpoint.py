@@ -16,26 +16,36 @@ _MODEL_KEYS = (("model", "name"), ("model", "backbone"), ("data", "tasks"), ("da
 
 
 def rng_state() -> dict[str, Any]:
+    """The RNG states; on CUDA the current device's only (each process trains on ``cuda:LOCAL_RANK``)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores :func:`rng_state`'s states, the CUDA one onto the current device: a checkpoint resumes (or is
+    evaluated) on a machine with another number of GPUs, and every rank of a DDP run gets rank 0's state,
+    which equals its own (same seed, same draws)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        # checkpoints written before held every visible device's state (get_rng_state_all): rank 0's is the first
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
 
 
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
-    """Writes ``payload`` to a temporary file in the same folder, fsyncs, then renames over ``path``."""
+    """Writes ``payload`` to a temporary file in the same folder, fsyncs, then renames over ``path``. The file
+    gets the permissions of any new file (``0o666`` less the umask), not mkstemp's owner-only ``0o600``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_ckpt_", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **payload}, f)
             f.flush()

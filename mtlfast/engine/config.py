@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Any, Iterable
 
 import yaml
@@ -66,15 +67,37 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``2e-5`` (no dot) is a float as in YAML 1.2 and Python, not a string."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _merge_kwargs(base: dict, update: dict) -> None:
+    """Method options: any key (the constructor checks them); nested mappings merge key by key."""
+    for key, value in update.items():
+        if isinstance(base.get(key), dict) and isinstance(value, dict):
+            _merge_kwargs(base[key], value)
+        else:
+            base[key] = value
+
+
 def merge(base: dict, update: dict, where: str = "") -> dict:
+    """Merges ``update`` into ``base`` key by key (unknown keys raise). ``model.kwargs`` takes any key, and an
+    update sets only the keys it names: ``model.kwargs.drop_path=0.1`` keeps the config file's other options."""
     for key, value in update.items():
         path = f"{where}{key}"
         if key not in base:
             raise KeyError(f"config: unknown key {path!r}; valid keys here: {', '.join(sorted(base))}")
-        if isinstance(base[key], dict) and key != "kwargs":
+        if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise TypeError(f"config: {path!r} must be a mapping, got {value!r}")
-            merge(base[key], value, path + ".")
+            if key == "kwargs":
+                _merge_kwargs(base[key], value)
+            else:
+                merge(base[key], value, path + ".")
         else:
             base[key] = value
     return base
@@ -85,8 +108,8 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ValueError(f"override {text!r}: expected key=value (e.g. optim.lr=1e-4)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
-    if isinstance(value, str):  # YAML reads 1e-4 as a string; accept plain numbers too
+    value = yaml.load(raw, Loader=_Loader) if raw else None
+    if isinstance(value, str):  # what float() reads (inf, .5e3) is a number too
         try:
             value = float(value)
         except ValueError:
@@ -109,7 +132,7 @@ def load_config(path: str | None = None, overrides: Iterable[str] = (), base: di
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config: no such file {path!r}")
         with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = yaml.load(f, Loader=_Loader) or {}
         if not isinstance(loaded, dict):
             raise TypeError(f"config: {path!r} must hold a mapping at top level")
         merge(config, loaded)

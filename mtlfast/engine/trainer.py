@@ -126,9 +126,13 @@ class Trainer:
     checkpoint only loads with the same aux_tasks.
     ``model.checkpoint_decoder``: activation checkpointing of the model's decoder stages (same losses and
     gradients, less activation memory; :mod:`mtlfast.models.base`).
+    A run without ``resume`` refuses an ``output_dir`` that holds a checkpoint (``last.pt``): it would overwrite
+    it and append to its logs. ``logs=False`` (``mtlfast eval``): no run log, so that loading a checkpoint
+    neither creates ``output_dir`` nor cuts its logs back to the checkpoint's iteration as a resume does.
     """
 
-    def __init__(self, config: dict[str, Any], *, resume: str | None = None, progress: bool = True):
+    def __init__(self, config: dict[str, Any], *, resume: str | None = None, progress: bool = True,
+                 logs: bool = True):
         from mtlfast.data import build_dataset, canonical_dataset, check_tasks, collate
         from mtlfast.losses import MultiTaskLoss
         from mtlfast.models import create_model
@@ -142,7 +146,7 @@ class Trainer:
         self.tasks = list(check_tasks(data_cfg["tasks"], self.dataset))
         self.aux_tasks = _aux_tasks(config["model"], self.tasks, self.dataset)
         self.out_dir = config["output_dir"]
-        self.log = RunLog(self.out_dir) if self.dist.is_main else None
+        self.log = RunLog(self.out_dir) if self.dist.is_main and logs else None
 
         extra = ({"length": data_cfg["num_train"], "seed": config["seed"]} if self.dataset == "synthetic" else {})
         val_extra = ({"length": data_cfg["num_val"], "seed": config["seed"]} if self.dataset == "synthetic" else {})
@@ -153,9 +157,12 @@ class Trainer:
                                      size=size if self.dataset == "synthetic" else None, **val_extra)
         self.sampler = ResumableSampler(len(self.train_set), batch_size=data_cfg["batch_size"], seed=config["seed"],
                                         rank=self.dist.rank, world_size=self.dist.world_size)
+        # a loader draws its workers' base seed from its generator, by default the global RNG: its own keeps the
+        # training forward's randomness (dropout, stochastic depth) in the same place after a resume
         self.train_loader = DataLoader(SeededDataset(self.train_set, config["seed"]), batch_size=data_cfg["batch_size"],
                                        sampler=self.sampler, drop_last=True, collate_fn=collate,
-                                       num_workers=data_cfg["num_workers"], pin_memory=self.device.type == "cuda")
+                                       num_workers=data_cfg["num_workers"], pin_memory=self.device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(config["seed"]))
         if self.sampler.batches_per_epoch() < 1:
             raise ValueError(f"data.batch_size={data_cfg['batch_size']} exceeds the {self.sampler.per_rank} "
                              f"training samples per process")
@@ -183,6 +190,10 @@ class Trainer:
         if amp not in ("auto", "bf16", "off"):
             raise ValueError(f"train.amp: expected auto, bf16 or off, got {amp!r}")
         self.autocast_dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and self.device.type == "cuda")) else None
+        if not resume and logs and os.path.exists(self.checkpoint_path()):
+            raise FileExistsError(f"output_dir {self.out_dir!r} holds the checkpoint of an earlier run "
+                                  f"({self.checkpoint_path()}): resume it (train --resume auto, baseline --resume) or "
+                                  f"choose another output_dir")
         if resume:
             self._load(resume)
 
@@ -309,7 +320,8 @@ class Trainer:
         eval_cfg = self.config["eval"]
         metrics = build_metrics(self.tasks, self.dataset, edge_thresholds=eval_cfg["edge_thresholds"])
         loader = DataLoader(self.val_set, batch_size=self.config["eval"]["batch_size"], shuffle=False,
-                            collate_fn=collate, num_workers=self.config["data"]["num_workers"])
+                            collate_fn=collate, num_workers=self.config["data"]["num_workers"],
+                            generator=torch.Generator())  # not the global RNG: training goes on after this
         shown = None
         for batch in loader:
             batch = _to_device(batch, self.device)
