@@ -1,5 +1,6 @@
 """Engine pieces that need no model: config merging, deterministic data order, checkpoint safety."""
 import os
+import sys
 
 import pytest
 import torch
@@ -158,3 +159,37 @@ def test_process_group_outlasts_rank0_evaluation(monkeypatch):
     assert info.rank == 1 and info.world_size == 2
     (backend, kwargs), = calls
     assert backend == "gloo" and kwargs.get("timeout", datetime.timedelta(0)) >= datetime.timedelta(hours=1)
+
+
+def test_run_log_resume_drops_later_rows_and_purges_tensorboard(tmp_path, monkeypatch):
+    """Resuming at iteration 2: CSV rows after it are dropped, and the TensorBoard writer is reopened with
+    purge_step 3 so that the interrupted run's later events are hidden (a stand-in writer: tensorboard is
+    optional)."""
+    import types
+
+    from mtlfast.engine.logs import RunLog
+
+    writers = []
+
+    class Writer:
+        def __init__(self, log_dir, **kwargs):
+            writers.append(kwargs)
+            self.closed = False
+
+        def add_scalar(self, *args):
+            pass
+
+        def flush(self):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    log = RunLog(str(tmp_path))
+    for it in (1, 2, 3, 4):
+        log.write("train", {"iteration": it, "loss": 1.0 / it}, it)
+    first = log.tensorboard
+    log.resume_at(2)
+    assert [r["iteration"] for r in log.read("train")] == [1, 2]
+    assert first.closed and writers == [{}, {"purge_step": 3}]

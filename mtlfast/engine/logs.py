@@ -20,8 +20,9 @@ class RunLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except Exception:  # tensorboard not installed: CSV only
-            self.tensorboard = None
+            self._writer, self.tensorboard = None, None
         else:
+            self._writer = SummaryWriter
             self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
 
     def write(self, name: str, row: Mapping[str, object], step: int) -> None:
@@ -44,6 +45,15 @@ class RunLog:
             return []
         with open(path) as f:
             return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+    def resume_at(self, iteration: int) -> None:
+        """A resumed run rewrites what the interrupted one logged after ``iteration``: the CSV rows past it are
+        dropped and TensorBoard hides the earlier events from step ``iteration + 1`` on (``purge_step``)."""
+        for name in ("train", "eval"):
+            self.truncate(name, iteration)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = self._writer(os.path.join(self.folder, "tensorboard"), purge_step=iteration + 1)
 
     def truncate(self, name: str, after_iteration: int) -> None:
         """Drops rows past ``after_iteration`` (a resumed run rewrites what the interrupted one logged)."""

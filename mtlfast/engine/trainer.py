@@ -233,8 +233,7 @@ class Trainer:
         self.iteration, self.epoch, self.batch_in_epoch = payload["iteration"], payload["epoch"], payload["batch_in_epoch"]
         ckpt.set_rng_state(payload["rng"])
         if self.log is not None:
-            for name in ("train", "eval"):
-                self.log.truncate(name, self.iteration)
+            self.log.resume_at(self.iteration)
 
     # --- training ------------------------------------------------------------------------------------
 
