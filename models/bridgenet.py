@@ -32,7 +32,7 @@ PRED_OUT_NUM_CONSTANT (64), halved per stage; the logits of the initial predicti
 task features; the generic embeddings of step 3; the up-sampling layer of step 4 (bilinear ×2, two
 dilated 3×3 conv blocks); the cross-scale bridge link; the BFE details (:mod:`mtlfast.nn.bridgenet`); the
 joint LayerNorm, the per-task 1×1 convs to 576 and the sum at 1/4 of step 5; 2 heads; query stride 2,
-key / value strides 2 / 4 / 8; the ViT layout (below); stochastic depth 0.15 in the ViT and the TFR blocks.
+key / value strides 2 / 4 / 8; the ViT layout (below); stochastic depth 0.15 in the ViT and the decoder stages.
 (Its ViT configs use TFR huge on NYUD and TFR large on PASCAL; configs/ here set all of these.) With the
 official ViT layout, PASCAL TFR-large counts 218.7 M (ViT-B) / 465.1 M (ViT-L) parameters here, 229.9 M /
 476.3 M with per-task up-sampling: the paper's 230 M / 477 M.

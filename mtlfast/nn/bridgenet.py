@@ -32,9 +32,11 @@ Open choices (*):
   row, softmax removes it; the kernels centre the keys), TPP's mixing-conv bias (constant along the
   softmax axis), and the bias of the TFR block's first 1×1 conv (BatchNorm follows and removes it). The
   official code has them; each would be a parameter with an exactly zero gradient.
-- * stochastic depth in the TFR blocks only (``drop_path``, rising linearly per stage; the configs set the
-  official 0.15), none in TPP and BFE; PyTorch's default initialisation (the official code uses truncated normals, std 0.02 for linear
-  layers and 0.001 for the convolutions of its decoder stages).
+- * stochastic depth: the official decoder spec sets DROP_PATH_RATE 0.15 for each stage (and linspace(0,
+  0.15, 1) = 0 for its TPP blocks, transformer_decoder.py); how its stage blocks spread the rate is in the
+  decoder file the public snapshot lacks. Here: the TFR blocks only (``drop_path``, rising linearly from 0
+  within each stage as CvT / InvPT stages do; the ViT configs set 0.15), none in TPP and BFE.
+- * PyTorch's default initialisation (the official decoder's init is in the missing file as well).
 """
 from __future__ import annotations
 
@@ -194,7 +196,7 @@ class TaskFeatureRefiner(nn.Module):
     and S' (B, C, H', W').
 
     ``drop_path``: stochastic depth of the blocks' residual branches in training, the rate rising linearly
-    from 0 at the first block to ``drop_path`` at the last (as the official code's stages, 0.15 there).
+    from 0 at the first block to ``drop_path`` at the last (official stages: 0.15; module docstring).
     """
 
     def __init__(self, tasks: Sequence[str], channels: int, layers: int | str = "base",
