@@ -91,8 +91,12 @@ def test_matches_reference_large_eps(pinned, device, kernel_dtype, B, N, C, K, n
     # with Σ_k ds_k = 0, a cancellation (PyTorch's own float32 is ~20% off float64); the full mode's one-token case
     # compares ∂L/∂x, and this one the forward.
     grad = [] if detach and N == 1 else ["x", "mu"]
+    # One channel or one token: the gradients pass through the same near-cancellation at eps = 0.05 too, only
+    # milder; rounding the inputs to float32 alone moved the float64 gradients by 6.7e-5 on a draw where the
+    # kernel's error was 1.13e-4 (MTLFAST_TEST_SEED=3433957831, N=37, C=1): bound relative to that.
+    conditioned = ("grad x", "grad mu") if C == 1 or N == 1 else ()
     check_against_reference(_triton, reference.em_attention, inputs, dtype=kernel_dtype, grad=grad,
-                            output_names=OUTPUTS)
+                            output_names=OUTPUTS, conditioned=conditioned)
 
 
 @pytest.mark.gpu
