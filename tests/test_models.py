@@ -76,15 +76,18 @@ def _labels(tasks, dataset, batch, size, gen):
     return {t: v.to(DEVICE) for t, v in labels.items()}
 
 
-def _check_step(model, images, labels, backend, per_op=None):
+def _check_step(model, images, labels, backend, per_op=None, train=True):
     """Every parameter gets a gradient and a gradient step on a fixed batch lowers the loss by at least half of
     its first-order prediction: the gradient is the loss's (a wrong one is not a descent direction at small
     steps). Steps of lr = f·L/‖g‖² (predicted decrease f·L) for f = 1e-3, 1e-4, 1e-5 from the same weights,
     the first that achieves it passes; smaller steps only matter where the loss curves within the larger ones
     (fresh random weights). (Adam's first step moves every parameter by lr whatever its gradient, which at
-    64×64 with batch statistics over a few pixels is not a descent test.) Train mode; the buffers (BN
-    statistics, SEM's EM bases) are restored before every evaluation, so only the step differs."""
-    model.train()
+    64×64 with batch statistics over a few pixels is not a descent test.) Train mode, or with ``train=False``
+    eval mode (a model whose BN statistics are calibrated on this batch: the same loss without the batch-
+    statistics coupling of tiny maps, which makes the landscape too curved for a first-order check on deep
+    backbones); the buffers (BN statistics, SEM's EM bases) are restored before every evaluation, so only the
+    step differs."""
+    model.train(train)
     loss_fn = MultiTaskLoss(model.tasks, stage_weights=getattr(model, "aux_loss_weights", None),
                             aux_tasks=getattr(model, "aux_tasks", ()))
     buffers = copy.deepcopy(dict(model.named_buffers()))
@@ -177,13 +180,25 @@ class _TrainForward(torch.nn.Module):
         return self.model.forward_train(images)
 
 
+def _smooth_relu(x, inplace=False):
+    return torch.nn.functional.gelu(x)
+
+
 @pytest.mark.parametrize("method", KERNEL_METHODS)
-def test_kernel_path_matches_reference_path(method):
+def test_kernel_path_matches_reference_path(method, monkeypatch):
     """Outputs, deep-supervision outputs and every parameter gradient agree (nn_paths.compare_paths), then a
     training step on the kernel path lowers the loss. SEM runs with detach_iterations=False here: with the
     detached EM iterations the gradient of the EM input projection is ill-conditioned (the float32
     reference path is already 1-7 % off float64 there at this size); the detached mode is compared at
-    block level (tests/test_nn_blocks.py)."""
+    block level (tests/test_nn_blocks.py).
+
+    The network's ReLUs (F.relu, which nn.ReLU calls too) are GELUs here: a pre-activation within rounding
+    of 0 can land on the other side on the kernel path (another summation order), and one flipped unit of a
+    2×2 map moves the gradients by percents. Seen with HRNet: MTLFAST_TEST_SEED=146666351, one unit of
+    BridgeNet's depth up-sampling at |x| = 4e-5 in float64, 647 of 842 gradients 0.5-2 % off while the
+    attention calls themselves matched to 1e-7; and the descent check then failed for SEM (MTLFAST_TEST_SEED=
+    2908249359). The paths are compared on the same smooth network."""
+    monkeypatch.setattr(torch.nn.functional, "relu", _smooth_relu)
     extra = {"detach_iterations": False} if method == "sem" else {}
     dataset, tasks = "nyud", ["semseg", "depth"]
     torch.manual_seed(fresh_seed())  # fresh weights and inputs (DESIGN §6)
@@ -192,12 +207,14 @@ def test_kernel_path_matches_reference_path(method):
     images = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
     _calibrate(model, images)
     # Every gradient of a whole random network is ill-conditioned somewhere: the float32 reference path alone
-    # exceeds 1e-4 against float64 in some draws (tpim 7/24, sem 4/12, bridgenet 3/12), the kernel path then
-    # by as much; the gradients get 2x the float32 reference error, the outputs stay at 1e-4.
-    compare_paths(_TrainForward(model), {"images": images}, device=DEVICE, conditioned=("grad *",))
+    # exceeds 1e-4 against float64 in some draws (tpim 7/24, sem 4/12, bridgenet 3/12 on convnet_tiny), the
+    # kernel path then by as much; so do SEM's outputs on HRNet (1.05e-4 for the float32 reference, 1.06e-4 for
+    # the kernels, MTLFAST_TEST_SEED=1176743793). Both get 2x the float32 reference path's error.
+    compare_paths(_TrainForward(model), {"images": images}, device=DEVICE, conditioned=("grad *", "out*"))
     backend, per_op = KERNEL_PATH
     model = model.float().to(DEVICE)
-    _check_step(model, images.float().to(DEVICE), _labels(tasks, dataset, 2, (64, 64), gen), backend, per_op)
+    _check_step(model, images.float().to(DEVICE), _labels(tasks, dataset, 2, (64, 64), gen), backend, per_op,
+                train=False)
 
 
 def _storage_bytes(tensors) -> dict[int, int]:
