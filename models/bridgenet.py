@@ -108,7 +108,6 @@ class BridgeNet(MultiTaskModel):
         dims = _per_stage("stage_dims", stage_dims, _STAGE_DIMS, n)
         strides = _per_stage("kv_strides", kv_strides, _KV_STRIDES, n)
         self.stage_dims = dims
-        self.single_scale = backbone.single_scale
         levels = list(reversed(backbone.channels[-n:]))  # coarsest first
         prelim = prelim_channels or levels[0]
         outputs = self.num_outputs
@@ -136,7 +135,7 @@ class BridgeNet(MultiTaskModel):
     def _preliminary(self, coarsest: torch.Tensor):
         """Preliminary decoders + TPP on the coarsest level (single-scale levels: resized by 1/2):
         (initial predictions, task features P_0)."""
-        if self.single_scale:
+        if self.backbone.single_scale:
             coarsest = resize(coarsest, [max(1, s // 2) for s in coarsest.shape[-2:]])
         features = self.tpp({t: self.prelim[t](coarsest) for t in self.tasks})
         initial = {t: self.initial_heads[t](x) for t, x in features.items()}
@@ -147,8 +146,9 @@ class BridgeNet(MultiTaskModel):
         refined P_k, the same after the stage's joint LayerNorm, and S'_k."""
         generic = self.embed[k](level)
         if k > 0:  # P_k at level k's size, or twice P_{k-1}'s where the levels share one stride
-            task = {t: self.upsample[k - 1](resize(x, [2 * s for s in x.shape[-2:]] if self.single_scale
-                                                   else level.shape[-2:])) for t, x in task.items()}
+            previous = task[self.tasks[0]].shape[-2:]
+            size = [2 * s for s in previous] if self.backbone.single_scale else level.shape[-2:]
+            task = {t: self.upsample[k - 1](resize(x, size)) for t, x in task.items()}
         new_bridge = self.bfe[k](generic, task)
         if k > 0:
             new_bridge = new_bridge + resize(self.bridge_link[k - 1](bridge), generic.shape[-2:])

@@ -16,9 +16,9 @@ Open values*, with the reason for each default: ``dim`` 256 (our choice; the pap
 ``heads`` 2 (as BridgeNet's decoder attention, DESIGN.md §4; the paper gives no head count); ``offset_range``
 2.0 (DAT's range factor: offsets of up to 2 cells of the reference grid); EM temperature τ = 1 (EMANet's
 softmax has none); ``detach_iterations`` True (EMANet's truncated gradient: the R iterations run without
-grad; False gives the full unrolled gradient). No deep supervision: SEM trains "with the same loss function as in [42]" (InvPT),
-whose intermediate terms supervise InvPT's preliminary decoder, a part SEM does not have; we read it as
-InvPT's task losses and weights (DESIGN.md §5).
+grad; False gives the full unrolled gradient). No deep supervision: SEM trains "with the same loss function
+as in [42]" (InvPT), whose intermediate terms supervise InvPT's preliminary decoder, a part SEM does not
+have; we read it as InvPT's task losses and weights (DESIGN.md §5).
 
 Stages under ``checkpoint_decoder`` (:mod:`mtlfast.models.base`): each task's intra-task attention, each
 decoder stage (every task's lateral + refinement, then the EMInteraction: its EM bases are updated once per
@@ -61,6 +61,7 @@ class _SRAttention(nn.Module):
 
 class SEM(MultiTaskModel):
     normals_loss_reduction = "pixel"  # "the same loss function as in [42]" (InvPT)
+
     def __init__(self, tasks, dataset, backbone, *, dim=256, heads=2, num_bases=64, em_iters=5, em_momentum=0.9,
                  detach_iterations=True, sr_ratios=None, offset_range=2.0) -> None:
         super().__init__(tasks, dataset, backbone)

@@ -25,6 +25,7 @@ __all__ = ["TIF"]
 
 class TIF(MultiTaskModel):
     normals_loss_reduction = "pixel"  # "identical experimental settings as ... [1]" (ATRC, InvPT's loss code)
+
     def __init__(self, tasks, dataset, backbone, *, dim=84, mlp_ratio=4) -> None:
         super().__init__(tasks, dataset, backbone)
         c = backbone.channels
