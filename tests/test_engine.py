@@ -193,3 +193,28 @@ def test_run_log_resume_drops_later_rows_and_purges_tensorboard(tmp_path, monkey
     log.resume_at(2)
     assert [r["iteration"] for r in log.read("train")] == [1, 2]
     assert first.closed and writers == [{}, {"purge_step": 3}]
+
+
+def test_run_log_widens_its_header_for_new_columns(tmp_path):
+    """A row with a key the CSV header lacks (a run resumed with clipping switched on, or on a GPU: another memory
+    column) widens the header instead of writing its values under the old columns; keys in another order land in
+    their own columns; truncation keeps the widened header."""
+    import csv
+
+    from mtlfast.engine.logs import RunLog, plot_curves
+
+    log = RunLog(str(tmp_path))
+    log.write("train", {"iteration": 1, "loss": 0.5, "peak_rss_mib": 100.0}, 1)
+    log.write("train", {"iteration": 2, "peak_rss_mib": 101.0, "loss": 0.4}, 2)
+    log.write("train", {"iteration": 3, "loss": 0.3, "grad_norm": 2.0, "peak_mem_mib": 7.0}, 3)
+    assert log.read("train") == [{"iteration": 1, "loss": 0.5, "peak_rss_mib": 100.0},
+                                 {"iteration": 2, "loss": 0.4, "peak_rss_mib": 101.0},
+                                 {"iteration": 3, "loss": 0.3, "grad_norm": 2.0, "peak_mem_mib": 7.0}]
+    log.truncate("train", 2)
+    with open(tmp_path / "train.csv", newline="") as f:
+        assert next(csv.reader(f)) == ["iteration", "loss", "peak_rss_mib", "grad_norm", "peak_mem_mib"]
+    assert [r["iteration"] for r in log.read("train")] == [1, 2]
+    log.write("eval", {"iteration": 0, "semseg/miou": 0.1}, 0)
+    log.write("eval", {"iteration": 2, "semseg/miou": 0.2, "delta_m": -5.0}, 2)
+    plot_curves(log, str(tmp_path / "curves.png"))
+    assert log.read("eval")[1] == {"iteration": 2, "semseg/miou": 0.2, "delta_m": -5.0}

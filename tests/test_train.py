@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -52,6 +53,50 @@ def test_resume_replays_the_same_losses(tmp_path, stop, eval_every):
     assert len(full) == 7 and first + resumed == full, (full, first, resumed)
     logged = trainer.log.read("train")
     assert [int(r["iteration"]) for r in logged] == list(range(1, 8))
+
+
+def test_resume_with_a_changed_config_lists_the_changes_and_takes_its_optimiser_values(tmp_path, capsys):
+    """torch restores the checkpoint's base lr with the schedule state: a resumed run given another optim.lr would
+    silently keep the old one. The config's lr / weight decay apply from the checkpoint's iteration on, on the
+    same poly schedule (here extended from 2 to 4 iterations), and every changed entry is listed; another
+    optimiser cannot take the saved state."""
+    args = TINY + ON_CPU + [f"output_dir={tmp_path}", "train.checkpoint_every=2"]
+    _losses(load_config(None, args + ["train.iterations=2"]))
+    assert "resume:" not in capsys.readouterr().err
+    config = load_config(None, args + ["train.iterations=4", "optim.lr=0.01", "optim.weight_decay=0.001"])
+    trainer = Trainer(config, resume=str(tmp_path / "last.pt"), progress=False)
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.001 -> 0.01" in err and "train.iterations: 2 -> 4" in err and "optim.poly_power" not in err
+    assert [(g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups] == [(0.01 * (1 - 2 / 4) ** 0.9,
+                                                                                       0.001)]
+    rows = trainer.train()
+    trainer.close()
+    assert [r["lr"] for r in rows] == pytest.approx([0.01 * (1 - 3 / 4) ** 0.9, 0.0])
+    with pytest.raises(RuntimeError, match="optim.name='adam', which cannot go on as 'sgd'"):
+        Trainer(load_config(None, args + ["optim.name=sgd"]), resume=str(tmp_path / "last.pt"), progress=False)
+
+
+def test_throughput_counts_the_wait_for_data_but_not_evaluations(tmp_path):
+    """images_per_s is end to end (data_s waiting for the loader + step_s); an evaluation between two steps
+    counts in neither."""
+    trainer = Trainer(load_config(None, TINY + [f"output_dir={tmp_path}", "train.iterations=3",
+                                                "train.checkpoint_every=3", "train.eval_every=1"]), progress=False)
+
+    class SlowLoader:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            for batch in self.loader:
+                time.sleep(0.1)
+                yield batch
+
+    trainer.train_loader = SlowLoader(trainer.train_loader)
+    trainer.evaluate_and_log = lambda: time.sleep(1.0)
+    rows = trainer.train()
+    trainer.close()
+    assert all(0.1 <= r["data_s"] < 0.7 and r["step_s"] > 0 for r in rows), rows
+    assert [r["images_per_s"] for r in rows] == pytest.approx([4 / (r["data_s"] + r["step_s"]) for r in rows])
 
 
 def test_loss_falls_and_eval_runs(tmp_path):
@@ -124,8 +169,15 @@ trainer = Trainer(load_config(None, sys.argv[1:]), progress=False)
 def weights():
     return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 torch.save(weights(), trainer.out_dir + f"/initial_weights_rank{trainer.dist.rank}.pt")
-trainer.train()
+local, loss_fn = [], trainer.loss_fn
+def recorded(*args):
+    total, per_task = loss_fn(*args)
+    local.append(total.item())
+    return total, per_task
+trainer.loss_fn = recorded
+rows = trainer.train()
 torch.save(weights(), trainer.out_dir + f"/weights_rank{trainer.dist.rank}.pt")
+torch.save({"local": local, "logged": [r["loss"] for r in rows]}, trainer.out_dir + f"/losses_rank{trainer.dist.rank}.pt")
 sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules())
 torch.save(sync_bn, trainer.out_dir + f"/sync_bn_rank{trainer.dist.rank}.pt")
 trainer.close()
@@ -156,12 +208,20 @@ def _torchrun(tmp_path, processes, args):
 
 
 def test_two_process_ddp_ends_with_equal_weights(tmp_path):
-    """Both ranks end with the same weights, and these moved from the initial ones (the run stepped)."""
+    """Both ranks end with the same weights, and these moved from the initial ones (the run stepped); the loss both
+    ranks return and rank 0 logs is the mean of the ranks' own losses (of different data), not rank 0's."""
     _torchrun(tmp_path, 2, TINY + ON_CPU + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3"])
     w0, w1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1))
     assert torch.equal(w0, w1)
     assert not torch.equal(w0, torch.load(tmp_path / "initial_weights_rank0.pt"))
     assert os.path.exists(tmp_path / "last.pt")
+    l0, l1 = (torch.load(tmp_path / f"losses_rank{r}.pt") for r in (0, 1))
+    assert l0["local"] != l1["local"] and l0["logged"] == l1["logged"]
+    mean = [(a + b) / 2 for a, b in zip(l0["local"], l1["local"])]
+    assert l0["logged"] == pytest.approx(mean, rel=1e-6)
+    from mtlfast.engine.logs import RunLog
+
+    assert [r["loss"] for r in RunLog(str(tmp_path)).read("train")] == pytest.approx(mean, rel=1e-6)
 
 
 def test_cli_train_under_torchrun_evaluates_first_and_eval_loads_its_checkpoint(tmp_path):

@@ -77,7 +77,28 @@ def check_compatible(payload: dict[str, Any], config: dict[str, Any], path: str)
         a, b = saved.get(section, {}).get(key), config[section][key]
         if a != b:
             raise RuntimeError(f"checkpoint: {path!r} has {section}.{key}={a!r} but the config asks for {b!r}")
+    a, b = saved.get("optim", {}).get("name"), config["optim"]["name"]
+    if a is not None and a.lower() != b.lower():  # torch loads any optimiser's state into any other, unused
+        raise RuntimeError(f"checkpoint: {path!r} holds the state of optimiser optim.name={a!r}, which cannot go on "
+                           f"as {b!r}; resume with optim.name={a} or start a new run")
     a = list(saved.get("model", {}).get("kwargs", {}).get("aux_tasks") or [])
     b = list(config["model"]["kwargs"].get("aux_tasks") or [])
     if a != b:  # auxiliary heads are part of the weights
         raise RuntimeError(f"checkpoint: {path!r} has model.kwargs.aux_tasks={a!r} but the config asks for {b!r}")
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """``"key: saved -> new"`` for every (dotted) config entry in which ``config`` differs from the checkpoint's."""
+    old, new = _flatten(saved), _flatten(config)
+    return [f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]

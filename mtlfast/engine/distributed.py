@@ -58,6 +58,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def mean_over_ranks(values: dict[str, torch.Tensor], info: DistInfo) -> dict[str, float]:
+    """Each scalar tensor's mean over the ranks, as floats (one all-reduce; the values as they are in one process).
+    Every rank then logs, and checks for a non-finite loss, the same numbers."""
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+    if info.enabled:
+        dist.all_reduce(stacked)
+        stacked /= info.world_size
+    return dict(zip(values, stacked.tolist()))
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -11,7 +11,7 @@ import torch
 
 
 class RunLog:
-    """Appends rows to ``<dir>/<name>.csv`` (header from the first row's keys) and mirrors scalars to
+    """Appends rows to ``<dir>/<name>.csv`` (header: every key written so far) and mirrors scalars to
     TensorBoard under ``<dir>/tensorboard``. Only the main rank should own one."""
 
     def __init__(self, folder: str):
@@ -26,25 +26,48 @@ class RunLog:
             self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
 
     def write(self, name: str, row: Mapping[str, object], step: int) -> None:
+        """Appends ``row`` under the file's header; a key the header lacks (e.g. a run resumed with gradient
+        clipping switched on, or on a GPU, whose memory column differs) widens the header and the file is
+        rewritten with empty cells for the earlier rows, so that no column is ever misread."""
         path = os.path.join(self.folder, f"{name}.csv")
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        header = self._header(path)
+        if header is not None and set(row) <= set(header):
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=header).writerow(row)
+        else:
+            header = header or []
+            rows = self._rows(path) if header else []
+            self._rewrite(path, header + [k for k in row if k not in header], rows + [row])
         if self.tensorboard is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "iteration":
                     self.tensorboard.add_scalar(f"{name}/{key}", value, step)
             self.tensorboard.flush()
 
+    @staticmethod
+    def _header(path: str) -> list[str] | None:
+        if not os.path.exists(path):
+            return None
+        with open(path, newline="") as f:
+            return next(csv.reader(f), None)
+
+    @staticmethod
+    def _rows(path: str) -> list[dict[str, str]]:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    @staticmethod
+    def _rewrite(path: str, header: list[str], rows: list[Mapping[str, object]]) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+
     def read(self, name: str) -> list[dict[str, float]]:
         path = os.path.join(self.folder, f"{name}.csv")
         if not os.path.exists(path):
             return []
-        with open(path) as f:
-            return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in self._rows(path)]
 
     def resume_at(self, iteration: int) -> None:
         """A resumed run rewrites what the interrupted one logged after ``iteration``: the CSV rows past it are
@@ -57,17 +80,16 @@ class RunLog:
 
     def truncate(self, name: str, after_iteration: int) -> None:
         """Drops rows past ``after_iteration`` (a resumed run rewrites what the interrupted one logged)."""
-        rows = [r for r in self.read(name) if r["iteration"] <= after_iteration]
         path = os.path.join(self.folder, f"{name}.csv")
-        if not os.path.exists(path):
+        header = self._header(path)
+        if header is None:
             return
-        with open(path) as f:
-            header = next(csv.reader(f))
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: (int(v) if k == "iteration" else v) for k, v in r.items()})
+        self._rewrite(path, header, [r for r in self._rows(path) if float(r["iteration"]) <= after_iteration])
+
+
+def _keys(rows: list[dict]) -> list[str]:
+    """Every key of ``rows`` in first-seen order (a column may start after the first row)."""
+    return list(dict.fromkeys(k for row in rows for k in row))
 
 
 def plot_curves(log: RunLog, path: str) -> None:
@@ -80,14 +102,14 @@ def plot_curves(log: RunLog, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     if train:
         its = [r["iteration"] for r in train]
-        for key in [k for k in train[0] if k.startswith("loss")]:
+        for key in [k for k in _keys(train) if k.startswith("loss")]:
             axes[0].plot(its, [r.get(key, np.nan) for r in train], label=key)
         axes[0].set_yscale("log")
         axes[0].legend(fontsize=7)
     axes[0].set(title="training loss", xlabel="iteration")
     if evals:
         its = [r["iteration"] for r in evals]
-        for key in [k for k in evals[0] if k != "iteration"]:
+        for key in [k for k in _keys(evals) if k != "iteration"]:
             axes[1].plot(its, [r.get(key, np.nan) for r in evals], marker="o", label=key)
         axes[1].legend(fontsize=7)
     axes[1].set(title="evaluation", xlabel="iteration")

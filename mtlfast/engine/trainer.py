@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from mtlfast.backends import use_backend
 from mtlfast.engine import checkpoint as ckpt
-from mtlfast.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from mtlfast.engine.distributed import DistInfo, barrier, cleanup, init_distributed, mean_over_ranks
 from mtlfast.engine.logs import RunLog, plot_curves, plot_predictions
 from mtlfast.engine.sampler import ResumableSampler, SeededDataset
 
@@ -127,7 +128,10 @@ class Trainer:
     ``model.checkpoint_decoder``: activation checkpointing of the model's decoder stages (same losses and
     gradients, less activation memory; :mod:`mtlfast.models.base`).
     A run without ``resume`` refuses an ``output_dir`` that holds a checkpoint (``last.pt``): it would overwrite
-    it and append to its logs. ``logs=False`` (``mtlfast eval``): no run log, so that loading a checkpoint
+    it and append to its logs. A resume whose config differs from the checkpoint's lists the changes on stderr and
+    follows the config (optim.lr, weight_decay and momentum included; another optim.name is refused).
+    Training rows: losses averaged over the ranks; ``images_per_s`` end to end, split into ``data_s`` (waiting for
+    the loader) and ``step_s`` on rank 0. ``logs=False`` (``mtlfast eval``): no run log, so that loading a checkpoint
     neither creates ``output_dir`` nor cuts its logs back to the checkpoint's iteration as a resume does.
     """
 
@@ -232,8 +236,25 @@ class Trainer:
         self.scheduler.load_state_dict(payload["scheduler"])
         self.iteration, self.epoch, self.batch_in_epoch = payload["iteration"], payload["epoch"], payload["batch_in_epoch"]
         ckpt.set_rng_state(payload["rng"])
+        self._apply_optim_config()
         if self.log is not None:
+            changes = ckpt.config_changes(payload.get("config", {}), self.config)
+            if changes:
+                print("resume: the config differs from the checkpoint's; the run goes on with the config's values:\n  "
+                      + "\n  ".join(changes), file=sys.stderr)
             self.log.resume_at(self.iteration)
+
+    def _apply_optim_config(self) -> None:
+        """A resumed run takes optim.lr, weight_decay and momentum from its config, not from the loaded optimiser
+        and schedule state (torch restores the checkpoint's base lr, which would silently override optim.lr);
+        the schedule's position is kept. With the checkpoint's own config this sets the values already there."""
+        cfg = self.config["optim"]
+        self.scheduler.base_lrs = [cfg["lr"]] * len(self.optimizer.param_groups)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=cfg["lr"], lr=cfg["lr"] * factor, weight_decay=cfg["weight_decay"])
+            if "momentum" in group:  # sgd
+                group["momentum"] = cfg["momentum"]
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -243,6 +264,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimiser step; returns the losses (total and per task) averaged over the ranks, and the gradient
+        norm before clipping."""
         self.model.train()
         batch = _to_device(batch, self.device)
         labels = {t: batch[t] for t in self.tasks + self.aux_tasks}
@@ -255,10 +278,10 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip else None
         self.optimizer.step()
         self.scheduler.step()
-        row = {"loss": total.item(), **{f"loss_{t}": v.item() for t, v in per_task.items()}}
-        if grad_norm is not None:
-            row["grad_norm"] = grad_norm.item()
-        return row
+        values = {"loss": total, **{f"loss_{t}": v for t, v in per_task.items()}}
+        if grad_norm is not None:  # of the all-reduced gradients: the same on every rank
+            values["grad_norm"] = grad_norm
+        return mean_over_ranks(values, self.dist)
 
     def train(self) -> list[dict[str, float]]:
         """Runs to ``train.iterations``; returns the logged training rows of this call."""
@@ -274,16 +297,18 @@ class Trainer:
         with use_backend(cfg["backend"]) if cfg["backend"] else contextlib.nullcontext():
             while self.iteration < total_its:
                 self.sampler.set_position(self.epoch, self.batch_in_epoch)
+                fetch = time.perf_counter()
                 for batch in self.train_loader:
                     start = time.perf_counter()
                     row = self.train_step(batch)
-                    seconds = time.perf_counter() - start
+                    end = time.perf_counter()
                     self.iteration += 1
                     self.batch_in_epoch += 1
                     if self.batch_in_epoch == self.sampler.batches_per_epoch():
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     row = {"iteration": self.iteration, **row, "lr": self.scheduler.get_last_lr()[0],
-                           "images_per_s": self.config["data"]["batch_size"] * self.dist.world_size / seconds}
+                           "images_per_s": self.config["data"]["batch_size"] * self.dist.world_size / (end - fetch),
+                           "data_s": start - fetch, "step_s": end - start}
                     row.update(_peak_memory_mib(self.device))
                     history.append(row)
                     if not math.isfinite(row["loss"]):
@@ -300,6 +325,7 @@ class Trainer:
                         self.evaluate_and_log()
                     if self.iteration >= total_its:
                         break
+                    fetch = time.perf_counter()  # logging, checkpoints and evaluations count in no step's time
                 if self.batch_in_epoch != 0 and self.iteration < total_its:  # sampler exhausted mid-count
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         if bar is not None:
