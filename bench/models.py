@@ -2,9 +2,9 @@
 
 For each model setting (method, backbone, dataset input size, paper batch size) and each path
 (``kernels``: backend ``auto``; ``reference``: backend ``reference``; ``kernels_checkpointed``: backend ``auto``
-with ``model.checkpoint_decoder``, the configuration that the exact activation counts of
-``mtlfast info --models --activations`` show is needed for large memory savings outside TPIM), in bf16
-autocast on a GPU:
+with every activation checkpoint on, ``model.set_checkpointing(True)``: the decoder stages and the ViT/Swin
+backbone blocks, the configuration that the exact activation counts of ``mtlfast info --models --activations``
+show is needed for large memory savings outside TPIM), in bf16 autocast on a GPU:
 
 - one training step (forward + backward + optimiser step): median time, images/s, peak memory;
 - one inference forward: median time, images/s, peak memory;
@@ -80,12 +80,12 @@ class _Runner:
     """A model with its loss and optimiser, and closures for a training step and an inference forward."""
 
     def __init__(self, setting: ModelSetting, device: torch.device, state: dict | None,
-                 checkpoint_decoder: bool = False):
+                 checkpointed: bool = False):
         from mtlfast.losses import MultiTaskLoss
 
         self.setting, self.device = setting, device
         self.model = setting.create().to(device)
-        self.model.checkpoint_decoder = checkpoint_decoder
+        self.model.set_checkpointing(checkpointed)
         if state is not None:
             self.model.load_state_dict(state)
         self.loss = MultiTaskLoss.for_model(self.model)
@@ -211,7 +211,7 @@ def run_setting(setting: ModelSetting, device: torch.device, *, quick: bool, fin
         try:
             with use_backend(backend):
                 torch.manual_seed(0)
-                runner = _Runner(setting, device, state, checkpoint_decoder=checkpointed)
+                runner = _Runner(setting, device, state, checkpointed=checkpointed)
                 state = state or {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
                 images, labels = runner.batch(setting.batch)
                 train_ms = _median_ms(lambda: runner.train_step(images, labels), device, reps, warmup)

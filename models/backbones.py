@@ -35,6 +35,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from mtlfast.nn.common import checkpoint_stage
+
 __all__ = ["BACKBONES", "Backbone", "backbone_names", "timm_unusable"]
 
 
@@ -113,11 +115,14 @@ class _PlainPyramid(nn.Module):
             self.stages.append(nn.Sequential(*conv(cin, cout, 2), *conv(cout, cout, 1)))
         self.channels = list(widths)
 
+        self.grad_checkpointing = False
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         feats = []
         x = images
         for stage in self.stages:
-            x = stage(x)
+            x = checkpoint_stage(stage, x) if self.grad_checkpointing and torch.is_grad_enabled() and self.training \
+                else stage(x)
             feats.append(x)
         return feats
 
@@ -210,6 +215,42 @@ class Backbone(nn.Module):
             self.strides = list(info.reduction())
         if len(self.channels) != 4:
             raise RuntimeError(f"backbone {name}: expected 4 feature levels, timm returned {len(self.channels)}")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the encoder block by block (each block's input is kept, the rest recomputed
+        in the backward; same outputs and gradients). ViT and Swin: timm's own per-block checkpointing
+        (non-reentrant ``torch.utils.checkpoint``; their blocks hold LayerNorms only). ``convnet_tiny``: per stage
+        through :func:`mtlfast.nn.common.checkpoint_stage`, which keeps BatchNorm statistics to one update.
+        Refused for HRNet (timm has none) and ResNet (timm's would update BatchNorm statistics twice)."""
+        if self.family == "plain":
+            self.encoder.grad_checkpointing = enable
+            return
+        flags = self._timm_flags()
+        if not flags:
+            why = {"hrnet": "timm's HRNet has no block checkpointing",
+                   "resnet": "timm checkpoints its layers without guarding BatchNorm statistics (updated twice)"}
+            raise ValueError(f"checkpoint_backbone: not supported for backbone {self.name} "
+                             f"({why.get(self.family, 'this timm version has no per-block checkpointing')}); "
+                             f"supported: ViT, Swin and convnet_tiny backbones (model.checkpoint_decoder works for "
+                             f"every backbone)")
+        for module in flags:
+            module.grad_checkpointing = enable
+
+    def _timm_flags(self) -> list[nn.Module]:
+        """The timm modules whose ``grad_checkpointing`` flag checkpoints blocks (ViT, Swin; [] otherwise)."""
+        if self.family not in ("vit", "swin"):
+            return []
+        return [m for m in self.encoder.modules() if m is not self.encoder and hasattr(m, "grad_checkpointing")]
+
+    @property
+    def supports_grad_checkpointing(self) -> bool:
+        return self.family == "plain" or bool(self._timm_flags())
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        if self.family == "plain":
+            return self.encoder.grad_checkpointing
+        return any(m.grad_checkpointing for m in self._timm_flags())
 
     @property
     def single_scale(self) -> bool:

@@ -27,8 +27,11 @@ Interface (every model returned by :func:`mtlfast.models.create_model`):
   stage's intermediate activations are freed after the forward and recomputed in the backward, at the cost
   of a second forward of the decoder. Outputs, losses, gradients and buffers (BatchNorm statistics, SEM's
   EM bases: updated once, as without checkpointing) are those of the plain model; in eval mode or under
-  ``torch.no_grad`` nothing changes. The backbone is not checkpointed (timm's ``set_grad_checkpointing``
-  does that for its models). Which calls are stages is listed in each model's docstring.
+  ``torch.no_grad`` nothing changes. Which calls are stages is listed in each model's docstring.
+- ``model.checkpoint_backbone`` (option ``checkpoint_backbone=False``, config key ``model.checkpoint_backbone``;
+  settable on a built model): the backbone's blocks checkpointed one by one
+  (:meth:`mtlfast.models.backbones.Backbone.set_grad_checkpointing`: ViT, Swin, convnet_tiny; HRNet and ResNet
+  refuse), what ViT models need beside ``checkpoint_decoder``, whose activations are mostly the backbone's.
 
 Constructors are registered with :func:`method`, which also checks the keyword arguments: an unknown
 option, task, dataset or backbone is a ``ValueError`` that lists the valid choices.
@@ -97,6 +100,24 @@ class MultiTaskModel(nn.Module):
         self.backbone = backbone
         self.checkpoint_decoder = False
 
+    @property
+    def checkpoint_backbone(self) -> bool:
+        """Activation checkpointing of the backbone's blocks (:meth:`Backbone.set_grad_checkpointing`; ViT, Swin
+        and convnet_tiny), on top of or without ``checkpoint_decoder``."""
+        return self.backbone.grad_checkpointing
+
+    @checkpoint_backbone.setter
+    def checkpoint_backbone(self, enable: bool) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+    def set_checkpointing(self, enable: bool) -> None:
+        """Every activation checkpoint the model has on or off: the decoder stages (``checkpoint_decoder``) and,
+        where the backbone supports it, its blocks (``checkpoint_backbone``). The least-memory training
+        configuration that ``mtlfast bench --models`` and ``mtlfast info --models --activations`` compare."""
+        self.checkpoint_decoder = enable
+        if self.backbone.supports_grad_checkpointing:
+            self.checkpoint_backbone = enable
+
     def stage(self, fn: Callable, *args):
         """``fn(*args)``, one stage after the backbone; with ``checkpoint_decoder`` on, in training mode with
         gradients enabled, under activation checkpointing (:func:`mtlfast.nn.common.checkpoint_stage`)."""
@@ -114,26 +135,30 @@ class MultiTaskModel(nn.Module):
 def method(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Registers a model constructor ``fn(tasks, *, backbone, dataset, ...)`` under ``name`` and wraps it so
     that an unknown keyword argument is a ValueError listing the valid ones. Every method also takes
-    ``checkpoint_decoder=False`` (set on the built :class:`MultiTaskModel`, see the module docstring)."""
+    ``checkpoint_decoder=False`` and ``checkpoint_backbone=False`` (set on the built :class:`MultiTaskModel`, see
+    the module docstring)."""
 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         signature = inspect.signature(fn).parameters.values()
-        params = [p.name for p in signature if p.kind is p.KEYWORD_ONLY] + ["checkpoint_decoder"]
+        params = [p.name for p in signature if p.kind is p.KEYWORD_ONLY] + ["checkpoint_decoder", "checkpoint_backbone"]
         default_dataset = next(p.default for p in signature if p.name == "dataset")
 
         @functools.wraps(fn)
-        def build(tasks, *, checkpoint_decoder: bool = False, **cfg):
+        def build(tasks, *, checkpoint_decoder: bool = False, checkpoint_backbone: bool = False, **cfg):
             unknown = sorted(set(cfg) - set(params))
             if unknown:
                 raise ValueError(f"create_model({name!r}): unknown option(s) {', '.join(unknown)}; "
                                  f"valid options: {', '.join(params)}")
-            if not isinstance(checkpoint_decoder, bool):
-                raise TypeError(f"checkpoint_decoder: expected true or false, got {checkpoint_decoder!r}")
+            for option, value in (("checkpoint_decoder", checkpoint_decoder), ("checkpoint_backbone", checkpoint_backbone)):
+                if not isinstance(value, bool):
+                    raise TypeError(f"{option}: expected true or false, got {value!r}")
             if isinstance(tasks, str):
                 tasks = [tasks]
             check_tasks(tasks, cfg.get("dataset", default_dataset))  # before the backbone is built
             model = fn(list(tasks), **cfg)
             model.checkpoint_decoder = checkpoint_decoder
+            if checkpoint_backbone:
+                model.checkpoint_backbone = True
             return model
 
         build.options = params

@@ -91,7 +91,8 @@ SETTINGS = _settings()
 
 
 #: The training paths compared, by :func:`saved_activations` here and by ``mtlfast bench --models`` on a GPU:
-#: name -> (backend, model.checkpoint_decoder).
+#: name -> (backend, every activation checkpoint on: ``MultiTaskModel.set_checkpointing``, the decoder stages and
+#: the backbone's blocks where supported, i.e. ViT and Swin).
 PATHS = {"reference": ("reference", False), "kernels": ("auto", False), "kernels_checkpointed": ("auto", True)}
 
 
@@ -99,8 +100,8 @@ def saved_activations(setting: SummarySetting, *, batch: int = 1, dtype: torch.d
                       paths: tuple[str, ...] = tuple(PATHS)) -> dict[str, int]:
     """Bytes of the activations one training forward (``forward_train``, all outputs incl. deep supervision)
     of ``batch`` images keeps for the backward, in ``dtype``, per path of :data:`PATHS`: the
-    reference ops, the GPU kernel path (backend auto as on a GPU), and the kernel path with the decoder stages
-    checkpointed (``checkpoint_decoder``; their inputs count). See the module docstring."""
+    reference ops, the GPU kernel path (backend auto as on a GPU), and the kernel path with every activation
+    checkpoint on (decoder stages; ViT/Swin backbone blocks; their inputs count). See the module docstring."""
     from mtlfast.bench.harness import saved_activation_bytes
 
     counts = {}
@@ -109,7 +110,7 @@ def saved_activations(setting: SummarySetting, *, batch: int = 1, dtype: torch.d
         backend, checkpointed = PATHS[path]
         with torch.device("meta"):
             model = setting.create().to(dtype).train()
-        model.checkpoint_decoder = checkpointed
+        model.set_checkpointing(checkpointed)
         state = [*model.parameters(), *model.buffers()]
         with meta_planning("cuda"), use_backend(backend):
             counts[path] = saved_activation_bytes(model.forward_train, {"images": images}, exclude=state)

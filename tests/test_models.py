@@ -333,9 +333,9 @@ def test_saved_activations_on_meta_match_a_real_run(method):
     """models.summary.saved_activations counts on meta tensors, with the backends planned as on a GPU, exactly
     the bytes a real forward keeps for the backward: float32 on CPU tensors, the reference path, the kernel
     path (Triton through the interpreter here, deform_sample's C++ kernel: the same saved tensors as the GPU
-    backends) and the kernel path with the decoder checkpointed, which keeps less. (At this tiny size the
-    kernels' logsumexp and outputs can outweigh the reference's attention maps; the paper-size counts are in
-    bench/results/activations/.)"""
+    backends) and the kernel path with every checkpoint on (decoder and backbone stages), which keeps less.
+    (At this tiny size the kernels' logsumexp and outputs can outweigh the reference's attention maps; the
+    paper-size counts are in bench/results/activations/.)"""
     from mtlfast.models.summary import PATHS, SummarySetting, saved_activations
 
     setting = SummarySetting(method, "convnet_tiny", "nyud", ("semseg", "depth"), kwargs=SMALL[method], size=(64, 64))
@@ -343,7 +343,7 @@ def test_saved_activations_on_meta_match_a_real_run(method):
     images = torch.randn(2, 3, 64, 64, device=DEVICE)  # (BatchNorm needs two values per channel in training)
     for path, (backend, checkpointed) in PATHS.items():  # on a GPU, auto there is the path planned on meta
         model = setting.create().train().to(DEVICE)
-        model.checkpoint_decoder = checkpointed
+        model.set_checkpointing(checkpointed)
         state = [*model.parameters(), *model.buffers()]
         real_backend, per_op = ("reference", {}) if backend == "reference" else KERNEL_PATH
         with mtlfast.use_backend(real_backend, **per_op):
@@ -373,6 +373,74 @@ def test_gpu_kernel_path_runs_kernels_at_paper_sizes(method, dataset, monkeypatc
     setting = SummarySetting(method, "convnet_tiny", dataset, NYUD if dataset == "nyud" else PASCAL)
     saved_activations(setting, paths=("kernels",))
     assert chosen and not [c for c in chosen if c[1] == "reference"], sorted(set(chosen))
+
+
+#: Backbones with block checkpointing: convnet_tiny everywhere, small timm ViT (also without the pyramid) and Swin
+#: where timm imports.
+_CHECKPOINTED_BACKBONES = {
+    "convnet_tiny": ("baseline", {}),
+    "vit_t": ("sem", {"backbone_kwargs": {"depth": 4, "embed_dim": 32, "num_heads": 2}}),
+    "vit_t-single-scale": ("bridgenet", {"backbone_kwargs": {"depth": 4, "embed_dim": 32, "num_heads": 2,
+                                                             "vit_pyramid": False}, "stage_dims": [16, 16, 16]}),
+    "swin_t": ("tif", {"backbone_kwargs": {"embed_dim": 16, "depths": (1, 2, 1, 1), "num_heads": (1, 1, 2, 2)}}),
+}
+
+
+@pytest.mark.parametrize("backbone", [pytest.param(name, marks=[] if name == "convnet_tiny" else [needs_timm])
+                                      for name in _CHECKPOINTED_BACKBONES])
+def test_checkpoint_backbone_changes_memory_only(backbone):
+    """model.checkpoint_backbone (the backbone's blocks checkpointed one by one: our stages for convnet_tiny,
+    timm's per-block checkpoints for ViT and Swin): one float64 training step gives the plain model's outputs,
+    gradients, parameters and buffers (convnet_tiny's BatchNorm statistics updated once), and the forward keeps
+    fewer bytes for the backward, counting what the checkpoints keep as their inputs (timm's included)."""
+    from mtlfast.bench.harness import saved_activation_bytes
+
+    method, kwargs = _CHECKPOINTED_BACKBONES[backbone]
+    kwargs = {**SMALL.get(method, {}), **kwargs}
+    if method != "baseline":
+        kwargs["img_size"] = 64
+    torch.manual_seed(0)
+    plain = create_model(method, ["semseg", "depth"], backbone=backbone.split("-")[0], dataset="nyud",
+                         **kwargs).double().train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.checkpoint_backbone = True
+    assert checkpointed.checkpoint_backbone and not plain.checkpoint_backbone
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    results = []
+    for model in (plain, checkpointed):
+        with mtlfast.use_backend("reference"):
+            counted = copy.deepcopy(model)
+            saved = saved_activation_bytes(counted.forward_train, {"images": images},
+                                           exclude=[*counted.parameters(), *counted.buffers()])
+            preds, _ = model.forward_train(images)
+            loss = sum(p.square().mean() for p in preds.values())
+            model.zero_grad()
+            loss.backward()
+        results.append((preds, {n: p.grad.clone() for n, p in model.named_parameters()}, saved))
+    exact = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1][0], results[0][0], **exact)
+    torch.testing.assert_close(results[1][1], results[0][1], **exact)
+    torch.testing.assert_close(checkpointed.state_dict(), plain.state_dict(), **exact)  # BatchNorm statistics too
+    assert results[1][2] < results[0][2], (results[1][2], results[0][2])
+    print(f"{backbone}: saved {results[0][2]} -> {results[1][2]} bytes")
+
+
+def test_checkpoint_backbone_option_and_refusals():
+    model = create_model("baseline", ["semseg"], backbone="convnet_tiny", checkpoint_backbone=True)
+    assert model.checkpoint_backbone and model.backbone.encoder.grad_checkpointing
+    with pytest.raises(TypeError, match="checkpoint_backbone: expected true or false"):
+        create_model("baseline", ["semseg"], backbone="convnet_tiny", checkpoint_backbone=1)
+    model.set_checkpointing(False)
+    assert not model.checkpoint_backbone and not model.checkpoint_decoder
+    model.set_checkpointing(True)
+    assert model.checkpoint_backbone and model.checkpoint_decoder
+    if TIMM_UNUSABLE is None:
+        for name in ("hrnet_w18_small_v2", "resnet18"):
+            with pytest.raises(ValueError, match=f"checkpoint_backbone: not supported for backbone {name}"):
+                create_model("baseline", ["semseg"], backbone=name, checkpoint_backbone=True)
+        model = create_model("baseline", ["semseg"], backbone="resnet18")
+        model.set_checkpointing(True)  # the decoder only
+        assert model.checkpoint_decoder and not model.checkpoint_backbone
 
 
 def test_checkpoint_decoder_option():

@@ -321,12 +321,15 @@ def _run(tmp_path, name, extra):
 
 
 def test_checkpoint_decoder_trains_like_the_plain_model(tmp_path):
-    """model.checkpoint_decoder=true through the trainer: 2 iterations of SEM (EM bases + BatchNorm buffers in
-    every checkpointed decoder stage) give the losses, weights and buffers of the plain run."""
+    """model.checkpoint_decoder=true and model.checkpoint_backbone=true through the trainer: 2 iterations of SEM
+    (EM bases + BatchNorm buffers in every checkpointed decoder stage, BatchNorm in every convnet_tiny stage) give
+    the losses, weights and buffers of the plain run."""
     sem = ["model.name=sem", "model.kwargs={dim: 16, num_bases: 8, em_iters: 2}"]
     plain_rows, plain = _run(tmp_path, "plain", sem)
-    rows, trainer = _run(tmp_path, "checkpointed", sem + ["model.checkpoint_decoder=true"])
+    rows, trainer = _run(tmp_path, "checkpointed", sem + ["model.checkpoint_decoder=true",
+                                                          "model.checkpoint_backbone=true"])
     assert trainer.model.checkpoint_decoder and not plain.model.checkpoint_decoder
+    assert trainer.model.checkpoint_backbone and not plain.model.checkpoint_backbone
     assert [r["loss"] for r in rows] == [r["loss"] for r in plain_rows] and len(rows) == 2
     ours, theirs = trainer.model.state_dict(), plain.model.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
         "pretrained": None,         # local path only; nothing downloads
         "checkpoint_decoder": False,  # activation checkpointing of the stages after the backbone (less memory,
                                       # one more decoder forward per step; same numbers), see mtlfast.models.base
+        "checkpoint_backbone": False,  # activation checkpointing of the backbone's blocks (ViT, Swin, convnet_tiny)
         "kwargs": {},               # method options, e.g. aux_tasks: [edge, normals] (mtinet, padnet, tpim)
     },
     "optim": {

@@ -76,8 +76,9 @@ def _aux_tasks(model_cfg: dict, tasks: list[str], dataset: str) -> list[str]:
     from mtlfast.models.base import check_aux_tasks
     from mtlfast.models.registry import model_options
 
-    if "checkpoint_decoder" in model_cfg["kwargs"]:
-        raise ValueError("model.kwargs.checkpoint_decoder: set model.checkpoint_decoder instead")
+    for option in ("checkpoint_decoder", "checkpoint_backbone"):
+        if option in model_cfg["kwargs"]:
+            raise ValueError(f"model.kwargs.{option}: set model.{option} instead")
     aux = model_cfg["kwargs"].get("aux_tasks") or []
     aux = [aux] if isinstance(aux, str) else list(aux)
     if not aux:
@@ -125,8 +126,8 @@ class Trainer:
     ``self.tasks`` stays the main tasks: the validation set, metrics, Δm and prediction images are for
     them only; checkpoints hold the whole model (auxiliary heads included, so that training resumes) and a
     checkpoint only loads with the same aux_tasks.
-    ``model.checkpoint_decoder``: activation checkpointing of the model's decoder stages (same losses and
-    gradients, less activation memory; :mod:`mtlfast.models.base`).
+    ``model.checkpoint_decoder`` / ``model.checkpoint_backbone``: activation checkpointing of the model's decoder
+    stages / backbone blocks (same losses and gradients, less activation memory; :mod:`mtlfast.models.base`).
     A run without ``resume`` refuses an ``output_dir`` that holds a checkpoint (``last.pt``): it would overwrite
     it and append to its logs. A resume whose config differs from the checkpoint's lists the changes on stderr and
     follows the config (optim.lr, weight_decay and momentum included; another optim.name is refused).
@@ -176,6 +177,7 @@ class Trainer:
         model_cfg = config["model"]
         self.model = create_model(model_cfg["name"], self.tasks, backbone=model_cfg["backbone"], dataset=self.dataset,
                                   pretrained=model_cfg["pretrained"], checkpoint_decoder=model_cfg["checkpoint_decoder"],
+                                  checkpoint_backbone=model_cfg["checkpoint_backbone"],
                                   **model_cfg["kwargs"])
         if train_cfg["sync_bn"] and self.device.type != "cuda":
             raise ValueError("train.sync_bn: torch's SyncBatchNorm runs on CUDA only; set train.sync_bn=false on CPU")

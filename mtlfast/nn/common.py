@@ -9,7 +9,6 @@ order (``x.flatten(2).transpose(1, 2)``); multi-head tensors are (B, heads, N, C
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -301,21 +300,24 @@ class _RecomputeContext:
             self.replay._load(module, values)
 
 
-_checkpoint_inputs: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
-    "mtlfast_checkpoint_inputs", default=None)
-
-
 @contextlib.contextmanager
 def record_checkpoint_inputs() -> Iterator[list[torch.Tensor]]:
-    """Yields a list that collects the tensor arguments of every :func:`checkpoint_stage` call in the block:
-    what checkpointing keeps alive for the recomputation, which no saved-tensor hook sees (memory accounting:
-    bench.harness.saved_activation_bytes)."""
+    """Yields a list that collects the tensor arguments of every activation checkpoint taken in the block
+    (``torch.utils.checkpoint.checkpoint``: :func:`checkpoint_stage`'s and timm's per-block ones alike): what
+    checkpointing keeps alive for the recomputation, which no saved-tensor hook sees (memory accounting:
+    bench.harness.saved_activation_bytes). The function is wrapped process-wide while the block runs."""
     recorded: list[torch.Tensor] = []
-    token = _checkpoint_inputs.set(recorded)
+    plain = torch.utils.checkpoint.checkpoint
+
+    def recording(function, *args, **kwargs):
+        recorded.extend(t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
+        return plain(function, *args, **kwargs)
+
+    torch.utils.checkpoint.checkpoint = recording
     try:
         yield recorded
     finally:
-        _checkpoint_inputs.reset(token)
+        torch.utils.checkpoint.checkpoint = plain
 
 
 def checkpoint_stage(fn: Callable[..., Any], *args: Any) -> Any:
@@ -338,8 +340,5 @@ def checkpoint_stage(fn: Callable[..., Any], *args: Any) -> Any:
     while ``fn`` runs (a module run by another thread at that moment would be copied needlessly, not
     harmed); collectives inside ``fn`` (SyncBatchNorm under DDP) run again in the backward on every rank.
     """
-    recorded = _checkpoint_inputs.get()
-    if recorded is not None:
-        recorded.extend(t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
     replay = _BufferReplay()
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=replay.contexts)
