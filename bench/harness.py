@@ -214,27 +214,42 @@ def peak_memory_cuda(run: Callable[[], None], leaves: Sequence[torch.Tensor] = (
     return torch.cuda.max_memory_allocated() - base
 
 
-def saved_activation_bytes(fn, inputs, exclude: Sequence[torch.Tensor] = ()) -> int:
+def saved_activation_bytes(fn, inputs, exclude: Sequence[torch.Tensor] = (),
+                           recomputed: list[int] | None = None) -> int:
     """Bytes of the distinct storages kept for the backward while ``fn(**inputs)`` runs: what autograd saves
-    (pack hooks) and the inputs of activation-checkpointed stages (mtlfast.nn.common.checkpoint_stage keeps
-    them for the recomputation; no pack hook sees them). The inputs' own storages and those of ``exclude``
-    (e.g. a model's parameters and buffers) are not counted. Works on meta tensors."""
-    from mtlfast.nn.common import record_checkpoint_inputs
+    (pack hooks) and the inputs of activation checkpoints (``torch.utils.checkpoint``, e.g.
+    mtlfast.nn.common.checkpoint_stage: kept for the recomputation; no pack hook sees them). The inputs' own
+    storages and those of ``exclude`` (e.g. a model's parameters and buffers) are not counted. Works on meta
+    tensors. ``recomputed``: a list that gets, per checkpoint taken, the bytes its recomputation saves in the
+    backward, on top of the returned count while that checkpoint's backward runs (its function run again on its
+    inputs: meant for meta tensors, since on real ones a second forward updates buffers such as BatchNorm's)."""
+    from mtlfast.nn.common import record_checkpoints
 
     own = {t.untyped_storage()._cdata for t in [*inputs.values(), *exclude] if isinstance(t, torch.Tensor)}
+
+    def tally(seen: dict[int, int], skip: set[int]):
+        def keep(t):
+            storage = t.untyped_storage()
+            if storage._cdata not in skip:
+                seen[storage._cdata] = storage.nbytes()
+            return t
+        return keep
+
     seen: dict[int, int] = {}
-
-    def keep(t):
-        storage = t.untyped_storage()
-        if storage._cdata not in own:
-            seen[storage._cdata] = storage.nbytes()
-        return t
-
-    with record_checkpoint_inputs() as stage_inputs, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    keep = tally(seen, own)
+    with record_checkpoints() as calls, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         out = fn(**inputs)
-    for t in stage_inputs:
-        keep(t)
+    for _, args, _ in calls:
+        for t in torch.utils._pytree.tree_leaves(args):
+            if isinstance(t, torch.Tensor):
+                keep(t)
     del out
+    for function, args, kwargs in calls if recomputed is not None else ():
+        kept = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)}
+        inner: dict[int, int] = {}
+        with torch.autograd.graph.saved_tensors_hooks(tally(inner, own | kept), lambda t: t):
+            function(*args, **kwargs)
+        recomputed.append(sum(inner.values()))
     return sum(seen.values())
 
 

@@ -1,4 +1,5 @@
-"""Shared encoders: timm models with ``features_only``, returning a 4-level feature pyramid.
+"""Shared encoders: timm models with ``features_only`` (and the timm-free ``convnet_tiny``), returning a 4-level
+feature pyramid.
 
 ``Backbone(name)(images)`` -> ``[f0, f1, f2, f3]``, f_i (B, channels[i], ~H/strides[i], ~W/strides[i]),
 strides (4, 8, 16, 32) for every supported backbone (a ViT with ``vit_pyramid=False``: 16, 16, 16, 16):
@@ -19,12 +20,14 @@ strides (4, 8, 16, 32) for every supported backbone (a ViT with ``vit_pyramid=Fa
   position embedding is interpolated, the image padded to a multiple of 16). With ``vit_pyramid=False``
   the four maps are returned as they are (all at stride 16, width D; ``single_scale`` is True), as the
   official BridgeNet code uses them (only :mod:`mtlfast.models.bridgenet` accepts such a backbone).
+- ``convnet_tiny``: a small CNN written here (32/64/128/256 channels), not a paper backbone, for CPU runs and
+  the synthetic default; it needs no timm.
 
 Weights: ``pretrained`` is None (random init) or a local file (a timm/ImageNet state dict, ``.pth``/
 ``.bin``/``.safetensors``), loaded through timm's own filter (position-embedding resampling, dropping the
 classifier). Nothing is ever downloaded: ``pretrained=True`` is refused.
 
-timm is imported when a backbone is built (``import mtlfast.models`` works without it).
+timm is imported when a timm backbone is built (``import mtlfast.models`` works without it).
 """
 from __future__ import annotations
 
@@ -161,7 +164,7 @@ class _VitPyramid(nn.Module):
 
 
 class Backbone(nn.Module):
-    """A timm encoder returning the 4-level pyramid described in the module docstring.
+    """An encoder (timm, or ``convnet_tiny``) returning the 4-level pyramid described in the module docstring.
 
     ``name``: a key of :data:`BACKBONES` (or its timm name); ``pretrained``: None or a local weight file;
     ``img_size``: the training input size (Swin/ViT position tables are built for it);

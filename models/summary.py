@@ -101,7 +101,10 @@ def saved_activations(setting: SummarySetting, *, batch: int = 1, dtype: torch.d
     """Bytes of the activations one training forward (``forward_train``, all outputs incl. deep supervision)
     of ``batch`` images keeps for the backward, in ``dtype``, per path of :data:`PATHS`: the
     reference ops, the GPU kernel path (backend auto as on a GPU), and the kernel path with every activation
-    checkpoint on (decoder stages; ViT/Swin backbone blocks; their inputs count). See the module docstring."""
+    checkpoint on (decoder stages; ViT/Swin backbone blocks; their inputs count), with, under
+    ``<path>_recompute``, what the largest recomputation saves on top of that while its backward runs (so
+    ``<path> + <path>_recompute`` bounds the saved bytes alive at any time of the backward). See the module
+    docstring."""
     from mtlfast.bench.harness import saved_activation_bytes
 
     counts = {}
@@ -112,8 +115,12 @@ def saved_activations(setting: SummarySetting, *, batch: int = 1, dtype: torch.d
             model = setting.create().to(dtype).train()
         model.set_checkpointing(checkpointed)
         state = [*model.parameters(), *model.buffers()]
+        recomputed: list[int] = []
         with meta_planning("cuda"), use_backend(backend):
-            counts[path] = saved_activation_bytes(model.forward_train, {"images": images}, exclude=state)
+            counts[path] = saved_activation_bytes(model.forward_train, {"images": images}, exclude=state,
+                                                  recomputed=recomputed)
+        if checkpointed:
+            counts[f"{path}_recompute"] = max(recomputed, default=0)
     return counts
 
 
@@ -147,7 +154,7 @@ def format_table(rows: list[dict]) -> str:
     saved = any(r.get("saved_mb") for r in rows)
     header = f"{'method':<12}{'backbone':<20}{'dataset':<8}{'tasks':<38}{'input':<10}{'params (M)':>11}{'GFLOPs':>10}"
     if saved:
-        header += f"{'saved MB: ref':>15}{'kernels':>9}{'ratio':>7}{'+ckpt':>7}{'ratio':>7}"
+        header += f"{'saved MB: ref':>15}{'kernels':>9}{'ratio':>7}{'+ckpt':>7}{'ratio':>7}{'+recomp':>9}{'ratio':>7}"
     lines = [header, "-" * len(header)]
     for r in rows:
         tasks = ",".join(r["tasks"]) + ("+aux:" + ",".join(r["options"]["aux_tasks"]) if r["options"].get("aux_tasks")
@@ -157,7 +164,9 @@ def format_table(rows: list[dict]) -> str:
                 f"{'x'.join(map(str, r['input'])):<10}{r['params_m']:>11.2f}{gflops:>10}")
         if saved and r.get("saved_mb"):
             mb = r["saved_mb"]
+            peak = mb["kernels_checkpointed"] + mb["kernels_checkpointed_recompute"]
             line += (f"{mb['reference']:>15.0f}{mb['kernels']:>9.0f}{mb['kernels'] / mb['reference']:>7.2f}"
-                     f"{mb['kernels_checkpointed']:>7.0f}{mb['kernels_checkpointed'] / mb['reference']:>7.2f}")
+                     f"{mb['kernels_checkpointed']:>7.0f}{mb['kernels_checkpointed'] / mb['reference']:>7.2f}"
+                     f"{peak:>9.0f}{peak / mb['reference']:>7.2f}")
         lines.append(line)
     return "\n".join(lines)

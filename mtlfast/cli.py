@@ -347,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--no-flops", action="store_true", help="with --models: parameters only (faster)")
     info.add_argument("--activations", action="store_true",
                       help="with --models: the activation bytes one training forward keeps for the backward on "
-                           "the reference path, the GPU kernel path and with the decoder checkpointed (exact, "
-                           "counted on meta tensors; no GPU needed)")
+                           "the reference path, the GPU kernel path and with every activation checkpoint on (decoder "
+                           "stages, ViT/Swin blocks; plus its largest recomputation) (exact, counted on meta "
+                           "tensors; no GPU needed)")
     info.add_argument("--out", metavar="FILE", help="with --models: also write the table as JSON, with versions")
     info.set_defaults(func=_cmd_info)
 

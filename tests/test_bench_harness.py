@@ -58,6 +58,32 @@ def _two_case_benchmark(calls):
                              [harness.Provider("mtlfast", double), harness.Provider("eager", double)])
 
 
+def test_saved_activation_bytes_counts_checkpoint_inputs_and_recomputations():
+    """Two checkpointed segments (timm-style plain torch.utils.checkpoint, and checkpoint_stage) and one plain
+    one: the count holds each checkpoint's input and the plain segment's saved tensors; ``recomputed`` gets what
+    each segment saves when it runs again in the backward, equal to the segment's own count run plainly."""
+    from mtlfast.nn.common import checkpoint_stage
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Sequential(torch.nn.Linear(n, 2 * n), torch.nn.GELU(), torch.nn.Linear(2 * n, 8))
+              for n in (8, 8, 8)]
+    params = [p for layer in layers for p in layer.parameters()]
+
+    def fn(x):
+        a = torch.utils.checkpoint.checkpoint(layers[0], x, use_reentrant=False)
+        b = checkpoint_stage(layers[1], a.tanh())
+        return layers[2](b.tanh())
+
+    x = torch.randn(5, 8, requires_grad=True)
+    recomputed = []
+    total = harness.saved_activation_bytes(fn, {"x": x}, exclude=params, recomputed=recomputed)
+    plain = [harness.saved_activation_bytes(layer, {"input": torch.randn(5, 8)}, exclude=params) for layer in layers]
+    assert recomputed == plain[:2] and all(plain)
+    # kept: the two tanh outputs (5x8 float32; tanh's backward keeps them, the second checkpoint and the plain
+    # segment take them as inputs: one storage each) and what the plain segment saves past its input
+    assert total == 2 * 5 * 8 * 4 + plain[2], (total, plain)
+
+
 def test_time_budget_and_resume():
     """A run whose deadline passes records the cases left as not run (incomplete, every provider and mode) and
     reports each measured case to on_case; a resumed run keeps the measured case's rows (with the run that

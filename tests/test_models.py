@@ -317,7 +317,7 @@ def test_checkpoint_decoder_changes_memory_only(method, monkeypatch):
                and not torch.equal(v, plain.state_dict()[k])]
     assert changed, "the step updated no buffer"
     assert got[3] < ref[3] and got[4] < ref[4], (got[3:5], ref[3:5])
-    assert (got[3], ref[3]) == (got[4], ref[4])  # the harness's count (record_checkpoint_inputs) = this one
+    assert (got[3], ref[3]) == (got[4], ref[4])  # the harness's count (record_checkpoints) = this one
     print(f"{method}: saved {ref[3]} -> {got[3]} bytes, retained {ref[4]} -> {got[4]} bytes, {got[5]} stages")
     calls = []
     monkeypatch.setattr(mtlfast.models.base, "checkpoint_stage", lambda fn, *args: calls.append(fn) or fn(*args))
@@ -821,7 +821,8 @@ def test_summary_table():
 
 def test_summary_table_with_activations():
     """`mtlfast info --models --activations` rows: saved MB per path (the same numbers as saved_activations) and
-    the table's saved-activation columns with both ratios."""
+    the table's saved-activation columns with their ratios, the checkpointed path also with its largest
+    recomputation."""
     from mtlfast.models.summary import SummarySetting, format_table, model_summary, saved_activations
 
     setting = SummarySetting("tpim", "convnet_tiny", "nyud", ("semseg", "depth"), SMALL["tpim"], size=(64, 96))
@@ -829,7 +830,10 @@ def test_summary_table_with_activations():
     assert row["gflops"] is None
     assert row["saved_mb"] == {k: v / 1e6 for k, v in saved_activations(setting).items()}
     mb = row["saved_mb"]
+    assert 0 < mb["kernels_checkpointed_recompute"] < mb["kernels"]  # one stage's recomputation, not the model's
+    peak = mb["kernels_checkpointed"] + mb["kernels_checkpointed_recompute"]
     line = format_table([row]).splitlines()[-1]
     assert line.endswith(f"{mb['reference']:>15.0f}{mb['kernels']:>9.0f}{mb['kernels'] / mb['reference']:>7.2f}"
-                         f"{mb['kernels_checkpointed']:>7.0f}{mb['kernels_checkpointed'] / mb['reference']:>7.2f}")
+                         f"{mb['kernels_checkpointed']:>7.0f}{mb['kernels_checkpointed'] / mb['reference']:>7.2f}"
+                         f"{peak:>9.0f}{peak / mb['reference']:>7.2f}")
     assert "saved MB: ref" in format_table([row])

@@ -22,7 +22,7 @@ from mtlfast.ops._checks import check_positive_int, check_shapes
 from mtlfast.ops.attention import attention
 
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "SEBlock", "FeedForward", "ChannelNorm", "ProjectedAttention",
-           "to_tokens", "to_map", "split_heads", "merge_heads", "resize", "checkpoint_stage", "record_checkpoint_inputs",
+           "to_tokens", "to_map", "split_heads", "merge_heads", "resize", "checkpoint_stage", "record_checkpoints",
            "check_task_names", "check_sizes", "check_task_features"]
 
 
@@ -300,17 +300,22 @@ class _RecomputeContext:
             self.replay._load(module, values)
 
 
+#: torch.utils.checkpoint.checkpoint's own keyword arguments (the others go to the checkpointed function).
+_CHECKPOINT_OPTIONS = ("use_reentrant", "context_fn", "determinism_check", "debug", "preserve_rng_state")
+
+
 @contextlib.contextmanager
-def record_checkpoint_inputs() -> Iterator[list[torch.Tensor]]:
-    """Yields a list that collects the tensor arguments of every activation checkpoint taken in the block
-    (``torch.utils.checkpoint.checkpoint``: :func:`checkpoint_stage`'s and timm's per-block ones alike): what
-    checkpointing keeps alive for the recomputation, which no saved-tensor hook sees (memory accounting:
+def record_checkpoints() -> Iterator[list[tuple[Callable[..., Any], tuple, dict]]]:
+    """Yields a list that collects every activation checkpoint taken in the block (``torch.utils.checkpoint.
+    checkpoint``: :func:`checkpoint_stage`'s and timm's per-block ones alike) as ``(function, args, kwargs)``:
+    the tensors in ``args`` are what checkpointing keeps alive for the recomputation, which no saved-tensor hook
+    sees, and ``function(*args, **kwargs)`` is the recomputation (memory accounting:
     bench.harness.saved_activation_bytes). The function is wrapped process-wide while the block runs."""
-    recorded: list[torch.Tensor] = []
+    recorded: list[tuple[Callable[..., Any], tuple, dict]] = []
     plain = torch.utils.checkpoint.checkpoint
 
     def recording(function, *args, **kwargs):
-        recorded.extend(t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
+        recorded.append((function, args, {k: v for k, v in kwargs.items() if k not in _CHECKPOINT_OPTIONS}))
         return plain(function, *args, **kwargs)
 
     torch.utils.checkpoint.checkpoint = recording

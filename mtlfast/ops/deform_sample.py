@@ -101,6 +101,7 @@ def _register_compiled_ops() -> None:
     torch.library.register_autograd("mtlfast::deform_sample_forward",
                                     _autograd_backward(torch.ops.mtlfast.deform_sample_backward),
                                     setup_context=_setup_context)
+    refuse_double_backward("mtlfast::deform_sample_backward", "deform_sample")
 
 
 if _ext.status().loaded:
