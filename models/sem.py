@@ -8,8 +8,8 @@ stage i (coarsest to finest) the feature is resized bilinearly to encoder stage 
 projected to ``dim`` (1×1 conv + BN + ReLU*, per task), then refined by a lightweight global self-attention
 (spatial-reduction attention as in PVT/SegFormer*: keys/values average-pooled by ``sr_ratios[i]``
 (8, 4, 2, 1 from the finest stage), LayerNorm, ``heads`` heads, residual, FFN with residual), then the
-EMInteraction of that stage across the tasks (K = ``num_bases`` 64, R = ``em_iters`` 5, the best in Fig. 6c,
-EMA momentum 0.9). Head per task: 3×3 conv + BN + ReLU and a 1×1 conv (the "3×3 convolution block" of
+EMInteraction of that stage across the tasks (R = ``em_iters`` 5, the best in Fig. 6c; K = ``num_bases`` 64*,
+EMANet's, as SEM gives no K; EMA momentum 0.9). Head per task: 3×3 conv + BN + ReLU and a 1×1 conv (the "3×3 convolution block" of
 §4.4), resized to the input.
 
 Open values*, with the reason for each default: ``dim`` 256 (our choice; the paper gives no decoder width);
