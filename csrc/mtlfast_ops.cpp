@@ -3,7 +3,6 @@
 #include <Python.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include <algorithm>
 #include <atomic>
@@ -234,11 +233,8 @@ TORCH_LIBRARY_IMPL(mtlfast, CPU, m) {
   m.impl("deform_sample_backward", &deform_sample::backward_cpu);
 }
 
-// The forward's autograd is registered in Python (mtlfast/ops/deform_sample.py); the backward has no
-// derivative: differentiating through it raises instead of silently returning nothing.
-TORCH_LIBRARY_IMPL(mtlfast, Autograd, m) {
-  m.impl("deform_sample_backward", torch::autograd::autogradNotImplementedFallback());
-}
+// Autograd is registered in Python (mtlfast/ops/deform_sample.py): the forward's formula, and for the backward a
+// derivative that raises with the way out (backend="reference"), as for the Triton ops.
 
 #ifdef MTLFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(mtlfast, CUDA, m) {
