@@ -379,12 +379,14 @@ def test_auxiliary_tasks_train_end_to_end(tmp_path):
 
 
 def test_two_process_ddp_with_checkpoint_decoder_matches_the_plain_ddp_run(tmp_path):
-    """model.checkpoint_decoder under DDP (2 processes, gloo): the recomputation in the backward does not
-    disturb DDP's gradient reduction (every parameter reduced once per step, SEM's EM bases and BatchNorm
-    statistics updated once): both ranks end with the weights of the same DDP run without checkpointing."""
+    """model.checkpoint_decoder and model.checkpoint_backbone under DDP (2 processes, gloo): the recomputation in
+    the backward does not disturb DDP's gradient reduction (every parameter reduced once per step, SEM's EM bases
+    and BatchNorm statistics updated once): both ranks end with the weights of the same DDP run without
+    checkpointing."""
     sem = ["model.name=sem", "model.kwargs={dim: 16, num_bases: 8, em_iters: 2}", "train.iterations=2",
            "train.checkpoint_every=2"]
-    for name, extra in (("plain", []), ("checkpointed", ["model.checkpoint_decoder=true"])):
+    for name, extra in (("plain", []), ("checkpointed", ["model.checkpoint_decoder=true",
+                                                         "model.checkpoint_backbone=true"])):
         (tmp_path / name).mkdir()
         _torchrun(tmp_path / name, 2, TINY + ON_CPU + sem + extra + [f"output_dir={tmp_path / name}"])
     weights = {name: [torch.load(tmp_path / name / f"weights_rank{r}.pt") for r in (0, 1)]
