@@ -99,6 +99,32 @@ def test_throughput_counts_the_wait_for_data_but_not_evaluations(tmp_path):
     assert [r["images_per_s"] for r in rows] == pytest.approx([4 / (r["data_s"] + r["step_s"]) for r in rows])
 
 
+def test_loader_workers_change_nothing_but_speed(tmp_path, monkeypatch):
+    """data.num_workers=2 (persistent worker processes, across an epoch boundary and a mid-epoch resume) gives the
+    losses of the in-process loader; `auto` is 0 for synthetic data and the cores per process (<= 8) otherwise."""
+    from mtlfast.engine.trainer import _num_workers
+
+    args = TINY + ON_CPU + ["train.iterations=6", "train.checkpoint_every=3"]
+    plain, _ = _losses(load_config(None, args + [f"output_dir={tmp_path / 'plain'}", "data.num_workers=0"]))
+    workers = load_config(None, args + [f"output_dir={tmp_path / 'workers'}", "data.num_workers=2"])
+    trainer = Trainer(copy.deepcopy(workers), progress=False)
+    assert trainer.num_workers == 2 and trainer.train_loader.persistent_workers
+    trainer.config["train"]["iterations"] = 3
+    first = [r["loss"] for r in trainer.train()]
+    trainer.close()
+    resumed, _ = _losses(workers, resume=str(tmp_path / "workers" / "last.pt"))
+    assert len(plain) == 6 and first + resumed == plain, (plain, first, resumed)
+    assert _num_workers("auto", "synthetic") == 0 and _num_workers(3, "nyud") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(24)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert _num_workers("auto", "nyud") == 6
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert _num_workers("auto", "pascal") == 8
+    for bad in ("two", -1, True, 1.5):
+        with pytest.raises(ValueError, match="data.num_workers: expected auto or an integer >= 0"):
+            _num_workers(bad, "nyud")
+
+
 def test_loss_falls_and_eval_runs(tmp_path):
     config = load_config(None, TINY + [f"output_dir={tmp_path}", "train.iterations=40", "train.checkpoint_every=40",
                                        "optim.lr=3e-3"])

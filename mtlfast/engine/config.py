@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
         "num_train": 512,           # synthetic only: number of generated scenes per split
         "num_val": 64,
         "batch_size": 8,
-        "num_workers": 0,
+        "num_workers": "auto",      # loader processes; auto: 0 for synthetic, else the cores per process (<= 8)
     },
     "model": {
         "name": "baseline",

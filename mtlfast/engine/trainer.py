@@ -100,6 +100,22 @@ def _aux_tasks(model_cfg: dict, tasks: list[str], dataset: str) -> list[str]:
         raise ValueError(f"model.kwargs.{exc}") from None
 
 
+def _num_workers(value, dataset: str) -> int:
+    """``data.num_workers``: an integer >= 0, or ``auto``: 0 for the synthetic dataset (rendered in the training
+    process, cheap next to a step), else the CPU cores this process may use divided among the processes of this
+    node (torchrun's LOCAL_WORLD_SIZE), at most 8: decoding and augmenting NYUD/PASCAL images in the training
+    process would leave the GPU waiting (the log's ``data_s`` shows it). The data order and every sample's
+    augmentation do not depend on it (:mod:`mtlfast.engine.sampler`)."""
+    if value == "auto":
+        if dataset == "synthetic":
+            return 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"data.num_workers: expected auto or an integer >= 0, got {value!r}")
+    return value
+
+
 def _peak_memory_mib(device: torch.device) -> dict[str, float]:
     """The training log's memory column: on CUDA the peak of allocated tensor memory since training started
     (``peak_mem_mib``); on a CPU the process's peak resident set size (``peak_rss_mib``: it includes the
@@ -164,9 +180,11 @@ class Trainer:
                                         rank=self.dist.rank, world_size=self.dist.world_size)
         # a loader draws its workers' base seed from its generator, by default the global RNG: its own keeps the
         # training forward's randomness (dropout, stochastic depth) in the same place after a resume
+        self.num_workers = _num_workers(data_cfg["num_workers"], self.dataset)
         self.train_loader = DataLoader(SeededDataset(self.train_set, config["seed"]), batch_size=data_cfg["batch_size"],
                                        sampler=self.sampler, drop_last=True, collate_fn=collate,
-                                       num_workers=data_cfg["num_workers"], pin_memory=self.device.type == "cuda",
+                                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                       pin_memory=self.device.type == "cuda",
                                        generator=torch.Generator().manual_seed(config["seed"]))
         if self.sampler.batches_per_epoch() < 1:
             raise ValueError(f"data.batch_size={data_cfg['batch_size']} exceeds the {self.sampler.per_rank} "
@@ -347,7 +365,7 @@ class Trainer:
         eval_cfg = self.config["eval"]
         metrics = build_metrics(self.tasks, self.dataset, edge_thresholds=eval_cfg["edge_thresholds"])
         loader = DataLoader(self.val_set, batch_size=self.config["eval"]["batch_size"], shuffle=False,
-                            collate_fn=collate, num_workers=self.config["data"]["num_workers"],
+                            collate_fn=collate, num_workers=self.num_workers,
                             generator=torch.Generator())  # not the global RNG: training goes on after this
         shown = None
         for batch in loader:
