@@ -152,6 +152,7 @@ def test_bf16_autocast_trains_and_logs_throughput_and_memory(tmp_path):
     assert seen == {(True, torch.bfloat16), (False, torch.bfloat16)}
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert all(torch.isfinite(torch.tensor(list(metrics.values()))))
+    assert torch.backends.cudnn.benchmark == (trainer.device.type == "cuda")  # train.cudnn_benchmark, CUDA only
     memory = "peak_mem_mib" if trainer.device.type == "cuda" else "peak_rss_mib"
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 and r[memory] > 0 for r in rows)
     logged = trainer.log.read("train")
@@ -159,6 +160,8 @@ def test_bf16_autocast_trains_and_logs_throughput_and_memory(tmp_path):
     trainer.close()
     with pytest.raises(ValueError, match="train.amp: expected auto, bf16 or off, got 'fp16'"):
         Trainer(load_config(None, TINY + [f"output_dir={tmp_path}", "train.amp=fp16"]), progress=False)
+    with pytest.raises(ValueError, match="train.cudnn_benchmark: expected true or false, got 'fast'"):
+        Trainer(load_config(None, TINY + [f"output_dir={tmp_path}", "train.cudnn_benchmark=fast"]), progress=False)
 
 
 def test_baseline_checked_before_training_and_delta_m_logged(tmp_path):

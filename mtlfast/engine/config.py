@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
         "device": "auto",           # auto (CUDA when available, else CPU) | cuda | cpu (e.g. gloo DDP on a GPU machine)
         "amp": "auto",              # auto (bf16 on CUDA, off on CPU) | bf16 | off
+        "cudnn_benchmark": True,    # cuDNN picks the fastest convolution algorithms for the (fixed) crop size (CUDA)
         "sync_bn": False,           # BatchNorm -> SyncBatchNorm (CUDA only; statistics shared across processes)
         "backend": None,            # mtlfast backend for the ops (None: MTLFAST_BACKEND or auto)
         "sample_images": 4,         # prediction PNGs written after evaluation

@@ -197,6 +197,10 @@ class Trainer:
                                   pretrained=model_cfg["pretrained"], checkpoint_decoder=model_cfg["checkpoint_decoder"],
                                   checkpoint_backbone=model_cfg["checkpoint_backbone"],
                                   **model_cfg["kwargs"])
+        if not isinstance(train_cfg["cudnn_benchmark"], bool):
+            raise ValueError(f"train.cudnn_benchmark: expected true or false, got {train_cfg['cudnn_benchmark']!r}")
+        if self.device.type == "cuda":  # process-wide, as in the papers' code bases; training crops have one size
+            torch.backends.cudnn.benchmark = train_cfg["cudnn_benchmark"]
         if train_cfg["sync_bn"] and self.device.type != "cuda":
             raise ValueError("train.sync_bn: torch's SyncBatchNorm runs on CUDA only; set train.sync_bn=false on CPU")
         if train_cfg["sync_bn"]:  # also in one process: SyncBatchNorm then normalises like BatchNorm
