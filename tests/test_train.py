@@ -135,10 +135,11 @@ def test_loss_falls_and_eval_runs(tmp_path):
     assert os.path.getsize(tmp_path / "samples.png") > 0
 
 
-def test_bf16_autocast_trains_and_logs_throughput_and_memory(tmp_path):
+def test_bf16_autocast_trains_and_logs_throughput_and_memory(tmp_path, monkeypatch):
     """train.amp=bf16 (the GPU default, forced here on the CPU, where torch's autocast also takes bfloat16): the
     convolutions run in bfloat16 in training and evaluation while the weights stay float32, the loss stays finite,
     and every log row has the throughput and this device's memory column."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after: the trainer sets it process-wide
     config = load_config(None, TINY + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3",
                                        "train.amp=bf16"])
     trainer = Trainer(config, progress=False)
