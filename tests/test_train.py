@@ -21,6 +21,13 @@ TINY = ["data.num_train=16", "data.num_val=4", "data.batch_size=4", "data.train_
 ON_CPU = ["train.device=cpu"]
 
 
+@pytest.fixture(autouse=True)
+def _restore_cudnn_benchmark(monkeypatch):
+    """A trainer on CUDA sets torch.backends.cudnn.benchmark process-wide (train.cudnn_benchmark): restored after
+    each test, so that later tests in the worker run as they would alone."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+
+
 def _losses(config, resume=None, setup=None):
     trainer = Trainer(config, resume=resume, progress=False)
     if setup is not None:
@@ -135,11 +142,10 @@ def test_loss_falls_and_eval_runs(tmp_path):
     assert os.path.getsize(tmp_path / "samples.png") > 0
 
 
-def test_bf16_autocast_trains_and_logs_throughput_and_memory(tmp_path, monkeypatch):
+def test_bf16_autocast_trains_and_logs_throughput_and_memory(tmp_path):
     """train.amp=bf16 (the GPU default, forced here on the CPU, where torch's autocast also takes bfloat16): the
     convolutions run in bfloat16 in training and evaluation while the weights stay float32, the loss stays finite,
     and every log row has the throughput and this device's memory column."""
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after: the trainer sets it process-wide
     config = load_config(None, TINY + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3",
                                        "train.amp=bf16"])
     trainer = Trainer(config, progress=False)
