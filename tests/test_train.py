@@ -160,6 +160,12 @@ def test_bf16_autocast_trains_and_logs_throughput_and_memory(tmp_path):
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert all(torch.isfinite(torch.tensor(list(metrics.values()))))
     assert torch.backends.cudnn.benchmark == (trainer.device.type == "cuda")  # train.cudnn_benchmark, CUDA only
+    torch.backends.cudnn.benchmark = True  # evaluation switches the search off (validation sizes vary), then back
+    during = []
+    handle = trainer.model.register_forward_hook(lambda *args: during.append(torch.backends.cudnn.benchmark))
+    trainer.evaluate()
+    handle.remove()
+    assert during and not any(during) and torch.backends.cudnn.benchmark
     memory = "peak_mem_mib" if trainer.device.type == "cuda" else "peak_rss_mib"
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 and r[memory] > 0 for r in rows)
     logged = trainer.log.read("train")

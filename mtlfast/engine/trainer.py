@@ -358,10 +358,20 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, sample_path: str | None = None) -> dict[str, float]:
         """Metrics on the validation set at original resolution (padding cropped back), flattened as
-        ``"task/metric"`` (+ ``delta_m`` against ``eval.baseline``); main rank only."""
+        ``"task/metric"`` (+ ``delta_m`` against ``eval.baseline``); main rank only. cuDNN's algorithm search
+        (``train.cudnn_benchmark``) is off meanwhile: validation images come in many sizes (PASCAL), and each new
+        size would start a new search."""
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False
+        try:
+            return self._evaluate(sample_path)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
+
+    @torch.no_grad()
+    def _evaluate(self, sample_path: str | None) -> dict[str, float]:
         from mtlfast.data import collate
         from mtlfast.metrics import build_metrics, delta_m
 
