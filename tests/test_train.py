@@ -99,10 +99,12 @@ def test_throughput_counts_the_wait_for_data_but_not_evaluations(tmp_path):
                 yield batch
 
     trainer.train_loader = SlowLoader(trainer.train_loader)
-    trainer.evaluate_and_log = lambda: time.sleep(1.0)
+    trainer.evaluate_and_log = lambda: time.sleep(2.0)
     rows = trainer.train()
     trainer.close()
-    assert all(0.1 <= r["data_s"] < 0.7 and r["step_s"] > 0 for r in rows), rows
+    assert all(r["data_s"] >= 0.1 and r["step_s"] > 0 for r in rows), rows
+    # the batches after an evaluation (a fresh process's first batch can take 0.5 s: not compared)
+    assert all(r["data_s"] < 1.5 for r in rows[1:]), rows
     assert [r["images_per_s"] for r in rows] == pytest.approx([4 / (r["data_s"] + r["step_s"]) for r in rows])
 
 
