@@ -239,13 +239,13 @@ def saved_activation_bytes(fn, inputs, exclude: Sequence[torch.Tensor] = (),
     keep = tally(seen, own)
     with record_checkpoints() as calls, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         out = fn(**inputs)
-    for _, args, _ in calls:
-        for t in torch.utils._pytree.tree_leaves(args):
-            if isinstance(t, torch.Tensor):
-                keep(t)
+    checkpoint_inputs = [[t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+                         for _, args, _ in calls]
+    for t in (t for tensors in checkpoint_inputs for t in tensors):
+        keep(t)
     del out
-    for function, args, kwargs in calls if recomputed is not None else ():
-        kept = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)}
+    for (function, args, kwargs), tensors in zip(calls, checkpoint_inputs) if recomputed is not None else ():
+        kept = {t.untyped_storage()._cdata for t in tensors}
         inner: dict[int, int] = {}
         with torch.autograd.graph.saved_tensors_hooks(tally(inner, own | kept), lambda t: t):
             function(*args, **kwargs)

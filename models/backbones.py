@@ -224,10 +224,7 @@ class Backbone(nn.Module):
         (non-reentrant ``torch.utils.checkpoint``; their blocks hold LayerNorms only). ``convnet_tiny``: per stage
         through :func:`mtlfast.nn.common.checkpoint_stage`, which keeps BatchNorm statistics to one update.
         Refused for HRNet (timm has none) and ResNet (timm's would update BatchNorm statistics twice)."""
-        if self.family == "plain":
-            self.encoder.grad_checkpointing = enable
-            return
-        flags = self._timm_flags()
+        flags = self._checkpoint_flags()
         if not flags:
             why = {"hrnet": "timm's HRNet has no block checkpointing",
                    "resnet": "timm checkpoints its layers without guarding BatchNorm statistics (updated twice)"}
@@ -238,21 +235,22 @@ class Backbone(nn.Module):
         for module in flags:
             module.grad_checkpointing = enable
 
-    def _timm_flags(self) -> list[nn.Module]:
-        """The timm modules whose ``grad_checkpointing`` flag checkpoints blocks (ViT, Swin; [] otherwise)."""
+    def _checkpoint_flags(self) -> list[nn.Module]:
+        """The modules whose ``grad_checkpointing`` flag checkpoints blocks: convnet_tiny's pyramid, timm's ViT /
+        Swin modules; [] for the backbones without block checkpointing."""
+        if self.family == "plain":
+            return [self.encoder]
         if self.family not in ("vit", "swin"):
             return []
         return [m for m in self.encoder.modules() if m is not self.encoder and hasattr(m, "grad_checkpointing")]
 
     @property
     def supports_grad_checkpointing(self) -> bool:
-        return self.family == "plain" or bool(self._timm_flags())
+        return bool(self._checkpoint_flags())
 
     @property
     def grad_checkpointing(self) -> bool:
-        if self.family == "plain":
-            return self.encoder.grad_checkpointing
-        return any(m.grad_checkpointing for m in self._timm_flags())
+        return any(m.grad_checkpointing for m in self._checkpoint_flags())
 
     @property
     def single_scale(self) -> bool:

@@ -178,9 +178,9 @@ class Trainer:
                                      size=size if self.dataset == "synthetic" else None, **val_extra)
         self.sampler = ResumableSampler(len(self.train_set), batch_size=data_cfg["batch_size"], seed=config["seed"],
                                         rank=self.dist.rank, world_size=self.dist.world_size)
+        self.num_workers = _num_workers(data_cfg["num_workers"], self.dataset)
         # a loader draws its workers' base seed from its generator, by default the global RNG: its own keeps the
         # training forward's randomness (dropout, stochastic depth) in the same place after a resume
-        self.num_workers = _num_workers(data_cfg["num_workers"], self.dataset)
         self.train_loader = DataLoader(SeededDataset(self.train_set, config["seed"]), batch_size=data_cfg["batch_size"],
                                        sampler=self.sampler, drop_last=True, collate_fn=collate,
                                        num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
