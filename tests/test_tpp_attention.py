@@ -194,7 +194,7 @@ def test_library_registration(device):
     args = [t.float().requires_grad_() for t in (x["q"], x["k"], x["v"])]
     w = x["mix_weight"].float().reshape(2, 2).requires_grad_()
     b = x["mix_bias"].float().reshape(2).requires_grad_()
-    torch.library.opcheck(_fwd, (*args, w, b, 0.5, [16, 16, 16, 16, 16, 4, 1]),
+    torch.library.opcheck(_fwd.op, (*args, w, b, 0.5, [16, 16, 16, 16, 16, 4, 1]),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

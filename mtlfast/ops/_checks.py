@@ -71,18 +71,6 @@ def check_floating_same_device_dtype(**tensors: torch.Tensor | None) -> None:
                             f"got {_fmt_dtype(t.dtype)}")
 
 
-def refuse_double_backward(backward_op: str, public: str) -> None:
-    """Registers, for the torch.library op ``backward_op`` (a kernel backward), an autograd formula that
-    raises a clear error: the kernel backwards have no derivative of their own, and without this a second
-    backward through them fails inside torch with "no autograd formula was registered"."""
-    def _backward(ctx, *grads):
-        raise NotImplementedError(f"mtlfast.ops.{public}: double backward (the gradient of a gradient, "
-                                  "create_graph=True) is not implemented on the kernel backends; use "
-                                  "backend='reference' for it")
-
-    torch.library.register_autograd(backward_op, _backward, setup_context=lambda ctx, inputs, output: None)
-
-
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -8,7 +8,8 @@ Backends: ``reference`` (:func:`mtlfast.reference.attention.attention`, any devi
 and ``triton`` (flash-style forward and backward, CUDA in float16/bfloat16/float32, CPU through the
 Triton interpreter in float16/float32). The Triton path is the torch.library op ``mtlfast::attention_fwd``
 (outputs out and the float32 row logsumexp) with its backward ``mtlfast::attention_bwd``, registered with
-fake (meta) implementations and autograd, so it composes with torch.compile; both ops centre the keys
+fake (meta) implementations and autograd, so it composes with torch.compile; plain eager calls run the same
+functions without the dispatcher (:mod:`mtlfast.ops._kernel_op`). Both functions centre the keys
 (:func:`center_keys`, exact, for well-conditioned q/k gradients) on a transient copy. :func:`attention_triton`
 is that path with explicit launch configurations, for other ops built on it (lthd_attention) and tests.
 """
@@ -20,8 +21,8 @@ import torch
 from torch import Tensor
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
-from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_shapes, refuse_double_backward,
-                                 resolve_scale)
+from mtlfast.ops._checks import autocast_inputs, check_floating_same_device_dtype, check_shapes, resolve_scale
+from mtlfast.ops._kernel_op import KernelAutograd, kernel_function
 from mtlfast.reference.attention import attention as _reference_attention
 
 __all__ = ["attention", "attention_triton", "center_keys", "center_keys_adjoint"]
@@ -39,7 +40,12 @@ def _blocks(values: Sequence[int]):
     return attention_kernels().Blocks.from_list(values) if values else None
 
 
-@torch.library.custom_op("mtlfast::attention_fwd", mutates_args=())
+def _attention_fwd_fake(q, k, v, scale, fwd_blocks, bwd_blocks):
+    B, H, n_q, _ = q.shape
+    return q.new_empty((B, H, n_q, v.shape[-1])), q.new_empty((B, H, n_q), dtype=torch.float32)
+
+
+@kernel_function("attention_fwd", fake=_attention_fwd_fake)
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, fwd_blocks: list[int],
                    bwd_blocks: list[int]) -> tuple[Tensor, Tensor]:
     """(out, lse) of attention on the centred keys (:func:`center_keys`, a transient copy: autograd keeps the
@@ -48,24 +54,17 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, fwd_blocks: li
     return attention_kernels().attention_forward(q, center_keys(k), v, scale, _blocks(fwd_blocks))
 
 
-@_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, scale, fwd_blocks, bwd_blocks):
-    B, H, n_q, _ = q.shape
-    return q.new_empty((B, H, n_q, v.shape[-1])), q.new_empty((B, H, n_q), dtype=torch.float32)
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale, bwd_blocks):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-@torch.library.custom_op("mtlfast::attention_bwd", mutates_args=())
+@kernel_function("attention_bwd", fake=_attention_bwd_fake, refuse_grad="attention")
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
                    bwd_blocks: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) for the caller's k: the kernels run on the centred keys again, then the centring's adjoint."""
     dq, dk, dv = attention_kernels().attention_backward(grad_out, q, center_keys(k), v, out, lse, scale,
                                                         _blocks(bwd_blocks))
     return dq, center_keys_adjoint(dk), dv
-
-
-@_attention_bwd.register_fake
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale, bwd_blocks):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -82,8 +81,7 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None
 
 
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-refuse_double_backward("mtlfast::attention_bwd", "attention")
+_attention = KernelAutograd(_attention_fwd, setup_context=_setup_context, backward=_backward)
 
 
 def center_keys(k: Tensor) -> Tensor:
@@ -118,7 +116,7 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, scale: float, fwd_block
     def as_list(blocks):
         return blocks.as_list() if blocks is not None else []
 
-    out, _ = _attention_fwd(q, k, v, float(scale), as_list(fwd_blocks), as_list(bwd_blocks))
+    out, _ = _attention(q, k, v, float(scale), as_list(fwd_blocks), as_list(bwd_blocks))
     return out
 
 

@@ -39,10 +39,12 @@ or NaN coordinate gives a NaN output row on every backend, as grid_sample (its b
 inf - inf, or NaN); the gradients at such points are not specified (they differ between backends). Finite
 points of any magnitude agree.
 
-Both kernel paths are the C++ ops ``mtlfast::deform_sample_forward`` / ``mtlfast::deform_sample_backward``
+The cpp and cuda paths are the C++ ops ``mtlfast::deform_sample_forward`` / ``mtlfast::deform_sample_backward``
 (TORCH_LIBRARY in csrc/mtlfast_ops.cpp, CPU and CUDA kernels) with their fake implementations and autograd
-registered here through torch.library, so they compose with torch.compile. Second derivatives are not
-implemented on the kernel paths (use ``backend="reference"`` for double backward).
+registered here through torch.library; the triton path is the Python ops ``mtlfast::deform_sample_triton`` /
+``mtlfast::deform_sample_triton_backward`` (plain eager calls run the same functions without the dispatcher,
+:mod:`mtlfast.ops._kernel_op`). All compose with torch.compile. Second derivatives are not implemented on the
+kernel paths (use ``backend="reference"`` for double backward).
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ import torch
 
 from mtlfast import _ext
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, extension_unavailable, triton_unavailable
-from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor, refuse_double_backward
+from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor
+from mtlfast.ops._kernel_op import KernelAutograd, kernel_function, refuse_double_backward
 from mtlfast.reference import deform_sample as _reference
 
 Tensor = torch.Tensor
@@ -110,14 +113,14 @@ if _ext.status().loaded:
 
 # --- the Triton path as custom ops ---------------------------------------------------------------------
 
-@torch.library.custom_op("mtlfast::deform_sample_triton", mutates_args=())
+@kernel_function("deform_sample_triton", fake=_fake_forward)
 def _triton_forward(values: list[Tensor], points: Tensor, weights: Tensor) -> Tensor:
     from mtlfast.kernels import deform_sample as kernels
 
     return kernels.forward(values, points, weights)
 
 
-@torch.library.custom_op("mtlfast::deform_sample_triton_backward", mutates_args=())
+@kernel_function("deform_sample_triton_backward", fake=_fake_backward, refuse_grad="deform_sample")
 def _triton_backward(grad_out: Tensor, values: list[Tensor], points: Tensor,
                      weights: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
     from mtlfast.kernels import deform_sample as kernels
@@ -125,14 +128,12 @@ def _triton_backward(grad_out: Tensor, values: list[Tensor], points: Tensor,
     return kernels.backward(grad_out, values, points, weights)
 
 
-_triton_forward.register_fake(_fake_forward)
-_triton_backward.register_fake(_fake_backward)
-_triton_forward.register_autograd(_autograd_backward(_triton_backward), setup_context=_setup_context)
-refuse_double_backward("mtlfast::deform_sample_triton_backward", "deform_sample")
+_triton_autograd = KernelAutograd(_triton_forward, setup_context=_setup_context,
+                                  backward=_autograd_backward(_triton_backward))
 
 
 def _triton(values, points, weights):
-    return _triton_forward(list(values), points, weights)
+    return _triton_autograd(list(values), points, weights)
 
 
 def _triton_limits(values, points, weights) -> list[str]:

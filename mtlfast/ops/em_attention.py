@@ -14,7 +14,8 @@ iteration with E and M steps fused, z never stored; the backward recomputes each
 :mod:`mtlfast.kernels.em_attention` for the kernels and the adjoint formulas.
 
 The Triton path is two torch.library custom ops, ``mtlfast::em_attention_fwd`` and its backward
-(``mtlfast::em_attention_bwd`` / ``mtlfast::em_attention_bwd_detached``), so it composes with torch.compile.
+(``mtlfast::em_attention_bwd`` / ``mtlfast::em_attention_bwd_detached``), so it composes with torch.compile;
+plain eager calls run the same functions without the dispatcher (:mod:`mtlfast.ops._kernel_op`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_float,
-                                 check_positive_int, check_shapes, refuse_double_backward)
+                                 check_positive_int, check_shapes)
+from mtlfast.ops._kernel_op import KernelAutograd, kernel_function
 from mtlfast.reference import em_attention as _reference
 
 Tensor = torch.Tensor
@@ -32,7 +34,14 @@ _OP = Op("em_attention")
 
 # --- the Triton path as custom ops ---------------------------------------------------------------------
 
-@torch.library.custom_op("mtlfast::em_attention_fwd", mutates_args=())
+def _fwd_fake(x, mu, n_iter, tau, eps, detach_iterations):
+    B, N, C = x.shape
+    K = mu.shape[1]
+    return (x.new_empty(B, N, C), mu.new_empty(B, K, C), x.new_empty(B, N, K),
+            x.new_empty(B, n_iter + 1, K, C, dtype=torch.float32), x.new_empty(B, n_iter, 2, K, dtype=torch.float32))
+
+
+@kernel_function("em_attention_fwd", fake=_fwd_fake)
 def _fwd(x: Tensor, mu: Tensor, n_iter: int, tau: float, eps: float,
          detach_iterations: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (x_rec, mu_out, z, bases (B, n_iter+1, K, C) f32, stats (B, n_iter, 2, K) f32)."""
@@ -41,15 +50,11 @@ def _fwd(x: Tensor, mu: Tensor, n_iter: int, tau: float, eps: float,
     return kernels.forward(x, mu, n_iter, tau, eps, detach_iterations)
 
 
-@_fwd.register_fake
-def _(x, mu, n_iter, tau, eps, detach_iterations):
-    B, N, C = x.shape
-    K = mu.shape[1]
-    return (x.new_empty(B, N, C), mu.new_empty(B, K, C), x.new_empty(B, N, K),
-            x.new_empty(B, n_iter + 1, K, C, dtype=torch.float32), x.new_empty(B, n_iter, 2, K, dtype=torch.float32))
+def _bwd_fake(g_xrec, g_mu, g_z, x, bases, stats, n_iter, tau, eps):
+    return torch.empty_like(x), torch.empty_like(g_mu)
 
 
-@torch.library.custom_op("mtlfast::em_attention_bwd", mutates_args=())
+@kernel_function("em_attention_bwd", fake=_bwd_fake, refuse_grad="em_attention")
 def _bwd(g_xrec: Tensor, g_mu: Tensor, g_z: Tensor, x: Tensor, bases: Tensor, stats: Tensor, n_iter: int,
          tau: float, eps: float) -> tuple[Tensor, Tensor]:
     """Full unrolled backward -> (dx, dmu)."""
@@ -58,22 +63,16 @@ def _bwd(g_xrec: Tensor, g_mu: Tensor, g_z: Tensor, x: Tensor, bases: Tensor, st
     return kernels.backward(g_xrec, g_mu, g_z, x, bases, stats, n_iter, tau, eps)
 
 
-@_bwd.register_fake
-def _(g_xrec, g_mu, g_z, x, bases, stats, n_iter, tau, eps):
-    return torch.empty_like(x), torch.empty_like(g_mu)
+def _bwd_detached_fake(g_xrec, g_z, x, bases, tau):
+    return torch.empty_like(x)
 
 
-@torch.library.custom_op("mtlfast::em_attention_bwd_detached", mutates_args=())
+@kernel_function("em_attention_bwd_detached", fake=_bwd_detached_fake, refuse_grad="em_attention")
 def _bwd_detached(g_xrec: Tensor, g_z: Tensor, x: Tensor, bases: Tensor, tau: float) -> Tensor:
     """detach_iterations=True: gradient of the last E step and x_rec to x -> dx."""
     from mtlfast.kernels import em_attention as kernels
 
     return kernels.backward_detached(g_xrec, g_z, x, bases, tau)
-
-
-@_bwd_detached.register_fake
-def _(g_xrec, g_z, x, bases, tau):
-    return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):
@@ -98,15 +97,13 @@ def _backward(ctx, g_xrec, g_mu, g_z, _g_bases, _g_stats):
     return dx, dmu, None, None, None, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
-refuse_double_backward("mtlfast::em_attention_bwd", "em_attention")
-refuse_double_backward("mtlfast::em_attention_bwd_detached", "em_attention")
+_em = KernelAutograd(_fwd, setup_context=_setup_context, backward=_backward)
 
 
 def _triton(x, mu, n_iter, *, tau, eps, detach_iterations):
     if detach_iterations:  # the initial bases enter only through the detached iterations: no gradient path
         mu = mu.detach()
-    x_rec, mu_out, z, _, _ = _fwd(x, mu, n_iter, tau, eps, detach_iterations)
+    x_rec, mu_out, z, _, _ = _em(x, mu, n_iter, tau, eps, detach_iterations)
     return x_rec, (mu_out.detach() if detach_iterations else mu_out), z
 
 

@@ -11,7 +11,8 @@ Backends: ``reference`` (literal PyTorch, mtlfast.reference.iterative_fusion, an
 over the loop) and ``triton`` (kernels/iterative_fusion.py: float16/bfloat16/float32 on CUDA, float16/float32
 on CPU through the Triton interpreter; D <= 256, any N, C;
 forward and an explicit adjoint backward, registered as torch.library ops ``mtlfast::iterative_fusion_fwd``
-/ ``mtlfast::iterative_fusion_bwd`` so the op composes with torch.compile). Gradients flow to q, k, v and
+/ ``mtlfast::iterative_fusion_bwd`` so the op composes with torch.compile; plain eager calls run the same
+functions without the dispatcher, :mod:`mtlfast.ops._kernel_op`). Gradients flow to q, k, v and
 alpha (alpha's gradient is None for variant A, which does not use it). alpha may have any floating dtype
 (e.g. a float32 parameter next to bfloat16 activations) but must be on the device of q, k, v; its
 gradient comes back in its own dtype.
@@ -35,7 +36,8 @@ import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_int, check_shapes,
-                                 check_tensor, refuse_double_backward, resolve_scale)
+                                 check_tensor, resolve_scale)
+from mtlfast.ops._kernel_op import KernelAutograd, kernel_function
 from mtlfast.reference import iterative_fusion as _reference
 
 VARIANTS = _reference.VARIANTS
@@ -82,15 +84,6 @@ def choose_materialize(mode: str, q: torch.Tensor) -> bool:
 
 # --- torch.library registration of the Triton path ----------------------------------------------------
 
-@torch.library.custom_op("mtlfast::iterative_fusion_fwd", mutates_args=())
-def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, n_iter: int, scale: float,
-         variant: str, materialize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from mtlfast.kernels import iterative_fusion as kernels
-
-    return kernels.forward(q, k, v, alpha, n_iter, scale, variant, materialize)
-
-
-@_fwd.register_fake
 def _fwd_fake(q, k, v, alpha, n_iter, scale, variant, materialize):
     from mtlfast.kernels.iterative_fusion import num_checkpoints
 
@@ -99,18 +92,25 @@ def _fwd_fake(q, k, v, alpha, n_iter, scale, variant, materialize):
             v.new_empty((num_checkpoints(n_iter), B, N, v.shape[-1])))
 
 
-@torch.library.custom_op("mtlfast::iterative_fusion_bwd", mutates_args=())
+@kernel_function("iterative_fusion_fwd", fake=_fwd_fake)
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, n_iter: int, scale: float,
+         variant: str, materialize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from mtlfast.kernels import iterative_fusion as kernels
+
+    return kernels.forward(q, k, v, alpha, n_iter, scale, variant, materialize)
+
+
+def _bwd_fake(grad_out, q, k, v, alpha, lse, ckpt, n_iter, scale, variant, materialize):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), alpha.new_empty(())
+
+
+@kernel_function("iterative_fusion_bwd", fake=_bwd_fake, refuse_grad="iterative_fusion")
 def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
          lse: torch.Tensor, ckpt: torch.Tensor, n_iter: int, scale: float, variant: str,
          materialize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from mtlfast.kernels import iterative_fusion as kernels
 
     return kernels.backward(grad_out, q, k, v, alpha, lse, ckpt, n_iter, scale, variant, materialize)
-
-
-@_bwd.register_fake
-def _bwd_fake(grad_out, q, k, v, alpha, lse, ckpt, n_iter, scale, variant, materialize):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), alpha.new_empty(())
 
 
 def _setup_context(ctx, inputs, output):
@@ -127,8 +127,7 @@ def _backward(ctx, grad_out, grad_lse, grad_ckpt):
     return dq, dk, dv, (None if variant == "A" else dalpha), None, None, None, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
-refuse_double_backward("mtlfast::iterative_fusion_bwd", "iterative_fusion")
+_fusion = KernelAutograd(_fwd, setup_context=_setup_context, backward=_backward)
 
 
 # --- implementations ----------------------------------------------------------------------------------
@@ -136,7 +135,7 @@ refuse_double_backward("mtlfast::iterative_fusion_bwd", "iterative_fusion")
 def _triton(q, k, v, alpha, n_iter, *, scale, variant, mode):
     if variant == "A":  # α is unused: no gradient path (the output must not require grad through it)
         alpha = alpha.detach()
-    return _fwd(q, k, v, alpha, n_iter, scale, variant, choose_materialize(mode, q))[0]
+    return _fusion(q, k, v, alpha, n_iter, scale, variant, choose_materialize(mode, q))[0]
 
 
 def _triton_limits(q, k, v, alpha, n_iter, *, scale, variant, mode) -> list[str]:

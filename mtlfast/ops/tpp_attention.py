@@ -18,7 +18,8 @@ ops centre the keys of every (task, head) over the key axis on a transient copy 
 :func:`mtlfast.ops.attention.center_keys`), so only the caller's k is kept for the backward.
 
 The Triton path is two torch.library custom ops, ``mtlfast::tpp_attention_fwd`` and
-``mtlfast::tpp_attention_bwd``, so it composes with torch.compile. The launch configuration comes from
+``mtlfast::tpp_attention_bwd``, so it composes with torch.compile (plain eager calls run the same functions
+without the dispatcher, :mod:`mtlfast.ops._kernel_op`). The launch configuration comes from
 :func:`mtlfast.kernels.tpp_attention.current_config` (pinned with ``use_config`` in tests).
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch
 
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_shapes, check_tensor,
-                                 refuse_double_backward, resolve_scale)
+                                 resolve_scale)
+from mtlfast.ops._kernel_op import KernelAutograd, kernel_function
 from mtlfast.ops.attention import center_keys, center_keys_adjoint
 from mtlfast.reference import tpp_attention as _reference
 
@@ -40,7 +42,12 @@ _OP = Op("tpp_attention")
 
 # --- the Triton path as custom ops ---------------------------------------------------------------------
 
-@torch.library.custom_op("mtlfast::tpp_attention_fwd", mutates_args=())
+def _fwd_fake(q, k, v, w, b, scale, config):
+    B, T, H, Nq, _ = q.shape
+    return q.new_empty(B, T, H, Nq, v.shape[-1]), q.new_empty(B, T * H, Nq, dtype=torch.float32)
+
+
+@kernel_function("tpp_attention_fwd", fake=_fwd_fake)
 def _fwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, b: Optional[Tensor], scale: float,
          config: list[int]) -> tuple[Tensor, Tensor]:
     """w (T·H, T·H) rows t·H + o; b is not read (it cancels) -> (out, logsumexp (B, T·H, Nq) f32), computed on
@@ -50,13 +57,11 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, b: Optional[Tensor], scale:
     return kernels.forward(q, center_keys(k), v, w, scale, kernels.Config(*config))
 
 
-@_fwd.register_fake
-def _(q, k, v, w, b, scale, config):
-    B, T, H, Nq, _ = q.shape
-    return q.new_empty(B, T, H, Nq, v.shape[-1]), q.new_empty(B, T * H, Nq, dtype=torch.float32)
+def _bwd_fake(do, q, k, v, w, out, lse, scale, config):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), w.new_empty(w.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("mtlfast::tpp_attention_bwd", mutates_args=())
+@kernel_function("tpp_attention_bwd", fake=_bwd_fake, refuse_grad="tpp_attention")
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor, out: Tensor, lse: Tensor, scale: float,
          config: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dq, dk, dv, dw (T·H, T·H) float32), dk for the caller's k (the centring's adjoint applied)."""
@@ -64,11 +69,6 @@ def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor, out: Tensor, ls
 
     dq, dk, dv, dw = kernels.backward(do, q, center_keys(k), v, w, out, lse, scale, kernels.Config(*config))
     return dq, center_keys_adjoint(dk), dv, dw
-
-
-@_bwd.register_fake
-def _(do, q, k, v, w, out, lse, scale, config):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), w.new_empty(w.shape, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -89,8 +89,7 @@ def _backward(ctx, g_out, _g_lse):
     return dq, dk, dv, dw.to(w.dtype), db, None, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
-refuse_double_backward("mtlfast::tpp_attention_bwd", "tpp_attention")
+_tpp = KernelAutograd(_fwd, setup_context=_setup_context, backward=_backward)
 
 
 def _triton(q, k, v, mix_weight, mix_bias, *, scale):
@@ -100,7 +99,7 @@ def _triton(q, k, v, mix_weight, mix_bias, *, scale):
     C = T * H
     w = mix_weight.expand(T, H, C).reshape(C, C)  # shared (H, T·H): the same rows for every task
     b = None if mix_bias is None else mix_bias.expand(T, H).reshape(C)
-    out, _ = _fwd(q, k, v, w, b, scale, current_config(C, D, v.shape[-1]).as_list())
+    out, _ = _tpp(q, k, v, w, b, scale, current_config(C, D, v.shape[-1]).as_list())
     return out
 
 
