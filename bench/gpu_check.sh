@@ -10,10 +10,12 @@
 #   ops     the op test files on the GPU: every kernel vs its reference in fp32/fp16/bf16
 #   bench   `mtlfast bench --resume --budget ...` into bench/results: cases measured by an earlier call of the
 #           same sources are kept, the rest measured until the budget is spent (exit 3: cases left)
+#   host    host time per op call around the kernels (bench/host_overhead.py on this machine's CPU, ~15 s): what
+#           the small benchmark shapes pay besides the kernels
 #   test    the rest of the test-suite on the GPU (models, nn blocks, training under bf16 autocast, SyncBN)
 #   models  `mtlfast bench --models --max-batch` (model-level memory/throughput)
 #   cmake   the torch-free C++ core with nvcc + ctest (CI does this on every push; here only on request)
-#   all     = build ops bench test (the default)
+#   all     = build ops bench host test (the default)
 #
 # Every phase runs under `timeout` with what is left of GPU_CHECK_BUDGET (default 560 s); `ops` at most
 # GPU_CHECK_OPS_MAX (default 270 s) so that the benchmarks get time in the same call. A phase that no longer
@@ -35,11 +37,11 @@ cd "$(dirname "$0")/.." || exit 2
 unset TRITON_INTERPRET MTLFAST_SIMULATE_GPU MTLFAST_BACKEND
 phases=("$@")
 if ((${#phases[@]} == 0)) || [[ ${phases[*]} == all ]]; then
-  phases=(build ops bench test)
+  phases=(build ops bench host test)
 fi
 for p in "${phases[@]}"; do
-  case $p in build | ops | bench | test | models | cmake) ;;
-    *) echo "gpu_check.sh: unknown phase '$p' (build, ops, bench, test, models, cmake, all)" >&2; exit 2 ;;
+  case $p in build | ops | bench | host | test | models | cmake) ;;
+    *) echo "gpu_check.sh: unknown phase '$p' (build, ops, bench, host, test, models, cmake, all)" >&2; exit 2 ;;
   esac
 done
 OUT=${OUT:-$PWD/bench/out}
@@ -64,7 +66,7 @@ fi
 if ! git rev-parse HEAD >/dev/null 2>&1 && [[ -z ${MTLFAST_COMMIT:-} ]]; then
   echo "gpu_check.sh: no .git here and MTLFAST_COMMIT unset: results will not name their commit" >&2
 fi
-if [[ " ${phases[*]} " != *" build "* && " ${phases[*]} " =~ \ (ops|bench|test|models)\  ]] &&
+if [[ " ${phases[*]} " != *" build "* && " ${phases[*]} " =~ \ (ops|bench|host|test|models)\  ]] &&
   ! $PY -c "import mtlfast.bench.harness" 2>/dev/null; then  # a fresh machine: nothing installed yet
   phases=(build "${phases[@]}")
 fi
@@ -170,9 +172,10 @@ for phase in "${phases[@]}"; do
         b "$1" --cases "$2" ${3:-}; s=$?; ((s == 0 || s == 3)) || exit $s; b "$1" ${3:-}' \
         _ "$PY" "$first" "${BENCH_ARGS:-}"
       # the issues' targets checked on the results (also in bench.log after each op): the README table
-      run_phase report 0 bash -c 'for d in bench/results/*/; do [[ $d == */activations/ ]] && continue
+      run_phase report 0 bash -c 'for d in bench/results/*/; do [[ $d == */activations/ || $d == */host_overhead/ ]] && continue
         "$1" -m mtlfast bench --report "$d" || exit 1; done' _ "$PY"
       ;;
+    host) run_phase host 0 $PY -m mtlfast.bench.host_overhead --out bench/results ;;
     models)  # the budget stops new settings ~120 s before the phase's limit (a setting with its batch search)
       run_phase models 0 bash -c '"$1" -m mtlfast bench --models --max-batch --out bench/results --budget $((PHASE_SECONDS - 120))' _ "$PY"
       ;;
