@@ -32,8 +32,8 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def _needs_registrations(value) -> bool:
     if isinstance(value, torch.Tensor):
         return value.is_meta or type(value) not in _PLAIN_TENSORS
-    if isinstance(value, (list, tuple)):
-        return any(map(_needs_registrations, value))
+    if isinstance(value, (list, tuple)):  # a list input holds tensors or plain values (block sizes), never both
+        return bool(value) and isinstance(value[0], torch.Tensor) and any(map(_needs_registrations, value))
     return False
 
 
