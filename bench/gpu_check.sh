@@ -27,6 +27,7 @@
 # Phases other than build/cmake on a machine without the install (a fresh one) run build first. Copy the JSON back
 # into bench/results/ here: uncommitted, the next call's `bench` resumes them; committed, any later session's
 # does as long as the sources are unchanged (the resume key is harness.source_fingerprint(), not the commit).
+# The extension is built for GPU_CHECK_CUDA_ARCH (default 9.0: H100 and H200), whatever TORCH_CUDA_ARCH_LIST says.
 # Tests run in GPU_CHECK_WORKERS (default 12) pytest-xdist processes; BENCH_ARGS is passed to `mtlfast bench`
 # (e.g. BENCH_ARGS="attention tpp_attention"). MTLFAST_COMMIT is recorded in the results where the tree that
 # travelled has no .git.
@@ -150,9 +151,11 @@ for phase in "${phases[@]}"; do
           [[ -f $dir/include/cuda_runtime_api.h ]] && { export CUDA_HOME=$dir; break; }
         done
       fi
-      # capped: a hung compile must leave time for the pure-Python install and the phases after it
+      # capped: a hung compile must leave time for the pure-Python install and the phases after it. The arch is set
+      # here, not taken from the environment: images often set TORCH_CUDA_ARCH_LIST to a list from sm_50 up, which
+      # would compile every arch (time) and fail on those nvcc 13 no longer supports (< sm_75).
       run_phase build "${GPU_CHECK_BUILD_MAX:-240}" env MTLFAST_BUILD_CUDA=1 MTLFAST_STRICT_BUILD=1 \
-        TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+        TORCH_CUDA_ARCH_LIST="${GPU_CHECK_CUDA_ARCH:-9.0}" \
         $PY -m pip install --no-deps --no-build-isolation --no-index -e .
       if [[ ${failed[*]} == *build* ]]; then  # the Triton ops need no extension: keep the rest of the call useful
         rm -f mtlfast/_C.*.so  # an extension left by an earlier call would not be what failed to build now

@@ -357,14 +357,15 @@ def test_case_errors_are_rows_and_a_lost_cuda_context_stops_the_run(monkeypatch)
 
 def test_gpu_check_script_flow(tmp_path):
     """bench/gpu_check.sh with a stand-in python (records its calls, answers at once): a phase that needs the
-    install runs build first where mtlfast is not importable, TRITON_INTERPRET is not passed on, every phase
-    gets a summary line, and $OUT holds exactly summary.txt and the tarball of the logs and results."""
+    install runs build first where mtlfast is not importable, TRITON_INTERPRET is not passed on, the build is for
+    sm_90 whatever TORCH_CUDA_ARCH_LIST the image sets, every phase gets a summary line, and $OUT holds exactly
+    summary.txt and the tarball of the logs and results."""
     import tarfile
 
     calls = tmp_path / "calls.log"
     fake = tmp_path / "python"
     fake.write_text(f"""#!/usr/bin/env bash
-echo "TRITON_INTERPRET=${{TRITON_INTERPRET:-}} $*" >>{calls}
+echo "TRITON_INTERPRET=${{TRITON_INTERPRET:-}} ARCH=${{TORCH_CUDA_ARCH_LIST:-}} $*" >>{calls}
 case "$1 $2" in
   "-c "*"import mtlfast.bench"*|"-c "*"import xdist"*|"-c "*"import pytest_timeout"*) exit 1 ;;
   "-c "*) exec {sys.executable} "$@" ;;
@@ -375,12 +376,14 @@ exit 0
     fake.chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": str(fake), "OUT": str(out), "GPU_CHECK_WORK": str(tmp_path / "work"),
-           "GPU_CHECK_BUDGET": "200", "TRITON_INTERPRET": "1", "MTLFAST_COMMIT": "0" * 40}
+           "GPU_CHECK_BUDGET": "200", "TRITON_INTERPRET": "1", "MTLFAST_COMMIT": "0" * 40,
+           "TORCH_CUDA_ARCH_LIST": "5.2 6.0 7.0 8.0 9.0+PTX"}
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.sh")
     result = subprocess.run(["bash", script, "bench"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr  # bench exit 3: cases left
     log = calls.read_text()
-    assert "-m pip install --no-deps --no-build-isolation --no-index -e ." in log and "TRITON_INTERPRET=1" not in log
+    assert "ARCH=9.0 -m pip install --no-deps --no-build-isolation --no-index -e ." in log
+    assert "TRITON_INTERPRET=1" not in log
     assert log.index("-m pip install") < log.index("-m mtlfast bench --out bench/results --resume")
     summary = (out / "summary.txt").read_text().splitlines()
     assert [line.split()[0] for line in summary[:4]] == ["build", "info", "bench", "report"], summary

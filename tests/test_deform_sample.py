@@ -60,6 +60,10 @@ def _cpp(**kwargs):
     return deform_sample(**kwargs, backend="cpp")
 
 
+#: The CUDA kernel, in the tests that also run the other backends (GPU machine only).
+CUDA = pytest.param("cuda", marks=[needs_extension, pytest.mark.gpu])
+
+
 def _cuda(**kwargs):
     return deform_sample(**kwargs, backend="cuda")
 
@@ -159,7 +163,7 @@ def test_triton_infinite_and_far_points(device):
     assert torch.isnan(out[0, 0]).all() and torch.isfinite(out[0, 1:]).all()  # grid_sample: NaN there
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_extension), "triton"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_extension), "triton", CUDA])
 def test_non_finite_points_give_nan_rows(backend, device):
     """grid_sample's value at a point with an infinite or NaN coordinate is NaN (its bilinear weights become
     inf - inf, or NaN); every backend returns NaN there, never a silent zero, and the other rows are exact.
@@ -236,7 +240,7 @@ def test_cpp_value_gradient_deterministic():
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_extension), "triton"])
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_extension), "triton", CUDA])
 def test_layouts(backend, device):
     """Channels-last and non-contiguous inputs give the same results; value gradients have the inputs' shapes."""
     device = "cpu" if backend == "cpp" else device
@@ -276,17 +280,18 @@ def test_auto_backend_choice():
 
 #: The custom ops (forward, backward) of each kernel backend.
 _OPS = {"cpp": ("deform_sample_forward", "deform_sample_backward"),
+        "cuda": ("deform_sample_forward", "deform_sample_backward"),
         "triton": ("deform_sample_triton", "deform_sample_triton_backward")}
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_extension), "triton"])
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_extension), "triton", CUDA])
 def test_opcheck_and_compile(backend, device):
     """Schemas, fake implementations (shapes and the channels-last strides) and autograd registration of the
     backend's custom ops; the public function under torch.compile (AOT autograd) matches eager exactly,
     forward and backward."""
     gen = torch.Generator().manual_seed(fresh_seed())
     inputs = _inputs(2, 7, 5, [(4, 6), (1, 2)], gen)
-    if backend == "triton":
+    if backend != "cpp":
         inputs = _float32(inputs, device)
     leaves = [t.requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
     args = (leaves[:2], leaves[2], leaves[3])
@@ -422,10 +427,13 @@ def test_cpp_op_checks_inputs():
 
 # --- GPU -----------------------------------------------------------------------------------------------
 
-# Shapes exercising each vector width: C = 256 (16-byte loads, several lanes per point in fp32), C = 6
-# (8-byte fp32 / 4-byte fp16 loads), C = 257 (scalar), and a SEM-like 4-stage pyramid.
+# Shapes exercising each vector width: C = 256 (16-byte loads, several lanes per point in fp32), C = 32 (fp32:
+# 8 lanes of 16 bytes), C = 20 (fp16/bf16: 8-byte loads; fp32: 16-byte), C = 6 (8-byte fp32 / 4-byte fp16 loads),
+# C = 257 (scalar), and a SEM-like 4-stage pyramid.
 GPU_CASES = [
     (2, 1001, 256, [(28, 36), (14, 18), (7, 9), (4, 5)]),
+    (2, 65, 32, [(6, 7), (3, 4)]),
+    (2, 65, 20, [(6, 7), (3, 4)]),
     (2, 257, 6, [(9, 11), (4, 8), (5, 2)]),
     (1, 63, 257, [(4, 8), (3, 5)]),
     (1, 7, 1, [(1, 1)]),

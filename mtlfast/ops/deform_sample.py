@@ -62,7 +62,8 @@ Tensor = torch.Tensor
 
 #: Stages one CUDA launch takes (the size of the kernel's by-value pointer table, csrc/cuda/deform_sample.cuh).
 CUDA_MAX_STAGES = 16
-#: The CPU value-gradient buckets store int32 point indices; the CUDA kernels index points with int32 too.
+#: The CPU value-gradient buckets store int32 point indices; the CUDA launcher refuses more points too (its
+#: indexing is 64-bit, the limit is kept for one contract across the compiled backends).
 MAX_POINTS = 2 ** 31 - 1
 
 _OP = Op("deform_sample", auto_order={"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")})
