@@ -57,6 +57,13 @@ def _extension():
     force_cuda = os.environ.get("MTLFAST_BUILD_CUDA")
     nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     with_cuda = force_cuda == "1" or (force_cuda != "0" and torch.version.cuda is not None and bool(nvcc))
+    if with_cuda and (torch.version.cuda is None or not nvcc):
+        why = (f"MTLFAST_BUILD_CUDA=1, but torch {torch.__version__} is a CPU build" if torch.version.cuda is None
+               else f"MTLFAST_BUILD_CUDA=1, but no nvcc under CUDA_HOME={cpp_extension.CUDA_HOME}")
+        if os.environ.get("MTLFAST_STRICT_BUILD") == "1":
+            raise SystemExit(f"mtlfast: {why}")
+        print(f"mtlfast: {why}; building the CPU extension only", file=sys.stderr)
+        with_cuda = False
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
 
     sources = ["csrc/mtlfast_ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
