@@ -52,12 +52,11 @@ import triton
 import triton.language as tl
 
 from mtlfast._alloc import empty
+from mtlfast.backends import MAX_GRID_YZ, grid_axis_refusals
 
 # Kernels read module globals only as constexpr; the launchers use ``.value``.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-#: Grid axes 1 and 2 are limited to 65535 programs on CUDA.
-MAX_GRID_YZ = 65535
 
 
 @dataclass(frozen=True)
@@ -497,24 +496,33 @@ def _attn_bwd_dq_kernel(
 # --- launchers ---------------------------------------------------------------------------------------
 
 
+def _slice_extent(t: torch.Tensor) -> int:
+    """Elements one (batch, head) slice of a (B, H, N, D) tensor spans with its strides."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[2:], t.stride()[2:]))
+
+
 def grid_limits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
-    """Reasons these kernels cannot take these inputs (empty list: they can)."""
-    reasons = []
-    bh = q.shape[0] * q.shape[1]
-    if bh > MAX_GRID_YZ:
-        reasons.append(f"B*H = {bh} exceeds the CUDA grid limit of {MAX_GRID_YZ} programs")
+    """Reasons these kernels cannot take these inputs (empty list: they can). In-slice offsets are 32-bit: the
+    inputs with their strides, and the contiguous outputs and gradients (Nq·Dv, Nq·Dqk, Nk·Dqk, Nk·Dv)."""
+    reasons = grid_axis_refusals("B*H", q.shape[0] * q.shape[1])
     for name, t in (("q", q), ("k", k), ("v", v)):
-        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[2:], t.stride()[2:]))
-        if extent >= 2**31:
-            reasons.append(f"{name}: one (batch, head) slice spans {extent + 1} elements; "
+        if _slice_extent(t) > 2**31:
+            reasons.append(f"{name}: one (batch, head) slice spans {_slice_extent(t)} elements; "
                            "in-slice offsets are 32-bit (< 2**31)")
+    n_q, n_k, d_qk, d_v = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+    for name, rows, width in (("out", n_q, d_v), ("dq", n_q, d_qk), ("dk", n_k, d_qk), ("dv", n_k, d_v)):
+        if rows * width >= 2**31:
+            reasons.append(f"{name}: one (batch, head) slice has {rows} x {width} elements; in-slice offsets are "
+                           "32-bit (< 2**31)")
     return reasons
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: float32 inputs follow PyTorch's float32 matmul setting
     (torch.set_float32_matmul_precision: "highest", the default, -> exact "ieee" dots; "high"/"medium"
-    -> TF32); half-precision inputs use the tensor cores as they are."""
+    -> TF32); half-precision inputs use the tensor cores as they are. Every tl.dot of the kernels passes it:
+    Triton's own default on CUDA is TF32, and its TF32 passes float32 bits to the tensor cores, which truncate
+    them (no round-to-nearest conversion is emitted), so its errors are about twice cuBLAS's TF32."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
@@ -571,6 +579,8 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     blocks = blocks or default_blocks(d_qk, d_v, q.device, q.dtype, backward=True)
     plan = width_plan(blocks, d_qk, d_v)
     lse = lse.contiguous()
+    if _slice_extent(grad_out) > 2**31:  # 32-bit in-slice offsets; out's contiguous size is within the limits
+        grad_out = grad_out.contiguous()
     delta = empty((B, H, n_q), dtype=torch.float32, device=q.device)
     dq, dk, dv = (empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     common = (scale * LOG2E.value, scale, H, n_q, n_k, d_qk, d_v)

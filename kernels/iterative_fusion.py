@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from mtlfast._alloc import empty, empty_like
+from mtlfast.kernels.attention import _on_device, dot_precision
 
 LOG2E = 1.4426950408889634
 VARIANT_IDS = {"A": 0, "B": 1, "C": 2}
@@ -80,11 +81,6 @@ def num_checkpoints(n_iter: int) -> int:
 
 def _block(size: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(size)))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 dots in IEEE precision, as torch.matmul does by default; ignored for 16-bit inputs.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 # --- device functions --------------------------------------------------------------------------------
@@ -349,7 +345,7 @@ class _Problem:
         if D > MAX_HEAD_DIM:
             raise ValueError(f"q: width D={D} exceeds the Triton kernels' limit of {MAX_HEAD_DIM}")
         cfg = default_config(q.device)
-        return cls(B, N, D, C, scale * LOG2E, VARIANT_IDS[variant], materialized, _dot_precision(q.dtype), cfg,
+        return cls(B, N, D, C, scale * LOG2E, VARIANT_IDS[variant], materialized, dot_precision(q.dtype), cfg,
                    _block(N, cfg.block_x), _block(N, cfg.block_y), _block(C, cfg.block_c), _block(D, MAX_HEAD_DIM))
 
     def step_grid(self):
@@ -411,27 +407,28 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tens
             variant: str, materialize: bool):
     """Vⁿ, plus what the backward needs: lse (B, N) float32 (log2 domain) and the checkpoints
     (num_checkpoints(n_iter), B, N, C) holding V^L, V^2L, …"""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    coefs = _coefficients(alpha, variant)
-    pb = _Problem.of(q, v, scale, variant, materialize)
-    seg = segment_length(n_iter)
-    lse = empty((pb.B, pb.N), dtype=torch.float32, device=q.device)
-    co = empty((pb.B, pb.N, pb.N), dtype=v.dtype, device=q.device) if materialize else None
-    _softmax(pb, q, k, lse, co, compute_lse=True)
-    ckpt = empty((num_checkpoints(n_iter), pb.B, pb.N, pb.C), dtype=v.dtype, device=v.device)
-    out = empty_like(v)
-    scratch = [empty_like(v), empty_like(v)] if n_iter > 1 else []
-    src = v
-    for t in range(n_iter):
-        if t + 1 == n_iter:
-            dst = out
-        elif (t + 1) % seg == 0:
-            dst = ckpt[(t + 1) // seg - 1]
-        else:
-            dst = scratch[t % 2]  # never src: src is v, a checkpoint or the other scratch buffer
-        _step(pb, co, q, k, lse, coefs, src, dst, None)
-        src = dst
-    return out, lse, ckpt
+    with _on_device(q):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        coefs = _coefficients(alpha, variant)
+        pb = _Problem.of(q, v, scale, variant, materialize)
+        seg = segment_length(n_iter)
+        lse = empty((pb.B, pb.N), dtype=torch.float32, device=q.device)
+        co = empty((pb.B, pb.N, pb.N), dtype=v.dtype, device=q.device) if materialize else None
+        _softmax(pb, q, k, lse, co, compute_lse=True)
+        ckpt = empty((num_checkpoints(n_iter), pb.B, pb.N, pb.C), dtype=v.dtype, device=v.device)
+        out = empty_like(v)
+        scratch = [empty_like(v), empty_like(v)] if n_iter > 1 else []
+        src = v
+        for t in range(n_iter):
+            if t + 1 == n_iter:
+                dst = out
+            elif (t + 1) % seg == 0:
+                dst = ckpt[(t + 1) // seg - 1]
+            else:
+                dst = scratch[t % 2]  # never src: src is v, a checkpoint or the other scratch buffer
+            _step(pb, co, q, k, lse, coefs, src, dst, None)
+            src = dst
+        return out, lse, ckpt
 
 
 def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
@@ -441,48 +438,49 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     Per segment [s, e): replay the steps from the checkpoint Vˢ into Vbuf (Vˢ…Vᵉ⁻¹) and Pbuf (Pˢ…Pᵉ⁻¹);
     run the adjoint steps t = e−1…s into Gbuf, whose slot j holds Gˢ⁺ʲ (slot e−s is Gᵉ on entry, slot 0 is
     Gˢ on exit); then one dq/dk pass over the concatenated slots. dalpha for variant A is zero (unused)."""
-    q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
-    coefs = _coefficients(alpha, variant)
-    pb = _Problem.of(q, v, scale, variant, materialize)
-    B, N, D, C = pb.B, pb.N, pb.D, pb.C
-    seg = segment_length(n_iter)
-    co = None
-    if materialize:
-        co = empty((B, N, N), dtype=v.dtype, device=v.device)
-        _softmax(pb, q, k, lse, co, compute_lse=False)
-    vbuf = empty((B, N, seg * C), dtype=v.dtype, device=v.device)
-    pbuf = empty((B, N, seg * C), dtype=v.dtype, device=v.device)
-    gbuf = empty((B, N, (seg + 1) * C), dtype=v.dtype, device=v.device)
-    n_xblk, n_cblk = pb.step_grid()[:2]
-    r_part = torch.empty((B, n_cblk, N), dtype=torch.float32, device=v.device)
-    da_part = torch.zeros((B, n_cblk, n_xblk), dtype=torch.float64, device=v.device)
-    dq_acc = torch.zeros((B, N, D), dtype=torch.float32, device=v.device)
-    dk_acc = torch.zeros((B, N, D), dtype=torch.float32, device=v.device)
+    with _on_device(q):
+        q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
+        coefs = _coefficients(alpha, variant)
+        pb = _Problem.of(q, v, scale, variant, materialize)
+        B, N, D, C = pb.B, pb.N, pb.D, pb.C
+        seg = segment_length(n_iter)
+        co = None
+        if materialize:
+            co = empty((B, N, N), dtype=v.dtype, device=v.device)
+            _softmax(pb, q, k, lse, co, compute_lse=False)
+        vbuf = empty((B, N, seg * C), dtype=v.dtype, device=v.device)
+        pbuf = empty((B, N, seg * C), dtype=v.dtype, device=v.device)
+        gbuf = empty((B, N, (seg + 1) * C), dtype=v.dtype, device=v.device)
+        n_xblk, n_cblk = pb.step_grid()[:2]
+        r_part = torch.empty((B, n_cblk, N), dtype=torch.float32, device=v.device)
+        da_part = torch.zeros((B, n_cblk, n_xblk), dtype=torch.float64, device=v.device)
+        dq_acc = torch.zeros((B, N, D), dtype=torch.float32, device=v.device)
+        dk_acc = torch.zeros((B, N, D), dtype=torch.float32, device=v.device)
 
-    def slot(buf, j):
-        return buf[:, :, j * C:(j + 1) * C]
+        def slot(buf, j):
+            return buf[:, :, j * C:(j + 1) * C]
 
-    starts = list(range(0, n_iter, seg))
-    for s in reversed(starts):
-        e = min(s + seg, n_iter)
-        length = e - s
-        slot(vbuf, 0).copy_(v if s == 0 else ckpt[s // seg - 1])
-        for t in range(s, e):
-            j = t - s
-            _step(pb, co, q, k, lse, coefs, slot(vbuf, j), slot(vbuf, j + 1) if t + 1 < e else None,
-                  slot(pbuf, j))
-        slot(gbuf, length).copy_(grad_out if e == n_iter else slot(gbuf, 0))
-        r_part.zero_()
-        for t in reversed(range(s, e)):
-            j = t - s
-            _adjoint_step(pb, co, q, k, lse, coefs, slot(gbuf, j + 1), slot(gbuf, j), slot(pbuf, j),
-                          slot(vbuf, j), r_part, da_part)
-        _dqdk(pb, co, q, k, lse, coefs, gbuf[:, :, C:(length + 1) * C], vbuf[:, :, :length * C],
-              r_part.sum(1), dq_acc, dk_acc, scale)
+        starts = list(range(0, n_iter, seg))
+        for s in reversed(starts):
+            e = min(s + seg, n_iter)
+            length = e - s
+            slot(vbuf, 0).copy_(v if s == 0 else ckpt[s // seg - 1])
+            for t in range(s, e):
+                j = t - s
+                _step(pb, co, q, k, lse, coefs, slot(vbuf, j), slot(vbuf, j + 1) if t + 1 < e else None,
+                      slot(pbuf, j))
+            slot(gbuf, length).copy_(grad_out if e == n_iter else slot(gbuf, 0))
+            r_part.zero_()
+            for t in reversed(range(s, e)):
+                j = t - s
+                _adjoint_step(pb, co, q, k, lse, coefs, slot(gbuf, j + 1), slot(gbuf, j), slot(pbuf, j),
+                              slot(vbuf, j), r_part, da_part)
+            _dqdk(pb, co, q, k, lse, coefs, gbuf[:, :, C:(length + 1) * C], vbuf[:, :, :length * C],
+                  r_part.sum(1), dq_acc, dk_acc, scale)
 
-    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
-    dq.copy_(dq_acc)
-    dk.copy_(dk_acc)
-    dv.copy_(slot(gbuf, 0))
-    dalpha = da_part.sum().to(alpha.dtype)  # zero for variant A
-    return dq, dk, dv, dalpha
+        dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
+        dq.copy_(dq_acc)
+        dk.copy_(dk_acc)
+        dv.copy_(slot(gbuf, 0))
+        dalpha = da_part.sum().to(alpha.dtype)  # zero for variant A
+        return dq, dk, dv, dalpha

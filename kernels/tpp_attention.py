@@ -37,7 +37,10 @@ Choices and their costs (block sizes are a :class:`Config`, pinned by the tests)
   rewrite costs C·QK + PV); backward (g + h)·(QK + PV) to recompute P and dP, plus PV + 2·QK for dv,
   dk and dq.
 - Accumulation in float32; P and dĀ are rounded to the input dtype before the P·V, dS·k and dSᵀ·q dots
-  (as in FlashAttention). Δ is computed with torch in float32.
+  (as in FlashAttention). Δ is computed with torch in float32. Dot precision as attention's
+  (:func:`mtlfast.kernels.attention.dot_precision`): float32 inputs get exact dots unless PyTorch's float32
+  matmul precision was lowered; Triton's own default on CUDA would be TF32, which truncates the operands
+  (errors 1-3e-3 at the test shapes, simulated; the interpreter cannot show it).
 - GPU rules: every dot dimension is a block size >= 16; T·H is padded to a power of two (masked).
 """
 from __future__ import annotations
@@ -51,6 +54,7 @@ import triton
 import triton.language as tl
 
 from mtlfast._alloc import empty
+from mtlfast.kernels.attention import _on_device, dot_precision
 
 __all__ = ["Config", "default_config", "current_config", "use_config", "forward", "backward", "MAX_CHANNELS"]
 
@@ -137,7 +141,7 @@ def _load3(ptr, s0, s1, s2, o0, o1, o2, n0, n1, n2):
 @triton.jit
 def _batched_scores(a_ptr, a_sc, a_sn, a_sd, offs_a, n_a, b_ptr, b_sc, b_sn, b_sd, offs_b, n_b, width,
                     offs_c, C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, C_PAD: tl.constexpr,
-                    BLOCK_W: tl.constexpr):
+                    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
     """Per channel c: a_c[offs_a] · b_c[offs_b]ᵀ over `width` columns -> (C_PAD, BA, BB) float32."""
     acc = tl.zeros((C_PAD, BA, BB), dtype=tl.float32)
     offs_w = tl.arange(0, BLOCK_W)
@@ -145,7 +149,7 @@ def _batched_scores(a_ptr, a_sc, a_sn, a_sd, offs_a, n_a, b_ptr, b_sc, b_sn, b_s
         cols = w0 + offs_w
         a = _load3(a_ptr, a_sc, a_sn, a_sd, offs_c, offs_a, cols, C, n_a, width)
         bt = _load3(b_ptr, b_sc, b_sd, b_sn, offs_c, cols, offs_b, C, width, n_b)
-        acc = tl.dot(a, bt, acc)
+        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
     return acc
 
 
@@ -168,7 +172,7 @@ def _fwd_kernel(q, k, v, w, out, lse,
                 sob, soc, son, sod, slb, slc, sln,
                 Nq, Nk, D, Dv, scale,
                 C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_v = tl.program_id(2)
@@ -185,7 +189,7 @@ def _fwd_kernel(q, k, v, w, out, lse,
     for n0 in range(0, Nk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s = _batched_scores(q, sqc, sqn, sqd, offs_m, Nq, k, skc, skn, skd, offs_n, Nk, D, offs_c,
-                            C, BLOCK_M, BLOCK_N, C_PAD, BLOCK_D)
+                            C, BLOCK_M, BLOCK_N, C_PAD, BLOCK_D, PRECISION)
         s = _mix(s * scale, w, swj, swc, offs_c, C)
         s = tl.where((offs_n < Nk)[None, None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 2))
@@ -193,7 +197,7 @@ def _fwd_kernel(q, k, v, w, out, lse,
         p = tl.exp(s - m_new[:, :, None])
         l_i = l_i * alpha + tl.sum(p, 2)
         vt = _load3(v, svc, svn, svd, offs_c, offs_n, offs_dv, C, Nk, Dv)
-        acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, :, None])
+        acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, :, None], input_precision=PRECISION)
         m_i = m_new
 
     acc = acc / l_i[:, :, None]
@@ -211,7 +215,7 @@ def _bwd_kv_kernel(q, k, v, w, do, lse, delta, dk, dv,
                    sdb, sdc, sdn, sdd, slb, slc, sln,
                    Nq, Nk, D, Dv, scale,
                    C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DG: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DG: tl.constexpr, PRECISION: tl.constexpr):
     """One key block: dk and dv, columns chunk pid_x of D and of Dv (a chunk past one of them is all
     masked), tiles transposed (keys x queries). dk/dv are contiguous (B, C, Nk, D/Dv); lse and delta
     share the (B, C, Nq) strides."""
@@ -238,17 +242,17 @@ def _bwd_kv_kernel(q, k, v, w, do, lse, delta, dk, dv,
         lse_m = tl.load(lse + offs_c[:, None] * slc + offs_m[None, :] * sln, mask=row_mask, other=float("inf"))
         delta_m = tl.load(delta + offs_c[:, None] * slc + offs_m[None, :] * sln, mask=row_mask, other=0.0)
         st = _batched_scores(k, skc, skn, skd, offs_n, Nk, q, sqc, sqn, sqd, offs_m, Nq, D, offs_c,
-                             C, BLOCK_N, BLOCK_M, C_PAD, BLOCK_D)
+                             C, BLOCK_N, BLOCK_M, C_PAD, BLOCK_D, PRECISION)
         st = _mix(st * scale, w, swj, swc, offs_c, C)
         st = tl.where((offs_n < Nk)[None, :, None], st, float("-inf"))
         pt = tl.exp(st - lse_m[:, None, :])                                     # (C_PAD, BLOCK_N, BLOCK_M)
         do_t = _load3(do, sdc, sdn, sdd, offs_c, offs_m, offs_dv, C, Nq, Dv)
-        dv_acc = tl.dot(pt.to(do_t.dtype), do_t, dv_acc)
+        dv_acc = tl.dot(pt.to(do_t.dtype), do_t, dv_acc, input_precision=PRECISION)
         dpt = _batched_scores(v, svc, svn, svd, offs_n, Nk, do, sdc, sdn, sdd, offs_m, Nq, Dv, offs_c,
-                              C, BLOCK_N, BLOCK_M, C_PAD, BLOCK_DV)
+                              C, BLOCK_N, BLOCK_M, C_PAD, BLOCK_DV, PRECISION)
         dst = _mix(pt * (dpt - delta_m[:, None, :]), w, swc, swj, offs_c, C)   # mixed back to the C maps
         q_t = _load3(q, sqc, sqn, sqd, offs_c, offs_m, offs_dk, C, Nq, D)
-        dk_acc = tl.dot(dst.to(q_t.dtype), q_t, dk_acc)
+        dk_acc = tl.dot(dst.to(q_t.dtype), q_t, dk_acc, input_precision=PRECISION)
 
     # dk, dv: contiguous (B, C, Nk, D) and (B, C, Nk, Dv)
     dk_ptrs = dk + pid_b * C * Nk * D + offs_c[:, None, None] * Nk * D + offs_n[None, :, None] * D \
@@ -267,7 +271,7 @@ def _bwd_q_kernel(q, k, v, w, do, lse, delta, dq, dw_part,
                   sdb, sdc, sdn, sdd, slb, slc, sln,
                   Nq, Nk, D, Dv, scale,
                   C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DG: tl.constexpr):
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DG: tl.constexpr, PRECISION: tl.constexpr):
     """One query block: dq (columns chunk pid_x of D); programs with pid_x == 0 also write this block's
     dW partial sum to dw_part (B, cdiv(Nq, BLOCK_M), C, C). dq is contiguous (B, C, Nq, D)."""
     pid_m = tl.program_id(0)
@@ -290,14 +294,15 @@ def _bwd_q_kernel(q, k, v, w, do, lse, delta, dq, dw_part,
     for n0 in range(0, Nk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         a = _batched_scores(q, sqc, sqn, sqd, offs_m, Nq, k, skc, skn, skd, offs_n, Nk, D, offs_c,
-                            C, BLOCK_M, BLOCK_N, C_PAD, BLOCK_D) * scale
+                            C, BLOCK_M, BLOCK_N, C_PAD, BLOCK_D, PRECISION) * scale
         s = tl.where((offs_n < Nk)[None, None, :], _mix(a, w, swj, swc, offs_c, C), float("-inf"))
         p = tl.exp(s - lse_m[:, :, None])                                       # (C_PAD, BLOCK_M, BLOCK_N)
         dp = _batched_scores(do, sdc, sdn, sdd, offs_m, Nq, v, svc, svn, svd, offs_n, Nk, Dv, offs_c,
-                             C, BLOCK_M, BLOCK_N, C_PAD, BLOCK_DV)
+                             C, BLOCK_M, BLOCK_N, C_PAD, BLOCK_DV, PRECISION)
         ds = p * (dp - delta_m[:, :, None])
         k_t = _load3(k, skc, skn, skd, offs_c, offs_n, offs_dq, C, Nk, D)
-        dq_acc = tl.dot(_mix(ds, w, swc, swj, offs_c, C).to(k_t.dtype), k_t, dq_acc)  # mixed back to the C maps
+        dq_acc = tl.dot(_mix(ds, w, swc, swj, offs_c, C).to(k_t.dtype), k_t, dq_acc,  # mixed back to the C maps
+                        input_precision=PRECISION)
         if pid_x == 0:  # dW[:, c] += Σ dĀ_j ∘ A_c
             for c in tl.static_range(C):
                 a_c = tl.sum(tl.where(offs_c[:, None, None] == c, a, 0.0), 0)
@@ -335,10 +340,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, 
     lse = empty((B, C, Nq), dtype=torch.float32, device=q.device)
     cfg = config
     grid = (triton.cdiv(Nq, cfg.block_m), B, triton.cdiv(Dv, cfg.block_dv))
-    _fwd_kernel[grid](q4, k4, v4, w, out, lse, *_strides(q4, k4, v4, w, out.flatten(1, 2), lse),
-                      Nq, Nk, D, Dv, scale, C=C, C_PAD=_pow2(C), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages)
+    with _on_device(q):
+        _fwd_kernel[grid](q4, k4, v4, w, out, lse, *_strides(q4, k4, v4, w, out.flatten(1, 2), lse),
+                          Nq, Nk, D, Dv, scale, C=C, C_PAD=_pow2(C), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                          BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, PRECISION=dot_precision(q.dtype),
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -357,12 +363,13 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     m_blocks = triton.cdiv(Nq, cfg.block_m)
     dw_part = empty((B, m_blocks, C, C), dtype=torch.float32, device=q.device)
     common = dict(C=C, C_PAD=_pow2(C), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                  BLOCK_DV=cfg.block_dv, BLOCK_DG=cfg.block_dgrad, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+                  BLOCK_DV=cfg.block_dv, BLOCK_DG=cfg.block_dgrad, PRECISION=dot_precision(q.dtype),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     strides = _strides(q4, k4, v4, w, do4, lse)
     kv_chunks = triton.cdiv(max(D, Dv), cfg.block_dgrad)
-    _bwd_kv_kernel[(triton.cdiv(Nk, cfg.block_n), B, kv_chunks)](
-        q4, k4, v4, w, do4, lse, delta, dk, dv, *strides, Nq, Nk, D, Dv, scale, **common)
-    _bwd_q_kernel[(m_blocks, B, triton.cdiv(D, cfg.block_dgrad))](
-        q4, k4, v4, w, do4, lse, delta, dq, dw_part, *strides, Nq, Nk, D, Dv, scale, **common)
+    with _on_device(q):
+        _bwd_kv_kernel[(triton.cdiv(Nk, cfg.block_n), B, kv_chunks)](
+            q4, k4, v4, w, do4, lse, delta, dk, dv, *strides, Nq, Nk, D, Dv, scale, **common)
+        _bwd_q_kernel[(m_blocks, B, triton.cdiv(D, cfg.block_dgrad))](
+            q4, k4, v4, w, do4, lse, delta, dq, dw_part, *strides, Nq, Nk, D, Dv, scale, **common)
     return dq, dk, dv, dw_part.sum((0, 1))

@@ -109,6 +109,17 @@ class BackendScope:
 
 # --- machine capabilities shared by implementations --------------------------------------------------
 
+#: Grid axes 1 and 2 of a CUDA launch hold at most this many programs (axis 0: 2**31 - 1).
+MAX_GRID_YZ = 65535
+
+
+def grid_axis_refusals(what: str, count: int) -> list[str]:
+    """A kernel's refusal when ``count`` programs (``what``, e.g. "B") would go on grid axis 1 or 2."""
+    if count > MAX_GRID_YZ:
+        return [f"{what} = {count} exceeds the CUDA grid limit of {MAX_GRID_YZ} programs on that launch axis"]
+    return []
+
+
 @contextlib.contextmanager
 def meta_planning(device: str = "cuda") -> Iterator[None]:
     """Ops on ``meta`` tensors select their backend as on ``device`` and run its fake implementation.

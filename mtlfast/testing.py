@@ -64,6 +64,14 @@ def kernel_dtypes(device: str | None = None) -> list[torch.dtype]:
     return [torch.float32, torch.float16]
 
 
+def float32_dots_are_tf32() -> bool:
+    """Whether the Triton kernels' float32 dots run in TF32: only when torch's float32 matmul precision was
+    lowered (:func:`mtlfast.kernels.attention.dot_precision`); then :func:`tolerance` takes ``tf32_dots=True``."""
+    from mtlfast.kernels.attention import dot_precision
+
+    return dot_precision(torch.float32) == "tf32"
+
+
 def tolerance(dtype: torch.dtype, *, tf32_dots: bool = False) -> float | None:
     """The fixed bound for float64/float32; None for float16/bfloat16 (bound from PyTorch's own error)."""
     if dtype == torch.float64:

@@ -16,8 +16,8 @@ import mtlfast
 from mtlfast.backends import BackendError
 from mtlfast.ops.attention import attention_triton, center_keys
 from mtlfast.reference.attention import attention as reference_attention
-from mtlfast.testing import (check_against_reference, fresh_seed, randn, rel_error, run_without_interpreter,
-                             tolerance)
+from mtlfast.testing import (check_against_reference, float32_dots_are_tf32, fresh_seed, randn, rel_error,
+                             run_without_interpreter, tolerance)
 
 
 def _inputs(B, H, n_q, n_k, d_qk, d_v, *, seed, permuted=False):
@@ -28,13 +28,6 @@ def _inputs(B, H, n_q, n_k, d_qk, d_v, *, seed, permuted=False):
                 "v": randn(B, n_k, H, d_v, generator=gen).transpose(1, 2)}
     return {"q": randn(B, H, n_q, d_qk, generator=gen), "k": randn(B, H, n_k, d_qk, generator=gen),
             "v": randn(B, H, n_k, d_v, generator=gen)}
-
-
-def _tf32() -> bool:
-    """Whether float32 dots run in TF32 (only if torch's float32 matmul precision was lowered)."""
-    from mtlfast.kernels.attention import dot_precision
-
-    return dot_precision(torch.float32) == "tf32"
 
 
 def _blocks(own, stream, dqk, dv, dqk_tail=0, dv_tail=0):
@@ -78,7 +71,7 @@ def test_attention_matches_reference(case, kernel_dtype, device):
     def reference(q, k, v):
         return reference_attention(q, k, v, scale=scale)
 
-    check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=_tf32())
+    check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=float32_dots_are_tf32())
 
 
 def test_width_split_and_plan():
@@ -135,7 +128,7 @@ def test_keys_with_a_large_common_shift(device):
 
     check_against_reference(shifted(lambda q, k, v: mtlfast.ops.attention(q, k, v, backend="triton")),
                             shifted(reference_attention), inputs, dtype=torch.float32, grad=["q", "k", "v"],
-                            tf32_dots=_tf32())
+                            tf32_dots=float32_dots_are_tf32())
 
 
 def test_kernels_on_rows_with_every_score_far_below_zero(device):
@@ -200,7 +193,8 @@ def test_compiles_with_aot_autograd(device):
     want.sum().backward()
     assert rel_error(out.cpu(), want) < 1e-5
     for name, got, ref in zip("qkv", (q, k, v), leaves):
-        assert rel_error(got.grad.cpu(), ref.grad) < tolerance(torch.float32, tf32_dots=_tf32()), f"grad {name}"
+        bound = tolerance(torch.float32, tf32_dots=float32_dots_are_tf32())
+        assert rel_error(got.grad.cpu(), ref.grad) < bound, f"grad {name}"
 
 
 # --- bad inputs ---------------------------------------------------------------------------------------
@@ -259,6 +253,11 @@ def test_grid_limits_reported():
     assert any("32-bit" in r for r in grid_limits(huge, huge, huge))
     small = torch.empty(1, 2, 3, 4, device="meta")
     assert grid_limits(small, small, small) == []
+    # inputs within the limit whose output slice is not: out is 2**20 x 4096 = 2**32 elements per slice
+    q, k, v = (torch.empty(1, 1, n, d, device="meta") for n, d in ((2**20, 64), (16, 64), (16, 4096)))
+    assert [r.split(":")[0] for r in grid_limits(q, k, v)] == ["out"]
+    q = torch.empty(1, 1, 2**25, 64, device="meta")  # 2**31 elements in q and dq, q's max offset 2**31 - 1
+    assert [r.split(":")[0] for r in grid_limits(q, q, q)] == ["out", "dq", "dk", "dv"]
 
 
 # --- GPU rules the interpreter does not enforce ---------------------------------------------------------
@@ -325,7 +324,7 @@ def _compile_sm90() -> None:
 def test_attention_paper_widths_gpu(shape, kernel_dtype):
     inputs = {n: t.cuda() for n, t in _inputs(*shape, seed=fresh_seed()).items()}
     check_against_reference(lambda q, k, v: mtlfast.ops.attention(q, k, v, backend="triton"),
-                            reference_attention, inputs, dtype=kernel_dtype, tf32_dots=_tf32())
+                            reference_attention, inputs, dtype=kernel_dtype, tf32_dots=float32_dots_are_tf32())
 
 
 @pytest.mark.gpu

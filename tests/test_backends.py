@@ -211,3 +211,29 @@ def test_triton_refuses_the_interpreter_with_numpy_2_4(monkeypatch, triton_versi
     else:
         assert reason is None
     assert triton_unavailable("meta", torch.float32) is None  # the GPU (and its planning) runs no interpreter
+
+
+def test_triton_limits_refuse_a_batch_beyond_the_grid():
+    """The Triton kernels that put the batch on CUDA grid axis 1 or 2 (at most 65535 programs) refuse larger
+    batches with that reason (the launch would fail), and deform_sample's B·N·S weight offsets are 32-bit."""
+    from mtlfast.backends import OPS
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta")
+
+    calls = {  # op -> (batch size -> limits arguments), keyword arguments
+        "tpp_attention": (lambda B: (meta(B, 2, 1, 3, 8),) * 3 + (meta(2, 1, 2), None), {"scale": 0.5}),
+        "em_attention": (lambda B: (meta(B, 9, 8), meta(B, 3, 8), 2),
+                         {"tau": 1.0, "eps": 1e-6, "detach_iterations": False}),
+        "iterative_fusion": (lambda B: (meta(B, 9, 8),) * 3 + (meta(), 2),
+                             {"scale": 0.5, "variant": "C", "mode": "recompute"}),
+        "deform_sample": (lambda B: ([meta(B, 4, 3, 3)], meta(B, 5, 2), meta(B, 5, 1)), {}),
+    }
+    for name, (args, kwargs) in calls.items():
+        limits = OPS[name].implementations["triton"].limits
+        reasons = limits(*args(70000), **kwargs)
+        assert any("B = 70000 exceeds the CUDA grid limit of 65535" in r for r in reasons), (name, reasons)
+        assert limits(*args(65535), **kwargs) == [], name
+    reasons = OPS["deform_sample"].implementations["triton"].limits([meta(1, 1, 1, 1)] * 64, meta(1, 2**26, 2),
+                                                                    meta(1, 2**26, 64))
+    assert any(r.startswith("B·N·S = 4294967296") for r in reasons), reasons

@@ -13,7 +13,8 @@ from mtlfast.backends import BackendError
 from mtlfast.ops.lthd_attention import widened_qk
 from mtlfast.reference.attention import attention as reference_attention
 from mtlfast.reference.lthd_attention import lthd_attention as reference_lthd
-from mtlfast.testing import check_against_reference, fresh_seed, randn, rel_error, tolerance
+from mtlfast.testing import (check_against_reference, float32_dots_are_tf32, fresh_seed, randn, rel_error,
+                             tolerance)
 
 
 def _inputs(B, size_fine, size_coarse, D, C, *, seed, device="cpu"):
@@ -24,12 +25,6 @@ def _inputs(B, size_fine, size_coarse, D, C, *, seed, device="cpu"):
             "q_coarse": randn(B, n_c, D, generator=gen, device=device),
             "k_coarse": randn(B, n_c, D, generator=gen, device=device),
             "v": randn(B, n_f, C, generator=gen, device=device)}
-
-
-def _tf32() -> bool:
-    from mtlfast.kernels.attention import dot_precision
-
-    return dot_precision(torch.float32) == "tf32"
 
 
 def _rewrite(q_fine, k_fine, q_coarse, k_coarse, v, size_fine, size_coarse, scale):
@@ -106,7 +101,7 @@ def test_lthd_matches_reference(case, kernel_dtype, device):
         t = {name: _exact_zero_gradient(x) if name in vanishing else x for name, x in t.items()}
         return reference_lthd(*t.values(), size_fine, size_coarse, scale=scale)
 
-    check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=_tf32())
+    check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=float32_dots_are_tf32())
 
 
 def test_compiles_with_aot_autograd(device):
@@ -122,7 +117,8 @@ def test_compiles_with_aot_autograd(device):
     want.sum().backward()
     assert rel_error(out.cpu(), want) < 1e-5
     for name, t in ins.items():
-        assert rel_error(t.grad.cpu(), leaves[name].grad) < tolerance(torch.float32, tf32_dots=_tf32()), f"grad {name}"
+        bound = tolerance(torch.float32, tf32_dots=float32_dots_are_tf32())
+        assert rel_error(t.grad.cpu(), leaves[name].grad) < bound, f"grad {name}"
 
 
 @pytest.mark.gpu
@@ -132,7 +128,8 @@ def test_lthd_tif_shape_gpu(kernel_dtype):
     inputs = _inputs(2, size_fine, size_coarse, 64, 128, seed=fresh_seed(), device="cuda")
     check_against_reference(
         lambda **t: mtlfast.ops.lthd_attention(*t.values(), size_fine, size_coarse, backend="triton"),
-        lambda **t: reference_lthd(*t.values(), size_fine, size_coarse), inputs, dtype=kernel_dtype, tf32_dots=_tf32())
+        lambda **t: reference_lthd(*t.values(), size_fine, size_coarse), inputs, dtype=kernel_dtype,
+        tf32_dots=float32_dots_are_tf32())
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

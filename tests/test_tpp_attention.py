@@ -10,7 +10,7 @@ from mtlfast.bench.bench_tpp_attention import widened_rewrite
 from mtlfast.ops.attention import center_keys
 from mtlfast.ops.tpp_attention import _fwd, tpp_attention
 from mtlfast.reference import tpp_attention as reference
-from mtlfast.testing import check_against_reference, fresh_seed, randn, run_without_interpreter
+from mtlfast.testing import check_against_reference, float32_dots_are_tf32, fresh_seed, randn, run_without_interpreter
 
 # (B, T, H, Nq, Nk, D, Dv, shared weight, bias): T in {1, 2, 4}, H in {1, 2}, Nq != Nk, D != Dv, odd sizes.
 CASES = [
@@ -64,7 +64,7 @@ def test_matches_reference(device, kernel_dtype, B, T, H, Nq, Nk, D, Dv, shared,
     with _pinned(D):
         check_against_reference(_triton, reference.tpp_attention, inputs, dtype=kernel_dtype,
                                 grad=["q", "k", "v", "mix_weight"],
-                                tf32_dots=device == "cuda" and kernel_dtype == torch.float32, conditioned=MIX_WEIGHT)
+                                tf32_dots=float32_dots_are_tf32(), conditioned=MIX_WEIGHT)
 
 
 def test_default_config(device, kernel_dtype):
@@ -73,7 +73,7 @@ def test_default_config(device, kernel_dtype):
     inputs = _inputs(1, 2, 2, 11, 6, 10, 13, False, True, device, gen)
     check_against_reference(_triton, reference.tpp_attention, inputs, dtype=kernel_dtype,
                             grad=["q", "k", "v", "mix_weight"],
-                            tf32_dots=device == "cuda" and kernel_dtype == torch.float32, conditioned=MIX_WEIGHT)
+                            tf32_dots=float32_dots_are_tf32(), conditioned=MIX_WEIGHT)
 
 
 def test_explicit_scale(device, kernel_dtype):
@@ -83,7 +83,7 @@ def test_explicit_scale(device, kernel_dtype):
     with _pinned(5):
         check_against_reference(_triton, reference.tpp_attention, inputs, dtype=kernel_dtype,
                                 grad=["q", "k", "v", "mix_weight"],
-                                tf32_dots=device == "cuda" and kernel_dtype == torch.float32, conditioned=MIX_WEIGHT)
+                                tf32_dots=float32_dots_are_tf32(), conditioned=MIX_WEIGHT)
 
 
 def test_strided_inputs(device, kernel_dtype):
@@ -97,7 +97,7 @@ def test_strided_inputs(device, kernel_dtype):
               "mix_weight": randn(T * H, T, H, generator=gen, device=device).permute(1, 2, 0)}
     with _pinned(D):
         check_against_reference(_triton, reference.tpp_attention, inputs, dtype=kernel_dtype,
-                                tf32_dots=device == "cuda" and kernel_dtype == torch.float32, conditioned=MIX_WEIGHT)
+                                tf32_dots=float32_dots_are_tf32(), conditioned=MIX_WEIGHT)
 
 
 @pytest.mark.gpu
@@ -108,7 +108,7 @@ def test_matches_reference_paper_shape_gpu(kernel_dtype, shared):
     inputs = _inputs(2, 4, 2, 1008, 1008, 288, 288, shared, True, "cuda", gen)
     inputs["mix_weight"] = inputs["mix_weight"] * 8 ** -0.5
     check_against_reference(_triton, reference.tpp_attention, inputs, dtype=kernel_dtype,
-                            grad=["q", "k", "v", "mix_weight"], tf32_dots=kernel_dtype == torch.float32,
+                            grad=["q", "k", "v", "mix_weight"], tf32_dots=float32_dots_are_tf32(),
                             conditioned=MIX_WEIGHT)
 
 
@@ -157,7 +157,7 @@ def test_keys_with_a_large_common_shift(device):
 
     with _pinned(D):
         check_against_reference(shifted(_triton), shifted(reference.tpp_attention), inputs, dtype=torch.float32,
-                                grad=["q", "k", "v", "mix_weight"], tf32_dots=device == "cuda",
+                                grad=["q", "k", "v", "mix_weight"], tf32_dots=float32_dots_are_tf32(),
                                 conditioned=MIX_WEIGHT)
 
 
@@ -183,7 +183,8 @@ def test_bias_cancels(device, shared):
     grads = torch.autograd.grad(out, list(leaves.values()), cotangent.to(device=device, dtype=torch.float32))
     assert grads[-1].shape == bias.shape and torch.equal(grads[-1], torch.zeros_like(grads[-1]))
     check_against_reference(_triton, reference.tpp_attention, {k: v.to(device) for k, v in inputs.items()},
-                            dtype=torch.float32, grad=["q", "k", "v", "mix_weight"], tf32_dots=device == "cuda",
+                            dtype=torch.float32, grad=["q", "k", "v", "mix_weight"],
+                            tf32_dots=float32_dots_are_tf32(),
                             conditioned=MIX_WEIGHT)
 
 
@@ -280,7 +281,7 @@ tensors = {"q", "k", "v", "w", "out", "do", "dk", "dv", "dq"}
 for C, D in ((8, 288), (8, 256), (10, 256)):
     cfg = K.default_config(C, D, D)
     consts = dict(C=C, C_PAD=K._pow2(C), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                  BLOCK_DV=cfg.block_dv, BLOCK_DG=cfg.block_dgrad)
+                  BLOCK_DV=cfg.block_dv, BLOCK_DG=cfg.block_dgrad, PRECISION="tf32")  # as launched in bf16
     for kernel in (K._fwd_kernel, K._bwd_kv_kernel, K._bwd_q_kernel):
         const = {name: value for name, value in consts.items() if name in kernel.arg_names}
         signature = {name: "*bf16" if name in tensors else "*fp32" if name in ("lse", "delta", "dw_part")

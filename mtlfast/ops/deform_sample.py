@@ -53,7 +53,7 @@ from typing import Sequence
 import torch
 
 from mtlfast import _ext
-from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, extension_unavailable, triton_unavailable
+from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, extension_unavailable, grid_axis_refusals, triton_unavailable
 from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor
 from mtlfast.ops._kernel_op import KernelAutograd, kernel_function, refuse_double_backward
 from mtlfast.reference import deform_sample as _reference
@@ -141,9 +141,12 @@ def _triton_limits(values, points, weights) -> list[str]:
     from mtlfast.kernels.deform_sample import MAX_KEYS
 
     B, N, _ = points.shape
-    reasons = []
+    S = len(values)
+    reasons = grid_axis_refusals("B", B)
     if 4 * B * N > MAX_KEYS:
         reasons.append(f"4·B·N = {4 * B * N} corner entries exceed the kernel's limit of {MAX_KEYS} (int32)")
+    if B * N * S > MAX_KEYS:
+        reasons.append(f"B·N·S = {B * N * S} weights exceed the kernel's limit of {MAX_KEYS} (int32 offsets)")
     for s, v in enumerate(values):
         if B * v.shape[2] * v.shape[3] > MAX_KEYS:
             reasons.append(f"values[{s}]: B·H·W = {B * v.shape[2] * v.shape[3]} pixels exceed the kernel's limit "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
+from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, grid_axis_refusals, triton_unavailable
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_float,
                                  check_positive_int, check_shapes)
 from mtlfast.ops._kernel_op import KernelAutograd, kernel_function
@@ -111,9 +111,10 @@ def _triton_limits(x, mu, n_iter, **kwargs) -> list[str]:
     from mtlfast.kernels.em_attention import MAX_K
 
     K = mu.shape[1]
+    reasons = grid_axis_refusals("B", x.shape[0])
     if K > MAX_K:
-        return [f"K={K} bases exceed the kernel's limit of {MAX_K} (the logits tile is held in registers)"]
-    return []
+        reasons.append(f"K={K} bases exceed the kernel's limit of {MAX_K} (the logits tile is held in registers)")
+    return reasons
 
 
 _OP.register("reference", _reference.em_attention, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
+from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, grid_axis_refusals, triton_unavailable
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_int, check_shapes,
                                  check_tensor, resolve_scale)
 from mtlfast.ops._kernel_op import KernelAutograd, kernel_function
@@ -44,7 +44,6 @@ VARIANTS = _reference.VARIANTS
 MODES = ("materialize", "recompute", "auto")
 _ASSUMED_FREE_BYTES = 4 * 2**30
 _INT32 = 2**31
-_MAX_GRID_YZ = 65535
 
 _OP = Op("iterative_fusion")
 
@@ -146,8 +145,7 @@ def _triton_limits(q, k, v, alpha, n_iter, *, scale, variant, mode) -> list[str]
     reasons = []
     if D > MAX_HEAD_DIM:
         reasons.append(f"q/k width D={D} > {MAX_HEAD_DIM} (the kernels hold a whole q/k row in registers)")
-    if B > _MAX_GRID_YZ:
-        reasons.append(f"B={B} > {_MAX_GRID_YZ} (B is a CUDA grid dimension)")
+    reasons += grid_axis_refusals("B", B)
     if mode == "materialize" and N * N >= _INT32:
         reasons.append(f"N*N = {N * N} >= 2**31: Co of one batch element needs 64-bit offsets; use mode='recompute'")
     if N * (segment_length(n_iter) + 1) * C >= _INT32:

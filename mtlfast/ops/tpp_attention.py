@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
+from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, grid_axis_refusals, triton_unavailable
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_shapes, check_tensor,
                                  resolve_scale)
 from mtlfast.ops._kernel_op import KernelAutograd, kernel_function
@@ -107,9 +107,11 @@ def _triton_limits(q, k, v, mix_weight, mix_bias, **kwargs) -> list[str]:
     from mtlfast.kernels.tpp_attention import MAX_CHANNELS
 
     C = q.shape[1] * q.shape[2]
+    reasons = grid_axis_refusals("B", q.shape[0])
     if C > MAX_CHANNELS:
-        return [f"T·H={C} score maps exceed the kernel's limit of {MAX_CHANNELS} (all of them are mixed in registers)"]
-    return []
+        reasons.append(f"T·H={C} score maps exceed the kernel's limit of {MAX_CHANNELS} (all of them are mixed in "
+                       "registers)")
+    return reasons
 
 
 _OP.register("reference", _reference.tpp_attention, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
