@@ -192,6 +192,22 @@ def _always(device_type: str, dtype: torch.dtype | None = None) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # torch.compile cannot trace the warn-only query: read once per trace
+def deterministic_mode() -> bool:
+    """torch.use_deterministic_algorithms(True) is on, and not in warn-only mode."""
+    return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+def atomic_gradient_refusals(tensors, what: str, instead: str) -> list[str]:
+    """A kernel's refusal when a gradient will be needed in deterministic mode and its backward accumulates with
+    float atomics (``what``), whose sums differ in the last bits from run to run: PyTorch refuses its own
+    nondeterministic backward kernels there. ``instead`` names the deterministic way (auto moves on to it)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if needs_grad and deterministic_mode():
+        return [f"torch.use_deterministic_algorithms(True) is on and {what} (not bit-reproducible); {instead}"]
+    return []
+
+
 # --- ops ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -377,3 +377,25 @@ def test_inductor_compile_gpu():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
     _compile_sm90()
+
+
+def test_triton_refuses_gradients_in_deterministic_mode(device):
+    """The backward's dq is a float atomic sum over key blocks: under torch.use_deterministic_algorithms(True)
+    the triton backend refuses calls that need a gradient (naming the reason and the reference), and only those;
+    warn-only mode and inference are served."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, k, v = (torch.randn(1, 9, 8, generator=gen).to(device) for _ in range(3))
+    alpha = torch.tensor(0.3, device=device, requires_grad=True)
+    was = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(BackendError, match=r"use_deterministic_algorithms\(True\) is on and its dq .* reference"):
+            iterative_fusion(q, k, v, alpha, 2, backend="triton")
+        with torch.no_grad():
+            iterative_fusion(q, k, v, alpha, 2, backend="triton")
+        iterative_fusion(q, k, v, alpha.detach(), 2, backend="triton")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        iterative_fusion(q, k, v, alpha, 2, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn_only)

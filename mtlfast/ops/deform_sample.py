@@ -53,7 +53,8 @@ from typing import Sequence
 import torch
 
 from mtlfast import _ext
-from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, extension_unavailable, grid_axis_refusals, triton_unavailable
+from mtlfast.backends import (FLOAT_DTYPES, GPU_DTYPES, Op, atomic_gradient_refusals, extension_unavailable,
+                              grid_axis_refusals, triton_unavailable)
 from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor
 from mtlfast.ops._kernel_op import KernelAutograd, kernel_function, refuse_double_backward
 from mtlfast.reference import deform_sample as _reference
@@ -176,29 +177,15 @@ _OP.register("cpp", _compiled, devices=("cpu",), dtypes=(torch.float32, torch.fl
              available=extension_unavailable, limits=_limits(None))
 
 
-@torch.compiler.assume_constant_result  # torch.compile cannot trace the warn-only query: read once per trace
-def _deterministic_mode() -> bool:
-    """torch.use_deterministic_algorithms(True) is on, and not in warn-only mode."""
-    return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
-
-
-def _atomic_backward_refused(values, points, weights) -> bool:
-    """Whether a gradient will be needed in deterministic mode: the CUDA kernel's value gradient is a float
-    atomic scatter, whose sums differ in the last bits from run to run, so it refuses then, and auto takes the
-    Triton path (a gather in a fixed order), as PyTorch refuses its own nondeterministic backward kernels."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*values, points, weights))
-    return needs_grad and _deterministic_mode()
-
-
 _cuda_shape_limits = _limits(CUDA_MAX_STAGES)
 
 
 def _cuda_limits(values, points, weights) -> list[str]:
-    reasons = _cuda_shape_limits(values, points, weights)
-    if _atomic_backward_refused(values, points, weights):
-        reasons.append("torch.use_deterministic_algorithms(True) is on and its value gradient is a float atomic "
-                       "scatter (not bit-reproducible); the triton backend's gather is deterministic")
-    return reasons
+    """The CUDA kernel's value gradient is a float atomic scatter: refused for gradients in deterministic mode,
+    where auto takes the Triton path (a gather in a fixed order)."""
+    return _cuda_shape_limits(values, points, weights) + atomic_gradient_refusals(
+        (*values, points, weights), "its value gradient is a float atomic scatter",
+        "the triton backend's gather is deterministic")
 
 
 _OP.register("cuda", _compiled, devices=("cuda",), dtypes=GPU_DTYPES, available=extension_unavailable,

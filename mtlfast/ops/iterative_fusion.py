@@ -28,13 +28,17 @@ gradient comes back in its own dtype.
   assumed free) and N² < 2³¹ (32-bit offsets within one batch element), else recompute. The rule is about
   memory only: which mode is faster at a given N is not measured yet (no GPU so far).
 Both modes save only lse (B, N) and ⌈n/L⌉ − 1 checkpoints of Vᵗ (L = ⌈√n⌉) for the backward; see
-kernels/iterative_fusion.py for the adjoint recursion and the memory accounting.
+kernels/iterative_fusion.py for the adjoint recursion and the memory accounting. The backward adds each key
+block's part of dq with float atomics, so with more than one key block its last bits vary from run to run:
+under ``torch.use_deterministic_algorithms(True)`` the triton backend refuses calls that need a gradient
+(auto then takes the reference), as PyTorch does for its own such kernels.
 """
 from __future__ import annotations
 
 import torch
 
-from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, grid_axis_refusals, triton_unavailable
+from mtlfast.backends import (FLOAT_DTYPES, GPU_DTYPES, Op, atomic_gradient_refusals, grid_axis_refusals,
+                              triton_unavailable)
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_int, check_shapes,
                                  check_tensor, resolve_scale)
 from mtlfast.ops._kernel_op import KernelAutograd, kernel_function
@@ -146,6 +150,8 @@ def _triton_limits(q, k, v, alpha, n_iter, *, scale, variant, mode) -> list[str]
     if D > MAX_HEAD_DIM:
         reasons.append(f"q/k width D={D} > {MAX_HEAD_DIM} (the kernels hold a whole q/k row in registers)")
     reasons += grid_axis_refusals("B", B)
+    reasons += atomic_gradient_refusals((q, k, v, alpha), "its dq sums the key blocks' parts with float atomics",
+                                        "the reference backend is deterministic")
     if mode == "materialize" and N * N >= _INT32:
         reasons.append(f"N*N = {N * N} >= 2**31: Co of one batch element needs 64-bit offsets; use mode='recompute'")
     if N * (segment_length(n_iter) + 1) * C >= _INT32:
