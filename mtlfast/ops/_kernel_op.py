@@ -2,10 +2,10 @@
 
 torch.library custom ops are what torch.compile, export, FakeTensor / meta planning and ``opcheck`` need, but
 every call through one pays the dispatcher, the op's Python wrapper and its generated autograd.Function: with
-the kernel functions stubbed out (host time only; bench/host_overhead.py, results in bench/results/cpu-*), a
-forward+backward took 65-110 µs more per call on the development machine's CPU than through a plain
-``torch.autograd.Function`` calling the same functions. On a GPU that is host time per call, which decides
-the small shapes of the benchmarks.
+the kernel functions stubbed out (host time only; bench/host_overhead.py, results in
+bench/results/host_overhead/), a forward+backward took 65-105 µs more per call on the development machine's
+2-core CPU (1.6-1.9x) than through a plain ``torch.autograd.Function`` calling the same functions. On a GPU
+that is host time per call, which decides the small shapes of the benchmarks.
 
 So each kernel function is kept twice over one implementation:
 
