@@ -29,8 +29,8 @@
 # does as long as the sources are unchanged (the resume key is harness.source_fingerprint(), not the commit).
 # The extension is built for GPU_CHECK_CUDA_ARCH (default 9.0: H100 and H200), whatever TORCH_CUDA_ARCH_LIST says.
 # Tests run in GPU_CHECK_WORKERS (default 12) pytest-xdist processes; BENCH_ARGS is passed to `mtlfast bench`
-# (e.g. BENCH_ARGS="attention tpp_attention"). MTLFAST_COMMIT is recorded in the results where the tree that
-# travelled has no .git.
+# (e.g. BENCH_ARGS="attention tpp_attention"), MODELS_ARGS to `mtlfast bench --models` (e.g. MODELS_ARGS="--cases tif").
+# MTLFAST_COMMIT is recorded in the results where the tree that travelled has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 # The GPU runs the compiled Triton kernels through the `auto` backend: the CPU interpreter, the CPU rehearsal or
@@ -180,7 +180,8 @@ for phase in "${phases[@]}"; do
       ;;
     host) run_phase host 0 $PY -m mtlfast.bench.host_overhead --out bench/results ;;
     models)  # the budget stops new settings ~120 s before the phase's limit (a setting with its batch search)
-      run_phase models 0 bash -c '"$1" -m mtlfast bench --models --max-batch --out bench/results --budget $((PHASE_SECONDS - 120))' _ "$PY"
+      run_phase models 0 bash -c '"$1" -m mtlfast bench --models --max-batch --out bench/results --budget $((PHASE_SECONDS - 120)) ${2:-}' \
+        _ "$PY" "${MODELS_ARGS:-}"
       ;;
     cmake)
       run_phase cmake 0 bash -c "cmake -S . -B build/cmake -G Ninja -DMTLFAST_CUDA=ON && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure"

@@ -6,18 +6,29 @@ with every activation checkpoint on, ``model.set_checkpointing(True)``: the deco
 backbone blocks, the configuration that the exact activation counts of ``mtlfast info --models --activations``
 show is needed for large memory savings outside TPIM), in bf16 autocast on a GPU:
 
-- one training step (forward + backward + optimiser step): median time, images/s, peak memory;
+- one training step (forward + backward + optimiser step, gradients dropped before the forward as
+  ``mtlfast train`` does): median time, images/s, peak memory;
 - one inference forward: median time, images/s, peak memory;
-- the largest batch that fits for a training step (doubling, then bisection, catching OOM);
-- a per-block breakdown (forward time and memory increase of every mtlfast.nn block and the backbone).
+- the largest batch that fits for a training step (doubling, then bisection, catching OOM), where the time
+  budget leaves room for it;
+- a per-block breakdown (forward time and memory increase of every mtlfast.nn block and the backbone, one
+  inference pass: where the forward time goes, not a training-memory profile).
+
+Peak memory: ``*_peak_bytes`` is the whole allocated peak of the step (weights, gradients, Adam state, inputs
+and activations: the issue's "peak training memory", which its <= 0.6x target compares);
+``*_peak_above_start_bytes`` is the part above what was allocated when the step began (activations and
+transients). Timings run with cuDNN's algorithm search on (``train.cudnn_benchmark``'s default), the batch
+search with it off (every new batch size would start a search). Inputs are drawn on the device (a host-side
+448 x 576 image with its labels takes ~40 ms to draw, which a batch search would pay thousands of times).
 
 Both paths run in the same process on the same device, one after the other, with identical weights and
 inputs; ratios are printed and everything goes to ``<out>/<device>/models.json`` with versions and commit,
-plus a bar plot ``models.png``. On a CPU the same code runs at tiny sizes (``--quick``) as a check only;
+plus a bar plot ``models.png``. On a CPU the same code runs at small sizes (``--quick``) as a check only;
 its timings are not a claim about the kernels.
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -26,7 +37,7 @@ from typing import Callable
 import torch
 
 from mtlfast.backends import use_backend
-from mtlfast.bench.harness import peak_memory_cuda
+from mtlfast.bench.harness import _error_text, _stop_if_cuda_lost
 from mtlfast.models.summary import NYUD, PASCAL, PATHS, SummarySetting
 
 
@@ -40,17 +51,20 @@ class ModelSetting(SummarySetting):
         return f"{self.method}-{self.backbone}-{self.dataset}"
 
 
-#: The papers' settings (paper input size, batch size per GPU as reported or as in their public code).
+#: The papers' settings (paper input size, batch size per GPU as reported or as in their public code), one per
+#: method first (the four with targets, then MTI-Net), so that a short time budget still measures every method.
 SETTINGS = [
     ModelSetting("bridgenet", "vit_b", "nyud", NYUD, batch=2),
-    ModelSetting("bridgenet", "vit_l", "nyud", NYUD, batch=2),
-    ModelSetting("bridgenet", "vit_l", "pascal", PASCAL, batch=2),
     ModelSetting("tpim", "hrnet_w18_small_v2", "nyud", NYUD, batch=4),
     ModelSetting("tif", "swin_t", "nyud", NYUD, batch=4),
     ModelSetting("sem", "vit_b", "nyud", NYUD, batch=2),
     ModelSetting("mtinet", "hrnet_w18_small_v2", "nyud", NYUD, batch=8),
+    ModelSetting("bridgenet", "vit_l", "nyud", NYUD, batch=2),
+    ModelSetting("bridgenet", "vit_l", "pascal", PASCAL, batch=2),
     ModelSetting("mtinet", "hrnet_w18_small_v2", "pascal", PASCAL, batch=8),
 ]
+#: Seconds a max-batch search needs at least: with less time left in the budget it is not started.
+MAX_BATCH_MIN_SECONDS = 60
 
 
 def _median_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: int) -> float:
@@ -68,12 +82,29 @@ def _median_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: 
     return statistics.median(times)
 
 
-def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
-    return peak_memory_cuda(fn) if device.type == "cuda" else None
+def _peak_bytes(fn: Callable[[], None], device: torch.device) -> tuple[int | None, int | None]:
+    """(whole allocated peak during ``fn()``, the part of it above what was allocated before); None on a CPU."""
+    if device.type != "cuda":
+        return None, None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return peak, peak - start
+
+
+def _free_cuda(device: torch.device) -> None:
+    gc.collect()  # reference cycles (e.g. of a model whose build imported timm) would keep tensors alive
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """CUDA's caching allocator (OutOfMemoryError) or a library's own allocation (cuBLAS/cuDNN ALLOC_FAILED)."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text
 
 
 class _Runner:
@@ -97,26 +128,26 @@ class _Runner:
         from mtlfast.data import num_outputs
 
         h, w = self.setting.size
-        g = torch.Generator().manual_seed(0)
-        images = torch.randn(n, 3, h, w, generator=g).to(self.device)
+        on = dict(generator=torch.Generator(self.device).manual_seed(0), device=self.device)
+        images = torch.randn(n, 3, h, w, **on)
         labels = {}
         for t in self.setting.tasks:
             if t in ("semseg", "parts"):
-                labels[t] = torch.randint(0, num_outputs(t, self.setting.dataset), (n, h, w), generator=g).to(self.device)
+                labels[t] = torch.randint(0, num_outputs(t, self.setting.dataset), (n, h, w), **on)
             elif t == "normals":
-                labels[t] = torch.nn.functional.normalize(torch.randn(n, 3, h, w, generator=g), dim=1).to(self.device)
+                labels[t] = torch.nn.functional.normalize(torch.randn(n, 3, h, w, **on), dim=1)
             elif t == "depth":
-                labels[t] = (torch.rand(n, 1, h, w, generator=g) * 5 + 0.5).to(self.device)
+                labels[t] = torch.rand(n, 1, h, w, **on) * 5 + 0.5
             else:
-                labels[t] = (torch.rand(n, 1, h, w, generator=g) > 0.9).float().to(self.device)
+                labels[t] = (torch.rand(n, 1, h, w, **on) > 0.9).float()
         return images, labels
 
     def train_step(self, images, labels) -> None:
         self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)  # as the trainer: no old gradients beside the activations
         with self.autocast:
             preds, aux = self.model.forward_train(images)
             total, _ = self.loss(preds, labels, aux)
-        self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
 
@@ -170,8 +201,11 @@ def block_breakdown(runner: _Runner, images: torch.Tensor) -> list[dict]:
             for n, t, s, e, m in records]
 
 
-def max_batch(runner: _Runner, limit: int = 256) -> int:
-    """Largest batch for which a training step fits in memory (doubling, then bisection)."""
+def max_batch(runner: _Runner, limit: int = 256, deadline: float | None = None) -> dict:
+    """Largest batch for which a training step fits in memory (doubling, then bisection), as
+    {"max_train_batch": n, "max_train_batch_capped": n == limit (it may fit more), "max_train_batch_complete":
+    False when ``deadline`` (time.monotonic()) stopped the search (n is then a lower bound)}. An error other
+    than running out of memory propagates; one that lost the CUDA context stops the run (harness)."""
     def fits(n: int) -> bool:
         try:
             runner.train_step(*runner.batch(n))
@@ -182,63 +216,117 @@ def max_batch(runner: _Runner, limit: int = 256) -> int:
             return False
         finally:
             runner.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            _free_cuda(runner.device)
 
-    lo, hi = 0, 1
-    while hi <= limit and fits(hi):
+    def time_left() -> bool:
+        return deadline is None or time.monotonic() < deadline
+
+    lo, hi, stopped = 0, 1, False
+    while hi <= limit:
+        if not time_left():
+            stopped = True
+            break
+        if not fits(hi):
+            break
         lo, hi = hi, hi * 2
     hi = min(hi, limit + 1)
-    while hi - lo > 1:
+    while hi - lo > 1 and not stopped:
+        if not time_left():
+            stopped = True
+            break
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return {"max_train_batch": lo, "max_train_batch_capped": lo == limit, "max_train_batch_complete": not stopped}
 
 
 def failures(results: list[dict]) -> list[str]:
     """``setting/path: error`` of every path that failed other than by running out of memory (an OOM at the
     paper's batch size is a result; any other error is a defect)."""
-    return [f"{res['setting']}/{path}: {e['error']}" for res in results for path, e in res["paths"].items()
-            if "error" in e and not e["out_of_memory"]]
+    return [f"{res['setting']}/{path}: {e[key]}" for res in results for path, e in res["paths"].items()
+            for key in ("error", "max_train_batch_error") if key in e and not (key == "error" and e["out_of_memory"])]
 
 
-def run_setting(setting: ModelSetting, device: torch.device, *, quick: bool, find_max_batch: bool) -> dict:
+RATIO_KEYS = ("train_ms", "infer_ms", "train_peak_bytes", "train_peak_above_start_bytes", "infer_peak_bytes")
+
+
+def _measure_path(entry: dict, setting: ModelSetting, runner: _Runner, reps: int, warmup: int) -> None:
+    device = runner.device
+    images, labels = runner.batch(setting.batch)
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as `mtlfast train` (train.cudnn_benchmark)
+    try:
+        train_ms = _median_ms(lambda: runner.train_step(images, labels), device, reps, warmup)
+        infer_ms = _median_ms(lambda: runner.infer(images), device, reps, warmup)
+        train_peak, train_above = _peak_bytes(lambda: runner.train_step(images, labels), device)
+        infer_peak, infer_above = _peak_bytes(lambda: runner.infer(images), device)
+        entry.update({
+            "train_ms": train_ms, "train_images_per_s": setting.batch / train_ms * 1e3,
+            "train_peak_bytes": train_peak, "train_peak_above_start_bytes": train_above,
+            "infer_ms": infer_ms, "infer_images_per_s": setting.batch / infer_ms * 1e3,
+            "infer_peak_bytes": infer_peak, "infer_peak_above_start_bytes": infer_above,
+            "blocks": block_breakdown(runner, images)})
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def run_setting(setting: ModelSetting, device: torch.device, *, quick: bool, find_max_batch: bool,
+                deadline: float | None = None) -> dict:
+    """Every path of :data:`PATHS` on ``setting``, one after the other. ``deadline`` (time.monotonic()): no
+    max-batch search starts with less than MAX_BATCH_MIN_SECONDS left, and a running one stops there."""
     reps, warmup = (2, 1) if quick else (10, 3)
     result: dict = {"setting": setting.name, "method": setting.method, "backbone": setting.backbone,
                     "dataset": setting.dataset, "size": list(setting.size), "batch": setting.batch, "paths": {}}
     state = None
     for path, (backend, checkpointed) in PATHS.items():
         entry: dict = {}
+        runner = None
         try:
             with use_backend(backend):
                 torch.manual_seed(0)
                 runner = _Runner(setting, device, state, checkpointed=checkpointed)
-                state = state or {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
-                images, labels = runner.batch(setting.batch)
-                train_ms = _median_ms(lambda: runner.train_step(images, labels), device, reps, warmup)
-                infer_ms = _median_ms(lambda: runner.infer(images), device, reps, warmup)
-                entry.update({
-                    "train_ms": train_ms, "train_images_per_s": setting.batch / train_ms * 1e3,
-                    "train_peak_bytes": _peak_bytes(lambda: runner.train_step(images, labels), device),
-                    "infer_ms": infer_ms, "infer_images_per_s": setting.batch / infer_ms * 1e3,
-                    "infer_peak_bytes": _peak_bytes(lambda: runner.infer(images), device),
-                    "blocks": block_breakdown(runner, images)})
+                if state is None:  # the other paths start from these weights; kept on the host, not in the GPU's way
+                    state = {k: v.detach().to("cpu", copy=True) for k, v in runner.model.state_dict().items()}
+                _measure_path(entry, setting, runner, reps, warmup)
                 if find_max_batch and device.type == "cuda":
-                    entry["max_train_batch"] = max_batch(runner)
+                    if deadline is not None and deadline - time.monotonic() < MAX_BATCH_MIN_SECONDS:
+                        entry["max_train_batch_skipped"] = "time budget"
+                    else:
+                        try:
+                            entry.update(max_batch(runner, deadline=deadline))
+                        except Exception as exc:  # the timings above stand; the search's failure is reported
+                            entry["max_train_batch_error"] = _error_text(exc)
+                            _stop_if_cuda_lost(device.type, f"{setting.name}/{path} (batch search)",
+                                               entry["max_train_batch_error"])
         except Exception as exc:  # OOM or a failing model: recorded, the other path still runs
-            entry["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            entry["error"] = _error_text(exc)
             entry["out_of_memory"] = _is_oom(exc)
+            _stop_if_cuda_lost(device.type, f"{setting.name}/{path}", entry["error"])
         finally:
             runner = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _free_cuda(device)
         result["paths"][path] = entry
     r = result["paths"]["reference"]
     for path in (p for p in PATHS if p != "reference"):
         k = result["paths"][path]
-        for key in ("train_ms", "infer_ms", "train_peak_bytes", "infer_peak_bytes"):
+        for key in RATIO_KEYS:
             if k.get(key) and r.get(key):
                 result[f"{key}_ratio_{path}_over_reference"] = k[key] / r[key]
     return result
+
+
+def merge_results(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """The results of a run (``new``) with those of an earlier run of the same sources for the settings it did
+    not measure (a second call after a time budget, or another ``--cases``); a new result replaces the old one."""
+    measured = {r["setting"] for r in new}
+    return [r for r in earlier if r["setting"] not in measured] + new
+
+
+def _max_batch_text(e: dict) -> str:
+    """The max-batch cell: "-" not searched, ">= n" a lower bound (capped, or stopped by the budget)."""
+    if "max_train_batch" not in e:
+        return e.get("max_train_batch_skipped") and "skipped" or ("error" if "max_train_batch_error" in e else "-")
+    bound = e.get("max_train_batch_capped") or e.get("max_train_batch_complete") is False
+    return f"{'>= ' if bound else ''}{e['max_train_batch']}"
 
 
 def format_models_table(results: list[dict]) -> str:
@@ -251,12 +339,46 @@ def format_models_table(results: list[dict]) -> str:
                 continue
             peak = f"{e['train_peak_bytes'] / 2**30:.2f}" if e.get("train_peak_bytes") is not None else "-"
             lines.append(f"{res['setting']:<40} {path:<20} {e['train_ms']:>9.1f} {e['train_images_per_s']:>7.1f} "
-                         f"{peak:>9} {e['infer_ms']:>9.1f} {e.get('max_train_batch', '-'):>9}")
+                         f"{peak:>9} {e['infer_ms']:>9.1f} {_max_batch_text(e):>9}")
         for path in (p for p in PATHS if p != "reference"):
             suffix = f"_ratio_{path}_over_reference"
             ratios = {k[:-len(suffix)]: v for k, v in res.items() if k.endswith(suffix)}
             if ratios:
                 lines.append(f"    {path}/reference: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    return "\n".join(lines)
+
+
+#: Issue 8's targets: for these methods a kernel path's peak training memory <= 0.6x and step time <= 0.8x the
+#: reference path's; for every method the kernel path no slower than the reference.
+TARGET_METHODS = ("bridgenet", "tpim", "tif", "sem")
+MEMORY_TARGET, TIME_TARGET = 0.6, 0.8
+
+
+def format_models_markdown(results: list[dict]) -> str:
+    """The README table: per setting and path, step times, peak training memory, max batch, and the kernel paths'
+    ratios to the reference with the issue's targets (met / missed)."""
+    lines = ["| setting | path | train step ms | images/s | peak training GiB | inference ms | max batch | "
+             "time / reference | memory / reference | targets |", "|---" * 10 + "|"]
+    for res in results:
+        for path, e in res["paths"].items():
+            if "error" in e:
+                lines.append(f"| {res['setting']} | {path} | {e['error']} |" + " |" * 7)
+                continue
+            peak = f"{e['train_peak_bytes'] / 2**30:.2f}" if e.get("train_peak_bytes") is not None else "-"
+            time_ratio = res.get(f"train_ms_ratio_{path}_over_reference")
+            memory_ratio = res.get(f"train_peak_bytes_ratio_{path}_over_reference")
+            verdict = ""
+            if time_ratio is not None:
+                checks = [("no slower", time_ratio <= 1.0)]
+                if res["method"] in TARGET_METHODS:
+                    checks.append((f"time <= {TIME_TARGET}x", time_ratio <= TIME_TARGET))
+                    if memory_ratio is not None:
+                        checks.append((f"memory <= {MEMORY_TARGET}x", memory_ratio <= MEMORY_TARGET))
+                verdict = ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in checks)
+            lines.append(f"| {res['setting']} | {path} | {e['train_ms']:.1f} | {e['train_images_per_s']:.1f} | "
+                         f"{peak} | {e['infer_ms']:.1f} | {_max_batch_text(e)} | "
+                         f"{'-' if time_ratio is None else f'{time_ratio:.2f}'} | "
+                         f"{'-' if memory_ratio is None else f'{memory_ratio:.2f}'} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -268,7 +390,8 @@ def plot_models(results: list[dict], path: str) -> None:
 
     names = [r["setting"] for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(names)), 4.5))
-    for ax, key, label in ((axes[0], "train_ms", "training step (ms)"), (axes[1], "train_peak_bytes", "peak memory (GiB)")):
+    for ax, key, label in ((axes[0], "train_ms", "training step (ms)"),
+                           (axes[1], "train_peak_bytes", "peak training memory (GiB)")):
         width = 0.8 / len(PATHS)
         for j, p in enumerate(PATHS):
             values = [(r["paths"].get(p, {}).get(key) or 0) / (2**30 if "bytes" in key else 1) for r in results]

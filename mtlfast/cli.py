@@ -101,9 +101,10 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
     from mtlfast.bench import harness
 
     paths = sorted(p for p in glob.glob(os.path.join(folder, "*.json")) if os.path.basename(p)[:-5] in benchmarks)
-    if not paths:
+    models_path = os.path.join(folder, "models.json")
+    if not paths and not os.path.exists(models_path):
         raise FileNotFoundError(f"--report: no op result files (<op>.json for {', '.join(sorted(benchmarks))}) "
-                                f"in {folder!r}")
+                                f"and no models.json in {folder!r}")
     checks = []
     for path in paths:
         with open(path) as f:
@@ -116,12 +117,24 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
         if result.get("complete") is False:
             print(f"{os.path.basename(path)}: incomplete, cases not measured yet: "
                   f"{', '.join(result.get('cases_left') or ['(by a time budget)'])}")
-    print(harness.format_targets(checks))
+    if paths:
+        print(harness.format_targets(checks))
+    if os.path.exists(models_path):
+        from mtlfast.bench import models
+
+        with open(models_path) as f:
+            result = json.load(f)
+        env = result["environment"]
+        left = result.get("settings_left") or []
+        print(f"models.json: {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}"
+              + (f"; not run yet: {', '.join(left)}" if left else ""))
+        print(models.format_models_markdown(result["results"]))
     return 0
 
 
 def _bench_models(args: argparse.Namespace) -> int:
     import dataclasses
+    import json
     import re
 
     import torch
@@ -131,33 +144,51 @@ def _bench_models(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = [s for s in models.SETTINGS if not args.cases or re.search(args.cases, s.name)]
     if device.type == "cpu":
-        print("mtlfast bench --models: no CUDA device; running tiny shapes (64x64, batch 1) as a check only, "
+        print("mtlfast bench --models: no CUDA device; running small shapes (128x128, batch 1) as a check only, "
               "no claim about speed")
-        settings = [dataclasses.replace(s, size=(64, 64), batch=1) for s in settings]
+        settings = [dataclasses.replace(s, size=(128, 128), batch=1) for s in settings]
     deadline = None if args.budget is None else time.monotonic() + args.budget
     folder = os.path.join(args.out, harness.device_slug(device.type)) if args.out else None
     environment = harness.environment(device.type)
+    # Results of an earlier run of the same sources (another call, or other --cases) are kept, setting by setting.
+    earlier = []
+    if folder and os.path.exists(os.path.join(folder, "models.json")):
+        with open(os.path.join(folder, "models.json")) as f:
+            previous = json.load(f)
+        if previous.get("environment", {}).get("source") == environment["source"]:
+            earlier = previous.get("results", [])
 
-    def save(results, complete):  # after every setting, so that a run stopped from outside keeps what it measured
-        if folder:
-            harness.write_json(os.path.join(folder, "models.json"),
-                               {"environment": environment, "complete": complete, "results": results})
+    def save(results, left):  # after every setting, so that a run stopped from outside keeps what it measured
+        if not folder:
+            return
+        merged = models.merge_results(earlier, results)
+        harness.write_json(os.path.join(folder, "models.json"),
+                           {"environment": environment, "complete": not left, "settings_left": left,
+                            "results": merged})
+        try:  # the plot is a convenience: its failure (e.g. no matplotlib) must not lose a finished run
+            models.plot_models(merged, os.path.join(folder, "models.png"))
+        except Exception as exc:
+            print(f"mtlfast bench --models: no plot ({exc.__class__.__name__}: {exc})", file=sys.stderr)
 
-    results, left = [], []
+    results, left = [], [s.name for s in settings]
     for setting in settings:
         if deadline is not None and time.monotonic() > deadline:
-            left.append(setting.name)
-            continue
+            break
         print(f"-- {setting.name} {setting.size} batch {setting.batch}", flush=True)
-        results.append(models.run_setting(setting, device, quick=args.quick or device.type == "cpu",
-                                          find_max_batch=args.max_batch))
-        save(results, complete=False)
-    print(models.format_models_table(results))
-    save(results, complete=not left)
+        try:
+            result = models.run_setting(setting, device, quick=args.quick or device.type == "cpu",
+                                        find_max_batch=args.max_batch, deadline=deadline)
+        except RuntimeError as exc:  # the CUDA context is lost (harness): nothing more can run in this process
+            save(results, left)
+            print(f"mtlfast bench --models: {exc}", file=sys.stderr)
+            return 1
+        results.append(result)
+        left.remove(setting.name)
+        print(models.format_models_table([result]), flush=True)
+        save(results, left)
+    save(results, left)
     if folder:
-        if results:
-            models.plot_models(results, os.path.join(folder, "models.png"))
-        print(f"wrote {folder}/models.json" + (" and models.png" if results else ""))
+        print(f"wrote {folder}/models.json and models.png")
     failed = models.failures(results)
     if failed:
         print("mtlfast bench --models: failed (not out of memory):\n  " + "\n  ".join(failed), file=sys.stderr)

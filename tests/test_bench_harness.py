@@ -393,3 +393,83 @@ exit 0
         names = tar.getnames()
     assert {"logs/build.log", "logs/bench.log", "logs/summary.txt", "results/cpu-2-cores/deform_sample.json"} <= set(
         names)
+
+
+class _FakeRunner:
+    """A stand-in for bench/models.py's runner: a training step of more than ``fits`` images runs out of memory
+    (or raises ``error``)."""
+
+    def __init__(self, fits: int, error: Exception | None = None):
+        self.fits, self.error, self.tried = fits, error, []
+        self.device = torch.device("cpu")
+        self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    def batch(self, n):
+        return n, None
+
+    def train_step(self, n, labels):
+        self.tried.append(n)
+        if n > self.fits:
+            raise self.error or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+
+
+@pytest.mark.parametrize("fits", [0, 1, 3, 100, 255, 256, 1000])
+def test_max_batch_search(fits):
+    """Doubling then bisection finds the largest batch that fits (OOM above it); 256 is a cap, flagged as a lower
+    bound; a passed deadline stops the search with a lower bound; cuBLAS's allocation failure counts as OOM, any
+    other error propagates (run_setting records it beside the timings)."""
+    from mtlfast.bench import models
+
+    runner = _FakeRunner(fits)
+    found = models.max_batch(runner)
+    assert found == {"max_train_batch": min(fits, 256), "max_train_batch_capped": fits >= 256,
+                     "max_train_batch_complete": True}
+    assert len(runner.tried) <= 2 * 9 + 1
+    stopped = models.max_batch(_FakeRunner(fits), deadline=time.monotonic() - 1)
+    assert stopped == {"max_train_batch": 0, "max_train_batch_capped": False, "max_train_batch_complete": False}
+    cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    assert models.max_batch(_FakeRunner(fits, cublas))["max_train_batch"] == min(fits, 256)
+    if fits < 256:
+        with pytest.raises(ValueError, match="bad"):
+            models.max_batch(_FakeRunner(fits, ValueError("bad")))
+
+
+def test_models_results_merge_and_markdown_report(tmp_path, capsys):
+    """A run's results replace an earlier run's setting by setting and keep the others; `mtlfast bench --report`
+    on a folder with models.json prints the README table with the issue's targets (met / MISSED) on the whole
+    peak training memory, and a max batch that is a lower bound shows as >=."""
+    from mtlfast.bench import models
+    from mtlfast.cli import main
+
+    def result(name, method, train_ms, peak, max_batch=None, capped=False):
+        paths = {}
+        for path, scale in (("reference", 1.0), ("kernels", 0.7), ("kernels_checkpointed", 0.5)):
+            paths[path] = {"train_ms": train_ms * (1 if path == "reference" else 0.75), "train_images_per_s": 1.0,
+                           "train_peak_bytes": int(peak * scale), "infer_ms": 1.0}
+            if max_batch is not None:
+                paths[path].update(max_train_batch=max_batch, max_train_batch_capped=capped,
+                                   max_train_batch_complete=True)
+        res = {"setting": name, "method": method, "paths": paths}
+        for path in ("kernels", "kernels_checkpointed"):
+            for key in ("train_ms", "train_peak_bytes"):
+                res[f"{key}_ratio_{path}_over_reference"] = paths[path][key] / paths["reference"][key]
+        return res
+
+    earlier = [result("tif-swin_t-nyud", "tif", 100, 2**30), result("mtinet-hrnet-nyud", "mtinet", 50, 2**30)]
+    merged = models.merge_results(earlier, [result("tif-swin_t-nyud", "tif", 80, 2**31, max_batch=256, capped=True)])
+    assert [r["setting"] for r in merged] == ["mtinet-hrnet-nyud", "tif-swin_t-nyud"]
+    assert merged[1]["paths"]["reference"]["train_ms"] == 80
+    folder = tmp_path / "dev"
+    folder.mkdir()
+    environment = {"device": "GPU", "torch": "2", "commit": "abc", "date": "today", "source": "x"}
+    (folder / "models.json").write_text(json.dumps({"environment": environment, "complete": False,
+                                                    "settings_left": ["sem-vit_b-nyud"], "results": merged}))
+    assert main(["bench", "--report", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "not run yet: sem-vit_b-nyud" in out
+    tif_kernels = next(line for line in out.splitlines() if line.startswith("| tif-swin_t-nyud | kernels |"))
+    assert "| >= 256 |" in tif_kernels and "time <= 0.8x met" in tif_kernels and "memory <= 0.6x MISSED" in tif_kernels
+    checkpointed = next(line for line in out.splitlines() if line.startswith("| tif-swin_t-nyud | kernels_check"))
+    assert "memory <= 0.6x met" in checkpointed
+    mtinet = next(line for line in out.splitlines() if line.startswith("| mtinet-hrnet-nyud | kernels |"))
+    assert "no slower met" in mtinet and "0.6x" not in mtinet

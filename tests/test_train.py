@@ -144,6 +144,23 @@ def test_loss_falls_and_eval_runs(tmp_path):
     assert os.path.getsize(tmp_path / "samples.png") > 0
 
 
+def test_last_steps_gradients_are_freed_before_the_forward(tmp_path):
+    """A training step drops the previous step's gradients before its forward (zero_grad(set_to_none=True) first),
+    so they are not kept alive beside the new activations: a step's peak memory holds one set of gradients, the one
+    its backward builds (they were freed only after the forward)."""
+    trainer = Trainer(load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path}", "train.iterations=3"]),
+                      progress=False)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    alive_in_forward = []
+    first = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))  # the forward's start
+    first.register_forward_pre_hook(lambda module, args: alive_in_forward.append(
+        sum(p.grad is not None for p in params)))
+    trainer.train()
+    trainer.close()
+    assert len(alive_in_forward) == 3 and alive_in_forward == [0, 0, 0]
+    assert all(p.grad is not None for p in params)  # the last step's gradients are still there after it
+
+
 def test_bf16_autocast_trains_and_logs_throughput_and_memory(tmp_path):
     """train.amp=bf16 (the GPU default, forced here on the CPU, where torch's autocast also takes bfloat16): the
     convolutions run in bfloat16 in training and evaluation while the weights stay float32, the loss stays finite,

@@ -293,10 +293,10 @@ class Trainer:
         self.model.train()
         batch = _to_device(batch, self.device)
         labels = {t: batch[t] for t in self.tasks + self.aux_tasks}
-        with self._autocast():
+        self.optimizer.zero_grad(set_to_none=True)  # before the forward: last step's gradients are not kept
+        with self._autocast():                      # alive beside this step's activations (peak memory)
             preds, aux = self.train_forward(batch["image"])
             total, per_task = self.loss_fn(preds, labels, aux)
-        self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         clip = self.config["optim"]["grad_clip"]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip else None
