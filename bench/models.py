@@ -349,7 +349,7 @@ def format_models_table(results: list[dict]) -> str:
 
 
 #: Issue 8's targets: for these methods a kernel path's peak training memory <= 0.6x and step time <= 0.8x the
-#: reference path's; for every method the kernel path no slower than the reference.
+#: reference path's; for every method the kernel path (without checkpointing) no slower than the reference.
 TARGET_METHODS = ("bridgenet", "tpim", "tif", "sem")
 MEMORY_TARGET, TIME_TARGET = 0.6, 0.8
 
@@ -368,8 +368,8 @@ def format_models_markdown(results: list[dict]) -> str:
             time_ratio = res.get(f"train_ms_ratio_{path}_over_reference")
             memory_ratio = res.get(f"train_peak_bytes_ratio_{path}_over_reference")
             verdict = ""
-            if time_ratio is not None:
-                checks = [("no slower", time_ratio <= 1.0)]
+            if time_ratio is not None:  # "no model slower": the plain kernel path (checkpointing trades time)
+                checks = [("no slower", time_ratio <= 1.0)] if path == "kernels" else []
                 if res["method"] in TARGET_METHODS:
                     checks.append((f"time <= {TIME_TARGET}x", time_ratio <= TIME_TARGET))
                     if memory_ratio is not None:
