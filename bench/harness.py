@@ -202,16 +202,22 @@ def _time_cuda(run: Callable[[], None], leaves: list[torch.Tensor], quick: bool)
                     return_mode="median")
 
 
-def peak_memory_cuda(run: Callable[[], None], leaves: Sequence[torch.Tensor] = ()) -> int:
-    """Peak CUDA memory allocated during ``run()`` above what was allocated before it (grads reset first)."""
+def cuda_peak_and_start(run: Callable[[], None], leaves: Sequence[torch.Tensor] = ()) -> tuple[int, int]:
+    """(peak CUDA memory allocated during ``run()``, what was allocated before it), grads of ``leaves`` reset first."""
     for t in leaves:
         t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    start = torch.cuda.memory_allocated()
     run()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    return torch.cuda.max_memory_allocated(), start
+
+
+def peak_memory_cuda(run: Callable[[], None], leaves: Sequence[torch.Tensor] = ()) -> int:
+    """Peak CUDA memory allocated during ``run()`` above what was allocated before it (grads reset first)."""
+    peak, start = cuda_peak_and_start(run, leaves)
+    return peak - start
 
 
 def saved_activation_bytes(fn, inputs, exclude: Sequence[torch.Tensor] = (),

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from mtlfast.backends import use_backend
-from mtlfast.bench.harness import _error_text, _stop_if_cuda_lost
+from mtlfast.bench.harness import _error_text, _stop_if_cuda_lost, cuda_peak_and_start
 from mtlfast.models.summary import NYUD, PASCAL, PATHS, SummarySetting
 
 
@@ -86,12 +86,7 @@ def _peak_bytes(fn: Callable[[], None], device: torch.device) -> tuple[int | Non
     """(whole allocated peak during ``fn()``, the part of it above what was allocated before); None on a CPU."""
     if device.type != "cuda":
         return None, None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    peak, start = cuda_peak_and_start(fn)
     return peak, peak - start
 
 
@@ -324,7 +319,9 @@ def merge_results(earlier: list[dict], new: list[dict]) -> list[dict]:
 def _max_batch_text(e: dict) -> str:
     """The max-batch cell: "-" not searched, ">= n" a lower bound (capped, or stopped by the budget)."""
     if "max_train_batch" not in e:
-        return e.get("max_train_batch_skipped") and "skipped" or ("error" if "max_train_batch_error" in e else "-")
+        if "max_train_batch_skipped" in e:
+            return "skipped"
+        return "error" if "max_train_batch_error" in e else "-"
     bound = e.get("max_train_batch_capped") or e.get("max_train_batch_complete") is False
     return f"{'>= ' if bound else ''}{e['max_train_batch']}"
 

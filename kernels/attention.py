@@ -505,9 +505,9 @@ def grid_limits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Reasons these kernels cannot take these inputs (empty list: they can). In-slice offsets are 32-bit: the
     inputs with their strides, and the contiguous outputs and gradients (Nq·Dv, Nq·Dqk, Nk·Dqk, Nk·Dv)."""
     reasons = grid_axis_refusals("B*H", q.shape[0] * q.shape[1])
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if _slice_extent(t) > 2**31:
-            reasons.append(f"{name}: one (batch, head) slice spans {_slice_extent(t)} elements; "
+    for name, extent in (("q", _slice_extent(q)), ("k", _slice_extent(k)), ("v", _slice_extent(v))):
+        if extent > 2**31:
+            reasons.append(f"{name}: one (batch, head) slice spans {extent} elements; "
                            "in-slice offsets are 32-bit (< 2**31)")
     n_q, n_k, d_qk, d_v = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
     for name, rows, width in (("out", n_q, d_v), ("dq", n_q, d_qk), ("dk", n_k, d_qk), ("dv", n_k, d_v)):

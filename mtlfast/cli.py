@@ -186,7 +186,8 @@ def _bench_models(args: argparse.Namespace) -> int:
         left.remove(setting.name)
         print(models.format_models_table([result]), flush=True)
         save(results, left)
-    save(results, left)
+    if not results:  # otherwise the last setting's save wrote this state already
+        save(results, left)
     if folder:
         print(f"wrote {folder}/models.json and models.png")
     failed = models.failures(results)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtlfast._alloc import poisoned as poison_outputs
 
@@ -293,3 +294,17 @@ def check_against_reference(fn: Callable, reference: Callable, inputs: Mapping[s
         raise AssertionError(f"mismatch against the reference (dtype {dtype}, seed {seed}; "
                              f"rerun with {rerun_hint(seed)}):\n{report.table()}")
     return report
+
+
+
+class OpNames(TorchDispatchMode):
+    """Records the qualified name of every torch op dispatched inside the block ("aten.sort",
+    "mtlfast.attention_fwd"): a dispatch mode that changes nothing, as a profiler or a tracer would sit there."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

@@ -5,24 +5,10 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mtlfast
 from mtlfast.ops._kernel_op import library_op_needed
-from mtlfast.testing import fresh_seed
-
-
-class _Passthrough(TorchDispatchMode):
-    """A dispatch mode that changes nothing (as a profiler or a tracer would sit there): the ops must take the
-    torch.library way under it. Records the ops it sees."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
+from mtlfast.testing import OpNames, fresh_seed
 
 
 def _calls(device):
@@ -73,7 +59,7 @@ def test_eager_function_and_library_op_agree_bit_for_bit(op, device):
     assert type(eager_out[0].grad_fn).__name__ == f"{forward_op.split('.')[1]}_eagerBackward"
     eager = _forward_backward(call, inputs, seed)
 
-    with _Passthrough() as mode:
+    with OpNames() as mode:
         library_out = call(*inputs)
         assert type(library_out[0].grad_fn).__name__.startswith(f"GeneratedBackwardFor_{forward_op.replace('.', '_')}")
         library = _forward_backward(call, inputs, seed)
@@ -101,7 +87,7 @@ def test_library_op_needed_rules():
     assert library_op_needed(([x, torch.empty(2, device="meta")], x))
     with FakeTensorMode():
         assert library_op_needed((x,))
-    with _Passthrough():
+    with OpNames():
         assert library_op_needed((x,))
     assert torch.func.vmap(lambda t: torch.full_like(t, float(library_op_needed((t,)))))(torch.ones(3, 2)).all()
 
@@ -132,7 +118,7 @@ def test_double_backward_is_refused_either_way(way, device):
     op when create_graph=True, whose registered derivative refuses)."""
     gen = torch.Generator().manual_seed(fresh_seed())
     q = torch.randn(1, 1, 9, 8, generator=gen).to(device).requires_grad_()
-    with _Passthrough() if way == "library" else contextlib.nullcontext():
+    with OpNames() if way == "library" else contextlib.nullcontext():
         (grad,) = torch.autograd.grad(mtlfast.ops.attention(q, q, q, backend="triton").square().sum(), q,
                                       create_graph=True)
     with pytest.raises(NotImplementedError, match=r"mtlfast.ops.attention: double backward .* use backend='reference'"):
