@@ -241,6 +241,12 @@ torch.save(weights(), trainer.out_dir + f"/weights_rank{trainer.dist.rank}.pt")
 torch.save({"local": local, "logged": [r["loss"] for r in rows]}, trainer.out_dir + f"/losses_rank{trainer.dist.rank}.pt")
 sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules())
 torch.save(sync_bn, trainer.out_dir + f"/sync_bn_rank{trainer.dist.rank}.pt")
+import weakref, mtlfast.engine.trainer as trainer_module
+wrapper, cleanup = weakref.ref(trainer.train_forward), trainer_module.cleanup
+def recorded_cleanup(info):
+    torch.save(wrapper() is None, trainer.out_dir + f"/ddp_freed_before_cleanup_rank{trainer.dist.rank}.pt")
+    cleanup(info)
+trainer_module.cleanup = recorded_cleanup
 trainer.close()
 """
 
@@ -283,6 +289,8 @@ def test_two_process_ddp_ends_with_equal_weights(tmp_path):
     from mtlfast.engine.logs import RunLog
 
     assert [r["loss"] for r in RunLog(str(tmp_path)).read("train")] == pytest.approx(mean, rel=1e-6)
+    # Trainer.close: DDP's wrapper (and reducer) freed before the process group is destroyed (see its docstring)
+    assert all(torch.load(tmp_path / f"ddp_freed_before_cleanup_rank{r}.pt") for r in (0, 1))
 
 
 def test_cli_train_under_torchrun_evaluates_first_and_eval_loads_its_checkpoint(tmp_path):
