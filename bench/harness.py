@@ -221,37 +221,50 @@ def peak_memory_cuda(run: Callable[[], None], leaves: Sequence[torch.Tensor] = (
 
 
 def saved_activation_bytes(fn, inputs, exclude: Sequence[torch.Tensor] = (),
-                           recomputed: list[int] | None = None) -> int:
+                           recomputed: list[int] | None = None,
+                           by_owner: tuple[Callable[[], str], dict[str, int]] | None = None) -> int:
     """Bytes of the distinct storages kept for the backward while ``fn(**inputs)`` runs: what autograd saves
     (pack hooks) and the inputs of activation checkpoints (``torch.utils.checkpoint``, e.g.
     mtlfast.nn.common.checkpoint_stage: kept for the recomputation; no pack hook sees them). The inputs' own
     storages and those of ``exclude`` (e.g. a model's parameters and buffers) are not counted. Works on meta
     tensors. ``recomputed``: a list that gets, per checkpoint taken, the bytes its recomputation saves in the
     backward, on top of the returned count while that checkpoint's backward runs (its function run again on its
-    inputs: meant for meta tensors, since on real ones a second forward updates buffers such as BatchNorm's)."""
+    inputs: meant for meta tensors, since on real ones a second forward updates buffers such as BatchNorm's).
+    ``by_owner = (owner, counts)``: ``counts[owner()]`` gets the bytes of each storage under the name ``owner()``
+    returns when the storage is first kept (a pack hook, or the call of the checkpoint it is an input of), e.g.
+    the innermost running block (:func:`mtlfast.models.summary.running_block`); the counts add up to the total."""
     from mtlfast.nn.common import record_checkpoints
 
     own = {t.untyped_storage()._cdata for t in [*inputs.values(), *exclude] if isinstance(t, torch.Tensor)}
 
-    def tally(seen: dict[int, int], skip: set[int]):
+    def tally(seen: dict[int, int], skip: set[int], attributed=None):
         def keep(t):
             storage = t.untyped_storage()
-            if storage._cdata not in skip:
+            if storage._cdata not in skip and storage._cdata not in seen:
                 seen[storage._cdata] = storage.nbytes()
+                if attributed is not None:
+                    owner, counts = attributed
+                    name = owner()
+                    counts[name] = counts.get(name, 0) + storage.nbytes()
             return t
         return keep
 
+    def tensors_of(args) -> list[torch.Tensor]:
+        return [t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+
     seen: dict[int, int] = {}
-    keep = tally(seen, own)
-    with record_checkpoints() as calls, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    keep = tally(seen, own, by_owner)
+
+    def keep_checkpoint_inputs(function, args, kwargs) -> None:
+        for t in tensors_of(args):
+            keep(t)
+
+    with (record_checkpoints(on_call=keep_checkpoint_inputs) as calls,
+          torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)):
         out = fn(**inputs)
-    checkpoint_inputs = [[t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
-                         for _, args, _ in calls]
-    for t in (t for tensors in checkpoint_inputs for t in tensors):
-        keep(t)
     del out
-    for (function, args, kwargs), tensors in zip(calls, checkpoint_inputs) if recomputed is not None else ():
-        kept = {t.untyped_storage()._cdata for t in tensors}
+    for function, args, kwargs in calls if recomputed is not None else ():
+        kept = {t.untyped_storage()._cdata for t in tensors_of(args)}
         inner: dict[int, int] = {}
         with torch.autograd.graph.saved_tensors_hooks(tally(inner, own | kept), lambda t: t):
             function(*args, **kwargs)

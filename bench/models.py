@@ -12,7 +12,8 @@ show is needed for large memory savings outside TPIM), in bf16 autocast on a GPU
 - the largest batch that fits for a training step (doubling, then bisection, catching OOM), where the time
   budget leaves room for it;
 - a per-block breakdown (forward time and memory increase of every mtlfast.nn block and the backbone, one
-  inference pass: where the forward time goes, not a training-memory profile).
+  inference pass: where the forward time goes; where the training memory goes, exactly and without a GPU:
+  ``mtlfast info --models --blocks``).
 
 Peak memory: ``*_peak_bytes`` is the whole allocated peak of the step (weights, gradients, Adam state, inputs
 and activations: the issue's "peak training memory", which its <= 0.6x target compares);
@@ -38,17 +39,13 @@ import torch
 
 from mtlfast.backends import use_backend
 from mtlfast.bench.harness import _error_text, _stop_if_cuda_lost, cuda_peak_and_start
-from mtlfast.models.summary import NYUD, PASCAL, PATHS, SummarySetting
+from mtlfast.models.summary import NYUD, PASCAL, PATHS, SummarySetting, breakdown_blocks
 
 
 @dataclass(frozen=True)
 class ModelSetting(SummarySetting):
     """A model of the summary table with the batch size of a training step."""
     batch: int = field(kw_only=True)
-
-    @property
-    def name(self) -> str:
-        return f"{self.method}-{self.backbone}-{self.dataset}"
 
 
 #: The papers' settings (paper input size, batch size per GPU as reported or as in their public code), one per
@@ -154,10 +151,8 @@ class _Runner:
 
 
 def block_breakdown(runner: _Runner, images: torch.Tensor) -> list[dict]:
-    """Forward time (CUDA events) and allocated-memory increase of each block, one inference-mode pass."""
-    import mtlfast.nn as blocks
-
-    block_types = tuple(v for v in vars(blocks).values() if isinstance(v, type) and issubclass(v, torch.nn.Module))
+    """Forward time (CUDA events) and allocated-memory increase of each block (:func:`breakdown_blocks`), one
+    inference-mode pass. The training memory per block: ``mtlfast info --models --blocks`` (exact counts)."""
     records, handles, starts = [], [], {}
     cuda = runner.device.type == "cuda"
 
@@ -182,9 +177,8 @@ def block_breakdown(runner: _Runner, images: torch.Tensor) -> list[dict]:
                 records.append((name, type(module).__name__, (time.perf_counter() - start) * 1e3, None, None))
         return hook
 
-    for name, module in runner.model.named_modules():
-        if name == "backbone" or (block_types and isinstance(module, block_types)):
-            handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
+    for name, module in breakdown_blocks(runner.model).items():
+        handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
     try:
         runner.infer(images)
         if cuda:

@@ -17,7 +17,9 @@ model stands for bf16 autocast (which keeps a few ops in float32).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -25,7 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mtlfast.backends import meta_planning, use_backend
 
-__all__ = ["SummarySetting", "SETTINGS", "paper_options", "model_summary", "saved_activations", "format_table"]
+__all__ = ["SummarySetting", "SETTINGS", "paper_options", "model_summary", "saved_activations", "format_table",
+           "breakdown_blocks", "running_block", "format_block_table"]
 
 NYUD = ("semseg", "depth", "normals", "edge")
 PASCAL = ("semseg", "parts", "sal", "normals", "edge")
@@ -62,6 +65,10 @@ class SummarySetting:
         if self.size is None:
             object.__setattr__(self, "size", _SIZE[self.dataset])
 
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.backbone}-{self.dataset}"
+
     def create(self) -> torch.nn.Module:
         from mtlfast.models import create_model
 
@@ -96,15 +103,65 @@ SETTINGS = _settings()
 PATHS = {"reference": ("reference", False), "kernels": ("auto", False), "kernels_checkpointed": ("auto", True)}
 
 
+def breakdown_blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The modules a per-block breakdown reports, by qualified name: the model's parts (its children, those of
+    a ModuleList/ModuleDict one by one: the backbone, each task's head...) and every mtlfast.nn block in them
+    (blocks inside blocks too: a breakdown counts a part under the innermost running one)."""
+    import mtlfast.nn as blocks
+
+    block_types = tuple(v for v in vars(blocks).values() if isinstance(v, type) and issubclass(v, torch.nn.Module))
+
+    def parts(prefix: str, module: torch.nn.Module) -> Iterator[str]:
+        for name, child in module.named_children():
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):  # containers have no forward
+                yield from parts(f"{prefix}{name}.", child)
+            else:
+                yield f"{prefix}{name}"
+
+    named = set(parts("", model))
+    return {name: m for name, m in model.named_modules() if name in named or isinstance(m, block_types)}
+
+
+#: A breakdown's name for what runs outside every block of :func:`breakdown_blocks` (the model's own forward).
+OUTSIDE_BLOCKS = "(outside blocks)"
+
+
+@contextlib.contextmanager
+def running_block(model: torch.nn.Module) -> Iterator[Callable[[], str]]:
+    """Yields a function naming the innermost block of :func:`breakdown_blocks` whose forward (a module call)
+    is running, :data:`OUTSIDE_BLOCKS` between blocks; kept by forward pre/post hooks while the context is open."""
+    running: list[str] = []
+
+    def enter(name):
+        def hook(module, args):
+            running.append(name)
+        return hook
+
+    def leave(module, args, out):
+        running.pop()
+
+    handles = []
+    for name, module in breakdown_blocks(model).items():
+        handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
+    try:
+        yield lambda: running[-1] if running else OUTSIDE_BLOCKS
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def saved_activations(setting: SummarySetting, *, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
-                      paths: tuple[str, ...] = tuple(PATHS)) -> dict[str, int]:
+                      paths: tuple[str, ...] = tuple(PATHS),
+                      by_block: dict[str, dict[str, int]] | None = None) -> dict[str, int]:
     """Bytes of the activations one training forward (``forward_train``, all outputs incl. deep supervision)
     of ``batch`` images keeps for the backward, in ``dtype``, per path of :data:`PATHS`: the
     reference ops, the GPU kernel path (backend auto as on a GPU), and the kernel path with every activation
     checkpoint on (decoder stages; ViT/Swin backbone blocks; their inputs count), with, under
     ``<path>_recompute``, what the largest recomputation saves on top of that while its backward runs (so
-    ``<path> + <path>_recompute`` bounds the saved bytes alive at any time of the backward). See the module
-    docstring."""
+    ``<path> + <path>_recompute`` bounds the saved bytes alive at any time of the backward). ``by_block``: a dict
+    that gets, per path, the bytes per block (:func:`running_block`: the innermost block whose forward first
+    kept a storage, e.g. a block's output counts under the next block that saves it; a checkpoint's inputs
+    under the block that took it), adding up to the path's count. See the module docstring."""
     from mtlfast.bench.harness import saved_activation_bytes
 
     counts = {}
@@ -116,18 +173,21 @@ def saved_activations(setting: SummarySetting, *, batch: int = 1, dtype: torch.d
         model.set_checkpointing(checkpointed)
         state = [*model.parameters(), *model.buffers()]
         recomputed: list[int] = []
-        with meta_planning("cuda"), use_backend(backend):
+        with meta_planning("cuda"), use_backend(backend), running_block(model) as block:
+            blocks = None if by_block is None else (block, by_block.setdefault(path, {}))
             counts[path] = saved_activation_bytes(model.forward_train, {"images": images}, exclude=state,
-                                                  recomputed=recomputed)
+                                                  recomputed=recomputed, by_owner=blocks)
         if checkpointed:
             counts[f"{path}_recompute"] = max(recomputed, default=0)
     return counts
 
 
-def model_summary(settings=None, *, flops: bool = True, activations: bool = False) -> list[dict]:
+def model_summary(settings=None, *, flops: bool = True, activations: bool = False,
+                  blocks: bool = False) -> list[dict]:
     """One row per setting: method, backbone, dataset, tasks, options, input size, parameters, GFLOPs
-    (forward, one image; None when ``flops=False``) and, with ``activations``, :func:`saved_activations` of
-    one image in MB per path (None otherwise)."""
+    (forward, one image; None when ``flops=False``) and, with ``activations`` (or ``blocks``),
+    :func:`saved_activations` of one image in MB per path (None otherwise); with ``blocks`` also
+    ``saved_mb_by_block``: per path, MB per block (:func:`saved_activations`'s ``by_block``)."""
     rows = []
     for s in settings if settings is not None else SETTINGS:
         gflops = None
@@ -142,11 +202,32 @@ def model_summary(settings=None, *, flops: bool = True, activations: bool = Fals
                 with torch.no_grad(), use_backend("reference"), counter:
                     model(images)
                 gflops = counter.get_total_flops() / 1e9
-        saved = saved_activations(s) if activations else None
-        rows.append({"method": s.method, "backbone": s.backbone, "dataset": s.dataset, "tasks": list(s.tasks),
-                     "options": dict(s.kwargs), "input": list(s.size), "params_m": params / 1e6, "gflops": gflops,
-                     "saved_mb": None if saved is None else {k: v / 1e6 for k, v in saved.items()}})
+        by_block: dict[str, dict[str, int]] | None = {} if blocks else None
+        saved = saved_activations(s, by_block=by_block) if activations or blocks else None
+        row = {"method": s.method, "backbone": s.backbone, "dataset": s.dataset, "tasks": list(s.tasks),
+               "options": dict(s.kwargs), "input": list(s.size), "params_m": params / 1e6, "gflops": gflops,
+               "saved_mb": None if saved is None else {k: v / 1e6 for k, v in saved.items()}}
+        if by_block is not None:
+            row["saved_mb_by_block"] = {path: {b: n / 1e6 for b, n in counts.items()} for path, counts in by_block.items()}
+        rows.append(row)
     return rows
+
+
+def format_block_table(row: dict) -> str:
+    """Plain-text table of one :func:`model_summary` row's ``saved_mb_by_block``: MB per block and path, the
+    largest on the reference path first, and the totals."""
+    by_block = row["saved_mb_by_block"]
+    paths = list(by_block)
+    names = sorted({b for counts in by_block.values() for b in counts},
+                   key=lambda b: (-by_block[paths[0]].get(b, 0.0), b))
+    width = max(len(n) for n in [*names, "block"]) + 2
+    header = f"{'block':<{width}}" + "".join(f"{p:>22}" for p in paths)
+    lines = [f"{row['method']} {row['backbone']} {row['dataset']} {'x'.join(map(str, row['input']))}: "
+             "saved activations (MB, one image) per block", header, "-" * len(header)]
+    for name in [*names, "total"]:
+        cells = (sum(by_block[p].values()) if name == "total" else by_block[p].get(name, 0.0) for p in paths)
+        lines.append(f"{name:<{width}}" + "".join(f"{mb:>22.1f}" for mb in cells))
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:

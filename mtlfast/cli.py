@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -15,12 +16,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(info_text())
     if args.out and not args.models:
         raise ValueError("--out writes the --models table; give --models")
+    if (args.blocks or args.cases) and not args.models:
+        raise ValueError("--blocks and --cases go with --models")
     if args.models:
-        from mtlfast.models.summary import format_table, model_summary
+        from mtlfast.models.summary import SETTINGS, format_block_table, format_table, model_summary
 
-        rows = model_summary(flops=not args.no_flops, activations=args.activations)
+        settings = [s for s in SETTINGS if not args.cases or re.search(args.cases, s.name)]
+        if not settings:
+            raise ValueError(f"--cases {args.cases!r} matches no model (names are method-backbone-dataset, e.g. "
+                             f"{SETTINGS[0].name})")
+        rows = model_summary(settings, flops=not args.no_flops, activations=args.activations, blocks=args.blocks)
         print()
         print(format_table(rows))
+        for row in rows if args.blocks else ():
+            print()
+            print(format_block_table(row))
         if args.out:
             from mtlfast.bench.harness import environment, write_json
 
@@ -135,7 +145,6 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
 def _bench_models(args: argparse.Namespace) -> int:
     import dataclasses
     import json
-    import re
 
     import torch
 
@@ -382,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "the reference path, the GPU kernel path and with every activation checkpoint on (decoder "
                            "stages, ViT/Swin blocks; plus its largest recomputation) (exact, counted on meta "
                            "tensors; no GPU needed)")
+    info.add_argument("--blocks", action="store_true",
+                      help="with --models: also each model's saved activations per block (backbone, every mtlfast.nn "
+                           "block) and path, as with --activations (which it implies)")
+    info.add_argument("--cases", metavar="REGEX",
+                      help="with --models: only the models whose method-backbone-dataset matches, e.g. '^sem-vit_b'")
     info.add_argument("--out", metavar="FILE", help="with --models: also write the table as JSON, with versions")
     info.set_defaults(func=_cmd_info)
 

@@ -84,6 +84,42 @@ def test_saved_activation_bytes_counts_checkpoint_inputs_and_recomputations():
     assert total == 2 * 5 * 8 * 4 + plain[2], (total, plain)
 
 
+def test_saved_activation_bytes_by_block():
+    """``by_owner`` with models.summary.running_block: each storage counts under the innermost running part of
+    the model when first kept (a pack hook, or the call of a checkpoint it is an input of), the model's own
+    forward under OUTSIDE_BLOCKS; the counts add up to the total. breakdown_blocks: the model's children (a
+    ModuleList's one by one), not the parts' own children."""
+    from mtlfast.models.summary import OUTSIDE_BLOCKS, breakdown_blocks, running_block
+    from mtlfast.nn.common import checkpoint_stage
+
+    class Stage(torch.nn.Module):  # takes a checkpoint: its input (x * 2, saved by nothing else) counts here
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU())
+
+        def forward(self, x):
+            return checkpoint_stage(self.inner, x * 2)
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.parts = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU()), Stage()])
+            self.head = torch.nn.Linear(16, 4)
+
+        def forward(self, x):  # tanh saves its output here; the head saves that same storage again
+            return self.head(self.parts[1](self.parts[0](x)).tanh())
+
+    model = Toy()
+    assert set(breakdown_blocks(model)) == {"parts.0", "parts.1", "head"}
+    counts: dict[str, int] = {}
+    with running_block(model) as owner:
+        total = harness.saved_activation_bytes(model, {"x": torch.randn(5, 8)}, exclude=list(model.parameters()),
+                                               by_owner=(owner, counts))
+    one = 5 * 16 * 4  # a (5, 16) float32 activation: GELU's input in parts.0, the checkpoint's input, tanh's output
+    assert counts == {"parts.0": one, "parts.1": one, OUTSIDE_BLOCKS: one} and total == 3 * one, counts
+    assert model.parts[0]._forward_pre_hooks == {} and model.parts[0]._forward_hooks == {}  # hooks removed
+
+
 def test_time_budget_and_resume():
     """A run whose deadline passes records the cases left as not run (incomplete, every provider and mode) and
     reports each measured case to on_case; a resumed run keeps the measured case's rows (with the run that

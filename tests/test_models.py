@@ -837,3 +837,16 @@ def test_summary_table_with_activations():
                          f"{mb['kernels_checkpointed']:>7.0f}{mb['kernels_checkpointed'] / mb['reference']:>7.2f}"
                          f"{peak:>9.0f}{peak / mb['reference']:>7.2f}")
     assert "saved MB: ref" in format_table([row])
+    # --blocks: the same counts per block (backbone, the interaction block, ...), adding up to each path's total
+    from mtlfast.models.summary import OUTSIDE_BLOCKS, breakdown_blocks, format_block_table
+
+    (with_blocks,) = model_summary([setting], flops=False, blocks=True)
+    assert with_blocks["saved_mb"] == row["saved_mb"]
+    by_block = with_blocks["saved_mb_by_block"]
+    assert list(by_block) == ["reference", "kernels", "kernels_checkpointed"]
+    names = set(breakdown_blocks(setting.create())) | {OUTSIDE_BLOCKS}
+    for path, counts in by_block.items():
+        assert set(counts) <= names and sum(counts.values()) == pytest.approx(mb[path], rel=1e-12), (path, counts)
+    assert {"backbone", "interaction"} <= set(by_block["reference"])
+    table = format_block_table(with_blocks)
+    assert table.splitlines()[-1].split() == ["total", *(f"{mb[p]:.1f}" for p in by_block)]

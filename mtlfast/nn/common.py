@@ -305,17 +305,21 @@ _CHECKPOINT_OPTIONS = ("use_reentrant", "context_fn", "determinism_check", "debu
 
 
 @contextlib.contextmanager
-def record_checkpoints() -> Iterator[list[tuple[Callable[..., Any], tuple, dict]]]:
+def record_checkpoints(on_call: Callable[[Callable[..., Any], tuple, dict], None] | None = None,
+                       ) -> Iterator[list[tuple[Callable[..., Any], tuple, dict]]]:
     """Yields a list that collects every activation checkpoint taken in the block (``torch.utils.checkpoint.
     checkpoint``: :func:`checkpoint_stage`'s and timm's per-block ones alike) as ``(function, args, kwargs)``:
     the tensors in ``args`` are what checkpointing keeps alive for the recomputation, which no saved-tensor hook
     sees, and ``function(*args, **kwargs)`` is the recomputation (memory accounting:
-    bench.harness.saved_activation_bytes). The function is wrapped process-wide while the block runs."""
+    bench.harness.saved_activation_bytes). ``on_call(function, args, kwargs)`` runs as each checkpoint is taken,
+    before it runs. The function is wrapped process-wide while the block runs."""
     recorded: list[tuple[Callable[..., Any], tuple, dict]] = []
     plain = torch.utils.checkpoint.checkpoint
 
     def recording(function, *args, **kwargs):
         recorded.append((function, args, {k: v for k, v in kwargs.items() if k not in _CHECKPOINT_OPTIONS}))
+        if on_call is not None:
+            on_call(*recorded[-1])
         return plain(function, *args, **kwargs)
 
     torch.utils.checkpoint.checkpoint = recording
