@@ -226,8 +226,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume = last if os.path.exists(last) else None
     trainer = Trainer(config, resume=resume, progress=not args.no_progress)
     try:
-        if trainer.iteration == 0 and config["train"]["eval_at_start"]:
-            trainer.evaluate_and_log()  # every rank: rank 0 evaluates, the others wait in its barrier
+        trainer.evaluate_if_due()  # every rank: rank 0 evaluates, the others wait in its barrier
         trainer.train()
         if trainer.dist.is_main:
             rows = trainer.log.read("eval")

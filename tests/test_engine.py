@@ -103,6 +103,16 @@ def test_config_file_numbers_and_kwargs_overrides(tmp_path):
         load_config(None, ["model.kwargs=3"])
 
 
+def test_only_true_and_false_are_booleans():
+    """YAML 1.2 booleans, on the command line and in files: ``train.amp=off`` (a documented value) stays "off"
+    (PyYAML's 1.1 rules made it False, which train.amp then refused), as do yes/no/on/y/n; true/false are bools."""
+    for text in ("off", "on", "yes", "no", "y", "n", "Off", "NO"):
+        assert parse_override(f"train.amp={text}") == {"train": {"amp": text}}
+    for text, value in (("true", True), ("False", False), ("TRUE", True), ("null", None), ("~", None), ("0x10", 16)):
+        assert parse_override(f"a={text}") == {"a": value}, text
+    assert load_config(None, ["train.amp=off"])["train"]["amp"] == "off"
+
+
 def test_checkpoint_file_mode_follows_the_umask(tmp_path):
     """mkstemp makes owner-only files; a checkpoint gets the permissions of any new file (shared run folders)."""
     umask = os.umask(0o022)
@@ -218,3 +228,23 @@ def test_run_log_widens_its_header_for_new_columns(tmp_path):
     log.write("eval", {"iteration": 2, "semseg/miou": 0.2, "delta_m": -5.0}, 2)
     plot_curves(log, str(tmp_path / "curves.png"))
     assert log.read("eval")[1] == {"iteration": 2, "semseg/miou": 0.2, "delta_m": -5.0}
+
+
+def test_seeded_items_leave_the_cuda_generators_alone(monkeypatch):
+    """SeededDataset seeds the host RNGs per item and restores them; torch.manual_seed would also reseed every
+    CUDA generator (not restored), so a loader in the training process would reset the GPU's dropout stream per item."""
+    class Augmented(torch.utils.data.Dataset):  # an item's random transform, drawn from the global generator
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return torch.rand(2)
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    before = torch.get_rng_state()
+    items = SeededDataset(Augmented(), seed=5)
+    first = [items[(0, i)] for i in range(3)]
+    assert calls == [] and torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a, items[(0, i)]) for i, a in enumerate(first)) and not torch.equal(first[0], first[1])

@@ -83,6 +83,96 @@ def test_resume_with_a_changed_config_lists_the_changes_and_takes_its_optimiser_
         Trainer(load_config(None, args + ["optim.name=sgd"]), resume=str(tmp_path / "last.pt"), progress=False)
 
 
+def test_a_stopped_evaluation_is_made_up_on_resume(tmp_path, monkeypatch):
+    """Checkpoints are saved before the evaluation of their iteration: a run stopped during that evaluation (here
+    the last one) gets it from evaluate_if_due after the resume, and only then (no second row for an iteration
+    that was evaluated, none where no evaluation is due)."""
+    from mtlfast.engine.logs import RunLog
+
+    config = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path}", "train.iterations=4",
+                                                "train.checkpoint_every=2", "train.eval_every=2"])
+    evaluate = Trainer._evaluate
+
+    def stopped_at_4(self, sample_path):
+        if self.iteration == 4:
+            raise KeyboardInterrupt("stopped during the evaluation")
+        return evaluate(self, sample_path)
+
+    monkeypatch.setattr(Trainer, "_evaluate", stopped_at_4)
+    trainer = Trainer(copy.deepcopy(config), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.close()
+    monkeypatch.setattr(Trainer, "_evaluate", evaluate)
+    assert [int(r["iteration"]) for r in RunLog(str(tmp_path)).read("eval")] == [2]
+    resumed = Trainer(copy.deepcopy(config), resume=str(tmp_path / "last.pt"), progress=False)
+    assert resumed.iteration == 4 and resumed.evaluate_if_due() is not None
+    assert resumed.evaluate_if_due() is None and resumed.train() == []
+    resumed.close()
+    assert [int(r["iteration"]) for r in RunLog(str(tmp_path)).read("eval")] == [2, 4]
+    config["train"]["iterations"] = 5  # resumed at 4 again, now a checkpoint but no evaluation iteration... 
+    config["train"]["eval_every"] = 3  # ...and one that is neither: nothing to make up
+    again = Trainer(config, resume=str(tmp_path / "last.pt"), progress=False)
+    assert again.evaluate_if_due() is None
+    again.close()
+
+
+def test_logs_without_a_checkpoint_start_afresh_and_killed_saves_are_removed(tmp_path, capsys):
+    """A run stopped before its first checkpoint leaves logs and no last.pt (and a save killed by SIGTERM leaves
+    its temporary file): the next run in that folder does not append to those logs, and removes the file."""
+    from mtlfast.engine.logs import RunLog
+
+    log = RunLog(str(tmp_path))
+    log.write("train", {"iteration": 1, "loss": 9.0}, 1)
+    log.write("eval", {"iteration": 0, "semseg/mIoU": 1.0}, 0)
+    (tmp_path / ".tmp_ckpt_killed").write_bytes(b"x" * 100)
+    config = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path}", "train.iterations=2"])
+    _, _ = _losses(config)
+    assert "starts them afresh" in capsys.readouterr().err
+    assert [int(r["iteration"]) for r in RunLog(str(tmp_path)).read("train")] == [1, 2]
+    assert RunLog(str(tmp_path)).read("eval") == [] and not (tmp_path / ".tmp_ckpt_killed").exists()
+
+
+@pytest.mark.parametrize("grad_clip", [10.0, None], ids=["clipped", "unclipped"])
+def test_a_non_finite_gradient_raises_before_the_step(tmp_path, grad_clip):
+    """An infinite gradient with a finite loss (clipping would make every weight NaN: inf x 0) stops the run before
+    the optimiser step: the checkpoint of the iteration before stays the last one, with finite weights."""
+    config = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path}", "train.iterations=3",
+                                                "train.checkpoint_every=1",
+                                                f"optim.grad_clip={'null' if grad_clip is None else grad_clip}"])
+    trainer = Trainer(config, progress=False)
+    weight = next(p for p in trainer.model.parameters() if p.dim() > 1)
+    weight.register_hook(lambda g: g * math.inf if trainer.iteration == 1 else g)
+    with pytest.raises(FloatingPointError, match="gradient norm is (inf|nan) at iteration 2"):
+        trainer.train()
+    trainer.close()
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert saved["iteration"] == 1 and all(v.isfinite().all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_interval_and_backend_options_are_checked_first(tmp_path, monkeypatch):
+    """train.checkpoint_every / log_every / iterations >= 1, eval_every >= 0 or null, optim.grad_clip and
+    train.backend are refused with the key's name when the trainer is built (0 for checkpoint_every crashed after the first step; a
+    misspelt backend only failed after the first evaluation). Evaluations run with train.backend too."""
+    from mtlfast.backends import current_backend
+
+    base = TINY + ON_CPU + [f"output_dir={tmp_path}"]
+    for override, message in (("train.checkpoint_every=0", "train.checkpoint_every: expected an integer >= 1"),
+                              ("train.log_every=null", "train.log_every: expected an integer >= 1"),
+                              ("train.eval_every=-1", "train.eval_every: expected an integer >= 0 or null"),
+                              ("train.iterations=2.5", "train.iterations: expected an integer >= 1"),
+                              ("train.backend=trition", "train.backend: use_backend: unknown backend 'trition'"),
+                              ("optim.grad_clip=None", "optim.grad_clip: expected a number > 0 or null, got 'None'")):
+        with pytest.raises(ValueError, match=message):
+            Trainer(load_config(None, base + [override]), progress=False)
+    trainer = Trainer(load_config(None, base + ["train.eval_every=null", "train.backend=reference"]), progress=False)
+    seen = []
+    monkeypatch.setattr(Trainer, "_evaluate", lambda self, path: seen.append(current_backend()) or {})
+    trainer.evaluate()
+    trainer.close()
+    assert seen == ["reference"]
+
+
 def test_throughput_counts_the_wait_for_data_but_not_evaluations(tmp_path):
     """images_per_s is end to end (data_s waiting for the loader + step_s); an evaluation between two steps
     counts in neither."""
@@ -227,6 +317,7 @@ import sys, torch
 from mtlfast.engine.config import load_config
 from mtlfast.engine.trainer import Trainer
 trainer = Trainer(load_config(None, sys.argv[1:]), progress=False)
+torch.save(torch.get_rng_state(), trainer.out_dir + f"/rng_rank{trainer.dist.rank}.pt")
 def weights():
     return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 torch.save(weights(), trainer.out_dir + f"/initial_weights_rank{trainer.dist.rank}.pt")
@@ -289,6 +380,10 @@ def test_two_process_ddp_ends_with_equal_weights(tmp_path):
     from mtlfast.engine.logs import RunLog
 
     assert [r["loss"] for r in RunLog(str(tmp_path)).read("train")] == pytest.approx(mean, rel=1e-6)
+    # one RNG stream per rank for the training forward (dropout masks differ), every rank's state in the checkpoint
+    assert not torch.equal(*(torch.load(tmp_path / f"rng_rank{r}.pt") for r in (0, 1)))
+    states = torch.load(tmp_path / "last.pt", weights_only=False)["rng_per_rank"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
     # Trainer.close: DDP's wrapper (and reducer) freed before the process group is destroyed (see its docstring)
     assert all(torch.load(tmp_path / f"ddp_freed_before_cleanup_rank{r}.pt") for r in (0, 1))
 

@@ -25,8 +25,7 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restores :func:`rng_state`'s states, the CUDA one onto the current device: a checkpoint resumes (or is
-    evaluated) on a machine with another number of GPUs, and every rank of a DDP run gets rank 0's state,
-    which equals its own (same seed, same draws)."""
+    evaluated) on a machine with another number of GPUs (each rank of a DDP run restores its own state)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -55,6 +54,17 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Removes the temporary files of saves that were killed before their rename (SIGTERM from torchrun or a
+    job scheduler skips the cleanup of :func:`save_checkpoint`; each is checkpoint-sized); returns their paths.
+    Only the run that owns ``folder`` calls it (one run per output_dir)."""
+    stale = sorted(os.path.join(folder, name) for name in (os.listdir(folder) if os.path.isdir(folder) else ())
+                   if name.startswith(".tmp_ckpt_"))
+    for path in stale:
+        os.remove(path)
+    return stale
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:

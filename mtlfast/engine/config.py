@@ -70,9 +70,15 @@ DEFAULTS: dict[str, Any] = {
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, but ``2e-5`` (no dot) is a float as in YAML 1.2 and Python, not a string."""
+    """PyYAML's safe loader with two YAML 1.2 rules (PyYAML implements 1.1): ``2e-5`` (no dot) is a float, as in
+    Python, not a string; and only true/false are booleans, so ``train.amp=off`` or ``model.backbone=no`` stay
+    the strings they are (1.1 reads yes/no/on/off/y/n as booleans)."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                               list("-+0123456789"))
 

@@ -49,8 +49,10 @@ class ResumableSampler(Sampler[int]):
 
 
 class SeededDataset(Dataset):
-    """Items are requested as ``(epoch, index)``; the global RNGs are seeded from (seed, epoch, index) for the
-    item's transforms and restored afterwards, so loading never disturbs the training loop's randomness."""
+    """Items are requested as ``(epoch, index)``; the global host RNGs (Python, NumPy, torch's CPU generator)
+    are seeded from (seed, epoch, index) for the item's transforms and restored afterwards, so loading never
+    disturbs the training loop's randomness. The CUDA generators are left alone (``torch.manual_seed`` would
+    reseed them too, and a loader in the training process would then reset the GPU's dropout stream per item)."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -64,7 +66,7 @@ class SeededDataset(Dataset):
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(item_seed)
         np.random.seed(item_seed)
-        torch.manual_seed(item_seed)
+        torch.default_generator.manual_seed(item_seed)
         try:
             return self.dataset[index]
         finally:

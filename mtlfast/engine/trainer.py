@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from mtlfast.backends import use_backend
 from mtlfast.engine import checkpoint as ckpt
-from mtlfast.engine.distributed import DistInfo, barrier, cleanup, init_distributed, mean_over_ranks
+from mtlfast.engine.distributed import (DistInfo, barrier, cleanup, flag_of_main, gather_objects, init_distributed,
+                                        mean_over_ranks)
 from mtlfast.engine.logs import RunLog, plot_curves, plot_predictions
 from mtlfast.engine.sampler import ResumableSampler, SeededDataset
 
@@ -117,6 +118,23 @@ def _num_workers(value, dataset: str) -> int:
     return value
 
 
+def _check_intervals(train_cfg: dict) -> None:
+    """train.iterations, checkpoint_every and log_every: integers >= 1; eval_every: an integer >= 0 or null
+    (0 and null: no evaluation during training)."""
+    for key, least in (("iterations", 1), ("checkpoint_every", 1), ("log_every", 1), ("eval_every", 0)):
+        value = train_cfg[key]
+        if key == "eval_every" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"train.{key}: expected an integer >= {least}"
+                             + (" or null" if key == "eval_every" else "") + f", got {value!r}")
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's training-time randomness (dropout, stochastic depth): each rank its own stream."""
+    return (seed * 1_000_003 + rank) % 2**63
+
+
 def _peak_memory_mib(device: torch.device) -> dict[str, float]:
     """The training log's memory column: on CUDA the peak of allocated tensor memory since training started
     (``peak_mem_mib``); on a CPU the process's peak resident set size (``peak_rss_mib``: it includes the
@@ -146,9 +164,14 @@ class Trainer:
     ``model.checkpoint_decoder`` / ``model.checkpoint_backbone``: activation checkpointing of the model's decoder
     stages / backbone blocks (same losses and gradients, less activation memory; :mod:`mtlfast.models.base`).
     A run without ``resume`` refuses an ``output_dir`` that holds a checkpoint (``last.pt``): it would overwrite
-    it and append to its logs. A resume whose config differs from the checkpoint's lists the changes on stderr and
+    it and append to its logs; logs there without a checkpoint (a run stopped before its first save) are started
+    afresh, and temporary files of killed saves are removed. Randomness: the initial weights are the same on
+    every rank (one seed); the training forward's draws (dropout, stochastic depth) come from one stream per rank,
+    and checkpoints hold every rank's RNG states (exact resume with the same number of processes). A step whose
+    gradient norm is not finite raises before the optimiser step, so no checkpoint gets non-finite weights. A resume whose config differs from the checkpoint's lists the changes on stderr and
     follows the config (optim.lr, weight_decay and momentum included; another optim.name is refused).
-    Training rows: losses averaged over the ranks; ``images_per_s`` end to end, split into ``data_s`` (waiting for
+    Training rows: losses averaged over the ranks; ``grad_norm`` before clipping; ``lr`` after the step's
+    schedule update (the rate of the next step); ``images_per_s`` end to end, split into ``data_s`` (waiting for
     the loader) and ``step_s`` on rank 0. ``logs=False`` (``mtlfast eval``): no run log, so that loading a checkpoint
     neither creates ``output_dir`` nor cuts its logs back to the checkpoint's iteration as a resume does.
     """
@@ -161,6 +184,15 @@ class Trainer:
 
         self.config, self.progress = config, progress
         data_cfg, train_cfg = config["data"], config["train"]
+        _check_intervals(train_cfg)
+        clip = config["optim"]["grad_clip"]
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+            raise ValueError(f"optim.grad_clip: expected a number > 0 or null, got {clip!r}")
+        try:
+            with self._ops_backend():  # a misspelt train.backend fails now, not after the first evaluation
+                pass
+        except ValueError as exc:
+            raise ValueError(f"train.backend: {exc}") from None
         device_type = _device_type(train_cfg["device"])
         self.dist = init_distributed(device_type)
         self.device = _device(self.dist, device_type)
@@ -223,8 +255,17 @@ class Trainer:
             raise FileExistsError(f"output_dir {self.out_dir!r} holds the checkpoint of an earlier run "
                                   f"({self.checkpoint_path()}): resume it (train --resume auto, baseline --resume) or "
                                   f"choose another output_dir")
+        # the weights are the same on every rank (one seed); what the forward draws is not: each rank its stream
+        torch.manual_seed(_rank_seed(config["seed"], self.dist.rank))
+        if self.log is not None:
+            for path in ckpt.remove_stale_temporaries(self.out_dir):
+                print(f"removed {path}: the temporary file of a save that was killed", file=sys.stderr)
         if resume:
             self._load(resume)
+        elif self.log is not None and (self.log.read("train") or self.log.read("eval")):
+            print(f"output_dir {self.out_dir!r} holds the logs of an earlier run that saved no checkpoint: this run "
+                  "starts them afresh", file=sys.stderr)
+            self.log.resume_at(-1)
 
     def _load_baseline(self, name_or_path):
         """eval.baseline read before training (a typo fails now, not after the first evaluation), restricted to
@@ -246,12 +287,14 @@ class Trainer:
         return os.path.join(self.out_dir, name)
 
     def save(self, name: str = "last.pt") -> None:
+        """Every rank calls it (the RNG states of all ranks go into the checkpoint); rank 0 writes."""
+        rng = gather_objects(ckpt.rng_state(), self.dist)
         if not self.dist.is_main:
             return
         ckpt.save_checkpoint(self.checkpoint_path(name), {
             "config": self.config, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch, "rng": ckpt.rng_state()})
+            "batch_in_epoch": self.batch_in_epoch, "rng": rng[0], "rng_per_rank": rng})
 
     def _load(self, path: str) -> None:
         payload = ckpt.load_checkpoint(path)
@@ -260,7 +303,13 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.iteration, self.epoch, self.batch_in_epoch = payload["iteration"], payload["epoch"], payload["batch_in_epoch"]
-        ckpt.set_rng_state(payload["rng"])
+        per_rank = payload.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.dist.world_size:
+            ckpt.set_rng_state(per_rank[self.dist.rank])
+        else:  # saved by another number of processes: not an exact continuation, but one stream per rank
+            ckpt.set_rng_state(payload["rng"])
+            if self.dist.rank > 0:
+                torch.manual_seed(_rank_seed(self.config["seed"] + self.iteration, self.dist.rank))
         self._apply_optim_config()
         if self.log is not None:
             changes = ckpt.config_changes(payload.get("config", {}), self.config)
@@ -283,6 +332,11 @@ class Trainer:
 
     # --- training ------------------------------------------------------------------------------------
 
+    def _ops_backend(self):
+        """``train.backend`` in force (training and evaluation alike), or the default."""
+        backend = self.config["train"]["backend"]
+        return use_backend(backend) if backend else contextlib.nullcontext()
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -300,12 +354,15 @@ class Trainer:
             total, per_task = self.loss_fn(preds, labels, aux)
         total.backward()
         clip = self.config["optim"]["grad_clip"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip else None
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip
+                     else torch.nn.utils.get_total_norm([p.grad for p in params]))
+        if not torch.isfinite(grad_norm):  # of the all-reduced gradients: every rank raises alike
+            raise FloatingPointError(f"gradient norm is {grad_norm.item()} at iteration {self.iteration + 1} (loss "
+                                     f"{total.item()}): the step is not taken, the last checkpoint stays finite")
         self.optimizer.step()
         self.scheduler.step()
-        values = {"loss": total, **{f"loss_{t}": v for t, v in per_task.items()}}
-        if grad_norm is not None:  # of the all-reduced gradients: the same on every rank
-            values["grad_norm"] = grad_norm
+        values = {"loss": total, **{f"loss_{t}": v for t, v in per_task.items()}, "grad_norm": grad_norm}
         return mean_over_ranks(values, self.dist)
 
     def train(self) -> list[dict[str, float]]:
@@ -319,7 +376,7 @@ class Trainer:
             bar = tqdm(total=total_its, initial=self.iteration, desc="train", dynamic_ncols=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        with use_backend(cfg["backend"]) if cfg["backend"] else contextlib.nullcontext():
+        with self._ops_backend():
             while self.iteration < total_its:
                 self.sampler.set_position(self.epoch, self.batch_in_epoch)
                 fetch = time.perf_counter()
@@ -367,7 +424,8 @@ class Trainer:
         benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = False
         try:
-            return self._evaluate(sample_path)
+            with self._ops_backend():
+                return self._evaluate(sample_path)
         finally:
             torch.backends.cudnn.benchmark = benchmark
 
@@ -413,6 +471,18 @@ class Trainer:
             plot_curves(self.log, os.path.join(self.out_dir, "curves.png"))
         barrier(self.dist)
         return result
+
+    def evaluate_if_due(self) -> dict[str, float] | None:
+        """Every rank calls it before :meth:`train`: evaluates (:meth:`evaluate_and_log`) when an evaluation is
+        due at the current iteration and the run log has no row for it: iteration 0 with ``train.eval_at_start``,
+        or a resumed run whose checkpoint came from an evaluation iteration (checkpoints are saved before the
+        evaluation, so a run stopped during it would otherwise never evaluate that iteration, the last one
+        included). Rank 0 decides (it keeps the log)."""
+        cfg, it = self.config["train"], self.iteration
+        due = (cfg["eval_at_start"] if it == 0
+               else bool(cfg["eval_every"]) and (it % cfg["eval_every"] == 0 or it == cfg["iterations"]))
+        missing = self.log is not None and all(int(r["iteration"]) != it for r in self.log.read("eval"))
+        return self.evaluate_and_log() if flag_of_main(due and missing, self.dist) else None
 
     def close(self) -> None:
         """Ends the run's process group. DDP's wrapper (its reducer) goes first, while torch's registry still
