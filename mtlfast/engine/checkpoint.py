@@ -36,8 +36,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
-    """Writes ``payload`` to a temporary file in the same folder, fsyncs, then renames over ``path``. The file
-    gets the permissions of any new file (``0o666`` less the umask), not mkstemp's owner-only ``0o600``."""
+    """Writes ``payload`` to a temporary file in the same folder, fsyncs, renames it over ``path`` and fsyncs the
+    folder (so that the rename itself survives a power loss). The file gets the permissions of any new file
+    (``0o666`` less the umask), not mkstemp's owner-only ``0o600``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_ckpt_", dir=folder)
@@ -50,6 +51,11 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(folder_fd)
+        finally:
+            os.close(folder_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
