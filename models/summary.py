@@ -208,7 +208,8 @@ def model_summary(settings=None, *, flops: bool = True, activations: bool = Fals
                "options": dict(s.kwargs), "input": list(s.size), "params_m": params / 1e6, "gflops": gflops,
                "saved_mb": None if saved is None else {k: v / 1e6 for k, v in saved.items()}}
         if by_block is not None:
-            row["saved_mb_by_block"] = {path: {b: n / 1e6 for b, n in counts.items()} for path, counts in by_block.items()}
+            row["saved_mb_by_block"] = {path: {b: n / 1e6 for b, n in counts.items()}
+                                        for path, counts in by_block.items()}
         rows.append(row)
     return rows
 

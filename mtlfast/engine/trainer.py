@@ -168,8 +168,9 @@ class Trainer:
     afresh, and temporary files of killed saves are removed. Randomness: the initial weights are the same on
     every rank (one seed); the training forward's draws (dropout, stochastic depth) come from one stream per rank,
     and checkpoints hold every rank's RNG states (exact resume with the same number of processes). A step whose
-    gradient norm is not finite raises before the optimiser step, so no checkpoint gets non-finite weights. A resume whose config differs from the checkpoint's lists the changes on stderr and
-    follows the config (optim.lr, weight_decay and momentum included; another optim.name is refused).
+    gradient norm is not finite raises before the optimiser step, so no checkpoint gets non-finite weights. A
+    resume whose config differs from the checkpoint's lists the changes on stderr and follows the config
+    (optim.lr, weight_decay and momentum included; another optim.name is refused).
     Training rows: losses averaged over the ranks; ``grad_norm`` before clipping; ``lr`` after the step's
     schedule update (the rate of the next step); ``images_per_s`` end to end, split into ``data_s`` (waiting for
     the loader) and ``step_s`` on rank 0. ``logs=False`` (``mtlfast eval``): no run log, so that loading a checkpoint
