@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mtlfast.backends import meta_planning, use_backend
 
 __all__ = ["SummarySetting", "SETTINGS", "paper_options", "model_summary", "saved_activations", "format_table",
-           "breakdown_blocks", "running_block", "format_block_table"]
+           "breakdown_blocks", "running_block", "OUTSIDE_BLOCKS", "format_block_table"]
 
 NYUD = ("semseg", "depth", "normals", "edge")
 PASCAL = ("semseg", "parts", "sal", "normals", "edge")
