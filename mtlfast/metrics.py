@@ -14,8 +14,8 @@ Each meter has ``update(pred, label)`` (a batch: raw model output (B, C, H, W) a
   over all valid pixels: ``mean``, ``median`` (from a 0.01-degree histogram: exact to ±0.005 degrees),
   ``rmse``, and the percentages within 11.25, 22.5 and 30 degrees.
 - :class:`SaliencyMeter`: probabilities σ(logit) thresholded at 0.05, 0.10, ..., 0.95 (pixel counted
-  positive when p > t); TP/FP/FN pooled over the dataset per threshold; ``maxF`` = max over thresholds
-  of (1+β²)PR/(β²P+R) with β² = 0.3; ``maxIoU`` = max over thresholds of TP/(TP+FP+FN).
+  positive when p >= t, as the InvPT code); TP/FP/FN pooled over the dataset per threshold; ``maxF`` = max over
+  thresholds of (1+β²)PR/(β²P+R) with β² = 0.3; ``maxIoU`` = max over thresholds of TP/(TP+FP+FN).
 - :class:`EdgeMeter`: ``odsF``, the optimal-dataset-scale F-measure with the conventions of the SEISM
   / BSDS tools: per image, σ(logit) goes through edge non-maximum suppression (as P. Dollár's edgesNms:
   orientation from second derivatives of the triangle-smoothed map, suppression against the two
@@ -49,7 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtlfast.data.tasks import IGNORE_INDEX, TASK_INFO, check_tasks, edge_max_dist, num_outputs
+from mtlfast.data.tasks import (IGNORE_INDEX, TASK_INFO, canonical_dataset, check_tasks, edge_max_dist,
+                                num_outputs)
 
 __all__ = ["Meter", "SegmentationMeter", "DepthMeter", "NormalsMeter", "SaliencyMeter", "EdgeMeter",
            "MultiTaskMetrics", "build_metrics", "delta_m", "load_baseline", "list_baselines", "edge_nms",
@@ -67,6 +68,9 @@ def _check_pair(name: str, pred: torch.Tensor, label: torch.Tensor, channels: in
     if tuple(label.shape) != expected:
         raise ValueError(f"{name}: label of shape {tuple(label.shape)} does not fit prediction {tuple(pred.shape)} "
                          f"(expected {expected}); crop or pad both alike")
+    if not torch.isfinite(pred).all():  # argmax, thresholds and edge NMS would give numbers without a word
+        raise ValueError(f"{name}: the prediction holds NaN or infinite values ({(~torch.isfinite(pred)).sum().item()} "
+                         "of them; a diverged model?): its metrics would mean nothing")
 
 
 class Meter:
@@ -135,6 +139,9 @@ class SegmentationMeter(Meter):
         truth, guess = label[valid].long(), pred[valid].long()
         if truth.numel() and (truth.min() < 0 or truth.max() >= self.num_classes):
             raise ValueError(f"segmentation: label values outside 0..{self.num_classes - 1} and {self.ignore_index}")
+        if guess.numel() and (guess.min() < 0 or guess.max() >= self.num_classes):  # would land in another cell
+            raise ValueError(f"segmentation: predicted class ids outside 0..{self.num_classes - 1} "
+                             f"(got {guess.min().item()}..{guess.max().item()} where the label is valid)")
         counts = torch.bincount(truth * self.num_classes + guess, minlength=self.num_classes ** 2)
         self._add(confusion=counts.view(self.num_classes, self.num_classes))
 
@@ -237,7 +244,7 @@ class SaliencyMeter(Meter):
         prob = (torch.sigmoid(pred.double()) if self.from_logits else pred.double())
         valid = label != IGNORE_INDEX
         prob, truth = prob[valid], label[valid] == 1
-        positive = prob[None, :] > self.thresholds.to(prob.device)[:, None]
+        positive = prob[None, :] >= self.thresholds.to(prob.device)[:, None]
         tp = (positive & truth).sum(1)
         self._add(tp=tp, fp=positive.sum(1) - tp, fn=truth.sum() - tp)
 
@@ -793,10 +800,10 @@ def load_baseline(path: str | Path, dataset: str | None = None) -> dict[str, dic
     except Exception as exc:
         raise ValueError(f"cannot parse baseline file {path}: {exc}") from exc
     if isinstance(data, dict) and "metrics" in data:
-        declared = data.get("dataset")
-        if dataset is not None and declared is not None and declared != dataset:
+        declared, wanted = data.get("dataset"), None if dataset is None else canonical_dataset(dataset)
+        if wanted is not None and declared is not None and canonical_dataset(declared) != wanted:
             raise ValueError(f"baseline {str(path)!r} holds {declared} results, not {dataset}; pick one of "
-                             f"{', '.join(n for n in list_baselines() if n.startswith(dataset + '_'))} or a file")
+                             f"{', '.join(n for n in list_baselines() if n.startswith(wanted + '_'))} or a file")
         data = data["metrics"]
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ValueError(f"baseline file {path}: expected {{task: {{metric: value}}}}")

@@ -146,7 +146,8 @@ def test_val_split_prefers_voc12_and_pads(tmp_path):
     base, truth = make_pascal(tmp_path)
     ds = build_dataset("pascal_context", root=base, split="val", tasks=["semseg", "parts"])
     s = ds[0]
-    assert s["image"].shape == (3, 32, 32) and s["meta"]["size"] == (H, W)
+    # one pad size for every image (data.EVAL_PAD): a prediction cannot depend on which images share a batch
+    assert s["image"].shape == (3, 512, 512) and s["meta"]["size"] == (H, W)
     assert torch.equal(s["semseg"][:H, :W], torch.from_numpy(truth["c"]["seg"].astype(np.int64)))
     expected = np.zeros((H, W), dtype=np.int64)
     expected[2, 2] = HUMAN_PART_GROUPS["lhand"]

@@ -144,3 +144,17 @@ def test_small_cnn_learns_the_synthetic_tasks():
         torch.set_num_threads(threads)
     for task in tasks:
         assert end[task] < 0.7 * start[task], (task, start[task].item(), end[task].item())
+
+
+def test_scenes_without_a_person_ignore_parts():
+    """As PASCAL-Context's reader: a scene with no part pixel has parts 255 everywhere (not scored as pure
+    background); a scene with a person keeps its part labels."""
+    from mtlfast.data.synthetic import render_scene
+
+    ds = build_dataset("synthetic", split="val", tasks=["parts"], length=24)
+    has_person = [bool(render_scene(ds.seed, i, ds.size, "val")["parts"].any()) for i in range(len(ds))]
+    assert any(has_person) and not all(has_person), has_person
+    for i, person in enumerate(has_person):
+        h, w = ds[i]["meta"]["size"]
+        parts = ds[i]["parts"][:h, :w]
+        assert (parts != 255).all() if person else (parts == 255).all(), i

@@ -30,6 +30,29 @@ def test_miou_pooled_over_the_dataset():
     assert iou[:2].tolist() == pytest.approx([1 / 3, 1 / 2]) and math.isnan(iou[2])
     with pytest.raises(ValueError, match=r"segmentation: label values outside 0\.\.2"):
         m.update(torch.tensor([[[0]]]), torch.tensor([[[3]]]))
+    # a predicted id out of range would be counted in the next row of the confusion matrix
+    with pytest.raises(ValueError, match=r"segmentation: predicted class ids outside 0\.\.2 \(got 3\.\.4"):
+        m.update(torch.tensor([[[3, 4]]]), torch.tensor([[[0, 1]]]))
+    # a class seen only in the predictions counts (IoU 0): mIoU over label classes alone would stay 100
+    only = SegmentationMeter(3)
+    only.update(torch.tensor([[[0, 1, 2]]]), torch.tensor([[[0, 1, 1]]]))
+    assert only.compute()["mIoU"] == pytest.approx(100 * (1 + 1 / 2 + 0) / 3)
+
+
+def test_non_finite_predictions_are_refused():
+    """One NaN would silently change odsF (it suppresses its neighbours in the edge NMS), mIoU (argmax) and maxF
+    (thresholds); every meter refuses a non-finite prediction instead, naming the task."""
+    one = torch.zeros(1, 1, 4, 4)
+    one[0, 0, 1, 2] = float("nan")
+    cases = [(SegmentationMeter(3), torch.zeros(1, 3, 4, 4).index_fill_(1, torch.tensor([1]), float("inf")),
+              torch.zeros(1, 4, 4, dtype=torch.long), "segmentation"),
+             (DepthMeter(), one, torch.ones(1, 1, 4, 4), "depth"),
+             (NormalsMeter(), one.expand(1, 3, 4, 4), torch.ones(1, 3, 4, 4), "normals"),
+             (SaliencyMeter(), one, torch.ones(1, 1, 4, 4), "saliency"),
+             (EdgeMeter(max_dist=0.01, thresholds=5), one, torch.ones(1, 1, 4, 4), "edge")]
+    for meter, pred, label, name in cases:
+        with pytest.raises(ValueError, match=f"{name}: the prediction holds NaN or infinite values"):
+            meter.update(pred, label)
 
 
 def test_depth_rmse_pixel_pooled():
@@ -67,6 +90,11 @@ def test_saliency_maxf_and_maxiou():
     logits = SaliencyMeter()
     logits.update(torch.logit(_row([0.9, 0.4, 0.6, 0.1, 0.99])), _row([1.0, 1.0, 0.0, 0.0, 255.0]))
     assert logits.compute()["maxF"] == pytest.approx(81.25)
+    # p >= t is positive (the InvPT code): a probability on a threshold counts; with p > t, t = 0.5 would see
+    # no positive here and maxIoU would stay 0
+    edge = SaliencyMeter(thresholds=[0.5], from_logits=False)
+    edge.update(_row([0.5, 0.2]), _row([1.0, 0.0]))
+    assert edge.compute()["maxIoU"] == pytest.approx(100.0)
 
 
 def test_saliency_pooled_not_averaged():
@@ -450,6 +478,11 @@ def test_load_baseline_checks_metric_names(tmp_path):
     path.write_text("edge:\n  odsF: true\n")
     with pytest.raises(ValueError, match="non-zero number"):
         load_baseline(path)
+    # a file's dataset and the run's compare by canonical name (aliases such as nyudv2)
+    path.write_text("dataset: nyudv2\nmetrics:\n  depth:\n    rmse: 0.6\n")
+    assert load_baseline(path, dataset="nyud") == {"depth": {"rmse": 0.6}}
+    with pytest.raises(ValueError, match="holds nyudv2 results, not pascal"):
+        load_baseline(path, dataset="pascal")
 
 
 def test_baseline_command_trains_single_task_models(tmp_path, capsys, monkeypatch):

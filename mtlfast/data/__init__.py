@@ -29,10 +29,16 @@ from mtlfast.data.transforms import collate, train_transform, val_transform
 
 __all__ = ["TASKS", "DATASETS", "TASK_INFO", "LOSS_WEIGHTS", "DataError", "MultiTaskDataset", "build_dataset",
            "canonical_dataset", "check_tasks", "dataset_tasks", "num_outputs", "edge_max_dist", "collate",
-           "train_transform", "val_transform", "DEFAULT_CROP"]
+           "train_transform", "val_transform", "DEFAULT_CROP", "EVAL_PAD"]
 
 #: Training crop size per dataset (DESIGN.md §5); synthetic: the rendered size.
 DEFAULT_CROP = {"nyud": (448, 576), "pascal": (512, 512), "synthetic": (64, 64)}
+#: Evaluation pad size where a dataset's images differ in size: PASCAL-Context's (at most 500x500) are each
+#: padded to 512x512, as InvPT and ATRC evaluate. Padding to a multiple of 32 alone would let :func:`collate` pad
+#: each batch to its largest image, and models with global context (attention, EM bases) give other
+#: predictions with other padding: results would depend on eval.batch_size and on which images share a batch.
+#: NYUD-v2's images are all 480x640 (a multiple of 32).
+EVAL_PAD = {"pascal": (512, 512)}
 
 
 def build_dataset(name: str, root=None, split: str = "train", tasks=None, size=None, augment: bool | None = None,
@@ -42,7 +48,7 @@ def build_dataset(name: str, root=None, split: str = "train", tasks=None, size=N
 
     ``augment`` (default: split == "train") selects the training transform (random scale 0.5-2, flip,
     photometric distortion, normalise, random crop to ``size``, default :data:`DEFAULT_CROP`) or the
-    evaluation one (normalise, pad to ``size`` or, when None, to a multiple of 32). ``root``: the folder
+    evaluation one (normalise, pad to ``size`` or, when None, to :data:`EVAL_PAD` or else a multiple of 32). ``root``: the folder
     holding ``NYUDv2/`` / ``PASCALContext/`` (or that folder itself; default $MTLFAST_DATA).
     ``synthetic`` needs no root; its images are rendered at ``size`` (default 64x64; the training crop has
     the same size, evaluation pads to a multiple of 32), and it takes ``length`` (default 1000 train /
@@ -58,7 +64,8 @@ def build_dataset(name: str, root=None, split: str = "train", tasks=None, size=N
         return SyntheticDataset(split=split, tasks=tasks, size=render, transform=transform, **kwargs)
     if kwargs:
         raise TypeError(f"build_dataset: unexpected arguments for {dataset}: {', '.join(kwargs)}")
-    transform = train_transform(size or DEFAULT_CROP[dataset]) if augment else val_transform(size)
+    transform = (train_transform(size or DEFAULT_CROP[dataset]) if augment
+                 else val_transform(size or EVAL_PAD.get(dataset)))
     if dataset == "nyud":
         from mtlfast.data.nyud import NYUDv2
 

@@ -11,7 +11,8 @@ Every label comes from the same geometry, so the tasks agree with each other and
 - normals: the hit surface's analytic normal in the camera frame (x right, y down, z forward), facing the
   camera: the exact derivative of the depth map's geometry;
 - semseg: class of the surface hit, :data:`SYNTHETIC_CLASSES` (6 classes);
-- parts: body part of a person hit, 0 elsewhere (7 classes, as PASCAL's human parts);
+- parts: body part of a person hit, 0 elsewhere (7 classes, as PASCAL's human parts); a scene without a
+  person is ignored entirely (255), as PASCAL-Context's reader does with images that have no part pixel;
 - edge: boundaries between surfaces/objects (instance map; the room's planes are separate instances,
   a person is one instance) by :func:`mtlfast.data.base.label_boundaries`;
 - sal: 1 on objects (boxes, balls, people), 0 on the room.
@@ -29,6 +30,7 @@ import math
 import numpy as np
 
 from mtlfast.data.base import MultiTaskDataset, label_boundaries, to_sample
+from mtlfast.data.tasks import IGNORE_INDEX
 
 __all__ = ["SYNTHETIC_CLASSES", "PART_NAMES", "render_scene", "SyntheticDataset"]
 
@@ -292,5 +294,7 @@ class SyntheticDataset(MultiTaskDataset):
 
     def load(self, index: int) -> dict:
         scene = render_scene(self.seed, index, self.size, self.split)
+        if "parts" in self.tasks and not scene["parts"].any():  # scored as PASCAL's human parts: no person, no score
+            scene["parts"] = np.full_like(scene["parts"], IGNORE_INDEX)
         meta = {"dataset": "synthetic", "name": f"{self.split}_{index:06d}", "index": index, "size": self.size}
         return to_sample(scene["image"], {t: scene[t] for t in self.tasks}, meta)
