@@ -68,9 +68,10 @@ def _check_pair(name: str, pred: torch.Tensor, label: torch.Tensor, channels: in
     if tuple(label.shape) != expected:
         raise ValueError(f"{name}: label of shape {tuple(label.shape)} does not fit prediction {tuple(pred.shape)} "
                          f"(expected {expected}); crop or pad both alike")
-    if not torch.isfinite(pred).all():  # argmax, thresholds and edge NMS would give numbers without a word
-        raise ValueError(f"{name}: the prediction holds NaN or infinite values ({(~torch.isfinite(pred)).sum().item()} "
-                         "of them; a diverged model?): its metrics would mean nothing")
+    non_finite = (~torch.isfinite(pred)).sum().item()  # argmax, thresholds and edge NMS would not say a word
+    if non_finite:
+        raise ValueError(f"{name}: the prediction holds NaN or infinite values ({non_finite} of them; a diverged "
+                         "model?): its metrics would mean nothing")
 
 
 class Meter:

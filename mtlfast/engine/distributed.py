@@ -77,15 +77,6 @@ def gather_objects(value, info: DistInfo) -> list:
     return values
 
 
-def flag_of_main(flag: bool, info: DistInfo) -> bool:
-    """Rank 0's ``flag`` on every rank (a decision only rank 0 can make, e.g. from the run log it alone keeps)."""
-    if not info.enabled:
-        return flag
-    value = [flag if info.is_main else None]
-    dist.broadcast_object_list(value, src=0)
-    return bool(value[0])
-
-
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

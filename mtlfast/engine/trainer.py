@@ -22,8 +22,7 @@ from torch.utils.data import DataLoader
 
 from mtlfast.backends import use_backend
 from mtlfast.engine import checkpoint as ckpt
-from mtlfast.engine.distributed import (DistInfo, barrier, cleanup, flag_of_main, gather_objects, init_distributed,
-                                        mean_over_ranks)
+from mtlfast.engine.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, mean_over_ranks
 from mtlfast.engine.logs import RunLog, plot_curves, plot_predictions
 from mtlfast.engine.sampler import ResumableSampler, SeededDataset
 
@@ -295,7 +294,7 @@ class Trainer:
         ckpt.save_checkpoint(self.checkpoint_path(name), {
             "config": self.config, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch, "rng": rng[0], "rng_per_rank": rng})
+            "batch_in_epoch": self.batch_in_epoch, "rng_per_rank": rng})
 
     def _load(self, path: str) -> None:
         payload = ckpt.load_checkpoint(path)
@@ -304,11 +303,11 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.iteration, self.epoch, self.batch_in_epoch = payload["iteration"], payload["epoch"], payload["batch_in_epoch"]
-        per_rank = payload.get("rng_per_rank")
-        if per_rank is not None and len(per_rank) == self.dist.world_size:
+        per_rank = payload.get("rng_per_rank") or [payload["rng"]]  # "rng": rank 0's, in earlier checkpoints
+        if len(per_rank) == self.dist.world_size:
             ckpt.set_rng_state(per_rank[self.dist.rank])
         else:  # saved by another number of processes: not an exact continuation, but one stream per rank
-            ckpt.set_rng_state(payload["rng"])
+            ckpt.set_rng_state(per_rank[0])
             if self.dist.rank > 0:
                 torch.manual_seed(_rank_seed(self.config["seed"] + self.iteration, self.dist.rank))
         self._apply_optim_config()
@@ -483,7 +482,7 @@ class Trainer:
         due = (cfg["eval_at_start"] if it == 0
                else bool(cfg["eval_every"]) and (it % cfg["eval_every"] == 0 or it == cfg["iterations"]))
         missing = self.log is not None and all(int(r["iteration"]) != it for r in self.log.read("eval"))
-        return self.evaluate_and_log() if flag_of_main(due and missing, self.dist) else None
+        return self.evaluate_and_log() if gather_objects(due and missing, self.dist)[0] else None
 
     def close(self) -> None:
         """Ends the run's process group. DDP's wrapper (its reducer) goes first, while torch's registry still
