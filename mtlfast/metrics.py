@@ -11,11 +11,15 @@ Each meter has ``update(pred, label)`` (a batch: raw model output (B, C, H, W) a
 - :class:`DepthMeter`: ``rmse`` = sqrt of the mean squared error over all valid pixels of the dataset
   (pixel-pooled, labels finite and > 0), ``abs_rel`` = mean |p − y| / y.
 - :class:`NormalsMeter`: angle between the l2-normalised prediction and the (non-zero) label, in degrees,
-  over all valid pixels: ``mean``, ``median`` (from a 0.01-degree histogram: exact to ±0.005 degrees),
+  over all valid pixels: ``mean``, ``median`` (from a 0.01-degree histogram: exact to ±0.005 degrees; for an
+  even count the mean of the two middle angles, as numpy.median),
   ``rmse``, and the percentages within 11.25, 22.5 and 30 degrees.
 - :class:`SaliencyMeter`: probabilities σ(logit) thresholded at 0.05, 0.10, ..., 0.95 (pixel counted
   positive when p >= t, as the InvPT code); TP/FP/FN pooled over the dataset per threshold; ``maxF`` = max over
-  thresholds of (1+β²)PR/(β²P+R) with β² = 0.3; ``maxIoU`` = max over thresholds of TP/(TP+FP+FN).
+  thresholds of (1+β²)PR/(β²P+R) with β² = 0.3; ``maxIoU`` = max over thresholds of TP/(TP+FP+FN). Also
+  ``mIoU``, ASTMT's saliency evaluation (the "Sal mIoU" of ASTMT, MTI-Net and the TPIM paper): per image the
+  Jaccard index of ``p > t`` (strict) at the 15 thresholds 0.20, 0.25, ..., 0.90, 1 where both the image's
+  foreground and prediction are empty; the mean over images, then the max over thresholds.
 - :class:`EdgeMeter`: ``odsF``, the optimal-dataset-scale F-measure with the conventions of the SEISM
   / BSDS tools: per image, σ(logit) goes through edge non-maximum suppression (as P. Dollár's edgesNms:
   orientation from second derivatives of the triangle-smoothed map, suppression against the two
@@ -213,8 +217,9 @@ class NormalsMeter(Meter):
         n = hist.sum().item()
         if n == 0:
             return {k: float("nan") for k in ("mean", "median", "rmse", "11.25", "22.5", "30")}
-        median_bin = int(torch.searchsorted(hist.cumsum(0), torch.tensor((n + 1) // 2)).item())
-        out = {"mean": self.state["sum"].item() / n, "median": median_bin * self.BIN,
+        # numpy.median's convention (the MTI-Net / InvPT meters): the mean of the two middle angles for even n
+        middle = torch.searchsorted(hist.cumsum(0), torch.tensor([(n + 1) // 2, n // 2 + 1]))
+        out = {"mean": self.state["sum"].item() / n, "median": middle.double().mean().item() * self.BIN,
                "rmse": math.sqrt(self.state["sq_sum"].item() / n)}
         for t, count in zip(("11.25", "22.5", "30"), self.state["within"].tolist()):
             out[t] = 100.0 * count / n
@@ -227,8 +232,17 @@ def _f_measure(precision: torch.Tensor, recall: torch.Tensor, beta2: float) -> t
 
 
 class SaliencyMeter(Meter):
-    """Dataset-pooled maxF (β² = 0.3) and maxIoU over thresholds 0.05:0.05:0.95; pred (B,1,H,W) logits
-    (``from_logits=False``: probabilities), label (B,1,H,W) {0,1}, 255 ignored."""
+    """Saliency from pred (B,1,H,W) logits (``from_logits=False``: probabilities), label (B,1,H,W) {0,1}, 255
+    ignored. ``maxF`` (β² = 0.3) and ``maxIoU``: dataset-pooled counts of ``p >= t`` over ``thresholds``
+    (default 0.05:0.05:0.95; InvPT's evaluation, DESIGN.md §5). ``mIoU``: ASTMT's per-image evaluation
+    (:data:`ASTMT_THRESHOLDS`, ``p > t``, Jaccard per image with empty-vs-empty = 1, mean over images, max over
+    thresholds), the number ASTMT / MTI-Net / the TPIM paper print as "Sal mIoU". Ignored pixels (PASCAL's
+    validation padding) are left out of both, as ASTMT evaluates the unpadded image. The probabilities are
+    not quantised to 8 bits first (ASTMT thresholds the saved PNGs: a difference only for p within 1/510 of
+    a threshold)."""
+
+    #: ASTMT's thresholds for the per-image mIoU: numpy.linspace(0.2, 0.9, 15).
+    ASTMT_THRESHOLDS = tuple(np.linspace(0.2, 0.9, 15).tolist())
 
     def __init__(self, thresholds: Sequence[float] | None = None, beta2: float = 0.3, from_logits: bool = True):
         self.thresholds = torch.tensor(thresholds if thresholds is not None else
@@ -238,16 +252,37 @@ class SaliencyMeter(Meter):
 
     def _zero_state(self):
         n = len(self.thresholds)
-        return {k: torch.zeros(n, dtype=torch.int64) for k in ("tp", "fp", "fn")}
+        state = {k: torch.zeros(n, dtype=torch.int64) for k in ("tp", "fp", "fn")}
+        state["jaccard_sum"] = torch.zeros(len(self.ASTMT_THRESHOLDS), dtype=torch.float64)
+        state["images"] = torch.zeros((), dtype=torch.int64)
+        return state
 
     def update(self, pred, label):
         _check_pair("saliency", pred, label, 1, False)
         prob = (torch.sigmoid(pred.double()) if self.from_logits else pred.double())
         valid = label != IGNORE_INDEX
-        prob, truth = prob[valid], label[valid] == 1
-        positive = prob[None, :] >= self.thresholds.to(prob.device)[:, None]
-        tp = (positive & truth).sum(1)
-        self._add(tp=tp, fp=positive.sum(1) - tp, fn=truth.sum() - tp)
+        truth = valid & (label == 1)
+        positive = prob[valid][None, :] >= self.thresholds.to(prob.device)[:, None]
+        tp = (positive & truth[valid]).sum(1)
+        self._add(tp=tp, fp=positive.sum(1) - tp, fn=truth.sum() - tp,
+                  jaccard_sum=self._astmt_jaccard(prob.flatten(1), truth.flatten(1), valid.flatten(1)).sum(0),
+                  images=torch.tensor(pred.shape[0]))
+
+    @classmethod
+    def _astmt_jaccard(cls, prob: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, len(ASTMT_THRESHOLDS)) Jaccard index of each image's ``prob > t`` against ``truth`` over its
+        valid pixels; prob, truth, valid (B, P)."""
+        thresholds = torch.tensor(cls.ASTMT_THRESHOLDS, dtype=torch.float64, device=prob.device)
+        n_t, batch = len(thresholds), prob.shape[0]
+        # level = number of thresholds strictly below p: the pixel is positive at thresholds 0 .. level-1
+        level = torch.searchsorted(thresholds, prob.contiguous(), side="left")
+        slot = (torch.arange(batch, device=prob.device)[:, None] * (n_t + 1) + level)[valid]
+        size = batch * (n_t + 1)
+        counts = torch.stack([torch.bincount(slot, minlength=size), torch.bincount(slot[truth[valid]], minlength=size)])
+        above = counts.view(2, batch, n_t + 1).flip(-1).cumsum(-1).flip(-1)[..., 1:]  # positives at each threshold
+        predicted, tp = above.double()
+        union = predicted + truth.sum(1, keepdim=True).double() - tp
+        return torch.where(union > 0, tp / union.clamp(min=1), torch.ones_like(union))
 
     def compute(self):
         tp, fp, fn = (self.state[k].double() for k in ("tp", "fp", "fn"))
@@ -255,7 +290,9 @@ class SaliencyMeter(Meter):
         recall = tp / (tp + fn).clamp(min=1)
         f = _f_measure(precision, recall, self.beta2)
         iou = tp / (tp + fp + fn).clamp(min=1)
-        return {"maxF": 100.0 * f.max().item(), "maxIoU": 100.0 * iou.max().item()}
+        images = self.state["images"].item()
+        miou = 100.0 * (self.state["jaccard_sum"] / images).max().item() if images else float("nan")
+        return {"maxF": 100.0 * f.max().item(), "maxIoU": 100.0 * iou.max().item(), "mIoU": miou}
 
 
 def _conv_tri(image: np.ndarray, radius: int) -> np.ndarray:
@@ -758,7 +795,7 @@ BASELINE_DIR = Path(__file__).resolve().parent / "baselines"
 
 #: The metrics each meter reports, per task (what a baseline file may name).
 METRIC_NAMES = {"semseg": ("mIoU", "pixel_acc"), "parts": ("mIoU", "pixel_acc"), "depth": ("rmse", "abs_rel"),
-                "normals": ("mean", "median", "rmse", "11.25", "22.5", "30"), "sal": ("maxF", "maxIoU"),
+                "normals": ("mean", "median", "rmse", "11.25", "22.5", "30"), "sal": ("maxF", "maxIoU", "mIoU"),
                 "edge": ("odsF",)}
 
 

@@ -77,6 +77,8 @@ def test_normals_angles():
     assert out["median"] == pytest.approx(45.0, abs=0.006)
     assert out["rmse"] == pytest.approx(math.sqrt((0 + 90 ** 2 + 45 ** 2) / 3))
     assert (out["11.25"], out["22.5"], out["30"]) == pytest.approx((100 / 3, 100 / 3, 100 / 3))
+    m.update(_row([[0, 0, 1.0]], channels=3), _row([[1.0, 0, 0]], channels=3))  # 90 degrees: 0, 45, 90, 90
+    assert m.compute()["median"] == pytest.approx((45 + 90) / 2, abs=0.006)  # numpy.median: the middle two's mean
 
 
 def test_saliency_maxf_and_maxiou():
@@ -103,6 +105,51 @@ def test_saliency_pooled_not_averaged():
     m.update(_row([0.9, 0.1, 0.1, 0.1]), _row([1.0, 1.0, 1.0, 1.0]))  # P 1 R 1/4
     p, r = 2 / 3, 2 / 5
     assert m.compute()["maxF"] == pytest.approx(100 * 1.3 * p * r / (0.3 * p + r))
+
+
+def test_saliency_astmt_miou_per_image():
+    m = SaliencyMeter(from_logits=False)
+    # image 1: p 0.9 0.5 0.3 0.1 | label 1 1 0 255; image 2: nothing salient, nothing predicted above 0.2
+    m.update(_row([0.9, 0.5, 0.3, 0.1]), _row([1.0, 1.0, 0.0, 255.0]))
+    m.update(_row([0.2, 0.1]), _row([0.0, 0.0]))
+    # image 1 at t < 0.3: J = 2/3; 0.3 <= t < 0.5: J = 1 (strict >: 0.3 is negative at t = 0.3); 0.5 <= t < 0.9:
+    # J = 1/2. Image 2: empty vs empty at every t (0.2 > 0.2 is false) = 1. Best mean: t = 0.3, (1 + 1) / 2
+    assert m.compute()["mIoU"] == pytest.approx(100.0)
+    pooled = SaliencyMeter(from_logits=False)
+    pooled.update(_row([0.9, 0.5, 0.3, 0.1]), _row([1.0, 1.0, 0.0, 255.0]))
+    pooled.update(_row([0.6, 0.1]), _row([0.0, 1.0]))  # image 2: J = 0 at t < 0.6, 0 above (fn only)
+    assert pooled.compute()["mIoU"] == pytest.approx(100 * (1 + 0) / 2)
+    assert math.isnan(SaliencyMeter().compute()["mIoU"])
+    strict = SaliencyMeter(from_logits=False)  # p on the last threshold is negative there (p > t): J = 1 at t = 0.9
+    strict.update(_row([SaliencyMeter.ASTMT_THRESHOLDS[-1]]), _row([0.0]))
+    assert strict.compute()["mIoU"] == pytest.approx(100.0)
+
+
+def test_saliency_astmt_miou_matches_the_per_image_loop():
+    """Random maps against a literal transcription of ASTMT's evaluation (eval_sal: per image, per threshold
+    of linspace(0.2, 0.9, 15), Jaccard of (p > t) with the ground truth, 1 when both are empty; mean over
+    images, max over thresholds), with ignored pixels removed and batches of different sizes."""
+    gen = torch.Generator().manual_seed(3)
+    meter, per_image = SaliencyMeter(), []
+    for batch, h, w in ((3, 7, 9), (1, 5, 4), (2, 6, 11)):
+        logits = torch.randn(batch, 1, h, w, generator=gen, dtype=torch.float64) * 2
+        label = (torch.rand(batch, 1, h, w, generator=gen) < 0.4).double()
+        label[torch.rand(batch, 1, h, w, generator=gen) < 0.1] = 255
+        label[0] = torch.where(label[0] == 255, label[0], 0.0)  # an image without salient pixels
+        meter.update(logits, label)
+        prob = torch.sigmoid(logits).numpy()
+        for b in range(batch):
+            keep = label[b].numpy() != 255
+            gt, p = label[b].numpy()[keep] == 1, prob[b][keep]
+            row = []
+            for t in np.linspace(0.2, 0.9, 15):
+                mask = p > t
+                row.append(1.0 if not gt.any() and not mask.any() else (gt & mask).sum() / (gt | mask).sum())
+            per_image.append(row)
+    assert meter.compute()["mIoU"] == pytest.approx(100 * np.mean(per_image, 0).max(), abs=1e-9)
+    merged = SaliencyMeter()
+    merged.merge(meter)
+    assert merged.compute()["mIoU"] == meter.compute()["mIoU"]
 
 
 def _line(h, w, col, rows):
@@ -458,7 +505,7 @@ def test_every_stored_baseline_loads_by_name_and_path():
     # the numbers as printed (MTI-Net Table 2)
     assert load_baseline("nyud_hrnet_w18_single_task") == {"semseg": {"mIoU": 33.18}, "depth": {"rmse": 0.667}}
     assert load_baseline("pascal_hrnet_w18_single_task") == {
-        "semseg": {"mIoU": 60.07}, "parts": {"mIoU": 60.74}, "sal": {"maxIoU": 67.18}, "edge": {"odsF": 69.70},
+        "semseg": {"mIoU": 60.07}, "parts": {"mIoU": 60.74}, "sal": {"mIoU": 67.18}, "edge": {"odsF": 69.70},
         "normals": {"mean": 14.59}}
     # Δm against a stored baseline by name: MTI-Net's NYUD numbers (+5.85 % semseg, +7.05 % depth)
     results = {"semseg": {"mIoU": 35.12}, "depth": {"rmse": 0.620}}
