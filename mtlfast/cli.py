@@ -251,7 +251,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     config = load_config(None, args.overrides, base=ckpt.load_checkpoint(args.checkpoint)["config"])
     trainer = Trainer(config, resume=args.checkpoint, progress=False, logs=False)  # the run's logs stay as they are
     try:
-        metrics = trainer.evaluate(args.samples)
+        metrics = trainer.evaluate(args.samples, args.save_predictions)
     finally:
         trainer.close()
     _print_metrics(f"evaluation of {args.checkpoint} (iteration {trainer.iteration}):", metrics)
@@ -368,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
     evaluate.add_argument("--out", help="write the metrics as JSON here")
     evaluate.add_argument("--samples", help="write a PNG of sample predictions here")
+    evaluate.add_argument("--save-predictions", metavar="DIR",
+                          help="write every image's prediction per task to DIR/<task>/<image id>.png|.npy, in the "
+                               "encoding of the dataset's label files (edge and saliency: 8-bit probabilities, the "
+                               "input of the MATLAB SEISM edge evaluation)")
     evaluate.set_defaults(func=_cmd_eval)
 
     baseline = sub.add_parser("baseline", help="train the single_task model of each task of a config and write "

@@ -448,10 +448,14 @@ def test_cli_train_then_eval(tmp_path):
     assert train.returncode == 0, train.stderr[-3000:]
     assert "final evaluation (iteration 2)" in train.stdout
     assert (out / "curves.png").exists() and (out / "train.csv").exists()
-    evaluate = subprocess.run(common + ["eval", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "m.json")],
+    evaluate = subprocess.run(common + ["eval", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "m.json"),
+                                        "--save-predictions", str(tmp_path / "pred")],
                               capture_output=True, text=True, timeout=900)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert (tmp_path / "m.json").exists()
+    assert {p.relative_to(tmp_path / "pred").as_posix() for p in (tmp_path / "pred").rglob("*.*")} == {
+        f"{task}/val_{i:06d}.{ext}" for task, ext in (("semseg", "png"), ("depth", "npy"), ("normals", "png"))
+        for i in range(4)}
     # evaluating an earlier checkpoint of the run leaves the run's logs whole (a resume cuts them back to it)
     from mtlfast.engine import checkpoint as ckpt
 

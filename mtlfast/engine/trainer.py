@@ -416,22 +416,25 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------------
 
-    def evaluate(self, sample_path: str | None = None) -> dict[str, float]:
+    def evaluate(self, sample_path: str | None = None, prediction_dir: str | None = None) -> dict[str, float]:
         """Metrics on the validation set at original resolution (padding cropped back), flattened as
-        ``"task/metric"`` (+ ``delta_m`` against ``eval.baseline``); main rank only. cuDNN's algorithm search
+        ``"task/metric"`` (+ ``delta_m`` against ``eval.baseline``); main rank only. ``sample_path``: a PNG of
+        the first images' predictions; ``prediction_dir``: every image's prediction per task, in the files of
+        :mod:`mtlfast.engine.predictions` (for the MATLAB SEISM edge evaluation, etc.). cuDNN's algorithm search
         (``train.cudnn_benchmark``) is off meanwhile: validation images come in many sizes (PASCAL), and each new
         size would start a new search."""
         benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = False
         try:
             with self._ops_backend():
-                return self._evaluate(sample_path)
+                return self._evaluate(sample_path, prediction_dir)
         finally:
             torch.backends.cudnn.benchmark = benchmark
 
     @torch.no_grad()
-    def _evaluate(self, sample_path: str | None) -> dict[str, float]:
+    def _evaluate(self, sample_path: str | None, prediction_dir: str | None) -> dict[str, float]:
         from mtlfast.data import collate
+        from mtlfast.engine.predictions import save_predictions
         from mtlfast.metrics import build_metrics, delta_m
 
         model = self.model.eval()
@@ -450,6 +453,8 @@ class Trainer:
                 h, w = meta["size"]
                 metrics.update({t: preds[t][i:i + 1, :, :h, :w] for t in self.tasks},
                                {t: batch[t][i:i + 1, ..., :h, :w] for t in self.tasks})
+            if prediction_dir is not None:
+                save_predictions({t: preds[t] for t in self.tasks}, batch["meta"], prediction_dir, self.dataset)
             if shown is None and sample_path is not None:
                 n = min(self.config["train"]["sample_images"], batch["image"].shape[0])
                 shown = (batch["image"][:n].cpu(), {t: preds[t][:n].cpu() for t in self.tasks},

@@ -1,0 +1,90 @@
+"""Saved predictions (``mtlfast eval --save-predictions``): each task's file read back by the dataset readers'
+own decoders, cropped to the original size, and written for every validation image by an evaluation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mtlfast.data.nyud import NYUDv2
+from mtlfast.data.pascal import PASCALContext
+from mtlfast.engine.predictions import PREDICTION_SUFFIX, encode_prediction, save_predictions
+
+CHANNELS = {"semseg": 40, "parts": 7, "depth": 1, "normals": 3, "edge": 1, "sal": 1}
+
+
+def _batch(tasks, shape, generator, semseg=40):
+    out = {t: torch.randn(2, semseg if t == "semseg" else CHANNELS[t], *shape, generator=generator) * 3 for t in tasks}
+    if "depth" in out:
+        out["depth"] = out["depth"].abs() + 0.1
+    return out
+
+
+@pytest.mark.parametrize("dataset, tasks, classes", [("nyud", ("semseg", "depth", "normals", "edge"), 40),
+                                                      ("pascal", ("semseg", "parts", "sal", "normals", "edge"), 21)])
+def test_files_read_back_by_the_dataset_readers(tmp_path, dataset, tasks, classes):
+    gen = torch.Generator().manual_seed(0)
+    preds = _batch(tasks, (13, 17), gen, semseg=classes)  # padded batch: the images are 11x15 and 13x9
+    metas = [{"name": "a_01", "size": (11, 15)}, {"name": "b_02", "size": (13, 9)}]
+    save_predictions(preds, metas, tmp_path, dataset)
+    reader = NYUDv2 if dataset == "nyud" else PASCALContext
+    for i, meta in enumerate(metas):
+        h, w = meta["size"]
+        crop = {t: p[i, :, :h, :w] for t, p in preds.items()}
+        files = {t: tmp_path / t / f"{meta['name']}{PREDICTION_SUFFIX[t]}" for t in tasks}
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(tasks)
+        # class ids through the reader (NYUD's files shift classes by one)
+        assert np.array_equal(reader._semseg(files["semseg"]), crop["semseg"].argmax(0).numpy())
+        if "parts" in tasks:
+            assert np.array_equal(np.asarray(Image.open(files["parts"])), crop["parts"].argmax(0).numpy())
+        if "depth" in tasks:
+            assert np.array_equal(NYUDv2._depth(files["depth"]), crop["depth"][0].numpy())
+        normals = NYUDv2._normals(files["normals"])  # both layouts: 2 v / 255 - 1; 8 bits: < 0.5 degrees off
+        unit = torch.nn.functional.normalize(crop["normals"], dim=0).permute(1, 2, 0).numpy()
+        angle = np.degrees(np.arccos(np.clip((normals * unit).sum(-1), -1, 1)))
+        assert normals.shape == (h, w, 3) and angle.max() < 0.5
+        for task in ("edge", "sal"):
+            if task in tasks:
+                stored = np.asarray(Image.open(files[task]))
+                assert stored.dtype == np.uint8 and stored.shape == (h, w)
+                assert np.abs(stored / 255.0 - torch.sigmoid(crop[task][0]).numpy()).max() <= 0.5 / 255 + 1e-7
+        if dataset == "pascal":  # PASCAL's saliency files decode as v / 255 > 0.5
+            expected = torch.sigmoid(crop["sal"][0]).numpy() > 0.5
+            assert np.array_equal(PASCALContext._sal(files["sal"]) == 1, expected)
+
+
+def test_bad_predictions_are_refused():
+    with pytest.raises(ValueError, match=r"semseg: expected one image's prediction \(C, H, W\)"):
+        encode_prediction("semseg", torch.zeros(1, 4, 5, 5), "nyud")
+    with pytest.raises(ValueError, match="unknown task 'depths'"):
+        encode_prediction("depths", torch.zeros(1, 5, 5), "nyud")
+    with pytest.raises(ValueError, match="do not fit a uint8 PNG"):
+        encode_prediction("semseg", torch.zeros(300, 2, 2).index_fill_(0, torch.tensor([299]), 1.0), "synthetic")
+
+
+def test_evaluation_saves_every_validation_image(tmp_path):
+    from mtlfast.engine.config import load_config
+    from mtlfast.engine.trainer import Trainer
+
+    tasks = ("semseg", "depth", "normals", "edge", "parts", "sal")
+    config = load_config(None, [f"output_dir={tmp_path / 'run'}", "data.num_train=4", "data.num_val=3",
+                                "data.batch_size=2", "data.train_size=[24, 40]", f"data.tasks=[{', '.join(tasks)}]",
+                                "train.iterations=1", "eval.edge_thresholds=3",
+                                "eval.batch_size=1"])  # as the model call below: the same bits
+    trainer = Trainer(config, progress=False, logs=False)
+    try:
+        metrics = trainer.evaluate(prediction_dir=str(tmp_path / "pred"))
+        model = trainer.model.eval()
+        for item in trainer.val_set:
+            with torch.no_grad():
+                out = model(item["image"][None])
+            name, (h, w) = item["meta"]["name"], item["meta"]["size"]  # validation images are padded
+            for task in tasks:
+                path = tmp_path / "pred" / task / f"{name}{PREDICTION_SUFFIX[task]}"
+                stored = np.load(path) if path.suffix == ".npy" else np.asarray(Image.open(path))
+                want = encode_prediction(task, out[task][0, :, :h, :w], "synthetic")
+                assert stored.shape[:2] == (h, w) and np.array_equal(stored, want), (name, task)
+    finally:
+        trainer.close()
+    assert len(list((tmp_path / "pred" / "semseg").iterdir())) == 3 and not math.isnan(metrics["semseg/mIoU"])
