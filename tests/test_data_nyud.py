@@ -97,6 +97,11 @@ def test_every_label_decoded(tmp_path):
     # a 0/1 edge png (not 0/255) keeps its edges
     Image.fromarray((truth["0001"]["edge"] >= 128).astype(np.uint8)).save(base / "edge" / "0001.png")
     assert np.array_equal(ds[0]["edge"][0].numpy(), (truth["0001"]["edge"] >= 128).astype(np.float32))
+    # ... and with 255 = ignore as in the npy files (a 0/255 reading would turn the ignored pixels into edges)
+    ones = (truth["0001"]["edge"] >= 128).astype(np.uint8)
+    ones[2, :3] = 255
+    Image.fromarray(ones).save(base / "edge" / "0001.png")
+    assert np.array_equal(ds[0]["edge"][0].numpy(), ones.astype(np.float32))
 
 
 def test_val_split_padding_and_task_subset(tmp_path):
@@ -150,6 +155,9 @@ def test_corrupt_files_name_the_path(tmp_path):
         ds[0]
     (base / "depth" / "0002.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(DataError, match=r"depth.0002\.npy"):
+        ds[1]
+    np.save(base / "depth" / "0002.npy", np.full((H, W), 2500.0, dtype=np.float32))  # millimetres
+    with pytest.raises(DataError, match=r"depth.0002\.npy: values up to 2500, expected metres .*millimetres"):
         ds[1]
     bad = np.full((H, W), 41, dtype=np.uint8)
     Image.fromarray(bad).save(base / "segmentation" / "0001.png")

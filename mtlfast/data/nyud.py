@@ -8,10 +8,11 @@
       depth/<id>.npy              metres, (H,W), (H,W,1) or (1,H,W)      -> depth; 0 / NaN / <0 -> 0 (invalid)
       normals/<id>.png|.npy       png: 2 v / 255 - 1; npy: values        -> unit normals; |n| not in [0.5, 1.5] -> 0
       edge/<id>.png|.npy          png: v / 255 >= 0.5 (a 0/1 png: v >= 0.5); npy: v >= 0.5 -> {0,1}
-                                  (npy: 255 stays 255, ignored)
+                                  (npy, and a png of only 0, 1 and 255: 255 stays 255, ignored)
       gt_sets/train.txt, val.txt  one image id per line
 
-Segmentation values other than 0..40 and 255 (kept as ignore) are reported as a corrupt file. Every
+Segmentation values other than 0..40 and 255 (kept as ignore) are reported as a corrupt file, and so are
+depth values above :data:`MAX_DEPTH_M` (depth stored in millimetres). Every
 file a split needs for the requested tasks is checked at construction (the error names the first
 missing path). Nothing is written under the root.
 """
@@ -25,7 +26,10 @@ from mtlfast.data.base import (DataError, SplitDataset, decode_normals, read_cla
                                require_dir)
 from mtlfast.data.tasks import IGNORE_INDEX
 
-__all__ = ["NYUDv2"]
+__all__ = ["NYUDv2", "MAX_DEPTH_M"]
+
+#: Largest depth a NYUD-v2 file may hold, in metres: larger values mean another unit (millimetres) and are refused.
+MAX_DEPTH_M = 100.0
 
 # task -> (folder, accepted extensions in order of preference)
 _FILES = {"semseg": ("segmentation", (".png",)), "depth": ("depth", (".npy",)),
@@ -70,6 +74,10 @@ class NYUDv2(SplitDataset):
             depth = depth.reshape(depth.shape[1:] if depth.shape[0] == 1 else depth.shape[:2])
         if depth.ndim != 2:
             raise DataError(f"depth file {path}: expected an (H, W) array, got shape {depth.shape}")
+        finite = depth[np.isfinite(depth)]
+        if finite.size and finite.max() > MAX_DEPTH_M:  # the Kinect's range is ~10 m
+            raise DataError(f"depth file {path}: values up to {finite.max():g}, expected metres (<= {MAX_DEPTH_M:g}); "
+                            "millimetres? divide the files by 1000")
         return np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
 
     @staticmethod
@@ -81,7 +89,11 @@ class NYUDv2(SplitDataset):
     def _edge(path: Path) -> np.ndarray:
         if path.suffix == ".png":
             raw = read_label_png(path, "L").astype(np.float32)
-            raw = raw / 255.0 if raw.max() > 1 else raw  # 0/255 maps, or 0/1 ones (which /255 would empty)
+            values = np.unique(raw)
+            if 1 in values and set(values.tolist()) <= {0.0, 1.0, 255.0}:  # a 0/1 map (255 = ignore, as the npy)
+                raw = np.where(raw == IGNORE_INDEX, np.nan, raw)
+            elif raw.max() > 1:  # 0/255 or soft 0..255 maps
+                raw = raw / 255.0
         else:
             raw = read_npy(path).astype(np.float32)
             raw = raw.reshape(raw.shape[1:]) if raw.ndim == 3 and raw.shape[0] == 1 else raw
