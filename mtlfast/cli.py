@@ -1,4 +1,4 @@
-"""The ``mtlfast`` command: ``train``, ``eval``, ``baseline``, ``bench``, ``info``."""
+"""The ``mtlfast`` command: ``train``, ``eval``, ``score``, ``baseline``, ``bench``, ``info``."""
 from __future__ import annotations
 
 import argparse
@@ -261,6 +261,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from mtlfast.data import canonical_dataset, check_tasks
+    from mtlfast.engine import checkpoint as ckpt
+    from mtlfast.engine.config import load_config
+    from mtlfast.engine.predictions import score_predictions
+    from mtlfast.engine.trainer import build_val_set, run_baseline
+
+    if args.config and args.checkpoint:
+        raise ValueError("score: pass --config or --checkpoint (whose config names the data), not both")
+    base = ckpt.load_checkpoint(args.checkpoint)["config"] if args.checkpoint else None
+    config = load_config(args.config, args.overrides, base=base)
+    if not os.path.isdir(args.predictions):
+        raise FileNotFoundError(f"--predictions: folder not found: {args.predictions}")
+    dataset = canonical_dataset(config["data"]["dataset"])
+    tasks = list(check_tasks(config["data"]["tasks"], dataset))
+    baseline = run_baseline(config["eval"]["baseline"], dataset, tasks)
+    metrics = score_predictions(args.predictions, build_val_set(config, tasks), tasks,
+                                edge_thresholds=config["eval"]["edge_thresholds"], baseline=baseline)
+    _print_metrics(f"scores of the predictions in {args.predictions}:", metrics)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"predictions": args.predictions, "metrics": metrics}, f, indent=1)
+    return 0
+
+
 def _cmd_baseline(args: argparse.Namespace) -> int:
     """Trains the ``single_task`` model of each task of a config and writes the measured baseline file."""
     import copy
@@ -373,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
                                "encoding of the dataset's label files (edge and saliency: 8-bit probabilities, the "
                                "input of the MATLAB SEISM edge evaluation)")
     evaluate.set_defaults(func=_cmd_eval)
+
+    score = sub.add_parser("score", help="metrics of saved predictions (mtlfast eval --save-predictions) against "
+                                         "the validation labels")
+    score.add_argument("--predictions", required=True, metavar="DIR", help="folder holding <task>/<image id>.png|.npy")
+    score.add_argument("--config", help="YAML file naming the data (default: the synthetic config)")
+    score.add_argument("--checkpoint", help="take the data settings from this checkpoint's config instead")
+    score.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/data data.tasks=[semseg]")
+    score.add_argument("--out", help="write the metrics as JSON here")
+    score.set_defaults(func=_cmd_score)
 
     baseline = sub.add_parser("baseline", help="train the single_task model of each task of a config and write "
                                                "the measured baseline file for Δm")

@@ -762,6 +762,14 @@ class MultiTaskMetrics:
     def compute(self) -> dict[str, dict[str, float]]:
         return {task: meter.compute() for task, meter in self.meters.items()}
 
+    def compute_flat(self, baseline: Mapping | str | Path | None = None) -> dict[str, float]:
+        """:meth:`compute` as ``{"task/metric": value}``, plus ``delta_m`` against ``baseline`` when given."""
+        results = self.compute()
+        flat = {f"{task}/{name}": value for task, values in results.items() for name, value in values.items()}
+        if baseline is not None:
+            flat["delta_m"] = delta_m(results, baseline)
+        return flat
+
     def reset(self) -> None:
         for meter in self.meters.values():
             meter.reset()
@@ -771,9 +779,10 @@ class MultiTaskMetrics:
             meter.all_reduce()
 
 
-def build_metrics(tasks: Sequence[str] | None, dataset: str, edge_thresholds: int | Sequence[float] = 99
-                  ) -> MultiTaskMetrics:
-    """Meters for ``tasks`` (None = all of the dataset's) on ``dataset`` (class counts, edge maxDist)."""
+def build_metrics(tasks: Sequence[str] | None, dataset: str, edge_thresholds: int | Sequence[float] = 99,
+                  from_logits: bool = True) -> MultiTaskMetrics:
+    """Meters for ``tasks`` (None = all of the dataset's) on ``dataset`` (class counts, edge maxDist);
+    ``from_logits=False``: edge and saliency predictions are probabilities."""
     tasks = check_tasks(tasks, dataset)
     meters: dict[str, Meter] = {}
     for task in tasks:
@@ -784,9 +793,9 @@ def build_metrics(tasks: Sequence[str] | None, dataset: str, edge_thresholds: in
         elif task == "normals":
             meters[task] = NormalsMeter()
         elif task == "sal":
-            meters[task] = SaliencyMeter()
+            meters[task] = SaliencyMeter(from_logits=from_logits)
         else:
-            meters[task] = EdgeMeter(edge_max_dist(dataset), thresholds=edge_thresholds)
+            meters[task] = EdgeMeter(edge_max_dist(dataset), thresholds=edge_thresholds, from_logits=from_logits)
     return MultiTaskMetrics(meters)
 
 

@@ -1,5 +1,6 @@
 """Saved predictions (``mtlfast eval --save-predictions``): each task's file read back by the dataset readers'
-own decoders, cropped to the original size, and written for every validation image by an evaluation."""
+own decoders, cropped to the original size, written for every validation image by an evaluation, and scored again
+(``mtlfast score``) to the evaluation's numbers."""
 import math
 
 import numpy as np
@@ -9,7 +10,9 @@ from PIL import Image
 
 from mtlfast.data.nyud import NYUDv2
 from mtlfast.data.pascal import PASCALContext
-from mtlfast.engine.predictions import PREDICTION_SUFFIX, encode_prediction, save_predictions
+from mtlfast.data.base import decode_normals
+from mtlfast.engine.predictions import PREDICTION_SUFFIX, encode_prediction, save_predictions, score_predictions
+from mtlfast.metrics import build_metrics
 
 CHANNELS = {"semseg": 40, "parts": 7, "depth": 1, "normals": 3, "edge": 1, "sal": 1}
 
@@ -85,6 +88,40 @@ def test_evaluation_saves_every_validation_image(tmp_path):
                 stored = np.load(path) if path.suffix == ".npy" else np.asarray(Image.open(path))
                 want = encode_prediction(task, out[task][0, :, :h, :w], "synthetic")
                 assert stored.shape[:2] == (h, w) and np.array_equal(stored, want), (name, task)
+        # scored again from the files: class ids and depth as evaluated; normals, edge and saliency as the meters
+        # score the model's outputs rounded to the files' 8 bits
+        scores = score_predictions(tmp_path / "pred", trainer.val_set, tasks, edge_thresholds=3,
+                                   baseline=trainer.baseline)
+        rounded = build_metrics(tasks, "synthetic", edge_thresholds=3, from_logits=False)
+        for item in trainer.val_set:
+            with torch.no_grad():
+                out = model(item["image"][None])
+            h, w = item["meta"]["size"]
+            out = {t: p[..., :h, :w] for t, p in out.items()}
+            out.update({t: torch.sigmoid(out[t]).mul(255).round() / 255 for t in ("edge", "sal")})
+            stored = encode_prediction("normals", out["normals"][0], "synthetic")
+            out["normals"] = torch.from_numpy(decode_normals(stored, "-")).permute(2, 0, 1)[None]
+            rounded.update(out, {t: item[t][None, ..., :h, :w] for t in tasks})
     finally:
         trainer.close()
     assert len(list((tmp_path / "pred" / "semseg").iterdir())) == 3 and not math.isnan(metrics["semseg/mIoU"])
+    assert set(scores) == set(metrics)
+    for key in ("semseg/mIoU", "semseg/pixel_acc", "parts/mIoU", "depth/rmse", "depth/abs_rel"):
+        assert scores[key] == metrics[key], key
+    assert scores == rounded.compute_flat(trainer.baseline)
+    assert abs(scores["normals/mean"] - metrics["normals/mean"]) < 0.5
+
+
+def test_scoring_names_missing_and_misfit_files(tmp_path):
+    from mtlfast.data import build_dataset
+
+    val = build_dataset("synthetic", split="val", tasks=["semseg", "depth"], size=(16, 24), length=2)
+    preds = {"semseg": torch.randn(2, 6, 16, 24), "depth": torch.rand(2, 1, 16, 24)}
+    save_predictions(preds, [val.load(i)["meta"] for i in range(2)], tmp_path, "synthetic")
+    (tmp_path / "depth" / "val_000001.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"depth prediction: file not found: .*depth.val_000001\.npy"):
+        score_predictions(tmp_path, val, ["semseg", "depth"])
+    np.save(tmp_path / "depth" / "val_000001.npy", np.ones((16, 23), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"val_000001\.npy has size \(16, 23\), its label \(16, 24\)"):
+        score_predictions(tmp_path, val, ["semseg", "depth"])
+    assert set(score_predictions(tmp_path, val, ["semseg"])) == {"semseg/mIoU", "semseg/pixel_acc"}

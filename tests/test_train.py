@@ -1,5 +1,6 @@
 """The training pipeline end to end on tiny synthetic runs: loss falls, exact resume, 2-process DDP, CLI."""
 import copy
+import json
 import math
 import os
 import subprocess
@@ -93,10 +94,10 @@ def test_a_stopped_evaluation_is_made_up_on_resume(tmp_path, monkeypatch):
                                                 "train.checkpoint_every=2", "train.eval_every=2"])
     evaluate = Trainer._evaluate
 
-    def stopped_at_4(self, sample_path):
+    def stopped_at_4(self, *args):
         if self.iteration == 4:
             raise KeyboardInterrupt("stopped during the evaluation")
-        return evaluate(self, sample_path)
+        return evaluate(self, *args)
 
     monkeypatch.setattr(Trainer, "_evaluate", stopped_at_4)
     trainer = Trainer(copy.deepcopy(config), progress=False)
@@ -167,7 +168,7 @@ def test_interval_and_backend_options_are_checked_first(tmp_path, monkeypatch):
             Trainer(load_config(None, base + [override]), progress=False)
     trainer = Trainer(load_config(None, base + ["train.eval_every=null", "train.backend=reference"]), progress=False)
     seen = []
-    monkeypatch.setattr(Trainer, "_evaluate", lambda self, path: seen.append(current_backend()) or {})
+    monkeypatch.setattr(Trainer, "_evaluate", lambda self, *args: seen.append(current_backend()) or {})
     trainer.evaluate()
     trainer.close()
     assert seen == ["reference"]
@@ -456,6 +457,11 @@ def test_cli_train_then_eval(tmp_path):
     assert {p.relative_to(tmp_path / "pred").as_posix() for p in (tmp_path / "pred").rglob("*.*")} == {
         f"{task}/val_{i:06d}.{ext}" for task, ext in (("semseg", "png"), ("depth", "npy"), ("normals", "png"))
         for i in range(4)}
+    score = subprocess.run(common + ["score", "--predictions", str(tmp_path / "pred"), "--checkpoint", str(out / "last.pt"),
+                                     "--out", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=900)
+    assert score.returncode == 0, score.stderr[-3000:]
+    evaluated, scored = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("m", "s"))
+    assert set(scored) == set(evaluated) and all(scored[k] == evaluated[k] for k in ("semseg/mIoU", "depth/rmse"))
     # evaluating an earlier checkpoint of the run leaves the run's logs whole (a resume cuts them back to it)
     from mtlfast.engine import checkpoint as ckpt
 

@@ -1,4 +1,4 @@
-"""Per-image predictions saved to disk, for the official evaluation tools and for inspection.
+"""Per-image predictions saved to disk, for the official evaluation tools, for inspection, and scored again.
 
 ``mtlfast eval --save-predictions DIR`` (:meth:`mtlfast.engine.trainer.Trainer.evaluate`) writes one file per
 validation image and task, ``DIR/<task>/<image id>.<ext>``, at the image's original size (padding cropped
@@ -18,6 +18,12 @@ edge       .png    uint8 round(255 σ(logit)): the input of the SEISM / BSDS MAT
                    approximation of it)
 sal        .png    uint8 round(255 σ(logit)), as ASTMT / MTI-Net save saliency for their evaluation
 =========  ======  ==================================================================================
+
+``mtlfast score --predictions DIR`` (:func:`score_predictions`) computes the metrics of such a folder against
+the validation labels, whoever wrote it (another code base's outputs in these encodings included): class
+ids, depth and normals as stored, edge and saliency probabilities ``v / 255``. For predictions written by
+``mtlfast eval`` the scores equal the evaluation's for semseg, parts and depth; normals differ by the 8-bit
+rounding (< 0.5 degrees per pixel), edge and saliency where a probability's rounding crosses a threshold.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["encode_prediction", "save_predictions", "PREDICTION_SUFFIX"]
+__all__ = ["encode_prediction", "save_predictions", "read_prediction", "score_predictions", "PREDICTION_SUFFIX"]
 
 #: File suffix per task.
 PREDICTION_SUFFIX = {"semseg": ".png", "parts": ".png", "depth": ".npy", "normals": ".png", "edge": ".png",
@@ -79,3 +85,52 @@ def save_predictions(preds: Mapping[str, torch.Tensor], metas: Sequence[Mapping]
                 np.save(path, array)
             else:
                 Image.fromarray(array).save(path)
+
+
+def read_prediction(task: str, path: str | Path, dataset: str) -> torch.Tensor:
+    """One saved prediction (see the module's table) as the meters take it: semseg/parts (1, H, W) int64 class
+    ids; depth (1, 1, H, W) metres; normals (1, 3, H, W); edge/sal (1, 1, H, W) probabilities in [0, 1]."""
+    from mtlfast.data.base import DataError, decode_normals, read_label_png, read_npy, require_file
+
+    path = require_file(Path(path), f"{task} prediction")
+    if task == "depth":
+        depth = read_npy(path).astype(np.float32)
+        if depth.ndim != 2:
+            raise DataError(f"depth prediction {path}: expected an (H, W) array, got shape {depth.shape}")
+        return torch.from_numpy(depth)[None, None]
+    if task not in PREDICTION_SUFFIX:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(PREDICTION_SUFFIX)}")
+    values = read_label_png(path, "RGB" if task == "normals" else None)
+    if task == "normals":
+        return torch.from_numpy(decode_normals(values, path)).permute(2, 0, 1)[None]
+    if values.ndim != 2 or values.dtype != np.uint8:
+        raise DataError(f"{task} prediction {path}: expected a single-channel 8-bit PNG, got {values.dtype} "
+                        f"of shape {values.shape}")
+    values = torch.from_numpy(values.astype(np.int64))
+    if task in ("semseg", "parts"):
+        return (values - (_SEMSEG_FILE_OFFSET.get(dataset, 0) if task == "semseg" else 0))[None]
+    return (values.double() / 255.0)[None, None]
+
+
+def score_predictions(folder: str | Path, val_set, tasks: Sequence[str], edge_thresholds: int | Sequence[float] = 99,
+                      baseline=None) -> dict[str, float]:
+    """Metrics (``{"task/metric": value}``, + ``delta_m`` against ``baseline``) of the predictions saved in
+    ``folder/<task>/<image id>.<ext>`` for every image of ``val_set`` (a :mod:`mtlfast.data` dataset; its labels
+    are read at their original size, without its transform). A missing file or one of another size than its
+    label is an error that names it."""
+    from mtlfast.data import canonical_dataset
+    from mtlfast.metrics import build_metrics
+
+    folder, dataset = Path(folder), canonical_dataset(val_set.name)
+    metrics = build_metrics(tasks, dataset, edge_thresholds=edge_thresholds, from_logits=False)
+    for index in range(len(val_set)):
+        sample = val_set.load(index)
+        name, preds = sample["meta"]["name"], {}
+        for task in tasks:
+            path = folder / task / f"{name}{PREDICTION_SUFFIX[task]}"
+            preds[task] = read_prediction(task, path, dataset)
+            if tuple(preds[task].shape[-2:]) != tuple(sample[task].shape[-2:]):
+                raise ValueError(f"{task} prediction {path} has size {tuple(preds[task].shape[-2:])}, its label "
+                                 f"{tuple(sample[task].shape[-2:])}")
+        metrics.update(preds, {task: sample[task][None] for task in tasks})
+    return metrics.compute_flat(baseline)

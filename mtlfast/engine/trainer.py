@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -129,6 +129,33 @@ def _check_intervals(train_cfg: dict) -> None:
                              + (" or null" if key == "eval_every" else "") + f", got {value!r}")
 
 
+def build_val_set(config: dict[str, Any], tasks: Sequence[str]):
+    """The validation split of ``config["data"]`` with labels for ``tasks``, as evaluations read it (synthetic:
+    ``num_val`` scenes rendered at ``train_size`` from ``seed``)."""
+    from mtlfast.data import build_dataset, canonical_dataset
+
+    data_cfg, dataset = config["data"], canonical_dataset(config["data"]["dataset"])
+    if dataset == "synthetic":
+        return build_dataset(dataset, data_cfg["root"], "val", tasks, size=tuple(data_cfg["train_size"]),
+                             length=data_cfg["num_val"], seed=config["seed"])
+    return build_dataset(dataset, data_cfg["root"], "val", tasks)
+
+
+def run_baseline(name_or_path, dataset: str, tasks: Sequence[str]) -> dict | None:
+    """``eval.baseline`` (None or empty: no Δm) restricted to the run's main tasks (Δm averages over the tasks of
+    the multi-task model); it must cover each of them."""
+    if not name_or_path:
+        return None
+    from mtlfast.metrics import load_baseline
+
+    baseline = load_baseline(name_or_path, dataset=dataset)
+    missing = [t for t in tasks if t not in baseline]
+    if missing:
+        raise ValueError(f"eval.baseline={name_or_path!r}: no single-task numbers for {missing} "
+                         f"(it has {sorted(baseline)}; data.tasks={list(tasks)})")
+    return {t: baseline[t] for t in tasks}
+
+
 def _rank_seed(seed: int, rank: int) -> int:
     """The seed of a rank's training-time randomness (dropout, stochastic depth): each rank its own stream."""
     return (seed * 1_000_003 + rank) % 2**63
@@ -203,12 +230,9 @@ class Trainer:
         self.log = RunLog(self.out_dir) if self.dist.is_main and logs else None
 
         extra = ({"length": data_cfg["num_train"], "seed": config["seed"]} if self.dataset == "synthetic" else {})
-        val_extra = ({"length": data_cfg["num_val"], "seed": config["seed"]} if self.dataset == "synthetic" else {})
-        size = tuple(data_cfg["train_size"])
-        self.train_set = build_dataset(self.dataset, data_cfg["root"], "train", self.tasks + self.aux_tasks, size=size,
-                                       **extra)
-        self.val_set = build_dataset(self.dataset, data_cfg["root"], "val", self.tasks,
-                                     size=size if self.dataset == "synthetic" else None, **val_extra)
+        self.train_set = build_dataset(self.dataset, data_cfg["root"], "train", self.tasks + self.aux_tasks,
+                                       size=tuple(data_cfg["train_size"]), **extra)
+        self.val_set = build_val_set(config, self.tasks)
         self.sampler = ResumableSampler(len(self.train_set), batch_size=data_cfg["batch_size"], seed=config["seed"],
                                         rank=self.dist.rank, world_size=self.dist.world_size)
         self.num_workers = _num_workers(data_cfg["num_workers"], self.dataset)
@@ -223,7 +247,7 @@ class Trainer:
             raise ValueError(f"data.batch_size={data_cfg['batch_size']} exceeds the {self.sampler.per_rank} "
                              f"training samples per process")
 
-        self.baseline = self._load_baseline(config["eval"]["baseline"])
+        self.baseline = run_baseline(config["eval"]["baseline"], self.dataset, self.tasks)  # a typo fails now
         torch.manual_seed(config["seed"])  # identical initial weights on every rank
         model_cfg = config["model"]
         self.model = create_model(model_cfg["name"], self.tasks, backbone=model_cfg["backbone"], dataset=self.dataset,
@@ -266,20 +290,6 @@ class Trainer:
             print(f"output_dir {self.out_dir!r} holds the logs of an earlier run that saved no checkpoint: this run "
                   "starts them afresh", file=sys.stderr)
             self.log.resume_at(-1)
-
-    def _load_baseline(self, name_or_path):
-        """eval.baseline read before training (a typo fails now, not after the first evaluation), restricted to
-        this run's main tasks (Δm averages over the tasks of the multi-task model); it must cover each of them."""
-        if not name_or_path:
-            return None
-        from mtlfast.metrics import load_baseline
-
-        baseline = load_baseline(name_or_path, dataset=self.dataset)
-        missing = [t for t in self.tasks if t not in baseline]
-        if missing:
-            raise ValueError(f"eval.baseline={name_or_path!r}: no single-task numbers for {missing} "
-                             f"(it has {sorted(baseline)}; data.tasks={self.tasks})")
-        return {t: baseline[t] for t in self.tasks}
 
     # --- state ---------------------------------------------------------------------------------------
 
@@ -435,7 +445,7 @@ class Trainer:
     def _evaluate(self, sample_path: str | None, prediction_dir: str | None) -> dict[str, float]:
         from mtlfast.data import collate
         from mtlfast.engine.predictions import save_predictions
-        from mtlfast.metrics import build_metrics, delta_m
+        from mtlfast.metrics import build_metrics
 
         model = self.model.eval()
         eval_cfg = self.config["eval"]
@@ -461,11 +471,7 @@ class Trainer:
                          {t: batch[t][:n].cpu() for t in self.tasks})
         if shown is not None and shown[0].shape[0] > 0:
             plot_predictions(*shown, path=sample_path)
-        results = metrics.compute()
-        flat = {f"{task}/{name}": value for task, values in results.items() for name, value in values.items()}
-        if self.baseline is not None:
-            flat["delta_m"] = delta_m(results, self.baseline)
-        return flat
+        return metrics.compute_flat(self.baseline)
 
     def evaluate_and_log(self) -> dict[str, float] | None:
         result = None
