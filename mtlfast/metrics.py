@@ -264,9 +264,10 @@ class SaliencyMeter(Meter):
         truth = valid & (label == 1)
         positive = prob[valid][None, :] >= self.thresholds.to(prob.device)[:, None]
         tp = (positive & truth[valid]).sum(1)
+        scored = valid.flatten(1).any(1)  # an image without a valid pixel is left out (as EdgeMeter does)
+        jaccard = self._astmt_jaccard(prob.flatten(1), truth.flatten(1), valid.flatten(1))
         self._add(tp=tp, fp=positive.sum(1) - tp, fn=truth.sum() - tp,
-                  jaccard_sum=self._astmt_jaccard(prob.flatten(1), truth.flatten(1), valid.flatten(1)).sum(0),
-                  images=torch.tensor(pred.shape[0]))
+                  jaccard_sum=jaccard[scored].sum(0), images=scored.sum())
 
     @classmethod
     def _astmt_jaccard(cls, prob: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -97,11 +97,12 @@ def test_every_label_decoded(tmp_path):
     # a 0/1 edge png (not 0/255) keeps its edges
     Image.fromarray((truth["0001"]["edge"] >= 128).astype(np.uint8)).save(base / "edge" / "0001.png")
     assert np.array_equal(ds[0]["edge"][0].numpy(), (truth["0001"]["edge"] >= 128).astype(np.float32))
-    # ... and with 255 = ignore as in the npy files (a 0/255 reading would turn the ignored pixels into edges)
+    # 0/1 with 255 (ignore, as in the npy files, or a 0/255 map with stray 1s?) is refused, not guessed
     ones = (truth["0001"]["edge"] >= 128).astype(np.uint8)
     ones[2, :3] = 255
     Image.fromarray(ones).save(base / "edge" / "0001.png")
-    assert np.array_equal(ds[0]["edge"][0].numpy(), ones.astype(np.float32))
+    with pytest.raises(DataError, match=r"edge.0001\.png: values 0, 1 and 255 only"):
+        ds[0]
 
 
 def test_val_split_padding_and_task_subset(tmp_path):

@@ -119,6 +119,8 @@ def test_saliency_astmt_miou_per_image():
     pooled.update(_row([0.9, 0.5, 0.3, 0.1]), _row([1.0, 1.0, 0.0, 255.0]))
     pooled.update(_row([0.6, 0.1]), _row([0.0, 1.0]))  # image 2: J = 0 at t < 0.6, 0 above (fn only)
     assert pooled.compute()["mIoU"] == pytest.approx(100 * (1 + 0) / 2)
+    pooled.update(_row([0.9, 0.1]), _row([255.0, 255.0]))  # nothing to score: not an image of Jaccard 1
+    assert pooled.compute()["mIoU"] == pytest.approx(100 * (1 + 0) / 2)
     assert math.isnan(SaliencyMeter().compute()["mIoU"])
     strict = SaliencyMeter(from_logits=False)  # p on the last threshold is negative there (p > t): J = 1 at t = 0.9
     strict.update(_row([SaliencyMeter.ASTMT_THRESHOLDS[-1]]), _row([0.0]))

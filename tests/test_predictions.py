@@ -10,8 +10,10 @@ from PIL import Image
 
 from mtlfast.data.nyud import NYUDv2
 from mtlfast.data.pascal import PASCALContext
+from mtlfast.data import DataError
 from mtlfast.data.base import decode_normals
-from mtlfast.engine.predictions import PREDICTION_SUFFIX, encode_prediction, save_predictions, score_predictions
+from mtlfast.engine.predictions import (PREDICTION_SUFFIX, encode_prediction, read_prediction, save_predictions,
+                                        score_predictions)
 from mtlfast.metrics import build_metrics
 
 CHANNELS = {"semseg": 40, "parts": 7, "depth": 1, "normals": 3, "edge": 1, "sal": 1}
@@ -98,7 +100,7 @@ def test_evaluation_saves_every_validation_image(tmp_path):
                 out = model(item["image"][None])
             h, w = item["meta"]["size"]
             out = {t: p[..., :h, :w] for t, p in out.items()}
-            out.update({t: torch.sigmoid(out[t]).mul(255).round() / 255 for t in ("edge", "sal")})
+            out.update({t: torch.sigmoid(out[t]).mul(255).round().double() / 255 for t in ("edge", "sal")})
             stored = encode_prediction("normals", out["normals"][0], "synthetic")
             out["normals"] = torch.from_numpy(decode_normals(stored, "-")).permute(2, 0, 1)[None]
             rounded.update(out, {t: item[t][None, ..., :h, :w] for t in tasks})
@@ -125,3 +127,17 @@ def test_scoring_names_missing_and_misfit_files(tmp_path):
     with pytest.raises(ValueError, match=r"val_000001\.npy has size \(16, 23\), its label \(16, 24\)"):
         score_predictions(tmp_path, val, ["semseg", "depth"])
     assert set(score_predictions(tmp_path, val, ["semseg"])) == {"semseg/mIoU", "semseg/pixel_acc"}
+    np.save(tmp_path / "depth" / "val_000001.npy", np.full((1, 16, 24), np.nan, dtype=np.float32))
+    with pytest.raises(DataError, match=r"depth prediction .*val_000001\.npy: holds NaN"):
+        score_predictions(tmp_path, val, ["depth"])
+    Image.fromarray(np.full((16, 24), 6, dtype=np.uint8)).save(tmp_path / "semseg" / "val_000000.png")
+    with pytest.raises(DataError, match=r"semseg prediction .*val_000000\.png: values 6..6, expected class ids 0..5"):
+        score_predictions(tmp_path, val, ["semseg"])
+
+
+def test_image_ids_with_folders_and_nyud_class_ids(tmp_path):
+    save_predictions({"semseg": torch.randn(1, 40, 5, 6)}, [{"name": "scene/0001", "size": (5, 6)}], tmp_path, "nyud")
+    assert (tmp_path / "semseg" / "scene" / "0001.png").is_file()
+    Image.fromarray(np.zeros((5, 6), dtype=np.uint8)).save(tmp_path / "semseg" / "scene" / "0001.png")
+    with pytest.raises(DataError, match=r"values 0..0, expected class ids 1..40"):  # 0 = NYUD's "unlabelled"
+        read_prediction("semseg", tmp_path / "semseg" / "scene" / "0001.png", "nyud")

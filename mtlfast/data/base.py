@@ -94,6 +94,16 @@ def read_npy(path: Path) -> np.ndarray:
         raise DataError(f"cannot read .npy file {path}: {exc}") from exc
 
 
+def read_depth_npy(path: Path, what: str = "depth file") -> np.ndarray:
+    """float32 (H, W) from a ``.npy`` of shape (H, W), (H, W, 1) or (1, H, W), values as stored."""
+    depth = read_npy(path).astype(np.float32)
+    if depth.ndim == 3 and 1 in (depth.shape[0], depth.shape[-1]):
+        depth = depth.reshape(depth.shape[1:] if depth.shape[0] == 1 else depth.shape[:2])
+    if depth.ndim != 2:
+        raise DataError(f"{what} {path}: expected an (H, W) array, got shape {depth.shape}")
+    return depth
+
+
 def read_mat(path: Path) -> dict:
     """``scipy.io.loadmat`` (MATLAB structs as record arrays)."""
     import scipy.io

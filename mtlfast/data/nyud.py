@@ -8,7 +8,7 @@
       depth/<id>.npy              metres, (H,W), (H,W,1) or (1,H,W)      -> depth; 0 / NaN / <0 -> 0 (invalid)
       normals/<id>.png|.npy       png: 2 v / 255 - 1; npy: values        -> unit normals; |n| not in [0.5, 1.5] -> 0
       edge/<id>.png|.npy          png: v / 255 >= 0.5 (a 0/1 png: v >= 0.5); npy: v >= 0.5 -> {0,1}
-                                  (npy, and a png of only 0, 1 and 255: 255 stays 255, ignored)
+                                  (npy: 255 stays 255, ignored; a png of only 0, 1 and 255 is ambiguous: refused)
       gt_sets/train.txt, val.txt  one image id per line
 
 Segmentation values other than 0..40 and 255 (kept as ignore) are reported as a corrupt file, and so are
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mtlfast.data.base import (DataError, SplitDataset, decode_normals, read_class_png, read_label_png, read_npy,
-                               require_dir)
+from mtlfast.data.base import (DataError, SplitDataset, decode_normals, read_class_png, read_depth_npy,
+                               read_label_png, read_npy, require_dir)
 from mtlfast.data.tasks import IGNORE_INDEX
 
 __all__ = ["NYUDv2", "MAX_DEPTH_M"]
@@ -69,11 +69,7 @@ class NYUDv2(SplitDataset):
 
     @staticmethod
     def _depth(path: Path) -> np.ndarray:
-        depth = read_npy(path).astype(np.float32)
-        if depth.ndim == 3 and 1 in (depth.shape[0], depth.shape[-1]):
-            depth = depth.reshape(depth.shape[1:] if depth.shape[0] == 1 else depth.shape[:2])
-        if depth.ndim != 2:
-            raise DataError(f"depth file {path}: expected an (H, W) array, got shape {depth.shape}")
+        depth = read_depth_npy(path)
         finite = depth[np.isfinite(depth)]
         if finite.size and finite.max() > MAX_DEPTH_M:  # the Kinect's range is ~10 m
             raise DataError(f"depth file {path}: values up to {finite.max():g}, expected metres (<= {MAX_DEPTH_M:g}); "
@@ -89,11 +85,14 @@ class NYUDv2(SplitDataset):
     def _edge(path: Path) -> np.ndarray:
         if path.suffix == ".png":
             raw = read_label_png(path, "L").astype(np.float32)
-            values = np.unique(raw)
-            if 1 in values and set(values.tolist()) <= {0.0, 1.0, 255.0}:  # a 0/1 map (255 = ignore, as the npy)
-                raw = np.where(raw == IGNORE_INDEX, np.nan, raw)
-            elif raw.max() > 1:  # 0/255 or soft 0..255 maps
-                raw = raw / 255.0
+            values = set(np.unique(raw).tolist())
+            if {1.0, 255.0} <= values and values <= {0.0, 1.0, 255.0}:
+                # 0/1 edges with 255 = ignore, or 0/255 edges with stray 1s: refused rather than guessed (a file of
+                # that dataset without edges, {0, 255}, could not be told apart from a 0/255 map anyway)
+                raise DataError(f"edge file {path}: values 0, 1 and 255 only: 0/1 edges with 255 = ignore, or 0/255 "
+                                "edges? Store 0/1 edges with 255 = ignore as .npy, or edge PNGs as 0/255 or 0/1 "
+                                "without ignored pixels")
+            raw = raw / 255.0 if raw.max() > 1 else raw  # 0/255 maps, or 0/1 ones (which /255 would empty)
         else:
             raw = read_npy(path).astype(np.float32)
             raw = raw.reshape(raw.shape[1:]) if raw.ndim == 3 and raw.shape[0] == 1 else raw

@@ -76,11 +76,11 @@ def save_predictions(preds: Mapping[str, torch.Tensor], metas: Sequence[Mapping]
 
     folder = Path(folder)
     for task, batch in preds.items():
-        (folder / task).mkdir(parents=True, exist_ok=True)
         for pred, meta in zip(batch, metas):
             h, w = meta["size"]
             array = encode_prediction(task, pred[:, :h, :w], dataset)
             path = folder / task / f"{meta['name']}{PREDICTION_SUFFIX[task]}"
+            path.parent.mkdir(parents=True, exist_ok=True)  # image ids may hold folders
             if path.suffix == ".npy":
                 np.save(path, array)
             else:
@@ -90,13 +90,14 @@ def save_predictions(preds: Mapping[str, torch.Tensor], metas: Sequence[Mapping]
 def read_prediction(task: str, path: str | Path, dataset: str) -> torch.Tensor:
     """One saved prediction (see the module's table) as the meters take it: semseg/parts (1, H, W) int64 class
     ids; depth (1, 1, H, W) metres; normals (1, 3, H, W); edge/sal (1, 1, H, W) probabilities in [0, 1]."""
-    from mtlfast.data.base import DataError, decode_normals, read_label_png, read_npy, require_file
+    from mtlfast.data import num_outputs
+    from mtlfast.data.base import DataError, decode_normals, read_depth_npy, read_label_png, require_file
 
     path = require_file(Path(path), f"{task} prediction")
     if task == "depth":
-        depth = read_npy(path).astype(np.float32)
-        if depth.ndim != 2:
-            raise DataError(f"depth prediction {path}: expected an (H, W) array, got shape {depth.shape}")
+        depth = read_depth_npy(path, "depth prediction")
+        if not np.isfinite(depth).all():
+            raise DataError(f"depth prediction {path}: holds NaN or infinite values")
         return torch.from_numpy(depth)[None, None]
     if task not in PREDICTION_SUFFIX:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(PREDICTION_SUFFIX)}")
@@ -108,7 +109,11 @@ def read_prediction(task: str, path: str | Path, dataset: str) -> torch.Tensor:
                         f"of shape {values.shape}")
     values = torch.from_numpy(values.astype(np.int64))
     if task in ("semseg", "parts"):
-        return (values - (_SEMSEG_FILE_OFFSET.get(dataset, 0) if task == "semseg" else 0))[None]
+        offset, classes = (_SEMSEG_FILE_OFFSET.get(dataset, 0) if task == "semseg" else 0), num_outputs(task, dataset)
+        if values.min() < offset or values.max() >= classes + offset:
+            raise DataError(f"{task} prediction {path}: values {values.min().item()}..{values.max().item()}, expected "
+                            f"class ids {offset}..{classes - 1 + offset} (the encoding of the dataset's label files)")
+        return (values - offset)[None]
     return (values.double() / 255.0)[None, None]
 
 
