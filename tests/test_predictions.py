@@ -73,9 +73,10 @@ def test_evaluation_saves_every_validation_image(tmp_path):
     from mtlfast.engine.trainer import Trainer
 
     tasks = ("semseg", "depth", "normals", "edge", "parts", "sal")
-    config = load_config(None, [f"output_dir={tmp_path / 'run'}", "data.num_train=4", "data.num_val=3",
-                                "data.batch_size=2", "data.train_size=[24, 40]", f"data.tasks=[{', '.join(tasks)}]",
-                                "train.iterations=1", "eval.edge_thresholds=3",
+    # on the CPU on every machine: a GPU evaluation runs under bf16 autocast, the model call below would not
+    config = load_config(None, ["train.device=cpu", f"output_dir={tmp_path / 'run'}", "data.num_train=4",
+                                "data.num_val=3", "data.batch_size=2", "data.train_size=[24, 40]",
+                                f"data.tasks=[{', '.join(tasks)}]", "train.iterations=1", "eval.edge_thresholds=3",
                                 "eval.batch_size=1"])  # as the model call below: the same bits
     trainer = Trainer(config, progress=False, logs=False)
     try:
