@@ -14,7 +14,8 @@ EMANet's, as SEM gives no K; EMA momentum 0.9). Head per task: 3×3 conv + BN + 
 
 Open values*, with the reason for each default: ``dim`` 256 (our choice; the paper gives no decoder width);
 ``heads`` 2 (as BridgeNet's decoder attention, DESIGN.md §4; the paper gives no head count); ``offset_range``
-2.0 (DAT's range factor: offsets of up to 2 cells of the reference grid); EM temperature τ = 1 (EMANet's
+2.0 (DAT's range factor: offsets of up to ``offset_range`` / 2 = 1 cell of the reference grid per axis, as
+DAT's factor 2 gives); EM temperature τ = 1 (EMANet's
 softmax has none); ``detach_iterations`` True (EMANet's truncated gradient: the R iterations run without
 grad; False gives the full unrolled gradient). No deep supervision: SEM trains "with the same loss function
 as in [42]" (InvPT), whose intermediate terms supervise InvPT's preliminary decoder, a part SEM does not

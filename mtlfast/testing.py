@@ -31,14 +31,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtlfast._alloc import poisoned as poison_outputs
 
-__all__ = ["ODD_SIZES", "SMALL_ODD_SIZES", "tolerance", "rel_error", "fresh_seed", "randn",
+__all__ = ["tolerance", "rel_error", "fresh_seed", "randn",
            "check_against_reference", "poison_outputs", "kernel_dtypes", "default_device", "begin_test", "end_test",
            "rerun_hint", "run_without_interpreter"]
-
-#: Odd sizes for token counts and widths (1, a prime below a block, just past a power of two).
-ODD_SIZES = (1, 7, 63, 257)
-#: Smaller odd sizes for the slow CPU interpreter.
-SMALL_ODD_SIZES = (1, 3, 7, 17, 33)
 
 _LOW_PRECISION_EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 

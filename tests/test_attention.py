@@ -50,6 +50,7 @@ CASES = {
     # one key: out = v and the q, k gradients are exactly zero (compared by absolute norm)
     "nk1": (2, 1, 5, 1, 6, 4, None, None, False),
     "dqk1_dv1": (1, 2, 9, 7, 1, 1, None, None, False),  # widths of 1
+    "n257": (1, 1, 257, 257, 12, 9, None, None, False),  # DESIGN.md §6's largest odd size, the default blocks
 }
 
 

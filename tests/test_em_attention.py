@@ -29,6 +29,7 @@ CASES = [
     (2, 37, 21, 16, 4, True, 2.0, 2.0),
     (1, 23, 19, 64, 18, True, 1.0, 2.0),
     (1, 71, 33, 1, 1, True, 1.0, 2.0),
+    (1, 257, 7, 16, 3, False, 1.0, 1.0),  # DESIGN.md §6's odd size 257: 9 E+M tiles, 17 backward tiles
 ]
 
 

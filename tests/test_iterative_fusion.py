@@ -76,6 +76,12 @@ def test_matches_reference_many_tiles(small_tiles, device, kernel_dtype, variant
     _check(device, kernel_dtype, variant, mode, B=2, N=37, D=20, C=35, n_iter=5, scale=0.4)
 
 
+@pytest.mark.parametrize("variant,mode", [("B", "recompute"), ("C", "materialize")])
+def test_matches_reference_257_tokens(device, kernel_dtype, variant, mode):
+    """DESIGN.md §6's odd size 257 at the default launch configuration (a last token tile of one row)."""
+    _check(device, kernel_dtype, variant, mode, B=1, N=257, D=7, C=9, n_iter=3)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference_size_one(device, kernel_dtype, mode):
     _check(device, kernel_dtype, "C", mode, B=1, N=1, D=1, C=1, n_iter=3)

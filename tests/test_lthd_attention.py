@@ -76,6 +76,7 @@ CASES = {
     "one_coarse_token": (2, (1, 3), (1, 1), 4, 3, None),  # the coarse gradients vanish
     "one_token": (2, (1, 1), (1, 1), 4, 3, None),  # out = v: every q and k gradient is exactly zero
     "coarse_larger_than_fine": (1, (2, 3), (3, 5), 4, 3, 0.6),  # some coarse tokens are never sampled
+    "strip_257": (1, (1, 257), (1, 129), 6, 5, None),  # 257 tokens (DESIGN.md §6's odd sizes) on a one-row grid
 }
 
 

@@ -329,7 +329,7 @@ def test_self_feature_distillation_is_eq6_10():
 
 def test_hierarchy_adaptive_attention_is_eq1_to_4():
     """The block against eq. 1–4 written out with grid_sample: DAT points (cell centres of the stride-r grid +
-    tanh offsets scaled by offset_range per cell), stage weights softmax_S(θ_HW(φ(Q; p))), keys/values from
+    tanh offsets of at most offset_range / 2 cells), stage weights softmax_S(θ_HW(φ(Q; p))), keys/values from
     Σ_s W_s φ(F_s; p); the unify/offset/query convolutions and the projected attention (tested above) are the
     block's own modules."""
     gen = torch.Generator().manual_seed(fresh_seed())

@@ -21,6 +21,7 @@ CASES = [
     (1, 4, 1, 7, 33, 12, 5, True, True),      # shared weight with bias, 3 key blocks
     (1, 1, 2, 5, 21, 300, 20, False, False),  # D > 256 (wider blocks below: 5 reduction chunks, 3 dq/dk chunks)
     (2, 2, 1, 9, 1, 5, 3, False, True),       # one key: out = v, the q, k, mix_weight gradients exactly zero
+    (1, 2, 1, 257, 63, 8, 5, False, True),    # DESIGN.md §6's odd sizes 257 and 63: 17 query, 4 key blocks
 ]
 WIDE = dict(block_d=64, block_dgrad=128)
 #: dW[j, c] sums dĀ_j ∘ A_c over every batch element, query and key (terms of random sign; with T·H = 1 it is

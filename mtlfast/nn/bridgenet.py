@@ -25,6 +25,8 @@ What follows the paper: eq. 1–2 (TPP), eq. 3–6 and the up-sampling + FFN of 
 dilations 1, 2, 5 (TFR), the three TFR sizes base / large / huge = 2 / 4 / 6 layers (§4.1).
 
 Open choices (*):
+- * TPP's queries are LayerNorm'd per task after the depth-wise conv + BN (BFE's are not, as in the official
+  code; TPP's file is missing there): its queries and keys then meet at the same scale in the mixed scores.
 - * TPP's keys / values are pooled like BFE's (stride ``kv_stride`` 2, ceil mode) and LayerNorm'd after
   the pooling; TPP's output: y = P + Up(Linear(x)), out = y + MLP(LN(y)) ("an FFN which has a similar
   structure in BFE", §3.2).

@@ -6,7 +6,8 @@ Choices the paper leaves open:
 - Stage features are unified to ``dim`` channels by a 1×1 conv + BN per stage ("a convolution operation").
 - Offset net per stage (DAT): depth-wise k_s×k_s conv at stride r_s -> LayerNorm over channels -> GELU ->
   1×1 conv to 2 channels (no bias); offsets = tanh(·) · ``offset_range`` / (grid size) per axis in the
-  normalised [-1, 1] frame (DAT's range factor); defaults r_s = 2^(S-1-s) (8, 4, 2, 1 for strides 4..32,
+  normalised [-1, 1] frame, where a cell is 2 / (grid size) wide: at most ``offset_range`` / 2 cells (DAT's
+  range factor); defaults r_s = 2^(S-1-s) (8, 4, 2, 1 for strides 4..32,
   so every stage has about as many points as the query map has pixels) and k_s = 2·log2(r_s) + 3 (9, 7,
   5, 3 as in DAT). Reference points at the cell centres of the ⌈H_s/r_s⌉×⌈W_s/r_s⌉ grid, (x, y) order.
 - Query map (eq. 3): every unified stage resized (bilinear) to the smallest stage, concatenated, 3×3 conv +
