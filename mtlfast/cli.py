@@ -268,7 +268,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from mtlfast.engine import checkpoint as ckpt
     from mtlfast.engine.config import load_config
     from mtlfast.engine.predictions import score_predictions
-    from mtlfast.engine.trainer import build_val_set, run_baseline
+    from mtlfast.engine.trainer import build_val_set, resolve_workers, run_baseline
 
     if args.config and args.checkpoint:
         raise ValueError("score: pass --config or --checkpoint (whose config names the data), not both")
@@ -280,7 +280,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
     tasks = list(check_tasks(config["data"]["tasks"], dataset))
     baseline = run_baseline(config["eval"]["baseline"], dataset, tasks)
     metrics = score_predictions(args.predictions, build_val_set(config, tasks), tasks,
-                                edge_thresholds=config["eval"]["edge_thresholds"], baseline=baseline)
+                                edge_thresholds=config["eval"]["edge_thresholds"], baseline=baseline,
+                                edge_workers=resolve_workers(config["eval"]["edge_workers"], dataset,
+                                                             "eval.edge_workers"))
     _print_metrics(f"scores of the predictions in {args.predictions}:", metrics)
     if args.out:
         with open(args.out, "w") as f:

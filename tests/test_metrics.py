@@ -1,5 +1,6 @@
 """Metrics on hand-computed cases: dataset pooling, ignore handling, odsF matching, Δm; the fast odsF path
 against the literal per-threshold loop; the stored baselines and the ``baseline`` command."""
+import collections
 import json
 import math
 
@@ -478,6 +479,37 @@ def test_edge_meter_equals_the_literal_loop_with_padding():
         expected += np.stack(counts)
     assert np.array_equal(meter.state["matched"].numpy(), expected[0])
     assert np.array_equal(meter.state["n_pred"].numpy(), expected[1])
+
+
+def test_edge_meter_worker_processes_give_the_same_counts():
+    """workers=2 (spawned processes, images queued across batches): the state equals the in-process meter's after
+    every kind of read (state_dict, merge, compute), an all-ignored image included; compute ends the processes
+    and a later update starts new ones; reset drops queued images."""
+    rng = np.random.default_rng(11)
+    batches = []
+    for _ in range(3):
+        cases = [_random_edge_case(rng, 30, 38, "nms") for _ in range(3)]
+        label = np.stack([gt.astype(np.float32) for _, gt in cases])
+        label[1, 20:] = 255
+        batches.append((torch.from_numpy(np.stack([p for p, _ in cases]))[:, None], torch.from_numpy(label)[:, None]))
+    batches[1][1][2] = 255  # an image without a valid pixel
+    plain, pooled = EdgeMeter(0.03, thresholds=9), EdgeMeter(0.03, thresholds=9, workers=2)
+    for pred, label in batches[:2]:
+        plain.update(pred, label)
+        pooled.update(pred, label)
+    assert pooled._pool is not None and len(pooled._queued) > 0  # queued in the workers, not counted in-process
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), pooled.state_dict().values()))
+    plain.update(*batches[2])
+    other = EdgeMeter(0.03, thresholds=9, workers=1)
+    other.update(*batches[2])
+    pooled.merge(other)
+    assert pooled.compute() == plain.compute() and pooled._pool is None and other._queued == collections.deque()
+    pooled.update(*batches[0])
+    pooled.reset()
+    assert pooled.compute()["odsF"] == 0.0 and pooled._pool is None
+    other.close()
+    with pytest.raises(ValueError, match="workers: expected an integer >= 0, got -1"):
+        EdgeMeter(0.03, workers=-1)
 
 
 # --- stored single-task baselines and `mtlfast baseline` -----------------------------------------------------

@@ -202,7 +202,7 @@ def test_throughput_counts_the_wait_for_data_but_not_evaluations(tmp_path):
 def test_loader_workers_change_nothing_but_speed(tmp_path, monkeypatch):
     """data.num_workers=2 (persistent worker processes, across an epoch boundary and a mid-epoch resume) gives the
     losses of the in-process loader; `auto` is 0 for synthetic data and the cores per process (<= 8) otherwise."""
-    from mtlfast.engine.trainer import _num_workers
+    from mtlfast.engine.trainer import resolve_workers
 
     args = TINY + ON_CPU + ["train.iterations=6", "train.checkpoint_every=3"]
     plain, _ = _losses(load_config(None, args + [f"output_dir={tmp_path / 'plain'}", "data.num_workers=0"]))
@@ -214,15 +214,18 @@ def test_loader_workers_change_nothing_but_speed(tmp_path, monkeypatch):
     trainer.close()
     resumed, _ = _losses(workers, resume=str(tmp_path / "workers" / "last.pt"))
     assert len(plain) == 6 and first + resumed == plain, (plain, first, resumed)
-    assert _num_workers("auto", "synthetic") == 0 and _num_workers(3, "nyud") == 3
+    assert resolve_workers("auto", "synthetic") == 0 and resolve_workers(3, "nyud") == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(24)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert _num_workers("auto", "nyud") == 6
+    assert resolve_workers("auto", "nyud") == 6
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert _num_workers("auto", "pascal") == 8
+    assert resolve_workers("auto", "pascal") == 8
     for bad in ("two", -1, True, 1.5):
         with pytest.raises(ValueError, match="data.num_workers: expected auto or an integer >= 0"):
-            _num_workers(bad, "nyud")
+            resolve_workers(bad, "nyud")
+    assert trainer.edge_workers == 0  # eval.edge_workers=auto on synthetic data
+    with pytest.raises(ValueError, match="eval.edge_workers: expected auto or an integer >= 0"):
+        resolve_workers(-2, "pascal", "eval.edge_workers")
 
 
 def test_loss_falls_and_eval_runs(tmp_path):

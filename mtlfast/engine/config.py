@@ -63,7 +63,8 @@ DEFAULTS: dict[str, Any] = {
         # single-task baseline for Δm: a file or a stored name (mtlfast.metrics.list_baselines), null for none;
         # the default was measured with `mtlfast baseline` on this synthetic default
         "baseline": "synthetic_convnet_tiny_single_task",
-        "edge_thresholds": 99,      # odsF thresholds (SEISM's 99; ~0.2 s per 480x640 image)
+        "edge_thresholds": 99,      # odsF thresholds (SEISM's 99; ~0.5 s of a core per 480x640 image)
+        "edge_workers": "auto",     # processes for the edge metric (auto: 0 on synthetic, else cores/process, <= 8)
         "batch_size": 4,
     },
 }

@@ -118,16 +118,18 @@ def read_prediction(task: str, path: str | Path, dataset: str) -> torch.Tensor:
 
 
 def score_predictions(folder: str | Path, val_set, tasks: Sequence[str], edge_thresholds: int | Sequence[float] = 99,
-                      baseline=None) -> dict[str, float]:
+                      baseline=None, edge_workers: int = 0) -> dict[str, float]:
     """Metrics (``{"task/metric": value}``, + ``delta_m`` against ``baseline``) of the predictions saved in
     ``folder/<task>/<image id>.<ext>`` for every image of ``val_set`` (a :mod:`mtlfast.data` dataset; its labels
     are read at their original size, without its transform). A missing file or one of another size than its
-    label is an error that names it."""
+    label is an error that names it. ``edge_workers``: processes for the edge metric
+    (:class:`~mtlfast.metrics.EdgeMeter`)."""
     from mtlfast.data import canonical_dataset
     from mtlfast.metrics import build_metrics
 
     folder, dataset = Path(folder), canonical_dataset(val_set.name)
-    metrics = build_metrics(tasks, dataset, edge_thresholds=edge_thresholds, from_logits=False)
+    metrics = build_metrics(tasks, dataset, edge_thresholds=edge_thresholds, from_logits=False,
+                            edge_workers=edge_workers)
     for index in range(len(val_set)):
         sample = val_set.load(index)
         name, preds = sample["meta"]["name"], {}

@@ -101,19 +101,21 @@ def _aux_tasks(model_cfg: dict, tasks: list[str], dataset: str) -> list[str]:
         raise ValueError(f"model.kwargs.{exc}") from None
 
 
-def _num_workers(value, dataset: str) -> int:
-    """``data.num_workers``: an integer >= 0, or ``auto``: 0 for the synthetic dataset (rendered in the training
-    process, cheap next to a step), else the CPU cores this process may use divided among the processes of this
-    node (torchrun's LOCAL_WORLD_SIZE), at most 8: decoding and augmenting NYUD/PASCAL images in the training
-    process would leave the GPU waiting (the log's ``data_s`` shows it). The data order and every sample's
-    augmentation do not depend on it (:mod:`mtlfast.engine.sampler`)."""
+def resolve_workers(value, dataset: str, key: str = "data.num_workers") -> int:
+    """Worker processes of ``data.num_workers`` (the loaders) or ``eval.edge_workers`` (the edge metric's
+    per-image work, :class:`mtlfast.metrics.EdgeMeter`): an integer >= 0, or ``auto``: 0 for the synthetic
+    dataset (rendered in the training process, cheap next to a step; its few small edge maps too), else the CPU
+    cores this process may use divided among the processes of this node (torchrun's LOCAL_WORLD_SIZE), at most
+    8: decoding and augmenting NYUD/PASCAL images in the training process would leave the GPU waiting (the log's
+    ``data_s`` shows it), and the edge metric takes ~0.5 s of a core per image. The data order, every sample's
+    augmentation (:mod:`mtlfast.engine.sampler`) and every metric do not depend on it."""
     if value == "auto":
         if dataset == "synthetic":
             return 0
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"data.num_workers: expected auto or an integer >= 0, got {value!r}")
+        raise ValueError(f"{key}: expected auto or an integer >= 0, got {value!r}")
     return value
 
 
@@ -235,7 +237,8 @@ class Trainer:
         self.val_set = build_val_set(config, self.tasks)
         self.sampler = ResumableSampler(len(self.train_set), batch_size=data_cfg["batch_size"], seed=config["seed"],
                                         rank=self.dist.rank, world_size=self.dist.world_size)
-        self.num_workers = _num_workers(data_cfg["num_workers"], self.dataset)
+        self.num_workers = resolve_workers(data_cfg["num_workers"], self.dataset)
+        self.edge_workers = resolve_workers(config["eval"]["edge_workers"], self.dataset, "eval.edge_workers")
         # a loader draws its workers' base seed from its generator, by default the global RNG: its own keeps the
         # training forward's randomness (dropout, stochastic depth) in the same place after a resume
         self.train_loader = DataLoader(SeededDataset(self.train_set, config["seed"]), batch_size=data_cfg["batch_size"],
@@ -449,7 +452,8 @@ class Trainer:
 
         model = self.model.eval()
         eval_cfg = self.config["eval"]
-        metrics = build_metrics(self.tasks, self.dataset, edge_thresholds=eval_cfg["edge_thresholds"])
+        metrics = build_metrics(self.tasks, self.dataset, edge_thresholds=eval_cfg["edge_thresholds"],
+                                edge_workers=self.edge_workers)
         loader = DataLoader(self.val_set, batch_size=self.config["eval"]["batch_size"], shuffle=False,
                             collate_fn=collate, num_workers=self.num_workers,
                             generator=torch.Generator())  # not the global RNG: training goes on after this
