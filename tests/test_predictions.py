@@ -142,3 +142,28 @@ def test_image_ids_with_folders_and_nyud_class_ids(tmp_path):
     Image.fromarray(np.zeros((5, 6), dtype=np.uint8)).save(tmp_path / "semseg" / "scene" / "0001.png")
     with pytest.raises(DataError, match=r"values 0..0, expected class ids 1..40"):  # 0 = NYUD's "unlabelled"
         read_prediction("semseg", tmp_path / "semseg" / "scene" / "0001.png", "nyud")
+
+
+def test_score_command_with_edge_worker_processes(tmp_path):
+    """`python -m mtlfast score` with eval.edge_workers=1: the spawned worker imports mtlfast.__main__'s package
+    without running the command again, and the scores equal the in-process ones."""
+    import json
+    import subprocess
+    import sys
+
+    from mtlfast.data import build_dataset
+
+    overrides = ["data.tasks=[edge, sal]", "data.num_val=3", "data.train_size=[32, 40]", "eval.edge_thresholds=5",
+                 "eval.baseline=null"]
+    val = build_dataset("synthetic", split="val", tasks=["edge", "sal"], size=(32, 40), length=3, seed=0)
+    gen = torch.Generator().manual_seed(5)
+    metas = [val.load(i)["meta"] for i in range(3)]
+    preds = {t: torch.randn(3, 1, 32, 40, generator=gen) * 3 for t in ("edge", "sal")}
+    save_predictions(preds, metas, tmp_path, "synthetic")
+    run = subprocess.run([sys.executable, "-m", "mtlfast", "score", "--predictions", str(tmp_path), "--out",
+                          str(tmp_path / "s.json"), *overrides, "eval.edge_workers=1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("scores of the predictions") == 1
+    scored = json.loads((tmp_path / "s.json").read_text())["metrics"]
+    assert scored == score_predictions(tmp_path, val, ["edge", "sal"], edge_thresholds=5)
