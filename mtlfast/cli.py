@@ -250,10 +250,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     config = load_config(None, args.overrides, base=ckpt.load_checkpoint(args.checkpoint)["config"])
     trainer = Trainer(config, resume=args.checkpoint, progress=False, logs=False)  # the run's logs stay as they are
-    try:
-        metrics = trainer.evaluate(args.samples, args.save_predictions)
+    try:  # under torchrun every rank evaluates all images, or its share with eval.sharded=true; rank 0 reports
+        metrics = trainer.evaluate(args.samples if trainer.dist.is_main else None, args.save_predictions,
+                                   shard=trainer.sharded_evaluation)
     finally:
         trainer.close()
+    if not trainer.dist.is_main:
+        return 0
     _print_metrics(f"evaluation of {args.checkpoint} (iteration {trainer.iteration}):", metrics)
     if args.out:
         with open(args.out, "w") as f:

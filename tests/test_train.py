@@ -409,6 +409,29 @@ def test_cli_train_under_torchrun_evaluates_first_and_eval_loads_its_checkpoint(
     assert evaluate.returncode == 0 and "(iteration 2)" in evaluate.stdout, evaluate.stderr[-3000:]
 
 
+def test_sharded_evaluation_equals_the_single_process_one(tmp_path):
+    """eval.sharded=true under torchrun (2 gloo processes, 5 validation images: 3 + 2): the evaluations in training
+    and `mtlfast eval` sum the ranks' meters to the metrics one process computes on the same weights, every
+    task's meter included (edge and saliency too)."""
+    from mtlfast.engine.logs import RunLog
+
+    out, common = tmp_path / "run", [*ON_CPU, *TINY[:-3], "eval.edge_thresholds=5", "data.num_val=5",
+                                     "data.tasks=[semseg, depth, normals, edge, sal]", "eval.sharded=true",
+                                     "eval.batch_size=1"]  # batches of other images change the outputs' last bits
+    _launch(2, ["-m", "mtlfast", "train", "--no-progress", f"output_dir={out}", "train.iterations=2",
+                "train.checkpoint_every=2", "train.eval_every=2", *common], timeout=300)
+    _launch(2, ["-m", "mtlfast", "eval", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "sharded.json"),
+                "eval.sharded=true"], timeout=300)
+    single = subprocess.run([sys.executable, "-m", "mtlfast", "eval", "--checkpoint", str(out / "last.pt"), "--out",
+                             str(tmp_path / "single.json")], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # as _launch: other threads, other bits
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded, whole = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("sharded", "single"))
+    logged = {k: float(v) for k, v in RunLog(str(out)).read("eval")[-1].items() if k != "iteration"}
+    assert {"edge/odsF", "sal/mIoU", "depth/rmse"} <= set(whole) and set(sharded) == set(whole) == set(logged)
+    assert sharded == pytest.approx(whole, rel=1e-9) and logged == pytest.approx(whole, rel=1e-6)
+
+
 def test_sync_bn_refused_on_cpu(tmp_path):
     config = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path}", "train.sync_bn=true"])
     with pytest.raises(ValueError, match="train.sync_bn: torch's SyncBatchNorm runs on CUDA only"):

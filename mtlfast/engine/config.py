@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
         "edge_thresholds": 99,      # odsF thresholds (SEISM's 99; ~0.5 s of a core per 480x640 image)
         "edge_workers": "auto",     # processes for the edge metric (auto: 0 on synthetic, else cores/process, <= 8)
         "batch_size": 4,
+        "sharded": False,           # multi-process runs: every rank evaluates its share (else rank 0 all of it)
     },
 }
 

@@ -29,8 +29,9 @@ class DistInfo:
         return self.world_size > 1
 
 
-#: Collective timeout. The other ranks wait in a barrier while rank 0 evaluates: a PASCAL-Context validation pass
-#: (5105 images, edge odsF ~0.2 s each) outlasts NCCL's default 10 minutes (gloo's 30), which would abort the run.
+#: Collective timeout. The other ranks wait in a barrier while rank 0 evaluates (unless eval.sharded): a
+#: PASCAL-Context validation pass (5105 images, edge odsF ~0.5 s of a core each, eval.edge_workers processes)
+#: can outlast NCCL's default 10 minutes (gloo's 30), which would abort the run.
 TIMEOUT = timedelta(hours=3)
 
 
@@ -66,6 +67,13 @@ def mean_over_ranks(values: dict[str, torch.Tensor], info: DistInfo) -> dict[str
         dist.all_reduce(stacked)
         stacked /= info.world_size
     return dict(zip(values, stacked.tolist()))
+
+
+def broadcast_from_main(tensors, info: DistInfo) -> None:
+    """Copies rank 0's values into ``tensors`` on every rank, in place (no-op in one process)."""
+    if info.enabled:
+        for tensor in tensors:
+            dist.broadcast(tensor, 0)
 
 
 def gather_objects(value, info: DistInfo) -> list:

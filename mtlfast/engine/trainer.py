@@ -18,11 +18,12 @@ from typing import Any, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from mtlfast.backends import use_backend
 from mtlfast.engine import checkpoint as ckpt
-from mtlfast.engine.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, mean_over_ranks
+from mtlfast.engine.distributed import (DistInfo, barrier, broadcast_from_main, cleanup, gather_objects,
+                                        init_distributed, mean_over_ranks)
 from mtlfast.engine.logs import RunLog, plot_curves, plot_predictions
 from mtlfast.engine.sampler import ResumableSampler, SeededDataset
 
@@ -257,8 +258,10 @@ class Trainer:
                                   pretrained=model_cfg["pretrained"], checkpoint_decoder=model_cfg["checkpoint_decoder"],
                                   checkpoint_backbone=model_cfg["checkpoint_backbone"],
                                   **model_cfg["kwargs"])
-        if not isinstance(train_cfg["cudnn_benchmark"], bool):
-            raise ValueError(f"train.cudnn_benchmark: expected true or false, got {train_cfg['cudnn_benchmark']!r}")
+        for key, value in (("train.cudnn_benchmark", train_cfg["cudnn_benchmark"]),
+                           ("eval.sharded", config["eval"]["sharded"])):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key}: expected true or false, got {value!r}")
         if self.device.type == "cuda":  # process-wide, as in the papers' code bases; training crops have one size
             torch.backends.cudnn.benchmark = train_cfg["cudnn_benchmark"]
         if train_cfg["sync_bn"] and self.device.type != "cuda":
@@ -429,10 +432,21 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------------
 
-    def evaluate(self, sample_path: str | None = None, prediction_dir: str | None = None) -> dict[str, float]:
+    @property
+    def sharded_evaluation(self) -> bool:
+        """``eval.sharded`` in a multi-process run: every rank evaluates every world_size-th validation image."""
+        return self.config["eval"]["sharded"] and self.dist.enabled
+
+    def evaluate(self, sample_path: str | None = None, prediction_dir: str | None = None,
+                 shard: bool = False) -> dict[str, float]:
         """Metrics on the validation set at original resolution (padding cropped back), flattened as
-        ``"task/metric"`` (+ ``delta_m`` against ``eval.baseline``); main rank only. ``sample_path``: a PNG of
-        the first images' predictions; ``prediction_dir``: every image's prediction per task, in the files of
+        ``"task/metric"`` (+ ``delta_m`` against ``eval.baseline``). ``shard=False``: this process evaluates
+        every image (the main rank, in a run); ``shard=True`` (every rank must call it, :attr:`sharded_evaluation`):
+        each rank evaluates the images rank, rank + world_size, ... and the meters' additive states are summed
+        over the ranks, so every rank returns the metrics of the whole set (the numbers of one process up to
+        float64 sums in another order, and the last bits that a batch of other images changes in the outputs, as
+        ``eval.batch_size`` does). ``sample_path``: a PNG of the first images'
+        predictions; ``prediction_dir``: every image's prediction per task, in the files of
         :mod:`mtlfast.engine.predictions` (for the MATLAB SEISM edge evaluation, etc.). cuDNN's algorithm search
         (``train.cudnn_benchmark``) is off meanwhile: validation images come in many sizes (PASCAL), and each new
         size would start a new search."""
@@ -440,12 +454,12 @@ class Trainer:
         torch.backends.cudnn.benchmark = False
         try:
             with self._ops_backend():
-                return self._evaluate(sample_path, prediction_dir)
+                return self._evaluate(sample_path, prediction_dir, shard and self.dist.enabled)
         finally:
             torch.backends.cudnn.benchmark = benchmark
 
     @torch.no_grad()
-    def _evaluate(self, sample_path: str | None, prediction_dir: str | None) -> dict[str, float]:
+    def _evaluate(self, sample_path: str | None, prediction_dir: str | None, shard: bool) -> dict[str, float]:
         from mtlfast.data import collate
         from mtlfast.engine.predictions import save_predictions
         from mtlfast.metrics import build_metrics
@@ -454,7 +468,13 @@ class Trainer:
         eval_cfg = self.config["eval"]
         metrics = build_metrics(self.tasks, self.dataset, edge_thresholds=eval_cfg["edge_thresholds"],
                                 edge_workers=self.edge_workers)
-        loader = DataLoader(self.val_set, batch_size=self.config["eval"]["batch_size"], shuffle=False,
+        images = self.val_set
+        if shard:
+            # DDP broadcasts rank 0's buffers at each training forward, then every rank updates its own BatchNorm
+            # statistics with its batch: evaluate with rank 0's (the checkpoint's), as the next step would
+            broadcast_from_main(list(self.model.buffers()), self.dist)
+            images = Subset(images, range(self.dist.rank, len(images), self.dist.world_size))
+        loader = DataLoader(images, batch_size=self.config["eval"]["batch_size"], shuffle=False,
                             collate_fn=collate, num_workers=self.num_workers,
                             generator=torch.Generator())  # not the global RNG: training goes on after this
         shown = None
@@ -475,12 +495,18 @@ class Trainer:
                          {t: batch[t][:n].cpu() for t in self.tasks})
         if shown is not None and shown[0].shape[0] > 0:
             plot_predictions(*shown, path=sample_path)
+        if shard:
+            metrics.all_reduce()
         return metrics.compute_flat(self.baseline)
 
     def evaluate_and_log(self) -> dict[str, float] | None:
+        """Every rank calls it: the main rank evaluates (all ranks, each its shard, with ``eval.sharded``), logs
+        and plots; the others wait."""
         result = None
+        if self.dist.is_main or self.sharded_evaluation:
+            sample_path = os.path.join(self.out_dir, f"predictions_{self.iteration:06d}.png")
+            result = self.evaluate(sample_path if self.dist.is_main else None, shard=self.sharded_evaluation)
         if self.dist.is_main:
-            result = self.evaluate(os.path.join(self.out_dir, f"predictions_{self.iteration:06d}.png"))
             flat = {"iteration": self.iteration, **{k: float(v) for k, v in result.items()}}
             self.log.write("eval", flat, self.iteration)
             plot_curves(self.log, os.path.join(self.out_dir, "curves.png"))
