@@ -246,13 +246,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from mtlfast.engine import checkpoint as ckpt
     from mtlfast.engine.config import load_config
+    from mtlfast.engine.distributed import barrier
     from mtlfast.engine.trainer import Trainer
 
     config = load_config(None, args.overrides, base=ckpt.load_checkpoint(args.checkpoint)["config"])
     trainer = Trainer(config, resume=args.checkpoint, progress=False, logs=False)  # the run's logs stay as they are
-    try:  # under torchrun every rank evaluates all images, or its share with eval.sharded=true; rank 0 reports
-        metrics = trainer.evaluate(args.samples if trainer.dist.is_main else None, args.save_predictions,
-                                   shard=trainer.sharded_evaluation)
+    try:  # under torchrun rank 0 evaluates all images (or every rank its share: eval.sharded=true) and reports
+        if trainer.dist.is_main or trainer.sharded_evaluation:
+            metrics = trainer.evaluate(args.samples if trainer.dist.is_main else None, args.save_predictions,
+                                       shard=trainer.sharded_evaluation)
+        barrier(trainer.dist)
     finally:
         trainer.close()
     if not trainer.dist.is_main:

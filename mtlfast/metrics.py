@@ -47,6 +47,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -110,6 +111,9 @@ class Meter:
     def merge(self, other: "Meter") -> None:
         for key in self.state:
             self.state[key] += other.state[key]
+
+    def close(self) -> None:
+        """Releases what the meter holds besides its state (:class:`EdgeMeter`'s worker processes)."""
 
     def all_reduce(self) -> None:
         """Sums the state over the processes of the default torch.distributed group (no-op outside DDP)."""
@@ -697,6 +701,20 @@ def edge_counts(prob: np.ndarray, gt: np.ndarray, max_dist: float, thresholds: S
     return matched, n_pred
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Edge worker initializer: the worker ends itself once the process that started it is gone (killed by
+    SIGKILL or the OOM killer, the pool's own shutdown never comes; the worker would wait for jobs forever)."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _edge_image_counts(prob: np.ndarray, lab: np.ndarray, max_dist: float, thresholds: np.ndarray,
                        nms: bool) -> np.ndarray:
     """(3, len(thresholds)) int64 counts of one image (matched, predicted, ground-truth edge pixels): the work of
@@ -724,8 +742,10 @@ class EdgeMeter(Meter):
     ``workers`` > 0 runs the per-image work (~0.5 s of one core for a 480x640 image at 99 thresholds: 45 min
     for PASCAL-Context's 5105 validation images) in that many spawned processes: :meth:`update` returns
     once the batch's images are queued (at most 4 per worker wait), so the model's next batches run meanwhile;
-    the state, :meth:`compute` included, first collects every queued image, and :meth:`compute` ends the
-    processes. The counts are integers summed per image: identical for any ``workers``."""
+    the state, :meth:`compute` included, first collects every queued image, and :meth:`compute` (or
+    :meth:`close`) ends the processes; a worker ends itself when its parent dies. Each worker imports torch with
+    the package (~350 MB, ~2 s to start, once per evaluation). The counts are integers summed per image:
+    identical for any ``workers``."""
 
     def __init__(self, max_dist: float, thresholds: int | Sequence[float] = 99, nms: bool = True,
                  from_logits: bool = True, workers: int = 0):
@@ -742,11 +762,18 @@ class EdgeMeter(Meter):
         n = len(self.thresholds)
         return {k: torch.zeros(n, dtype=torch.int64) for k in ("matched", "n_pred", "n_gt")}
 
-    def reset(self) -> None:
+    def _drop_queued(self) -> None:
         for future in getattr(self, "_queued", ()):
-            future.cancel()
+            future.cancel()  # a running one finishes; its counts are dropped with the queue
         self._queued = collections.deque()
+
+    def reset(self) -> None:
+        self._drop_queued()
         super().reset()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._drop_queued()
+        super().load_state_dict(state)
 
     def update(self, pred, label):
         _check_pair("edge", pred, label, 1, False)
@@ -762,7 +789,9 @@ class EdgeMeter(Meter):
                 import multiprocessing
 
                 # spawned, not forked: the parent may hold CUDA, NCCL and loader threads
-                self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"))
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    self.workers, multiprocessing.get_context("spawn"), initializer=_exit_with_parent,
+                    initargs=(os.getpid(),))
             self._queued.append(self._pool.submit(_edge_image_counts, *job))
             while len(self._queued) > 4 * self.workers:
                 self._add_counts(self._queued.popleft().result())
@@ -776,11 +805,12 @@ class EdgeMeter(Meter):
             self._add_counts(self._queued.popleft().result())
 
     def close(self) -> None:
-        """Collects the queued images and ends the worker processes (a later update starts new ones)."""
-        self._collect()
+        """Ends the worker processes, dropping the images not collected yet (a later update starts new ones).
+        :meth:`compute` collects first; a failed evaluation calls this alone."""
+        self._drop_queued()
         if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            pool.shutdown(cancel_futures=True)
 
     def state_dict(self):
         self._collect()
@@ -796,6 +826,7 @@ class EdgeMeter(Meter):
         super().all_reduce()
 
     def compute(self):
+        self._collect()
         self.close()
         s = {k: v.double() for k, v in self.state.items()}
         precision = s["matched"] / s["n_pred"].clamp(min=1)
@@ -834,6 +865,11 @@ class MultiTaskMetrics:
     def reset(self) -> None:
         for meter in self.meters.values():
             meter.reset()
+
+    def close(self) -> None:
+        """Every meter's :meth:`Meter.close` (call it in a ``finally``: ends the edge meter's processes)."""
+        for meter in self.meters.values():
+            meter.close()
 
     def all_reduce(self) -> None:
         for meter in self.meters.values():

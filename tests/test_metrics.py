@@ -3,6 +3,11 @@ against the literal per-threshold loop; the stored baselines and the ``baseline`
 import collections
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -508,8 +513,48 @@ def test_edge_meter_worker_processes_give_the_same_counts():
     pooled.reset()
     assert pooled.compute()["odsF"] == 0.0 and pooled._pool is None
     other.close()
+    # load_state_dict and close drop what is still queued (a failed evaluation closes without collecting)
+    pooled.update(*batches[0])
+    pooled.load_state_dict(plain.state_dict())
+    assert pooled.compute() == plain.compute()
+    pooled.update(*batches[0])
+    pooled.close()
+    assert pooled._pool is None and not pooled._queued and pooled.compute() == plain.compute()
     with pytest.raises(ValueError, match="workers: expected an integer >= 0, got -1"):
         EdgeMeter(0.03, workers=-1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # an unreaped zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc")
+def test_edge_workers_end_with_a_killed_parent(tmp_path):
+    """A parent killed by SIGKILL (OOM killer, a scheduler) never shuts its pool down: the workers end
+    themselves (EdgeMeter's pool initializer) instead of waiting for jobs forever."""
+    script = ("import os, signal, sys, torch\n"
+              "from mtlfast.metrics import EdgeMeter\n"
+              "m = EdgeMeter(0.03, thresholds=3, workers=2)\n"
+              "m.update(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))\n"
+              "m._collect()\n"
+              "open(sys.argv[1], 'w').write(' '.join(map(str, m._pool._processes)))\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    with open(tmp_path / "log", "w") as log:  # not pipes: orphaned workers would hold them open
+        run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "pids")], stdout=log, stderr=log,
+                             timeout=300)
+    workers = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(workers) == 2 and run.returncode == -signal.SIGKILL, (tmp_path / "log").read_text()[-2000:]
+    deadline = time.monotonic() + 20
+    while any(_running(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in workers if _running(p)]
+    for pid in left:  # leave no process behind, then fail
+        os.kill(pid, signal.SIGKILL)
+    assert not left
 
 
 # --- stored single-task baselines and `mtlfast baseline` -----------------------------------------------------

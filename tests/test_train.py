@@ -218,6 +218,7 @@ def test_loader_workers_change_nothing_but_speed(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(24)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert resolve_workers("auto", "nyud") == 6
+    assert resolve_workers("auto", "nyud", "eval.edge_workers", node_shared=False) == 8  # rank 0 evaluates alone
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert resolve_workers("auto", "pascal") == 8
     for bad in ("two", -1, True, 1.5):

@@ -130,14 +130,17 @@ def score_predictions(folder: str | Path, val_set, tasks: Sequence[str], edge_th
     folder, dataset = Path(folder), canonical_dataset(val_set.name)
     metrics = build_metrics(tasks, dataset, edge_thresholds=edge_thresholds, from_logits=False,
                             edge_workers=edge_workers)
-    for index in range(len(val_set)):
-        sample = val_set.load(index)
-        name, preds = sample["meta"]["name"], {}
-        for task in tasks:
-            path = folder / task / f"{name}{PREDICTION_SUFFIX[task]}"
-            preds[task] = read_prediction(task, path, dataset)
-            if tuple(preds[task].shape[-2:]) != tuple(sample[task].shape[-2:]):
-                raise ValueError(f"{task} prediction {path} has size {tuple(preds[task].shape[-2:])}, its label "
-                                 f"{tuple(sample[task].shape[-2:])}")
-        metrics.update(preds, {task: sample[task][None] for task in tasks})
-    return metrics.compute_flat(baseline)
+    try:
+        for index in range(len(val_set)):
+            sample = val_set.load(index)
+            name, preds = sample["meta"]["name"], {}
+            for task in tasks:
+                path = folder / task / f"{name}{PREDICTION_SUFFIX[task]}"
+                preds[task] = read_prediction(task, path, dataset)
+                if tuple(preds[task].shape[-2:]) != tuple(sample[task].shape[-2:]):
+                    raise ValueError(f"{task} prediction {path} has size {tuple(preds[task].shape[-2:])}, its "
+                                     f"label {tuple(sample[task].shape[-2:])}")
+            metrics.update(preds, {task: sample[task][None] for task in tasks})
+        return metrics.compute_flat(baseline)
+    finally:
+        metrics.close()

@@ -102,19 +102,21 @@ def _aux_tasks(model_cfg: dict, tasks: list[str], dataset: str) -> list[str]:
         raise ValueError(f"model.kwargs.{exc}") from None
 
 
-def resolve_workers(value, dataset: str, key: str = "data.num_workers") -> int:
+def resolve_workers(value, dataset: str, key: str = "data.num_workers", node_shared: bool = True) -> int:
     """Worker processes of ``data.num_workers`` (the loaders) or ``eval.edge_workers`` (the edge metric's
     per-image work, :class:`mtlfast.metrics.EdgeMeter`): an integer >= 0, or ``auto``: 0 for the synthetic
     dataset (rendered in the training process, cheap next to a step; its few small edge maps too), else the CPU
-    cores this process may use divided among the processes of this node (torchrun's LOCAL_WORLD_SIZE), at most
-    8: decoding and augmenting NYUD/PASCAL images in the training process would leave the GPU waiting (the log's
-    ``data_s`` shows it), and the edge metric takes ~0.5 s of a core per image. The data order, every sample's
-    augmentation (:mod:`mtlfast.engine.sampler`) and every metric do not depend on it."""
+    cores this process may use, at most 8, divided among the processes of this node (torchrun's
+    LOCAL_WORLD_SIZE) when they all work at once (``node_shared``; not for an evaluation that rank 0 runs alone
+    while the others wait): decoding and augmenting NYUD/PASCAL images in the training process would leave the
+    GPU waiting (the log's ``data_s`` shows it), and the edge metric takes ~0.5 s of a core per image. The data
+    order, every sample's augmentation (:mod:`mtlfast.engine.sampler`) and every metric do not depend on it."""
     if value == "auto":
         if dataset == "synthetic":
             return 0
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if node_shared else 1
+        return max(1, min(8, cores // max(1, processes)))
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{key}: expected auto or an integer >= 0, got {value!r}")
     return value
@@ -239,7 +241,8 @@ class Trainer:
         self.sampler = ResumableSampler(len(self.train_set), batch_size=data_cfg["batch_size"], seed=config["seed"],
                                         rank=self.dist.rank, world_size=self.dist.world_size)
         self.num_workers = resolve_workers(data_cfg["num_workers"], self.dataset)
-        self.edge_workers = resolve_workers(config["eval"]["edge_workers"], self.dataset, "eval.edge_workers")
+        self.edge_workers = resolve_workers(config["eval"]["edge_workers"], self.dataset, "eval.edge_workers",
+                                            node_shared=config["eval"]["sharded"] is True)
         # a loader draws its workers' base seed from its generator, by default the global RNG: its own keeps the
         # training forward's randomness (dropout, stochastic depth) in the same place after a resume
         self.train_loader = DataLoader(SeededDataset(self.train_set, config["seed"]), batch_size=data_cfg["batch_size"],
@@ -449,7 +452,8 @@ class Trainer:
         predictions; ``prediction_dir``: every image's prediction per task, in the files of
         :mod:`mtlfast.engine.predictions` (for the MATLAB SEISM edge evaluation, etc.). cuDNN's algorithm search
         (``train.cudnn_benchmark``) is off meanwhile: validation images come in many sizes (PASCAL), and each new
-        size would start a new search."""
+        size would start a new search. With ``shard``, the sample PNG shows rank 0's first images (0, world_size,
+        ...)."""
         benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = False
         try:
@@ -461,7 +465,6 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, sample_path: str | None, prediction_dir: str | None, shard: bool) -> dict[str, float]:
         from mtlfast.data import collate
-        from mtlfast.engine.predictions import save_predictions
         from mtlfast.metrics import build_metrics
 
         model = self.model.eval()
@@ -477,6 +480,14 @@ class Trainer:
         loader = DataLoader(images, batch_size=self.config["eval"]["batch_size"], shuffle=False,
                             collate_fn=collate, num_workers=self.num_workers,
                             generator=torch.Generator())  # not the global RNG: training goes on after this
+        try:
+            return self._evaluate_images(model, loader, metrics, sample_path, prediction_dir, shard)
+        finally:
+            metrics.close()  # the edge meter's processes, also when the evaluation fails
+
+    def _evaluate_images(self, model, loader, metrics, sample_path, prediction_dir, shard) -> dict[str, float]:
+        from mtlfast.engine.predictions import save_predictions
+
         shown = None
         for batch in loader:
             batch = _to_device(batch, self.device)
