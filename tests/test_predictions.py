@@ -167,3 +167,34 @@ def test_score_command_with_edge_worker_processes(tmp_path):
     assert run.stdout.count("scores of the predictions") == 1
     scored = json.loads((tmp_path / "s.json").read_text())["metrics"]
     assert scored == score_predictions(tmp_path, val, ["edge", "sal"], edge_thresholds=5)
+
+
+@pytest.mark.parametrize("dataset", ["nyud", "pascal"])
+def test_real_layouts_save_and_score_every_task(tmp_path, dataset):
+    """The miniature NYUD-v2 / PASCAL-Context layouts of the reader tests, end to end: an evaluation (PASCAL's
+    images padded to 512x512 and cropped back) saves every task's files, which score to the evaluation's class-id
+    and depth metrics exactly, every other metric present."""
+    from mtlfast.engine.config import load_config
+    from mtlfast.engine.trainer import Trainer
+
+    if dataset == "nyud":
+        from test_data_nyud import make_nyud as make
+    else:
+        from test_data_pascal import make_pascal as make
+    make(tmp_path / "data")
+    config = load_config(None, ["train.device=cpu", f"output_dir={tmp_path / 'run'}", f"data.dataset={dataset}",
+                                f"data.root={tmp_path / 'data'}", "data.tasks=null", "data.batch_size=1",
+                                "data.num_workers=0", "data.train_size=[8, 8]", "eval.baseline=null",
+                                "eval.edge_thresholds=3", "eval.edge_workers=0", "eval.batch_size=1"])
+    trainer = Trainer(config, progress=False, logs=False)
+    try:
+        metrics = trainer.evaluate(prediction_dir=str(tmp_path / "pred"))
+    finally:
+        trainer.close()
+    scores = score_predictions(tmp_path / "pred", trainer.val_set, trainer.tasks, edge_thresholds=3)
+    assert set(scores) == set(metrics) and len(trainer.tasks) == (4 if dataset == "nyud" else 5)
+    exact = [k for k in metrics if k.split("/")[0] in ("semseg", "parts", "depth")]
+    assert exact and all(scores[k] == metrics[k] for k in exact), {k: (scores[k], metrics[k]) for k in exact}
+    for item in trainer.val_set:  # files at the original size, not the evaluation's padded one
+        name, size = item["meta"]["name"], item["meta"]["size"]
+        assert np.asarray(Image.open(tmp_path / "pred" / "semseg" / f"{name}.png")).shape == size
