@@ -263,7 +263,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _print_metrics(f"evaluation of {args.checkpoint} (iteration {trainer.iteration}):", metrics)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "iteration": trainer.iteration, "metrics": metrics}, f, indent=1)
+            json.dump({"checkpoint": args.checkpoint, "iteration": trainer.iteration, "metrics": metrics,
+                       "per_class_iou": trainer.per_class_iou}, f, indent=1)
     return 0
 
 
@@ -401,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on its validation set")
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
-    evaluate.add_argument("--out", help="write the metrics as JSON here")
+    evaluate.add_argument("--out", help="write the metrics (and each segmentation task's per-class IoU) as JSON here")
     evaluate.add_argument("--samples", help="write a PNG of sample predictions here")
     evaluate.add_argument("--save-predictions", metavar="DIR",
                           help="write every image's prediction per task to DIR/<task>/<image id>.png|.npy, in the "

@@ -854,6 +854,12 @@ class MultiTaskMetrics:
     def compute(self) -> dict[str, dict[str, float]]:
         return {task: meter.compute() for task, meter in self.meters.items()}
 
+    def per_class_iou(self) -> dict[str, list[float | None]]:
+        """IoU of every class in percent per segmentation task (semseg, parts), None where a class occurs in
+        neither labels nor predictions (:meth:`SegmentationMeter.per_class`)."""
+        return {task: [None if math.isnan(v) else 100.0 * v for v in meter.per_class().tolist()]
+                for task, meter in self.meters.items() if isinstance(meter, SegmentationMeter)}
+
     def compute_flat(self, baseline: Mapping | str | Path | None = None) -> dict[str, float]:
         """:meth:`compute` as ``{"task/metric": value}``, plus ``delta_m`` against ``baseline`` when given."""
         results = self.compute()

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from mtlfast.metrics import (DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegmentationMeter, build_metrics,
-                             delta_m, edge_counts, edge_nms, load_baseline, match_edges)
+from mtlfast.metrics import (DepthMeter, EdgeMeter, MultiTaskMetrics, NormalsMeter, SaliencyMeter, SegmentationMeter,
+                             build_metrics, delta_m, edge_counts, edge_nms, load_baseline, match_edges)
 
 
 def _row(values, channels=1, dtype=torch.float64):
@@ -34,6 +34,9 @@ def test_miou_pooled_over_the_dataset():
     assert out["pixel_acc"] == pytest.approx(100 * 3 / 5)
     iou = m.per_class()
     assert iou[:2].tolist() == pytest.approx([1 / 3, 1 / 2]) and math.isnan(iou[2])
+    table = MultiTaskMetrics({"semseg": m, "depth": DepthMeter()}).per_class_iou()
+    assert list(table) == ["semseg"] and table["semseg"][:2] == pytest.approx([100 / 3, 50])
+    assert table["semseg"][2] is None  # absent from labels and predictions
     with pytest.raises(ValueError, match=r"segmentation: label values outside 0\.\.2"):
         m.update(torch.tensor([[[0]]]), torch.tensor([[[3]]]))
     # a predicted id out of range would be counted in the next row of the confusion matrix

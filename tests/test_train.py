@@ -480,7 +480,9 @@ def test_cli_train_then_eval(tmp_path):
                                         "--save-predictions", str(tmp_path / "pred")],
                               capture_output=True, text=True, timeout=900)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    assert (tmp_path / "m.json").exists()
+    per_class = json.loads((tmp_path / "m.json").read_text())["per_class_iou"]
+    assert list(per_class) == ["semseg"] and len(per_class["semseg"]) == 6  # the synthetic classes
+    assert all(v is None or 0 <= v <= 100 for v in per_class["semseg"])
     assert {p.relative_to(tmp_path / "pred").as_posix() for p in (tmp_path / "pred").rglob("*.*")} == {
         f"{task}/val_{i:06d}.{ext}" for task, ext in (("semseg", "png"), ("depth", "npy"), ("normals", "png"))
         for i in range(4)}

@@ -243,6 +243,7 @@ class Trainer:
         self.num_workers = resolve_workers(data_cfg["num_workers"], self.dataset)
         self.edge_workers = resolve_workers(config["eval"]["edge_workers"], self.dataset, "eval.edge_workers",
                                             node_shared=config["eval"]["sharded"] is True)
+        self.per_class_iou: dict[str, list[float | None]] = {}  # of the last evaluation
         # a loader draws its workers' base seed from its generator, by default the global RNG: its own keeps the
         # training forward's randomness (dropout, stochastic depth) in the same place after a resume
         self.train_loader = DataLoader(SeededDataset(self.train_set, config["seed"]), batch_size=data_cfg["batch_size"],
@@ -453,7 +454,8 @@ class Trainer:
         :mod:`mtlfast.engine.predictions` (for the MATLAB SEISM edge evaluation, etc.). cuDNN's algorithm search
         (``train.cudnn_benchmark``) is off meanwhile: validation images come in many sizes (PASCAL), and each new
         size would start a new search. With ``shard``, the sample PNG shows rank 0's first images (0, world_size,
-        ...)."""
+        ...). Afterwards ``self.per_class_iou`` holds the IoU of every class per segmentation task (percent,
+        None for a class absent from labels and predictions)."""
         benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = False
         try:
@@ -508,6 +510,7 @@ class Trainer:
             plot_predictions(*shown, path=sample_path)
         if shard:
             metrics.all_reduce()
+        self.per_class_iou = metrics.per_class_iou()
         return metrics.compute_flat(self.baseline)
 
     def evaluate_and_log(self) -> dict[str, float] | None:
