@@ -763,7 +763,7 @@ class EdgeMeter(Meter):
         return {k: torch.zeros(n, dtype=torch.int64) for k in ("matched", "n_pred", "n_gt")}
 
     def _drop_queued(self) -> None:
-        for future in getattr(self, "_queued", ()):
+        for future in self._queued:
             future.cancel()  # a running one finishes; its counts are dropped with the queue
         self._queued = collections.deque()
 

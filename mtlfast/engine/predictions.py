@@ -27,6 +27,7 @@ rounding (< 0.5 degrees per pixel), edge and saliency where a probability's roun
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -44,6 +45,11 @@ PREDICTION_SUFFIX = {"semseg": ".png", "parts": ".png", "depth": ".npy", "normal
 _SEMSEG_FILE_OFFSET = {"nyud": 1}
 
 
+def _class_offset(task: str, dataset: str) -> int:
+    """What a class id gains in the task's files of ``dataset``."""
+    return _SEMSEG_FILE_OFFSET.get(dataset, 0) if task == "semseg" else 0
+
+
 def _to_uint8(values: torch.Tensor) -> np.ndarray:
     return values.mul(255.0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
@@ -55,7 +61,7 @@ def encode_prediction(task: str, pred: torch.Tensor, dataset: str) -> np.ndarray
         raise ValueError(f"{task}: expected one image's prediction (C, H, W), got shape {tuple(pred.shape)}")
     pred = pred.detach().float()
     if task in ("semseg", "parts"):
-        ids = pred.argmax(0) + (_SEMSEG_FILE_OFFSET.get(dataset, 0) if task == "semseg" else 0)
+        ids = pred.argmax(0) + _class_offset(task, dataset)
         if ids.max().item() > 254:
             raise ValueError(f"{task}: class ids up to {ids.max().item()} do not fit a uint8 PNG beside 255 (ignore)")
         return ids.to(torch.uint8).cpu().numpy()
@@ -109,7 +115,7 @@ def read_prediction(task: str, path: str | Path, dataset: str) -> torch.Tensor:
                         f"of shape {values.shape}")
     values = torch.from_numpy(values.astype(np.int64))
     if task in ("semseg", "parts"):
-        offset, classes = (_SEMSEG_FILE_OFFSET.get(dataset, 0) if task == "semseg" else 0), num_outputs(task, dataset)
+        offset, classes = _class_offset(task, dataset), num_outputs(task, dataset)
         if values.min() < offset or values.max() >= classes + offset:
             raise DataError(f"{task} prediction {path}: values {values.min().item()}..{values.max().item()}, expected "
                             f"class ids {offset}..{classes - 1 + offset} (the encoding of the dataset's label files)")
@@ -130,7 +136,7 @@ def score_predictions(folder: str | Path, val_set, tasks: Sequence[str], edge_th
     folder, dataset = Path(folder), canonical_dataset(val_set.name)
     metrics = build_metrics(tasks, dataset, edge_thresholds=edge_thresholds, from_logits=False,
                             edge_workers=edge_workers)
-    try:
+    with contextlib.closing(metrics):  # the edge meter's processes end, also on a bad file
         for index in range(len(val_set)):
             sample = val_set.load(index)
             name, preds = sample["meta"]["name"], {}
@@ -142,5 +148,3 @@ def score_predictions(folder: str | Path, val_set, tasks: Sequence[str], edge_th
                                      f"label {tuple(sample[task].shape[-2:])}")
             metrics.update(preds, {task: sample[task][None] for task in tasks})
         return metrics.compute_flat(baseline)
-    finally:
-        metrics.close()

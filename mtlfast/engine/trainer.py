@@ -467,6 +467,7 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, sample_path: str | None, prediction_dir: str | None, shard: bool) -> dict[str, float]:
         from mtlfast.data import collate
+        from mtlfast.engine.predictions import save_predictions
         from mtlfast.metrics import build_metrics
 
         model = self.model.eval()
@@ -482,36 +483,29 @@ class Trainer:
         loader = DataLoader(images, batch_size=self.config["eval"]["batch_size"], shuffle=False,
                             collate_fn=collate, num_workers=self.num_workers,
                             generator=torch.Generator())  # not the global RNG: training goes on after this
-        try:
-            return self._evaluate_images(model, loader, metrics, sample_path, prediction_dir, shard)
-        finally:
-            metrics.close()  # the edge meter's processes, also when the evaluation fails
-
-    def _evaluate_images(self, model, loader, metrics, sample_path, prediction_dir, shard) -> dict[str, float]:
-        from mtlfast.engine.predictions import save_predictions
-
-        shown = None
-        for batch in loader:
-            batch = _to_device(batch, self.device)
-            with self._autocast():
-                preds = model(batch["image"])
-            preds = {t: p.float() for t, p in preds.items()}
-            for i, meta in enumerate(batch["meta"]):
-                h, w = meta["size"]
-                metrics.update({t: preds[t][i:i + 1, :, :h, :w] for t in self.tasks},
-                               {t: batch[t][i:i + 1, ..., :h, :w] for t in self.tasks})
-            if prediction_dir is not None:
-                save_predictions({t: preds[t] for t in self.tasks}, batch["meta"], prediction_dir, self.dataset)
-            if shown is None and sample_path is not None:
-                n = min(self.config["train"]["sample_images"], batch["image"].shape[0])
-                shown = (batch["image"][:n].cpu(), {t: preds[t][:n].cpu() for t in self.tasks},
-                         {t: batch[t][:n].cpu() for t in self.tasks})
-        if shown is not None and shown[0].shape[0] > 0:
-            plot_predictions(*shown, path=sample_path)
-        if shard:
-            metrics.all_reduce()
-        self.per_class_iou = metrics.per_class_iou()
-        return metrics.compute_flat(self.baseline)
+        with contextlib.closing(metrics):  # the edge meter's processes end, also when the evaluation fails
+            shown = None
+            for batch in loader:
+                batch = _to_device(batch, self.device)
+                with self._autocast():
+                    preds = model(batch["image"])
+                preds = {t: p.float() for t, p in preds.items()}
+                for i, meta in enumerate(batch["meta"]):
+                    h, w = meta["size"]
+                    metrics.update({t: preds[t][i:i + 1, :, :h, :w] for t in self.tasks},
+                                   {t: batch[t][i:i + 1, ..., :h, :w] for t in self.tasks})
+                if prediction_dir is not None:
+                    save_predictions({t: preds[t] for t in self.tasks}, batch["meta"], prediction_dir, self.dataset)
+                if shown is None and sample_path is not None:
+                    n = min(self.config["train"]["sample_images"], batch["image"].shape[0])
+                    shown = (batch["image"][:n].cpu(), {t: preds[t][:n].cpu() for t in self.tasks},
+                             {t: batch[t][:n].cpu() for t in self.tasks})
+            if shown is not None and shown[0].shape[0] > 0:
+                plot_predictions(*shown, path=sample_path)
+            if shard:
+                metrics.all_reduce()
+            self.per_class_iou = metrics.per_class_iou()
+            return metrics.compute_flat(self.baseline)
 
     def evaluate_and_log(self) -> dict[str, float] | None:
         """Every rank calls it: the main rank evaluates (all ranks, each its shard, with ``eval.sharded``), logs
