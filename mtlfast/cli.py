@@ -286,14 +286,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
     dataset = canonical_dataset(config["data"]["dataset"])
     tasks = list(check_tasks(config["data"]["tasks"], dataset))
     baseline = run_baseline(config["eval"]["baseline"], dataset, tasks)
-    metrics = score_predictions(args.predictions, build_val_set(config, tasks), tasks,
-                                edge_thresholds=config["eval"]["edge_thresholds"], baseline=baseline,
-                                edge_workers=resolve_workers(config["eval"]["edge_workers"], dataset,
-                                                             "eval.edge_workers"))
-    _print_metrics(f"scores of the predictions in {args.predictions}:", metrics)
+    scores = score_predictions(args.predictions, build_val_set(config, tasks), tasks,
+                               edge_thresholds=config["eval"]["edge_thresholds"], baseline=baseline,
+                               edge_workers=resolve_workers(config["eval"]["edge_workers"], dataset,
+                                                            "eval.edge_workers"))
+    _print_metrics(f"scores of the predictions in {args.predictions}:", scores.metrics)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"predictions": args.predictions, "metrics": metrics}, f, indent=1)
+            json.dump({"predictions": args.predictions, "metrics": scores.metrics,
+                       "per_class_iou": scores.per_class_iou}, f, indent=1)
     return 0
 
 
@@ -416,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--config", help="YAML file naming the data (default: the synthetic config)")
     score.add_argument("--checkpoint", help="take the data settings from this checkpoint's config instead")
     score.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/data data.tasks=[semseg]")
-    score.add_argument("--out", help="write the metrics as JSON here")
+    score.add_argument("--out", help="write the metrics (and each segmentation task's per-class IoU) as JSON here")
     score.set_defaults(func=_cmd_score)
 
     baseline = sub.add_parser("baseline", help="train the single_task model of each task of a config and write "

@@ -93,8 +93,8 @@ def test_evaluation_saves_every_validation_image(tmp_path):
                 assert stored.shape[:2] == (h, w) and np.array_equal(stored, want), (name, task)
         # scored again from the files: class ids and depth as evaluated; normals, edge and saliency as the meters
         # score the model's outputs rounded to the files' 8 bits
-        scores = score_predictions(tmp_path / "pred", trainer.val_set, tasks, edge_thresholds=3,
-                                   baseline=trainer.baseline)
+        scores, per_class = score_predictions(tmp_path / "pred", trainer.val_set, tasks, edge_thresholds=3,
+                                              baseline=trainer.baseline)
         rounded = build_metrics(tasks, "synthetic", edge_thresholds=3, from_logits=False)
         for item in trainer.val_set:
             with torch.no_grad():
@@ -112,6 +112,7 @@ def test_evaluation_saves_every_validation_image(tmp_path):
     for key in ("semseg/mIoU", "semseg/pixel_acc", "parts/mIoU", "depth/rmse", "depth/abs_rel"):
         assert scores[key] == metrics[key], key
     assert scores == rounded.compute_flat(trainer.baseline)
+    assert per_class == trainer.per_class_iou and set(per_class) == {"semseg", "parts"}
     assert abs(scores["normals/mean"] - metrics["normals/mean"]) < 0.5
 
 
@@ -127,7 +128,7 @@ def test_scoring_names_missing_and_misfit_files(tmp_path):
     np.save(tmp_path / "depth" / "val_000001.npy", np.ones((16, 23), dtype=np.float32))
     with pytest.raises(ValueError, match=r"val_000001\.npy has size \(16, 23\), its label \(16, 24\)"):
         score_predictions(tmp_path, val, ["semseg", "depth"])
-    assert set(score_predictions(tmp_path, val, ["semseg"])) == {"semseg/mIoU", "semseg/pixel_acc"}
+    assert set(score_predictions(tmp_path, val, ["semseg"]).metrics) == {"semseg/mIoU", "semseg/pixel_acc"}
     np.save(tmp_path / "depth" / "val_000001.npy", np.full((1, 16, 24), np.nan, dtype=np.float32))
     with pytest.raises(DataError, match=r"depth prediction .*val_000001\.npy: holds NaN"):
         score_predictions(tmp_path, val, ["depth"])
@@ -166,7 +167,7 @@ def test_score_command_with_edge_worker_processes(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("scores of the predictions") == 1
     scored = json.loads((tmp_path / "s.json").read_text())["metrics"]
-    assert scored == score_predictions(tmp_path, val, ["edge", "sal"], edge_thresholds=5)
+    assert scored == score_predictions(tmp_path, val, ["edge", "sal"], edge_thresholds=5).metrics
 
 
 @pytest.mark.parametrize("dataset", ["nyud", "pascal"])
@@ -191,10 +192,11 @@ def test_real_layouts_save_and_score_every_task(tmp_path, dataset):
         metrics = trainer.evaluate(prediction_dir=str(tmp_path / "pred"))
     finally:
         trainer.close()
-    scores = score_predictions(tmp_path / "pred", trainer.val_set, trainer.tasks, edge_thresholds=3)
+    scores, per_class = score_predictions(tmp_path / "pred", trainer.val_set, trainer.tasks, edge_thresholds=3)
     assert set(scores) == set(metrics) and len(trainer.tasks) == (4 if dataset == "nyud" else 5)
     exact = [k for k in metrics if k.split("/")[0] in ("semseg", "parts", "depth")]
     assert exact and all(scores[k] == metrics[k] for k in exact), {k: (scores[k], metrics[k]) for k in exact}
+    assert per_class == trainer.per_class_iou and len(per_class["semseg"]) == (40 if dataset == "nyud" else 21)
     for item in trainer.val_set:  # files at the original size, not the evaluation's padded one
         name, size = item["meta"]["name"], item["meta"]["size"]
         assert np.asarray(Image.open(tmp_path / "pred" / "semseg" / f"{name}.png")).shape == size

@@ -489,8 +489,10 @@ def test_cli_train_then_eval(tmp_path):
     score = subprocess.run(common + ["score", "--predictions", str(tmp_path / "pred"), "--checkpoint", str(out / "last.pt"),
                                      "--out", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=900)
     assert score.returncode == 0, score.stderr[-3000:]
-    evaluated, scored = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("m", "s"))
-    assert set(scored) == set(evaluated) and all(scored[k] == evaluated[k] for k in ("semseg/mIoU", "depth/rmse"))
+    evaluated, scored = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("m", "s"))
+    assert set(scored["metrics"]) == set(evaluated["metrics"])
+    assert all(scored["metrics"][k] == evaluated["metrics"][k] for k in ("semseg/mIoU", "depth/rmse"))
+    assert scored["per_class_iou"] == per_class  # class ids are stored exactly
     # evaluating an earlier checkpoint of the run leaves the run's logs whole (a resume cuts them back to it)
     from mtlfast.engine import checkpoint as ckpt
 

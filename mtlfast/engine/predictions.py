@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["encode_prediction", "save_predictions", "read_prediction", "score_predictions", "PREDICTION_SUFFIX"]
+__all__ = ["encode_prediction", "save_predictions", "read_prediction", "score_predictions", "PredictionScores",
+           "PREDICTION_SUFFIX"]
 
 #: File suffix per task.
 PREDICTION_SUFFIX = {"semseg": ".png", "parts": ".png", "depth": ".npy", "normals": ".png", "edge": ".png",
@@ -123,9 +124,17 @@ def read_prediction(task: str, path: str | Path, dataset: str) -> torch.Tensor:
     return (values.double() / 255.0)[None, None]
 
 
+class PredictionScores(NamedTuple):
+    """What :func:`score_predictions` measured: ``metrics`` as ``{"task/metric": value}`` (+ ``delta_m``), and
+    ``per_class_iou`` per segmentation task (percent, None for a class absent from labels and predictions), as
+    ``mtlfast eval --out`` writes them."""
+    metrics: dict[str, float]
+    per_class_iou: dict[str, list[float | None]]
+
+
 def score_predictions(folder: str | Path, val_set, tasks: Sequence[str], edge_thresholds: int | Sequence[float] = 99,
-                      baseline=None, edge_workers: int = 0) -> dict[str, float]:
-    """Metrics (``{"task/metric": value}``, + ``delta_m`` against ``baseline``) of the predictions saved in
+                      baseline=None, edge_workers: int = 0) -> PredictionScores:
+    """Metrics (+ ``delta_m`` against ``baseline``) and per-class IoU of the predictions saved in
     ``folder/<task>/<image id>.<ext>`` for every image of ``val_set`` (a :mod:`mtlfast.data` dataset; its labels
     are read at their original size, without its transform). A missing file or one of another size than its
     label is an error that names it. ``edge_workers``: processes for the edge metric
@@ -147,4 +156,4 @@ def score_predictions(folder: str | Path, val_set, tasks: Sequence[str], edge_th
                     raise ValueError(f"{task} prediction {path} has size {tuple(preds[task].shape[-2:])}, its "
                                      f"label {tuple(sample[task].shape[-2:])}")
             metrics.update(preds, {task: sample[task][None] for task in tasks})
-        return metrics.compute_flat(baseline)
+        return PredictionScores(metrics.compute_flat(baseline), metrics.per_class_iou())
