@@ -11,9 +11,10 @@ show is needed for large memory savings outside TPIM), in bf16 autocast on a GPU
 - one inference forward: median time, images/s, peak memory;
 - the largest batch that fits for a training step (doubling, then bisection, catching OOM), where the time
   budget leaves room for it;
-- a per-block breakdown (forward time and memory increase of every mtlfast.nn block and the backbone, one
-  inference pass: where the forward time goes; where the training memory goes, exactly and without a GPU:
-  ``mtlfast info --models --blocks``).
+- a per-block breakdown (:func:`block_breakdown`): the time of an inference forward and of a training step's
+  forward, backward and optimiser step charged to every mtlfast.nn block, the backbone's parts and the loss,
+  printed as the largest first (:func:`format_block_breakdown`); where the training memory goes, exactly and
+  without a GPU: ``mtlfast info --models --blocks``.
 
 Peak memory: ``*_peak_bytes`` is the whole allocated peak of the step (weights, gradients, Adam state, inputs
 and activations: the issue's "peak training memory", which its <= 0.6x target compares);
@@ -29,17 +30,19 @@ its timings are not a claim about the kernels.
 """
 from __future__ import annotations
 
+import bisect
 import gc
 import statistics
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from mtlfast.backends import use_backend
 from mtlfast.bench.harness import _error_text, _stop_if_cuda_lost, cuda_peak_and_start
-from mtlfast.models.summary import NYUD, PASCAL, PATHS, SummarySetting, breakdown_blocks
+from mtlfast.models.summary import NYUD, OUTSIDE_BLOCKS, PASCAL, PATHS, SummarySetting, breakdown_blocks, running_block
 
 
 @dataclass(frozen=True)
@@ -150,44 +153,143 @@ class _Runner:
             self.model(images)
 
 
-def block_breakdown(runner: _Runner, images: torch.Tensor) -> list[dict]:
-    """Forward time (CUDA events) and allocated-memory increase of each block (:func:`breakdown_blocks`), one
-    inference-mode pass. The training memory per block: ``mtlfast info --models --blocks`` (exact counts)."""
-    records, handles, starts = [], [], {}
-    cuda = runner.device.type == "cuda"
+#: Rows of a :func:`block_breakdown` beside the blocks: the loss (forward and backward), the optimiser step.
+LOSS, OPTIMIZER = "(loss)", "(optimizer step)"
+#: Columns of a :func:`block_breakdown` row (milliseconds).
+BREAKDOWN_PHASES = ("infer_ms", "train_fwd_ms", "train_bwd_ms", "train_opt_ms")
 
-    def pre(name):
-        def hook(module, args):
-            if cuda:
-                event = torch.cuda.Event(enable_timing=True)
-                event.record()
-                starts[name] = (event, torch.cuda.memory_allocated())
-            else:
-                starts[name] = (time.perf_counter(), 0)
-        return hook
 
-    def post(name):
-        def hook(module, args, out):
-            start, mem = starts.pop(name)
-            if cuda:
-                end = torch.cuda.Event(enable_timing=True)
-                end.record()
-                records.append((name, type(module).__name__, start, end, torch.cuda.memory_allocated() - mem))
-            else:
-                records.append((name, type(module).__name__, (time.perf_counter() - start) * 1e3, None, None))
-        return hook
+class _Timeline:
+    """Consecutive segments of the work queued on the current stream, each charged to an owner: :meth:`switch`
+    ends the running segment and starts the next one (a CUDA event and the allocated bytes on a GPU, the host
+    clock on a CPU), and does nothing while the owner stays the same, so that marks cost only where it changes."""
 
-    for name, module in breakdown_blocks(runner.model).items():
-        handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
-    try:
-        runner.infer(images)
-        if cuda:
+    clock = staticmethod(time.perf_counter)  # the host clock (a test's own clock in its place)
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.marks = cuda, []
+
+    def switch(self, owner) -> None:
+        """Charge what is queued from now on to ``owner`` (None: to nobody)."""
+        if self.marks and self.marks[-1][0] == owner:
+            return
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((owner, event, torch.cuda.memory_allocated()))
+        else:
+            self.marks.append((owner, self.clock(), None))
+
+    def totals(self) -> tuple[dict, dict]:
+        """({owner: milliseconds}, {owner: allocated-bytes change (GPU only)}) of the segments so far."""
+        self.switch(None)
+        if self.cuda:
             torch.cuda.synchronize()
-    finally:
-        for h in handles:
-            h.remove()
-    return [{"block": n, "type": t, "fwd_ms": (s.elapsed_time(e) if cuda else s), "mem_increase_bytes": m}
-            for n, t, s, e, m in records]
+        ms: dict = defaultdict(float)
+        memory: dict = defaultdict(int)
+        for (owner, t0, m0), (_, t1, m1) in zip(self.marks, self.marks[1:]):
+            if owner is not None:
+                ms[owner] += t0.elapsed_time(t1) if self.cuda else (t1 - t0) * 1e3
+                if self.cuda:
+                    memory[owner] += m1 - m0
+        return ms, memory
+
+
+_SEQUENCE_PROBE = torch.zeros((), requires_grad=True)
+
+
+def _sequence_nr() -> int:
+    """The autograd sequence number of a node created now: nodes created later on this thread have larger ones."""
+    with torch.enable_grad():
+        return _SEQUENCE_PROBE.view(()).grad_fn._sequence_nr()
+
+
+def _autograd_nodes(root) -> Iterator:
+    """Every node of the autograd graph that ``root`` (a grad_fn) reaches, each once."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(child for child, _ in node.next_functions)
+
+
+def block_breakdown(runner: _Runner, images: torch.Tensor, labels: dict[str, torch.Tensor],
+                    reps: int = 1) -> list[dict]:
+    """Where an inference forward and a training step spend their time, per block of :func:`breakdown_blocks`
+    (mean of ``reps`` instrumented runs after the timed ones), one row per block with :data:`BREAKDOWN_PHASES`:
+
+    - exclusive times: a block is charged what runs while it is the innermost running block (as
+      ``mtlfast info --models --blocks`` charges saved bytes), so the rows add up to the whole step;
+    - ``train_bwd_ms``: every autograd node is charged to the block whose forward created it (its sequence number
+      lies between the block's forward hooks), a parameter's gradient accumulation to the innermost block holding
+      the parameter; a checkpointed stage's recomputation runs inside the backward node that needs it, and is
+      charged to that node's block;
+    - rows :data:`OUTSIDE_BLOCKS` (the model's own forward code), :data:`LOSS`, :data:`OPTIMIZER`;
+    - ``infer_mem_increase_bytes`` (GPU): allocated bytes after minus before the block's inference segments.
+
+    Marks (CUDA events on a GPU, the host clock on a CPU) are taken only where the charged block changes; the
+    hooks' host time can still stretch small segments, so the rows' sum may exceed the step's median time. The
+    training memory per block: ``mtlfast info --models --blocks`` (exact saved-activation counts)."""
+    model, cuda = runner.model, runner.device.type == "cuda"
+    blocks = breakdown_blocks(model)
+    holder = {id(p): OUTSIDE_BLOCKS for p in model.parameters()}
+    for name, module in blocks.items():  # pre-order: an inner block overwrites its parent
+        holder.update((id(p), name) for p in module.parameters())
+    timeline = _Timeline(cuda)
+
+    def infer() -> None:
+        model.eval()
+        timeline.switch(("infer_ms", OUTSIDE_BLOCKS))
+        with torch.no_grad(), runner.autocast, running_block(model, lambda b: timeline.switch(("infer_ms", b))):
+            model(images)
+        timeline.switch(None)
+
+    def train_step() -> None:
+        model.train()
+        runner.optimizer.zero_grad(set_to_none=True)
+        created: list[tuple[int, str]] = []  # (sequence number, block creating the nodes from there on)
+
+        def forward_change(block: str) -> None:
+            created.append((_sequence_nr(), block))
+            timeline.switch(("train_fwd_ms", block))
+
+        with runner.autocast:
+            with running_block(model, forward_change):
+                forward_change(OUTSIDE_BLOCKS)
+                preds, aux = model.forward_train(images)
+            forward_change(LOSS)
+            total, _ = runner.loss(preds, labels, aux)
+        timeline.switch(None)
+        starts = [n for n, _ in created]
+        handles = []
+        for node in _autograd_nodes(total.grad_fn):
+            variable = getattr(node, "variable", None)  # AccumulateGrad of a parameter
+            owner = (holder.get(id(variable), OUTSIDE_BLOCKS) if variable is not None
+                     else created[max(bisect.bisect_right(starts, node._sequence_nr()) - 1, 0)][1])
+            handles.append(node.register_prehook(lambda grads, owner=owner: timeline.switch(("train_bwd_ms", owner))))
+        try:
+            total.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        timeline.switch(("train_opt_ms", OPTIMIZER))
+        runner.optimizer.step()
+        timeline.switch(None)
+
+    for _ in range(reps):
+        infer()
+        train_step()
+    ms, memory = timeline.totals()
+    names = {**{n: type(m).__name__ for n, m in blocks.items()}, OUTSIDE_BLOCKS: "", LOSS: "", OPTIMIZER: ""}
+    rows = []
+    for name, kind in names.items():
+        row = {"block": name, "type": kind, **{phase: ms.get((phase, name), 0.0) / reps for phase in BREAKDOWN_PHASES}}
+        row["infer_mem_increase_bytes"] = memory.get(("infer_ms", name), 0) // reps if cuda else None
+        rows.append(row)
+    return rows
 
 
 def max_batch(runner: _Runner, limit: int = 256, deadline: float | None = None) -> dict:
@@ -253,7 +355,7 @@ def _measure_path(entry: dict, setting: ModelSetting, runner: _Runner, reps: int
             "train_peak_bytes": train_peak, "train_peak_above_start_bytes": train_above,
             "infer_ms": infer_ms, "infer_images_per_s": setting.batch / infer_ms * 1e3,
             "infer_peak_bytes": infer_peak, "infer_peak_above_start_bytes": infer_above,
-            "blocks": block_breakdown(runner, images)})
+            "blocks": block_breakdown(runner, images, labels, reps=min(reps, 3))})
     finally:
         torch.backends.cudnn.benchmark = benchmark
 
@@ -308,6 +410,35 @@ def merge_results(earlier: list[dict], new: list[dict]) -> list[dict]:
     not measure (a second call after a time budget, or another ``--cases``); a new result replaces the old one."""
     measured = {r["setting"] for r in new}
     return [r for r in earlier if r["setting"] not in measured] + new
+
+
+def format_block_breakdown(result: dict, top: int = 10) -> str:
+    """The ``top`` blocks of one :func:`run_setting` result by the reference path's training time (forward +
+    backward + optimiser), with every path's training and inference milliseconds, and the rest summed."""
+    paths = [p for p, e in result["paths"].items() if "blocks" in e]
+    if not paths:
+        return ""
+    rows = {p: result["paths"][p]["blocks"] for p in paths}
+    train = {p: {b["block"]: b["train_fwd_ms"] + b["train_bwd_ms"] + b["train_opt_ms"] for b in rows[p]} for p in paths}
+    infer = {p: {b["block"]: b["infer_ms"] for b in rows[p]} for p in paths}
+    kinds = {b["block"]: b["type"] for p in paths for b in rows[p]}
+    first = "reference" if "reference" in paths else paths[0]
+    names = sorted(kinds, key=lambda b: -train[first].get(b, 0.0))
+    width = max(len(n) + len(kinds[n]) + 3 for n in names)
+    header = f"{'block (train = fwd + bwd + step, ms)':<{width}}" + "".join(
+        f"{p + ' train':>{len(p) + 8}}{'infer':>8}" for p in paths)
+    lines = [f"{result['setting']}: time per block", header]
+
+    def line(label: str, chosen: list[str]) -> str:
+        cells = ((p, sum(train[p].get(b, 0.0) for b in chosen), sum(infer[p].get(b, 0.0) for b in chosen))
+                 for p in paths)
+        return f"{label:<{width}}" + "".join(f"{t:>{len(p) + 8}.2f}{i:>8.2f}" for p, t, i in cells)
+    for name in names[:top]:
+        lines.append(line(f"{name} ({kinds[name]})" if kinds[name] else name, [name]))
+    if names[top:]:
+        lines.append(line(f"{len(names) - top} others", names[top:]))
+    lines.append(line("sum", names))
+    return "\n".join(lines)
 
 
 def _max_batch_text(e: dict) -> str:

@@ -127,24 +127,33 @@ OUTSIDE_BLOCKS = "(outside blocks)"
 
 
 @contextlib.contextmanager
-def running_block(model: torch.nn.Module) -> Iterator[Callable[[], str]]:
+def running_block(model: torch.nn.Module,
+                  on_change: Callable[[str], None] | None = None) -> Iterator[Callable[[], str]]:
     """Yields a function naming the innermost block of :func:`breakdown_blocks` whose forward (a module call)
-    is running, :data:`OUTSIDE_BLOCKS` between blocks; kept by forward pre/post hooks while the context is open."""
+    is running, :data:`OUTSIDE_BLOCKS` between blocks; kept by forward pre/post hooks while the context is open.
+    ``on_change(name)`` is called with the new innermost block at every block entry and exit."""
     running: list[str] = []
+
+    def current() -> str:
+        return running[-1] if running else OUTSIDE_BLOCKS
 
     def enter(name):
         def hook(module, args):
             running.append(name)
+            if on_change is not None:
+                on_change(name)
         return hook
 
     def leave(module, args, out):
         running.pop()
+        if on_change is not None:
+            on_change(current())
 
     handles = []
     for name, module in breakdown_blocks(model).items():
         handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
     try:
-        yield lambda: running[-1] if running else OUTSIDE_BLOCKS
+        yield current
     finally:
         for handle in handles:
             handle.remove()

@@ -193,7 +193,7 @@ def _bench_models(args: argparse.Namespace) -> int:
             return 1
         results.append(result)
         left.remove(setting.name)
-        print(models.format_models_table([result]), flush=True)
+        print(models.format_models_table([result]), models.format_block_breakdown(result), sep="\n", flush=True)
         save(results, left)
     if not results:  # otherwise the last setting's save wrote this state already
         save(results, left)

@@ -232,12 +232,83 @@ def test_model_benchmark_runs_every_path_on_cpu(tmp_path):
     assert result["train_ms_ratio_kernels_over_reference"] > 0
     assert result["train_ms_ratio_kernels_checkpointed_over_reference"] > 0
     assert "kernels_checkpointed/reference: train_ms" in models.format_models_table([result])
+    for path, entry in result["paths"].items():
+        rows = {b["block"]: b for b in entry["blocks"]}
+        assert {models.OUTSIDE_BLOCKS, models.LOSS, models.OPTIMIZER} <= set(rows)
+        assert rows[models.OPTIMIZER]["train_opt_ms"] > 0 and rows["backbone"]["train_bwd_ms"] > 0
+        assert sum(b["train_bwd_ms"] for b in entry["blocks"] if b["type"] == "EMInteraction") > 0
+    table = models.format_block_breakdown(result)
+    assert "backbone (Backbone)" in table and table.splitlines()[-1].startswith("sum")
     models.plot_models([result], str(tmp_path / "models.png"))
     assert (tmp_path / "models.png").stat().st_size > 0
     assert models.failures([result]) == []
     result["paths"]["kernels"] = {"error": "RuntimeError: CUDA out of memory", "out_of_memory": True}
     result["paths"]["reference"] = {"error": "ValueError: bad", "out_of_memory": False}
     assert models.failures([result]) == ["sem-convnet_tiny-nyud/reference: ValueError: bad"]
+
+
+def test_block_breakdown_charges_each_block_its_own_work(monkeypatch):
+    """block_breakdown on a toy model whose blocks (one inside another) advance a fake clock by known amounts in
+    their forward and backward: every phase of every block, the loss and the optimiser step get exactly their
+    own work (exclusive of inner blocks; backward nodes charged to the block that created them)."""
+    from mtlfast.bench import models
+    from mtlfast.models import summary
+
+    clock = [0.0]
+
+    class Work(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, forward_s, backward_s):
+            clock[0] += forward_s
+            ctx.backward_s = backward_s
+            return x * 1.0
+
+        @staticmethod
+        def backward(ctx, grad):
+            clock[0] += ctx.backward_s
+            return grad, None, None
+
+    class Block(torch.nn.Module):
+        def __init__(self, forward_s, backward_s, inner=None):
+            super().__init__()
+            self.weight, self.cost, self.inner = torch.nn.Parameter(torch.ones(())), (forward_s, backward_s), inner
+
+        def forward(self, x):
+            x = Work.apply(x * self.weight, *self.cost)
+            return x if self.inner is None else self.inner(x).exp()  # exp: b's own work after its inner block
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Block(1.0, 2.0), Block(3.0, 4.0, inner=Block(5.0, 6.0))
+
+        def forward(self, images):
+            return {"t": self.b(self.a(images))}
+
+        def forward_train(self, images):
+            return self.forward(images), {}
+
+    class Step(torch.optim.SGD):
+        def step(self):
+            clock[0] += 7.0
+            return super().step()
+
+    model = Toy()
+    def loss(preds, labels, aux):
+        return Work.apply(preds["t"].sum(), 0.5, 0.25), {}
+
+    runner = type("Runner", (), dict(model=model, device=torch.device("cpu"), loss=staticmethod(loss),
+                                     optimizer=Step(model.parameters(), lr=0.0),
+                                     autocast=torch.autocast("cpu", enabled=False)))
+    monkeypatch.setattr(models._Timeline, "clock", staticmethod(lambda: clock[0]))
+    for module in (models, summary):  # the toy's blocks, for the breakdown and for running_block's hooks
+        monkeypatch.setattr(module, "breakdown_blocks", lambda m: {"a": m.a, "b": m.b, "b.inner": m.b.inner})
+    rows = {r["block"]: r for r in models.block_breakdown(runner, torch.randn(2, 3), {}, reps=2)}
+    phases = {name: tuple(row[p] / 1e3 for p in models.BREAKDOWN_PHASES) for name, row in rows.items()}
+    assert phases == {"a": (1, 1, 2, 0), "b": (3, 3, 4, 0), "b.inner": (5, 5, 6, 0),
+                      models.OUTSIDE_BLOCKS: (0, 0, 0, 0), models.LOSS: (0, 0.5, 0.25, 0),
+                      models.OPTIMIZER: (0, 0, 0, 7)}
+    assert rows["b.inner"]["type"] == "Block" and rows["a"]["infer_mem_increase_bytes"] is None
 
 
 def _result_with_rows():
