@@ -33,7 +33,7 @@ from mtlfast._alloc import poisoned as poison_outputs
 
 __all__ = ["tolerance", "rel_error", "fresh_seed", "randn",
            "check_against_reference", "poison_outputs", "kernel_dtypes", "default_device", "begin_test", "end_test",
-           "rerun_hint", "run_without_interpreter"]
+           "rerun_hint", "run_without_interpreter", "compile_for_sm90", "SM90_MAX_SHARED_BYTES"]
 
 _LOW_PRECISION_EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
@@ -50,6 +50,26 @@ def run_without_interpreter(args: list[str], timeout: float = 600) -> str:
     result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+#: Shared memory one thread block may use on an H100 / H200 (sm_90: 227 KiB, opt-in above 48 KiB).
+SM90_MAX_SHARED_BYTES = 227 * 1024
+
+
+def compile_for_sm90(fn, signature: Mapping[str, str], constexprs: Mapping[str, object], **options):
+    """A Triton kernel compiled to sm_90a cubin by Triton's compiler and ptxas (no GPU needed; call it without
+    the interpreter, :func:`run_without_interpreter`). Fails when the kernel needs more shared memory per block
+    than an H100 / H200 has, which otherwise only its first launch on the GPU would report."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    compiled = triton.compile(ASTSource(fn, dict(signature), constexprs=dict(constexprs)),
+                              target=GPUTarget("cuda", 90, 32), options=options)
+    if compiled.metadata.shared > SM90_MAX_SHARED_BYTES:
+        raise AssertionError(f"{fn.__name__} ({dict(constexprs)}, {options}) needs {compiled.metadata.shared} bytes of "
+                             f"shared memory per block; an sm_90 block has {SM90_MAX_SHARED_BYTES}")
+    return compiled
 
 
 def kernel_dtypes(device: str | None = None) -> list[torch.dtype]:

@@ -17,7 +17,7 @@ from mtlfast.backends import BackendError
 from mtlfast.ops.attention import attention_triton, center_keys
 from mtlfast.reference.attention import attention as reference_attention
 from mtlfast.testing import (check_against_reference, float32_dots_are_tf32, fresh_seed, randn, rel_error,
-                             run_without_interpreter, tolerance)
+                             run_without_interpreter, tolerance, compile_for_sm90)
 
 
 def _inputs(B, H, n_q, n_k, d_qk, d_v, *, seed, permuted=False):
@@ -276,10 +276,6 @@ def _compile_sm90() -> None:
     (the same compile-time parameters, from fwd_constexprs / bwd_constexprs): in bfloat16 at every width the
     models call (one program per width, with tails) and a chunked one (1000), plus float32 (exact "ieee" dots)
     at 64 and 288."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from mtlfast.kernels import attention as A
 
     pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA"}
@@ -295,7 +291,7 @@ def _compile_sm90() -> None:
                 sig[name] = "*fp32" if name in ("LSE", "DELTA") else dtype
             else:
                 sig[name] = "fp32" if name.endswith("scale") else "i32"
-        triton.compile(ASTSource(fn, sig, constexprs=meta), target=GPUTarget("cuda", 90, 32), options=options)
+        compile_for_sm90(fn, sig, meta, **options)
 
     count = 0
     # bf16 widths: BridgeNet/TIF's 72, 144, 288, 384 and those the paper-size models call (36, 80, 128, and

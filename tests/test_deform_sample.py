@@ -14,7 +14,8 @@ import mtlfast
 from mtlfast.backends import BackendError
 from mtlfast.ops.deform_sample import deform_sample
 from mtlfast.reference import deform_sample as reference
-from mtlfast.testing import OpNames, check_against_reference, fresh_seed, randn, rel_error, run_without_interpreter
+from mtlfast.testing import (OpNames, check_against_reference, compile_for_sm90, fresh_seed, randn, rel_error,
+                             run_without_interpreter)
 
 # The cpp and cuda backends are the compiled extension; the triton backend and the reference need none.
 needs_extension = pytest.mark.skipif(mtlfast._ext.status().loaded is False,
@@ -599,10 +600,6 @@ def test_triton_kernels_compile_for_sm90():
 
 
 def _compile_sm90() -> None:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from mtlfast.kernels import deform_sample as D
 
     count = 0
@@ -614,8 +611,7 @@ def _compile_sm90() -> None:
         nonlocal count
         sig = {name: "constexpr" if name in constexprs else dtype if name in same_as_values
                else pointer_types.get(name, "i32") for name in fn.arg_names}
-        triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=num_warps))
+        compile_for_sm90(fn, sig, constexprs, num_warps=num_warps)
         count += 1
 
     for dtype in ("*bf16", "*fp32"):

@@ -11,7 +11,7 @@ import mtlfast
 from mtlfast.backends import BackendError
 from mtlfast.ops.em_attention import em_attention
 from mtlfast.reference import em_attention as reference
-from mtlfast.testing import check_against_reference, fresh_seed, randn, run_without_interpreter
+from mtlfast.testing import check_against_reference, compile_for_sm90, fresh_seed, randn, run_without_interpreter
 
 OUTPUTS = ["x_rec", "mu_out", "z"]
 
@@ -261,8 +261,6 @@ def _compile_sm90() -> None:
     """bfloat16 and float32 (exact dots), K = 1 (padded to 16) and K = 64, C = 256 and 512 (the token
     passes' tiles do not depend on C, the M-step's row width does)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from mtlfast.kernels import em_attention as E
     from mtlfast.kernels.attention import dot_precision
@@ -281,8 +279,7 @@ def _compile_sm90() -> None:
                                    else "fp32")
             else:
                 sig[name] = "fp32" if name in ("scale", "eps") else "i32"
-        triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        compile_for_sm90(fn, sig, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         count += 1
 
     for dtype in (torch.bfloat16, torch.float32):

@@ -11,7 +11,8 @@ from mtlfast.backends import BackendError
 from mtlfast.bench.harness import saved_activation_bytes
 from mtlfast.ops.iterative_fusion import choose_materialize, iterative_fusion
 from mtlfast.reference.iterative_fusion import iterative_fusion as reference
-from mtlfast.testing import check_against_reference, fresh_seed, randn, rel_error, run_without_interpreter
+from mtlfast.testing import (check_against_reference, compile_for_sm90, fresh_seed, randn, rel_error,
+                             run_without_interpreter)
 
 VARIANTS = ("A", "B", "C")
 MODES = ("materialize", "recompute")
@@ -315,10 +316,6 @@ def test_kernels_compile_for_sm90():
 def _compile_sm90() -> None:
     """bfloat16 at the default GPU configuration: the softmax pass with and without Co, the step with the
     blend only / the product only (both modes), the adjoint step (variants A and C) and the dq/dk pass."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from mtlfast.kernels import iterative_fusion as K
 
     cfg = K.GPU_CONFIG
@@ -330,8 +327,7 @@ def _compile_sm90() -> None:
         constexprs.update({n: None for n in none})
         sig = {n: "constexpr" if n in constexprs else "*fp64" if n == "da_ptr" else ("*fp32" if n in fp32 else "*bf16")
                if n.endswith("_ptr") else "fp32" if n.endswith("scale") else "i32" for n in fn.arg_names}
-        triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        compile_for_sm90(fn, sig, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     build(K._softmax_kernel, COMPUTE_LSE=True)
     build(K._softmax_kernel, COMPUTE_LSE=False)

@@ -271,10 +271,8 @@ def test_composes_with_torch_compile(device):
 # needed: Triton lowers to PTX and runs its bundled ptxas), which checks what the interpreter does not:
 # dot operand sizes, power-of-two ranges, layouts, shared memory. Runs without TRITON_INTERPRET.
 _COMPILE_SM90 = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from mtlfast.kernels import tpp_attention as K
+from mtlfast.testing import compile_for_sm90
 
 tensors = {"q", "k", "v", "w", "out", "do", "dk", "dv", "dq"}
 # T·H channels and widths: the issue's benchmark shape (8, 288) and BridgeNet's decoder on NYUD (T = 4) and
@@ -288,8 +286,7 @@ for C, D in ((8, 288), (8, 256), (10, 256)):
         signature = {name: "*bf16" if name in tensors else "*fp32" if name in ("lse", "delta", "dw_part")
                      else "fp32" if name == "scale" else "i32" for name in kernel.arg_names if name not in const}
         signature.update({name: "constexpr" for name in const})
-        compiled = triton.compile(ASTSource(kernel, signature, const), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        compiled = compile_for_sm90(kernel, signature, const, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         print(C, D, kernel.__name__, "shared memory", compiled.metadata.shared)
 """
 
