@@ -105,6 +105,44 @@ def test_every_label_decoded(tmp_path):
         ds[0]
 
 
+def test_astmt_archive_layout(tmp_path):
+    """ASTMT's NYUD_MT archive: the folder name, .mat segmentation (variable segmentation, 0 = unlabelled) and
+    depth (variable depth), .jpg normals; decoded as the other archive's files. Errors name the file."""
+    import scipy.io
+
+    base = tmp_path / "NYUD_MT"
+    for sub in ("images", "segmentation", "depth", "normals", "edge", "gt_sets"):
+        (base / sub).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    seg = rng.integers(0, 41, (H, W)).astype(np.uint8)
+    depth = rng.uniform(0.5, 9.0, (H, W))
+    depth[0, 0] = 0.0
+    normals = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(base / "images" / "0001.jpg")
+    Image.fromarray(np.where(rng.uniform(size=(H, W)) > 0.6, 255, 0).astype(np.uint8)).save(base / "edge" / "0001.png")
+    scipy.io.savemat(base / "segmentation" / "0001.mat", {"segmentation": seg})
+    scipy.io.savemat(base / "depth" / "0001.mat", {"depth": depth})  # float64, as MATLAB writes it
+    Image.fromarray(normals).save(base / "normals" / "0001.jpg", quality=95)
+    (base / "gt_sets" / "val.txt").write_text("0001\n")
+    for root in (tmp_path, base):  # the folder under the root, or the root itself
+        s = NYUDv2(root, split="val", transform=identity)[0]
+        assert torch.equal(s["semseg"], torch.from_numpy(np.where(seg == 0, 255, seg.astype(np.int64) - 1)))
+        assert torch.equal(s["depth"][0], torch.from_numpy(depth.astype(np.float32)))
+        stored = np.asarray(Image.open(base / "normals" / "0001.jpg")).astype(np.float64) * 2 / 255 - 1  # lossy
+        length = np.linalg.norm(stored, axis=-1, keepdims=True)
+        valid = (length >= 0.5) & (length <= 1.5)
+        assert np.allclose(s["normals"].permute(1, 2, 0).numpy(), np.where(valid, stored / length, 0), atol=1e-6)
+    scipy.io.savemat(base / "segmentation" / "0001.mat", {"labels": seg})
+    with pytest.raises(DataError, match=r"segmentation.0001\.mat: no variable 'segmentation' \(it holds labels\)"):
+        NYUDv2(base, split="val")[0]
+    scipy.io.savemat(base / "segmentation" / "0001.mat", {"segmentation": seg + 0.5})
+    with pytest.raises(DataError, match=r"segmentation.0001\.mat: non-integer class ids"):
+        NYUDv2(base, split="val")[0]
+    scipy.io.savemat(base / "segmentation" / "0001.mat", {"segmentation": np.full((H, W), 41.0)})
+    with pytest.raises(DataError, match=r"segmentation.0001\.mat: values \[41\] outside 0..40"):
+        NYUDv2(base, split="val")[0]
+
+
 def test_val_split_padding_and_task_subset(tmp_path):
     base, truth = make_nyud(tmp_path)
     ds = build_dataset("nyud", root=base, split="val", tasks=["depth", "semseg"])

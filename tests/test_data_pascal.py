@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mtlfast.data import DataError, build_dataset
-from mtlfast.data.pascal import HUMAN_PART_GROUPS, PASCALContext
+from mtlfast.data.pascal import HUMAN_PART_GROUPS, NORMALS_CONTEXT_CLASSES, PASCALContext
 from data_helpers import identity, snapshot
 
 H, W = 6, 8
@@ -154,13 +154,19 @@ def test_val_split_prefers_voc12_and_pads(tmp_path):
     assert np.array_equal(s["parts"][:H, :W].numpy(), expected) and torch.all(s["parts"][H:] == 255)
 
 
-def test_normals_without_class_lists_warn_on_train_and_refuse_val(tmp_path):
+def test_normals_without_class_lists_use_the_protocol_set(tmp_path):
+    """A folder without json/ (the public code bases ship the class lists with their code): the built-in set of the
+    protocol's NYU classes masks the normals, on every split."""
     base, truth = make_pascal(tmp_path, with_json=False)
-    with pytest.warns(UserWarning, match="nyu_classes.json"):
-        ds = PASCALContext(base, split="train", tasks=["normals"], transform=identity)
-    assert np.allclose(ds[0]["normals"].permute(1, 2, 0).numpy(), _decode_normals(truth["a"]["normals"]), atol=1e-6)
-    with pytest.raises(DataError, match=r"nyu_classes\.json.*normals of split 'val' are evaluated on the NYU classes"):
-        PASCALContext(base, split="val", tasks=["normals"], transform=identity)
+    ids = set(NORMALS_CONTEXT_CLASSES.values())
+    assert len(ids) == len(NORMALS_CONTEXT_CLASSES) == 170 and ids <= set(range(1, 460))
+    assert NORMALS_CONTEXT_CLASSES["tvmonitor"] == 427 and "unknown" not in NORMALS_CONTEXT_CLASSES
+    assert {3, 9} <= ids and not {7, 20} & ids  # the LabelMap ids of the miniature images: kept / masked
+    for split, stem in (("train", "a"), ("val", "c")):
+        ds = PASCALContext(base, split=split, tasks=["normals"], transform=identity)
+        kept = np.isin(truth[stem]["labelmap"], list(ids))[..., None]
+        expected = np.where(kept, _decode_normals(truth[stem]["normals"]), 0)
+        assert np.allclose(ds[0]["normals"].permute(1, 2, 0).numpy(), expected, atol=1e-6)
 
 
 def test_missing_and_corrupt_files_name_the_path(tmp_path):
@@ -173,7 +179,7 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path):
     with pytest.raises(DataError, match=r"trainval.a\.mat"):
         ds[0]
     scipy.io.savemat(base / "pascal-context" / "trainval" / "a.mat", {"Other": np.zeros((H, W))})
-    with pytest.raises(DataError, match="no 'LabelMap'"):
+    with pytest.raises(DataError, match="no variable 'LabelMap'"):
         ds[0]
     Image.fromarray(np.full((H, W), 21, dtype=np.uint8)).save(base / "semseg" / "VOC12" / "a.png")
     ds = PASCALContext(base, split="train", tasks=["semseg"], transform=identity)
@@ -208,3 +214,13 @@ def test_human_parts_errors(tmp_path):
     scipy.io.savemat(base / "human_parts" / "c.mat", {"something": np.zeros(3)})
     with pytest.raises(DataError, match="'anno' struct"):
         ds[0]
+
+
+def test_public_archive_folder_name(tmp_path):
+    """PASCAL_MT/ (the name the public archive unpacks to) is read as PASCALContext/, under the root or as it."""
+    base, _ = make_pascal(tmp_path)
+    base.rename(tmp_path / "PASCAL_MT")
+    for root in (tmp_path, tmp_path / "PASCAL_MT"):
+        assert PASCALContext(root, split="val", tasks=["semseg"]).root == tmp_path / "PASCAL_MT"
+    with pytest.raises(FileNotFoundError, match="is a PASCALContext/ or PASCAL_MT/ folder"):
+        PASCALContext(tmp_path / "PASCAL_MT" / "JPEGImages")

@@ -18,6 +18,7 @@ import torch
 from mtlfast.data.tasks import IGNORE_INDEX, check_tasks
 
 __all__ = ["DataError", "MultiTaskDataset", "SplitDataset", "read_image", "read_label_png", "read_class_png",
+           "check_class_ids", "depth_map", "read_mat_array",
            "read_npy", "read_mat", "read_split", "require_dir", "require_file", "resolve_root", "decode_normals",
            "label_boundaries", "to_sample"]
 
@@ -78,10 +79,22 @@ def read_class_png(path: Path, top: int, note: str = "") -> np.ndarray:
     raw = read_label_png(path)
     if raw.ndim != 2:
         raise DataError(f"segmentation file {path}: expected a single-channel PNG, got shape {raw.shape}")
+    return check_class_ids(raw, path, top, note)
+
+
+def check_class_ids(raw: np.ndarray, path: Path, top: int, note: str = "") -> np.ndarray:
+    """``raw`` (H, W) as int64 class ids, each an integer in 0..``top`` or 255 (ignore), else an error naming
+    ``path`` (``note`` follows the range)."""
+    if raw.ndim != 2:
+        raise DataError(f"segmentation file {path}: expected an (H, W) map, got shape {raw.shape}")
+    if raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)):  # NaN included
+        raise DataError(f"segmentation file {path}: non-integer class ids")
+    if raw.dtype.kind not in "uif":
+        raise DataError(f"segmentation file {path}: expected numeric class ids, got {raw.dtype}")
     raw = raw.astype(np.int64)
-    bad = (raw > top) & (raw != IGNORE_INDEX)
+    bad = ((raw < 0) | (raw > top)) & (raw != IGNORE_INDEX)
     if bad.any():
-        raise DataError(f"segmentation file {path}: values {sorted(np.unique(raw[bad]))[:5]} outside 0..{top}{note} "
+        raise DataError(f"segmentation file {path}: values {np.unique(raw[bad]).tolist()[:5]} outside 0..{top}{note} "
                         "and 255")
     return raw
 
@@ -96,7 +109,14 @@ def read_npy(path: Path) -> np.ndarray:
 
 def read_depth_npy(path: Path, what: str = "depth file") -> np.ndarray:
     """float32 (H, W) from a ``.npy`` of shape (H, W), (H, W, 1) or (1, H, W), values as stored."""
-    depth = read_npy(path).astype(np.float32)
+    return depth_map(read_npy(path), path, what)
+
+
+def depth_map(values: np.ndarray, path: Path, what: str = "depth file") -> np.ndarray:
+    """float32 (H, W) from an array of shape (H, W), (H, W, 1) or (1, H, W) read from ``path``."""
+    if values.dtype.kind not in "uif":
+        raise DataError(f"{what} {path}: expected numbers, got {values.dtype}")
+    depth = values.astype(np.float32)
     if depth.ndim == 3 and 1 in (depth.shape[0], depth.shape[-1]):
         depth = depth.reshape(depth.shape[1:] if depth.shape[0] == 1 else depth.shape[:2])
     if depth.ndim != 2:
@@ -113,6 +133,15 @@ def read_mat(path: Path) -> dict:
         return scipy.io.loadmat(str(path), struct_as_record=True, squeeze_me=False)
     except Exception as exc:  # scipy raises ValueError, MatReadError, TypeError... on corrupt files
         raise DataError(f"cannot read .mat file {path}: {exc}") from exc
+
+
+def read_mat_array(path: Path, key: str) -> np.ndarray:
+    """The array stored under ``key`` in a MATLAB file (e.g. ASTMT's NYUD ``segmentation`` / ``depth`` .mat)."""
+    content = read_mat(path)
+    if key not in content:
+        found = sorted(k for k in content if not k.startswith("__"))
+        raise DataError(f".mat file {path}: no variable {key!r} (it holds {', '.join(found) or 'none'})")
+    return np.asarray(content[key])
 
 
 def decode_normals(values: np.ndarray, path: Path) -> np.ndarray:
@@ -198,9 +227,10 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                             f"{tuple(image_shape[:2])}")
 
 
-def resolve_root(root: str | os.PathLike | None, folder: str) -> Path:
-    """The dataset folder: ``root`` itself when it is named ``folder``, else ``root/folder``; root=None reads
-    the environment variable MTLFAST_DATA (a folder holding NYUDv2/ and PASCALContext/)."""
+def resolve_root(root: str | os.PathLike | None, folder: str, aliases: Sequence[str] = ()) -> Path:
+    """The dataset folder: ``root`` itself when it is named ``folder`` (or one of ``aliases``: the names the public
+    releases unpack to, e.g. NYUD_MT/), else ``root/folder`` (or ``root/<alias>``); root=None reads the
+    environment variable MTLFAST_DATA (a folder holding NYUDv2/ and PASCALContext/)."""
     if root is None:
         env = os.environ.get("MTLFAST_DATA")
         if not env:
@@ -208,12 +238,14 @@ def resolve_root(root: str | os.PathLike | None, folder: str) -> Path:
                                     "MTLFAST_DATA")
         root = env
     root = Path(root).expanduser()
-    if root.name == folder:
+    names = (folder, *aliases)
+    if root.name in names:
         return require_dir(root, "dataset root")
-    candidate = root / folder
-    if candidate.is_dir():
-        return candidate
-    raise FileNotFoundError(f"dataset folder not found: neither {root} nor {candidate} is a {folder}/ folder")
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(f"dataset folder not found: neither {root} nor {root / folder} is a "
+                            f"{'/ or '.join(names)}/ folder")
 
 
 
@@ -226,13 +258,14 @@ class SplitDataset(MultiTaskDataset):
     """
 
     folder = split_folder = image_folder = ""
+    folder_aliases: tuple[str, ...] = ()  # other names of ``folder``: those the public releases unpack to
     splits = ("train", "val")
 
     def __init__(self, root, split: str, tasks: Sequence[str] | None, transform: Callable[[dict], dict] | None):
         super().__init__(tasks, transform)
         if split not in self.splits:
             raise ValueError(f"split: unknown split {split!r} for {self.name}; valid: {', '.join(self.splits)}")
-        self.root = resolve_root(root, self.folder)
+        self.root = resolve_root(root, self.folder, self.folder_aliases)
         self.split = split
         self.ids = read_split(require_dir(self.root / self.split_folder, f"{self.folder} split folder")
                               / f"{split}.txt")

@@ -2,14 +2,19 @@
 
 ::
 
-    NYUDv2/
+    NYUDv2/ (or NYUD_MT/, the name the public archives unpack to)
       images/<id>.png|.jpg        RGB
-      segmentation/<id>.png       0 = unlabelled, 1..40 = classes       -> semseg: 0 -> 255, v -> v - 1
-      depth/<id>.npy              metres, (H,W), (H,W,1) or (1,H,W)      -> depth; 0 / NaN / <0 -> 0 (invalid)
-      normals/<id>.png|.npy       png: 2 v / 255 - 1; npy: values        -> unit normals; |n| not in [0.5, 1.5] -> 0
+      segmentation/<id>.png|.mat  0 = unlabelled, 1..40 = classes       -> semseg: 0 -> 255, v -> v - 1
+      depth/<id>.npy|.mat         metres, (H,W), (H,W,1) or (1,H,W)      -> depth; 0 / NaN / <0 -> 0 (invalid)
+      normals/<id>.png|.jpg|.npy  png/jpg: 2 v / 255 - 1; npy: values    -> unit normals; |n| not in [0.5, 1.5] -> 0
       edge/<id>.png|.npy          png: v / 255 >= 0.5 (a 0/1 png: v >= 0.5); npy: v >= 0.5 -> {0,1}
                                   (npy: 255 stays 255, ignored; a png of only 0, 1 and 255 is ambiguous: refused)
       gt_sets/train.txt, val.txt  one image id per line
+
+The ``.mat`` segmentation (variable ``segmentation``), ``.mat`` depth (variable ``depth``) and ``.jpg`` normals
+are those of ASTMT's NYUD_MT archive; the other files those of the MTI-Net / InvPT one. ASTMT trained 41-way
+(unlabelled as a class); here both archives give the 40 classes of DESIGN.md §5 (unlabelled ignored), as
+MTI-Net and the later methods evaluate.
 
 Segmentation values other than 0..40 and 255 (kept as ignore) are reported as a corrupt file, and so are
 depth values above :data:`MAX_DEPTH_M` (depth stored in millimetres). Every
@@ -22,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mtlfast.data.base import (DataError, SplitDataset, decode_normals, read_class_png, read_depth_npy,
-                               read_label_png, read_npy, require_dir)
+from mtlfast.data.base import (DataError, SplitDataset, check_class_ids, decode_normals, depth_map, read_class_png,
+                               read_depth_npy, read_label_png, read_mat_array, read_npy, require_dir)
 from mtlfast.data.tasks import IGNORE_INDEX
 
 __all__ = ["NYUDv2", "MAX_DEPTH_M"]
@@ -32,8 +37,8 @@ __all__ = ["NYUDv2", "MAX_DEPTH_M"]
 MAX_DEPTH_M = 100.0
 
 # task -> (folder, accepted extensions in order of preference)
-_FILES = {"semseg": ("segmentation", (".png",)), "depth": ("depth", (".npy",)),
-          "normals": ("normals", (".png", ".npy")), "edge": ("edge", (".png", ".npy"))}
+_FILES = {"semseg": ("segmentation", (".png", ".mat")), "depth": ("depth", (".npy", ".mat")),
+          "normals": ("normals", (".png", ".jpg", ".npy")), "edge": ("edge", (".png", ".npy"))}
 
 
 def _find(folder: Path, stem: str, extensions) -> Path:
@@ -49,6 +54,7 @@ class NYUDv2(SplitDataset):
 
     name = "nyud"
     folder, split_folder, image_folder = "NYUDv2", "gt_sets", "images"
+    folder_aliases = ("NYUD_MT",)
 
     def __init__(self, root=None, split: str = "train", tasks=None, transform=None):
         super().__init__(root, split, tasks, transform)
@@ -64,12 +70,15 @@ class NYUDv2(SplitDataset):
 
     @staticmethod
     def _semseg(path: Path) -> np.ndarray:
-        raw = read_class_png(path, 40, " (0 = unlabelled)")
+        if path.suffix == ".mat":
+            raw = check_class_ids(read_mat_array(path, "segmentation"), path, 40, " (0 = unlabelled)")
+        else:
+            raw = read_class_png(path, 40, " (0 = unlabelled)")
         return np.where((raw == 0) | (raw == IGNORE_INDEX), IGNORE_INDEX, raw - 1)
 
     @staticmethod
     def _depth(path: Path) -> np.ndarray:
-        depth = read_depth_npy(path)
+        depth = depth_map(read_mat_array(path, "depth"), path) if path.suffix == ".mat" else read_depth_npy(path)
         finite = depth[np.isfinite(depth)]
         if finite.size and finite.max() > MAX_DEPTH_M:  # the Kinect's range is ~10 m
             raise DataError(f"depth file {path}: values up to {finite.max():g}, expected metres (<= {MAX_DEPTH_M:g}); "
@@ -78,7 +87,7 @@ class NYUDv2(SplitDataset):
 
     @staticmethod
     def _normals(path: Path) -> np.ndarray:
-        values = read_label_png(path, "RGB") if path.suffix == ".png" else read_npy(path)
+        values = read_npy(path) if path.suffix == ".npy" else read_label_png(path, "RGB")
         return decode_normals(values, path)
 
     @staticmethod

@@ -3,7 +3,7 @@ MTI-Net with 5 tasks).
 
 ::
 
-    PASCALContext/
+    PASCALContext/ (or PASCAL_MT/, the name the public archives unpack to)
       JPEGImages/<id>.jpg
       ImageSets/Context/train.txt, val.txt        one image id per line
       semseg/VOC12/<id>.png, else semseg/pascal-context/<id>.png
@@ -28,27 +28,27 @@ Conventions implemented:
   (their ``AddIgnoreRegions``: such images would otherwise train and score the parts head as pure
   background); training crops without a part pixel are ignored too (:class:`~mtlfast.data.transforms.RandomCrop`,
   as InvPT). An unknown part name is an error.
-- normals: unit vectors; when both json files exist, only pixels whose ``LabelMap`` class is one of the
-  NYU classes (``context_classes.json`` maps names to LabelMap ids; ``nyu_classes.json`` lists names;
-  "unknown" excluded, "tvmonitor" added) keep their normal, all others become the zero vector (invalid),
-  as in the public protocol. Without the json files the train split keeps every pixel (with a warning) and
-  any other split is an error (its normals metric would not follow the protocol).
+- normals: unit vectors; only pixels whose ``LabelMap`` class is one of the NYU classes keep their normal, all
+  others become the zero vector (invalid), as in the public protocol: the context classes whose names are
+  NYUD-v2 class names ("unknown" excluded, "tvmonitor" added), from the folder's json files when both exist
+  (``context_classes.json`` maps names to LabelMap ids; ``nyu_classes.json`` lists names), else
+  :data:`NORMALS_CONTEXT_CLASSES` (the same set; the public code bases ship these lists with their code, not
+  with the data).
 - sal: ``v / 255 > 0.5`` -> 1 else 0; no ignored pixels.
 - semseg: values as stored (palette PNGs give indices); anything outside 0..20 and 255 is an error.
 """
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from mtlfast.data.base import (DataError, SplitDataset, decode_normals, label_boundaries, read_class_png,
-                               read_label_png, read_mat, require_dir, require_file)
+                               read_label_png, read_mat, read_mat_array, require_dir, require_file)
 from mtlfast.data.tasks import IGNORE_INDEX
 
-__all__ = ["PASCALContext", "HUMAN_PART_GROUPS", "PERSON_CLASS"]
+__all__ = ["PASCALContext", "HUMAN_PART_GROUPS", "PERSON_CLASS", "NORMALS_CONTEXT_CLASSES"]
 
 PERSON_CLASS = 15
 _GROUP_NAMES = {
@@ -62,6 +62,37 @@ _GROUP_NAMES = {
 #: PASCAL-Part person part name -> parts class (1..6).
 HUMAN_PART_GROUPS = {name: group for group, names in _GROUP_NAMES.items() for name in names}
 
+#: The PASCAL-Context classes (name -> ``LabelMap`` id of the 459-class list) whose pixels keep their distilled
+#: normal: the public protocol's set, computed once from the class lists that ASTMT / MTI-Net ship with their code
+#: (data/db_info/context_classes.json, nyu_classes.json: the context names that are also NYUD-v2 class names,
+#: except "unknown", plus "tvmonitor"); 170 classes.
+NORMALS_CONTEXT_CLASSES = {
+    "air conditioner": 3, "antenna": 4, "ashtray": 6, "bag": 9, "ball": 10, "balloon": 11, "barrel": 13,
+    "basket": 15, "bathtub": 17, "bed": 18, "bench": 22, "bicycle": 23, "blackboard": 29, "board": 30, "book": 33,
+    "bottle": 34, "bowl": 36, "box": 37, "bracelet": 38, "brick": 39, "broom": 41, "bucket": 43, "cabinet": 46,
+    "cake": 49, "calculator": 50, "calendar": 51, "camera": 53, "can": 55, "candle": 56, "car": 59, "cart": 61,
+    "case": 62, "cat": 65, "cd": 66, "ceiling": 68, "cell phone": 69, "chair": 72, "chessboard": 73, "clock": 78,
+    "coffee machine": 83, "comb": 84, "computer": 85, "cone": 87, "container": 88, "corkscrew": 95, "counter": 96,
+    "crate": 101, "cup": 104, "curtain": 105, "cutting board": 107, "dishwasher": 111, "dog": 113, "door": 115,
+    "drum": 122, "duck": 124, "envelope": 135, "fan": 141, "faucet": 142, "fax machine": 143,
+    "fire extinguisher": 146, "fish tank": 150, "flag": 154, "flashlight": 157, "floor": 158, "flower": 159,
+    "fork": 165, "fruit": 172, "furnace": 174, "glass": 181, "globe": 183, "glove": 184, "guitar": 191,
+    "hammer": 193, "handle": 195, "hanger": 197, "hat": 199, "heater": 202, "ipod": 213, "ironing board": 215,
+    "jar": 216, "key": 219, "keyboard": 220, "knife": 223, "ladder": 225, "laptop": 228, "lid": 230, "light": 232,
+    "light bulb": 233, "lock": 238, "machine": 239, "map": 242, "mask": 243, "mattress": 246, "microphone": 250,
+    "microwave": 251, "mirror": 252, "money": 255, "mouse": 260, "mouse pad": 261, "napkin": 263, "oven": 269,
+    "pan": 272, "paper": 273, "paper cutter": 275, "pen": 281, "pencil": 283, "person": 284, "photo": 285,
+    "piano": 286, "picture": 287, "pig": 288, "pillow": 290, "pipe": 291, "pitcher": 292, "plant": 293, "plate": 295,
+    "pool table": 304, "pot": 307, "printer": 309, "projector": 310, "radiator": 314, "radio": 315,
+    "range hood": 319, "remote control": 323, "rope": 329, "rug": 330, "ruler": 331, "scale": 336, "sculpture": 342,
+    "sewing machine": 345, "shelves": 349, "shoe": 350, "shopping cart": 351, "shovel": 352, "sign": 355,
+    "sink": 357, "sofa": 368, "spatula": 370, "speaker": 371, "spoon": 374, "stapler": 379, "stick": 380,
+    "stool": 383, "stove": 384, "table": 397, "tape": 401, "telephone": 403, "tent": 405, "toaster": 407,
+    "toilet": 408, "toothbrush": 411, "towel": 412, "toy": 413, "toy car": 414, "trampoline": 417, "tray": 419,
+    "tricycle": 421, "trophy": 423, "tvmonitor": 427, "typewriter": 429, "umbrella": 430, "vacuum cleaner": 432,
+    "wall": 440, "wallet": 441, "wardrobe": 442, "washing machine": 443, "watch": 444, "water dispenser": 446,
+    "window": 454, "wire": 457}
+
 
 def _scalar(value):
     return np.asarray(value).ravel()[0]
@@ -72,11 +103,12 @@ class PASCALContext(SplitDataset):
 
     name = "pascal"
     folder, split_folder, image_folder = "PASCALContext", "ImageSets/Context", "JPEGImages"
+    folder_aliases = ("PASCAL_MT",)
 
     def __init__(self, root=None, split: str = "train", tasks=None, transform=None):
         super().__init__(root, split, tasks, transform)
         self.normal_classes = self._normal_classes() if "normals" in self.tasks else None
-        need_labelmap = "edge" in self.tasks or self.normal_classes is not None
+        need_labelmap = "edge" in self.tasks or "normals" in self.tasks  # edges and the normals' class mask
         if need_labelmap:
             context_dir = require_dir(self.root / "pascal-context" / "trainval", "PASCALContext LabelMap files")
         if "semseg" in self.tasks:
@@ -106,17 +138,12 @@ class PASCALContext(SplitDataset):
                     entry[task] = require_file(self.root / folder / f"{stem}{ext}", f"{task} label")
             self.files.append(entry)
 
-    def _normal_classes(self) -> set[int] | None:
+    def _normal_classes(self) -> set[int]:
+        """LabelMap ids of the NYU classes (normals kept): from the folder's json/ class lists when both exist,
+        else :data:`NORMALS_CONTEXT_CLASSES`."""
         nyu_path, ctx_path = self.root / "json" / "nyu_classes.json", self.root / "json" / "context_classes.json"
         if not (nyu_path.is_file() and ctx_path.is_file()):
-            what = (f"{nyu_path} / {ctx_path} not found (they come with the PASCAL-Context release of the "
-                    "multi-task benchmark, folder json/)")
-            if self.split != "train":  # the metric would not be the published protocol's
-                raise DataError(f"{what}: normals of split {self.split!r} are evaluated on the NYU classes only; "
-                                "without the class lists they cannot be")
-            warnings.warn(f"{what}: training normals are used on every pixel, not only on the NYU classes of "
-                          "the public protocol", stacklevel=3)
-            return None
+            return set(NORMALS_CONTEXT_CLASSES.values())
         try:
             nyu, context = json.loads(nyu_path.read_text()), json.loads(ctx_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -144,10 +171,7 @@ class PASCALContext(SplitDataset):
 
     @staticmethod
     def _labelmap(path: Path) -> np.ndarray:
-        mat = read_mat(path)
-        if "LabelMap" not in mat:
-            raise DataError(f"{path}: no 'LabelMap' variable (has {sorted(k for k in mat if not k.startswith('__'))})")
-        labelmap = np.asarray(mat["LabelMap"])
+        labelmap = read_mat_array(path, "LabelMap")
         if labelmap.ndim != 2:
             raise DataError(f"{path}: LabelMap should be 2-d, got shape {labelmap.shape}")
         return labelmap
@@ -160,9 +184,9 @@ class PASCALContext(SplitDataset):
     def _sal(path: Path) -> np.ndarray:
         return (read_label_png(path, "L").astype(np.float32) / 255.0 > 0.5).astype(np.float32)
 
-    def _normals(self, path: Path, labelmap: np.ndarray | None) -> np.ndarray:
+    def _normals(self, path: Path, labelmap: np.ndarray) -> np.ndarray:
         normals = decode_normals(read_label_png(path, "RGB"), path)
-        if self.normal_classes is not None and normals.shape[:2] == labelmap.shape:
+        if normals.shape[:2] == labelmap.shape:
             normals[~np.isin(labelmap, list(self.normal_classes))] = 0.0
         return normals
 
