@@ -224,3 +224,29 @@ def test_public_archive_folder_name(tmp_path):
         assert PASCALContext(root, split="val", tasks=["semseg"]).root == tmp_path / "PASCAL_MT"
     with pytest.raises(FileNotFoundError, match="is a PASCALContext/ or PASCAL_MT/ folder"):
         PASCALContext(tmp_path / "PASCAL_MT" / "JPEGImages")
+
+
+def test_laplacian_boundaries_are_the_public_rule():
+    """PASCAL's edge labels: pixels whose 4-neighbour Laplacian (OpenCV ksize 1, border mirrored without repeating
+    the edge pixel) is non-zero, then thinned: equal to that formula written per pixel, on random maps where label
+    values cancel; a pixel between labels 3 and 5 with label 4 is no edge (as in the public ground truth)."""
+    from skimage.morphology import thin
+
+    from mtlfast.data.base import label_boundaries, laplacian_boundaries
+
+    def mirror(i, n):
+        return -i if i < 0 else 2 * (n - 1) - i if i >= n else i
+
+    rng = np.random.default_rng(5)
+    for shape in ((7, 9), (12, 5), (16, 16)):
+        lab = rng.integers(0, 4, shape) * rng.integers(1, 3, shape)
+        h, w = shape
+        band = np.zeros(shape, dtype=bool)
+        for y in range(h):
+            for x in range(w):
+                around = (lab[mirror(y - 1, h), x] + lab[mirror(y + 1, h), x] + lab[y, mirror(x - 1, w)]
+                          + lab[y, mirror(x + 1, w)])
+                band[y, x] = around - 4 * lab[y, x] != 0
+        assert np.array_equal(laplacian_boundaries(lab.astype(np.uint16)), thin(band).astype(np.float32))
+    lab = np.repeat(np.array([[3, 3, 4, 5, 5]]), 4, axis=0)
+    assert laplacian_boundaries(lab)[:, 2].sum() == 0 and label_boundaries(lab)[:, 2].sum() > 0

@@ -16,8 +16,8 @@ MTI-Net with 5 tasks).
 
 Conventions implemented:
 
-- edge: boundaries of ``LabelMap`` (4-neighbour label change), thinned to one pixel
-  (:func:`mtlfast.data.base.label_boundaries`); no ignored pixels.
+- edge: boundaries of ``LabelMap`` where its 4-neighbour Laplacian is not zero, thinned to one pixel, as the
+  public code derives them (:func:`mtlfast.data.base.laplacian_boundaries`); no ignored pixels.
 - parts: from ``anno.objects`` (fields class, class_ind, mask, parts{part_name, mask}). Background 0
   everywhere; for every object with ``class_ind == 15`` (person) that has part annotations, each part
   mask is painted with its group, in file order (later parts overwrite earlier ones): 1 head (head,
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtlfast.data.base import (DataError, SplitDataset, decode_normals, label_boundaries, read_class_png,
+from mtlfast.data.base import (DataError, SplitDataset, decode_normals, laplacian_boundaries, read_class_png,
                                read_label_png, read_mat, read_mat_array, require_dir, require_file)
 from mtlfast.data.tasks import IGNORE_INDEX
 
@@ -160,7 +160,7 @@ class PASCALContext(SplitDataset):
         labels = {}
         for task in self.tasks:
             if task == "edge":
-                labels[task] = label_boundaries(labelmap)
+                labels[task] = laplacian_boundaries(labelmap)
             elif task == "normals":
                 labels[task] = self._normals(files[task], labelmap)
             elif task == "parts":
