@@ -94,6 +94,9 @@ def test_every_label_decoded(tmp_path):
             assert np.array_equal(edge, expected)
             assert edge[0, :3].tolist() == [1.0, 255.0, 0.0]
     assert snapshot(base) == before  # nothing written
+    # an (H, W, 1) edge .npy reads as the (H, W) one
+    np.save(base / "edge" / "0002.npy", truth["0002"]["edge"][..., None])
+    assert torch.equal(ds[1]["edge"], s["edge"])
     # a 0/1 edge png (not 0/255) keeps its edges
     Image.fromarray((truth["0001"]["edge"] >= 128).astype(np.uint8)).save(base / "edge" / "0001.png")
     assert np.array_equal(ds[0]["edge"][0].numpy(), (truth["0001"]["edge"] >= 128).astype(np.float32))

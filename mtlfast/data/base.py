@@ -18,7 +18,7 @@ import torch
 from mtlfast.data.tasks import IGNORE_INDEX, check_tasks
 
 __all__ = ["DataError", "MultiTaskDataset", "SplitDataset", "read_image", "read_label_png", "read_class_png",
-           "check_class_ids", "depth_map", "read_mat_array",
+           "check_class_ids", "single_channel_map", "read_mat_array",
            "read_npy", "read_mat", "read_split", "require_dir", "require_file", "resolve_root", "decode_normals",
            "label_boundaries", "laplacian_boundaries", "to_sample"]
 
@@ -109,19 +109,19 @@ def read_npy(path: Path) -> np.ndarray:
 
 def read_depth_npy(path: Path, what: str = "depth file") -> np.ndarray:
     """float32 (H, W) from a ``.npy`` of shape (H, W), (H, W, 1) or (1, H, W), values as stored."""
-    return depth_map(read_npy(path), path, what)
+    return single_channel_map(read_npy(path), path, what)
 
 
-def depth_map(values: np.ndarray, path: Path, what: str = "depth file") -> np.ndarray:
-    """float32 (H, W) from an array of shape (H, W), (H, W, 1) or (1, H, W) read from ``path``."""
-    if values.dtype.kind not in "uif":
+def single_channel_map(values: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """float32 (H, W) from an array of shape (H, W), (H, W, 1) or (1, H, W) read from ``path`` (a ``what``)."""
+    if values.dtype.kind not in "buif":
         raise DataError(f"{what} {path}: expected numbers, got {values.dtype}")
-    depth = values.astype(np.float32)
-    if depth.ndim == 3 and 1 in (depth.shape[0], depth.shape[-1]):
-        depth = depth.reshape(depth.shape[1:] if depth.shape[0] == 1 else depth.shape[:2])
-    if depth.ndim != 2:
-        raise DataError(f"{what} {path}: expected an (H, W) array, got shape {depth.shape}")
-    return depth
+    values = values.astype(np.float32)
+    if values.ndim == 3 and 1 in (values.shape[0], values.shape[-1]):
+        values = values.reshape(values.shape[1:] if values.shape[0] == 1 else values.shape[:2])
+    if values.ndim != 2:
+        raise DataError(f"{what} {path}: expected an (H, W) array, got shape {values.shape}")
+    return values
 
 
 def read_mat(path: Path) -> dict:

@@ -7,7 +7,7 @@
       segmentation/<id>.png|.mat  0 = unlabelled, 1..40 = classes       -> semseg: 0 -> 255, v -> v - 1
       depth/<id>.npy|.mat         metres, (H,W), (H,W,1) or (1,H,W)      -> depth; 0 / NaN / <0 -> 0 (invalid)
       normals/<id>.png|.jpg|.npy  png/jpg: 2 v / 255 - 1; npy: values    -> unit normals; |n| not in [0.5, 1.5] -> 0
-      edge/<id>.png|.npy          png: v / 255 >= 0.5 (a 0/1 png: v >= 0.5); npy: v >= 0.5 -> {0,1}
+      edge/<id>.png|.npy          png: v / 255 >= 0.5 (a 0/1 png: v >= 0.5); npy (as depth): v >= 0.5 -> {0,1}
                                   (npy: 255 stays 255, ignored; a png of only 0, 1 and 255 is ambiguous: refused)
       gt_sets/train.txt, val.txt  one image id per line
 
@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mtlfast.data.base import (DataError, SplitDataset, check_class_ids, decode_normals, depth_map, read_class_png,
-                               read_depth_npy, read_label_png, read_mat_array, read_npy, require_dir)
+from mtlfast.data.base import (DataError, SplitDataset, check_class_ids, decode_normals, read_class_png,
+                               read_depth_npy, read_label_png, read_mat_array, read_npy, require_dir,
+                               single_channel_map)
 from mtlfast.data.tasks import IGNORE_INDEX
 
 __all__ = ["NYUDv2", "MAX_DEPTH_M"]
@@ -78,7 +79,8 @@ class NYUDv2(SplitDataset):
 
     @staticmethod
     def _depth(path: Path) -> np.ndarray:
-        depth = depth_map(read_mat_array(path, "depth"), path) if path.suffix == ".mat" else read_depth_npy(path)
+        depth = (single_channel_map(read_mat_array(path, "depth"), path, "depth file") if path.suffix == ".mat"
+                 else read_depth_npy(path))
         finite = depth[np.isfinite(depth)]
         if finite.size and finite.max() > MAX_DEPTH_M:  # the Kinect's range is ~10 m
             raise DataError(f"depth file {path}: values up to {finite.max():g}, expected metres (<= {MAX_DEPTH_M:g}); "
@@ -103,9 +105,6 @@ class NYUDv2(SplitDataset):
                                 "without ignored pixels")
             raw = raw / 255.0 if raw.max() > 1 else raw  # 0/255 maps, or 0/1 ones (which /255 would empty)
         else:
-            raw = read_npy(path).astype(np.float32)
-            raw = raw.reshape(raw.shape[1:]) if raw.ndim == 3 and raw.shape[0] == 1 else raw
+            raw = single_channel_map(read_npy(path), path, "edge file")
             raw = np.where(raw == IGNORE_INDEX, np.nan, raw)
-        if raw.ndim != 2:
-            raise DataError(f"edge file {path}: expected an (H, W) map, got shape {raw.shape}")
         return np.where(np.isnan(raw), IGNORE_INDEX, (raw >= 0.5).astype(np.float32)).astype(np.float32)
