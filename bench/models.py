@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+import torch.utils.checkpoint
 
 from mtlfast.backends import use_backend
 from mtlfast.bench.harness import _error_text, _stop_if_cuda_lost, cuda_peak_and_start
@@ -155,8 +156,9 @@ class _Runner:
 
 #: Rows of a :func:`block_breakdown` beside the blocks: the loss (forward and backward), the optimiser step.
 LOSS, OPTIMIZER = "(loss)", "(optimizer step)"
-#: Columns of a :func:`block_breakdown` row (milliseconds).
-BREAKDOWN_PHASES = ("infer_ms", "train_fwd_ms", "train_bwd_ms", "train_opt_ms")
+#: Columns of a :func:`block_breakdown` row (milliseconds); a training step is the sum of the train_* ones.
+BREAKDOWN_PHASES = ("infer_ms", "train_fwd_ms", "train_bwd_ms", "train_recompute_ms", "train_opt_ms")
+TRAIN_PHASES = BREAKDOWN_PHASES[1:]
 
 
 class _Timeline:
@@ -225,8 +227,12 @@ def block_breakdown(runner: _Runner, images: torch.Tensor, labels: dict[str, tor
       ``mtlfast info --models --blocks`` charges saved bytes), so the rows add up to the whole step;
     - ``train_bwd_ms``: every autograd node is charged to the block whose forward created it (its sequence number
       lies between the block's forward hooks), a parameter's gradient accumulation to the innermost block holding
-      the parameter; a checkpointed stage's recomputation runs inside the backward node that needs it, and is
-      charged to that node's block;
+      the parameter;
+    - ``train_recompute_ms``: the forward of an activation-checkpointed block run again inside the backward node
+      that needs its tensors; the node's own work outside recomputed blocks stays its block's backward. The
+      instrumented step recomputes checkpoints whole (a training step stops once the needed tensors are back,
+      possibly before a stage's last ops). With reentrant checkpointing the backward of the recomputed graph is
+      charged to the block that called ``checkpoint`` (its nodes do not exist before the backward runs);
     - rows :data:`OUTSIDE_BLOCKS` (the model's own forward code), :data:`LOSS`, :data:`OPTIMIZER`;
     - ``infer_mem_increase_bytes`` (GPU): allocated bytes after minus before the block's inference segments.
 
@@ -251,30 +257,42 @@ def block_breakdown(runner: _Runner, images: torch.Tensor, labels: dict[str, tor
         model.train()
         runner.optimizer.zero_grad(set_to_none=True)
         created: list[tuple[int, str]] = []  # (sequence number, block creating the nodes from there on)
+        node_owner = [None]  # the block of the backward node running; None during the forward
 
-        def forward_change(block: str) -> None:
-            created.append((_sequence_nr(), block))
-            timeline.switch(("train_fwd_ms", block))
+        def block_change(block: str) -> None:
+            if node_owner[0] is None:
+                created.append((_sequence_nr(), block))
+                timeline.switch(("train_fwd_ms", block))
+            elif block != OUTSIDE_BLOCKS:  # a checkpoint recomputes this block's forward
+                timeline.switch(("train_recompute_ms", block))
+            else:  # the recomputation left its outermost block: the node's own backward goes on
+                timeline.switch(("train_bwd_ms", node_owner[0]))
 
-        with runner.autocast:
-            with running_block(model, forward_change):
-                forward_change(OUTSIDE_BLOCKS)
+        def before_node(owner: str) -> None:
+            node_owner[0] = owner
+            timeline.switch(("train_bwd_ms", owner))
+
+        # checkpoints recompute whole (no early stop, which would end a recomputation inside its blocks, unseen)
+        with running_block(model, block_change), torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            with runner.autocast:
+                block_change(OUTSIDE_BLOCKS)
                 preds, aux = model.forward_train(images)
-            forward_change(LOSS)
-            total, _ = runner.loss(preds, labels, aux)
-        timeline.switch(None)
-        starts = [n for n, _ in created]
-        handles = []
-        for node in _autograd_nodes(total.grad_fn):
-            variable = getattr(node, "variable", None)  # AccumulateGrad of a parameter
-            owner = (holder.get(id(variable), OUTSIDE_BLOCKS) if variable is not None
-                     else created[max(bisect.bisect_right(starts, node._sequence_nr()) - 1, 0)][1])
-            handles.append(node.register_prehook(lambda grads, owner=owner: timeline.switch(("train_bwd_ms", owner))))
-        try:
-            total.backward()
-        finally:
-            for handle in handles:
-                handle.remove()
+                created.append((_sequence_nr(), LOSS))
+                timeline.switch(("train_fwd_ms", LOSS))
+                total, _ = runner.loss(preds, labels, aux)
+            timeline.switch(None)
+            starts = [n for n, _ in created]
+            handles = []
+            for node in _autograd_nodes(total.grad_fn):
+                variable = getattr(node, "variable", None)  # AccumulateGrad of a parameter
+                owner = (holder.get(id(variable), OUTSIDE_BLOCKS) if variable is not None
+                         else created[max(bisect.bisect_right(starts, node._sequence_nr()) - 1, 0)][1])
+                handles.append(node.register_prehook(lambda grads, owner=owner: before_node(owner)))
+            try:
+                total.backward()
+            finally:
+                for handle in handles:
+                    handle.remove()
         timeline.switch(("train_opt_ms", OPTIMIZER))
         runner.optimizer.step()
         timeline.switch(None)
@@ -332,9 +350,10 @@ def max_batch(runner: _Runner, limit: int = 256, deadline: float | None = None) 
 
 def failures(results: list[dict]) -> list[str]:
     """``setting/path: error`` of every path that failed other than by running out of memory (an OOM at the
-    paper's batch size is a result; any other error is a defect)."""
+    paper's batch size is a result; any other error is a defect), and of every failed batch search or breakdown."""
+    keys = ("error", "max_train_batch_error", "blocks_error")
     return [f"{res['setting']}/{path}: {e[key]}" for res in results for path, e in res["paths"].items()
-            for key in ("error", "max_train_batch_error") if key in e and not (key == "error" and e["out_of_memory"])]
+            for key in keys if key in e and not (key == "error" and e["out_of_memory"])]
 
 
 RATIO_KEYS = ("train_ms", "infer_ms", "train_peak_bytes", "train_peak_above_start_bytes", "infer_peak_bytes")
@@ -354,8 +373,12 @@ def _measure_path(entry: dict, setting: ModelSetting, runner: _Runner, reps: int
             "train_ms": train_ms, "train_images_per_s": setting.batch / train_ms * 1e3,
             "train_peak_bytes": train_peak, "train_peak_above_start_bytes": train_above,
             "infer_ms": infer_ms, "infer_images_per_s": setting.batch / infer_ms * 1e3,
-            "infer_peak_bytes": infer_peak, "infer_peak_above_start_bytes": infer_above,
-            "blocks": block_breakdown(runner, images, labels, reps=min(reps, 3))})
+            "infer_peak_bytes": infer_peak, "infer_peak_above_start_bytes": infer_above})
+        try:  # the timings above stand; the breakdown's failure is reported
+            entry["blocks"] = block_breakdown(runner, images, labels, reps=min(reps, 3))
+        except Exception as exc:
+            entry["blocks_error"] = _error_text(exc)
+            _stop_if_cuda_lost(device.type, "block breakdown", entry["blocks_error"])
     finally:
         torch.backends.cudnn.benchmark = benchmark
 
@@ -413,31 +436,37 @@ def merge_results(earlier: list[dict], new: list[dict]) -> list[dict]:
 
 
 def format_block_breakdown(result: dict, top: int = 10) -> str:
-    """The ``top`` blocks of one :func:`run_setting` result by the reference path's training time (forward +
-    backward + optimiser), with every path's training and inference milliseconds, and the rest summed."""
+    """The ``top`` blocks of one :func:`run_setting` result by the reference path's training time (forward,
+    backward, recomputation and optimiser step), with every path's training and inference milliseconds, the rest
+    summed, the sum, and the steps' median times measured without the breakdown's hooks."""
     paths = [p for p, e in result["paths"].items() if "blocks" in e]
     if not paths:
         return ""
     rows = {p: result["paths"][p]["blocks"] for p in paths}
-    train = {p: {b["block"]: b["train_fwd_ms"] + b["train_bwd_ms"] + b["train_opt_ms"] for b in rows[p]} for p in paths}
+    train = {p: {b["block"]: sum(b[phase] for phase in TRAIN_PHASES) for b in rows[p]} for p in paths}
     infer = {p: {b["block"]: b["infer_ms"] for b in rows[p]} for p in paths}
     kinds = {b["block"]: b["type"] for p in paths for b in rows[p]}
     first = "reference" if "reference" in paths else paths[0]
     names = sorted(kinds, key=lambda b: -train[first].get(b, 0.0))
-    width = max(len(n) + len(kinds[n]) + 3 for n in names)
-    header = f"{'block (train = fwd + bwd + step, ms)':<{width}}" + "".join(
+    label = "block (train = fwd + bwd + recompute + step, ms)"
+    width = max(len(label), *(len(n) + len(kinds[n]) + 3 for n in names))
+    header = f"{label:<{width}}" + "".join(
         f"{p + ' train':>{len(p) + 8}}{'infer':>8}" for p in paths)
     lines = [f"{result['setting']}: time per block", header]
 
-    def line(label: str, chosen: list[str]) -> str:
-        cells = ((p, sum(train[p].get(b, 0.0) for b in chosen), sum(infer[p].get(b, 0.0) for b in chosen))
-                 for p in paths)
-        return f"{label:<{width}}" + "".join(f"{t:>{len(p) + 8}.2f}{i:>8.2f}" for p, t, i in cells)
+    def line(text: str, cells) -> str:
+        return f"{text:<{width}}" + "".join(f"{t:>{len(p) + 8}.2f}{i:>8.2f}" for p, t, i in cells)
+
+    def sums(chosen: list[str]):
+        return [(p, sum(train[p].get(b, 0.0) for b in chosen), sum(infer[p].get(b, 0.0) for b in chosen))
+                for p in paths]
     for name in names[:top]:
-        lines.append(line(f"{name} ({kinds[name]})" if kinds[name] else name, [name]))
+        lines.append(line(f"{name} ({kinds[name]})" if kinds[name] else name, sums([name])))
     if names[top:]:
-        lines.append(line(f"{len(names) - top} others", names[top:]))
-    lines.append(line("sum", names))
+        lines.append(line(f"{len(names) - top} others", sums(names[top:])))
+    lines.append(line("sum", sums(names)))
+    lines.append(line("median step without hooks", [(p, result["paths"][p]["train_ms"], result["paths"][p]["infer_ms"])
+                                                    for p in paths]))
     return "\n".join(lines)
 
 

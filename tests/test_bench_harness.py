@@ -237,8 +237,11 @@ def test_model_benchmark_runs_every_path_on_cpu(tmp_path):
         assert {models.OUTSIDE_BLOCKS, models.LOSS, models.OPTIMIZER} <= set(rows)
         assert rows[models.OPTIMIZER]["train_opt_ms"] > 0 and rows["backbone"]["train_bwd_ms"] > 0
         assert sum(b["train_bwd_ms"] for b in entry["blocks"] if b["type"] == "EMInteraction") > 0
-    table = models.format_block_breakdown(result)
-    assert "backbone (Backbone)" in table and table.splitlines()[-1].startswith("sum")
+        recomputed = sum(b["train_recompute_ms"] for b in entry["blocks"])
+        assert recomputed > 0 if path == "kernels_checkpointed" else recomputed == 0
+    table = models.format_block_breakdown(result).splitlines()
+    assert "backbone (Backbone)" in "\n".join(table) and table[-2].startswith("sum")
+    assert table[-1].startswith("median step without hooks") and len({len(line) for line in table[1:]}) == 1
     models.plot_models([result], str(tmp_path / "models.png"))
     assert (tmp_path / "models.png").stat().st_size > 0
     assert models.failures([result]) == []
@@ -247,56 +250,71 @@ def test_model_benchmark_runs_every_path_on_cpu(tmp_path):
     assert models.failures([result]) == ["sem-convnet_tiny-nyud/reference: ValueError: bad"]
 
 
-def test_block_breakdown_charges_each_block_its_own_work(monkeypatch):
-    """block_breakdown on a toy model whose blocks (one inside another) advance a fake clock by known amounts in
-    their forward and backward: every phase of every block, the loss and the optimiser step get exactly their
-    own work (exclusive of inner blocks; backward nodes charged to the block that created them)."""
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_block_breakdown_charges_each_block_its_own_work(monkeypatch, checkpointed):
+    """block_breakdown on a toy model whose blocks (one inside another, with work of the outer one after the inner
+    one) advance a fake clock by known amounts in their forward, backward and gradient accumulation: every phase of
+    every block, the loss and the optimiser step get exactly their own work (exclusive of inner blocks; backward
+    nodes charged to the block that created them, accumulation to the block holding the parameter); with the outer
+    block under a (non-reentrant) activation checkpoint, its and its inner block's forwards run again in the
+    backward, charged as their recomputation, and nothing else moves."""
     from mtlfast.bench import models
     from mtlfast.models import summary
 
     clock = [0.0]
 
+    def spend(seconds):
+        clock[0] += seconds
+
     class Work(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, forward_s, backward_s):
-            clock[0] += forward_s
+            spend(forward_s)
             ctx.backward_s = backward_s
+            ctx.save_for_backward(x)  # saved tensors: what a checkpoint recomputes
             return x * 1.0
 
         @staticmethod
         def backward(ctx, grad):
-            clock[0] += ctx.backward_s
+            ctx.saved_tensors  # under a checkpoint, the first node to read them recomputes, before its own work
+            spend(ctx.backward_s)
             return grad, None, None
 
     class Block(torch.nn.Module):
-        def __init__(self, forward_s, backward_s, inner=None):
+        def __init__(self, forward_s, backward_s, accumulate_s, inner=None, after=(0.0, 0.0)):
             super().__init__()
-            self.weight, self.cost, self.inner = torch.nn.Parameter(torch.ones(())), (forward_s, backward_s), inner
+            self.weight = torch.nn.Parameter(torch.ones(()))
+            self.cost, self.inner, self.after = (forward_s, backward_s), inner, after
+            self.weight.register_post_accumulate_grad_hook(lambda p: spend(accumulate_s))
 
         def forward(self, x):
             x = Work.apply(x * self.weight, *self.cost)
-            return x if self.inner is None else self.inner(x).exp()  # exp: b's own work after its inner block
+            return x if self.inner is None else Work.apply(self.inner(x), *self.after)
 
     class Toy(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = Block(1.0, 2.0), Block(3.0, 4.0, inner=Block(5.0, 6.0))
+            self.a = Block(1.0, 2.0, 0.125)
+            self.b = Block(3.0, 4.0, 0.0625, inner=Block(5.0, 6.0, 0.03125), after=(0.5, 0.75))
 
         def forward(self, images):
-            return {"t": self.b(self.a(images))}
+            x = self.a(images)
+            if checkpointed and torch.is_grad_enabled():
+                return {"t": torch.utils.checkpoint.checkpoint(self.b, x, use_reentrant=False)}
+            return {"t": self.b(x)}
 
         def forward_train(self, images):
             return self.forward(images), {}
 
     class Step(torch.optim.SGD):
         def step(self):
-            clock[0] += 7.0
+            spend(7.0)
             return super().step()
 
-    model = Toy()
     def loss(preds, labels, aux):
         return Work.apply(preds["t"].sum(), 0.5, 0.25), {}
 
+    model = Toy()
     runner = type("Runner", (), dict(model=model, device=torch.device("cpu"), loss=staticmethod(loss),
                                      optimizer=Step(model.parameters(), lr=0.0),
                                      autocast=torch.autocast("cpu", enabled=False)))
@@ -305,9 +323,11 @@ def test_block_breakdown_charges_each_block_its_own_work(monkeypatch):
         monkeypatch.setattr(module, "breakdown_blocks", lambda m: {"a": m.a, "b": m.b, "b.inner": m.b.inner})
     rows = {r["block"]: r for r in models.block_breakdown(runner, torch.randn(2, 3), {}, reps=2)}
     phases = {name: tuple(row[p] / 1e3 for p in models.BREAKDOWN_PHASES) for name, row in rows.items()}
-    assert phases == {"a": (1, 1, 2, 0), "b": (3, 3, 4, 0), "b.inner": (5, 5, 6, 0),
-                      models.OUTSIDE_BLOCKS: (0, 0, 0, 0), models.LOSS: (0, 0.5, 0.25, 0),
-                      models.OPTIMIZER: (0, 0, 0, 7)}
+    recompute = 1.0 if checkpointed else 0.0
+    # (inference, forward, backward, recomputation, optimiser step)
+    assert phases == {"a": (1, 1, 2.125, 0, 0), "b": (3.5, 3.5, 4.8125, 3.5 * recompute, 0),
+                      "b.inner": (5, 5, 6.03125, 5 * recompute, 0), models.OUTSIDE_BLOCKS: (0, 0, 0, 0, 0),
+                      models.LOSS: (0, 0.5, 0.25, 0, 0), models.OPTIMIZER: (0, 0, 0, 0, 7)}
     assert rows["b.inner"]["type"] == "Block" and rows["a"]["infer_mem_increase_bytes"] is None
 
 
