@@ -139,7 +139,10 @@ def test_astmt_archive_layout(tmp_path):
     with pytest.raises(DataError, match=r"segmentation.0001\.mat: no variable 'segmentation' \(it holds labels\)"):
         NYUDv2(base, split="val")[0]
     scipy.io.savemat(base / "segmentation" / "0001.mat", {"segmentation": seg + 0.5})
-    with pytest.raises(DataError, match=r"segmentation.0001\.mat: non-integer class ids"):
+    with pytest.raises(DataError, match=r"segmentation.0001\.mat: non-integer or non-finite class ids"):
+        NYUDv2(base, split="val")[0]
+    scipy.io.savemat(base / "segmentation" / "0001.mat", {"segmentation": np.full((H, W), np.inf)})
+    with pytest.raises(DataError, match=r"segmentation.0001\.mat: non-integer or non-finite class ids"):
         NYUDv2(base, split="val")[0]
     scipy.io.savemat(base / "segmentation" / "0001.mat", {"segmentation": np.full((H, W), 41.0)})
     with pytest.raises(DataError, match=r"segmentation.0001\.mat: values \[41\] outside 0..40"):

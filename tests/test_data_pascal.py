@@ -222,7 +222,8 @@ def test_public_archive_folder_name(tmp_path):
     base.rename(tmp_path / "PASCAL_MT")
     for root in (tmp_path, tmp_path / "PASCAL_MT"):
         assert PASCALContext(root, split="val", tasks=["semseg"]).root == tmp_path / "PASCAL_MT"
-    with pytest.raises(FileNotFoundError, match="is a PASCALContext/ or PASCAL_MT/ folder"):
+    with pytest.raises(FileNotFoundError, match=r"none of .*JPEGImages, .*JPEGImages.PASCALContext, "
+                       r".*JPEGImages.PASCAL_MT is a PASCALContext/ or PASCAL_MT/ folder"):
         PASCALContext(tmp_path / "PASCAL_MT" / "JPEGImages")
 
 
@@ -250,3 +251,15 @@ def test_laplacian_boundaries_are_the_public_rule():
         assert np.array_equal(laplacian_boundaries(lab.astype(np.uint16)), thin(band).astype(np.float32))
     lab = np.repeat(np.array([[3, 3, 4, 5, 5]]), 4, axis=0)
     assert laplacian_boundaries(lab)[:, 2].sum() == 0 and label_boundaries(lab)[:, 2].sum() > 0
+
+
+def test_edges_of_the_dataset_follow_the_public_rule(tmp_path):
+    """PASCALContext's edge labels are laplacian_boundaries of the LabelMap (a map where the two rules differ)."""
+    from mtlfast.data.base import label_boundaries, laplacian_boundaries
+
+    base, _ = make_pascal(tmp_path)
+    labelmap = np.repeat(np.array([[3, 3, 4, 5, 5, 9, 9, 9]], dtype=np.uint16), H, axis=0)  # W = 8 columns
+    scipy.io.savemat(base / "pascal-context" / "trainval" / "c.mat", {"LabelMap": labelmap})
+    edge = PASCALContext(base, split="val", tasks=["edge"], transform=identity)[0]["edge"][0].numpy()
+    assert np.array_equal(edge, laplacian_boundaries(labelmap))
+    assert not np.array_equal(edge, label_boundaries(labelmap))

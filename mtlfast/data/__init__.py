@@ -49,7 +49,8 @@ def build_dataset(name: str, root=None, split: str = "train", tasks=None, size=N
     ``augment`` (default: split == "train") selects the training transform (random scale 0.5-2, flip,
     photometric distortion, normalise, random crop to ``size``, default :data:`DEFAULT_CROP`) or the
     evaluation one (normalise, pad to ``size`` or, when None, to :data:`EVAL_PAD` or else a multiple of 32). ``root``: the folder
-    holding ``NYUDv2/`` / ``PASCALContext/`` (or that folder itself; default $MTLFAST_DATA).
+    holding ``NYUDv2/`` / ``PASCALContext/`` (or the public archives' ``NYUD_MT/`` / ``PASCAL_MT/``; or that folder
+    itself; default $MTLFAST_DATA).
     ``synthetic`` needs no root; its images are rendered at ``size`` (default 64x64; the training crop has
     the same size, evaluation pads to a multiple of 32), and it takes ``length`` (default 1000 train /
     200 val) and ``seed`` keyword arguments.

@@ -87,8 +87,8 @@ def check_class_ids(raw: np.ndarray, path: Path, top: int, note: str = "") -> np
     ``path`` (``note`` follows the range)."""
     if raw.ndim != 2:
         raise DataError(f"segmentation file {path}: expected an (H, W) map, got shape {raw.shape}")
-    if raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)):  # NaN included
-        raise DataError(f"segmentation file {path}: non-integer class ids")
+    if raw.dtype.kind == "f" and not (np.isfinite(raw).all() and np.array_equal(raw, np.round(raw))):
+        raise DataError(f"segmentation file {path}: non-integer or non-finite class ids")
     if raw.dtype.kind not in "uif":
         raise DataError(f"segmentation file {path}: expected numeric class ids, got {raw.dtype}")
     raw = raw.astype(np.int64)
@@ -256,8 +256,8 @@ def resolve_root(root: str | os.PathLike | None, folder: str, aliases: Sequence[
     for name in names:
         if (root / name).is_dir():
             return root / name
-    raise FileNotFoundError(f"dataset folder not found: neither {root} nor {root / folder} is a "
-                            f"{'/ or '.join(names)}/ folder")
+    raise FileNotFoundError(f"dataset folder not found: none of {root}, "
+                            f"{', '.join(str(root / name) for name in names)} is a {'/ or '.join(names)}/ folder")
 
 
 

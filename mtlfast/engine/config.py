@@ -21,7 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/synthetic_baseline",
     "data": {
         "dataset": "synthetic",     # synthetic | nyud | pascal
-        "root": None,               # folder holding NYUDv2/ or PASCALContext/ (real datasets only)
+        "root": None,               # folder holding NYUDv2/ or PASCALContext/ (or NYUD_MT/, PASCAL_MT/; real data only)
         "tasks": ["semseg", "depth", "normals", "edge", "sal"],
         "train_size": [64, 64],     # crop (synthetic: render size)
         "num_train": 512,           # synthetic only: number of generated scenes per split
