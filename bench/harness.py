@@ -599,14 +599,10 @@ def read_result(out_dir: str, device: str, op: str) -> dict[str, object] | None:
 
 
 def write_json(path: str, data: object) -> str:
-    """Writes ``data`` as JSON to ``path`` atomically (a temporary file, then a rename), creating the folder:
-    a run stopped mid-write leaves the previous file intact."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    """Writes ``data`` as JSON to ``path`` atomically (:func:`mtlfast._files.write_json_atomically`)."""
+    from mtlfast._files import write_json_atomically
+
+    return write_json_atomically(path, data)
 
 
 def write_result(result: Mapping[str, object], out_dir: str, device: str) -> str:

@@ -33,6 +33,12 @@ from mtlfast.testing import default_device, kernel_dtypes  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """The datasets' cache (mtlfast.data.base.cache_dir) in the test's temporary folder, never the user's."""
+    monkeypatch.setenv("MTLFAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(autouse=True)
 def _test_seed(request):
     """One seed per test (MTLFAST_TEST_SEED or random), from which all its random draws derive."""
     request.node.mtlfast_seed = testing.begin_test()

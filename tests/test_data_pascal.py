@@ -263,3 +263,35 @@ def test_edges_of_the_dataset_follow_the_public_rule(tmp_path):
     edge = PASCALContext(base, split="val", tasks=["edge"], transform=identity)[0]["edge"][0].numpy()
     assert np.array_equal(edge, laplacian_boundaries(labelmap))
     assert not np.array_equal(edge, label_boundaries(labelmap))
+
+
+def test_parts_alone_keeps_the_images_with_an_annotated_person(tmp_path, monkeypatch):
+    """tasks=["parts"]: images without a person with parts are left out (as ASTMT / MTI-Net's single-task parts);
+    with another task they stay (all 255). The scan is cached in $MTLFAST_CACHE (not in the dataset root) and redone
+    for a file that changed."""
+    from mtlfast.data import pascal
+    from mtlfast.data.base import cache_dir
+
+    monkeypatch.delenv("MTLFAST_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "mtlfast"
+    monkeypatch.setenv("MTLFAST_CACHE", str(tmp_path / "cache"))
+    assert cache_dir() == tmp_path / "cache"
+    base, _ = make_pascal(tmp_path / "data")
+    before = snapshot(base)
+    alone = PASCALContext(base, split="train", tasks=["parts"])
+    assert alone.ids == ["a"] and len(alone.files) == 1 and alone.files[0]["parts"].name == "a.mat"
+    assert PASCALContext(base, split="train", tasks=["parts", "sal"]).ids == ["a", "b"]
+    assert len(list((tmp_path / "cache").glob("pascal_person_parts-*.json"))) == 1 and snapshot(base) == before
+    reads = []
+    monkeypatch.setattr(pascal, "read_mat", lambda path: reads.append(path) or pytest.fail("cache not used"))
+    assert PASCALContext(base, split="train", tasks=["parts"]).ids == ["a"] and not reads
+    monkeypatch.undo()
+    monkeypatch.setenv("MTLFAST_CACHE", str(tmp_path / "cache"))
+    scipy.io.savemat(base / "human_parts" / "b.mat",  # b gets an annotated person: scanned again
+                     {"anno": {"imname": "b", "objects": _objects([("person", 15, _mask((1, 1)),
+                                                                   [("head", _mask((1, 1)))])])}})
+    assert PASCALContext(base, split="train", tasks=["parts"]).ids == ["a", "b"]
+    scipy.io.savemat(base / "human_parts" / "c.mat", {"anno": {"imname": "c", "objects": _objects([])}})
+    with pytest.raises(DataError, match="split 'val': no image has an annotated person"):
+        PASCALContext(base, split="val", tasks=["parts"])

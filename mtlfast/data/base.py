@@ -20,7 +20,7 @@ from mtlfast.data.tasks import IGNORE_INDEX, check_tasks
 __all__ = ["DataError", "MultiTaskDataset", "SplitDataset", "read_image", "read_label_png", "read_class_png",
            "check_class_ids", "single_channel_map", "read_mat_array",
            "read_npy", "read_mat", "read_split", "require_dir", "require_file", "resolve_root", "decode_normals",
-           "label_boundaries", "laplacian_boundaries", "to_sample"]
+           "label_boundaries", "laplacian_boundaries", "to_sample", "cache_dir"]
 
 
 class DataError(RuntimeError):
@@ -237,6 +237,14 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         if tuple(label.shape[:2]) != tuple(image_shape[:2]):
             raise DataError(f"label file {path} has size {label.shape[:2]}, its image {image_path} has "
                             f"{tuple(image_shape[:2])}")
+
+
+def cache_dir() -> Path:
+    """Where the datasets keep what is slow to recompute from their files (never inside a dataset root):
+    $MTLFAST_CACHE, else $XDG_CACHE_HOME/mtlfast, else ~/.cache/mtlfast."""
+    if os.environ.get("MTLFAST_CACHE"):
+        return Path(os.environ["MTLFAST_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mtlfast"
 
 
 def resolve_root(root: str | os.PathLike | None, folder: str, aliases: Sequence[str] = ()) -> Path:

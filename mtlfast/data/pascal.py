@@ -27,7 +27,9 @@ Conventions implemented:
   part pixel at all (no annotated person) is ignored entirely (255), as the public MTI-Net / InvPT code does
   (their ``AddIgnoreRegions``: such images would otherwise train and score the parts head as pure
   background); training crops without a part pixel are ignored too (:class:`~mtlfast.data.transforms.RandomCrop`,
-  as InvPT). An unknown part name is an error.
+  as InvPT). With parts as the only task, the split keeps only the images with an annotated person, as the
+  public code does for its single-task parts baseline (:func:`person_parts_flags`; the scores are the same, the
+  batches hold no image without a part label). An unknown part name is an error.
 - normals: unit vectors; only pixels whose ``LabelMap`` class is one of the NYU classes keep their normal, all
   others become the zero vector (invalid), as in the public protocol: the context classes whose names are
   NYUD-v2 class names ("unknown" excluded, "tvmonitor" added), from the folder's json files when both exist
@@ -39,16 +41,19 @@ Conventions implemented:
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from mtlfast.data.base import (DataError, SplitDataset, decode_normals, laplacian_boundaries, read_class_png,
-                               read_label_png, read_mat, read_mat_array, require_dir, require_file)
+from mtlfast._files import write_json_atomically
+from mtlfast.data.base import (DataError, SplitDataset, cache_dir, decode_normals, laplacian_boundaries,
+                               read_class_png, read_label_png, read_mat, read_mat_array, require_dir, require_file)
 from mtlfast.data.tasks import IGNORE_INDEX
 
-__all__ = ["PASCALContext", "HUMAN_PART_GROUPS", "PERSON_CLASS", "NORMALS_CONTEXT_CLASSES"]
+__all__ = ["PASCALContext", "HUMAN_PART_GROUPS", "PERSON_CLASS", "NORMALS_CONTEXT_CLASSES", "person_parts_flags"]
 
 PERSON_CLASS = 15
 _GROUP_NAMES = {
@@ -137,6 +142,13 @@ class PASCALContext(SplitDataset):
                     ext = ".mat" if task == "parts" else ".png"
                     entry[task] = require_file(self.root / folder / f"{stem}{ext}", f"{task} label")
             self.files.append(entry)
+        if self.tasks == ("parts",):  # trained or scored alone: only the images with an annotated person
+            keep = person_parts_flags([entry["parts"] for entry in self.files])
+            self.ids = [stem for stem, k in zip(self.ids, keep) if k]
+            self.files = [entry for entry, k in zip(self.files, keep) if k]
+            if not self.ids:
+                raise DataError(f"PASCALContext split {split!r}: no image has an annotated person (human_parts/), "
+                                "nothing to train or score parts alone on")
 
     def _normal_classes(self) -> set[int]:
         """LabelMap ids of the NYU classes (normals kept): from the folder's json/ class lists when both exist,
@@ -192,13 +204,8 @@ class PASCALContext(SplitDataset):
 
     @staticmethod
     def _parts(path: Path, shape: tuple[int, int]) -> np.ndarray:
-        mat = read_mat(path)
-        try:
-            objects = np.asarray(mat["anno"][0, 0]["objects"]).ravel()
-        except (KeyError, IndexError, ValueError) as exc:
-            raise DataError(f"{path}: expected a PASCAL-Part 'anno' struct with 'objects' ({exc})") from exc
         target = np.zeros(shape, dtype=np.int64)
-        for obj in objects:
+        for obj in _part_objects(path):
             if int(_scalar(obj["class_ind"])) != PERSON_CLASS:
                 continue
             for part in np.asarray(obj["parts"]).ravel():
@@ -212,3 +219,47 @@ class PASCALContext(SplitDataset):
         if not target.any():  # no annotated person part: the whole image is ignored
             target[:] = IGNORE_INDEX
         return target
+
+
+def _part_objects(path: Path) -> np.ndarray:
+    """The objects of a PASCAL-Part annotation file (fields class, class_ind, mask, parts)."""
+    mat = read_mat(path)
+    try:
+        return np.asarray(mat["anno"][0, 0]["objects"]).ravel()
+    except (KeyError, IndexError, ValueError) as exc:
+        raise DataError(f"{path}: expected a PASCAL-Part 'anno' struct with 'objects' ({exc})") from exc
+
+
+def _has_person_parts(path: Path) -> bool:
+    return any(int(_scalar(obj["class_ind"])) == PERSON_CLASS and np.asarray(obj["parts"]).size
+               for obj in _part_objects(path))
+
+
+def person_parts_flags(paths: list[Path]) -> list[bool]:
+    """Whether each PASCAL-Part annotation file has a person with part annotations: the images ASTMT / MTI-Net
+    keep when human parts is the only task (the others would train and score nothing). Reading PASCAL-Context's
+    ~5k files of a split takes about a minute, so the answers are kept in :func:`~mtlfast.data.base.cache_dir`,
+    one JSON per human_parts folder, each valid while its file's size and modification time are unchanged."""
+    if not paths:
+        return []
+    folder = paths[0].parent.resolve()
+    cache_path = cache_dir() / f"pascal_person_parts-{hashlib.sha1(str(folder).encode()).hexdigest()[:16]}.json"
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    stats = [path.stat() for path in paths]
+    keys = [[st.st_size, st.st_mtime_ns] for st in stats]
+    stale = [i for i, path in enumerate(paths) if cache.get(path.name, [None, None])[:2] != keys[i]]
+    if stale:
+        from tqdm import tqdm
+
+        for i in tqdm(stale, desc=f"PASCAL-Part persons in {folder}", disable=len(stale) < 200, dynamic_ncols=True):
+            cache[paths[i].name] = [*keys[i], _has_person_parts(paths[i])]
+        try:
+            write_json_atomically(cache_path, cache)
+        except OSError as exc:
+            warnings.warn(f"could not keep the PASCAL-Part person scan in {cache_path} ({exc}); it runs again next "
+                          "time", stacklevel=3)
+    return [bool(cache[path.name][2]) for path in paths]
+
