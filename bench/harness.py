@@ -378,9 +378,12 @@ def source_fingerprint() -> str:
 def resumable(previous: Mapping[str, object] | None, op: str, dtype: torch.dtype,
               modes: Sequence[str]) -> tuple[bool, str]:
     """Whether ``run_benchmark(..., previous=previous)`` may keep ``previous``'s measured cases: the same op,
-    dtype, modes and :func:`source_fingerprint` as this run. Returns (ok, why not)."""
+    dtype, modes and :func:`source_fingerprint` as this run, and not a ``quick`` smoke run. Returns (ok, why
+    not)."""
     if previous is None:
         return False, "no earlier result"
+    if previous.get("quick"):
+        return False, "the earlier result is a --quick smoke run"
     wanted = {"op": op, "dtype": str(dtype).replace("torch.", ""), "modes": list(modes),
               "source": source_fingerprint()}
     found = {"op": previous.get("op"), "dtype": previous.get("dtype"), "modes": previous.get("modes"),
@@ -418,7 +421,7 @@ def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, mode
     rows: list[dict[str, object]] = []
     result = {"op": benchmark.op, "dtype": str(dtype).replace("torch.", ""), "device_type": device,
               "modes": list(modes), "environment": runs[-1]["environment"], "peaks": peaks, "runs": runs,
-              "complete": False, "cases_left": [], "rows": rows}
+              "quick": quick, "complete": False, "cases_left": [], "rows": rows}
     time_fn = _time_cuda if device == "cuda" else _time_cpu
     for case in benchmark.cases(device):
         if case.name in kept:  # also where case_filter leaves it out: runs of different filters add up

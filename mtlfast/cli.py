@@ -49,6 +49,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from mtlfast.bench import harness
 
+    smoke = args.quick or (args.models and not torch.cuda.is_available())  # CPU model runs are quick checks
+    if args.out is None:
+        args.out = "" if smoke else os.path.join("bench", "results")
+        if smoke and not args.report:
+            print("mtlfast bench: a quick check writes no result file unless --out is given")
     if args.models:
         return _bench_models(args)
     benchmarks = harness.load_benchmarks()
@@ -71,6 +76,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.resume and not args.out:
         raise ValueError("--resume continues the result files under --out; give --out")
+    names = [case.name for op in selected for case in benchmarks[op].cases(device)]
+    if args.cases and not any(re.search(args.cases, name) for name in names):
+        print(f"mtlfast bench: --cases {args.cases!r} matches no case of {', '.join(selected)}", file=sys.stderr)
+        return 2
     deadline = None if args.budget is None else time.monotonic() + args.budget
     peaks = harness.measure_peaks(device)
     modes = tuple(args.modes.split(","))
@@ -124,6 +133,8 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
             env = run["environment"]
             print(f"{os.path.basename(path)}: {env['device']}, torch {env['torch']}, triton {env.get('triton')}, "
                   f"commit {env['commit']}, {env['date']}")
+        if result.get("quick"):
+            print(f"{os.path.basename(path)}: a --quick smoke run, not for reporting")
         if result.get("complete") is False:
             print(f"{os.path.basename(path)}: incomplete, cases not measured yet: "
                   f"{', '.join(result.get('cases_left') or ['(by a time budget)'])}")
@@ -150,8 +161,17 @@ def _bench_models(args: argparse.Namespace) -> int:
 
     from mtlfast.bench import harness, models
 
+    from mtlfast.models.backbones import timm_unusable
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    why = timm_unusable()
+    if why:  # every setting has a paper backbone
+        raise ImportError(why)
     settings = [s for s in models.SETTINGS if not args.cases or re.search(args.cases, s.name)]
+    if not settings:
+        raise ValueError(f"--cases {args.cases!r} matches no model setting (names are method-backbone-dataset, e.g. "
+                         f"{models.SETTINGS[0].name})")
+    quick = args.quick or device.type == "cpu"
     if device.type == "cpu":
         print("mtlfast bench --models: no CUDA device; running small shapes (128x128, batch 1) as a check only, "
               "no claim about speed")
@@ -164,7 +184,7 @@ def _bench_models(args: argparse.Namespace) -> int:
     if folder and os.path.exists(os.path.join(folder, "models.json")):
         with open(os.path.join(folder, "models.json")) as f:
             previous = json.load(f)
-        if previous.get("environment", {}).get("source") == environment["source"]:
+        if previous.get("environment", {}).get("source") == environment["source"] and previous.get("quick") == quick:
             earlier = previous.get("results", [])
 
     def save(results, left):  # after every setting, so that a run stopped from outside keeps what it measured
@@ -172,7 +192,7 @@ def _bench_models(args: argparse.Namespace) -> int:
             return
         merged = models.merge_results(earlier, results)
         harness.write_json(os.path.join(folder, "models.json"),
-                           {"environment": environment, "complete": not left, "settings_left": left,
+                           {"environment": environment, "quick": quick, "complete": not left, "settings_left": left,
                             "results": merged})
         try:  # the plot is a convenience: its failure (e.g. no matplotlib) must not lose a finished run
             models.plot_models(merged, os.path.join(folder, "models.png"))
@@ -185,7 +205,7 @@ def _bench_models(args: argparse.Namespace) -> int:
             break
         print(f"-- {setting.name} {setting.size} batch {setting.batch}", flush=True)
         try:
-            result = models.run_setting(setting, device, quick=args.quick or device.type == "cpu",
+            result = models.run_setting(setting, device, quick=quick,
                                         find_max_batch=args.max_batch, deadline=deadline)
         except RuntimeError as exc:  # the CUDA context is lost (harness): nothing more can run in this process
             save(results, left)
@@ -207,6 +227,18 @@ def _bench_models(args: argparse.Namespace) -> int:
         print(f"mtlfast bench --models: time budget spent; not run: {', '.join(left)}")
         return 3
     return 0
+
+
+def _check_out_folder(out: str | None) -> None:
+    """Creates the folder of an --out file before the work, so that an unwritable place fails at once."""
+    if out:
+        folder = os.path.dirname(os.path.abspath(out))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"--out: cannot create the folder of {out!r}: {exc}") from exc
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"--out: cannot write into {folder!r}")
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -242,14 +274,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
+    from mtlfast._files import write_json_atomically
     from mtlfast.engine import checkpoint as ckpt
     from mtlfast.engine.config import load_config
     from mtlfast.engine.distributed import barrier
     from mtlfast.engine.trainer import Trainer
 
     config = load_config(None, args.overrides, base=ckpt.load_checkpoint(args.checkpoint)["config"])
+    _check_out_folder(args.out)
     trainer = Trainer(config, resume=args.checkpoint, progress=False, logs=False)  # the run's logs stay as they are
     try:  # under torchrun rank 0 evaluates all images (or every rank its share: eval.sharded=true) and reports
         if trainer.dist.is_main or trainer.sharded_evaluation:
@@ -262,15 +294,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     _print_metrics(f"evaluation of {args.checkpoint} (iteration {trainer.iteration}):", metrics)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "iteration": trainer.iteration, "metrics": metrics,
-                       "per_class_iou": trainer.per_class_iou}, f, indent=1)
+        write_json_atomically(args.out, {"checkpoint": args.checkpoint, "iteration": trainer.iteration,
+                                         "metrics": metrics, "per_class_iou": trainer.per_class_iou})
     return 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    import json
-
+    from mtlfast._files import write_json_atomically
     from mtlfast.data import canonical_dataset, check_tasks
     from mtlfast.engine import checkpoint as ckpt
     from mtlfast.engine.config import load_config
@@ -283,6 +313,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, base=base)
     if not os.path.isdir(args.predictions):
         raise FileNotFoundError(f"--predictions: folder not found: {args.predictions}")
+    _check_out_folder(args.out)
     dataset = canonical_dataset(config["data"]["dataset"])
     tasks = list(check_tasks(config["data"]["tasks"], dataset))
     baseline = run_baseline(config["eval"]["baseline"], dataset, tasks)
@@ -292,9 +323,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
                                                             "eval.edge_workers"))
     _print_metrics(f"scores of the predictions in {args.predictions}:", scores.metrics)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"predictions": args.predictions, "metrics": scores.metrics,
-                       "per_class_iou": scores.per_class_iou}, f, indent=1)
+        write_json_atomically(args.out, {"predictions": args.predictions, "metrics": scores.metrics,
+                                         "per_class_iou": scores.per_class_iou})
     return 0
 
 
@@ -401,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on its validation set")
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="checkpoint to evaluate (its config names the model and the data)")
     evaluate.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
     evaluate.add_argument("--out", help="write the metrics (and each segmentation task's per-class IoU) as JSON here")
     evaluate.add_argument("--samples", help="write a PNG of sample predictions here")
@@ -454,9 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     bench.add_argument("--modes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd")
     bench.add_argument("--cases", help="regular expression selecting case names")
-    bench.add_argument("--out", default=os.path.join("bench", "results"),
-                       help="results folder (<out>/<device>/<op>.json); '' to not write")
-    bench.add_argument("--quick", action="store_true", help="few repetitions (smoke test, not for reporting)")
+    bench.add_argument("--out", help="results folder (<out>/<device>/<op>.json; default bench/results, none for "
+                                     "--quick and CPU --models checks); '' to not write")
+    bench.add_argument("--quick", action="store_true",
+                       help="few repetitions (smoke test, not for reporting: marked quick in a result file, never "
+                            "resumed)")
     bench.add_argument("--budget", type=float, metavar="SECONDS",
                        help="start no case (with --models: no model setting) after this many seconds; the ones "
                             "left are recorded as not run (exit status 3)")

@@ -476,11 +476,12 @@ def test_cli_train_then_eval(tmp_path):
     assert train.returncode == 0, train.stderr[-3000:]
     assert "final evaluation (iteration 2)" in train.stdout
     assert (out / "curves.png").exists() and (out / "train.csv").exists()
-    evaluate = subprocess.run(common + ["eval", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "m.json"),
+    metrics_file = tmp_path / "new" / "m.json"  # its folder does not exist yet
+    evaluate = subprocess.run(common + ["eval", "--checkpoint", str(out / "last.pt"), "--out", str(metrics_file),
                                         "--save-predictions", str(tmp_path / "pred")],
                               capture_output=True, text=True, timeout=900)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    per_class = json.loads((tmp_path / "m.json").read_text())["per_class_iou"]
+    per_class = json.loads(metrics_file.read_text())["per_class_iou"]
     assert list(per_class) == ["semseg"] and len(per_class["semseg"]) == 6  # the synthetic classes
     assert all(v is None or 0 <= v <= 100 for v in per_class["semseg"])
     assert {p.relative_to(tmp_path / "pred").as_posix() for p in (tmp_path / "pred").rglob("*.*")} == {
@@ -489,7 +490,7 @@ def test_cli_train_then_eval(tmp_path):
     score = subprocess.run(common + ["score", "--predictions", str(tmp_path / "pred"), "--checkpoint", str(out / "last.pt"),
                                      "--out", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=900)
     assert score.returncode == 0, score.stderr[-3000:]
-    evaluated, scored = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("m", "s"))
+    evaluated, scored = (json.loads(path.read_text()) for path in (metrics_file, tmp_path / "s.json"))
     assert set(scored["metrics"]) == set(evaluated["metrics"])
     assert all(scored["metrics"][k] == evaluated["metrics"][k] for k in ("semseg/mIoU", "depth/rmse"))
     assert scored["per_class_iou"] == per_class  # class ids are stored exactly

@@ -254,8 +254,8 @@ def resolve_root(root: str | os.PathLike | None, folder: str, aliases: Sequence[
     if root is None:
         env = os.environ.get("MTLFAST_DATA")
         if not env:
-            raise FileNotFoundError(f"no dataset root given: pass root=<folder containing {folder}/> or set "
-                                    "MTLFAST_DATA")
+            raise FileNotFoundError(f"no dataset root given: pass root=<folder containing {folder}/> (data.root=... "
+                                    "in a config or on the command line) or set MTLFAST_DATA")
         root = env
     root = Path(root).expanduser()
     names = (folder, *aliases)
