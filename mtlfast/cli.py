@@ -148,7 +148,8 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
         env = result["environment"]
         left = result.get("settings_left") or []
         print(f"models.json: {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}"
-              + (f"; not run yet: {', '.join(left)}" if left else ""))
+              + (f"; not run yet: {', '.join(left)}" if left else "")
+              + ("; a quick check, not for reporting" if result.get("quick") else ""))
         print(models.format_models_markdown(result["results"]))
     return 0
 

@@ -417,7 +417,12 @@ def test_cli_bench_report(tmp_path):
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| deform_sample | >= 3x the reference on the 2-core CPU | cpu_c256_n4096 | fwd+bwd |" in result.stdout
-    assert result.stdout.rstrip().endswith("| eager | met |")
+    assert result.stdout.rstrip().endswith("| eager | met |") and "smoke run" not in result.stdout
+    quick = json.loads((tmp_path / "deform_sample.json").read_text())
+    (tmp_path / "deform_sample.json").write_text(json.dumps({**quick, "quick": True}))
+    result = subprocess.run([sys.executable, "-m", "mtlfast", "bench", "--report", str(tmp_path)], capture_output=True,
+                            text=True, timeout=600)
+    assert "deform_sample.json: a --quick smoke run, not for reporting" in result.stdout, result.stderr
     empty = subprocess.run([sys.executable, "-m", "mtlfast", "bench", "--report", str(tmp_path / "none")],
                            capture_output=True, text=True, timeout=600)
     assert empty.returncode == 1 and "--report: no op result files" in empty.stderr
