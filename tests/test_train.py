@@ -475,6 +475,8 @@ def test_cli_train_then_eval(tmp_path):
                            capture_output=True, text=True, timeout=900)
     assert train.returncode == 0, train.stderr[-3000:]
     assert "final evaluation (iteration 2)" in train.stdout
+    # reported as they happen (no progress bar: a scheduler's log): training rows and each evaluation
+    assert "\niteration 2/2: loss " in train.stdout and "\nevaluation at iteration 2: semseg/mIoU " in train.stdout
     assert (out / "curves.png").exists() and (out / "train.csv").exists()
     metrics_file = tmp_path / "new" / "m.json"  # its folder does not exist yet
     evaluate = subprocess.run(common + ["eval", "--checkpoint", str(out / "last.pt"), "--out", str(metrics_file),

@@ -202,6 +202,8 @@ class Trainer:
     gradient norm is not finite raises before the optimiser step, so no checkpoint gets non-finite weights. A
     resume whose config differs from the checkpoint's lists the changes on stderr and follows the config
     (optim.lr, weight_decay and momentum included; another optim.name is refused).
+    Rank 0 reports on stdout: each evaluation's metrics when it ends, and with ``progress=False`` (no progress bar:
+    job schedulers' logs) every ``train.log_every``-th training row as one line.
     Training rows: losses averaged over the ranks; ``grad_norm`` before clipping; ``lr`` after the step's
     schedule update (the rate of the next step); ``images_per_s`` end to end, split into ``data_s`` (waiting for
     the loader) and ``step_s`` on rank 0. ``logs=False`` (``mtlfast eval``): no run log, so that loading a checkpoint
@@ -215,6 +217,7 @@ class Trainer:
         from mtlfast.models import create_model
 
         self.config, self.progress = config, progress
+        self._bar = None  # the progress bar while train() runs (reports are written above it)
         data_cfg, train_cfg = config["data"], config["train"]
         _check_intervals(train_cfg)
         clip = config["optim"]["grad_clip"]
@@ -393,7 +396,7 @@ class Trainer:
         bar = None
         if self.progress and self.dist.is_main:
             from tqdm import tqdm
-            bar = tqdm(total=total_its, initial=self.iteration, desc="train", dynamic_ncols=True)
+            bar = self._bar = tqdm(total=total_its, initial=self.iteration, desc="train", dynamic_ncols=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with self._ops_backend():
@@ -417,6 +420,9 @@ class Trainer:
                         raise FloatingPointError(f"training loss is {row['loss']} at iteration {self.iteration}")
                     if self.log is not None and (self.iteration % cfg["log_every"] == 0 or self.iteration == total_its):
                         self.log.write("train", row, self.iteration)
+                        if bar is None:
+                            self._say(f"iteration {self.iteration}/{total_its}: loss {row['loss']:.4f}, lr "
+                                      f"{row['lr']:.3g}, {row['images_per_s']:.1f} images/s")
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{row['loss']:.4f}")
@@ -432,7 +438,17 @@ class Trainer:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         if bar is not None:
             bar.close()
+            self._bar = None
         return history
+
+    def _say(self, text: str) -> None:
+        """One line on rank 0's stdout, above the progress bar while there is one."""
+        if not self.dist.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
 
     # --- evaluation ----------------------------------------------------------------------------------
 
@@ -518,6 +534,8 @@ class Trainer:
             flat = {"iteration": self.iteration, **{k: float(v) for k, v in result.items()}}
             self.log.write("eval", flat, self.iteration)
             plot_curves(self.log, os.path.join(self.out_dir, "curves.png"))
+            self._say(f"evaluation at iteration {self.iteration}: "
+                      + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
         barrier(self.dist)
         return result
 
