@@ -283,7 +283,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     config = load_config(None, args.overrides, base=ckpt.load_checkpoint(args.checkpoint)["config"])
     _check_out_folder(args.out)
-    trainer = Trainer(config, resume=args.checkpoint, progress=False, logs=False)  # the run's logs stay as they are
+    trainer = Trainer(config, resume=args.checkpoint, progress=not args.no_progress,
+                      logs=False)  # the run's logs stay as they are
     try:  # under torchrun rank 0 evaluates all images (or every rank its share: eval.sharded=true) and reports
         if trainer.dist.is_main or trainer.sharded_evaluation:
             metrics = trainer.evaluate(args.samples if trainer.dist.is_main else None, args.save_predictions,
@@ -321,7 +322,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     scores = score_predictions(args.predictions, build_val_set(config, tasks), tasks,
                                edge_thresholds=config["eval"]["edge_thresholds"], baseline=baseline,
                                edge_workers=resolve_workers(config["eval"]["edge_workers"], dataset,
-                                                            "eval.edge_workers"))
+                                                            "eval.edge_workers"), progress=not args.no_progress)
     _print_metrics(f"scores of the predictions in {args.predictions}:", scores.metrics)
     if args.out:
         write_json_atomically(args.out, {"predictions": args.predictions, "metrics": scores.metrics,
@@ -435,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True,
                           help="checkpoint to evaluate (its config names the model and the data)")
     evaluate.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.add_argument("--out", help="write the metrics (and each segmentation task's per-class IoU) as JSON here")
     evaluate.add_argument("--samples", help="write a PNG of sample predictions here")
     evaluate.add_argument("--save-predictions", metavar="DIR",
@@ -450,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--checkpoint", help="take the data settings from this checkpoint's config instead")
     score.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/data data.tasks=[semseg]")
     score.add_argument("--out", help="write the metrics (and each segmentation task's per-class IoU) as JSON here")
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(func=_cmd_score)
 
     baseline = sub.add_parser("baseline", help="train the single_task model of each task of a config and write "

@@ -133,12 +133,14 @@ class PredictionScores(NamedTuple):
 
 
 def score_predictions(folder: str | Path, val_set, tasks: Sequence[str], edge_thresholds: int | Sequence[float] = 99,
-                      baseline=None, edge_workers: int = 0) -> PredictionScores:
+                      baseline=None, edge_workers: int = 0, progress: bool = False) -> PredictionScores:
     """Metrics (+ ``delta_m`` against ``baseline``) and per-class IoU of the predictions saved in
     ``folder/<task>/<image id>.<ext>`` for every image of ``val_set`` (a :mod:`mtlfast.data` dataset; its labels
     are read at their original size, without its transform). A missing file or one of another size than its
     label is an error that names it. ``edge_workers``: processes for the edge metric
-    (:class:`~mtlfast.metrics.EdgeMeter`)."""
+    (:class:`~mtlfast.metrics.EdgeMeter`); ``progress``: a progress bar."""
+    from tqdm import tqdm
+
     from mtlfast.data import canonical_dataset
     from mtlfast.metrics import build_metrics
 
@@ -146,7 +148,7 @@ def score_predictions(folder: str | Path, val_set, tasks: Sequence[str], edge_th
     metrics = build_metrics(tasks, dataset, edge_thresholds=edge_thresholds, from_logits=False,
                             edge_workers=edge_workers)
     with contextlib.closing(metrics):  # the edge meter's processes end, also on a bad file
-        for index in range(len(val_set)):
+        for index in tqdm(range(len(val_set)), desc="score", leave=False, dynamic_ncols=True, disable=not progress):
             sample = val_set.load(index)
             name, preds = sample["meta"]["name"], {}
             for task in tasks:

@@ -499,9 +499,13 @@ class Trainer:
         loader = DataLoader(images, batch_size=self.config["eval"]["batch_size"], shuffle=False,
                             collate_fn=collate, num_workers=self.num_workers,
                             generator=torch.Generator())  # not the global RNG: training goes on after this
-        with contextlib.closing(metrics):  # the edge meter's processes end, also when the evaluation fails
+        from tqdm import tqdm
+
+        bar = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True, disable=not (self.progress and
+                                                                                       self.dist.is_main))
+        with contextlib.closing(metrics), contextlib.closing(bar):  # the edge meter's processes end, also on failure
             shown = None
-            for batch in loader:
+            for batch in bar:
                 batch = _to_device(batch, self.device)
                 with self._autocast():
                     preds = model(batch["image"])
