@@ -49,7 +49,8 @@ def info_text() -> str:
         f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
         f"triton {_triton_version()}",
         "extension mtlfast._C: " + (f"built [{ext.build_info}]" if ext.loaded else f"missing ({ext.reason})"),
-        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s} MTLFAST_BACKEND={os.environ.get('MTLFAST_BACKEND', '')!s}",
+        "environment: " + " ".join(f"{name}={os.environ.get(name) or '(unset)'}"
+                                   for name in ("TRITON_INTERPRET", "MTLFAST_BACKEND")),
         "devices: cpu (" + f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
         + "".join(f", cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())),
         "",
