@@ -265,10 +265,11 @@ def test_edges_of_the_dataset_follow_the_public_rule(tmp_path):
     assert not np.array_equal(edge, label_boundaries(labelmap))
 
 
-def test_parts_alone_keeps_the_images_with_an_annotated_person(tmp_path, monkeypatch):
-    """tasks=["parts"]: images without a person with parts are left out (as ASTMT / MTI-Net's single-task parts);
-    with another task they stay (all 255). The scan is cached in $MTLFAST_CACHE (not in the dataset root) and redone
-    for a file that changed."""
+def test_parts_alone_keeps_the_images_that_show_a_person(tmp_path, monkeypatch):
+    """tasks=["parts"]: images without a person (an object of class 15 with a non-empty mask, with or without part
+    annotations) are left out, as ASTMT / MTI-Net's single-task parts; with another task they stay (all 255). Their
+    object lists (ImageSets/Parts/<split>.txt) are used where the archive has them; otherwise the scan is cached in
+    $MTLFAST_CACHE (not in the dataset root) and redone for a file that changed."""
     from mtlfast.data import pascal
     from mtlfast.data.base import cache_dir
 
@@ -282,16 +283,22 @@ def test_parts_alone_keeps_the_images_with_an_annotated_person(tmp_path, monkeyp
     alone = PASCALContext(base, split="train", tasks=["parts"])
     assert alone.ids == ["a"] and len(alone.files) == 1 and alone.files[0]["parts"].name == "a.mat"
     assert PASCALContext(base, split="train", tasks=["parts", "sal"]).ids == ["a", "b"]
-    assert len(list((tmp_path / "cache").glob("pascal_person_parts-*.json"))) == 1 and snapshot(base) == before
+    assert len(list((tmp_path / "cache").glob("pascal_persons-*.json"))) == 1 and snapshot(base) == before
     reads = []
     monkeypatch.setattr(pascal, "read_mat", lambda path: reads.append(path) or pytest.fail("cache not used"))
     assert PASCALContext(base, split="train", tasks=["parts"]).ids == ["a"] and not reads
+    (base / "ImageSets" / "Parts").mkdir()  # the public code's object lists: used, no file read
+    (base / "ImageSets" / "Parts" / "train.txt").write_text(json.dumps({"a": [-1, 8], "b": [15]}))
+    assert PASCALContext(base, split="train", tasks=["parts"]).ids == ["b"] and not reads
+    (base / "ImageSets" / "Parts" / "train.txt").write_text(json.dumps({"a": [15]}))  # b missing: not used
+    assert PASCALContext(base, split="train", tasks=["parts"]).ids == ["a"] and not reads
     monkeypatch.undo()
     monkeypatch.setenv("MTLFAST_CACHE", str(tmp_path / "cache"))
-    scipy.io.savemat(base / "human_parts" / "b.mat",  # b gets an annotated person: scanned again
-                     {"anno": {"imname": "b", "objects": _objects([("person", 15, _mask((1, 1)),
-                                                                   [("head", _mask((1, 1)))])])}})
+    (base / "ImageSets" / "Parts" / "train.txt").unlink()
+    scipy.io.savemat(base / "human_parts" / "b.mat",  # b gets a person without part annotations: scanned again
+                     {"anno": {"imname": "b", "objects": _objects([("person", 15, _mask((1, 1)), [])])}})
     assert PASCALContext(base, split="train", tasks=["parts"]).ids == ["a", "b"]
-    scipy.io.savemat(base / "human_parts" / "c.mat", {"anno": {"imname": "c", "objects": _objects([])}})
-    with pytest.raises(DataError, match="split 'val': no image has an annotated person"):
+    scipy.io.savemat(base / "human_parts" / "c.mat",  # a person with an empty mask shows no person
+                     {"anno": {"imname": "c", "objects": _objects([("person", 15, _mask(), [])])}})
+    with pytest.raises(DataError, match="split 'val': no image shows a person"):
         PASCALContext(base, split="val", tasks=["parts"])

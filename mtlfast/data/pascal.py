@@ -27,9 +27,9 @@ Conventions implemented:
   part pixel at all (no annotated person) is ignored entirely (255), as the public MTI-Net / InvPT code does
   (their ``AddIgnoreRegions``: such images would otherwise train and score the parts head as pure
   background); training crops without a part pixel are ignored too (:class:`~mtlfast.data.transforms.RandomCrop`,
-  as InvPT). With parts as the only task, the split keeps only the images with an annotated person, as the
-  public code does for its single-task parts baseline (:func:`person_parts_flags`; the scores are the same, the
-  batches hold no image without a part label). An unknown part name is an error.
+  as InvPT). With parts as the only task, the split keeps only the images that show a person, as the public code
+  does for its single-task parts baseline (:func:`person_flags`; the scores are the same, the batches hold fewer
+  images without a part label). An unknown part name is an error.
 - normals: unit vectors; only pixels whose ``LabelMap`` class is one of the NYU classes keep their normal, all
   others become the zero vector (invalid), as in the public protocol: the context classes whose names are
   NYUD-v2 class names ("unknown" excluded, "tvmonitor" added), from the folder's json files when both exist
@@ -53,7 +53,7 @@ from mtlfast.data.base import (DataError, SplitDataset, cache_dir, decode_normal
                                read_class_png, read_label_png, read_mat, read_mat_array, require_dir, require_file)
 from mtlfast.data.tasks import IGNORE_INDEX
 
-__all__ = ["PASCALContext", "HUMAN_PART_GROUPS", "PERSON_CLASS", "NORMALS_CONTEXT_CLASSES", "person_parts_flags"]
+__all__ = ["PASCALContext", "HUMAN_PART_GROUPS", "PERSON_CLASS", "NORMALS_CONTEXT_CLASSES", "person_flags"]
 
 PERSON_CLASS = 15
 _GROUP_NAMES = {
@@ -142,13 +142,14 @@ class PASCALContext(SplitDataset):
                     ext = ".mat" if task == "parts" else ".png"
                     entry[task] = require_file(self.root / folder / f"{stem}{ext}", f"{task} label")
             self.files.append(entry)
-        if self.tasks == ("parts",):  # trained or scored alone: only the images with an annotated person
-            keep = person_parts_flags([entry["parts"] for entry in self.files])
+        if self.tasks == ("parts",):  # trained or scored alone: only the images that show a person
+            keep = person_flags([entry["parts"] for entry in self.files],
+                                self.root / "ImageSets" / "Parts" / f"{split}.txt")
             self.ids = [stem for stem, k in zip(self.ids, keep) if k]
             self.files = [entry for entry, k in zip(self.files, keep) if k]
             if not self.ids:
-                raise DataError(f"PASCALContext split {split!r}: no image has an annotated person (human_parts/), "
-                                "nothing to train or score parts alone on")
+                raise DataError(f"PASCALContext split {split!r}: no image shows a person (human_parts/), nothing to "
+                                "train or score parts alone on")
 
     def _normal_classes(self) -> set[int]:
         """LabelMap ids of the NYU classes (normals kept): from the folder's json/ class lists when both exist,
@@ -230,20 +231,30 @@ def _part_objects(path: Path) -> np.ndarray:
         raise DataError(f"{path}: expected a PASCAL-Part 'anno' struct with 'objects' ({exc})") from exc
 
 
-def _has_person_parts(path: Path) -> bool:
-    return any(int(_scalar(obj["class_ind"])) == PERSON_CLASS and np.asarray(obj["parts"]).size
+def _shows_person(path: Path) -> bool:
+    """An object of the person class with a non-empty mask (the public code's object list, area threshold 0)."""
+    return any(int(_scalar(obj["class_ind"])) == PERSON_CLASS and np.asarray(obj["mask"]).any()
                for obj in _part_objects(path))
 
 
-def person_parts_flags(paths: list[Path]) -> list[bool]:
-    """Whether each PASCAL-Part annotation file has a person with part annotations: the images ASTMT / MTI-Net
-    keep when human parts is the only task (the others would train and score nothing). Reading PASCAL-Context's
-    ~5k files of a split takes about a minute, so the answers are kept in :func:`~mtlfast.data.base.cache_dir`,
+def person_flags(paths: list[Path], object_lists: Path | None = None) -> list[bool]:
+    """Whether each PASCAL-Part annotation file (``human_parts/<id>.mat``) shows a person: the images ASTMT /
+    MTI-Net keep when human parts is the only task. Their object lists (``ImageSets/Parts/<split>.txt``, JSON:
+    image id -> class of each object with a non-empty mask, -1 otherwise; written by their code and shipped in
+    the multi-task archive) are read when ``object_lists`` names one that covers every image. Otherwise the files
+    are read (~5k per split, about a minute), and the answers are kept in :func:`~mtlfast.data.base.cache_dir`,
     one JSON per human_parts folder, each valid while its file's size and modification time are unchanged."""
     if not paths:
         return []
+    if object_lists is not None and object_lists.is_file():
+        try:
+            lists = json.loads(object_lists.read_text())
+        except (OSError, ValueError):
+            lists = None
+        if isinstance(lists, dict) and all(path.stem in lists for path in paths):
+            return [PERSON_CLASS in [int(c) for c in lists[path.stem]] for path in paths]
     folder = paths[0].parent.resolve()
-    cache_path = cache_dir() / f"pascal_person_parts-{hashlib.sha1(str(folder).encode()).hexdigest()[:16]}.json"
+    cache_path = cache_dir() / f"pascal_persons-{hashlib.sha1(str(folder).encode()).hexdigest()[:16]}.json"
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
@@ -255,11 +266,10 @@ def person_parts_flags(paths: list[Path]) -> list[bool]:
         from tqdm import tqdm
 
         for i in tqdm(stale, desc=f"PASCAL-Part persons in {folder}", disable=len(stale) < 200, dynamic_ncols=True):
-            cache[paths[i].name] = [*keys[i], _has_person_parts(paths[i])]
+            cache[paths[i].name] = [*keys[i], _shows_person(paths[i])]
         try:
             write_json_atomically(cache_path, cache)
         except OSError as exc:
             warnings.warn(f"could not keep the PASCAL-Part person scan in {cache_path} ({exc}); it runs again next "
                           "time", stacklevel=3)
     return [bool(cache[path.name][2]) for path in paths]
-
