@@ -13,6 +13,7 @@ MTI-Net with 5 tasks).
       normals_distill/<id>.png                    2 v / 255 - 1
       sal_distill/<id>.png                        v / 255 > 0.5
       json/nyu_classes.json, json/context_classes.json   (optional, see normals)
+      ImageSets/Parts/train.txt, val.txt          (optional) JSON object lists of the public code (see parts)
 
 Conventions implemented:
 
