@@ -229,7 +229,8 @@ def block_breakdown(runner: _Runner, images: torch.Tensor, labels: dict[str, tor
       lies between the block's forward hooks), a parameter's gradient accumulation to the innermost block holding
       the parameter;
     - ``train_recompute_ms``: the forward of an activation-checkpointed block run again inside the backward node
-      that needs its tensors; the node's own work outside recomputed blocks stays its block's backward. The
+      that needs its tensors; the node's own work outside recomputed blocks stays its block's backward (so does a
+      recomputation that enters no block of the breakdown, e.g. of a timm backbone's own blocks: one row). The
       instrumented step recomputes checkpoints whole (a training step stops once the needed tensors are back,
       possibly before a stage's last ops). With reentrant checkpointing the backward of the recomputed graph is
       charged to the block that called ``checkpoint`` (its nodes do not exist before the backward runs);
