@@ -229,8 +229,8 @@ def block_breakdown(runner: _Runner, images: torch.Tensor, labels: dict[str, tor
       lies between the block's forward hooks), a parameter's gradient accumulation to the innermost block holding
       the parameter;
     - ``train_recompute_ms``: the forward of an activation-checkpointed block run again inside the backward node
-      that needs its tensors; the node's own work outside recomputed blocks stays its block's backward (so does a
-      recomputation that enters no block of the breakdown, e.g. of a timm backbone's own blocks: one row). The
+      that needs its tensors (a recomputed module that is no block of the breakdown, e.g. one of a timm backbone's
+      own blocks, is charged to the innermost block holding it); the node's own work stays its block's backward. The
       instrumented step recomputes checkpoints whole (a training step stops once the needed tensors are back,
       possibly before a stage's last ops). With reentrant checkpointing the backward of the recomputed graph is
       charged to the block that called ``checkpoint`` (its nodes do not exist before the backward runs);
@@ -273,8 +273,24 @@ def block_breakdown(runner: _Runner, images: torch.Tensor, labels: dict[str, tor
             node_owner[0] = owner
             timeline.switch(("train_bwd_ms", owner))
 
+        plain_depth = [0]  # nesting of recomputed modules that are no breakdown block, outside every block
+
+        def plain_enter(owner: str):
+            def hook(module, args):
+                if running() == OUTSIDE_BLOCKS:
+                    plain_depth[0] += 1
+                    if plain_depth[0] == 1:
+                        timeline.switch(("train_recompute_ms", owner))
+            return hook
+
+        def plain_leave(module, args, out):
+            if running() == OUTSIDE_BLOCKS and plain_depth[0]:
+                plain_depth[0] -= 1
+                if plain_depth[0] == 0:
+                    timeline.switch(("train_bwd_ms", node_owner[0]))
+
         # checkpoints recompute whole (no early stop, which would end a recomputation inside its blocks, unseen)
-        with running_block(model, block_change), torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        with running_block(model, block_change) as running, torch.utils.checkpoint.set_checkpoint_early_stop(False):
             with runner.autocast:
                 block_change(OUTSIDE_BLOCKS)
                 preds, aux = model.forward_train(images)
@@ -284,6 +300,11 @@ def block_breakdown(runner: _Runner, images: torch.Tensor, labels: dict[str, tor
             timeline.switch(None)
             starts = [n for n, _ in created]
             handles = []
+            for name, module in model.named_modules():  # modules run in the backward only when recomputed
+                if name and name not in blocks:
+                    owner = max((b for b in blocks if name.startswith(b + ".")), key=len, default=OUTSIDE_BLOCKS)
+                    handles += [module.register_forward_pre_hook(plain_enter(owner)),
+                                module.register_forward_hook(plain_leave)]
             for node in _autograd_nodes(total.grad_fn):
                 variable = getattr(node, "variable", None)  # AccumulateGrad of a parameter
                 owner = (holder.get(id(variable), OUTSIDE_BLOCKS) if variable is not None

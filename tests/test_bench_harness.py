@@ -265,9 +265,10 @@ def test_block_breakdown_charges_each_block_its_own_work(monkeypatch, checkpoint
     """block_breakdown on a toy model whose blocks (one inside another, with work of the outer one after the inner
     one) advance a fake clock by known amounts in their forward, backward and gradient accumulation: every phase of
     every block, the loss and the optimiser step get exactly their own work (exclusive of inner blocks; backward
-    nodes charged to the block that created them, accumulation to the block holding the parameter); with the outer
-    block under a (non-reentrant) activation checkpoint, its and its inner block's forwards run again in the
-    backward, charged as their recomputation, and nothing else moves."""
+    nodes charged to the block that created them, accumulation to the block holding the parameter; a module that is
+    no block charged to the block holding it); with the outer block, and that module inside the other block, under
+    a (non-reentrant) activation checkpoint, their forwards run again in the backward, charged as the recomputation
+    of their blocks, and nothing else moves."""
     from mtlfast.bench import models
     from mtlfast.models import summary
 
@@ -290,21 +291,28 @@ def test_block_breakdown_charges_each_block_its_own_work(monkeypatch, checkpoint
             spend(ctx.backward_s)
             return grad, None, None
 
+    class Plain(torch.nn.Module):  # a module that is no block of the breakdown (as a timm backbone's blocks)
+        def forward(self, x):
+            return Work.apply(x, 0.25, 0.375)
+
     class Block(torch.nn.Module):
-        def __init__(self, forward_s, backward_s, accumulate_s, inner=None, after=(0.0, 0.0)):
+        def __init__(self, forward_s, backward_s, accumulate_s, inner=None, after=(0.0, 0.0), plain=None):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.ones(()))
-            self.cost, self.inner, self.after = (forward_s, backward_s), inner, after
+            self.cost, self.inner, self.after, self.plain = (forward_s, backward_s), inner, after, plain
             self.weight.register_post_accumulate_grad_hook(lambda p: spend(accumulate_s))
 
         def forward(self, x):
             x = Work.apply(x * self.weight, *self.cost)
+            if self.plain is not None:  # checkpointed within the block, as timm's checkpoint_seq
+                x = (torch.utils.checkpoint.checkpoint(self.plain, x, use_reentrant=False)
+                     if checkpointed and torch.is_grad_enabled() else self.plain(x))
             return x if self.inner is None else Work.apply(self.inner(x), *self.after)
 
     class Toy(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.a = Block(1.0, 2.0, 0.125)
+            self.a = Block(1.0, 2.0, 0.125, plain=Plain())
             self.b = Block(3.0, 4.0, 0.0625, inner=Block(5.0, 6.0, 0.03125), after=(0.5, 0.75))
 
         def forward(self, images):
@@ -335,7 +343,7 @@ def test_block_breakdown_charges_each_block_its_own_work(monkeypatch, checkpoint
     phases = {name: tuple(row[p] / 1e3 for p in models.BREAKDOWN_PHASES) for name, row in rows.items()}
     recompute = 1.0 if checkpointed else 0.0
     # (inference, forward, backward, recomputation, optimiser step)
-    assert phases == {"a": (1, 1, 2.125, 0, 0), "b": (3.5, 3.5, 4.8125, 3.5 * recompute, 0),
+    assert phases == {"a": (1.25, 1.25, 2.5, 0.25 * recompute, 0), "b": (3.5, 3.5, 4.8125, 3.5 * recompute, 0),
                       "b.inner": (5, 5, 6.03125, 5 * recompute, 0), models.OUTSIDE_BLOCKS: (0, 0, 0, 0, 0),
                       models.LOSS: (0, 0.5, 0.25, 0, 0), models.OPTIMIZER: (0, 0, 0, 0, 7)}
     assert rows["b.inner"]["type"] == "Block" and rows["a"]["infer_mem_increase_bytes"] is None
