@@ -49,11 +49,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from mtlfast.bench import harness
 
-    smoke = args.quick or (args.models and not torch.cuda.is_available())  # CPU model runs are quick checks
-    if args.out is None:
-        args.out = "" if smoke else os.path.join("bench", "results")
-        if smoke and not args.report:
-            print("mtlfast bench: a quick check writes no result file unless --out is given")
     if args.models:
         return _bench_models(args)
     benchmarks = harness.load_benchmarks()
@@ -74,6 +69,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not selected:
         print("mtlfast bench: no benchmarks registered yet")
         return 0
+    args.out = _result_folder(args.out, args.quick)
     if args.resume and not args.out:
         raise ValueError("--resume continues the result files under --out; give --out")
     names = [case.name for op in selected for case in benchmarks[op].cases(device)]
@@ -161,7 +157,6 @@ def _bench_models(args: argparse.Namespace) -> int:
     import torch
 
     from mtlfast.bench import harness, models
-
     from mtlfast.models.backbones import timm_unusable
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -172,7 +167,8 @@ def _bench_models(args: argparse.Namespace) -> int:
     if not settings:
         raise ValueError(f"--cases {args.cases!r} matches no model setting (names are method-backbone-dataset, e.g. "
                          f"{models.SETTINGS[0].name})")
-    quick = args.quick or device.type == "cpu"
+    quick = args.quick or device.type == "cpu"  # a CPU model run is a check at small shapes
+    args.out = _result_folder(args.out, quick)
     if device.type == "cpu":
         print("mtlfast bench --models: no CUDA device; running small shapes (128x128, batch 1) as a check only, "
               "no claim about speed")
@@ -228,6 +224,17 @@ def _bench_models(args: argparse.Namespace) -> int:
         print(f"mtlfast bench --models: time budget spent; not run: {', '.join(left)}")
         return 3
     return 0
+
+
+def _result_folder(out: str | None, quick: bool) -> str:
+    """``bench --out``: as given, else bench/results, but nothing ("") for a quick check, whose numbers must not
+    replace measured ones."""
+    if out is not None:
+        return out
+    if quick:
+        print("mtlfast bench: a quick check writes no result file unless --out is given")
+        return ""
+    return os.path.join("bench", "results")
 
 
 def _check_out_folder(out: str | None) -> None:

@@ -482,6 +482,8 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self, sample_path: str | None, prediction_dir: str | None, shard: bool) -> dict[str, float]:
+        from tqdm import tqdm
+
         from mtlfast.data import collate
         from mtlfast.engine.predictions import save_predictions
         from mtlfast.metrics import build_metrics
@@ -499,8 +501,6 @@ class Trainer:
         loader = DataLoader(images, batch_size=self.config["eval"]["batch_size"], shuffle=False,
                             collate_fn=collate, num_workers=self.num_workers,
                             generator=torch.Generator())  # not the global RNG: training goes on after this
-        from tqdm import tqdm
-
         bar = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True, disable=not (self.progress and
                                                                                        self.dist.is_main))
         with contextlib.closing(metrics), contextlib.closing(bar):  # the edge meter's processes end, also on failure
