@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+import mtlfast.edge_eval
+from mtlfast.edge_eval import edge_counts, edge_nms, match_edges
 from mtlfast.metrics import (DepthMeter, EdgeMeter, MultiTaskMetrics, NormalsMeter, SaliencyMeter, SegmentationMeter,
-                             build_metrics, delta_m, edge_counts, edge_nms, load_baseline, match_edges)
+                             build_metrics, delta_m, load_baseline)
 
 
 def _row(values, channels=1, dtype=torch.float64):
@@ -403,13 +405,11 @@ def test_edge_counts_equal_the_literal_per_threshold_loop(kind):
 
 
 def test_edge_counts_max_flow_fallback_and_degenerate_inputs(monkeypatch):
-    import mtlfast.metrics as metrics
-
     rng = np.random.default_rng(4)
     prob, gt = _random_edge_case(rng, 40, 48, "nms")
     thresholds = np.linspace(0.01, 0.99, 99)
     expected = _slow_edge_counts(prob, gt, 2.5, thresholds)
-    monkeypatch.setattr(metrics, "_augment", lambda *args, **kwargs: False)  # every threshold by max-flow
+    monkeypatch.setattr(mtlfast.edge_eval, "_augment", lambda *args, **kwargs: False)  # every threshold by max-flow
     got = edge_counts(prob, gt, 2.5, thresholds)
     assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
     monkeypatch.undo()
@@ -424,7 +424,7 @@ def test_edge_counts_max_flow_fallback_and_degenerate_inputs(monkeypatch):
 def test_thin_is_skimage_thin():
     from skimage.morphology import _skeletonize, thin as sk_thin
 
-    from mtlfast.metrics import _THIN_LUTS, thin
+    from mtlfast.edge_eval import _THIN_LUTS, thin
 
     assert np.array_equal(_THIN_LUTS[0], _skeletonize.G123_LUT)
     assert np.array_equal(_THIN_LUTS[1], _skeletonize.G123P_LUT)
@@ -443,7 +443,7 @@ def test_augmenting_paths_reach_a_maximum_matching():
     """_augment from random partial matchings against linear_sum_assignment."""
     from scipy.optimize import linear_sum_assignment
 
-    from mtlfast.metrics import _augment
+    from mtlfast.edge_eval import _augment
 
     rng = np.random.default_rng(6)
     for _ in range(60):
@@ -533,6 +533,28 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # an unreaped zombie has ended
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process maps from /proc")
+def test_edge_workers_run_without_torch():
+    """The spawned workers import mtlfast.edge_eval alone (numpy, scipy): no torch library is mapped in them,
+    while this process has it (the check can fail)."""
+    meter = EdgeMeter(0.03, thresholds=3, workers=2)
+    try:
+        meter.update(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))
+        meter._collect()
+        workers = list(meter._pool._processes)
+
+        def libraries(pid):
+            with open(f"/proc/{pid}/maps") as f:
+                return {line.split()[-1].rsplit("/", 1)[-1] for line in f if "/" in line}
+
+        assert any(name.startswith("libtorch") for name in libraries("self"))
+        assert len(workers) == 2
+        for pid in workers:
+            assert not [name for name in libraries(pid) if name.startswith(("libtorch", "libc10"))], pid
+    finally:
+        meter.close()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc")
