@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -30,8 +31,15 @@ _scoped_op_backends: contextvars.ContextVar[dict[str, str]] = contextvars.Contex
                                                                                      default={})
 _meta_plan: contextvars.ContextVar[str | None] = contextvars.ContextVar("mtlfast_meta_plan", default=None)
 
-#: name -> Op, filled as op modules are imported (``mtlfast.ops`` imports all of them).
+#: name -> Op, filled as op modules are imported (``mtlfast.ops`` imports all of them; :func:`registered_ops`).
 OPS: dict[str, "Op"] = {}
+
+
+def registered_ops() -> dict[str, "Op"]:
+    """:data:`OPS` with every op of :mod:`mtlfast.ops` in it (``import mtlfast`` alone imports no op module)."""
+    importlib.import_module("mtlfast.ops")  # registers the ops
+
+    return OPS
 
 
 class BackendError(RuntimeError):
@@ -68,7 +76,7 @@ def use_backend(name: str, **per_op: str) -> Iterator[None]:
     overrides of the outer one."""
     name = _validate(name, "use_backend")
     for op, backend in per_op.items():
-        if op not in OPS:
+        if op not in registered_ops():
             raise ValueError(f"use_backend: unknown op {op!r}; ops: {', '.join(sorted(OPS))}")
         _validate(backend, f"use_backend({op}=...)")
     token = _scoped_backend.set(name)

@@ -7,7 +7,7 @@ import platform
 import torch
 
 from mtlfast import _ext
-from mtlfast.backends import OPS, BackendError, current_backend
+from mtlfast.backends import BackendError, current_backend, registered_ops
 
 
 def _triton_version() -> str:
@@ -29,7 +29,7 @@ def backend_table() -> list[tuple[str, str, str, str]]:
         requested = current_backend()
     except ValueError as exc:  # a bad MTLFAST_BACKEND: the table still shows what each backend can serve
         requested = f"invalid ({exc})"
-    for name, op in sorted(OPS.items()):
+    for name, op in sorted(registered_ops().items()):
         for device in device_types():
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
             try:

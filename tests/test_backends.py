@@ -1,4 +1,7 @@
 """Backend selection rules (DESIGN.md §2) on a toy op, so they are tested independently of any kernel."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -85,6 +88,23 @@ def test_info_lists_each_op_with_its_choice(toy_op):
     assert "triton: device 'cpu' not supported" in text
 
 
+def test_import_mtlfast_is_light_and_complete():
+    """``import mtlfast`` imports no torch (the edge metric's workers rely on it), yet every public name works
+    at once in a fresh process: per-op backend overrides, the ops, and ``mtlfast info`` listing every op."""
+    script = ("import sys, mtlfast\n"
+              "assert 'torch' not in sys.modules\n"
+              "with mtlfast.use_backend('reference', deform_sample='cpp'):\n"
+              "    pass\n"
+              "assert callable(mtlfast.ops.attention) and 'auto' in mtlfast.BACKENDS\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run([sys.executable, "-m", "mtlfast", "info"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[0] for line in result.stdout.split("ops (", 1)[1].splitlines()[1:] if line.strip()}
+    assert listed == {"attention", "tpp_attention", "lthd_attention", "iterative_fusion", "em_attention",
+                      "deform_sample"}, result.stdout
+
+
 def test_info_survives_a_bad_mtlfast_backend(toy_op, monkeypatch):
     """The diagnostic tool still prints its table and names the bad value."""
     from mtlfast.info import info_text
@@ -116,8 +136,21 @@ def _op_calls(gen, dtype=torch.float32, device="cpu", first_dtype=None):
     }
 
 
-# deform_sample does not follow autocast: its reference, grid_sample, runs in float32 under autocast
+# deform_sample ignores autocast (test below)
 _AUTOCAST_OPS = [op for op in _op_calls(None) if op != "deform_sample"]
+
+
+def test_deform_sample_ignores_autocast_on_every_backend(device):
+    """Under torch.autocast deform_sample computes in its inputs' dtype on every backend: grid_sample, on
+    autocast's float32 list, would make the reference alone return float32 from float16 inputs."""
+    seed = fresh_seed()
+    outs = {}
+    for backend in ("reference", "triton"):
+        with torch.autocast(device, dtype=torch.float16):
+            gen = torch.Generator().manual_seed(seed)
+            outs[backend] = _op_calls(gen, dtype=torch.float16, device=device)["deform_sample"](backend)
+    assert {o.dtype for o in outs.values()} == {torch.float16}
+    assert rel_error(outs["triton"], outs["reference"].double()) < 1e-2
 
 
 @pytest.mark.parametrize("mixed", [False, True])

@@ -37,7 +37,13 @@ fy(d11-d10)), dL/dy = w_s H_s/2 ((1-fx)(d10-d00) + fx(d11-d01)), with grid_sampl
 (floor) on pixel-centre lines. The backward always computes all three gradients. A point with an infinite
 or NaN coordinate gives a NaN output row on every backend, as grid_sample (its bilinear weights become
 inf - inf, or NaN); the gradients at such points are not specified (they differ between backends). Finite
-points of any magnitude agree.
+points agree while grid_sample's unnormalised coordinate ((x + 1) W_s - 1) / 2 is finite in the points' dtype
+(|x| below about 3e38 / W_s in float32); beyond, grid_sample's arithmetic overflows to NaN, while the kernels
+return the definition's value for a point outside every stage: 0.
+
+The op ignores torch.autocast: every backend computes in, and returns, the inputs' dtype (grid_sample alone
+would be upcast to float32 under autocast; the reference turns autocast off). A caller that mixes autocast
+outputs with float32 tensors casts them to one dtype first, as SEM's HierarchyAdaptiveAttention does.
 
 The cpp and cuda paths are the C++ ops ``mtlfast::deform_sample_forward`` / ``mtlfast::deform_sample_backward``
 (TORCH_LIBRARY in csrc/mtlfast_ops.cpp, CPU and CUDA kernels) with their fake implementations and autograd
@@ -172,7 +178,15 @@ def _limits(max_stages: int | None):
     return limits
 
 
-_OP.register("reference", _reference.deform_sample, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
+def _reference_in_input_dtype(values, points, weights) -> Tensor:
+    """The reference with autocast off: grid_sample is on autocast's float32 list, so under autocast the
+    reference alone would compute and return float32 from 16-bit inputs; every backend computes in the inputs'
+    dtype instead."""
+    with torch.autocast(points.device.type, enabled=False):
+        return _reference.deform_sample(values, points, weights)
+
+
+_OP.register("reference", _reference_in_input_dtype, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
 _OP.register("cpp", _compiled, devices=("cpu",), dtypes=(torch.float32, torch.float64),
              available=extension_unavailable, limits=_limits(None))
 
