@@ -240,7 +240,8 @@ def check_against_reference(fn: Callable, reference: Callable, inputs: Mapping[s
     random sign (the gradient of a learnable scalar), a draw where they nearly cancel makes even PyTorch miss
     the fixed bound, so the fixed bound alone would make the test fail at random. PyTorch's error on such a
     draw is itself partly luck, so for these quantities (in every dtype) it is the largest of: PyTorch's
-    error on the inputs and on two copies perturbed by one relative epsilon of ``dtype``, and the error of
+    error on the inputs and on two copies perturbed by one relative epsilon of ``dtype`` (each against the
+    float64 reference of its own inputs, so that the perturbation itself does not count), and the error of
     the float64 reference on the inputs rounded to ``dtype`` (which no implementation in ``dtype`` avoids).
     In float16/bfloat16 its floor is 2 epsilons instead of one: such a sum of rounded terms scatters around
     one epsilon for any implementation (iterative_fusion's dα in float16: 1.2 epsilons on a draw where
@@ -280,15 +281,19 @@ def check_against_reference(fn: Callable, reference: Callable, inputs: Mapping[s
         base_outs, base_grads = _run(reference, _cast(inputs, dtype, grad_set), grad_names, cotangents)
         baseline = list(base_outs) + base_grads
     low_precision = fixed is None
-    extra_runs = []  # PyTorch on perturbed inputs, float64 on rounded inputs: its error on one draw is noisy
+    # (result, its float64 truth) of PyTorch on perturbed inputs (each against the float64 reference of those
+    # same inputs: its error on one draw is noisy) and of float64 on the inputs rounded to dtype
+    extra_runs: list[tuple[list, list]] = []
     if conditioned or low_precision:
         for _ in range(2):
-            perturbed = _cast(_perturb(inputs, torch.finfo(dtype).eps, gen), dtype, grad_set)
-            outs_p, grads_p = _run(reference, perturbed, grad_names, cotangents)
-            extra_runs.append(list(outs_p) + grads_p)
+            perturbed = _perturb(inputs, torch.finfo(dtype).eps, gen)
+            outs_p, grads_p = _run(reference, _cast(perturbed, dtype, grad_set), grad_names, cotangents)
+            truth_outs, truth_grads = _run(reference, _cast(perturbed, torch.float64, grad_set), grad_names,
+                                           cotangents)
+            extra_runs.append((list(outs_p) + grads_p, list(truth_outs) + truth_grads))
         rounded = _cast(_cast(inputs, dtype, set()), torch.float64, grad_set)
         outs_r, grads_r = _run(reference, rounded, grad_names, cotangents)
-        extra_runs.append(list(outs_r) + grads_r)
+        extra_runs.append((list(outs_r) + grads_r, want))
     report = CheckReport(seed, dtype)
     for i, (key, g, w) in enumerate(zip(keys, got, want)):
         if w is None or not w.is_floating_point():
@@ -299,8 +304,9 @@ def check_against_reference(fn: Callable, reference: Callable, inputs: Mapping[s
             g = torch.zeros_like(w)
         report.errors[key] = rel_error(g, w)
         if low_precision or key in conditioned:
-            runs = [baseline[i]] + [r[i] for r in extra_runs]
-            base = max(rel_error(b if b is not None else torch.zeros_like(w), w) for b in runs)
+            runs = [(baseline[i], w)] + [(result[i], truth[i] if truth[i] is not None else torch.zeros_like(w))
+                                         for result, truth in extra_runs]
+            base = max(rel_error(b if b is not None else torch.zeros_like(t), t) for b, t in runs)
             floor = fixed if fixed is not None else _LOW_PRECISION_EPS[dtype] * (2 if key in conditioned else 1)
             report.bounds[key] = max(2 * base, floor)
         else:

@@ -11,8 +11,7 @@ from mtlfast.backends import BackendError
 from mtlfast.bench.harness import saved_activation_bytes
 from mtlfast.ops.iterative_fusion import choose_materialize, iterative_fusion
 from mtlfast.reference.iterative_fusion import iterative_fusion as reference
-from mtlfast.testing import (check_against_reference, compile_for_sm90, fresh_seed, randn, rel_error,
-                             run_without_interpreter)
+from mtlfast.testing import check_against_reference, compile_for_sm90, fresh_seed, randn, run_without_interpreter
 
 VARIANTS = ("A", "B", "C")
 MODES = ("materialize", "recompute")
@@ -353,28 +352,14 @@ def test_matches_reference_tpim_shape_gpu(kernel_dtype, mode):
 
 @pytest.mark.gpu
 def test_inductor_compile_gpu():
-    """torch.compile (Inductor) around the op in bfloat16: forward and the gradients to q, k, v and alpha against
-    the float32 reference on the same bfloat16 inputs. A gradient's bound is 2e-2 or twice PyTorch's own bfloat16
-    error, whichever is larger: dα sums B·N·C·n = 7e5 products of bfloat16 Vᵗ and Gᵗ (PyTorch's own bfloat16 dα is
-    9-22% off at this shape, its dq, dk, dv up to 1.2%, measured on the CPU)."""
-    ins = _inputs(4, 300, 64, 96, 6, "cuda", fresh_seed())
-    q, k, v, alpha = (ins[n].to(torch.bfloat16).requires_grad_() for n in ("q", "k", "v", "alpha"))
-    f = torch.compile(lambda q, k, v, a: iterative_fusion(q, k, v, a, 6, backend="triton").float().sin(),
-                      fullgraph=True)
-    out = f(q, k, v, alpha)
-    out.sum().backward()
-
-    def reference_run(dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, alpha)]
-        want = reference(*leaves, 6).float().sin()
-        return want, torch.autograd.grad(want.sum(), leaves)
-
-    want, want_grads = reference_run(torch.float32)
-    _, own_grads = reference_run(torch.bfloat16)
-    assert rel_error(out, want) < 2e-2
-    for name, t, w, own in zip(("q", "k", "v", "alpha"), (q, k, v, alpha), want_grads, own_grads):
-        bound = max(2e-2, 2 * rel_error(own, w))
-        assert rel_error(t.grad, w) < bound, f"grad {name}: bound {bound:.2e}"
+    """torch.compile (Inductor, fullgraph) around the op in bfloat16: forward and the gradients to q, k, v and
+    alpha against the float64 reference, within twice PyTorch's own bfloat16 error (check_against_reference; dα
+    sums B·N·C·n = 7e5 products of bfloat16 Vᵗ and Gᵗ, so it is ``conditioned``: PyTorch's own bfloat16 dα is
+    9-22% off at this shape, measured on the CPU)."""
+    compiled = torch.compile(lambda q, k, v, alpha, n_iter: iterative_fusion(q, k, v, alpha, n_iter, backend="triton"),
+                             fullgraph=True)
+    check_against_reference(compiled, reference, _inputs(4, 300, 64, 96, 6, "cuda", fresh_seed()),
+                            dtype=torch.bfloat16, conditioned=("grad alpha",))
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
