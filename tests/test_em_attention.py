@@ -206,6 +206,8 @@ def test_bad_inputs(backend):
     # converted by the public function for every backend; run where these CPU tensors run everywhere
     torch.testing.assert_close(em_attention(x, mu, np.int64(3), backend="reference")[0],
                                em_attention(x, mu, 3, backend="reference")[0], rtol=0, atol=0)
+    torch.testing.assert_close(em_attention(x, mu, 3, tau=np.float32(0.5), eps=np.float32(0.0), backend="reference"),
+                               em_attention(x, mu, 3, tau=0.5, eps=0.0, backend="reference"), rtol=0, atol=0)
     for tau in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="tau"):
             call(x, mu, 3, tau=tau)

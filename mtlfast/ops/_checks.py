@@ -100,9 +100,9 @@ def check_positive_int(name: str, value) -> int:
 
 
 def check_positive_float(name: str, value, *, allow_zero: bool = False) -> float:
-    """A finite Python number > 0 (>= 0 with ``allow_zero``), as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+    """A finite real number > 0 (>= 0 with ``allow_zero``; Python or numpy, not bool or a tensor), as a float."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
     if not (value >= 0 if allow_zero else value > 0) or not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite float {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return float(value)
