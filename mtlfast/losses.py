@@ -67,12 +67,17 @@ def cross_entropy_loss(pred: torch.Tensor, label: torch.Tensor, ignore_index: in
 
 def balanced_bce_loss(pred: torch.Tensor, label: torch.Tensor, pos_weight: float | None = None,
                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """pred (B,1,H,W) logits, label (B,1,H,W) in {0,1} (``ignore_index`` ignored); positive weight
-    ``pos_weight`` or, when None, the batch's fraction of negative labels (a constant, no gradient)."""
+    """pred (B,1,H,W) logits, label (B,1,H,W) in {0,1} (``ignore_index`` ignored; any other value, e.g. a soft
+    or 0/255-scaled map, is an error, not silently ignored); positive weight ``pos_weight`` or, when None, the
+    batch's fraction of negative labels (a constant, no gradient)."""
     _check("balanced BCE", pred, label, 1, False)
     pred = _wide(pred)
     pos = label == 1
     neg = label == 0
+    other = ~(pos | neg | (label == ignore_index))
+    if other.any():
+        raise ValueError(f"balanced BCE: label values must be 0, 1 or {ignore_index} (ignored); got e.g. "
+                         f"{sorted(set(label[other][:8].tolist()))}")
     n_valid = pos.sum() + neg.sum()
     if pos_weight is None:
         w = neg.sum().to(pred.dtype) / n_valid.clamp(min=1).to(pred.dtype)
@@ -161,6 +166,8 @@ class MultiTaskLoss(nn.Module):
                              f"got {normals_reduction!r}")
         self.normals_reduction = normals_reduction
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        if not tasks:
+            raise ValueError("tasks: expected at least one task")
         aux_tasks = [aux_tasks] if isinstance(aux_tasks, str) else list(aux_tasks or ())
         for task in tasks + aux_tasks:
             if task not in TASKS:
@@ -177,9 +184,12 @@ class MultiTaskLoss(nn.Module):
         self.stage_weights = dict(stage_weights or {})
 
     @classmethod
-    def for_model(cls, model: nn.Module, aux_tasks: Sequence[str] = ()) -> "MultiTaskLoss":
-        """The loss a model trains with: its tasks, its deep-supervision stage weights (``aux_loss_weights``) and
-        its normals reduction (``normals_loss_reduction``), see :mod:`mtlfast.models.base`."""
+    def for_model(cls, model: nn.Module, aux_tasks: Sequence[str] | None = None) -> "MultiTaskLoss":
+        """The loss a model trains with: its tasks, its auxiliary tasks (``model.aux_tasks`` unless
+        ``aux_tasks`` is given), its deep-supervision stage weights (``aux_loss_weights``) and its normals
+        reduction (``normals_loss_reduction``), see :mod:`mtlfast.models.base`."""
+        if aux_tasks is None:
+            aux_tasks = getattr(model, "aux_tasks", ())
         return cls(model.tasks, stage_weights=getattr(model, "aux_loss_weights", None), aux_tasks=aux_tasks,
                    normals_reduction=model.normals_loss_reduction)
 

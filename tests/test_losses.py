@@ -153,6 +153,18 @@ def test_multitask_loss_errors():
         MultiTaskLoss(["semseg", "segm"])
     with pytest.raises(ValueError, match="weights: 'edge' is not one of the tasks"):
         MultiTaskLoss(["semseg"], weights={"edge": 1.0})
+    with pytest.raises(ValueError, match="tasks: expected at least one task"):
+        MultiTaskLoss([])
+
+
+def test_balanced_bce_refuses_labels_other_than_0_1_and_ignored():
+    """A soft or 0/255-scaled edge/saliency map is an error: those entries were silently left out of the loss
+    (an all-0.7 map gave loss 0 and no gradient)."""
+    pred = _img([0.0, 0.0, 0.0, 0.0])
+    for bad in ([0.7, 0.7, 0.7, 0.7], [0.0, 0.5, 1.0, 255.0], [0.0, 255.0, 2.0, 1.0]):
+        with pytest.raises(ValueError, match=r"label values must be 0, 1 or 255 \(ignored\); got e.g. \["):
+            balanced_bce_loss(pred, _img(bad))
+    balanced_bce_loss(pred, _img([0.0, 1.0, 255.0, 1.0]))
 
 
 def test_low_precision_predictions_scored_in_float32():
@@ -191,3 +203,12 @@ def test_auxiliary_tasks_scored_in_deep_supervision_only():
         MultiTaskLoss(["semseg", "depth"], aux_tasks=["depth"])
     with pytest.raises(ValueError, match="unknown task 'edges'"):
         MultiTaskLoss(["semseg"], aux_tasks=["edges"])
+
+
+def test_loss_for_model_takes_the_model_auxiliary_tasks():
+    """MultiTaskLoss.for_model scores a model's front-end-only tasks (PAD-Net's aux_tasks) without being told."""
+    from mtlfast.models import create_model
+
+    model = create_model("padnet", ["semseg", "depth"], backbone="convnet_tiny", dataset="nyud", aux_tasks=["edge"])
+    assert MultiTaskLoss.for_model(model).aux_tasks == ("edge",)
+    assert MultiTaskLoss.for_model(model, aux_tasks=()).aux_tasks == ()
