@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import importlib
-import json
 import os
 import pkgutil
 import platform
@@ -594,11 +593,10 @@ def result_path(out_dir: str, device: str, op: str) -> str:
 
 def read_result(out_dir: str, device: str, op: str) -> dict[str, object] | None:
     """The result file :func:`write_result` wrote for ``op`` on this device, or None if there is none."""
+    from mtlfast._files import read_json
+
     path = result_path(out_dir, device, op)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path) if os.path.exists(path) else None
 
 
 def write_json(path: str, data: object) -> str:

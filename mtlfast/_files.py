@@ -6,20 +6,44 @@ import os
 import tempfile
 
 
-def write_json_atomically(path: str | os.PathLike, data: object) -> str:
-    """Writes ``data`` as JSON to ``path`` through a uniquely named temporary file in the same folder and a rename,
+def chmod_as_new_file(path: str) -> None:
+    """Gives a mkstemp file (owner-only ``0o600``) the permissions of any new file: ``0o666`` less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> str:
+    """Writes ``text`` to ``path`` through a uniquely named temporary file in the same folder and a rename,
     creating the folder: a reader (or a process writing the same file at once, as DDP ranks may) never sees a
-    partial file, and a run stopped mid-write leaves the previous file intact. Returns ``path`` as a string."""
+    partial file, and a run stopped mid-write leaves the previous file intact. The file gets the permissions of
+    any new file. Returns ``path`` as a string."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=folder)
     try:
+        chmod_as_new_file(tmp)
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def write_json_atomically(path: str | os.PathLike, data: object) -> str:
+    """Writes ``data`` as JSON to ``path`` atomically (:func:`write_text_atomically`). Returns ``path``."""
+    return write_text_atomically(path, json.dumps(data, indent=1))
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """The JSON document in ``path``; a file that is not JSON (truncated, or not UTF-8 text) raises a ValueError
+    naming it, not the decoder's bare position."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{os.fspath(path)}: not a readable JSON file ({exc})") from None

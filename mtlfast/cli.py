@@ -18,6 +18,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         raise ValueError("--out writes the --models table; give --models")
     if (args.blocks or args.cases) and not args.models:
         raise ValueError("--blocks and --cases go with --models")
+    _check_out_folder(args.out)
     if args.models:
         from mtlfast.models.summary import SETTINGS, format_block_table, format_table, model_summary
 
@@ -111,8 +112,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _bench_report(folder: str, benchmarks: dict) -> int:
     """The targets of every op result file (``<op>.json``) in a results folder, as one Markdown table."""
     import glob
-    import json
 
+    from mtlfast._files import read_json
     from mtlfast.bench import harness
 
     paths = sorted(p for p in glob.glob(os.path.join(folder, "*.json")) if os.path.basename(p)[:-5] in benchmarks)
@@ -122,8 +123,7 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
                                 f"and no models.json in {folder!r}")
     checks = []
     for path in paths:
-        with open(path) as f:
-            result = json.load(f)
+        result = read_json(path)
         checks += harness.check_targets(result, benchmarks[result["op"]].targets)
         for run in result.get("runs") or [{"environment": result["environment"]}]:
             env = run["environment"]
@@ -139,8 +139,7 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
     if os.path.exists(models_path):
         from mtlfast.bench import models
 
-        with open(models_path) as f:
-            result = json.load(f)
+        result = read_json(models_path)
         env = result["environment"]
         left = result.get("settings_left") or []
         print(f"models.json: {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}"
@@ -152,10 +151,10 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
 
 def _bench_models(args: argparse.Namespace) -> int:
     import dataclasses
-    import json
 
     import torch
 
+    from mtlfast._files import read_json
     from mtlfast.bench import harness, models
     from mtlfast.models.backbones import timm_unusable
 
@@ -179,8 +178,7 @@ def _bench_models(args: argparse.Namespace) -> int:
     # Results of an earlier run of the same sources (another call, or other --cases) are kept, setting by setting.
     earlier = []
     if folder and os.path.exists(os.path.join(folder, "models.json")):
-        with open(os.path.join(folder, "models.json")) as f:
-            previous = json.load(f)
+        previous = read_json(os.path.join(folder, "models.json"))
         if previous.get("environment", {}).get("source") == environment["source"] and previous.get("quick") == quick:
             earlier = previous.get("results", [])
 
@@ -237,16 +235,23 @@ def _result_folder(out: str | None, quick: bool) -> str:
     return os.path.join("bench", "results")
 
 
-def _check_out_folder(out: str | None) -> None:
-    """Creates the folder of an --out file before the work, so that an unwritable place fails at once."""
+def _check_folder(folder: str, option: str) -> None:
+    """Creates an output folder of ``option`` before the work, so that an unwritable place fails at once, not
+    after an evaluation or training whose results it would lose."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"{option}: cannot create the folder {folder!r}: {exc}") from exc
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"{option}: cannot write into {folder!r}")
+
+
+def _check_out_folder(out: str | None, option: str = "--out") -> None:
+    """The output file ``out`` of ``option``: not a folder, and its folder created (:func:`_check_folder`)."""
     if out:
-        folder = os.path.dirname(os.path.abspath(out))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise OSError(f"--out: cannot create the folder of {out!r}: {exc}") from exc
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(f"--out: cannot write into {folder!r}")
+        if os.path.isdir(out):
+            raise IsADirectoryError(f"{option}: {out!r} is a folder; expected a file name")
+        _check_folder(os.path.dirname(os.path.abspath(out)), option)
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -290,8 +295,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     config = load_config(None, args.overrides, base=ckpt.load_checkpoint(args.checkpoint)["config"])
     _check_out_folder(args.out)
-    trainer = Trainer(config, resume=args.checkpoint, progress=not args.no_progress,
-                      logs=False)  # the run's logs stay as they are
+    _check_out_folder(args.samples, "--samples")
+    if args.save_predictions:
+        _check_folder(args.save_predictions, "--save-predictions")
+    # the run's logs stay as they are; the training split is not needed (nor read)
+    trainer = Trainer(config, resume=args.checkpoint, progress=not args.no_progress, logs=False, train_data=False)
     try:  # under torchrun rank 0 evaluates all images (or every rank its share: eval.sharded=true) and reports
         if trainer.dist.is_main or trainer.sharded_evaluation:
             metrics = trainer.evaluate(args.samples if trainer.dist.is_main else None, args.save_predictions,
@@ -345,6 +353,7 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from mtlfast._files import write_text_atomically
     from mtlfast.data import canonical_dataset, check_tasks
     from mtlfast.data.tasks import TASK_INFO
     from mtlfast.engine.config import load_config
@@ -352,6 +361,7 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     from mtlfast.models.registry import model_options
 
     config = load_config(args.config, args.overrides)
+    _check_out_folder(args.out)  # before the runs: a bad --out must not cost them
     dataset = canonical_dataset(config["data"]["dataset"])
     tasks = list(check_tasks(config["data"]["tasks"], dataset))
     allowed = set(model_options("single_task"))
@@ -413,11 +423,7 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
               "# eval.baseline=<file>. `metrics` holds the metric Δm uses per task (as MTI-Net); `all_metrics`\n"
               "# what the evaluation reported (edit `metrics` to compare others).\n"
               f"# Command: {command}\n")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(folder, exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(header)
-        yaml.safe_dump(document, f, sort_keys=False, allow_unicode=True, width=1000)
+    write_text_atomically(args.out, header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=1000))
     print(yaml.safe_dump({"metrics": primary}, sort_keys=False).rstrip())
     print(f"wrote {args.out}")
     if unusable:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -61,7 +62,7 @@ from mtlfast.edge_eval import edge_counts, edge_image_counts, edge_nms, exit_wit
 
 __all__ = ["Meter", "SegmentationMeter", "DepthMeter", "NormalsMeter", "SaliencyMeter", "EdgeMeter",
            "MultiTaskMetrics", "build_metrics", "delta_m", "load_baseline", "list_baselines", "edge_nms",
-           "match_edges", "edge_counts", "thin", "LOWER_IS_BETTER"]
+           "match_edges", "edge_counts", "thin", "edge_thresholds", "LOWER_IS_BETTER"]
 
 #: Metric names where a lower value is better (for Δm).
 LOWER_IS_BETTER = frozenset({"rmse", "abs_rel", "mean", "median"})
@@ -302,6 +303,18 @@ class SaliencyMeter(Meter):
         return {"maxF": 100.0 * f.max().item(), "maxIoU": 100.0 * iou.max().item(), "mIoU": miou}
 
 
+def edge_thresholds(value: int | Sequence[float], key: str = "thresholds") -> np.ndarray:
+    """The odsF thresholds of ``value``: a count n >= 1 (n evenly spaced in (0, 1): 99 gives SEISM's 0.01 ...
+    0.99) or a list of thresholds in (0, 1). Anything else (0 or an empty list left argmax nothing to pick; true
+    counted as 1) raises naming ``key``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+        return np.linspace(1.0 / (value + 1), 1.0 - 1.0 / (value + 1), int(value))
+    if (isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0
+            and all(isinstance(t, numbers.Real) and not isinstance(t, bool) and 0 < t < 1 for t in value)):
+        return np.asarray(value, dtype=np.float64)
+    raise ValueError(f"{key}: expected a number of thresholds >= 1 or a list of thresholds in (0, 1), got {value!r}")
+
+
 class EdgeMeter(Meter):
     """odsF (SEISM / BSDS conventions, Python approximation; see the module docstring); pred (B,1,H,W)
     logits (``from_logits=False``: probabilities in [0,1]), label (B,1,H,W) {0,1}, 255 ignored.
@@ -318,11 +331,9 @@ class EdgeMeter(Meter):
 
     def __init__(self, max_dist: float, thresholds: int | Sequence[float] = 99, nms: bool = True,
                  from_logits: bool = True, workers: int = 0):
-        if isinstance(thresholds, int):
-            thresholds = np.linspace(1.0 / (thresholds + 1), 1.0 - 1.0 / (thresholds + 1), thresholds)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"workers: expected an integer >= 0, got {workers!r}")
-        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.thresholds = edge_thresholds(thresholds)
         self.max_dist, self.nms, self.from_logits, self.workers = float(max_dist), nms, from_logits, workers
         self._pool, self._queued = None, collections.deque()
         super().__init__()

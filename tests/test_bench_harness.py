@@ -436,6 +436,26 @@ def test_cli_bench_report(tmp_path):
     assert empty.returncode == 1 and "--report: no op result files" in empty.stderr
 
 
+def test_corrupt_result_files_name_the_path(tmp_path, capsys):
+    """A truncated result file (a disk filled mid-copy) fails `bench --resume` (read_result) and `bench --report`
+    with an error naming the file, not the JSON decoder's bare position."""
+    from mtlfast.cli import main
+
+    path = harness.result_path(str(tmp_path), "cpu", "deform_sample")
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        f.write('{"op": "deform_sample", "rows": [')
+    with pytest.raises(ValueError, match=f"{path}: not a readable JSON file"):
+        harness.read_result(str(tmp_path), "cpu", "deform_sample")
+    assert main(["bench", "--report", os.path.dirname(path)]) == 1
+    assert f"ValueError: {path}: not a readable JSON file" in capsys.readouterr().err
+    os.remove(path)
+    with open(os.path.join(os.path.dirname(path), "models.json"), "wb") as f:
+        f.write(b"\xff{}")
+    assert main(["bench", "--report", os.path.dirname(path)]) == 1
+    assert "models.json: not a readable JSON file" in capsys.readouterr().err
+
+
 def test_gpu_check_first_cases_exist():
     """gpu_check.sh's first benchmark pass names one case per target: every name is a registered GPU case and
     every op with GPU targets has one (a typo would silently measure nothing first)."""

@@ -194,6 +194,9 @@ def test_missing_folders_and_files_name_the_path(tmp_path):
 
 def test_corrupt_files_name_the_path(tmp_path):
     base, _ = make_nyud(tmp_path)
+    (base / "gt_sets" / "val.txt").write_bytes(b"\xff\xfe0\x003\x00")  # UTF-16, not the ids' text
+    with pytest.raises(DataError, match=r"split file .*gt_sets.val\.txt: not a text file of image ids"):
+        NYUDv2(base, split="val")
     ds = NYUDv2(base, split="train", transform=identity)
     (base / "segmentation" / "0001.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"segmentation.0001\.png"):

@@ -248,3 +248,105 @@ def test_seeded_items_leave_the_cuda_generators_alone(monkeypatch):
     first = [items[(0, i)] for i in range(3)]
     assert calls == [] and torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(a, items[(0, i)]) for i, a in enumerate(first)) and not torch.equal(first[0], first[1])
+
+
+@pytest.mark.parametrize("override, error, message", [
+    ("data.batch_size=0", ValueError, "data.batch_size: expected an integer >= 1, got 0"),
+    ("data.batch_size=abc", ValueError, "data.batch_size: expected an integer >= 1, got 'abc'"),
+    ("data.num_val=0", ValueError, "data.num_val: expected an integer >= 1, got 0"),
+    ("data.num_train=2.5", ValueError, "data.num_train: expected an integer >= 1, got 2.5"),
+    ("seed=abc", ValueError, "seed: expected an integer >= 0, got 'abc'"),
+    ("data.train_size=abc", ValueError, r"data.train_size: expected \[height, width\], integers >= 2, got 'abc'"),
+    ("data.train_size=[64, true]", ValueError, r"data.train_size: expected \[height, width\]"),
+    ("optim.lr=abc", ValueError, "optim.lr: expected a number >= 0, got 'abc'"),
+    ("optim.lr=.nan", ValueError, "optim.lr: expected a number >= 0, got nan"),
+    ("optim.weight_decay=-1", ValueError, "optim.weight_decay: expected a number >= 0, got -1"),
+    ("optim.momentum=abc", ValueError, "optim.momentum: expected a number >= 0, got 'abc'"),
+    ("optim.poly_power=abc", ValueError, "optim.poly_power: expected a number >= 0, got 'abc'"),
+    ("optim.grad_clip=true", ValueError, "optim.grad_clip: expected a number > 0 or null, got True"),
+    ("train.sample_images=-1", ValueError, "train.sample_images: expected an integer >= 0, got -1"),
+    ("train.eval_at_start=no", ValueError, "train.eval_at_start: expected true or false, got 'no'"),
+    ("train.amp=fp16", ValueError, "train.amp: expected auto, bf16 or off, got 'fp16'"),
+    ("eval.batch_size=0", ValueError, "eval.batch_size: expected an integer >= 1, got 0"),
+    ("eval.edge_thresholds=0", ValueError, "eval.edge_thresholds: expected a number of thresholds >= 1 or a list"),
+    ("eval.edge_thresholds=true", ValueError, "eval.edge_thresholds: expected a number of thresholds >= 1"),
+    ("eval.edge_thresholds=[0.5, 1]", ValueError, r"eval.edge_thresholds: .* got \[0.5, 1\]"),
+    ("output_dir=3", ValueError, "output_dir: expected a folder path, got 3"),
+    ("optim.lr.x=1", KeyError, "unknown key 'optim.lr.x'; 'optim.lr' takes a value, not a mapping"),
+    ("output_dir.x=1", KeyError, "unknown key 'output_dir.x'; 'output_dir' takes a value, not a mapping"),
+    ("data.tasks=[semseg", ValueError, r"override 'data.tasks=\[semseg': the value is not valid YAML: expected ','"),
+])
+def test_config_values_are_checked_naming_the_key(override, error, message):
+    """What YAML lets through (``optim.lr=abc`` is a string) is refused by load_config naming the key, not later by
+    torch or a dataset without it; a mapping under a key that takes a value is an unknown key (it replaced the
+    value), and an override that is not YAML names the override (PyYAML's error spans several lines)."""
+    with pytest.raises(error, match=message) as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_config_checks_accept_the_documented_values(tmp_path):
+    """null grad_clip and eval_every, threshold lists, sample_images=0, inf grad_clip (no clipping) pass; a
+    hand-edited config is checked by check_config (the Trainer calls it); a YAML file that is not YAML names the file
+    in one line."""
+    from mtlfast.engine.config import check_config
+
+    config = load_config(None, ["optim.grad_clip=null", "train.eval_every=null", "eval.edge_thresholds=[0.25, 0.5]",
+                                "train.sample_images=0", "optim.lr=0"])
+    assert config["eval"]["edge_thresholds"] == [0.25, 0.5] and config["optim"]["grad_clip"] is None
+    assert load_config(None, ["optim.grad_clip=inf"])["optim"]["grad_clip"] == float("inf")
+    config["eval"]["batch_size"] = "4"
+    with pytest.raises(ValueError, match="eval.batch_size: expected an integer >= 1, got '4'"):
+        check_config(config)
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: [1e-4\n")
+    with pytest.raises(ValueError, match=r"config: '.*bad.yaml' is not valid YAML: .*\(line 3, column 1\)") as info:
+        load_config(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_weights_of_another_model_name_the_checkpoint_and_the_options(tmp_path):
+    """Weights that do not fit (a model option changed: model.kwargs.head_channels) raise one line naming the
+    checkpoint, a tensor and the options that differ, not torch's list of every tensor; an empty kwargs mapping adds
+    no entry of its own to the changes."""
+    path = str(tmp_path / "last.pt")
+    saved = {"model": torch.nn.Linear(2, 4).state_dict(), "config": {"model": {"name": "x", "kwargs": {}}}}
+    model, config = torch.nn.Linear(2, 3), {"model": {"name": "x", "kwargs": {"head_channels": 3}}}
+    with pytest.raises(RuntimeError) as info:
+        ckpt.load_weights(model, saved, config, path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"checkpoint: {path!r} holds the weights of another model")
+    assert "2 tensors missing, unexpected or of another shape, e.g. 'weight'" in message
+    assert message.endswith("model options that differ from the checkpoint's: model.kwargs.head_channels: "
+                            "'(unset)' -> 3")
+    ckpt.load_weights(model, {"model": torch.nn.Linear(2, 3).state_dict()}, config, path)
+
+
+def test_text_files_are_written_atomically_with_new_file_permissions(tmp_path, monkeypatch):
+    """write_text_atomically (the baseline YAML, JSON results): a failed rename keeps the previous file and leaves no
+    temporary one; the file gets 0o666 less the umask, as any new file (mkstemp's is owner-only). read_json names
+    a file that is not JSON."""
+    from mtlfast import _files
+
+    path = tmp_path / "b.yaml"
+    umask = os.umask(0o022)
+    try:
+        _files.write_text_atomically(path, "a: 1\n")
+    finally:
+        os.umask(umask)
+    assert path.read_text() == "a: 1\n" and os.stat(path).st_mode & 0o777 == 0o644
+
+    def failed(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_files.os, "replace", failed)
+    with pytest.raises(OSError, match="disk full"):
+        _files.write_text_atomically(path, "a: 2\n")
+    monkeypatch.undo()
+    assert path.read_text() == "a: 1\n" and sorted(os.listdir(tmp_path)) == ["b.yaml"]
+    _files.write_json_atomically(tmp_path / "r.json", {"x": [1]})
+    assert _files.read_json(tmp_path / "r.json") == {"x": [1]}
+    for content in (b'{"x": [1', b"\xff\xfe{}"):
+        (tmp_path / "r.json").write_bytes(content)
+        with pytest.raises(ValueError, match=f"{tmp_path / 'r.json'}: not a readable JSON file"):
+            _files.read_json(tmp_path / "r.json")

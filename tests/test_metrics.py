@@ -527,6 +527,22 @@ def test_edge_meter_worker_processes_give_the_same_counts():
         EdgeMeter(0.03, workers=-1)
 
 
+def test_edge_thresholds_are_a_count_or_a_list_in_the_open_unit_interval():
+    """0 thresholds (or an empty list) left odsF's argmax nothing to pick, after the whole evaluation; true was one
+    threshold; 0 and 1 are no thresholds of a probability map. Refused when the meter is built, naming the key."""
+    from mtlfast.metrics import edge_thresholds
+
+    assert np.allclose(EdgeMeter(0.03, thresholds=3).thresholds, [0.25, 0.5, 0.75])
+    assert EdgeMeter(0.03, thresholds=[0.3, 0.6]).thresholds.tolist() == [0.3, 0.6]
+    assert np.allclose(edge_thresholds(np.int64(99))[[0, -1]], [0.01, 0.99])
+    for bad in (0, -1, True, 2.5, "9", [], [0.0, 0.5], [0.5, 1.0], [True], [float("nan")]):
+        with pytest.raises(ValueError, match="thresholds: expected a number of thresholds >= 1 or a list of "
+                                             r"thresholds in \(0, 1\), got "):
+            EdgeMeter(0.03, thresholds=bad)
+    with pytest.raises(ValueError, match="^eval.edge_thresholds: expected"):
+        edge_thresholds(0, "eval.edge_thresholds")
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -689,3 +705,34 @@ def test_baseline_command_trains_single_task_models(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert "left out of `metrics`" in err and "depth.rmse = 0.0" in err
     assert load_baseline(partial) == {t: m for t, m in measured.items() if t != "depth"}
+
+
+def test_baseline_out_is_checked_before_the_runs_and_written_atomically(tmp_path, capsys, monkeypatch):
+    """`mtlfast baseline --out` in a place that cannot hold it fails before any single-task run, naming --out (it
+    failed after all of them, unnamed); the file is replaced atomically (a failed write keeps the earlier one)."""
+    from mtlfast import _files
+    from mtlfast.cli import main
+
+    tiny = ["train.device=cpu", "data.num_train=4", "data.num_val=2", "data.batch_size=4", "data.train_size=[16, 16]",
+            "data.tasks=[semseg]", "train.iterations=1", "train.eval_every=0", "train.eval_at_start=false",
+            f"output_dir={tmp_path / 'runs'}"]
+    (tmp_path / "file").write_text("")
+    assert main(["baseline", "--no-progress", "--out", str(tmp_path / "file" / "b.yaml"), *tiny]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mtlfast baseline: OSError: --out: cannot create the folder") and "file" in err, err
+    assert not (tmp_path / "runs").exists()
+    assert main(["baseline", "--no-progress", "--out", str(tmp_path), *tiny]) == 1
+    assert "--out: " in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    out = tmp_path / "b.yaml"
+    out.write_text("earlier\n")
+
+    def failed(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_files.os, "replace", failed)
+    assert main(["baseline", "--no-progress", "--out", str(out), *tiny]) == 1
+    assert "disk full" in capsys.readouterr().err
+    assert out.read_text() == "earlier\n" and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp_")]
+    monkeypatch.undo()
+    assert main(["baseline", "--no-progress", "--resume", "--out", str(out), *tiny]) == 0
+    assert set(load_baseline(out)) == {"semseg"}

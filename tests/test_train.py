@@ -625,3 +625,88 @@ def test_baseline_command_under_torchrun(tmp_path):
         # this process runs with other thread counts than the workers (float32 sums in another order)
         assert trainer.evaluate()[f"{task}/{name}"] == pytest.approx(value, rel=1e-6)
         trainer.close()
+
+
+def test_output_dir_of_another_run_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """A run refuses an output_dir holding a checkpoint before its run log is created (TensorBoard's writer would
+    add an events file there), also when it resumes another run's checkpoint (it overwrote that folder's last.pt
+    and mixed the logs); its own last.pt resumes under any spelling of the path. An output_dir that cannot be
+    created, and an invalid value in a config edited after load_config, are refused naming the key."""
+    import mtlfast.engine.trainer as trainer_module
+
+    args = TINY + ON_CPU + ["train.iterations=2", "train.checkpoint_every=2"]
+    for name in ("a", "b"):
+        _losses(load_config(None, args + [f"output_dir={tmp_path / name}"]))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+    logs = []
+    monkeypatch.setattr(trainer_module, "RunLog", lambda folder: logs.append(folder))
+    config = load_config(None, args + [f"output_dir={tmp_path / 'b'}", "train.iterations=4"])
+    with pytest.raises(FileExistsError, match=f"holds the checkpoint of another run .*resuming {tmp_path / 'a'}.* "
+                                              f"choose another output_dir, or resume {tmp_path / 'b' / 'last.pt'}$"):
+        Trainer(copy.deepcopy(config), resume=str(tmp_path / "a" / "last.pt"), progress=False)
+    with pytest.raises(FileExistsError, match="holds the checkpoint of an earlier run"):
+        Trainer(copy.deepcopy(config), progress=False)
+    assert logs == [] and {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    Trainer(copy.deepcopy(config), resume="b/../b/last.pt", progress=False).close()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=f"output_dir: cannot write the run's logs into '{tmp_path / 'file' / 'x'}'"):
+        Trainer(load_config(None, args + [f"output_dir={tmp_path / 'file' / 'x'}"]), progress=False)
+    config = load_config(None, args + [f"output_dir={tmp_path / 'c'}"])
+    config["eval"]["edge_thresholds"] = 0  # failed at the first evaluation (argmax of nothing)
+    with pytest.raises(ValueError, match="eval.edge_thresholds: expected a number of thresholds >= 1"):
+        Trainer(config, progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_eval_checks_its_outputs_first_and_names_a_checkpoint_of_other_options(tmp_path, capsys, monkeypatch):
+    """`mtlfast eval --samples` / `--save-predictions` into new folders work (--samples failed after the whole
+    evaluation); a place that cannot hold them fails before the evaluation, naming the option. A checkpoint of
+    other model options fails in one line naming it and the options (torch's error listed every tensor)."""
+    from mtlfast.cli import main
+
+    out = tmp_path / "run"
+    _losses(load_config(None, TINY + ON_CPU + [f"output_dir={out}", "train.iterations=1"]))
+    last = str(out / "last.pt")
+    assert main(["eval", "--no-progress", "--checkpoint", last, "--samples", str(tmp_path / "new" / "s.png")]) == 0
+    assert (tmp_path / "new" / "s.png").stat().st_size > 0
+    capsys.readouterr()
+    evaluated = []
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *args, **kwargs: evaluated.append(1) or {})
+    (tmp_path / "file").write_text("")
+    for option in ("--samples", "--save-predictions", "--out"):
+        assert main(["eval", "--checkpoint", last, option, str(tmp_path / "file" / "x")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"mtlfast eval: OSError: {option}: cannot create the folder"), err
+    assert evaluated == []
+    assert main(["eval", "--checkpoint", last, "model.kwargs.head_channels=8"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mtlfast eval: RuntimeError: checkpoint: {last!r} holds the weights of another model")
+    assert "model.kwargs.head_channels: '(unset)' -> 8" in err and len(err.splitlines()) == 2
+
+
+def test_eval_needs_no_training_split(tmp_path, capsys):
+    """`mtlfast eval` reads the validation split only: a dataset folder without the training split list (or
+    files) evaluates (it failed, and on PASCAL parts-only read every training annotation first); such an
+    evaluation-only trainer refuses to train."""
+    from mtlfast.cli import main
+    from test_data_nyud import make_nyud
+
+    base, _ = make_nyud(tmp_path / "data")
+    config = load_config(None, ON_CPU + [f"output_dir={tmp_path / 'run'}", "data.dataset=nyud",
+                                         f"data.root={tmp_path / 'data'}", "data.tasks=[semseg, depth]",
+                                         "data.batch_size=1", "data.train_size=[8, 8]", "eval.baseline=null"])
+    trainer = Trainer(config, progress=False)
+    trainer.save()
+    trainer.close()
+    (base / "gt_sets" / "train.txt").unlink()
+    (base / "images" / "0001.png").unlink()
+    assert main(["eval", "--no-progress", "--checkpoint", str(tmp_path / "run" / "last.pt")]) == 0, \
+        capsys.readouterr().err
+    assert "evaluation of" in capsys.readouterr().out
+    trainer = Trainer(config, resume=str(tmp_path / "run" / "last.pt"), progress=False, logs=False, train_data=False)
+    assert trainer.train_set is None and len(trainer.val_set) == 1
+    with pytest.raises(RuntimeError, match="built with train_data=False, to evaluate only"):
+        trainer.train()
+    trainer.close()

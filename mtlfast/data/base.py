@@ -42,7 +42,11 @@ def require_file(path: Path, what: str) -> Path:
 def read_split(path: Path) -> list[str]:
     """Image ids of a split file, one per line (blank lines skipped)."""
     require_file(path, "split file")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"split file {path}: not a text file of image ids ({exc})") from exc
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
     if not ids:
         raise DataError(f"split file {path} lists no image")
     return ids

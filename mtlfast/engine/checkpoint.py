@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtlfast._files import chmod_as_new_file
+
 FORMAT_VERSION = 1
 #: Config entries that must match for a checkpoint's weights to fit the model being built.
 _MODEL_KEYS = (("model", "name"), ("model", "backbone"), ("data", "tasks"), ("data", "dataset"))
@@ -43,9 +45,7 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_ckpt_", dir=folder)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        chmod_as_new_file(tmp)
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **payload}, f)
             f.flush()
@@ -103,10 +103,29 @@ def check_compatible(payload: dict[str, Any], config: dict[str, Any], path: str)
         raise RuntimeError(f"checkpoint: {path!r} has model.kwargs.aux_tasks={a!r} but the config asks for {b!r}")
 
 
+def load_weights(model: torch.nn.Module, payload: dict[str, Any], config: dict[str, Any], path: str) -> None:
+    """Loads the checkpoint's weights into ``model``. Weights that do not fit (a model option the compatibility
+    check does not compare, e.g. ``model.kwargs.head_channels``) raise one line naming the checkpoint, a tensor
+    that differs and the model options that differ from the checkpoint's, instead of torch's list of every
+    tensor."""
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        ours, saved = model.state_dict(), payload["model"]
+        differ = ([k for k in ours if k not in saved] + [k for k in saved if k not in ours]
+                  + [k for k in ours if k in saved and ours[k].shape != saved[k].shape])
+        options = config_changes({"model": payload.get("config", {}).get("model", {})}, {"model": config["model"]})
+        detail = (f"{len(differ)} tensors missing, unexpected or of another shape, e.g. {differ[0]!r}" if differ
+                  else str(exc).strip().splitlines()[-1].strip())
+        raise RuntimeError(f"checkpoint: {path!r} holds the weights of another model than this config builds "
+                           f"({detail}); model options that differ from the checkpoint's: "
+                           f"{'; '.join(options) or 'none'}") from None
+
+
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in config.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # an empty one adds no entry: {} -> {x: 1} is the change of x alone
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value

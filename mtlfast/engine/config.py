@@ -10,6 +10,7 @@ model on the procedurally generated dataset, trains on a CPU in minutes); a YAML
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from typing import Any, Iterable
@@ -108,9 +109,19 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
                 _merge_kwargs(base[key], value)
             else:
                 merge(base[key], value, path + ".")
+        elif isinstance(value, dict):  # optim.lr.x=1 would replace the number with a mapping
+            inner = f"{path}.{next(iter(value))}" if value else path
+            raise KeyError(f"config: unknown key {inner!r}; {path!r} takes a value, not a mapping")
         else:
             base[key] = value
     return base
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line (its message spans several, with a drawing of the position)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"
 
 
 def parse_override(text: str) -> dict:
@@ -118,7 +129,10 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ValueError(f"override {text!r}: expected key=value (e.g. optim.lr=1e-4)")
     key, raw = text.split("=", 1)
-    value = yaml.load(raw, Loader=_Loader) if raw else None
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw else None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"override {text!r}: the value is not valid YAML: {_yaml_problem(exc)}") from None
     if isinstance(value, str):  # what float() reads (inf, .5e3) is a number too
         try:
             value = float(value)
@@ -142,10 +156,66 @@ def load_config(path: str | None = None, overrides: Iterable[str] = (), base: di
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config: no such file {path!r}")
         with open(path) as f:
-            loaded = yaml.load(f, Loader=_Loader) or {}
+            try:
+                loaded = yaml.load(f, Loader=_Loader) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"config: {path!r} is not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise TypeError(f"config: {path!r} must hold a mapping at top level")
         merge(config, loaded)
     for text in overrides:
         merge(config, parse_override(text))
+    return check_config(config)
+
+
+#: Integer entries and their least value (train.eval_every also takes null: no evaluation during training).
+_INTEGERS = {"seed": 0, "data.batch_size": 1, "data.num_train": 1, "data.num_val": 1, "train.iterations": 1,
+             "train.eval_every": 0, "train.checkpoint_every": 1, "train.log_every": 1, "train.sample_images": 0,
+             "eval.batch_size": 1}
+#: Entries that are true or false (YAML 1.2: ``train.eval_at_start=no`` is the string "no", which is truthy).
+_BOOLEANS = ("train.cudnn_benchmark", "train.sync_bn", "train.eval_at_start", "eval.sharded")
+#: Number entries (finite) and their least value, as torch's optimisers and the poly schedule take them.
+_NUMBERS = {"optim.lr": 0, "optim.weight_decay": 0, "optim.momentum": 0, "optim.poly_power": 0}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_config(config: dict) -> dict:
+    """Refuses an entry of the wrong type or range with the key's name, before anything is built or loaded
+    (YAML lets anything through: ``optim.lr=abc`` is the string "abc", which torch would refuse without naming
+    the key, and ``data.num_val=0`` would evaluate nothing). Returns ``config``. :func:`load_config` checks what
+    it returns; :class:`~mtlfast.engine.trainer.Trainer` checks the config it is given."""
+    def value(key: str) -> Any:
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    for key, least in _INTEGERS.items():
+        v, nullable = value(key), key == "train.eval_every"
+        if (v is not None or not nullable) and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise ValueError(f"{key}: expected an integer >= {least}{' or null' if nullable else ''}, got {v!r}")
+    for key, least in _NUMBERS.items():
+        v = value(key)
+        if not (_is_number(v) and math.isfinite(v) and v >= least):
+            raise ValueError(f"{key}: expected a number >= {least}, got {v!r}")
+    for key in _BOOLEANS:
+        if not isinstance(v := value(key), bool):
+            raise ValueError(f"{key}: expected true or false, got {v!r}")
+    if (amp := value("train.amp")) not in ("auto", "bf16", "off"):
+        raise ValueError(f"train.amp: expected auto, bf16 or off, got {amp!r}")
+    clip = value("optim.grad_clip")  # inf: no clipping, the norm still logged
+    if clip is not None and not (_is_number(clip) and clip > 0):
+        raise ValueError(f"optim.grad_clip: expected a number > 0 or null, got {clip!r}")
+    size = value("data.train_size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 2 for s in size)):
+        raise ValueError(f"data.train_size: expected [height, width], integers >= 2, got {size!r}")
+    if not isinstance(config["output_dir"], str) or not config["output_dir"]:
+        raise ValueError(f"output_dir: expected a folder path, got {config['output_dir']!r}")
+    from mtlfast.metrics import edge_thresholds
+
+    edge_thresholds(value("eval.edge_thresholds"), "eval.edge_thresholds")
     return config

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from mtlfast.backends import use_backend
 from mtlfast.engine import checkpoint as ckpt
+from mtlfast.engine.config import check_config
 from mtlfast.engine.distributed import (DistInfo, barrier, broadcast_from_main, cleanup, gather_objects,
                                         init_distributed, mean_over_ranks)
 from mtlfast.engine.logs import RunLog, plot_curves, plot_predictions
@@ -122,18 +123,6 @@ def resolve_workers(value, dataset: str, key: str = "data.num_workers", node_sha
     return value
 
 
-def _check_intervals(train_cfg: dict) -> None:
-    """train.iterations, checkpoint_every and log_every: integers >= 1; eval_every: an integer >= 0 or null
-    (0 and null: no evaluation during training)."""
-    for key, least in (("iterations", 1), ("checkpoint_every", 1), ("log_every", 1), ("eval_every", 0)):
-        value = train_cfg[key]
-        if key == "eval_every" and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"train.{key}: expected an integer >= {least}"
-                             + (" or null" if key == "eval_every" else "") + f", got {value!r}")
-
-
 def build_val_set(config: dict[str, Any], tasks: Sequence[str]):
     """The validation split of ``config["data"]`` with labels for ``tasks``, as evaluations read it (synthetic:
     ``num_val`` scenes rendered at ``train_size`` from ``seed``)."""
@@ -194,9 +183,9 @@ class Trainer:
     checkpoint only loads with the same aux_tasks.
     ``model.checkpoint_decoder`` / ``model.checkpoint_backbone``: activation checkpointing of the model's decoder
     stages / backbone blocks (same losses and gradients, less activation memory; :mod:`mtlfast.models.base`).
-    A run without ``resume`` refuses an ``output_dir`` that holds a checkpoint (``last.pt``): it would overwrite
-    it and append to its logs; logs there without a checkpoint (a run stopped before its first save) are started
-    afresh, and temporary files of killed saves are removed. Randomness: the initial weights are the same on
+    A run refuses an ``output_dir`` that holds a checkpoint (``last.pt``) unless it resumes that very file: it would
+    overwrite it and append to its logs; logs there without a checkpoint (a run stopped before its first save) are
+    started afresh, and temporary files of killed saves are removed. Randomness: the initial weights are the same on
     every rank (one seed); the training forward's draws (dropout, stochastic depth) come from one stream per rank,
     and checkpoints hold every rank's RNG states (exact resume with the same number of processes). A step whose
     gradient norm is not finite raises before the optimiser step, so no checkpoint gets non-finite weights. A
@@ -208,21 +197,19 @@ class Trainer:
     schedule update (the rate of the next step); ``images_per_s`` end to end, split into ``data_s`` (waiting for
     the loader) and ``step_s`` on rank 0. ``logs=False`` (``mtlfast eval``): no run log, so that loading a checkpoint
     neither creates ``output_dir`` nor cuts its logs back to the checkpoint's iteration as a resume does.
+    ``train_data=False`` (``mtlfast eval``): no training set, sampler or loader, so that a dataset folder without
+    the training split evaluates, and nothing reads its files; :meth:`train` then refuses.
     """
 
     def __init__(self, config: dict[str, Any], *, resume: str | None = None, progress: bool = True,
-                 logs: bool = True):
-        from mtlfast.data import build_dataset, canonical_dataset, check_tasks, collate
+                 logs: bool = True, train_data: bool = True):
+        from mtlfast.data import canonical_dataset, check_tasks
         from mtlfast.losses import MultiTaskLoss
         from mtlfast.models import create_model
 
-        self.config, self.progress = config, progress
+        self.config, self.progress = check_config(config), progress
         self._bar = None  # the progress bar while train() runs (reports are written above it)
         data_cfg, train_cfg = config["data"], config["train"]
-        _check_intervals(train_cfg)
-        clip = config["optim"]["grad_clip"]
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
-            raise ValueError(f"optim.grad_clip: expected a number > 0 or null, got {clip!r}")
         try:
             with self._ops_backend():  # a misspelt train.backend fails now, not after the first evaluation
                 pass
@@ -235,28 +222,24 @@ class Trainer:
         self.tasks = list(check_tasks(data_cfg["tasks"], self.dataset))
         self.aux_tasks = _aux_tasks(config["model"], self.tasks, self.dataset)
         self.out_dir = config["output_dir"]
-        self.log = RunLog(self.out_dir) if self.dist.is_main and logs else None
+        payload = ckpt.load_checkpoint(resume) if resume else None
+        if payload is not None:
+            ckpt.check_compatible(payload, config, resume)
+        if logs:  # before the run log, which writes into output_dir
+            self._check_output_dir(resume)
+        try:
+            self.log = RunLog(self.out_dir) if self.dist.is_main and logs else None
+        except OSError as exc:
+            raise OSError(f"output_dir: cannot write the run's logs into {self.out_dir!r} ({exc})") from exc
 
-        extra = ({"length": data_cfg["num_train"], "seed": config["seed"]} if self.dataset == "synthetic" else {})
-        self.train_set = build_dataset(self.dataset, data_cfg["root"], "train", self.tasks + self.aux_tasks,
-                                       size=tuple(data_cfg["train_size"]), **extra)
-        self.val_set = build_val_set(config, self.tasks)
-        self.sampler = ResumableSampler(len(self.train_set), batch_size=data_cfg["batch_size"], seed=config["seed"],
-                                        rank=self.dist.rank, world_size=self.dist.world_size)
         self.num_workers = resolve_workers(data_cfg["num_workers"], self.dataset)
         self.edge_workers = resolve_workers(config["eval"]["edge_workers"], self.dataset, "eval.edge_workers",
                                             node_shared=config["eval"]["sharded"] is True)
+        self.train_set = self.sampler = self.train_loader = None
+        if train_data:
+            self._build_train_data()
+        self.val_set = build_val_set(config, self.tasks)
         self.per_class_iou: dict[str, list[float | None]] = {}  # of the last evaluation
-        # a loader draws its workers' base seed from its generator, by default the global RNG: its own keeps the
-        # training forward's randomness (dropout, stochastic depth) in the same place after a resume
-        self.train_loader = DataLoader(SeededDataset(self.train_set, config["seed"]), batch_size=data_cfg["batch_size"],
-                                       sampler=self.sampler, drop_last=True, collate_fn=collate,
-                                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                                       pin_memory=self.device.type == "cuda",
-                                       generator=torch.Generator().manual_seed(config["seed"]))
-        if self.sampler.batches_per_epoch() < 1:
-            raise ValueError(f"data.batch_size={data_cfg['batch_size']} exceeds the {self.sampler.per_rank} "
-                             f"training samples per process")
 
         self.baseline = run_baseline(config["eval"]["baseline"], self.dataset, self.tasks)  # a typo fails now
         torch.manual_seed(config["seed"])  # identical initial weights on every rank
@@ -265,10 +248,6 @@ class Trainer:
                                   pretrained=model_cfg["pretrained"], checkpoint_decoder=model_cfg["checkpoint_decoder"],
                                   checkpoint_backbone=model_cfg["checkpoint_backbone"],
                                   **model_cfg["kwargs"])
-        for key, value in (("train.cudnn_benchmark", train_cfg["cudnn_benchmark"]),
-                           ("eval.sharded", config["eval"]["sharded"])):
-            if not isinstance(value, bool):
-                raise ValueError(f"{key}: expected true or false, got {value!r}")
         if self.device.type == "cuda":  # process-wide, as in the papers' code bases; training crops have one size
             torch.backends.cudnn.benchmark = train_cfg["cudnn_benchmark"]
         if train_cfg["sync_bn"] and self.device.type != "cuda":
@@ -285,24 +264,52 @@ class Trainer:
         self.scheduler = poly_schedule(self.optimizer, train_cfg["iterations"], config["optim"]["poly_power"])
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
         amp = train_cfg["amp"]
-        if amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"train.amp: expected auto, bf16 or off, got {amp!r}")
         self.autocast_dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and self.device.type == "cuda")) else None
-        if not resume and logs and os.path.exists(self.checkpoint_path()):
-            raise FileExistsError(f"output_dir {self.out_dir!r} holds the checkpoint of an earlier run "
-                                  f"({self.checkpoint_path()}): resume it (train --resume auto, baseline --resume) or "
-                                  f"choose another output_dir")
         # the weights are the same on every rank (one seed); what the forward draws is not: each rank its stream
         torch.manual_seed(_rank_seed(config["seed"], self.dist.rank))
         if self.log is not None:
             for path in ckpt.remove_stale_temporaries(self.out_dir):
                 print(f"removed {path}: the temporary file of a save that was killed", file=sys.stderr)
-        if resume:
-            self._load(resume)
+        if payload is not None:
+            self._load(payload, resume)
         elif self.log is not None and (self.log.read("train") or self.log.read("eval")):
             print(f"output_dir {self.out_dir!r} holds the logs of an earlier run that saved no checkpoint: this run "
                   "starts them afresh", file=sys.stderr)
             self.log.resume_at(-1)
+
+    def _check_output_dir(self, resume: str | None) -> None:
+        """Refuses an output_dir that holds another run's checkpoint: this run would overwrite it and append to
+        its logs (a run resumes only from its own ``last.pt`` there)."""
+        last = self.checkpoint_path()
+        if not os.path.exists(last) or (resume and os.path.samefile(resume, last)):
+            return
+        if resume:
+            raise FileExistsError(f"output_dir {self.out_dir!r} holds the checkpoint of another run ({last}): "
+                                  f"resuming {resume} there would overwrite it and mix the two runs' logs; choose "
+                                  f"another output_dir, or resume {last}")
+        raise FileExistsError(f"output_dir {self.out_dir!r} holds the checkpoint of an earlier run ({last}): resume "
+                              f"it (train --resume auto, baseline --resume) or choose another output_dir")
+
+    def _build_train_data(self) -> None:
+        """The training set (labels of the main and auxiliary tasks), its resumable sampler and loader."""
+        from mtlfast.data import build_dataset, collate
+
+        config, data_cfg = self.config, self.config["data"]
+        extra = ({"length": data_cfg["num_train"], "seed": config["seed"]} if self.dataset == "synthetic" else {})
+        self.train_set = build_dataset(self.dataset, data_cfg["root"], "train", self.tasks + self.aux_tasks,
+                                       size=tuple(data_cfg["train_size"]), **extra)
+        self.sampler = ResumableSampler(len(self.train_set), batch_size=data_cfg["batch_size"], seed=config["seed"],
+                                        rank=self.dist.rank, world_size=self.dist.world_size)
+        if self.sampler.batches_per_epoch() < 1:
+            raise ValueError(f"data.batch_size={data_cfg['batch_size']} exceeds the {self.sampler.per_rank} "
+                             f"training samples per process")
+        # a loader draws its workers' base seed from its generator, by default the global RNG: its own keeps the
+        # training forward's randomness (dropout, stochastic depth) in the same place after a resume
+        self.train_loader = DataLoader(SeededDataset(self.train_set, config["seed"]), batch_size=data_cfg["batch_size"],
+                                       sampler=self.sampler, drop_last=True, collate_fn=collate,
+                                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                       pin_memory=self.device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(config["seed"]))
 
     # --- state ---------------------------------------------------------------------------------------
 
@@ -319,10 +326,9 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch, "rng_per_rank": rng})
 
-    def _load(self, path: str) -> None:
-        payload = ckpt.load_checkpoint(path)
-        ckpt.check_compatible(payload, self.config, path)
-        self.model.load_state_dict(payload["model"])
+    def _load(self, payload: dict[str, Any], path: str) -> None:
+        """Restores the state of the checkpoint ``payload`` (read from ``path``, checked compatible)."""
+        ckpt.load_weights(self.model, payload, self.config, path)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.iteration, self.epoch, self.batch_in_epoch = payload["iteration"], payload["epoch"], payload["batch_in_epoch"]
@@ -390,6 +396,9 @@ class Trainer:
 
     def train(self) -> list[dict[str, float]]:
         """Runs to ``train.iterations``; returns the logged training rows of this call."""
+        if self.train_loader is None:
+            raise RuntimeError("this Trainer was built with train_data=False, to evaluate only; build it with "
+                               "train_data=True to train")
         cfg = self.config["train"]
         total_its = cfg["iterations"]
         history = []
