@@ -31,6 +31,7 @@ import re
 import statistics
 import subprocess
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -222,8 +223,9 @@ def peak_memory_cuda(run: Callable[[], None], leaves: Sequence[torch.Tensor] = (
 def saved_activation_bytes(fn, inputs, exclude: Sequence[torch.Tensor] = (),
                            recomputed: list[int] | None = None,
                            by_owner: tuple[Callable[[], str], dict[str, int]] | None = None) -> int:
-    """Bytes of the distinct storages kept for the backward while ``fn(**inputs)`` runs: what autograd saves
-    (pack hooks) and the inputs of activation checkpoints (``torch.utils.checkpoint``, e.g.
+    """Bytes of the distinct storages kept for the backward when ``fn(**inputs)`` returns: what autograd saved
+    (pack hooks) for the graphs still alive (a graph dropped inside ``fn``, such as an unused output's, keeps
+    nothing) and the inputs of activation checkpoints (``torch.utils.checkpoint``, e.g.
     mtlfast.nn.common.checkpoint_stage: kept for the recomputation; no pack hook sees them). The inputs' own
     storages and those of ``exclude`` (e.g. a model's parameters and buffers) are not counted. Works on meta
     tensors. ``recomputed``: a list that gets, per checkpoint taken, the bytes its recomputation saves in the
@@ -236,39 +238,65 @@ def saved_activation_bytes(fn, inputs, exclude: Sequence[torch.Tensor] = (),
 
     own = {t.untyped_storage()._cdata for t in [*inputs.values(), *exclude] if isinstance(t, torch.Tensor)}
 
-    def tally(seen: dict[int, int], skip: set[int], attributed=None):
-        def keep(t):
-            storage = t.untyped_storage()
-            if storage._cdata not in skip and storage._cdata not in seen:
-                seen[storage._cdata] = storage.nbytes()
-                if attributed is not None:
-                    owner, counts = attributed
-                    name = owner()
-                    counts[name] = counts.get(name, 0) + storage.nbytes()
-            return t
-        return keep
+    class Packed:
+        """What a pack hook hands autograd: the graph holds it, so it dies with a graph that is dropped."""
+        __slots__ = ("tensor", "__weakref__")
+
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    def recorder(records: list, attributed=None, held: list | None = None):
+        """A pack hook noting (weak ref to what the graph holds, storage, bytes, owner) of each saved tensor;
+        with ``held``, a hook for tensors kept whatever the graphs hold (held there, so that no later storage
+        reuses their addresses)."""
+        def pack(t):
+            packed, storage = Packed(t), t.untyped_storage()
+            name = attributed[0]() if attributed is not None else None
+            if held is not None:
+                held.append(packed)
+            records.append((weakref.ref(packed), storage._cdata, storage.nbytes(), name))
+            return packed
+        return pack
+
+    def live_bytes(records: list, skip: set[int], counts: dict[str, int] | None = None) -> int:
+        """Bytes of the distinct storages the graphs still hold: a graph dropped inside the forward (an output
+        discarded, as SEM's reconstruction in the reference em_attention) kept nothing for the backward. A live
+        record's storage is alive, so no other live record reuses its address."""
+        seen: set[int] = set(skip)
+        total = 0
+        for ref, key, nbytes, name in records:
+            if ref() is not None and key not in seen:
+                seen.add(key)
+                total += nbytes
+                if counts is not None:
+                    counts[name] = counts.get(name, 0) + nbytes
+        return total
 
     def tensors_of(args) -> list[torch.Tensor]:
         return [t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
 
-    seen: dict[int, int] = {}
-    keep = tally(seen, own, by_owner)
+    records: list = []
+    pack = recorder(records, by_owner)
+    held: list = []  # the checkpoints' inputs: kept for the recomputation
+    keep = recorder(records, by_owner, held)
 
     def keep_checkpoint_inputs(function, args, kwargs) -> None:
         for t in tensors_of(args):
             keep(t)
 
     with (record_checkpoints(on_call=keep_checkpoint_inputs) as calls,
-          torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)):
+          torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed.tensor)):
         out = fn(**inputs)
+    total = live_bytes(records, own, by_owner[1] if by_owner is not None else None)
     del out
     for function, args, kwargs in calls if recomputed is not None else ():
         kept = {t.untyped_storage()._cdata for t in tensors_of(args)}
-        inner: dict[int, int] = {}
-        with torch.autograd.graph.saved_tensors_hooks(tally(inner, own | kept), lambda t: t):
-            function(*args, **kwargs)
-        recomputed.append(sum(inner.values()))
-    return sum(seen.values())
+        inner: list = []
+        with torch.autograd.graph.saved_tensors_hooks(recorder(inner), lambda packed: packed.tensor):
+            result = function(*args, **kwargs)
+        recomputed.append(live_bytes(inner, own | kept))
+        del result
+    return total
 
 
 def measure_peaks(device: str) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 Interface (every model returned by :func:`mtlfast.models.create_model`):
 
-- ``model(images)`` with images (B, 3, H, W) returns ``{task: (B, C_task, H, W)}`` for every task in
+- ``model(images)`` with images (B, 3, H, W) (floating point, of the model's dtype: anything else is an error
+  naming ``images``, :meth:`MultiTaskModel.check_images`) returns ``{task: (B, C_task, H, W)}`` for every task in
   ``model.tasks``, at input resolution (bilinear, align_corners=False), raw logits / regressions:
   C_task = semseg 40 (NYUD) / 21 (PASCAL) / 6 (synthetic), parts 7, depth 1, normals 3, edge 1, sal 1
   (:func:`mtlfast.data.tasks.num_outputs`).
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -48,9 +49,13 @@ from torch import nn
 from mtlfast.data.tasks import canonical_dataset, check_tasks, num_outputs
 from mtlfast.models.backbones import Backbone
 from mtlfast.models.registry import register_model
-from mtlfast.nn.common import checkpoint_stage, resize
+from mtlfast.nn.common import checkpoint_stage
+from mtlfast.ops._checks import _fmt_dtype, check_shapes
 
-__all__ = ["MultiTaskModel", "method", "build_backbone", "default_img_size", "upsample_all", "check_aux_tasks"]
+__all__ = ["MultiTaskModel", "method", "build_backbone", "default_img_size", "check_aux_tasks"]
+
+#: ``forward_train``'s result: (predictions {task: map}, deep-supervision outputs {stage: {task: map}}).
+TrainOutputs = tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]
 
 #: Training crop per dataset (DESIGN §5): Swin/ViT position tables are built for it.
 _IMG_SIZE = {"nyud": (448, 576), "pascal": (512, 512), "synthetic": (64, 64)}
@@ -77,13 +82,9 @@ def check_aux_tasks(aux_tasks, tasks: Sequence[str], dataset: str) -> tuple[str,
     return aux
 
 
-def upsample_all(outputs: Mapping[str, torch.Tensor], size) -> dict[str, torch.Tensor]:
-    return {t: resize(x, size) for t, x in outputs.items()}
-
-
 class MultiTaskModel(nn.Module):
-    """Base class: task bookkeeping, ``forward = forward_train()[0]`` and the decoder-stage runner
-    :meth:`stage` (see the module docstring)."""
+    """Base class: task bookkeeping, the input check, ``forward = forward_train()[0]`` and the decoder-stage
+    runner :meth:`stage` (see the module docstring). A method implements :meth:`_forward_train`."""
 
     normals_loss_reduction = "element"
     #: Whether the method runs on levels that share one stride (a ViT with ``vit_pyramid=False``).
@@ -125,7 +126,25 @@ class MultiTaskModel(nn.Module):
             return checkpoint_stage(fn, *args)
         return fn(*args)
 
-    def forward_train(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    def check_images(self, images) -> None:
+        """``images``: a (B, 3, H, W) floating tensor of the model's parameter dtype; under ``torch.autocast`` the
+        autocast dtype too (the layers cast to it). Shape and dtype only, no device sync."""
+        check_shapes(images=(images, "B 3 H W"))
+        dtype = next(self.parameters()).dtype
+        device = images.device.type
+        autocast = (torch.get_autocast_dtype(device)
+                    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) else dtype)
+        if images.dtype not in (dtype, autocast):
+            also = f" (or {_fmt_dtype(autocast)}, the autocast dtype)" if autocast != dtype else ""
+            raise TypeError(f"images: expected a (B, 3, H, W) floating-point tensor of the model's dtype "
+                            f"{_fmt_dtype(dtype)}{also}, got {_fmt_dtype(images.dtype)}")
+
+    def forward_train(self, images: torch.Tensor) -> TrainOutputs:
+        """``(preds, aux)`` (module docstring): :meth:`check_images`, then the method's :meth:`_forward_train`."""
+        self.check_images(images)
+        return self._forward_train(images)
+
+    def _forward_train(self, images: torch.Tensor) -> TrainOutputs:
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -149,12 +168,11 @@ def method(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.M
             if unknown:
                 raise ValueError(f"create_model({name!r}): unknown option(s) {', '.join(unknown)}; "
                                  f"valid options: {', '.join(params)}")
-            for option, value in (("checkpoint_decoder", checkpoint_decoder), ("checkpoint_backbone", checkpoint_backbone)):
+            for option, value in (("checkpoint_decoder", checkpoint_decoder),
+                                  ("checkpoint_backbone", checkpoint_backbone)):
                 if not isinstance(value, bool):
                     raise TypeError(f"{option}: expected true or false, got {value!r}")
-            if isinstance(tasks, str):
-                tasks = [tasks]
-            check_tasks(tasks, cfg.get("dataset", default_dataset))  # before the backbone is built
+            tasks = check_tasks(tasks, cfg.get("dataset", default_dataset))  # before the backbone is built
             model = fn(list(tasks), **cfg)
             model.checkpoint_decoder = checkpoint_decoder
             if checkpoint_backbone:

@@ -26,7 +26,7 @@ class Baseline(MultiTaskModel):
         self.heads = nn.ModuleDict({t: FeatureAggregation(backbone.channels, n, head_channels)
                                     for t, n in self.num_outputs.items()})
 
-    def forward_train(self, images):
+    def _forward_train(self, images):
         feats = self.backbone(images)
         return {t: resize(self.stage(head, feats), images.shape[-2:]) for t, head in self.heads.items()}, {}
 

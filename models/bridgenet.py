@@ -79,7 +79,7 @@ from torch import nn
 
 from mtlfast.models.base import MultiTaskModel, build_backbone, method
 from mtlfast.nn import BridgeFeatureExtractor, TaskFeatureRefiner, TaskPatternPropagation
-from mtlfast.nn.common import ChannelNorm, ConvBNAct, resize
+from mtlfast.nn.common import ChannelNorm, ConvBNAct, check_sizes, resize
 
 __all__ = ["BridgeNet"]
 
@@ -91,6 +91,7 @@ def _per_stage(name: str, values, default, n: int) -> list[int]:
     values = list(default[:n] if values is None else values)
     if len(values) != n:
         raise ValueError(f"{name}: expected {n} values (one per decoder stage, num_scales={n}), got {values}")
+    check_sizes(**{f"{name}[{k}]": v for k, v in enumerate(values)})
     return [int(v) for v in values]
 
 
@@ -101,15 +102,19 @@ class BridgeNet(MultiTaskModel):
     def __init__(self, tasks, dataset, backbone, *, num_scales=None, prelim_channels=None, embed_dim=512,
                  stage_dims=None, kv_strides=None, heads=2, tfr="base", drop_path=0.0) -> None:
         super().__init__(tasks, dataset, backbone)
-        n = num_scales or (3 if backbone.family == "vit" else 4)
-        if not 1 <= n <= len(backbone.channels):
+        check_sizes(num_scales=num_scales, prelim_channels=prelim_channels, embed_dim=embed_dim, heads=heads)
+        n = (3 if backbone.family == "vit" else 4) if num_scales is None else num_scales
+        if n > len(backbone.channels):
             raise ValueError(f"num_scales: expected 1..{len(backbone.channels)}, got {n}")
         self.num_scales = n
         dims = _per_stage("stage_dims", stage_dims, _STAGE_DIMS, n)
         strides = _per_stage("kv_strides", kv_strides, _KV_STRIDES, n)
+        if embed_dim % heads or any(d % heads for d in dims):
+            raise ValueError(f"heads: the attention widths embed_dim={embed_dim} and stage_dims={dims} must be "
+                             f"divisible by heads={heads}")
         self.stage_dims = dims
         levels = list(reversed(backbone.channels[-n:]))  # coarsest first
-        prelim = prelim_channels or levels[0]
+        prelim = levels[0] if prelim_channels is None else prelim_channels
         outputs = self.num_outputs
         self.prelim = nn.ModuleDict({t: nn.Sequential(ConvBNAct(levels[0], prelim, 3), ConvBNAct(prelim, embed_dim, 3))
                                      for t in self.tasks})
@@ -164,7 +169,7 @@ class BridgeNet(MultiTaskModel):
             x = x + resize(self.to_head[k][task](s), size)
         return self.heads[task](x)
 
-    def forward_train(self, images):
+    def _forward_train(self, images):
         levels = list(reversed(self.backbone(images)[-self.num_scales:]))  # coarsest first
         initial, task = self.stage(self._preliminary, levels[0])
         bridge, stages = None, []

@@ -90,7 +90,7 @@ class MTINet(MultiTaskModel):
         features, predictions = self.initial[s](inputs)
         return features, predictions, (self.propagate[s - 1](features) if s > 0 else None)
 
-    def forward_train(self, images):
+    def _forward_train(self, images):
         feats = self.stage(self.project, self.backbone(images))
         task_feats: list[dict] = [{} for _ in feats]
         aux = {}

@@ -47,7 +47,7 @@ class PADNet(MultiTaskModel):
         size = feats[0].shape[-2:]
         return self.fuse(torch.cat([resize(f, size) for f in feats], 1))
 
-    def forward_train(self, images):
+    def _forward_train(self, images):
         x = self.stage(self._fuse, self.backbone(images))
         task_feats, initial = self.stage(self.initial, {t: x for t in self.front_tasks})
         distilled = self.stage(self.interaction, task_feats)

@@ -2,7 +2,7 @@
 ``fn(tasks, backbone=..., **cfg) -> nn.Module``; ``create_model`` looks it up with a clear error."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch.nn as nn
 
@@ -31,8 +31,16 @@ def model_options(name: str) -> list[str]:
 
 
 def create_model(name: str, tasks, **cfg) -> nn.Module:
-    """Builds model ``name`` for ``tasks`` (a list of task names); ``cfg`` goes to its constructor."""
+    """Builds model ``name`` for ``tasks`` (a list of task names, or one name for a one-task model); ``cfg`` goes
+    to its constructor."""
     if name not in _MODELS:
         valid = ", ".join(list_models()) or "none registered yet"
         raise ValueError(f"create_model: unknown model {name!r}; valid models: {valid}")
-    return _MODELS[name](list(tasks), **cfg)
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    elif not isinstance(tasks, Iterable):
+        raise TypeError(f"tasks: expected a list of task names or one task name, got {tasks!r}")
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("tasks: expected at least one task name, got none")
+    return _MODELS[name](tasks, **cfg)

@@ -7,19 +7,21 @@ choices marked * are ours): the intra-task output (at the coarsest stage) starts
 stage i (coarsest to finest) the feature is resized bilinearly to encoder stage i and added to that stage
 projected to ``dim`` (1×1 conv + BN + ReLU*, per task), then refined by a lightweight global self-attention
 (spatial-reduction attention as in PVT/SegFormer*: keys/values average-pooled by ``sr_ratios[i]``
-(8, 4, 2, 1 from the finest stage), LayerNorm, ``heads`` heads, residual, FFN with residual), then the
+(8, 4, 2, 1 from the finest stage; adaptive pooling to the ⌈h/sr⌉×⌈w/sr⌉ grid,
+:func:`~mtlfast.nn.common.pool_to_grid`), LayerNorm, ``heads`` heads, residual, FFN with residual), then the
 EMInteraction of that stage across the tasks (R = ``em_iters`` 5, the best in Fig. 6c; K = ``num_bases`` 64*,
-EMANet's, as SEM gives no K; EMA momentum 0.9). Head per task: 3×3 conv + BN + ReLU and a 1×1 conv (the "3×3 convolution block" of
-§4.4), resized to the input.
+EMANet's, as SEM gives no K; EMA momentum 0.9). Head per task: 3×3 conv + BN + ReLU and a 1×1 conv (the
+"3×3 convolution block" of §4.4), resized to the input.
 
 Open values*, with the reason for each default: ``dim`` 256 (our choice; the paper gives no decoder width);
 ``heads`` 2 (as BridgeNet's decoder attention, DESIGN.md §4; the paper gives no head count); ``offset_range``
 2.0 (DAT's range factor: offsets of up to ``offset_range`` / 2 = 1 cell of the reference grid per axis, as
-DAT's factor 2 gives); EM temperature τ = 1 (EMANet's
-softmax has none); ``detach_iterations`` True (EMANet's truncated gradient: the R iterations run without
-grad; False gives the full unrolled gradient). No deep supervision: SEM trains "with the same loss function
-as in [42]" (InvPT), whose intermediate terms supervise InvPT's preliminary decoder, a part SEM does not
-have; we read it as InvPT's task losses and weights (DESIGN.md §5).
+DAT's factor 2 gives); EM temperature τ = 1 (EMANet's softmax has none); ``detach_iterations`` False (the
+paper's X̃ = A⁽ᴿ⁾μ⁽ᴿ⁾, with the gradient through all R iterations; True is a cheaper truncated gradient,
+em_attention's detached mode, that reconstructs from one more E-step, A⁽ᴿ⁺¹⁾: a different forward. EMANet's own
+code passes no gradient through its EM unit at all; :mod:`mtlfast.nn.sem`). No deep supervision: SEM trains
+"with the same loss function as in [42]" (InvPT), whose intermediate terms supervise InvPT's preliminary
+decoder, a part SEM does not have; we read it as InvPT's task losses and weights (DESIGN.md §5).
 
 Stages under ``checkpoint_decoder`` (:mod:`mtlfast.models.base`): each task's intra-task attention, each
 decoder stage (every task's lateral + refinement, then the EMInteraction: its EM bases are updated once per
@@ -27,15 +29,12 @@ step, as without checkpointing), each task's head.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtlfast.models.base import MultiTaskModel, build_backbone, method
 from mtlfast.nn import EMInteraction, HierarchyAdaptiveAttention
-from mtlfast.nn.common import ConvBNAct, FeedForward, ProjectedAttention, resize, to_map, to_tokens
+from mtlfast.nn.common import ConvBNAct, FeedForward, ProjectedAttention, pool_to_grid, resize, to_map, to_tokens
 
 __all__ = ["SEM"]
 
@@ -55,7 +54,7 @@ class _SRAttention(nn.Module):
         h, w = x.shape[-2:]
         tokens = to_tokens(x)
         normed = self.norm(tokens)
-        pooled = F.adaptive_avg_pool2d(to_map(normed, (h, w)), (math.ceil(h / self.sr), math.ceil(w / self.sr)))
+        pooled = pool_to_grid(to_map(normed, (h, w)), self.sr)
         y = tokens + self.attn(normed, to_tokens(pooled))
         return to_map(self.ffn(y), (h, w))
 
@@ -64,7 +63,7 @@ class SEM(MultiTaskModel):
     normals_loss_reduction = "pixel"  # "the same loss function as in [42]" (InvPT)
 
     def __init__(self, tasks, dataset, backbone, *, dim=256, heads=2, num_bases=64, em_iters=5, em_momentum=0.9,
-                 detach_iterations=True, sr_ratios=None, offset_range=2.0) -> None:
+                 detach_iterations=False, sr_ratios=None, offset_range=2.0) -> None:
         super().__init__(tasks, dataset, backbone)
         c = backbone.channels
         n = len(c)
@@ -87,7 +86,7 @@ class SEM(MultiTaskModel):
         x = {t: self.refine[t][i](resize(x[t], size) + self.lateral[t][i](feat)) for t in self.tasks}
         return self.inter[i](x)
 
-    def forward_train(self, images):
+    def _forward_train(self, images):
         feats = self.backbone(images)
         x = {t: self.stage(self.intra[t], feats) for t in self.tasks}
         for i in reversed(range(len(feats))):
@@ -97,7 +96,7 @@ class SEM(MultiTaskModel):
 
 @method("sem")
 def sem(tasks, *, backbone="vit_l", dataset="nyud", pretrained=None, img_size=None, backbone_kwargs=None, dim=256,
-        heads=2, num_bases=64, em_iters=5, em_momentum=0.9, detach_iterations=True, sr_ratios=None,
+        heads=2, num_bases=64, em_iters=5, em_momentum=0.9, detach_iterations=False, sr_ratios=None,
         offset_range=2.0) -> SEM:
     return SEM(tasks, dataset, build_backbone(backbone, dataset, pretrained, img_size, backbone_kwargs), dim=dim,
                heads=heads, num_bases=num_bases, em_iters=em_iters, em_momentum=em_momentum,

@@ -51,7 +51,7 @@ class TIF(MultiTaskModel):
         size = rx0.shape[-2:]
         return self.heads[t](torch.cat([rx0] + [resize(r, size) for r in (rx1, rx2, rx3)], 1))
 
-    def forward_train(self, images):
+    def _forward_train(self, images):
         feats = self.backbone(images)
         shared = [self.stage(saff, feats) for saff in self.saff]
         return {t: resize(self.stage(self._decode, t, shared), images.shape[-2:]) for t in self.tasks}, {}

@@ -7,6 +7,7 @@ import copy
 import glob
 import os
 import re
+import weakref
 
 import pytest
 import torch
@@ -43,9 +44,6 @@ SMALL = {
     "tif": {"dim": 16},
     "sem": {"dim": 16, "num_bases": 8, "em_iters": 2},
 }
-#: The one-step descent check needs the loss's true gradient: SEM's default (EMANet's) runs the EM iterations
-#: without gradient, a truncated gradient that need not be a descent direction (measured: the loss rises along it).
-TRUE_GRADIENT = {"sem": {"detach_iterations": False}}
 TASK_SETS = {
     "nyud": ("nyud", ["semseg", "depth", "normals", "edge"]),
     "pascal": ("pascal", ["semseg", "parts", "sal", "normals", "edge"]),
@@ -55,10 +53,10 @@ TASK_SETS = {
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _build(method, task_set, **extra):
+def _build(method, task_set):
     dataset, tasks = TASK_SETS[task_set]
     torch.manual_seed(0)
-    return create_model(method, tasks, backbone=BACKBONE, dataset=dataset, **{**SMALL[method], **extra}).to(DEVICE)
+    return create_model(method, tasks, backbone=BACKBONE, dataset=dataset, **SMALL[method]).to(DEVICE)
 
 
 def _labels(tasks, dataset, batch, size, gen):
@@ -125,7 +123,7 @@ def _preds_and_labels(model, images, labels):
 @pytest.mark.parametrize("method, task_set", [(m, s) for m in METHODS for s in TASK_SETS
                                               if m != "single_task" or s == "one-task"])
 def test_outputs_and_one_training_step(method, task_set):
-    model = _build(method, task_set, **TRUE_GRADIENT.get(method, {}))
+    model = _build(method, task_set)
     dataset, tasks = TASK_SETS[task_set]
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, 64, 64, generator=gen).to(DEVICE)
@@ -187,10 +185,9 @@ def _smooth_relu(x, inplace=False):
 @pytest.mark.parametrize("method", KERNEL_METHODS)
 def test_kernel_path_matches_reference_path(method, monkeypatch):
     """Outputs, deep-supervision outputs and every parameter gradient agree (nn_paths.compare_paths), then a
-    training step on the kernel path lowers the loss. SEM runs with detach_iterations=False here: with the
-    detached EM iterations the gradient of the EM input projection is ill-conditioned (the float32
-    reference path is already 1-7 % off float64 there at this size); the detached mode is compared at
-    block level (tests/test_nn_blocks.py).
+    training step on the kernel path lowers the loss. (SEM's detach_iterations=True is compared at block level,
+    tests/test_nn_blocks.py: there the gradient of the EM input projection is ill-conditioned, the float32
+    reference path 1-7 % off float64 at this size.)
 
     The network's ReLUs (F.relu, which nn.ReLU calls too) are GELUs here: a pre-activation within rounding
     of 0 can land on the other side on the kernel path (another summation order), and one flipped unit of a
@@ -199,10 +196,9 @@ def test_kernel_path_matches_reference_path(method, monkeypatch):
     attention calls themselves matched to 1e-7; and the descent check then failed for SEM (MTLFAST_TEST_SEED=
     2908249359). The paths are compared on the same smooth network."""
     monkeypatch.setattr(torch.nn.functional, "relu", _smooth_relu)
-    extra = {"detach_iterations": False} if method == "sem" else {}
     dataset, tasks = "nyud", ["semseg", "depth"]
     torch.manual_seed(fresh_seed())  # fresh weights and inputs (DESIGN §6)
-    model = create_model(method, tasks, backbone=BACKBONE, dataset=dataset, **SMALL[method], **extra).double()
+    model = create_model(method, tasks, backbone=BACKBONE, dataset=dataset, **SMALL[method]).double()
     gen = torch.Generator().manual_seed(fresh_seed())
     images = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
     _calibrate(model, images)
@@ -217,22 +213,32 @@ def test_kernel_path_matches_reference_path(method, monkeypatch):
                 train=False)
 
 
-def _storage_bytes(tensors) -> dict[int, int]:
-    return {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors if isinstance(t, torch.Tensor)}
+def _storages(tensors) -> dict[int, torch.UntypedStorage]:
+    """The tensors' storages by address, held (a freed storage would pass its address on to a new one)."""
+    return {t.untyped_storage()._cdata: t.untyped_storage() for t in tensors if isinstance(t, torch.Tensor)}
+
+
+class _Held:
+    """What a pack hook gives autograd for a saved tensor: it dies with a graph dropped inside the forward (such
+    as the reference em_attention's unused reconstruction in SEM), which keeps nothing for the backward."""
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
 
 
 def _checkpointed_step(model, images, labels, monkeypatch):
     """One training step (forward, loss, backward, SGD step) in float64 on the reference path. Returns the
     outputs, the loss, the gradients, the bytes kept for the backward measured on a copy by
     bench.harness.saved_activation_bytes, the same count made here independently (what autograd's pack hooks
-    see plus the storages that checkpointed stages keep as their inputs, recorded by wrapping
+    saw for the graphs alive after the forward, plus the storages that checkpointed stages keep as their inputs, recorded by wrapping
     checkpoint_stage) and the number of checkpointed stages."""
-    stage_inputs: dict[int, int] = {}
+    stage_inputs: dict[int, torch.UntypedStorage] = {}
     calls = []
 
     def recording(fn, *args):
         calls.append(fn)
-        stage_inputs.update(_storage_bytes(torch.utils._pytree.tree_leaves(args)))
+        stage_inputs.update(_storages(torch.utils._pytree.tree_leaves(args)))
         return checkpoint_stage(fn, *args)
 
     checkpoint_stage = mtlfast.models.base.checkpoint_stage
@@ -240,18 +246,20 @@ def _checkpointed_step(model, images, labels, monkeypatch):
     loss_fn = MultiTaskLoss(model.tasks, stage_weights=getattr(model, "aux_loss_weights", None),
                             aux_tasks=getattr(model, "aux_tasks", ()))
     model.train()
-    saved: dict[int, int] = {}
+    saved: list[tuple[weakref.ref, torch.UntypedStorage]] = []
 
     def pack(t):
-        saved.update(_storage_bytes([t]))
-        return t
+        held = _Held(t)
+        saved.append((weakref.ref(held), t.untyped_storage()))
+        return held
 
     with mtlfast.use_backend("reference"):
         harness_bytes = saved_activation_bytes(copy.deepcopy(model).forward_train, {"images": images})
         calls.clear()
         stage_inputs.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor):
             preds, aux = model.forward_train(images)
+        kept = {storage._cdata: storage for ref, storage in saved if ref() is not None}
         loss, _ = loss_fn(preds, labels, aux)
         model.zero_grad()
         loss.backward()
@@ -259,7 +267,7 @@ def _checkpointed_step(model, images, labels, monkeypatch):
     torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).step()
     monkeypatch.undo()
     image = images.untyped_storage()._cdata
-    retained = sum(b for k, b in {**saved, **stage_inputs}.items() if k != image)
+    retained = sum(s.nbytes() for k, s in {**kept, **stage_inputs}.items() if k != image)
     return (preds, aux), loss, grads, harness_bytes, retained, len(calls)
 
 
@@ -600,11 +608,11 @@ def test_bridgenet_official_vit_layout():
         MTINet(["semseg", "depth"], "nyud", _StrideSixteen())
 
 
-def _small_bridgenet(tasks=("semseg", "depth"), **extra):
+def _small_bridgenet(tasks=("semseg", "depth")):
     """A float64 eval-mode BridgeNet on convnet_tiny, unequal stage widths, random BN statistics and LN affine."""
     gen = torch.Generator().manual_seed(fresh_seed())
     model = create_model("bridgenet", list(tasks), backbone="convnet_tiny", dataset="nyud",
-                         **{**SMALL["bridgenet"], "stage_dims": [16, 12, 8, 8], **extra}).double()
+                         **{**SMALL["bridgenet"], "stage_dims": [16, 12, 8, 8]}).double()
     model = random_norms(model, gen)
     return model, gen
 
@@ -761,11 +769,81 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
      "stage_dims: expected 4 values (one per decoder stage, num_scales=4)"),
     (lambda: create_model("bridgenet", ["semseg"], backbone=BACKBONE, tfr="tiny"), ValueError,
      "layers: unknown TFR size 'tiny'; valid choices: base, large, huge"),
-    (lambda: create_model("tpim", ["semseg", "depth"], backbone=BACKBONE, variant="E"), ValueError, "variant: unknown IFB variant 'E'"),
+    (lambda: create_model("tpim", ["semseg", "depth"], backbone=BACKBONE, variant="E"), ValueError,
+     "variant: unknown IFB variant 'E'"),
+    (lambda: create_model("baseline", None, backbone="convnet_tiny"), TypeError,
+     "tasks: expected a list of task names or one task name, got None"),
+    (lambda: create_model("baseline", [], backbone="convnet_tiny"), ValueError,
+     "tasks: expected at least one task name, got none"),
+    (lambda: create_model("bridgenet", ["semseg"], backbone="convnet_tiny", num_scales=0), ValueError,
+     "num_scales: expected an integer >= 1, got 0"),
+    (lambda: create_model("bridgenet", ["semseg"], backbone="convnet_tiny", num_scales=5), ValueError,
+     "num_scales: expected 1..4, got 5"),
+    (lambda: create_model("bridgenet", ["semseg"], backbone="convnet_tiny", prelim_channels=0), ValueError,
+     "prelim_channels: expected an integer >= 1, got 0"),
+    (lambda: create_model("bridgenet", ["semseg"], backbone="convnet_tiny", embed_dim=0), ValueError,
+     "embed_dim: expected an integer >= 1, got 0"),
+    (lambda: create_model("bridgenet", ["semseg"], backbone="convnet_tiny", stage_dims=[16, 16, 0, 16]), ValueError,
+     "stage_dims[2]: expected an integer >= 1, got 0"),
+    (lambda: create_model("bridgenet", ["semseg"], backbone="convnet_tiny", heads=3), ValueError,
+     "heads: the attention widths embed_dim=512 and stage_dims=[576, 288, 144, 72] must be divisible by heads=3"),
 ])
 def test_bad_configuration(call, error, match):
     with pytest.raises(error, match=re.escape(match)):
         call()
+
+
+def test_one_task_name():
+    """create_model takes one task name for a one-task model (not its letters)."""
+    assert create_model("single_task", "semseg", backbone="convnet_tiny").tasks == ("semseg",)
+    assert create_model("baseline", "depth", backbone="convnet_tiny", dataset="nyud").tasks == ("depth",)
+
+
+@pytest.mark.parametrize("images, error, match", [
+    (torch.randn(2, 1, 32, 32), ValueError,
+     "images: expected shape (B, 3, H, W) with size 3 at dim 1, got (2, 1, 32, 32)"),
+    (torch.randn(2, 32, 32, 3), ValueError,  # NHWC
+     "images: expected shape (B, 3, H, W) with size 3 at dim 1, got (2, 32, 32, 3)"),
+    (torch.randn(3, 32, 32), ValueError,
+     "images: expected a 4-d tensor of shape (B, 3, H, W), got shape (3, 32, 32)"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), TypeError,
+     "images: expected a (B, 3, H, W) floating-point tensor of the model's dtype float32, got uint8"),
+    (torch.randn(2, 3, 32, 32, dtype=torch.float64), TypeError,
+     "images: expected a (B, 3, H, W) floating-point tensor of the model's dtype float32, got float64"),
+    ([[0.0]], TypeError, "images: expected a torch.Tensor, got list"),
+])
+def test_models_check_their_images(images, error, match):
+    """forward and forward_train check the images first: shape (B, 3, H, W), a floating dtype of the model's."""
+    model = create_model("baseline", ["semseg"], backbone="convnet_tiny")
+    for run in (model, model.forward_train):
+        with pytest.raises(error, match=re.escape(match)):
+            run(images)
+
+
+def test_every_method_checks_its_images():
+    """The check is MultiTaskModel.forward_train's, which no method overrides (they implement _forward_train)."""
+    base = mtlfast.models.base.MultiTaskModel
+    subclasses, classes = [base], []
+    while subclasses:
+        classes.append(subclasses.pop())
+        subclasses.extend(classes[-1].__subclasses__())
+    assert {c.__name__ for c in classes} >= {"Baseline", "MTINet", "PADNet", "BridgeNet", "TIF", "SEM"}
+    assert [c for c in classes if c is not base and "forward_train" in vars(c)] == []
+
+
+def test_models_take_images_of_their_dtype_and_autocasts():
+    """The model's dtype (float32, or float64 after .double()); under torch.autocast also its dtype."""
+    model = create_model("baseline", ["semseg"], backbone="convnet_tiny").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model(images)["semseg"].dtype == torch.float32
+        assert model.double()(images.double())["semseg"].dtype == torch.float64
+        model.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for x in (images, images.bfloat16()):
+                assert model(x)["semseg"].shape == (2, 40, 32, 32)
+            with pytest.raises(TypeError, match=re.escape("float32 (or bfloat16, the autocast dtype), got float16")):
+                model(images.half())
 
 
 def test_every_method_is_registered():

@@ -13,7 +13,7 @@ from mtlfast.nn import (BridgeFeatureExtractor, CrossTaskInteractionBlock, EMInt
                         FeaturePropagation, HierarchyAdaptiveAttention, IterativeFusionBlock, LowToHighDiffusion,
                         MultiModalDistillation, ScaleAttentiveFeatureFusion, SelfFeatureDistillation,
                         TaskFeatureRefiner, TaskPairInteraction, TaskPatternPropagation)
-from mtlfast.nn.common import DropPath, ProjectedAttention, checkpoint_stage, to_map, to_tokens
+from mtlfast.nn.common import DropPath, ProjectedAttention, checkpoint_stage, pool_to_grid, to_map, to_tokens
 from mtlfast.nn.sem import reference_points
 from mtlfast.testing import fresh_seed
 from literal import batch_norm, conv_bn, randn, random_norms
@@ -186,9 +186,16 @@ def test_task_pair_interaction_batching_equals_each_pair_eq5():
         TaskPairInteraction(TASKS, 8, 4, targets=["sal"])
 
 
-def test_em_interaction_averages_task_bases_eq10():
+@pytest.mark.parametrize("detach_iterations", [False, True])
+def test_em_interaction_is_eq8_to_10(detach_iterations):
+    """The default is SEM's X̃_t = A_t⁽ᴿ⁾ μ̄⁽ᴿ⁾ ("the final μ⁽ᴿ⁾ and A⁽ᴿ⁾ are used to reconstruct X̃"), μ̄⁽ᴿ⁾ the mean
+    of the task bases (eq. 10), with the gradient through all R iterations; detach_iterations=True runs the
+    iterations without gradient and reconstructs from one more E-step, A_t⁽ᴿ⁺¹⁾ = softmax(X_t (μᵗ)⁽ᴿ⁾ᵀ), with
+    the gradient through it alone. Outputs and the input convs' gradients against the equations written out;
+    μ⁽⁰⁾'s EMA in training only."""
     gen = torch.Generator().manual_seed(5)
-    block = EMInteraction(TASKS, 6, num_bases=4, n_iter=3, momentum=0.9).double()
+    options = {"detach_iterations": True} if detach_iterations else {}  # the default: False
+    block = EMInteraction(TASKS, 6, num_bases=4, n_iter=3, momentum=0.9, **options).double()
     x = {t: randn(2, 6, 3, 5, gen=gen) for t in TASKS}
     mu0 = block.bases.mu.clone()
     with mtlfast.use_backend("reference"):
@@ -197,17 +204,25 @@ def test_em_interaction_averages_task_bases_eq10():
     for t in TASKS:  # each task alone from the shared μ⁽⁰⁾ (eq. 8–9)
         xt = to_tokens(block.inp[t](x[t]))
         mu = mu0.expand(2, -1, -1)
-        for _ in range(3):
-            z = torch.softmax(xt @ mu.transpose(1, 2), dim=-1)
-            m = (z / (1e-6 + z.sum(1, keepdim=True))).transpose(1, 2) @ xt
-            mu = m / (1e-6 + m.norm(dim=-1, keepdim=True))
+        with torch.set_grad_enabled(not detach_iterations):
+            for _ in range(3):
+                z = torch.softmax(xt @ mu.transpose(1, 2), dim=-1)
+                m = (z / (1e-6 + z.sum(1, keepdim=True))).transpose(1, 2) @ xt
+                mu = m / (1e-6 + m.norm(dim=-1, keepdim=True))
+        z_next = torch.softmax(xt @ mu.transpose(1, 2), dim=-1)  # A⁽ᴿ⁺¹⁾
+        assert not torch.allclose(z_next, z, rtol=0, atol=1e-6)  # so the two forwards differ here
         mus.append(mu)
-        zs.append(torch.softmax(xt @ mu.transpose(1, 2), dim=-1))  # the final E-step (detached iterations)
+        zs.append(z_next if detach_iterations else z)
     mu_bar = sum(mus) / len(TASKS)  # eq. 10
-    for t, z in zip(TASKS, zs):
-        want = F.relu(x[t] + block.out[t](F.relu(to_map(z @ mu_bar, (3, 5)))))
-        torch.testing.assert_close(out[t], want, rtol=1e-10, atol=1e-10)
-    mean = mu_bar.mean(0)
+    want = {t: F.relu(x[t] + block.out[t](F.relu(to_map(z @ mu_bar, (3, 5))))) for t, z in zip(TASKS, zs)}
+    for t in TASKS:
+        torch.testing.assert_close(out[t], want[t], rtol=1e-10, atol=1e-10)
+    inputs = [block.inp[t].weight for t in TASKS]
+    grads = [torch.autograd.grad(sum((o * o.detach().flip(-1)).sum() for o in outputs.values()), inputs)
+             for outputs in (out, want)]
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    mean = mu_bar.detach().mean(0)
     torch.testing.assert_close(block.bases.mu, 0.9 * mu0 + 0.1 * mean)
     block.eval()
     before = block.bases.mu.clone()
@@ -445,6 +460,20 @@ def _pool_cells(x, s):
     return torch.stack(cells, 1)
 
 
+@pytest.mark.parametrize("size, factor", [((8, 6), 2), ((7, 5), 2), ((7, 9), 4), ((6, 6), 4), ((3, 4), 1)])
+def test_pool_to_grid_windows(size, factor):
+    """SEM's spatial reduction and TPIM's ↓sc: output cell (i, j) of the h×w = ⌈H/f⌉×⌈W/f⌉ grid averages rows
+    ⌊i·H/h⌋ .. ⌈(i+1)·H/h⌉ − 1 and the columns alike: disjoint windows where h divides H (f×f blocks where f
+    does), else windows that overlap."""
+    x = randn(2, 3, *size, gen=torch.Generator().manual_seed(fresh_seed()))
+    (hi, wi), (h, w) = size, (math.ceil(size[0] / factor), math.ceil(size[1] / factor))
+    rows = [(i * hi // h, -(-(i + 1) * hi // h)) for i in range(h)]
+    cols = [(j * wi // w, -(-(j + 1) * wi // w)) for j in range(w)]
+    want = torch.stack([torch.stack([x[..., r0:r1, c0:c1].mean((-2, -1)) for c0, c1 in cols], -1)
+                        for r0, r1 in rows], -2)
+    torch.testing.assert_close(pool_to_grid(x, factor), want, rtol=1e-12, atol=1e-12)
+
+
 def test_bridge_feature_extractor_is_eq3_to_6():
     """BridgeNet §3.3 written out (float64, eval-mode BN, random statistics and affine parameters):
     S̃ = Flat(BN(DWConv3×3 stride 2 (S))); P̃_j = Flat(AvgPool_l(LN(P_j))), every l×l cell (ceil mode, the
@@ -594,16 +623,82 @@ def test_bad_block_configuration(build, match):
         build()
 
 
-@pytest.mark.parametrize("block", [lambda: TaskPatternPropagation(TASKS, 8), lambda: EMInteraction(TASKS, 8),
-                                   lambda: TaskPairInteraction(TASKS, 8)])
-def test_blocks_check_their_task_features(block):
-    """A missing task or maps of different shapes are named before any computation."""
-    module = block()
+#: The blocks taking {task: (B, C, H, W)}, C = 8, as (build, call).
+_TASK_BLOCKS = {
+    "TaskPatternPropagation": (lambda: TaskPatternPropagation(TASKS, 8), lambda m, x: m(x)),
+    "EMInteraction": (lambda: EMInteraction(TASKS, 8), lambda m, x: m(x)),
+    "TaskPairInteraction": (lambda: TaskPairInteraction(TASKS, 8), lambda m, x: m(x)),
+    "MultiModalDistillation": (lambda: MultiModalDistillation(TASKS[:1], 8, source_tasks=TASKS), lambda m, x: m(x)),
+    "FeaturePropagation": (lambda: FeaturePropagation(TASKS, 8), lambda m, x: m(x)),
+    "TaskFeatureRefiner": (lambda: TaskFeatureRefiner(TASKS, 8, 1), lambda m, x: m(x, torch.randn(1, 8, 3, 3))),
+}
+
+
+@pytest.mark.parametrize("name", _TASK_BLOCKS)
+def test_blocks_check_their_task_features(name):
+    """A missing task (a source task too), maps of different shapes, or of another width than the module's are
+    named before any computation."""
+    build, call = _TASK_BLOCKS[name]
+    module = build()
     x = {t: torch.randn(1, 8, 5, 6) for t in TASKS}
     with pytest.raises(KeyError, match=re.escape(f"features: no feature map for tasks ['{TASKS[-1]}']")):
-        module({t: x[t] for t in TASKS[:-1]})
+        call(module, {t: x[t] for t in TASKS[:-1]})
     with pytest.raises(ValueError, match=re.escape(f"features['{TASKS[1]}']: expected shape (B, C, H, W) with W=6")):
-        module({**x, TASKS[1]: torch.randn(1, 8, 5, 7)})
+        call(module, {**x, TASKS[1]: torch.randn(1, 8, 5, 7)})
+    with pytest.raises(ValueError, match=re.escape(f"features['{TASKS[0]}']: expected shape (B, C, H, W) with C=8 "
+                                                   f"(from the module), got (1, 6, 5, 6)")):
+        call(module, {t: torch.randn(1, 6, 5, 6) for t in TASKS})
+    with pytest.raises(TypeError, match=re.escape("features: expected a dict {task: (B, C, H, W) tensor}, got list")):
+        call(module, list(x.values()))
+    call(module, x)
+
+
+def _maps(*shapes):
+    return [torch.randn(*shape) for shape in shapes]
+
+
+def _lthd_factors(width):
+    """LowToHighDiffusion's (fine, coarse) SFD factors for a 3×4 and a 2×2 grid, of ``width`` channels."""
+    q2, q3 = torch.randn(1, 12, width), torch.randn(1, 4, width)
+    return (q2, q2, (3, 4)), (q3, q3, (2, 2))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    # list-taking blocks: one map per stage, of the module's channels per stage
+    (lambda: FeatureAggregation([8, 16], 3)(_maps((1, 16, 5, 6), (1, 8, 3, 3))), ValueError,
+     "features[0]: expected shape (B, 8, *, *) with size 8 at dim 1, got (1, 16, 5, 6)"),
+    (lambda: FeatureAggregation([8, 16], 3)(_maps((1, 8, 5, 6))), ValueError,
+     "features: expected 2 maps (one per stage, channels [8, 16]), got 1"),
+    (lambda: ScaleAttentiveFeatureFusion([8, 16], 0, 8)(_maps((1, 8, 5, 6), (2, 16, 3, 3))), ValueError,
+     "features[1]: expected shape (B, 16, *, *) with B=1 (from features[0]), got (2, 16, 3, 3)"),
+    (lambda: HierarchyAdaptiveAttention([4, 6], 8)(_maps((1, 4, 8, 8), (1, 4, 4, 4))), ValueError,
+     "features[1]: expected shape (B, 6, *, *) with size 6 at dim 1, got (1, 4, 4, 4)"),
+    (lambda: HierarchyAdaptiveAttention([4, 6], 8)(torch.randn(1, 4, 8, 8)), TypeError,
+     "features: expected a list of 2 (B, C_s, H_s, W_s) tensors (one per stage), got Tensor"),
+    # BridgeNet's BFE (any task maps, a dict or a list) and TFR's bridge
+    (lambda: BridgeFeatureExtractor(8, 12)(torch.randn(1, 8, 5, 6), {}), ValueError,
+     "task_features: expected at least one (B, C, H, W) feature map, got none"),
+    (lambda: BridgeFeatureExtractor(8, 12)(torch.randn(1, 8, 5, 6), _maps((1, 8, 5, 6))), ValueError,
+     "task_features[0]: expected shape (B, C, H, W) with C=12 (from the module), got (1, 8, 5, 6)"),
+    (lambda: BridgeFeatureExtractor(8, 12)(torch.randn(1, 6, 5, 6), {"depth": torch.randn(1, 12, 3, 3)}), ValueError,
+     "generic: expected shape (B, 8, *, *) with size 8 at dim 1, got (1, 6, 5, 6)"),
+    (lambda: BridgeFeatureExtractor(8)(torch.randn(1, 8, 5, 6), torch.randn(1, 8, 5, 6)), TypeError,
+     "task_features: expected a dict {task: (B, C_p, H_p, W_p) tensor} or a list of such maps, got Tensor"),
+    (lambda: TaskFeatureRefiner(TASKS, 8, 1)({t: torch.randn(1, 8, 5, 6) for t in TASKS}, torch.randn(2, 8, 3, 3)),
+     ValueError, "bridge: expected shape (B, C, Hb, Wb) with B=1 (from features['semseg']), got (2, 8, 3, 3)"),
+    # single maps
+    (lambda: SelfFeatureDistillation(8)(torch.randn(1, 6, 3, 3)), ValueError,
+     "x: expected shape (B, dim, H, W) with dim=8 (from the module), got (1, 6, 3, 3)"),
+    (lambda: LowToHighDiffusion(8)(torch.randn(1, 6, 9, 9), *_lthd_factors(8)), ValueError,
+     "x: expected shape (B, dim, H, W) with dim=8 (from the module), got (1, 6, 9, 9)"),
+    (lambda: LowToHighDiffusion(8)(torch.randn(1, 8, 9, 9), *_lthd_factors(6)), ValueError,
+     "fine[0]: expected shape (B, Nf, dim) with dim=8 (from the module), got (1, 12, 6)"),
+    (lambda: CrossTaskInteractionBlock(8)(torch.randn(1, 8, 5, 6), torch.randn(1, 8, 5, 7)), ValueError,
+     "target: expected shape (B, C, H, W) with W=6 (from source), got (1, 8, 5, 7)"),
+])
+def test_blocks_check_their_inputs(call, error, match):
+    with pytest.raises(error, match=re.escape(match)):
+        call()
 
 
 def test_drop_in_example_runs():

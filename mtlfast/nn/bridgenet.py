@@ -95,7 +95,7 @@ class TaskPatternPropagation(nn.Module):
         dim = dim or channels
         if dim % heads:
             raise ValueError(f"dim: attention width {dim} is not divisible by heads={heads}")
-        self.dim, self.heads, self.kv_stride = dim, heads, kv_stride
+        self.channels, self.dim, self.heads, self.kv_stride = channels, dim, heads, kv_stride
         t = len(self.tasks)
         self.q_embed = nn.ModuleDict({k: _QueryEmbed(channels, q_stride) for k in self.tasks})
         self.q_norm = nn.ModuleDict({k: nn.LayerNorm(channels) for k in self.tasks})
@@ -109,7 +109,7 @@ class TaskPatternPropagation(nn.Module):
         self.ffn = nn.ModuleDict({k: FeedForward(channels, mlp_ratio * channels) for k in self.tasks})
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        check_task_features(features, self.tasks)
+        check_task_features(features, self.tasks, channels=self.channels)
         qs, ks, vs, grids = [], [], [], []
         for t in self.tasks:
             x = features[t]
@@ -154,7 +154,7 @@ class BridgeFeatureExtractor(nn.Module):
         if channels % heads:
             raise ValueError(f"channels: attention width {channels} is not divisible by heads={heads}")
         task_channels = task_channels or channels
-        self.kv_stride = kv_stride
+        self.channels, self.task_channels, self.kv_stride = channels, task_channels, kv_stride
         self.q_embed = _QueryEmbed(channels, q_stride)
         self.kv_norm = ChannelNorm(task_channels)  # before the pooling, so not the attention's own
         self.attn = ProjectedAttention(channels, task_channels, heads=heads, scale=channels ** -0.5, kv_norm=False)
@@ -162,7 +162,13 @@ class BridgeFeatureExtractor(nn.Module):
         self.ffn = FeedForward(channels, mlp_ratio * channels)
 
     def forward(self, generic: torch.Tensor, task_features: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]):
-        maps = list(task_features.values()) if isinstance(task_features, Mapping) else list(task_features)
+        if isinstance(task_features, torch.Tensor) or not isinstance(task_features, (Mapping, Sequence)):
+            raise TypeError(f"task_features: expected a dict {{task: (B, C_p, H_p, W_p) tensor}} or a list of such "
+                            f"maps, got {type(task_features).__name__}")
+        named = task_features if isinstance(task_features, Mapping) else dict(enumerate(task_features))
+        check_task_features(named, None, "task_features", channels=self.task_channels,
+                            generic=(generic, f"B {self.channels} * *"))
+        maps = list(named.values())
         qmap = self.q_embed(generic)
         kv = torch.cat([_pool_tokens(self.kv_norm(p), self.kv_stride) for p in maps], dim=1)
         x = self.attn(to_tokens(qmap), kv)
@@ -213,6 +219,7 @@ class TaskFeatureRefiner(nn.Module):
             raise ValueError(f"layers: expected >= 1 TFR layers, got {layers}")
         check_sizes(channels=channels)
         self.tasks = check_task_names(tasks)
+        self.channels = channels
         blocks = layers * len(dilations)
         rates = [drop_path * i / max(1, blocks - 1) for i in range(blocks)]
         self.refiners = nn.ModuleDict({
@@ -220,6 +227,7 @@ class TaskFeatureRefiner(nn.Module):
             for t in self.tasks})
 
     def forward(self, features: Mapping[str, torch.Tensor], bridge: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_task_features(features, self.tasks, channels=self.channels, bridge=(bridge, "B C Hb Wb"))
         out = {}
         for t in self.tasks:
             x = features[t]

@@ -1,6 +1,7 @@
 """Small building blocks shared by the papers' modules: conv-BN-activation, ResNet blocks, squeeze-and-
 excitation, the transformer feed-forward network, the projected multi-head attention of BridgeNet's BFE and
-SEM (:class:`ProjectedAttention`), token <-> feature-map reshapes, and activation checkpointing of a model
+SEM (:class:`ProjectedAttention`), token <-> feature-map reshapes, the adaptive pooling of SEM's decoder and
+the TPIM block (:func:`pool_to_grid`), the blocks' input checks, and activation checkpointing of a model
 stage that keeps module buffers exact (:func:`checkpoint_stage`).
 
 Conventions: feature maps are (B, C, H, W); token sequences are (B, N, C) with N = H·W in row-major
@@ -9,6 +10,7 @@ order (``x.flatten(2).transpose(1, 2)``); multi-head tensors are (B, heads, N, C
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -23,7 +25,7 @@ from mtlfast.ops.attention import attention
 
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "SEBlock", "FeedForward", "ChannelNorm", "ProjectedAttention",
            "to_tokens", "to_map", "split_heads", "merge_heads", "resize", "checkpoint_stage", "record_checkpoints",
-           "check_task_names", "check_sizes", "check_task_features"]
+           "check_task_names", "check_sizes", "check_task_features", "check_stage_features", "pool_to_grid"]
 
 
 def check_task_names(tasks, name: str = "tasks") -> tuple[str, ...]:
@@ -43,14 +45,36 @@ def check_sizes(**sizes) -> None:
             check_positive_int(name, value)
 
 
-def check_task_features(features, tasks: Sequence[str], name: str = "features") -> None:
-    """``features`` holds a (B, C, H, W) map of one shape for every task of ``tasks``."""
+def check_task_features(features, tasks: Sequence[str] | None, name: str = "features", *, channels: int | None = None,
+                        **others: tuple[torch.Tensor, str]) -> dict[str, int]:
+    """``features`` holds a (B, C, H, W) map of one shape for every task of ``tasks`` (None: every map it holds,
+    at least one), C = ``channels`` where given (the module's width); ``others`` are more ``name=(tensor, spec)``
+    checked with them (:func:`~mtlfast.ops._checks.check_shapes`, sharing the symbols B, C, H, W). Shapes only,
+    so no device sync. Returns the sizes by symbol."""
     if not isinstance(features, Mapping):
         raise TypeError(f"{name}: expected a dict {{task: (B, C, H, W) tensor}}, got {type(features).__name__}")
+    if tasks is None:
+        tasks = list(features)
+        if not tasks:
+            raise ValueError(f"{name}: expected at least one (B, C, H, W) feature map, got none")
     missing = [t for t in tasks if t not in features]
     if missing:
         raise KeyError(f"{name}: no feature map for tasks {missing} (got {sorted(features)})")
-    check_shapes(**{f"{name}[{t!r}]": (features[t], "B C H W") for t in tasks})
+    known = {"C": (channels, "the module")} if channels is not None else None
+    return check_shapes(known, **{f"{name}[{t!r}]": (features[t], "B C H W") for t in tasks}, **others)
+
+
+def check_stage_features(features, in_channels: Sequence[int], name: str = "features") -> None:
+    """``features`` is a list of one (B, C_s, H_s, W_s) map per stage, C_s = ``in_channels[s]`` (the module's), one
+    batch size B; the stage sizes are free. Shapes only."""
+    stages = len(in_channels)
+    if isinstance(features, torch.Tensor) or not isinstance(features, Sequence):
+        raise TypeError(f"{name}: expected a list of {stages} (B, C_s, H_s, W_s) tensors (one per stage), "
+                        f"got {type(features).__name__}")
+    if len(features) != stages:
+        raise ValueError(f"{name}: expected {stages} maps (one per stage, channels {list(in_channels)}), "
+                         f"got {len(features)}")
+    check_shapes(**{f"{name}[{s}]": (f, f"B {c} * *") for s, (f, c) in enumerate(zip(features, in_channels))})
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -59,6 +83,15 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == size:
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def pool_to_grid(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Adaptive average pooling (``F.adaptive_avg_pool2d``) of (B, C, H, W) to (B, C, h, w), h = ⌈H/factor⌉,
+    w = ⌈W/factor⌉: output row i averages input rows ⌊i·H/h⌋ .. ⌈(i+1)·H/h⌉ − 1 (columns alike), i.e. disjoint
+    windows of H/h rows where h divides H (factor×factor blocks where ``factor`` divides the size), else windows
+    that overlap. (BridgeNet's pooling is another one: disjoint windows, ceil mode, :mod:`mtlfast.nn.bridgenet`.)"""
+    h, w = x.shape[-2:]
+    return F.adaptive_avg_pool2d(x, (math.ceil(h / factor), math.ceil(w / factor)))
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:

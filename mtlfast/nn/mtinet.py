@@ -18,7 +18,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from mtlfast.nn.common import BasicBlock, SEBlock, check_sizes, check_task_names, resize
+from mtlfast.nn.common import (BasicBlock, SEBlock, check_sizes, check_stage_features, check_task_features,
+                                check_task_names, resize)
 
 __all__ = ["MultiModalDistillation", "FeaturePropagation", "FeatureAggregation"]
 
@@ -53,11 +54,13 @@ class MultiModalDistillation(nn.Module):
         missing = [t for t in self.tasks if t not in self.source_tasks]
         if missing:
             raise ValueError(f"source_tasks: must contain every target task; missing {missing}")
+        self.channels = channels
         self.attention = nn.ModuleDict({
             k: nn.ModuleDict({l: _SpatialAttention(channels) for l in self.source_tasks if l != k})
             for k in self.tasks})
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_task_features(features, self.source_tasks, channels=self.channels)
         out = {}
         for k in self.tasks:
             x = features[k]
@@ -83,6 +86,7 @@ class FeaturePropagation(nn.Module):
         super().__init__()
         self.tasks = check_task_names(tasks)
         check_sizes(channels=channels, se_reduction=se_reduction)
+        self.channels = channels
         n = len(self.tasks)
         shared = n * channels
         quarter = max(1, shared // 4)
@@ -92,6 +96,7 @@ class FeaturePropagation(nn.Module):
         self.se = nn.ModuleDict({t: SEBlock(channels, se_reduction) for t in self.tasks})
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_task_features(features, self.tasks, channels=self.channels)
         x = torch.stack([features[t] for t in self.tasks], dim=1)  # (B, T, C, H, W)
         b, n, c, h, w = x.shape
         gate = torch.softmax(self.harmonize(x.reshape(b, n * c, h, w)).reshape(b, n, c, h, w), dim=1)
@@ -110,12 +115,14 @@ class FeatureAggregation(nn.Module):
             raise ValueError("in_channels: expected the channels of at least one scale")
         check_sizes(num_outputs=num_outputs, mid_channels=mid_channels,
                     **{f"in_channels[{i}]": c for i, c in enumerate(in_channels)})
+        self.in_channels = list(in_channels)
         total = sum(in_channels)
         mid = mid_channels or total
         self.fuse = nn.Sequential(nn.Conv2d(total, mid, 1), nn.BatchNorm2d(mid), nn.ReLU())
         self.predict = nn.Conv2d(mid, num_outputs, 1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        check_stage_features(features, self.in_channels)
         size = features[0].shape[-2:]
         x = torch.cat([resize(f, size) for f in features], dim=1)
         return self.predict(self.fuse(x))

@@ -9,7 +9,10 @@ Choices the paper leaves open:
   normalised [-1, 1] frame, where a cell is 2 / (grid size) wide: at most ``offset_range`` / 2 cells (DAT's
   range factor); defaults r_s = 2^(S-1-s) (8, 4, 2, 1 for strides 4..32,
   so every stage has about as many points as the query map has pixels) and k_s = 2·log2(r_s) + 3 (9, 7,
-  5, 3 as in DAT). Reference points at the cell centres of the ⌈H_s/r_s⌉×⌈W_s/r_s⌉ grid, (x, y) order.
+  5, 3 as in DAT). Reference points at the cell centres of the offset conv's output grid, ⌈H_s/r_s⌉×⌈W_s/r_s⌉
+  ('same' padding), (x, y) order. This departs from the paper's ⌊H_s/r_s⌋×⌊W_s/r_s⌋ points (eq. 1) where r_s
+  does not divide the stage size (one more row / column of points) and equals it at the paper's crops (448×576,
+  512×512: with the default r_s, stride·r_s = 32 divides them).
 - Query map (eq. 3): every unified stage resized (bilinear) to the smallest stage, concatenated, 3×3 conv +
   GELU. θ_HW = Linear(C, C) -> ReLU -> Linear(C, S), softmax over the S stages.
 - The sampling of eq. 2–4 is one :func:`mtlfast.ops.deform_sample` call (every stage at every point,
@@ -21,8 +24,13 @@ Choices the paper leaves open:
 - EMInteraction: per task a 1×1 conv in, and out ReLU(X + BN(Conv1×1(ReLU(X̃)))), as EMANet's EMA unit.
   The task bases (μᵗ)⁽ᴿ⁾ are averaged (eq. 10) and every task is reconstructed from its own
   responsibilities and the averaged bases: X̃_t = A_t⁽ᴿ⁾ μ⁽ᴿ⁾ (SEM: "the final μ⁽ᴿ⁾ and A⁽ᴿ⁾ are used to
-  reconstruct X̃"). ``detach_iterations`` (default True) runs the R iterations without gradient and one
-  E-step with it, as EMANet does.
+  reconstruct X̃"), with the gradient through all R iterations (``detach_iterations=False``, the default).
+  ``detach_iterations=True`` is a cheaper truncated gradient (em_attention's detached mode): the R iterations
+  run without gradient, then one more E-step with it, so X̃_t = A_t⁽ᴿ⁺¹⁾ μ⁽ᴿ⁾ with A_t⁽ᴿ⁺¹⁾ =
+  softmax(X_t (μᵗ)⁽ᴿ⁾ᵀ / τ), a different forward from the paper's, whose gradient reaches X_t through
+  A_t⁽ᴿ⁺¹⁾ only. (EMANet's public code runs its whole EM loop
+  under no_grad and reconstructs from the loop's last responsibilities and bases, so no gradient reaches its
+  input conv through the EM unit; neither mode here is that.)
 """
 from __future__ import annotations
 
@@ -34,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlfast.nn.common import (ChannelNorm, ConvBNAct, FeedForward, ProjectedAttention, check_sizes,
-                                check_task_features, check_task_names, resize, to_map, to_tokens)
+                                check_stage_features, check_task_features, check_task_names, resize, to_map,
+                                to_tokens)
 from mtlfast.nn.em_bases import EMBases
 from mtlfast.ops._checks import check_positive_float
 from mtlfast.ops.deform_sample import deform_sample
@@ -95,6 +104,7 @@ class HierarchyAdaptiveAttention(nn.Module):
         kernels = list(kernels) if kernels is not None else [2 * int(math.log2(r)) + 3 for r in strides]
         if len(strides) != stages or len(kernels) != stages:
             raise ValueError(f"strides/kernels: expected {stages} values (one per stage), got {strides}, {kernels}")
+        self.in_channels = list(in_channels)
         self.unify = nn.ModuleList(ConvBNAct(c, dim, 1, act=None) for c in in_channels)
         self.offsets = nn.ModuleList(_OffsetNet(dim, r, k, offset_range) for r, k in zip(strides, kernels))
         self.query = nn.Sequential(nn.Conv2d(stages * dim, dim, 3, padding=1), nn.GELU())
@@ -104,6 +114,7 @@ class HierarchyAdaptiveAttention(nn.Module):
         self.ffn = FeedForward(dim, mlp_ratio * dim)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        check_stage_features(features, self.in_channels)
         stages = [u(f) for u, f in zip(self.unify, features)]
         size = stages[-1].shape[-2:]
         qmap = self.query(torch.cat([resize(s, size) for s in stages], 1))
@@ -124,22 +135,24 @@ class EMInteraction(nn.Module):
         μ⁽ᴿ⁾ = (1/T) Σ_t (μᵗ)⁽ᴿ⁾                                              (eq. 10)
         X̃_t = A_t⁽ᴿ⁾ μ⁽ᴿ⁾,   out_t = ReLU(X_t + BN(Conv1×1(ReLU(X̃_t))))                 (EMANet's unit)
     and in training μ⁽⁰⁾ ← m μ⁽⁰⁾ + (1 − m) mean_batch(μ⁽ᴿ⁾). All tasks go through one
-    :func:`mtlfast.ops.em_attention` call. Input and output ``{task: (B, C, H, W)}``.
+    :func:`mtlfast.ops.em_attention` call. Input and output ``{task: (B, C, H, W)}``, C = ``channels``.
+    ``detach_iterations=True``: the truncated gradient of the module docstring, reconstructing from
+    A_t⁽ᴿ⁺¹⁾ = softmax(X_t (μᵗ)⁽ᴿ⁾ᵀ / τ) instead of A_t⁽ᴿ⁾.
     """
 
     def __init__(self, tasks: Sequence[str], channels: int, *, num_bases: int = 64, n_iter: int = 5,
-                 momentum: float = 0.9, tau: float = 1.0, detach_iterations: bool = True) -> None:
+                 momentum: float = 0.9, tau: float = 1.0, detach_iterations: bool = False) -> None:
         super().__init__()
         self.tasks = check_task_names(tasks)
         check_sizes(channels=channels, num_bases=num_bases, n_iter=n_iter)
         check_positive_float("tau", tau)
-        self.n_iter, self.tau, self.detach_iterations = n_iter, tau, detach_iterations
+        self.channels, self.n_iter, self.tau, self.detach_iterations = channels, n_iter, tau, detach_iterations
         self.bases = EMBases(num_bases, channels, momentum=momentum)
         self.inp = nn.ModuleDict({t: nn.Conv2d(channels, channels, 1) for t in self.tasks})
         self.out = nn.ModuleDict({t: ConvBNAct(channels, channels, 1, act=None) for t in self.tasks})
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        check_task_features(features, self.tasks)
+        check_task_features(features, self.tasks, channels=self.channels)
         tasks = self.tasks
         b = features[tasks[0]].shape[0]
         x = torch.cat([to_tokens(self.inp[t](features[t])) for t in tasks])  # (T·B, N, C)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlfast.nn.common import ConvBNAct, FeedForward, check_sizes, resize, to_map, to_tokens
+from mtlfast.nn.common import ConvBNAct, FeedForward, check_sizes, check_stage_features, resize, to_map, to_tokens
+from mtlfast.ops._checks import check_shapes
 from mtlfast.ops.attention import attention
 from mtlfast.ops.lthd_attention import lthd_attention
 
@@ -50,7 +51,7 @@ class ScaleAttentiveFeatureFusion(nn.Module):
         check_sizes(dim=dim, **{f"in_channels[{i}]": c for i, c in enumerate(in_channels)})
         if not 0 <= index < len(in_channels):
             raise ValueError(f"index: expected a scale in 0..{len(in_channels) - 1}, got {index}")
-        self.index = index
+        self.index, self.in_channels = index, list(in_channels)
         others = sum(c for j, c in enumerate(in_channels) if j != index)
         self.low = ConvBNAct(in_channels[index], dim, 1, act=None)
         self.align = ConvBNAct(others, dim, 1, act=None) if others else None
@@ -59,6 +60,7 @@ class ScaleAttentiveFeatureFusion(nn.Module):
         self.mix = nn.Conv2d(dim, dim, 1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        check_stage_features(features, self.in_channels)
         target = features[self.index]
         low = self.low(target)
         if self.align is None:
@@ -90,6 +92,7 @@ class SelfFeatureDistillation(nn.Module):
         self.ffn = FeedForward(dim, mlp_ratio * dim)
 
     def forward(self, x: torch.Tensor):
+        check_shapes({"dim": (self.dim, "the module")}, x=(x, "B dim H W"))
         tokens = self.norm(to_tokens(x))
         q, kv = self.q(tokens), self.kv(tokens)
         out = attention(q[:, None], kv[:, None], kv[:, None], scale=self.dim ** -0.5)[:, 0]
@@ -118,6 +121,8 @@ class LowToHighDiffusion(nn.Module):
     def forward(self, x: torch.Tensor, fine, coarse) -> torch.Tensor:
         q_f, k_f, size_f = fine
         q_c, k_c, size_c = coarse
+        check_shapes({"dim": (self.dim, "the module")}, x=(x, "B dim H W"),
+                     **{"fine[0]": (q_f, "B Nf dim"), "coarse[0]": (q_c, "B Nc dim")})
         v = self.value(to_tokens(F.adaptive_avg_pool2d(x, tuple(size_f))))
         out = lthd_attention(q_f, k_f, q_c, k_c, v, tuple(size_f), tuple(size_c), scale=self.dim ** -0.5)
         refined = resize(to_map(self.ffn(out), size_f), x.shape[-2:])

@@ -2,9 +2,12 @@
 IterativeFusionBlock, CrossTaskInteractionBlock, TaskPairInteraction.
 
 The paper has no public code; its open choices are written here:
-- ↓sc (eq. 2) is an average pool to ⌈H/sc⌉×⌈W/sc⌉ cells and ↑sc (eq. 3) a bilinear resize back to the
-  target's size; P_Q, P_K reduce to ``dim`` channels (default C/4), P_V keeps C so that V_{s→t} can be
-  added to the self-attention term (eq. 4); each P_* is a 1×1 conv + BN + ReLU as the paper says.
+- ↓sc (eq. 2) is adaptive average pooling (:func:`~mtlfast.nn.common.pool_to_grid`) to an h×w = ⌈H/sc⌉×⌈W/sc⌉
+  grid: output row i averages input rows ⌊i·H/h⌋ .. ⌈(i+1)·H/h⌉ − 1 (columns alike), so disjoint windows of
+  H/h rows where h divides H (sc×sc cells where sc divides H and W), else windows that overlap; no pooling at
+  sc = 1. ↑sc (eq. 3) is a bilinear resize back to the target's size. P_Q, P_K reduce to ``dim`` channels
+  (default C/4), P_V keeps C so that V_{s→t} can be added to the self-attention term (eq. 4); each P_* is a
+  1×1 conv + BN + ReLU as the paper says.
 - Co_{s→t} = softmax(Q Kᵀ / √d) with the softmax over the *source* pixels, so that row i of Co weights
   the source values V for target pixel i; d = ``dim``.
 - F_s and F_m of the self-attention (eq. 1) are 3×3 convolutions without bias (as MTI-Net's
@@ -15,14 +18,14 @@ The paper has no public code; its open choices are written here:
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mtlfast.nn.common import ConvBNAct, check_sizes, check_task_features, check_task_names, resize, to_map, to_tokens
+from mtlfast.nn.common import (ConvBNAct, check_sizes, check_task_features, check_task_names, pool_to_grid, resize,
+                                to_map, to_tokens)
+from mtlfast.ops._checks import check_shapes
 from mtlfast.ops.iterative_fusion import MODES, VARIANTS, iterative_fusion
 
 __all__ = ["IterativeFusionBlock", "CrossTaskInteractionBlock", "TaskPairInteraction"]
@@ -75,7 +78,7 @@ class CrossTaskInteractionBlock(nn.Module):
         super().__init__()
         check_sizes(channels=channels, dim=dim, downscale=downscale)
         self.dim = dim or max(1, channels // 4)
-        self.downscale = downscale
+        self.channels, self.downscale = channels, downscale
         self.f_s = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.f_m = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.p_q = ConvBNAct(channels, self.dim, 1)
@@ -84,10 +87,7 @@ class CrossTaskInteractionBlock(nn.Module):
         self.fusion = IterativeFusionBlock(n_iter, variant, alpha) if own_fusion else None
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
-        if self.downscale == 1:
-            return x
-        h, w = x.shape[-2:]
-        return F.adaptive_avg_pool2d(x, (math.ceil(h / self.downscale), math.ceil(w / self.downscale)))
+        return x if self.downscale == 1 else pool_to_grid(x, self.downscale)
 
     def prepare(self, source: torch.Tensor, target: torch.Tensor):
         """-> (q, k, v tokens (B, n, ·), the self-attention term (B, C, H, W), the reduced grid (h, w))."""
@@ -105,6 +105,7 @@ class CrossTaskInteractionBlock(nn.Module):
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.fusion is None:
             raise RuntimeError("this CrossTaskInteractionBlock was built without its own fusion (own_fusion=False)")
+        check_shapes({"C": (self.channels, "the module")}, source=(source, "B C H W"), target=(target, "B C H W"))
         q, k, v, self_term, grid = self.prepare(source, target)
         return self.combine(self.fusion(q, k, v, scale=self.dim ** -0.5), self_term, grid)
 
@@ -134,10 +135,10 @@ class TaskPairInteraction(nn.Module):
                                   for s, t in self.pairs})
         # one task: no pairs, no fusion (so no parameter outside the graph)
         self.fusion = IterativeFusionBlock(n_iter, variant, alpha, mode) if self.pairs else None
-        self.dim = dim or max(1, channels // 4)
+        self.channels, self.dim = channels, dim or max(1, channels // 4)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        check_task_features(features, self.tasks)
+        check_task_features(features, self.tasks, channels=self.channels)
         if not self.pairs:
             return {t: features[t] for t in self.targets}
         out = dict(features)

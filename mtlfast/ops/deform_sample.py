@@ -182,7 +182,10 @@ def _reference_in_input_dtype(values, points, weights) -> Tensor:
     """The reference with autocast off: grid_sample is on autocast's float32 list, so under autocast the
     reference alone would compute and return float32 from 16-bit inputs; every backend computes in the inputs'
     dtype instead."""
-    with torch.autocast(points.device.type, enabled=False):
+    device_type = points.device.type
+    if not torch.amp.is_autocast_available(device_type):  # meta tensors (planning): no autocast there
+        return _reference.deform_sample(values, points, weights)
+    with torch.autocast(device_type, enabled=False):
         return _reference.deform_sample(values, points, weights)
 
 

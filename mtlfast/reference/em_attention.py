@@ -14,10 +14,11 @@ Outputs (x_rec, mu_out, z):
 - ``detach_iterations=False``: z = the last E step's z (computed from the bases of iteration R-1),
   mu_out = the bases after the last M step, x_rec = z mu_out (SEM's X̃ = A⁽ᴿ⁾ μ⁽ᴿ⁾). The gradient
   flows through every iteration.
-- ``detach_iterations=True`` (EMANet's training mode): the n_iter iterations run without gradient, then
-  one more E step with gradient from the detached final bases: z = softmax(x mu_outᵀ / tau),
-  x_rec = z mu_out. mu_out is the detached final bases (no gradient, also not to ``mu``); z and x_rec
-  differentiate with respect to x only.
+- ``detach_iterations=True`` (DESIGN.md §3; a truncated gradient): the n_iter iterations run without gradient,
+  as EMANet's loop, then one more E step with gradient from the detached final bases: z = softmax(x mu_outᵀ /
+  tau), x_rec = z mu_out. So z is A⁽ᴿ⁺¹⁾, not A⁽ᴿ⁾: a different forward (EMANet itself reconstructs from its
+  loop's last z without any gradient). mu_out is the detached final bases (no gradient, also not to ``mu``); z
+  and x_rec differentiate with respect to x only.
 """
 from __future__ import annotations
 
