@@ -11,10 +11,8 @@ Interface (every model returned by :func:`mtlfast.models.create_model`):
   outputs ``{stage_name: {task: (B, C_task, h, w)}}`` at the stage's own resolution (the loss,
   :class:`mtlfast.losses.MultiTaskLoss`, resizes them to the label size), ``{}`` for methods without deep
   supervision. Auxiliary tasks (MTI-Net / PAD-Net / TPIM ``aux_tasks``, ``model.aux_tasks``) appear only
-  in ``aux``; ``MultiTaskLoss(model.tasks, aux_tasks=model.aux_tasks)`` scores them there (the trainer does
-  this for ``model.kwargs.aux_tasks``).
-- ``model.aux_loss_weights``: ``{stage_name: λ}`` when a stage is weighted differently from 1 (absent
-  otherwise); ``model.normals_loss_reduction``: how the method's public code averages the normals L1 loss
+  in ``aux``; ``MultiTaskLoss.for_model(model)`` scores them there, as the trainer does.
+- ``model.normals_loss_reduction``: how the method's public code averages the normals L1 loss
   (:func:`mtlfast.losses.normals_loss`: "element" for the MTI-Net code base, the default; "pixel" for the
   InvPT / ATRC code bases, which BridgeNet, SEM and TIF train with); ``model.tasks``, ``model.dataset``,
   ``model.num_outputs`` ({task: C_task}), ``model.backbone``.

@@ -186,12 +186,11 @@ class MultiTaskLoss(nn.Module):
     @classmethod
     def for_model(cls, model: nn.Module, aux_tasks: Sequence[str] | None = None) -> "MultiTaskLoss":
         """The loss a model trains with: its tasks, its auxiliary tasks (``model.aux_tasks`` unless
-        ``aux_tasks`` is given), its deep-supervision stage weights (``aux_loss_weights``) and its normals
-        reduction (``normals_loss_reduction``), see :mod:`mtlfast.models.base`."""
+        ``aux_tasks`` is given) and its normals reduction (``normals_loss_reduction``), see
+        :mod:`mtlfast.models.base`; every deep-supervision stage weighs 1, as in every method's code."""
         if aux_tasks is None:
             aux_tasks = getattr(model, "aux_tasks", ())
-        return cls(model.tasks, stage_weights=getattr(model, "aux_loss_weights", None), aux_tasks=aux_tasks,
-                   normals_reduction=model.normals_loss_reduction)
+        return cls(model.tasks, aux_tasks=aux_tasks, normals_reduction=model.normals_loss_reduction)
 
     def _term(self, task: str, pred: torch.Tensor, labels: Mapping, where: str) -> torch.Tensor:
         if task not in self.weights:

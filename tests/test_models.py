@@ -86,8 +86,7 @@ def _check_step(model, images, labels, backend, per_op=None, train=True):
     backbones); the buffers (BN statistics, SEM's EM bases) are restored before every evaluation, so only the
     step differs."""
     model.train(train)
-    loss_fn = MultiTaskLoss(model.tasks, stage_weights=getattr(model, "aux_loss_weights", None),
-                            aux_tasks=getattr(model, "aux_tasks", ()))
+    loss_fn = MultiTaskLoss.for_model(model)
     buffers = copy.deepcopy(dict(model.named_buffers()))
     before = [p.detach().clone() for p in model.parameters()]
     tried = []
@@ -243,8 +242,7 @@ def _checkpointed_step(model, images, labels, monkeypatch):
 
     checkpoint_stage = mtlfast.models.base.checkpoint_stage
     monkeypatch.setattr(mtlfast.models.base, "checkpoint_stage", recording)
-    loss_fn = MultiTaskLoss(model.tasks, stage_weights=getattr(model, "aux_loss_weights", None),
-                            aux_tasks=getattr(model, "aux_tasks", ()))
+    loss_fn = MultiTaskLoss.for_model(model)
     model.train()
     saved: list[tuple[weakref.ref, torch.UntypedStorage]] = []
 
@@ -283,8 +281,7 @@ def test_bfloat16_autocast(method):
     gen = torch.Generator().manual_seed(3)
     images = torch.randn(2, 3, 64, 64, generator=gen).to(DEVICE)
     labels = _labels(tasks, dataset, 2, (64, 64), gen)
-    loss_fn = MultiTaskLoss(model.tasks, stage_weights=getattr(model, "aux_loss_weights", None),
-                            aux_tasks=getattr(model, "aux_tasks", ()))
+    loss_fn = MultiTaskLoss.for_model(model)
     with mtlfast.use_backend("reference"), torch.autocast(DEVICE, dtype=torch.bfloat16):
         preds, aux = model.forward_train(images)
         loss, _ = loss_fn(preds, labels, aux)
