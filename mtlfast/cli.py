@@ -526,7 +526,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs a command. An error (bad path, config, checkpoint, dataset, missing dependency...) is printed as one
     line naming the command, exit status 1; MTLFAST_TRACEBACK=1 raises it with its traceback instead."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may also follow an option (train output_dir=x --no-progress optim.lr=1e-4): argparse
+    # gives the positional list only its first run of them
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except Exception as error:

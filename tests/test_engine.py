@@ -350,3 +350,18 @@ def test_text_files_are_written_atomically_with_new_file_permissions(tmp_path, m
         (tmp_path / "r.json").write_bytes(content)
         with pytest.raises(ValueError, match=f"{tmp_path / 'r.json'}: not a readable JSON file"):
             _files.read_json(tmp_path / "r.json")
+
+
+def test_cli_overrides_may_follow_options(monkeypatch, capsys):
+    """key=value overrides before and after an option all reach the command, in order; anything else unknown is
+    argparse's usage error."""
+    import mtlfast.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_cmd_train", lambda args: seen.append((args.overrides, args.no_progress)) or 0)
+    assert cli.main(["train", "a.b=1", "--no-progress", "c=2", "a.b=3"]) == 0
+    assert seen == [(["a.b=1", "c=2", "a.b=3"], True)]
+    for argv in (["train", "a=1", "--bogus"], ["info", "x=1"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert "unrecognized arguments" in capsys.readouterr().err
