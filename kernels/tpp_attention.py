@@ -13,7 +13,11 @@ Backward (Δ_j = rowsum(dO_j ∘ O_j), P_j = exp(Ā_j − L_j)):
 
     dP_j = dO_j v_jᵀ,  dĀ_j = P_j ∘ (dP_j − Δ_j),  dv_j = P_jᵀ dO_j,
     dS_c = Σ_j W[j, c] dĀ_j   (mix back),  dq_c = scale · dS_c k_c,  dk_c = scale · dS_cᵀ q_c,
-    dW[j, c] = Σ_{query, key} dĀ_j ∘ S_c   (per-program partial sums, reduced on the host: deterministic).
+    dW[j, c] = Σ_{query, key} dĀ_j ∘ S_c   (per-program partial sums, reduced on the host: deterministic),
+    computed as Σ (dĀ_j − r_j P_j) ∘ S_c with r_j = Σ_key dĀ_j per query: r is 0 in exact arithmetic, but Δ
+    comes from the rounded 16-bit output, and where dW's terms nearly cancel the residue times the P-weighted
+    mean score made float16 dW 1.7-2.8x PyTorch's own error (medians over perturbed inputs); corrected,
+    0.3-0.4x. The q program sums r and Σ_key P ∘ S_c over its key loop and subtracts at the end.
 
 Work per (query block, key block) tile: one batched dot (C_pad, rows, D) x (C_pad, D, cols) for the C
 score tiles (the literal formula's QK FLOPs; the widened rewrite Σ_c W_c q_c k_cᵀ = [W_1 q_1|…][k_1|…]ᵀ
@@ -291,6 +295,9 @@ def _bwd_q_kernel(q, k, v, w, do, lse, delta, dq, dw_part,
     delta_m = tl.load(delta + row_offs, mask=row_mask, other=0.0)
     dq_acc = tl.zeros((C_PAD, BLOCK_M, BLOCK_DG), dtype=tl.float32)
     dw_acc = tl.zeros((C_PAD, C_PAD), dtype=tl.float32)
+    # for dW's residue correction: per output row, Σ_j dĀ (0 but for the rounding of Δ) and Σ_j P A_c
+    ds_sum = tl.zeros((C_PAD, BLOCK_M), dtype=tl.float32)
+    pa_sum = tl.zeros((C_PAD, BLOCK_M, C_PAD), dtype=tl.float32)
     for n0 in range(0, Nk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         a = _batched_scores(q, sqc, sqn, sqd, offs_m, Nq, k, skc, skn, skd, offs_n, Nk, D, offs_c,
@@ -304,10 +311,16 @@ def _bwd_q_kernel(q, k, v, w, do, lse, delta, dq, dw_part,
         dq_acc = tl.dot(_mix(ds, w, swc, swj, offs_c, C).to(k_t.dtype), k_t, dq_acc,  # mixed back to the C maps
                         input_precision=PRECISION)
         if pid_x == 0:  # dW[:, c] += Σ dĀ_j ∘ A_c
+            ds_sum += tl.sum(ds, 2)
             for c in tl.static_range(C):
                 a_c = tl.sum(tl.where(offs_c[:, None, None] == c, a, 0.0), 0)
                 dw_c = tl.sum(tl.sum(ds * a_c[None, :, :], 2), 1)
                 dw_acc += tl.where(offs_c[None, :] == c, dw_c[:, None], 0.0)
+                pa_c = tl.sum(p * a_c[None, :, :], 2)
+                pa_sum += tl.where(offs_c[None, None, :] == c, pa_c[:, :, None], 0.0)
+    # Δ comes from the rounded output, so each row's dĀ sums to a residue r instead of 0; dW takes the dĀ
+    # made consistent, dĀ − r P (an exact rewrite: r = 0 in exact arithmetic): dW −= Σ_rows r Σ_j P A_c
+    dw_acc -= tl.sum(ds_sum[:, :, None] * pa_sum, 1)
 
     dq_ptrs = dq + pid_b * C * Nq * D + offs_c[:, None, None] * Nq * D + offs_m[None, :, None] * D \
         + offs_dq[None, None, :]
