@@ -450,7 +450,16 @@ def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, mode
               "modes": list(modes), "environment": runs[-1]["environment"], "peaks": peaks, "runs": runs,
               "quick": quick, "complete": False, "cases_left": [], "rows": rows}
     time_fn = _time_cuda if device == "cuda" else _time_cpu
-    for case in benchmark.cases(device):
+    cases = list(benchmark.cases(device))
+
+    def snapshot(position: int) -> dict[str, object]:
+        """The result as a file may hold it after case ``position``: the kept rows of the cases still ahead
+        (a run killed from here on must not lose them) and those cases' names in cases_left otherwise."""
+        ahead = [c.name for c in cases[position + 1:]]
+        return {**result, "rows": rows + [{"run": 0, **r} for name in ahead if name in kept for r in kept[name]],
+                "cases_left": result["cases_left"] + [name for name in ahead if name not in kept]}
+
+    for position, case in enumerate(cases):
         if case.name in kept:  # also where case_filter leaves it out: runs of different filters add up
             rows += [{"run": 0, **r} for r in kept[case.name]]
             continue
@@ -464,7 +473,7 @@ def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, mode
             continue
         rows += _measure_case(benchmark, case, device, dtype, modes, peaks, quick, time_fn, run_index)
         if on_case is not None:
-            on_case(result)
+            on_case(snapshot(position))
     result["complete"] = not result["cases_left"]
     return result
 

@@ -43,19 +43,39 @@ def test_run_benchmark_on_cpu(tmp_path):
     assert json.load(open(path))["op"] == "_toy_matmul"
 
 
-def _two_case_benchmark(calls):
-    """Cases "a" and "b"; ``calls`` counts the provider calls per case (to see what a resumed run measures)."""
+def _two_case_benchmark(calls, names=("a", "b"), killed_at=None):
+    """Cases ``names``; ``calls`` counts the provider calls per case (to see what a resumed run measures); the
+    case ``killed_at`` ends the run as a phase timeout would (KeyboardInterrupt)."""
     def make(name):
         def inputs(device, dtype):
             return {"x": torch.randn(8, 8, dtype=dtype), "tag": name}
         return inputs
 
     def double(x, tag):
+        if tag == killed_at:
+            raise KeyboardInterrupt(f"killed while measuring {tag}")
         calls[tag] = calls.get(tag, 0) + 1
         return 2 * x
 
-    return harness.Benchmark("_toy_two", lambda device: [harness.Case(n, make(n)) for n in ("a", "b")],
+    return harness.Benchmark("_toy_two", lambda device: [harness.Case(n, make(n)) for n in names],
                              [harness.Provider("mtlfast", double), harness.Provider("eager", double)])
+
+
+def test_a_killed_resumed_run_keeps_the_earlier_cases_ahead_of_it():
+    """gpu_check measures the first cases of every target, then resumes with all cases: a resumed run killed
+    on its way (phase timeout, lost device) leaves the file of its last on_case, which must still hold the
+    earlier run's cases that lie ahead (it held only the cases up to the kill) and name the others left."""
+    calls, saved = {}, []
+    first = harness.run_benchmark(_two_case_benchmark(calls, ("a", "b", "c")), device="cpu", dtype=torch.float32,
+                                  quick=True, case_filter="^c$")
+    first = json.loads(json.dumps({**first, "quick": False}))
+    with pytest.raises(KeyboardInterrupt):
+        harness.run_benchmark(_two_case_benchmark(calls, ("a", "b", "c"), killed_at="b"), device="cpu",
+                              dtype=torch.float32, quick=True, previous=first, on_case=saved.append)
+    (last,) = saved  # after "a"
+    assert [r["case"] for r in last["rows"]] == ["a"] * 4 + ["c"] * 4 and last["cases_left"] == ["b"]
+    assert [r for r in last["rows"] if r["case"] == "c"] == [r for r in first["rows"] if r["case"] == "c"]
+    assert not last["complete"]
 
 
 def test_saved_activation_bytes_counts_checkpoint_inputs_and_recomputations():
