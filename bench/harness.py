@@ -484,6 +484,8 @@ def _measure_case(benchmark: Benchmark, case: Case, device: str, dtype: torch.dt
     # Dynamo keeps the graphs of all cases on the reference's code object and, past its recompile limit (8),
     # runs new shapes eagerly with only a warning: the "compile" rows of later cases would time eager code.
     torch._dynamo.reset()
+    if device == "cuda":  # what auto paths pick from free memory (iterative_fusion's mode) must not depend on
+        torch.cuda.empty_cache()  # the blocks earlier cases left cached
     rows = []
     try:
         inputs = case.make(device, dtype)
