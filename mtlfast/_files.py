@@ -4,34 +4,51 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import IO, Callable
 
 
-def chmod_as_new_file(path: str) -> None:
+def _chmod_as_new_file(path: str) -> None:
     """Gives a mkstemp file (owner-only ``0o600``) the permissions of any new file: ``0o666`` less the umask."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> str:
-    """Writes ``text`` to ``path`` through a uniquely named temporary file in the same folder and a rename,
-    creating the folder: a reader (or a process writing the same file at once, as DDP ranks may) never sees a
-    partial file, and a run stopped mid-write leaves the previous file intact. The file gets the permissions of
-    any new file. Returns ``path`` as a string."""
+def write_atomically(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = False,
+                     prefix: str = ".tmp_", durable: bool = False) -> str:
+    """Calls ``write(file)`` on a uniquely named temporary file (``prefix``...) in ``path``'s folder, creating the
+    folder, and renames it over ``path``: a reader (or a process writing the same file at once, as DDP ranks may)
+    never sees a partial file, and a write stopped midway leaves the previous file intact and removes the
+    temporary one. The file gets the permissions of any new file. ``durable``: the file is fsynced before the
+    rename and the folder after it, so that the rename survives a power loss too. Returns ``path`` as a string."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=os.path.splitext(path)[1], dir=folder)
     try:
-        chmod_as_new_file(tmp)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        _chmod_as_new_file(tmp)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            folder_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(folder_fd)
+            finally:
+                os.close(folder_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> str:
+    """Writes ``text`` to ``path`` atomically (:func:`write_atomically`). Returns ``path`` as a string."""
+    return write_atomically(path, lambda f: f.write(text))
 
 
 def write_json_atomically(path: str | os.PathLike, data: object) -> str:

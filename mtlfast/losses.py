@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from mtlfast.data.tasks import IGNORE_INDEX, LOSS_WEIGHTS, TASKS
 
 __all__ = ["cross_entropy_loss", "balanced_bce_loss", "normals_loss", "depth_loss", "task_loss", "MultiTaskLoss",
-           "LOSS_WEIGHTS", "EDGE_POS_WEIGHT"]
+           "LOSS_WEIGHTS", "EDGE_POS_WEIGHT", "BINARY_TASKS", "check_binary_labels"]
 
 EDGE_POS_WEIGHT = 0.95
 
@@ -65,19 +65,29 @@ def cross_entropy_loss(pred: torch.Tensor, label: torch.Tensor, ignore_index: in
     return _mean(total, (label != ignore_index).sum())
 
 
+def check_binary_labels(labels: Mapping[str, torch.Tensor], ignore_index: int = IGNORE_INDEX) -> None:
+    """Every label of ``labels`` ({name: tensor}) holds only 0, 1 and ``ignore_index``: a soft or 0/255-scaled map
+    is an error naming it, not entries silently left out of the balanced BCE. One device sync for all of them
+    (:class:`MultiTaskLoss` checks a batch's labels once, not per deep-supervision stage)."""
+    others = {name: ~((label == 0) | (label == 1) | (label == ignore_index)) for name, label in labels.items()}
+    if not others or not torch.stack([other.any() for other in others.values()]).any():
+        return
+    name, other = next((name, other) for name, other in others.items() if other.any())
+    raise ValueError(f"{name}: label values must be 0, 1 or {ignore_index} (ignored); got e.g. "
+                     f"{sorted(set(labels[name][other][:8].tolist()))}")
+
+
 def balanced_bce_loss(pred: torch.Tensor, label: torch.Tensor, pos_weight: float | None = None,
-                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """pred (B,1,H,W) logits, label (B,1,H,W) in {0,1} (``ignore_index`` ignored; any other value, e.g. a soft
-    or 0/255-scaled map, is an error, not silently ignored); positive weight ``pos_weight`` or, when None, the
-    batch's fraction of negative labels (a constant, no gradient)."""
+                      ignore_index: int = IGNORE_INDEX, check_labels: bool = True) -> torch.Tensor:
+    """pred (B,1,H,W) logits, label (B,1,H,W) in {0,1} (``ignore_index`` ignored; any other value is an error,
+    :func:`check_binary_labels`, unless ``check_labels=False`` says the caller checked); positive weight
+    ``pos_weight`` or, when None, the batch's fraction of negative labels (a constant, no gradient)."""
     _check("balanced BCE", pred, label, 1, False)
+    if check_labels:
+        check_binary_labels({"balanced BCE": label}, ignore_index)
     pred = _wide(pred)
     pos = label == 1
     neg = label == 0
-    other = ~(pos | neg | (label == ignore_index))
-    if other.any():
-        raise ValueError(f"balanced BCE: label values must be 0, 1 or {ignore_index} (ignored); got e.g. "
-                         f"{sorted(set(label[other][:8].tolist()))}")
     n_valid = pos.sum() + neg.sum()
     if pos_weight is None:
         w = neg.sum().to(pred.dtype) / n_valid.clamp(min=1).to(pred.dtype)
@@ -117,14 +127,20 @@ def depth_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return _mean(torch.where(valid, diff, torch.zeros_like(diff)).sum(), valid.sum())
 
 
-def task_loss(task: str, pred: torch.Tensor, label: torch.Tensor, normals_reduction: str = "element") -> torch.Tensor:
-    """The (unweighted) standard loss of ``task`` (``normals_reduction``: see :func:`normals_loss`)."""
+#: Tasks scored with the balanced BCE, whose labels are 0/1 maps.
+BINARY_TASKS = ("edge", "sal")
+
+
+def task_loss(task: str, pred: torch.Tensor, label: torch.Tensor, normals_reduction: str = "element",
+              check_labels: bool = True) -> torch.Tensor:
+    """The (unweighted) standard loss of ``task`` (``normals_reduction``: see :func:`normals_loss`;
+    ``check_labels``: see :func:`balanced_bce_loss`)."""
     if task in ("semseg", "parts"):
         return cross_entropy_loss(pred, label)
     if task == "sal":
-        return balanced_bce_loss(pred, label)
+        return balanced_bce_loss(pred, label, check_labels=check_labels)
     if task == "edge":
-        return balanced_bce_loss(pred, label, pos_weight=EDGE_POS_WEIGHT)
+        return balanced_bce_loss(pred, label, pos_weight=EDGE_POS_WEIGHT, check_labels=check_labels)
     if task == "normals":
         return normals_loss(pred, label, normals_reduction)
     if task == "depth":
@@ -204,9 +220,10 @@ class MultiTaskLoss(nn.Module):
                 raise ValueError(f"preds[{task!r}]: size {tuple(pred.shape[-2:])} differs from the label's "
                                  f"{tuple(label.shape[-2:])}; final predictions must be at label resolution")
             pred = F.interpolate(pred, size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
-        return task_loss(task, pred, label, self.normals_reduction)
+        return task_loss(task, pred, label, self.normals_reduction, check_labels=False)
 
     def forward(self, preds: Mapping[str, torch.Tensor], labels: Mapping, aux: Mapping | None = None):
+        check_binary_labels({task: labels[task] for task in self.weights if task in BINARY_TASKS and task in labels})
         losses: dict[str, torch.Tensor] = {}
         total = None
         for task in self.tasks:

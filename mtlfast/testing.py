@@ -310,7 +310,7 @@ def check_against_reference(fn: Callable, reference: Callable, inputs: Mapping[s
             op_run = None
             if conditioned and low_precision:
                 with poison_outputs():
-                    op_outs, op_grads = _run(fn, _cast(perturbed, dtype, grad_set), grad_names, cotangents)
+                    op_outs, op_grads = _run(fn, in_dtype, grad_names, cotangents)
                 op_run = list(op_outs) + op_grads
             perturbed_runs.append((list(outs_p) + grads_p, list(truth_outs) + truth_grads, op_run))
         rounded = _cast(_cast(inputs, dtype, set()), torch.float64, grad_set)

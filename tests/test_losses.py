@@ -167,6 +167,28 @@ def test_balanced_bce_refuses_labels_other_than_0_1_and_ignored():
     balanced_bce_loss(pred, _img([0.0, 1.0, 255.0, 1.0]))
 
 
+def test_multitask_loss_checks_binary_labels_once_per_batch(monkeypatch):
+    """MultiTaskLoss checks the edge/sal labels of a batch once (one device sync), naming the task, not again in
+    every deep-supervision stage's term."""
+    import mtlfast.losses as losses
+
+    preds, labels = _batch()
+    criterion = MultiTaskLoss(["semseg", "edge"])
+    aux = {"s0": {"edge": preds["edge"]}, "s1": {"edge": preds["edge"]}}
+    calls, check = [], losses.check_binary_labels
+
+    def counted(labels, *args):
+        calls.append(sorted(labels))
+        check(labels, *args)
+
+    monkeypatch.setattr(losses, "check_binary_labels", counted)
+    criterion({"semseg": preds["semseg"], "edge": preds["edge"]}, labels, aux)
+    assert calls == [["edge"]]
+    soft = {**labels, "edge": labels["edge"] * 0.5}
+    with pytest.raises(ValueError, match=r"^edge: label values must be 0, 1 or 255"):
+        criterion({"semseg": preds["semseg"], "edge": preds["edge"]}, soft, aux)
+
+
 def test_low_precision_predictions_scored_in_float32():
     preds, labels = _batch()
     total32, _ = MultiTaskLoss(["semseg", "depth", "edge"])(preds, labels)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
 
-from mtlfast._files import chmod_as_new_file
+from mtlfast._files import write_atomically
 
 FORMAT_VERSION = 1
+_TEMPORARY_PREFIX = ".tmp_ckpt_"  # of a save in progress (remove_stale_temporaries)
 #: Config entries that must match for a checkpoint's weights to fit the model being built.
 _MODEL_KEYS = (("model", "name"), ("model", "backbone"), ("data", "tasks"), ("data", "dataset"))
 
@@ -38,28 +38,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
-    """Writes ``payload`` to a temporary file in the same folder, fsyncs, renames it over ``path`` and fsyncs the
-    folder (so that the rename itself survives a power loss). The file gets the permissions of any new file
-    (``0o666`` less the umask), not mkstemp's owner-only ``0o600``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_ckpt_", dir=folder)
-    try:
-        chmod_as_new_file(tmp)
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(folder_fd)
-        finally:
-            os.close(folder_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Writes ``payload`` to ``path`` atomically and durably (:func:`mtlfast._files.write_atomically`: a temporary
+    ``.tmp_ckpt_*`` file in the same folder, fsynced, renamed over ``path``, the folder fsynced), with the
+    permissions of any new file."""
+    write_atomically(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **payload}, f), binary=True,
+                     prefix=_TEMPORARY_PREFIX, durable=True)
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
@@ -67,7 +50,7 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     job scheduler skips the cleanup of :func:`save_checkpoint`; each is checkpoint-sized); returns their paths.
     Only the run that owns ``folder`` calls it (one run per output_dir)."""
     stale = sorted(os.path.join(folder, name) for name in (os.listdir(folder) if os.path.isdir(folder) else ())
-                   if name.startswith(".tmp_ckpt_"))
+                   if name.startswith(_TEMPORARY_PREFIX))
     for path in stale:
         os.remove(path)
     return stale

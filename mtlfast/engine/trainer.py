@@ -259,7 +259,7 @@ class Trainer:
         if self.dist.enabled:
             self.train_forward = DistributedDataParallel(
                 self.train_forward, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
-        self.loss_fn = MultiTaskLoss.for_model(self.model, aux_tasks=self.aux_tasks)
+        self.loss_fn = MultiTaskLoss.for_model(self.model)  # model.aux_tasks == self.aux_tasks
         self.optimizer = build_optimizer(self.model.parameters(), config["optim"])
         self.scheduler = poly_schedule(self.optimizer, train_cfg["iterations"], config["optim"]["poly_power"])
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0

@@ -54,6 +54,7 @@ kernel paths (use ``backend="reference"`` for double backward).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -183,9 +184,9 @@ def _reference_in_input_dtype(values, points, weights) -> Tensor:
     reference alone would compute and return float32 from 16-bit inputs; every backend computes in the inputs'
     dtype instead."""
     device_type = points.device.type
-    if not torch.amp.is_autocast_available(device_type):  # meta tensors (planning): no autocast there
-        return _reference.deform_sample(values, points, weights)
-    with torch.autocast(device_type, enabled=False):
+    off = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+           else contextlib.nullcontext())  # meta tensors (planning) have no autocast
+    with off:
         return _reference.deform_sample(values, points, weights)
 
 
