@@ -92,7 +92,7 @@ def _attention_case(name, B, H, n_q, n_k, d_qk, d_v):
 
         return {"q": rand(B, H, n_q, d_qk), "k": rand(B, H, n_k, d_qk), "v": rand(B, H, n_k, d_v)}
 
-    return Case(name, make, flops=2.0 * B * H * n_q * n_k * (d_qk + d_v),
+    return Case(name, make, flops=2.0 * B * H * n_q * n_k * (d_qk + d_v), backward_factor=2.5,
                 params=dict(B=B, H=H, Nq=n_q, Nk=n_k, Dqk=d_qk, Dv=d_v))
 
 

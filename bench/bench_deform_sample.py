@@ -14,8 +14,8 @@ the stages (SEM eq. 3). Values are ordinary contiguous (B, C, H, W) tensors, i.e
 copy is inside the measured time (and its memory in the peak), except in the ``_cl`` case, whose values are
 channels-last already (as a channels-last model would produce them; the reference gets the same tensors).
 
-``bytes`` is the compulsory traffic of the forward (values, points and weights read once, output written) in
-the device's default benchmark dtype (bf16 on a GPU, fp32 on a CPU).
+``elements`` is the compulsory traffic of the forward (values, points and weights read once, output
+written); GB/s takes the run's element size.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _points(B, sizes, strides, g):
     return torch.cat(pts, 1)
 
 
-def _case(name, B, C, sizes, strides=None, n_points=None, element_size=2, channels_last=False):
+def _case(name, B, C, sizes, strides=None, n_points=None, channels_last=False):
     def make(device, dtype):
         g = torch.Generator().manual_seed(0)
         points = (_points(B, sizes, strides, g) if strides is not None
@@ -53,9 +53,8 @@ def _case(name, B, C, sizes, strides=None, n_points=None, element_size=2, channe
 
     N = n_points if strides is None else sum((H // r) * (W // r) for (H, W), r in zip(sizes, strides))
     elements = sum(B * C * H * W for H, W in sizes) + B * N * (2 + len(sizes) + C)
-    return Case(name, make, bytes=elements * element_size, params={"B": B, "C": C, "N": N, "stages": sizes,
-                                                         "strides": strides,
-                                                         "channels_last": channels_last})
+    return Case(name, make, elements=elements, params={"B": B, "C": C, "N": N, "stages": sizes, "strides": strides,
+                                                       "channels_last": channels_last})
 
 
 SWIN_448x576 = [(112, 144), (56, 72), (28, 36), (14, 18)]
@@ -64,7 +63,7 @@ SWIN_224x288 = [(56, 72), (28, 36), (14, 18), (7, 9)]
 
 def cases(device):
     if device != "cuda":
-        return [_case("cpu_c256_n4096", 2, 256, SWIN_224x288, n_points=4096, element_size=4)]
+        return [_case("cpu_c256_n4096", 2, 256, SWIN_224x288, n_points=4096)]
     return [_case(f"sem_c{C}_{tag}", 4, C, SWIN_448x576, strides)
             for C in (256, 512) for tag, strides in (("r8421", (8, 4, 2, 1)), ("r2", (2, 2, 2, 2)))] + [
         _case("sem_c256_r2_cl", 4, 256, SWIN_448x576, (2, 2, 2, 2), channels_last=True)]

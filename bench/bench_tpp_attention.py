@@ -68,7 +68,7 @@ def _case(name, B, T, H, Nq, Nk, D, Dv):
                 "mix_weight": rand(T, H, C, scale=C ** -0.5), "mix_bias": rand(T, H)}
 
     flops = 2.0 * B * T * H * Nq * Nk * (D + Dv)  # literal QK + PV (the mixing is not counted)
-    return Case(name, make, flops=flops,
+    return Case(name, make, flops=flops, backward_factor=2.5,
                 params=dict(B=B, T=T, H=H, Nq=Nq, Nk=Nk, D=D, Dv=Dv, **_saved_memory(B, T, H, Nq, Nk, D, Dv)))
 
 

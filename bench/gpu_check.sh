@@ -170,7 +170,7 @@ for phase in "${phases[@]}"; do
       # resume, so the second pass skips what the first measured. The budget stops new cases ~90 s before the
       # phase's limit (one case with torch.compile takes about that). The first pass takes the 16k-token fusion
       # case of 2 tasks: the batch-48 one (18 steps at B=48, N=16384, 5 providers, two compiles) can take minutes.
-      first='^(bfe_s32|bfe_s16|sweep_n4096_w128|sweep_w1024_n4096|tpp_nyud_s16|tpp_sweep_n4096|lthd_nyud_d64|n28x36_T2|n56x72_T4|n16k_T2|em_n4096_r3|sem_c256_r8421)$'
+      first='^(bfe_s32|bfe_s16|sweep_n4096_w128|sweep_w1024_n4096|tpp_nyud_s16|tpp_sweep_n4096|lthd_nyud_d64|lthd_sweep_112x144|n28x36_T2|n56x72_T4|n16k_T2|em_n4096_r3|sem_c256_r8421)$'
       run_phase bench 0 bash -c 'start=$SECONDS; b() { "$1" -m mtlfast bench --out bench/results --resume \
           --budget $((PHASE_SECONDS - 90 - SECONDS + start)) "${@:2}"; }
         b "$1" --cases "$2" ${3:-}; s=$?; ((s == 0 || s == 3)) || exit $s; b "$1" ${3:-}' \

@@ -15,10 +15,22 @@ registers one :class:`Benchmark`::
 For every case, provider and mode (``fwd``: forward under no_grad; ``fwd+bwd``: forward and backward of
 all floating inputs with a fixed random cotangent) the harness records the median time, the peak memory
 above the inputs (CUDA: ``torch.cuda.max_memory_allocated`` around the measured call) and, where the case
-gives its FLOPs or bytes, TFLOP/s and GB/s as a share of the matmul and copy rates measured in the same
-run. Timing: ``triton.testing.do_bench`` medians after warm-up on a GPU; on a CPU a median of
-``time.perf_counter`` repetitions after warm-up, CPU providers only (Triton's interpreter is never timed).
-Results go to ``<out>/<device>/<op>.json`` with the device, torch/triton/CUDA versions and the commit.
+gives its FLOPs or elements moved, TFLOP/s and GB/s as a share of the matmul and copy rates measured in the
+same run. A provider that resolves a choice at run time (mtlfast's backend ``auto``, iterative_fusion's mode)
+records what it resolved to in the row's ``resolved``.
+
+Timing on a GPU, two numbers per row:
+
+- ``ms``: ``triton.testing.do_bench``'s median after warm-up (``samples`` calls, ``ms_quartiles``): the L2
+  cache is flushed before every call, and while the GPU runs the flush the host queues the call's launches,
+  which hides host time up to the flush's duration (tens of µs): device time. Targets are checked on it.
+- ``ms_back_to_back``: the median over a few loops of calls issued back to back (no flush) of the time per
+  call: what a model's eager forward sees, where the Python layers' host time shows when it exceeds the
+  kernels' (small shapes). Reported beside ``ms``, not gated: compiled or CUDA-graphed models do not pay it.
+
+On a CPU a median of ``time.perf_counter`` repetitions after warm-up (host and compute alike), CPU providers
+only (Triton's interpreter is never timed). Results go to ``<out>/<device>/<op>.json`` with the device,
+torch/triton/CUDA versions, the compiled extension's build and the commit.
 """
 from __future__ import annotations
 
@@ -46,20 +58,29 @@ class Case:
 
     name: str
     make: Callable[[str, torch.dtype], Inputs]
-    flops: float | None = None  # forward FLOPs (fwd+bwd rate uses 3x, the usual convention)
-    bytes: float | None = None  # forward bytes moved, for memory-bound ops
+    #: forward FLOPs of the formula (what a kernel recomputes on purpose is not counted)
+    flops: float | None = None
+    #: backward FLOPs as a multiple of ``flops``: 2 where each forward product has two in the backward (the usual
+    #: 3x for forward + backward); 2.5 for flash-style attention, whose backward recomputes QKᵀ
+    #: (FlashAttention-2's count)
+    backward_factor: float = 2.0
+    #: forward tensor elements read and written, for memory-bound ops: GB/s uses the run dtype's element size
+    elements: float | None = None
     params: Mapping[str, object] = field(default_factory=dict)  # shape facts recorded in the JSON
 
 
 @dataclass
 class Provider:
-    """A way to compute the op. ``refuse(inputs)`` returns why it cannot run these inputs, or None."""
+    """A way to compute the op. ``refuse(inputs)`` returns why it cannot run these inputs, or None;
+    ``resolve(inputs)``, what a run-time choice of the provider resolves to on them (recorded in the row just
+    before it is timed, e.g. ``{"backend": "triton", "mode": "recompute"}``)."""
 
     name: str
     fn: Callable[..., object]
     devices: tuple[str, ...] = ("cuda", "cpu")
     refuse: Callable[[Inputs], str | None] = lambda inputs: None
     backward: bool = True
+    resolve: Callable[[Inputs], Mapping[str, object]] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +91,9 @@ class Target:
     expressions ``against``, over mtlfast's (> 1: mtlfast faster); "memory" — mtlfast's peak memory over
     the least of theirs; "pct_matmul_peak" / "pct_copy_peak" — mtlfast's rate as a share of the peak
     measured in the same run; "param:<name>" — a number the case records in its params (e.g. saved
-    activation bytes counted on meta tensors). Checked on the cases whose name fully matches ``cases``, in
+    activation bytes counted on meta tensors); "runs" — 1 when the provider was timed, 0 when it failed
+    (e.g. out of memory), with the outcome of the ``against`` providers in ``compared``. Checked on the cases
+    whose name fully matches ``cases``, in
     ``mode``, on results of ``device`` ("cuda": the issues' H100/H200 targets), for ``provider`` ("mtlfast",
     the op's ``auto`` choice, unless a goal concerns another of our paths, e.g. "mtlfast_triton").
     """
@@ -86,7 +109,7 @@ class Target:
     device: str = "cuda"
 
     def __post_init__(self) -> None:
-        known = ("speedup", "memory", "pct_matmul_peak", "pct_copy_peak")
+        known = ("speedup", "memory", "pct_matmul_peak", "pct_copy_peak", "runs")
         if self.metric not in known and not self.metric.startswith("param:"):
             raise ValueError(f"Target.metric: expected one of {', '.join(known)} or param:<name>, got {self.metric!r}")
         if (self.at_least is None) == (self.at_most is None):
@@ -121,18 +144,27 @@ def load_benchmarks() -> dict[str, Benchmark]:
     return BENCHMARKS
 
 
-def standard_providers(op_name: str, op_fn: Callable, reference_fn: Callable, *, compile: bool = True) -> list[Provider]:
-    """mtlfast (backend ``auto``), eager reference, and torch.compile of the reference."""
+def standard_providers(op_name: str, op_fn: Callable, reference_fn: Callable, *, compile: bool = True,
+                       resolve: Callable[[Inputs], Mapping[str, object]] | None = None) -> list[Provider]:
+    """mtlfast (backend ``auto``; its rows record the backend it resolved to, and what ``resolve(inputs)``
+    adds), eager reference, and torch.compile of the reference."""
     from mtlfast.backends import OPS
 
-    def mtlfast_refuse(inputs: Inputs) -> str | None:
+    def auto_backend(inputs: Inputs) -> str:
         tensor = next(t for t in _tensors(inputs))
-        impl = OPS[op_name].select("auto", tensor.device, tensor.dtype, check_limits=False)
-        if impl.backend == "reference":
-            return f"auto resolves to the reference on {tensor.device.type} (no kernel there)"
+        return OPS[op_name].select("auto", tensor.device, tensor.dtype, check_limits=False).backend
+
+    def mtlfast_refuse(inputs: Inputs) -> str | None:
+        if auto_backend(inputs) == "reference":
+            device = next(t for t in _tensors(inputs)).device.type
+            return f"auto resolves to the reference on {device} (no kernel there)"
         return None
 
-    providers = [Provider("mtlfast", op_fn, refuse=mtlfast_refuse), Provider("eager", reference_fn)]
+    def mtlfast_resolve(inputs: Inputs) -> dict[str, object]:
+        return {"backend": auto_backend(inputs), **(resolve(inputs) if resolve is not None else {})}
+
+    providers = [Provider("mtlfast", op_fn, refuse=mtlfast_refuse, resolve=mtlfast_resolve),
+                 Provider("eager", reference_fn)]
     if compile:
         providers.append(Provider("compile", torch.compile(reference_fn, dynamic=False)))
     return providers
@@ -179,7 +211,14 @@ def _callable_for(provider: Provider, inputs: Inputs, mode: str) -> tuple[Callab
     return run, leaves
 
 
-def _time_cpu(run: Callable[[], None], leaves: list[torch.Tensor], quick: bool) -> float:
+def _summary(times: Sequence[float]) -> dict[str, object]:
+    """``ms`` (median), ``samples`` and ``ms_quartiles`` of per-call times."""
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"ms": statistics.median(times), "samples": len(times),
+            "ms_quartiles": [quartiles[0], quartiles[2]]}
+
+
+def _time_cpu(run: Callable[[], None], leaves: list[torch.Tensor], quick: bool) -> dict[str, object]:
     """Median milliseconds of repeated calls after warm-up (CPU)."""
     warmup, budget_s, max_reps = (1, 0.05, 3) if quick else (3, 1.0, 50)
     for _ in range(warmup):
@@ -192,14 +231,42 @@ def _time_cpu(run: Callable[[], None], leaves: list[torch.Tensor], quick: bool) 
         t0 = time.perf_counter()
         run()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return _summary(times)
 
 
-def _time_cuda(run: Callable[[], None], leaves: list[torch.Tensor], quick: bool) -> float:
+def _time_cuda(run: Callable[[], None], leaves: list[torch.Tensor], quick: bool) -> dict[str, object]:
+    """do_bench's per-call device times (L2 flushed before each call; module docstring) and the back-to-back
+    time per call."""
     from triton.testing import do_bench
 
-    return do_bench(run, warmup=5 if quick else 25, rep=20 if quick else 100, grad_to_none=leaves or None,
-                    return_mode="median")
+    times = do_bench(run, warmup=5 if quick else 25, rep=20 if quick else 100, grad_to_none=leaves or None,
+                     return_mode="all")
+    timing = _summary(times)
+    timing["ms_back_to_back"] = time_back_to_back(run, leaves, timing["ms"], quick)
+    return timing
+
+
+def time_back_to_back(run: Callable[[], None], leaves: Sequence[torch.Tensor], estimate_ms: float,
+                      quick: bool = False) -> float:
+    """Median over loops of calls issued back to back, without cache flush or synchronisation between them, of
+    the milliseconds per call (CUDA events around each loop): the larger of the host's and the device's time
+    per call. Each loop runs about 25 ms (5 in ``quick``) by ``estimate_ms`` of one call, 2 to 1000 calls;
+    grads of ``leaves`` are reset before each call, as do_bench does."""
+    loop_ms, loops = (5.0, 3) if quick else (25.0, 5)
+    calls = min(1000, max(2, round(loop_ms / max(estimate_ms, 1e-3))))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    per_call = []
+    for _ in range(loops):
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(calls):
+            for t in leaves:
+                t.grad = None
+            run()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) / calls)
+    return statistics.median(per_call)
 
 
 def cuda_peak_and_start(run: Callable[[], None], leaves: Sequence[torch.Tensor] = ()) -> tuple[int, int]:
@@ -326,6 +393,7 @@ def environment(device: str) -> dict[str, object]:
         "source": source_fingerprint(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_threads": torch.get_num_threads(),
+        "extension": _extension_build(),
     }
     try:
         import triton
@@ -335,6 +403,14 @@ def environment(device: str) -> dict[str, object]:
     if device == "cuda":
         env["driver"] = _nvidia_driver()
     return env
+
+
+def _extension_build() -> str:
+    """The compiled extension's build info (its torch, CUDA and arches), or why it is not loaded."""
+    from mtlfast import _ext
+
+    status = _ext.status()
+    return status.build_info if status.loaded else f"not loaded: {status.reason}"
 
 
 def device_name(device: str) -> str:
@@ -402,19 +478,25 @@ def source_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def resumable(previous: Mapping[str, object] | None, op: str, dtype: torch.dtype,
-              modes: Sequence[str]) -> tuple[bool, str]:
-    """Whether ``run_benchmark(..., previous=previous)`` may keep ``previous``'s measured cases: the same op,
-    dtype, modes and :func:`source_fingerprint` as this run, and not a ``quick`` smoke run. Returns (ok, why
-    not)."""
+#: What a resumed run's environment must share with the earlier run's (besides op, dtype and modes).
+RESUME_ENVIRONMENT = ("device", "source", "extension", "torch", "triton", "cuda", "python")
+
+
+def resumable(previous: Mapping[str, object] | None, op: str, dtype: torch.dtype, modes: Sequence[str],
+              device: str) -> tuple[bool, str]:
+    """Whether ``run_benchmark(..., previous=previous)`` on ``device`` may keep ``previous``'s measured cases:
+    the same op, dtype and modes as this run, the same device model, :func:`source_fingerprint`, compiled
+    extension and versions (:data:`RESUME_ENVIRONMENT`), and not a ``quick`` smoke run. Returns (ok, why not)."""
     if previous is None:
         return False, "no earlier result"
     if previous.get("quick"):
         return False, "the earlier result is a --quick smoke run"
+    now = environment(device)
+    earlier = previous.get("environment", {})
     wanted = {"op": op, "dtype": str(dtype).replace("torch.", ""), "modes": list(modes),
-              "source": source_fingerprint()}
+              **{key: now[key] for key in RESUME_ENVIRONMENT}}
     found = {"op": previous.get("op"), "dtype": previous.get("dtype"), "modes": previous.get("modes"),
-             "source": previous.get("environment", {}).get("source")}
+             **{key: earlier.get(key) for key in RESUME_ENVIRONMENT}}
     differ = [f"{key} {found[key]!r} (now {wanted[key]!r})" for key in wanted if found[key] != wanted[key]]
     return not differ, ("earlier result has " + ", ".join(differ)) if differ else ""
 
@@ -508,19 +590,20 @@ def _measure_case(benchmark: Benchmark, case: Case, device: str, dtype: torch.dt
                 if reason:
                     rows.append({**row, "skipped": reason})
                     continue
+                if provider.resolve is not None:
+                    row["resolved"] = dict(provider.resolve(inputs))
                 run, leaves = _callable_for(provider, inputs, mode)
-                ms = time_fn(run, leaves, quick)
-                row["ms"] = ms
+                row.update(time_fn(run, leaves, quick))
+                ms = row["ms"]
                 if device == "cuda":
                     row["peak_mem_bytes"] = peak_memory_cuda(run, leaves)
-                factor = 1 if mode == "fwd" else 3
                 if case.flops:
-                    row["tflops"] = factor * case.flops / ms / 1e9
+                    row["tflops"] = (1 if mode == "fwd" else 1 + case.backward_factor) * case.flops / ms / 1e9
                     if "matmul_bf16_tflops" in peaks:
                         row["pct_matmul_peak"] = 100 * row["tflops"] / peaks["matmul_bf16_tflops"]
-                if case.bytes:
-                    row["gbs"] = case.bytes / ms / 1e6 if mode == "fwd" else None
-                    if row["gbs"] and "copy_gbs" in peaks:
+                if case.elements and mode == "fwd":
+                    row["gbs"] = case.elements * dtype.itemsize / ms / 1e6
+                    if "copy_gbs" in peaks:
                         row["pct_copy_peak"] = 100 * row["gbs"] / peaks["copy_gbs"]
             except Exception as exc:  # OOM, compile failure...: recorded, the run goes on
                 row["error"] = _error_text(exc)
@@ -549,10 +632,12 @@ def _stop_if_cuda_lost(device: str, where: str, error: str) -> None:
 
 
 def format_table(result: Mapping[str, object]) -> str:
-    """Times per case and mode, with each provider's ratio to mtlfast (>1: mtlfast faster), same run."""
+    """Times per case and mode, with each provider's ratio to mtlfast (>1: mtlfast faster), same run; the
+    back-to-back time per call (GPU) beside do_bench's, and what mtlfast's run-time choices resolved to."""
     rows = [r for r in result["rows"] if "ms" in r or "error" in r or "skipped" in r]
     lines = [f"== {result['op']} ({result['dtype']}, {result['environment']['device']}) =="]
-    header = f"{'case':<22} {'mode':<8} {'provider':<16} {'ms':>10} {'x mtlfast':>10} {'peak MiB':>10}  note"
+    header = (f"{'case':<22} {'mode':<8} {'provider':<16} {'ms':>10} {'x mtlfast':>10} {'b2b ms':>10} "
+              f"{'peak MiB':>10}  note")
     lines.append(header)
     for case in dict.fromkeys(r["case"] for r in rows):
         for mode in dict.fromkeys(r["mode"] for r in rows if r["case"] == case):
@@ -561,11 +646,13 @@ def format_table(result: Mapping[str, object]) -> str:
             for r in group:
                 ms = r.get("ms")
                 ratio = f"{ms / ours:.2f}" if ms and ours else ""
+                back_to_back = f"{r['ms_back_to_back']:.3f}" if r.get("ms_back_to_back") is not None else ""
                 mem = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else ""
-                note = r.get("skipped") or r.get("error") or (
-                    f"{r['pct_matmul_peak']:.0f}% of matmul peak" if "pct_matmul_peak" in r else "")
+                notes = [f"{r['pct_matmul_peak']:.0f}% of matmul peak"] if "pct_matmul_peak" in r else []
+                notes += [f"{key} {value}" for key, value in r.get("resolved", {}).items()]
+                note = r.get("skipped") or r.get("error") or ", ".join(notes)
                 lines.append(f"{case:<22} {mode:<8} {r['provider']:<16} {ms or float('nan'):>10.3f} "
-                             f"{ratio:>10} {mem:>10}  {note}")
+                             f"{ratio:>10} {back_to_back:>10} {mem:>10}  {note}")
     return "\n".join(lines)
 
 
@@ -587,7 +674,12 @@ def check_targets(result: Mapping[str, object], targets: Sequence[Target]) -> li
             check = {"op": result["op"], "goal": target.goal, "case": case, "mode": target.mode, "value": None,
                      "compared": None}
             key = {"speedup": "ms", "memory": "peak_mem_bytes"}.get(target.metric, target.metric)
-            if ours is None or ("ms" not in ours and not target.metric.startswith("param:")):
+            if target.metric == "runs" and ours is not None and ("ms" in ours or "error" in ours):
+                check["value"] = 1.0 if "ms" in ours else 0.0
+                check["compared"] = "; ".join(
+                    f"{r['provider']} " + ("ran" if "ms" in r else r.get("error") or r.get("skipped", "?"))
+                    for r in group if any(re.fullmatch(a, r["provider"]) for a in target.against)) or None
+            elif ours is None or ("ms" not in ours and not target.metric.startswith("param:")):
                 why = ours.get("skipped") or ours.get("error") if ours else f"no {target.provider} row in {target.mode}"
                 check["status"] = f"no data: {why}"
             elif target.metric.startswith("param:"):

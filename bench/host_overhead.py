@@ -29,7 +29,7 @@ import mtlfast
 from mtlfast.bench.harness import device_slug, environment, write_json
 from mtlfast.ops import _kernel_op
 
-OPS = ("attention", "tpp_attention", "iterative_fusion", "em_attention", "deform_sample")
+OPS = ("attention", "tpp_attention", "lthd_attention", "iterative_fusion", "em_attention", "deform_sample")
 
 
 def stub_kernel_functions() -> int:
@@ -60,11 +60,13 @@ def op_calls() -> dict[str, Callable[[], torch.Tensor]]:
         return torch.randn(*shape, generator=gen).requires_grad_()
 
     q, tq, x, mu, values = r(1, 2, 16, 16), r(1, 2, 2, 16, 16), r(1, 16, 16), r(1, 4, 16), r(1, 4, 5, 5)
+    coarse = r(1, 4, 16)  # lthd: a 4x4 fine grid (x) and a 2x2 coarse one
     w, alpha, points, weights = r(2, 2, 4), torch.tensor(0.3, requires_grad=True), r(1, 9, 2), r(1, 9, 2)
     ops = mtlfast.ops
     return {
         "attention": lambda: ops.attention(q, q, q, backend="triton"),
         "tpp_attention": lambda: ops.tpp_attention(tq, tq, tq, w, backend="triton"),
+        "lthd_attention": lambda: ops.lthd_attention(x, x, coarse, coarse, x, (4, 4), (2, 2), backend="triton"),
         "iterative_fusion": lambda: ops.iterative_fusion(x, x, x, alpha, 4, backend="triton"),
         "em_attention": lambda: ops.em_attention(x, mu, 3, backend="triton")[0],
         "deform_sample": lambda: ops.deform_sample([values, values], points, weights, backend="triton"),

@@ -85,7 +85,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         previous = None
         if args.resume:
             previous = harness.read_result(args.out, device, op)
-            ok, why = harness.resumable(previous, op, dtype, modes)
+            ok, why = harness.resumable(previous, op, dtype, modes, device)
             if previous is not None and not ok:
                 print(f"mtlfast bench: {op}: not resuming, {why}")
                 previous = None

@@ -15,10 +15,10 @@ def _toy_benchmark():
     def cases(device):
         return [harness.Case("mm64", make=lambda device, dtype: {"a": torch.randn(64, 64, dtype=dtype),
                                                                   "b": torch.randn(64, 64, dtype=dtype)},
-                             flops=2 * 64**3, params={"n": 64})]
+                             flops=2 * 64**3, backward_factor=2.5, elements=3 * 64 * 64, params={"n": 64})]
 
     return harness.Benchmark("_toy_matmul", cases, [
-        harness.Provider("mtlfast", lambda a, b: a @ b),
+        harness.Provider("mtlfast", lambda a, b: a @ b, resolve=lambda inputs: {"backend": f"n{len(inputs['a'])}"}),
         harness.Provider("eager", lambda a, b: torch.matmul(a, b)),
         harness.Provider("gpu_only", lambda a, b: a @ b, devices=("cuda",)),
         harness.Provider("refusing", lambda a, b: a @ b, refuse=lambda inputs: "width over 32"),
@@ -34,11 +34,21 @@ def test_run_benchmark_on_cpu(tmp_path):
         assert rows[("gpu_only", mode)]["skipped"] == "gpu_only does not run on cpu"
         assert rows[("refusing", mode)]["skipped"] == "width over 32"
         assert rows[("broken", mode)]["error"].startswith("RuntimeError")
-    assert rows[("eager", "fwd")]["tflops"] > 0
+    for (provider, mode), row in rows.items():  # rates from the case's FLOPs (backward 2.5x) and elements
+        if "ms" not in row:
+            continue
+        lo, hi = row["ms_quartiles"]
+        assert row["samples"] >= 3 and lo <= row["ms"] <= hi
+        assert row["tflops"] == pytest.approx((1 if mode == "fwd" else 3.5) * 2 * 64**3 / row["ms"] / 1e9)
+        assert row.get("gbs") == (pytest.approx(3 * 64 * 64 * 4 / row["ms"] / 1e6) if mode == "fwd" else None)
+        assert row.get("resolved") == ({"backend": "n64"} if provider == "mtlfast" else None)
     env = result["environment"]
     assert env["torch"] == torch.__version__ and env["device"].startswith("CPU") and "commit" in env
+    from mtlfast import _ext
+    built = _ext.status()
+    assert env["extension"] == (built.build_info if built.loaded else f"not loaded: {built.reason}")
     table = harness.format_table(result)
-    assert "x mtlfast" in table and "width over 32" in table
+    assert "x mtlfast" in table and "width over 32" in table and "backend n64" in table
     path = harness.write_result(result, str(tmp_path), "cpu")
     assert json.load(open(path))["op"] == "_toy_matmul"
 
@@ -161,10 +171,10 @@ def test_time_budget_and_resume():
     assert harness.check_targets(first, [harness.Target("t", "b", "speedup", against=("eager",), at_least=1.0,
                                                         device="cpu")])[0]["status"] == f"no data: {harness.NOT_RUN}"
 
-    assert first["quick"] and harness.resumable(first, "_toy_two", torch.float32, ("fwd", "fwd+bwd")) == (
+    assert first["quick"] and harness.resumable(first, "_toy_two", torch.float32, ("fwd", "fwd+bwd"), "cpu") == (
         False, "the earlier result is a --quick smoke run")
     first = json.loads(json.dumps({**first, "quick": False}))  # as a full run's file would read back (quick: fast)
-    ok, why = harness.resumable(first, "_toy_two", torch.float32, ("fwd", "fwd+bwd"))
+    ok, why = harness.resumable(first, "_toy_two", torch.float32, ("fwd", "fwd+bwd"), "cpu")
     assert ok, why
     calls.clear()
     second = harness.run_benchmark(benchmark, device="cpu", dtype=torch.float32, quick=True, previous=first)
@@ -181,13 +191,15 @@ def test_time_budget_and_resume():
     only_a = harness.run_benchmark(benchmark, device="cpu", dtype=torch.float32, quick=True, case_filter="^a$")
     assert set(calls) == {"a"} and not only_a["complete"] and only_a["cases_left"] == ["b"]
 
-    assert harness.resumable(None, "_toy_two", torch.float32, ("fwd",)) == (False, "no earlier result")
-    other = {**first, "environment": {**first["environment"], "source": "0" * 16}}
+    assert harness.resumable(None, "_toy_two", torch.float32, ("fwd",), "cpu") == (False, "no earlier result")
     for args, word in [((first, "_toy_two", torch.float16, ("fwd", "fwd+bwd")), "dtype"),
-                       ((first, "_toy_two", torch.float32, ("fwd",)), "modes"),
-                       ((other, "_toy_two", torch.float32, ("fwd", "fwd+bwd")), "source")]:
-        ok, why = harness.resumable(*args)
+                       ((first, "_toy_two", torch.float32, ("fwd",)), "modes")]:
+        ok, why = harness.resumable(*args, "cpu")
         assert not ok and why.startswith(f"earlier result has {word} "), why
+    for key in harness.RESUME_ENVIRONMENT:  # another device model, sources, extension build or version
+        other = {**first, "environment": {**first["environment"], key: "other"}}
+        ok, why = harness.resumable(other, "_toy_two", torch.float32, ("fwd", "fwd+bwd"), "cpu")
+        assert not ok and why == f"earlier result has {key} 'other' (now {first['environment'][key]!r})", why
 
 
 def test_source_fingerprint_follows_the_sources(tmp_path, monkeypatch):
@@ -377,8 +389,54 @@ def _result_with_rows():
             row("wide_a", "compile", ms=2.0, peak_mem_bytes=90), row("wide_a", "sdpa_flash", ms=0.8),
             row("wide_a", "sdpa_math", skipped="refused"),
             row("wide_b", "mtlfast", skipped="T·H=32 over the kernel's limit"), row("wide_b", "eager", ms=3.0),
-            row("other", "mtlfast", ms=1.0)]
+            row("other", "mtlfast", ms=1.0), row("other", "broken", error="OutOfMemoryError: CUDA out of memory")]
     return {"op": "toy", "device_type": "cuda", "environment": {"cuda": "13.0"}, "rows": rows}
+
+
+class _FakeCudaEvents:
+    """torch.cuda's events and synchronize on the host clock, for the CUDA timing code on a CPU."""
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    @classmethod
+    def install(cls, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "Event", cls.Event)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+
+def test_cuda_timing_records_both_times(monkeypatch):
+    """On a GPU each row gets do_bench's median, sample count and quartiles, and the back-to-back time per call:
+    loops of calls (grads reset before each) timed by events, divided by the calls. Events on the host clock
+    here: a call that sleeps 2 ms takes 2 ms per call back to back, whatever do_bench said."""
+    import triton.testing
+
+    _FakeCudaEvents.install(monkeypatch)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda run, **kw: [1.0, 3.0, 2.0, 2.0, 5.0])
+    leaf = torch.zeros(2, requires_grad=True)
+    grads_at_call = []
+
+    def run():
+        grads_at_call.append(leaf.grad)
+        leaf.grad = torch.ones(2)
+        time.sleep(0.002)
+
+    timing = harness._time_cuda(run, [leaf], quick=True)
+    assert (timing["ms"], timing["samples"]) == (2.0, 5)
+    assert timing["ms_quartiles"][0] <= 2.0 <= timing["ms_quartiles"][1]
+    assert 2.0 <= timing["ms_back_to_back"] < 3.5, timing
+    assert len(grads_at_call) == 3 * 2 and all(g is None for g in grads_at_call)  # 3 loops of 5/2 -> 2 calls
+    assert 1.0 <= harness.time_back_to_back(lambda: time.sleep(0.001), [], estimate_ms=0.5) < 1.5
 
 
 def test_check_targets():
@@ -394,6 +452,9 @@ def test_check_targets():
                Target("forward >= 50% of matmul", r"wide_a", "pct_matmul_peak", mode="fwd", at_least=50.0),
                Target("compile >= 1.5x eager", r"wide_a", "speedup", against=("eager",), at_least=1.5,
                       provider="compile"),
+               Target("big one runs", r"wide_.", "runs", provider="eager", against=("mtlfast", "sdpa_math"),
+                      at_least=1.0),
+               Target("broken one runs", r"other", "runs", provider="broken", at_least=1.0),
                Target("cpu only", r".*", "speedup", against=("eager",), at_least=1.0, device="cpu")]
     checks = check_targets(_result_with_rows(), targets)
     got = [(c["goal"], c["case"], c["value"] and round(c["value"], 3), c["compared"], c["status"]) for c in checks]
@@ -403,7 +464,10 @@ def test_check_targets():
                    ("<= 1/5 of eager's memory", "wide_a", 0.111, "compile", "met"),
                    ("saved <= 1/2", "wide_a", 0.7, None, "MISSED"),
                    ("forward >= 50% of matmul", "wide_a", None, None, "no data: no mtlfast row in fwd"),
-                   ("compile >= 1.5x eager", "wide_a", 2.0, "eager", "met")]
+                   ("compile >= 1.5x eager", "wide_a", 2.0, "eager", "met"),
+                   ("big one runs", "wide_a", 1.0, "mtlfast ran; sdpa_math refused", "met"),
+                   ("big one runs", "wide_b", 1.0, "mtlfast T·H=32 over the kernel's limit", "met"),
+                   ("broken one runs", "other", 0.0, None, "MISSED")]
     table = format_targets(checks)
     assert table.splitlines()[0].startswith("| op | goal |") and "| toy | >= 1.3x SDPA | wide_a | fwd+bwd | 0.8 |" in table
 
@@ -432,6 +496,26 @@ def test_target_declarations():
             assert target.provider in providers, (op, target.goal)
             if target.against:  # (xformers is a provider only where it is installed)
                 assert any(re.fullmatch(a, p) for a in target.against for p in providers), (op, target.goal)
+
+
+def test_memory_targets_counted_on_meta_tensors_hold():
+    """The ``param:`` targets (saved activation bytes counted on meta tensors at the GPU shapes: exact and device
+    independent) hold now: tpp and iterative_fusion vs eager, lthd's growth x4 for 4x the tokens (eager's x16),
+    em_attention within one N x K and one K x C map per iteration."""
+    from mtlfast.bench.harness import check_targets, load_benchmarks
+
+    checked = set()
+    for op, benchmark in load_benchmarks().items():
+        targets = [t for t in benchmark.targets if t.metric.startswith("param:")]
+        rows = [{"case": c.name, "provider": t.provider, "mode": t.mode, "params": dict(c.params)}
+                for c in benchmark.cases("cuda") for t in targets]
+        for check in check_targets({"op": op, "device_type": "cuda", "rows": rows}, targets):
+            assert check["status"] == "met", check
+            checked.add(op)
+    assert checked == {"tpp_attention", "lthd_attention", "iterative_fusion", "em_attention"}
+    (lthd,) = [c for c in load_benchmarks()["lthd_attention"].cases("cuda") if c.name == "lthd_sweep_112x144"]
+    assert lthd.params["saved_growth_mtlfast"] == pytest.approx(4.0, rel=0.01)
+    assert lthd.params["saved_growth_eager"] > 15
 
 
 def test_cli_bench_report(tmp_path):

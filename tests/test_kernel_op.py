@@ -138,7 +138,8 @@ def test_host_overhead_script_runs(tmp_path):
                     "--calls", "3"], check=True, env=env, capture_output=True, timeout=300)
     (path,) = tmp_path.glob("host_overhead/cpu-*-cores.json")
     result = json.loads(path.read_text())
-    assert set(result["ops"]) == {"attention", "tpp_attention", "iterative_fusion", "em_attention", "deform_sample"}
+    assert set(result["ops"]) == {"attention", "tpp_attention", "lthd_attention", "iterative_fusion", "em_attention",
+                                  "deform_sample"}
     for row in result["ops"].values():
         assert set(row) == {f"{way} {mode}" for way in ("eager", "library") for mode in ("fwd+bwd", "inference")}
         assert all(0 < value < 1e6 for value in row.values())
