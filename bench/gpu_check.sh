@@ -26,7 +26,8 @@
 # timeout_s when little device time is left: then set GPU_CHECK_BUDGET below it) still returns what it did.
 # Phases other than build/cmake on a machine without the install (a fresh one) run build first. Copy the JSON back
 # into bench/results/ here: uncommitted, the next call's `bench` resumes them; committed, any later session's
-# does as long as the sources are unchanged (the resume key is harness.source_fingerprint(), not the commit).
+# does as long as the sources, the extension build and the versions are unchanged (harness.resumable: the key is
+# harness.source_fingerprint(), not the commit).
 # The extension is built for GPU_CHECK_CUDA_ARCH (default 9.0: H100 and H200), whatever TORCH_CUDA_ARCH_LIST says.
 # Tests run in GPU_CHECK_WORKERS (default 12) pytest-xdist processes; BENCH_ARGS is passed to `mtlfast bench`
 # (e.g. BENCH_ARGS="attention tpp_attention"), MODELS_ARGS to `mtlfast bench --models` (e.g. MODELS_ARGS="--cases tif").

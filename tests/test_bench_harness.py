@@ -437,6 +437,9 @@ def test_cuda_timing_records_both_times(monkeypatch):
     assert 2.0 <= timing["ms_back_to_back"] < 3.5, timing
     assert len(grads_at_call) == 3 * 2 and all(g is None for g in grads_at_call)  # 3 loops of 5/2 -> 2 calls
     assert 1.0 <= harness.time_back_to_back(lambda: time.sleep(0.001), [], estimate_ms=0.5) < 1.5
+    long_calls = []  # a call longer than a loop is timed once
+    assert harness.time_back_to_back(lambda: long_calls.append(time.sleep(0.03)), [], estimate_ms=30.0) >= 30.0
+    assert len(long_calls) == 1
 
 
 def test_check_targets():
