@@ -250,10 +250,10 @@ def time_back_to_back(run: Callable[[], None], leaves: Sequence[torch.Tensor], e
                       quick: bool = False) -> float:
     """Median over loops of calls issued back to back, without cache flush or synchronisation between them, of
     the milliseconds per call (CUDA events around each loop): the larger of the host's and the device's time
-    per call. Each of 5 loops (3 in ``quick``) runs about 25 ms (5 ms) by ``estimate_ms`` of one call, up to
-    1000 calls; a call longer than that (whose host time hardly counts) is timed once. Grads of ``leaves`` are
-    reset before each call, as do_bench does."""
-    loop_ms, loops = (5.0, 3) if quick else (25.0, 5)
+    per call. Each of 3 loops runs about 20 ms (5 ms in ``quick``; about half of do_bench's time) by
+    ``estimate_ms`` of one call, up to 1000 calls; a call longer than that (whose host time hardly counts) is
+    timed once. Grads of ``leaves`` are reset before each call, as do_bench does."""
+    loop_ms, loops = (5.0, 3) if quick else (20.0, 3)
     calls = min(1000, round(loop_ms / max(estimate_ms, 1e-3)))
     if calls < 2:
         calls, loops = 1, 1
