@@ -83,6 +83,13 @@ def sdpa_providers(to_sdpa: Callable[..., tuple], from_sdpa: Callable = lambda o
     return providers + [Provider("xformers", xformers_run, devices=("cuda",))]
 
 
+def flash_backward_factor(d_qk: float, d_v: float) -> float:
+    """Backward FLOPs over forward FLOPs of flash-style attention, FlashAttention-2's count: the forward's
+    q kᵀ (width d_qk) and P v (width d_v) against the backward's recomputed q kᵀ, dv = Pᵀ dO, dP = dO vᵀ,
+    dq = dS k and dk = dSᵀ q: (3 d_qk + 2 d_v) / (d_qk + d_v), 2.5 for equal widths."""
+    return (3 * d_qk + 2 * d_v) / (d_qk + d_v)
+
+
 def _attention_case(name, B, H, n_q, n_k, d_qk, d_v):
     def make(device, dtype):
         g = torch.Generator().manual_seed(0)
@@ -92,7 +99,8 @@ def _attention_case(name, B, H, n_q, n_k, d_qk, d_v):
 
         return {"q": rand(B, H, n_q, d_qk), "k": rand(B, H, n_k, d_qk), "v": rand(B, H, n_k, d_v)}
 
-    return Case(name, make, flops=2.0 * B * H * n_q * n_k * (d_qk + d_v), backward_factor=2.5,
+    return Case(name, make, flops=2.0 * B * H * n_q * n_k * (d_qk + d_v),
+                backward_factor=flash_backward_factor(d_qk, d_v),
                 params=dict(B=B, H=H, Nq=n_q, Nk=n_k, Dqk=d_qk, Dv=d_v))
 
 

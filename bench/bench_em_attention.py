@@ -11,7 +11,8 @@ after EMANet's normalised projections.
 Rates: ``elements`` is (R + 1) reads of x, the roofline issue 4 measures the forward against (the kernel
 reads x once per iteration and once for x_rec/z); ``flops`` counts the formula's products, two per iteration
 (x μᵀ and zᵀx) and x_rec = z μ once: 2 B N K C (2R + 1) (the kernel's final pass recomputes the last z, which
-is not counted).
+is not counted); with ``detach_iterations`` one more E step, 2 B N K C (2R + 2), and a backward of two
+products only (through that E step and x_rec).
 
 Each case records in ``params`` the bytes autograd saves for the backward (inputs excluded) by the eager
 reference and by the kernel path, counted on meta tensors, and those of the kernel path over the issue's
@@ -49,7 +50,9 @@ def _case(name, B, N, C, K, R, detach=False):
         return {"x": x.to(device=device, dtype=dtype), "mu": mu.to(device=device, dtype=dtype), "n_iter": R,
                 "detach_iterations": detach}
 
-    return Case(name, make, flops=2.0 * B * N * K * C * (2 * R + 1), elements=float((R + 1) * B * N * C),
+    products = 2 * R + (2 if detach else 1)  # each 2·B·N·K·C FLOPs
+    return Case(name, make, flops=2.0 * B * N * K * C * products, backward_factor=2 / products if detach else 2.0,
+                elements=float((R + 1) * B * N * C),
                 params=dict(B=B, N=N, C=C, K=K, R=R, detach_iterations=detach, **_saved_memory(B, N, C, K, R, detach)))
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast.bench.bench_attention import sdpa_providers
+from mtlfast.bench.bench_attention import flash_backward_factor, sdpa_providers
 from mtlfast.bench.harness import Benchmark, Case, Target, register, saved_activation_bytes, standard_providers
 from mtlfast.ops.lthd_attention import lthd_attention, widened_qk
 from mtlfast.reference.lthd_attention import lthd_attention as reference_lthd
@@ -70,7 +70,8 @@ def _case(name, B, size_fine, size_coarse, D, C, grown_from=None):
         params.update({f"saved_growth_{who}": params[f"saved_bytes_{who}"] / smaller[f"saved_bytes_{who}"]
                        for who in ("eager", "mtlfast")})
     # the rewrite's attention: QK over 2D, PV over C (the literal formula's FLOPs differ; see the docstring)
-    return Case(name, make, flops=2.0 * B * n_f * n_f * (2 * D + C), backward_factor=2.5, params=params)
+    return Case(name, make, flops=2.0 * B * n_f * n_f * (2 * D + C), backward_factor=flash_backward_factor(2 * D, C),
+                params=params)
 
 
 def cases(device):

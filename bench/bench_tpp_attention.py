@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mtlfast.ops
+from mtlfast.bench.bench_attention import flash_backward_factor
 from mtlfast.bench.harness import Benchmark, Case, Provider, Target, register, saved_activation_bytes, standard_providers
 from mtlfast.reference import tpp_attention as reference
 
@@ -68,7 +69,7 @@ def _case(name, B, T, H, Nq, Nk, D, Dv):
                 "mix_weight": rand(T, H, C, scale=C ** -0.5), "mix_bias": rand(T, H)}
 
     flops = 2.0 * B * T * H * Nq * Nk * (D + Dv)  # literal QK + PV (the mixing is not counted)
-    return Case(name, make, flops=flops, backward_factor=2.5,
+    return Case(name, make, flops=flops, backward_factor=flash_backward_factor(D, Dv),
                 params=dict(B=B, T=T, H=H, Nq=Nq, Nk=Nk, D=D, Dv=Dv, **_saved_memory(B, T, H, Nq, Nk, D, Dv)))
 
 

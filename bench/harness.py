@@ -6,7 +6,7 @@ registers one :class:`Benchmark`::
     from mtlfast.bench.harness import Benchmark, Case, Provider, register, standard_providers
 
     def cases(device):            # shapes per device: paper shapes on a GPU, small ones on a CPU
-        return [Case("bfe_s16", make=lambda device, dtype: {"q": ..., "k": ..., "v": ...}, flops=..., bytes=...)]
+        return [Case("bfe_s16", make=lambda device, dtype: {"q": ..., "k": ..., "v": ...}, flops=...)]
 
     register(Benchmark("attention", cases,
                        standard_providers("attention", mtlfast.ops.attention, reference.attention)
@@ -17,7 +17,7 @@ all floating inputs with a fixed random cotangent) the harness records the media
 above the inputs (CUDA: ``torch.cuda.max_memory_allocated`` around the measured call) and, where the case
 gives its FLOPs or elements moved, TFLOP/s and GB/s as a share of the matmul and copy rates measured in the
 same run. A provider that resolves a choice at run time (mtlfast's backend ``auto``, iterative_fusion's mode)
-records what it resolved to in the row's ``resolved``.
+records what it resolved to in the row's ``resolved`` (:class:`Provider`).
 
 Timing on a GPU, two numbers per row:
 
@@ -61,8 +61,8 @@ class Case:
     #: forward FLOPs of the formula (what a kernel recomputes on purpose is not counted)
     flops: float | None = None
     #: backward FLOPs as a multiple of ``flops``: 2 where each forward product has two in the backward (the usual
-    #: 3x for forward + backward); 2.5 for flash-style attention, whose backward recomputes QKᵀ
-    #: (FlashAttention-2's count)
+    #: 3x for forward + backward). By FlashAttention-2's convention the attention family counts its backward's
+    #: recomputed QKᵀ too (:func:`mtlfast.bench.bench_attention.flash_backward_factor`)
     backward_factor: float = 2.0
     #: forward tensor elements read and written, for memory-bound ops: GB/s uses the run dtype's element size
     elements: float | None = None
@@ -72,8 +72,9 @@ class Case:
 @dataclass
 class Provider:
     """A way to compute the op. ``refuse(inputs)`` returns why it cannot run these inputs, or None;
-    ``resolve(inputs)``, what a run-time choice of the provider resolves to on them (recorded in the row just
-    before it is timed, e.g. ``{"backend": "triton", "mode": "recompute"}``)."""
+    ``resolve(inputs)``, what a run-time choice of the provider resolves to on them, e.g. ``{"backend": "triton",
+    "mode": "recompute"}``: recorded in the row's ``resolved`` just before it is timed (on a GPU after emptying
+    the allocator's cache), and in ``resolved_after_timing`` too where it differs after."""
 
     name: str
     fn: Callable[..., object]
@@ -213,13 +214,13 @@ def _callable_for(provider: Provider, inputs: Inputs, mode: str) -> tuple[Callab
 
 def _summary(times: Sequence[float]) -> dict[str, object]:
     """``ms`` (median), ``samples`` and ``ms_quartiles`` of per-call times."""
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    quartiles = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     return {"ms": statistics.median(times), "samples": len(times),
             "ms_quartiles": [quartiles[0], quartiles[2]]}
 
 
 def _time_cpu(run: Callable[[], None], leaves: list[torch.Tensor], quick: bool) -> dict[str, object]:
-    """Median milliseconds of repeated calls after warm-up (CPU)."""
+    """:func:`_summary` of repeated calls after warm-up (CPU, host clock)."""
     warmup, budget_s, max_reps = (1, 0.05, 3) if quick else (3, 1.0, 50)
     for _ in range(warmup):
         run()
@@ -250,11 +251,12 @@ def time_back_to_back(run: Callable[[], None], leaves: Sequence[torch.Tensor], e
                       quick: bool = False) -> float:
     """Median over loops of calls issued back to back, without cache flush or synchronisation between them, of
     the milliseconds per call (CUDA events around each loop): the larger of the host's and the device's time
-    per call. Each of 3 loops runs about 20 ms (5 ms in ``quick``; about half of do_bench's time) by
-    ``estimate_ms`` of one call, up to 1000 calls; a call longer than that (whose host time hardly counts) is
-    timed once. Grads of ``leaves`` are reset before each call, as do_bench does."""
+    per call. Each of 3 loops runs about 20 ms (5 ms in ``quick``; about half of do_bench's time): as many calls
+    as ``estimate_ms`` (the device time of one) fits, up to 1000, and no more calls once the host has spent the
+    loop's time (a host-bound call takes longer than the estimate); a call of more than half a loop (whose host
+    time hardly counts) is timed once. Grads of ``leaves`` are reset before each call, as do_bench does."""
     loop_ms, loops = (5.0, 3) if quick else (20.0, 3)
-    calls = min(1000, round(loop_ms / max(estimate_ms, 1e-3)))
+    calls = min(1000, int(loop_ms / max(estimate_ms, 1e-3)))
     if calls < 2:
         calls, loops = 1, 1
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -262,13 +264,15 @@ def time_back_to_back(run: Callable[[], None], leaves: Sequence[torch.Tensor], e
     for _ in range(loops):
         torch.cuda.synchronize()
         start.record()
-        for _ in range(calls):
+        began, done = time.perf_counter(), 0
+        while done < calls and (done == 0 or time.perf_counter() - began < loop_ms / 1e3):
             for t in leaves:
                 t.grad = None
             run()
+            done += 1
         end.record()
         end.synchronize()
-        per_call.append(start.elapsed_time(end) / calls)
+        per_call.append(start.elapsed_time(end) / done)
     return statistics.median(per_call)
 
 
@@ -409,7 +413,8 @@ def environment(device: str) -> dict[str, object]:
 
 
 def _extension_build() -> str:
-    """The compiled extension's build info (its torch, CUDA and arches), or why it is not loaded."""
+    """``torch.ops.mtlfast.build_info()`` of the compiled extension (OpenMP, compiler, CUDA runtime and arches,
+    and OpenMP's thread count when it loaded), or why it is not loaded."""
     from mtlfast import _ext
 
     status = _ext.status()
@@ -593,10 +598,15 @@ def _measure_case(benchmark: Benchmark, case: Case, device: str, dtype: torch.dt
                 if reason:
                     rows.append({**row, "skipped": reason})
                     continue
+                if device == "cuda":  # run-time choices (resolve) read free memory: not what earlier rows cached
+                    torch.cuda.empty_cache()
                 if provider.resolve is not None:
                     row["resolved"] = dict(provider.resolve(inputs))
                 run, leaves = _callable_for(provider, inputs, mode)
                 row.update(time_fn(run, leaves, quick))
+                after = dict(provider.resolve(inputs)) if provider.resolve is not None else None
+                if after is not None and after != row["resolved"]:  # e.g. the allocator's cache grew meanwhile
+                    row["resolved_after_timing"] = after
                 ms = row["ms"]
                 if device == "cuda":
                     row["peak_mem_bytes"] = peak_memory_cuda(run, leaves)
@@ -639,9 +649,9 @@ def format_table(result: Mapping[str, object]) -> str:
     back-to-back time per call (GPU) beside do_bench's, and what mtlfast's run-time choices resolved to."""
     rows = [r for r in result["rows"] if "ms" in r or "error" in r or "skipped" in r]
     lines = [f"== {result['op']} ({result['dtype']}, {result['environment']['device']}) =="]
-    header = (f"{'case':<22} {'mode':<8} {'provider':<16} {'ms':>10} {'x mtlfast':>10} {'b2b ms':>10} "
-              f"{'peak MiB':>10}  note")
-    lines.append(header)
+    b2b = any("ms_back_to_back" in r for r in rows)  # GPU results only
+    lines.append(f"{'case':<22} {'mode':<8} {'provider':<16} {'ms':>10} {'x mtlfast':>10} "
+                 + (f"{'b2b ms':>10} " if b2b else "") + f"{'peak MiB':>10}  note")
     for case in dict.fromkeys(r["case"] for r in rows):
         for mode in dict.fromkeys(r["mode"] for r in rows if r["case"] == case):
             group = [r for r in rows if r["case"] == case and r["mode"] == mode]
@@ -650,12 +660,15 @@ def format_table(result: Mapping[str, object]) -> str:
                 ms = r.get("ms")
                 ratio = f"{ms / ours:.2f}" if ms and ours else ""
                 back_to_back = f"{r['ms_back_to_back']:.3f}" if r.get("ms_back_to_back") is not None else ""
+                back_to_back = f"{back_to_back:>10} " if b2b else ""
                 mem = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else ""
                 notes = [f"{r['pct_matmul_peak']:.0f}% of matmul peak"] if "pct_matmul_peak" in r else []
-                notes += [f"{key} {value}" for key, value in r.get("resolved", {}).items()]
+                after = r.get("resolved_after_timing", {})
+                notes += [f"{key} {value}" + (f" (then {after[key]})" if after.get(key, value) != value else "")
+                          for key, value in r.get("resolved", {}).items()]
                 note = r.get("skipped") or r.get("error") or ", ".join(notes)
                 lines.append(f"{case:<22} {mode:<8} {r['provider']:<16} {ms or float('nan'):>10.3f} "
-                             f"{ratio:>10} {back_to_back:>10} {mem:>10}  {note}")
+                             f"{ratio:>10} {back_to_back}{mem:>10}  {note}")
     return "\n".join(lines)
 
 

@@ -196,6 +196,7 @@ def test_time_budget_and_resume():
                        ((first, "_toy_two", torch.float32, ("fwd",)), "modes")]:
         ok, why = harness.resumable(*args, "cpu")
         assert not ok and why.startswith(f"earlier result has {word} "), why
+    assert set(harness.RESUME_ENVIRONMENT) == {"device", "source", "extension", "torch", "triton", "cuda", "python"}
     for key in harness.RESUME_ENVIRONMENT:  # another device model, sources, extension build or version
         other = {**first, "environment": {**first["environment"], key: "other"}}
         ok, why = harness.resumable(other, "_toy_two", torch.float32, ("fwd", "fwd+bwd"), "cpu")
@@ -393,26 +394,30 @@ def _result_with_rows():
     return {"op": "toy", "device_type": "cuda", "environment": {"cuda": "13.0"}, "rows": rows}
 
 
-class _FakeCudaEvents:
-    """torch.cuda's events and synchronize on the host clock, for the CUDA timing code on a CPU."""
+class _FakeCuda:
+    """torch.cuda's events and synchronize on the host clock, for the CUDA timing code on a CPU; ``log`` gets
+    "sync" (torch.cuda.synchronize), "record" and "wait" (an event's record and synchronize)."""
 
-    class Event:
-        def __init__(self, enable_timing=False):
-            self.t = None
+    def __init__(self, monkeypatch):
+        log = self.log = []
 
-        def record(self):
-            self.t = time.perf_counter()
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
 
-        def synchronize(self):
-            pass
+            def record(self):
+                log.append("record")
+                self.t = time.perf_counter()
 
-        def elapsed_time(self, end):
-            return (end.t - self.t) * 1e3
+            def synchronize(self):
+                log.append("wait")
 
-    @classmethod
-    def install(cls, monkeypatch):
-        monkeypatch.setattr(torch.cuda, "Event", cls.Event)
-        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+            def elapsed_time(self, end):
+                assert log[-1] == "wait", "elapsed_time before the end event was waited for"
+                return (end.t - self.t) * 1e3
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
 
 
 def test_cuda_timing_records_both_times(monkeypatch):
@@ -421,25 +426,81 @@ def test_cuda_timing_records_both_times(monkeypatch):
     here: a call that sleeps 2 ms takes 2 ms per call back to back, whatever do_bench said."""
     import triton.testing
 
-    _FakeCudaEvents.install(monkeypatch)
+    cuda = _FakeCuda(monkeypatch)
     monkeypatch.setattr(triton.testing, "do_bench", lambda run, **kw: [1.0, 3.0, 2.0, 2.0, 5.0])
     leaf = torch.zeros(2, requires_grad=True)
     grads_at_call = []
 
     def run():
         grads_at_call.append(leaf.grad)
+        cuda.log.append("call")
         leaf.grad = torch.ones(2)
         time.sleep(0.002)
 
     timing = harness._time_cuda(run, [leaf], quick=True)
-    assert (timing["ms"], timing["samples"]) == (2.0, 5)
-    assert timing["ms_quartiles"][0] <= 2.0 <= timing["ms_quartiles"][1]
+    assert (timing["ms"], timing["samples"], timing["ms_quartiles"]) == (2.0, 5, [2.0, 3.0])
     assert 2.0 <= timing["ms_back_to_back"] < 3.5, timing
-    assert len(grads_at_call) == 3 * 2 and all(g is None for g in grads_at_call)  # 3 loops of 5/2 -> 2 calls
+    # 3 loops of 5 ms / 2 ms -> 2 calls, nothing waits for the device between the calls of a loop
+    assert cuda.log == ["sync", "record", "call", "call", "record", "wait"] * 3
+    assert all(g is None for g in grads_at_call)
+    assert harness._summary([40.0, 50.0])["ms_quartiles"] == [42.5, 47.5]  # within the samples
     assert 1.0 <= harness.time_back_to_back(lambda: time.sleep(0.001), [], estimate_ms=0.5) < 1.5
-    long_calls = []  # a call longer than a loop is timed once
-    assert harness.time_back_to_back(lambda: long_calls.append(time.sleep(0.03)), [], estimate_ms=30.0) >= 30.0
-    assert len(long_calls) == 1
+    calls = []  # a call longer than half a loop is timed once
+    assert harness.time_back_to_back(lambda: calls.append(time.sleep(0.012)), [], estimate_ms=12.0) >= 12.0
+    assert len(calls) == 1
+    calls.clear()  # host-bound: 1 ms of host per call against an estimate of 0.01 ms of device time
+    assert 1.0 <= harness.time_back_to_back(lambda: calls.append(time.sleep(0.001)), [], estimate_ms=0.01) < 1.5
+    assert len(calls) <= 3 * 25, len(calls)  # each loop stops once the host spent its 20 ms (not 1000 calls)
+
+
+def test_a_choice_that_changes_while_timed_is_recorded():
+    """What resolve() says before timing is the row's ``resolved``; where it says otherwise after (e.g. an auto
+    mode that reads free memory while the allocator's cache grew), ``resolved_after_timing`` too, shown in the
+    table."""
+    calls = []
+
+    def mode(inputs):
+        return {"mode": "materialize" if len(calls) < 3 else "recompute"}
+
+    benchmark = harness.Benchmark("_toy_mode", lambda device: [harness.Case("c", lambda device, dtype: {
+        "x": torch.randn(4, dtype=dtype)})], [harness.Provider("mtlfast", lambda x: calls.append(1) or 2 * x,
+                                                               resolve=mode)])
+    result = harness.run_benchmark(benchmark, device="cpu", dtype=torch.float32, modes=("fwd",), quick=True)
+    (row,) = result["rows"]
+    assert row["resolved"] == {"mode": "materialize"} and row["resolved_after_timing"] == {"mode": "recompute"}
+    assert "mode materialize (then recompute)" in harness.format_table(result)
+
+
+def test_flop_counts_are_the_formulas():
+    """Case.flops is the literal reference's forward count (torch's FlopCounterMode on the reference), and
+    backward_factor its backward's, plus the recomputed QKᵀ for the flash-style attention family (FA2's count):
+    attention at Dqk != Dv, iterative_fusion, em_attention in both gradient modes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mtlfast.bench import bench_attention, bench_em_attention, bench_iterative_fusion
+    from mtlfast.reference.attention import attention
+    from mtlfast.reference.em_attention import em_attention
+    from mtlfast.reference.iterative_fusion import iterative_fusion
+
+    def counted(fn, case, grads):
+        inputs = case.make("cpu", torch.float64)
+        for name in grads:
+            inputs[name].requires_grad_()
+        with FlopCounterMode(display=False) as forward:
+            out = fn(**inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        with FlopCounterMode(display=False) as backward:
+            out.backward(torch.randn_like(out))
+        return forward.get_total_flops(), backward.get_total_flops()
+
+    att = bench_attention._attention_case("t", 2, 3, 11, 13, 7, 5)
+    fwd, bwd = counted(attention, att, "qkv")
+    assert fwd == att.flops and bwd + 2 * 2 * 3 * 11 * 13 * 7 == pytest.approx(att.backward_factor * att.flops)
+    fusion = bench_iterative_fusion._case("t", B=2, N=13, c=6, d=5, n_iter=4)
+    assert counted(iterative_fusion, fusion, "qkv") == (fusion.flops, fusion.backward_factor * fusion.flops)
+    for detach in (False, True):
+        em = bench_em_attention._case("t", 2, 37, 24, 5, 3, detach)
+        assert counted(em_attention, em, ("x", "mu")) == (em.flops, pytest.approx(em.backward_factor * em.flops))
 
 
 def test_check_targets():
