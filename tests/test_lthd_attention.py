@@ -105,6 +105,35 @@ def test_lthd_matches_reference(case, kernel_dtype, device):
     check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=float32_dots_are_tf32())
 
 
+def test_torch_library_registration(device):
+    """opcheck of the forward custom op (schema, fake implementation, autograd registration, AOT dispatch) and of
+    the backward's schema and fake implementation; the resize's adjoint equals F.interpolate's autograd."""
+    from mtlfast.ops.lthd_attention import upsample_tokens, upsample_tokens_adjoint
+
+    ins = {k: t.to(device).requires_grad_() for k, t in _inputs(2, (3, 5), (2, 3), 4, 3, seed=fresh_seed()).items()}
+    torch.library.opcheck(torch.ops.mtlfast.lthd_attention_fwd.default, (*ins.values(), [3, 5], [2, 3], 0.5))
+    out, lse = torch.ops.mtlfast.lthd_attention_fwd(*ins.values(), [3, 5], [2, 3], 0.5)
+    torch.library.opcheck(torch.ops.mtlfast.lthd_attention_bwd.default,
+                          (torch.randn_like(out), *(t.detach() for t in ins.values()), out.detach(), lse, [3, 5],
+                           [2, 3], 0.5), test_utils=("test_schema", "test_faketensor"))
+    coarse = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 15, 4, dtype=torch.float64)
+    (want,) = torch.autograd.grad(upsample_tokens(coarse, (2, 3), (3, 5)), coarse, grad)
+    assert torch.equal(upsample_tokens_adjoint(grad, (2, 3), (3, 5)), want)
+
+
+def test_saved_activations_are_the_output_and_logsumexp():
+    """The kernel path keeps only its output and row logsumexp for the backward besides the inputs (the widened
+    q/k are formed again in the backward): counted on meta tensors at TIF's NYUD 1/16 shape, D = C = 384, where
+    keeping the widened pair would be more than eager keeps."""
+    from mtlfast.bench.bench_lthd_attention import _saved_memory
+
+    B, n_f, C = 8, 28 * 36, 384
+    saved = _saved_memory(B, (28, 36), (14, 18), 384, C)
+    assert saved["saved_bytes_mtlfast"] == B * n_f * C * 2 + B * n_f * 4, saved  # bf16 output, float32 lse
+    assert saved["saved_bytes_mtlfast"] < saved["saved_bytes_eager"] / 2, saved
+
+
 def test_compiles_with_aot_autograd(device):
     """torch.compile (AOTAutograd, no Inductor) of the Triton path, forward and backward, one graph."""
     ins = {k: t.float().requires_grad_() for k, t in _inputs(1, (3, 5), (2, 3), 4, 3, seed=fresh_seed(),

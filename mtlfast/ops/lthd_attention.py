@@ -14,8 +14,15 @@ up resizes the coarse tokens as a (B, D, hc, wc) image with the same F.interpola
 
     A = scale · [q_f | up(q_c)] [k_f | up(k_c)]ᵀ,
 
-one attention with query/key width 2D whose scale is the given ``scale`` (not (2D) ** -0.5). Memory
-O(Nf · (D + C)); gradients reach the coarse tokens through F.interpolate's backward.
+one attention with query/key width 2D whose scale is the given ``scale`` (not (2D) ** -0.5). The widened
+q and k are transient: the forward forms them for the attention kernel and the backward forms them again
+(two resizes and concatenations), so autograd keeps only the inputs, the output and its row logsumexp
+(B, Nf) for the backward, O(Nf · C) besides the inputs (keeping the widened pair would cost 4·B·Nf·D, more
+than eager's Nf × Nf maps at TIF's 1/16-scale shapes). Gradients reach the coarse tokens through the adjoint
+of the resize (aten's upsample_bilinear2d_backward, what F.interpolate's autograd runs).
+
+The Triton path is a torch.library custom op pair, ``mtlfast::lthd_attention_fwd`` / ``_bwd``, around the
+attention kernels (:mod:`mtlfast.ops._kernel_op`), so it composes with torch.compile as one node.
 """
 from __future__ import annotations
 
@@ -26,7 +33,8 @@ from torch import Tensor
 from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, triton_unavailable
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_int, check_shapes,
                                  resolve_scale)
-from mtlfast.ops.attention import attention_kernels, attention_triton
+from mtlfast.ops._kernel_op import KernelAutograd, kernel_function
+from mtlfast.ops.attention import _attention_bwd, _attention_fwd, attention_kernels
 from mtlfast.reference.lthd_attention import lthd_attention as _reference_lthd
 
 __all__ = ["lthd_attention", "upsample_tokens", "widened_qk"]
@@ -50,9 +58,67 @@ def widened_qk(q_fine: Tensor, k_fine: Tensor, q_coarse: Tensor, k_coarse: Tenso
     return q, k
 
 
-def _triton(q_fine, k_fine, q_coarse, k_coarse, v, *, size_fine, size_coarse, scale):
+def upsample_tokens_adjoint(grad: Tensor, size_coarse: tuple[int, int], size_fine: tuple[int, int]) -> Tensor:
+    """The adjoint of :func:`upsample_tokens`: (B, Nf, D) gradient of up(x) -> (B, Nc, D) gradient of x."""
+    B, _, D = grad.shape
+    image = grad.transpose(1, 2).reshape(B, D, *size_fine)
+    coarse = torch.ops.aten.upsample_bilinear2d_backward(image, list(size_fine), [B, D, *size_coarse], False,
+                                                         None, None)
+    return coarse.flatten(2).transpose(1, 2)
+
+
+# --- the Triton path as custom ops: the widened q/k are formed in the forward and again in the backward -----------
+
+def _lthd_fwd_fake(q_fine, k_fine, q_coarse, k_coarse, v, size_fine, size_coarse, scale):
+    B, n_f, _ = q_fine.shape
+    return q_fine.new_empty((B, n_f, v.shape[-1])), q_fine.new_empty((B, n_f), dtype=torch.float32)
+
+
+@kernel_function("lthd_attention_fwd", fake=_lthd_fwd_fake)
+def _lthd_fwd(q_fine: Tensor, k_fine: Tensor, q_coarse: Tensor, k_coarse: Tensor, v: Tensor, size_fine: list[int],
+              size_coarse: list[int], scale: float) -> tuple[Tensor, Tensor]:
+    """-> (out (B, Nf, C), logsumexp (B, Nf) f32) of the widened attention."""
     q, k = widened_qk(q_fine, k_fine, q_coarse, k_coarse, size_fine, size_coarse)
-    return attention_triton(q[:, None], k[:, None], v[:, None], scale=scale)[:, 0]
+    out, lse = _attention_fwd.fn(q[:, None], k[:, None], v[:, None], scale, [], [])
+    return out[:, 0], lse[:, 0]
+
+
+def _lthd_bwd_fake(grad_out, q_fine, k_fine, q_coarse, k_coarse, v, out, lse, size_fine, size_coarse, scale):
+    return tuple(torch.empty_like(t) for t in (q_fine, k_fine, q_coarse, k_coarse, v))
+
+
+@kernel_function("lthd_attention_bwd", fake=_lthd_bwd_fake, refuse_grad="lthd_attention")
+def _lthd_bwd(grad_out: Tensor, q_fine: Tensor, k_fine: Tensor, q_coarse: Tensor, k_coarse: Tensor, v: Tensor,
+              out: Tensor, lse: Tensor, size_fine: list[int], size_coarse: list[int],
+              scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (dq_fine, dk_fine, dq_coarse, dk_coarse, dv): the widened attention's backward split back."""
+    q, k = widened_qk(q_fine, k_fine, q_coarse, k_coarse, size_fine, size_coarse)
+    dq, dk, dv = _attention_bwd.fn(grad_out[:, None], q[:, None], k[:, None], v[:, None], out[:, None],
+                                   lse[:, None], scale, [])
+    D = q_fine.shape[-1]
+    dq, dk = dq[:, 0], dk[:, 0]
+    grads = (dq[..., :D], dk[..., :D], upsample_tokens_adjoint(dq[..., D:], size_coarse, size_fine),
+             upsample_tokens_adjoint(dk[..., D:], size_coarse, size_fine), dv[:, 0])
+    return tuple(g.contiguous() for g in grads)  # the layout the fake implementation gives
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    *tensors, size_fine, size_coarse, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(*tensors, out, lse)
+    ctx.args = (size_fine, size_coarse, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    return (*_lthd_bwd(grad_out, *ctx.saved_tensors, *ctx.args), None, None, None)
+
+
+_lthd = KernelAutograd(_lthd_fwd, setup_context=_setup_context, backward=_backward)
+
+
+def _triton(q_fine, k_fine, q_coarse, k_coarse, v, *, size_fine, size_coarse, scale):
+    return _lthd(q_fine, k_fine, q_coarse, k_coarse, v, list(size_fine), list(size_coarse), float(scale))[0]
 
 
 def _triton_lthd_limits(q_fine, k_fine, q_coarse, k_coarse, v, *, size_fine, size_coarse, scale):
