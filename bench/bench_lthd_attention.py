@@ -14,9 +14,10 @@ batch 8 (TIF's). The paper does not give the attention width; ``lthd_nyud_d384``
 
 Each case records in ``params`` the bytes autograd saves for the backward (inputs excluded; counted on meta
 tensors) by the eager reference and by the kernel path; the larger sweep case also their growth from the
-smaller one (4x the fine tokens: x4 is O(N), x16 O(N²)). The kernel path keeps its output and row logsumexp
-only (the widened q/k are formed again in the backward): at ``lthd_nyud_d384`` 6.2 MB against eager's
-16.3 MB (keeping the 768-wide q/k would have been 31 MB).
+smaller one (4x the fine tokens: x4 is O(N), x16 O(N²)). Besides its inputs (kept for the backward, which
+forms the widened q/k again; in TIF the caller holds them anyway) the kernel path keeps its output and row
+logsumexp only: at ``lthd_nyud_d384`` 6.2 MB against eager's 16.3 MB (keeping the 768-wide q/k instead of the
+inputs would have been 31 MB; with the inputs counted, 27.9 MB now, 37.2 MB that way, 37.9 MB eager).
 """
 from __future__ import annotations
 

@@ -156,6 +156,12 @@ def randn(*shape: int, generator: torch.Generator, device="cpu", dtype=torch.flo
     return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
+def transposed_layout(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a non-contiguous view (the last two dimensions swapped in memory): inputs on which a
+    custom op's fake implementation must still give the real kernel's output strides."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 

@@ -17,7 +17,7 @@ from mtlfast.backends import BackendError
 from mtlfast.ops.attention import attention_triton, center_keys
 from mtlfast.reference.attention import attention as reference_attention
 from mtlfast.testing import (check_against_reference, float32_dots_are_tf32, fresh_seed, randn, rel_error,
-                             run_without_interpreter, tolerance, compile_for_sm90)
+                             run_without_interpreter, tolerance, compile_for_sm90, transposed_layout)
 
 
 def _inputs(B, H, n_q, n_k, d_qk, d_v, *, seed, permuted=False):
@@ -177,6 +177,12 @@ def test_torch_library_registration(device):
     ins = _inputs(1, 1, 5, 6, 3, 4, seed=fresh_seed())
     q, k, v = (t.to(device=device, dtype=torch.float32).requires_grad_() for t in ins.values())
     torch.library.opcheck(torch.ops.mtlfast.attention_fwd.default, (q, k, v, 0.5, [], []))
+    # the backward on inputs of any layout: its fake gives the kernels' contiguous gradients (inductor checks it)
+    q, k, v = (transposed_layout(t.detach()) for t in (q, k, v))
+    out, lse = torch.ops.mtlfast.attention_fwd(q, k, v, 0.5, [], [])
+    torch.library.opcheck(torch.ops.mtlfast.attention_bwd.default,
+                          (transposed_layout(torch.randn_like(out)), q, k, v, out, lse, 0.5, []),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compiles_with_aot_autograd(device):

@@ -11,7 +11,8 @@ import mtlfast
 from mtlfast.backends import BackendError
 from mtlfast.ops.em_attention import em_attention
 from mtlfast.reference import em_attention as reference
-from mtlfast.testing import check_against_reference, compile_for_sm90, fresh_seed, randn, run_without_interpreter
+from mtlfast.testing import (check_against_reference, compile_for_sm90, fresh_seed, randn, run_without_interpreter,
+                             transposed_layout)
 
 OUTPUTS = ["x_rec", "mu_out", "z"]
 
@@ -169,6 +170,26 @@ def test_composes_with_torch_compile(pinned, device):
     compiled = run(torch.compile(em_attention, backend="aot_eager", fullgraph=True))
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_library_registration(pinned, device):
+    """opcheck of the forward custom op (schema, fake implementation, autograd registration) and of both backward
+    ops' schemas and fake implementations, also on inputs of a transposed layout (inductor checks the fake's
+    strides against the kernels' contiguous gradients)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    x, mu = (t.float() for t in _inputs(2, 9, 16, 4, device, gen).values())
+    torch.library.opcheck(torch.ops.mtlfast.em_attention_fwd.default,
+                          (x.requires_grad_(), mu.requires_grad_(), 2, 1.0, 1e-6, False),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for layout in (lambda t: t, transposed_layout):
+        x_t, mu_t = layout(x.detach()), layout(mu.detach())
+        x_rec, mu_out, z, bases, stats = torch.ops.mtlfast.em_attention_fwd(x_t, mu_t, 2, 1.0, 1e-6, False)
+        g_xrec, g_mu, g_z = (layout(torch.randn_like(t)) for t in (x_rec, mu_out, z))
+        torch.library.opcheck(torch.ops.mtlfast.em_attention_bwd.default,
+                              (g_xrec, g_mu, g_z, x_t, bases, stats, 2, 1.0, 1e-6), test_utils=("test_schema",
+                                                                                             "test_faketensor"))
+        torch.library.opcheck(torch.ops.mtlfast.em_attention_bwd_detached.default, (g_xrec, g_z, x_t, bases, 1.0),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_detached_mu_out_has_no_grad(pinned, device):

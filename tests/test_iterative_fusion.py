@@ -11,7 +11,8 @@ from mtlfast.backends import BackendError
 from mtlfast.bench.harness import saved_activation_bytes
 from mtlfast.ops.iterative_fusion import choose_materialize, iterative_fusion
 from mtlfast.reference.iterative_fusion import iterative_fusion as reference
-from mtlfast.testing import check_against_reference, compile_for_sm90, fresh_seed, randn, run_without_interpreter
+from mtlfast.testing import (check_against_reference, compile_for_sm90, fresh_seed, randn, run_without_interpreter,
+                             transposed_layout)
 
 VARIANTS = ("A", "B", "C")
 MODES = ("materialize", "recompute")
@@ -217,6 +218,12 @@ def test_torch_library_registration(device):
     ins = _inputs(1, 5, 3, 4, 2, device, fresh_seed())
     q, k, v, alpha = (ins[n].float().requires_grad_() for n in ("q", "k", "v", "alpha"))
     torch.library.opcheck(torch.ops.mtlfast.iterative_fusion_fwd.default, (q, k, v, alpha, 2, 0.5, "C", False))
+    # the backward on inputs of any layout: its fake gives the kernels' contiguous gradients (inductor checks it)
+    q, k, v = (transposed_layout(t.detach()) for t in (q, k, v))
+    out, lse, ckpt = torch.ops.mtlfast.iterative_fusion_fwd(q, k, v, alpha.detach(), 2, 0.5, "C", False)
+    torch.library.opcheck(torch.ops.mtlfast.iterative_fusion_bwd.default,
+                          (transposed_layout(torch.randn_like(out)), q, k, v, alpha.detach(), lse, ckpt, 2, 0.5, "C",
+                           False), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compiles_with_aot_autograd(device):

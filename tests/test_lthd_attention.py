@@ -14,7 +14,7 @@ from mtlfast.ops.lthd_attention import widened_qk
 from mtlfast.reference.attention import attention as reference_attention
 from mtlfast.reference.lthd_attention import lthd_attention as reference_lthd
 from mtlfast.testing import (check_against_reference, float32_dots_are_tf32, fresh_seed, randn, rel_error,
-                             tolerance)
+                             tolerance, transposed_layout)
 
 
 def _inputs(B, size_fine, size_coarse, D, C, *, seed, device="cpu"):
@@ -107,15 +107,18 @@ def test_lthd_matches_reference(case, kernel_dtype, device):
 
 def test_torch_library_registration(device):
     """opcheck of the forward custom op (schema, fake implementation, autograd registration, AOT dispatch) and of
-    the backward's schema and fake implementation; the resize's adjoint equals F.interpolate's autograd."""
+    the backward's schema and fake implementation, on inputs of any layout (inductor checks the fake's strides);
+    the resize's adjoint equals F.interpolate's autograd."""
     from mtlfast.ops.lthd_attention import upsample_tokens, upsample_tokens_adjoint
 
     ins = {k: t.to(device).requires_grad_() for k, t in _inputs(2, (3, 5), (2, 3), 4, 3, seed=fresh_seed()).items()}
     torch.library.opcheck(torch.ops.mtlfast.lthd_attention_fwd.default, (*ins.values(), [3, 5], [2, 3], 0.5))
-    out, lse = torch.ops.mtlfast.lthd_attention_fwd(*ins.values(), [3, 5], [2, 3], 0.5)
-    torch.library.opcheck(torch.ops.mtlfast.lthd_attention_bwd.default,
-                          (torch.randn_like(out), *(t.detach() for t in ins.values()), out.detach(), lse, [3, 5],
-                           [2, 3], 0.5), test_utils=("test_schema", "test_faketensor"))
+    for layout in (lambda t: t, transposed_layout):
+        tensors = [layout(t.detach()) for t in ins.values()]
+        out, lse = torch.ops.mtlfast.lthd_attention_fwd(*tensors, [3, 5], [2, 3], 0.5)
+        torch.library.opcheck(torch.ops.mtlfast.lthd_attention_bwd.default,
+                              (layout(torch.randn_like(out)), *tensors, out, lse, [3, 5], [2, 3], 0.5),
+                              test_utils=("test_schema", "test_faketensor"))
     coarse = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(2, 15, 4, dtype=torch.float64)
     (want,) = torch.autograd.grad(upsample_tokens(coarse, (2, 3), (3, 5)), coarse, grad)

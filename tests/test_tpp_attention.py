@@ -10,7 +10,8 @@ from mtlfast.bench.bench_tpp_attention import widened_rewrite
 from mtlfast.ops.attention import center_keys
 from mtlfast.ops.tpp_attention import _fwd, tpp_attention
 from mtlfast.reference import tpp_attention as reference
-from mtlfast.testing import check_against_reference, float32_dots_are_tf32, fresh_seed, randn, run_without_interpreter
+from mtlfast.testing import (check_against_reference, float32_dots_are_tf32, fresh_seed, randn, run_without_interpreter,
+                             transposed_layout)
 
 # (B, T, H, Nq, Nk, D, Dv, shared weight, bias): T in {1, 2, 4}, H in {1, 2}, Nq != Nk, D != Dv, odd sizes.
 CASES = [
@@ -196,8 +197,15 @@ def test_library_registration(device):
     args = [t.float().requires_grad_() for t in (x["q"], x["k"], x["v"])]
     w = x["mix_weight"].float().reshape(2, 2).requires_grad_()
     b = x["mix_bias"].float().reshape(2).requires_grad_()
-    torch.library.opcheck(_fwd.op, (*args, w, b, 0.5, [16, 16, 16, 16, 16, 4, 1]),
+    config = [16, 16, 16, 16, 16, 4, 1]
+    torch.library.opcheck(_fwd.op, (*args, w, b, 0.5, config),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # the backward on inputs of any layout: its fake gives the kernels' contiguous gradients (inductor checks it)
+    q, k, v = (transposed_layout(t.detach()) for t in args)
+    out, lse = _fwd.op(q, k, v, w.detach(), b.detach(), 0.5, config)
+    torch.library.opcheck(torch.ops.mtlfast.tpp_attention_bwd.default,
+                          (transposed_layout(torch.randn_like(out)), q, k, v, w.detach(), out, lse, 0.5, config),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_auto_on_cpu_is_reference_and_limits(device):

@@ -11,7 +11,8 @@ Triton interpreter in float16/float32). The Triton path is the torch.library op 
 fake (meta) implementations and autograd, so it composes with torch.compile; plain eager calls run the same
 functions without the dispatcher (:mod:`mtlfast.ops._kernel_op`). Both functions centre the keys
 (:func:`center_keys`, exact, for well-conditioned q/k gradients) on a transient copy. :func:`attention_triton`
-is that path with explicit launch configurations, for other ops built on it (lthd_attention) and tests.
+is that path with explicit launch configurations, for benchmarks and tests; lthd_attention's custom ops call
+the two kernel functions directly.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, fwd_blocks: li
 
 
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale, bwd_blocks):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels write them
 
 
 @kernel_function("attention_bwd", fake=_attention_bwd_fake, refuse_grad="attention")

@@ -51,7 +51,7 @@ def _fwd(x: Tensor, mu: Tensor, n_iter: int, tau: float, eps: float,
 
 
 def _bwd_fake(g_xrec, g_mu, g_z, x, bases, stats, n_iter, tau, eps):
-    return torch.empty_like(x), torch.empty_like(g_mu)
+    return x.new_empty(x.shape), g_mu.new_empty(g_mu.shape)  # contiguous, as the kernels write them
 
 
 @kernel_function("em_attention_bwd", fake=_bwd_fake, refuse_grad="em_attention")
@@ -64,7 +64,7 @@ def _bwd(g_xrec: Tensor, g_mu: Tensor, g_z: Tensor, x: Tensor, bases: Tensor, st
 
 
 def _bwd_detached_fake(g_xrec, g_z, x, bases, tau):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @kernel_function("em_attention_bwd_detached", fake=_bwd_detached_fake, refuse_grad="em_attention")

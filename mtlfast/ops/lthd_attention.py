@@ -84,7 +84,7 @@ def _lthd_fwd(q_fine: Tensor, k_fine: Tensor, q_coarse: Tensor, k_coarse: Tensor
 
 
 def _lthd_bwd_fake(grad_out, q_fine, k_fine, q_coarse, k_coarse, v, out, lse, size_fine, size_coarse, scale):
-    return tuple(torch.empty_like(t) for t in (q_fine, k_fine, q_coarse, k_coarse, v))
+    return tuple(t.new_empty(t.shape) for t in (q_fine, k_fine, q_coarse, k_coarse, v))  # contiguous, as returned
 
 
 @kernel_function("lthd_attention_bwd", fake=_lthd_bwd_fake, refuse_grad="lthd_attention")

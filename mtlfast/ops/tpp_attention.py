@@ -58,7 +58,8 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, b: Optional[Tensor], scale:
 
 
 def _bwd_fake(do, q, k, v, w, out, lse, scale, config):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), w.new_empty(w.shape, dtype=torch.float32)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),  # contiguous, as the kernels write them
+            w.new_empty(w.shape, dtype=torch.float32))
 
 
 @kernel_function("tpp_attention_bwd", fake=_bwd_fake, refuse_grad="tpp_attention")
