@@ -280,8 +280,11 @@ def test_kernels_compile_for_sm90():
 def _compile_sm90() -> None:
     """Compiles, at the default GPU configurations, the forward and every backward pass of the launchers
     (the same compile-time parameters, from fwd_constexprs / bwd_constexprs): in bfloat16 at every width the
-    models call (one program per width, with tails) and a chunked one (1000), plus float32 (exact "ieee" dots)
-    at 64 and 288."""
+    models call (one program per width, with tails), a chunked one (1000) and every (Dqk, Dv) of the GPU
+    benchmarks (attention's, and lthd_attention's widened 2D with C), plus float32 (exact "ieee" dots) at 64 and
+    288."""
+    from mtlfast.bench.bench_attention import cases as attention_cases
+    from mtlfast.bench.bench_lthd_attention import cases as lthd_cases
     from mtlfast.kernels import attention as A
 
     pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA"}
@@ -302,13 +305,16 @@ def _compile_sm90() -> None:
     count = 0
     # bf16 widths: BridgeNet/TIF's 72, 144, 288, 384 and those the paper-size models call (36, 80, 128, and
     # LTHD's concatenated 160; found by planning them on meta tensors), and a chunked one
-    for torch_dtype, dtype, widths in ((torch.bfloat16, "*bf16", (36, 72, 80, 128, 144, 160, 288, 384, 1000)),
-                                       (torch.float32, "*fp32", (64, 288))):
-        for width in widths:
-            fwd = A.default_blocks(width, width, "cuda", torch_dtype)
-            build(A._attn_fwd_kernel, A.fwd_constexprs(fwd, A.width_plan(fwd, width, width), torch_dtype), dtype)
-            bwd = A.default_blocks(width, width, "cuda", torch_dtype, backward=True)
-            passes, dq = A.bwd_constexprs(bwd, A.width_plan(bwd, width, width), torch_dtype)
+    models = {(w, w) for w in (36, 72, 80, 128, 144, 160, 288, 384, 1000)}
+    benchmarks = ({(c.params["Dqk"], c.params["Dv"]) for c in attention_cases("cuda")}
+                  | {(2 * c.params["D"], c.params["C"]) for c in lthd_cases("cuda")})
+    for torch_dtype, dtype, pairs in ((torch.bfloat16, "*bf16", sorted(models | benchmarks)),
+                                      (torch.float32, "*fp32", ((64, 64), (288, 288)))):
+        for d_qk, d_v in pairs:
+            fwd = A.default_blocks(d_qk, d_v, "cuda", torch_dtype)
+            build(A._attn_fwd_kernel, A.fwd_constexprs(fwd, A.width_plan(fwd, d_qk, d_v), torch_dtype), dtype)
+            bwd = A.default_blocks(d_qk, d_v, "cuda", torch_dtype, backward=True)
+            passes, dq = A.bwd_constexprs(bwd, A.width_plan(bwd, d_qk, d_v), torch_dtype)
             for meta, _ in passes:
                 build(A._attn_bwd_dkdv_kernel, meta, dtype)
             build(A._attn_bwd_dq_kernel, dq, dtype)
