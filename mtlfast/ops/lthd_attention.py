@@ -17,8 +17,8 @@ up resizes the coarse tokens as a (B, D, hc, wc) image with the same F.interpola
 one attention with query/key width 2D whose scale is the given ``scale`` (not (2D) ** -0.5). The widened
 q and k are transient: the forward forms them for the attention kernel and the backward forms them again
 (two resizes and concatenations), so autograd keeps only the inputs, the output and its row logsumexp
-(B, Nf) for the backward, O(Nf · C) besides the inputs (keeping the widened pair would cost 4·B·Nf·D, more
-than eager's Nf × Nf maps at TIF's 1/16-scale shapes). Gradients reach the coarse tokens through the adjoint
+(B, Nf) for the backward, O(Nf · C) besides the inputs (keeping the widened pair would cost 4·B·Nf·D: at
+D = 384 on a 28 x 36 grid, more than eager's Nf × Nf maps). Gradients reach the coarse tokens through the adjoint
 of the resize (aten's upsample_bilinear2d_backward, what F.interpolate's autograd runs).
 
 The Triton path is a torch.library custom op pair, ``mtlfast::lthd_attention_fwd`` / ``_bwd``, around the
