@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast.bench.harness import Benchmark, Case, Target, register, saved_activation_bytes, standard_providers
+from mtlfast.bench.harness import Benchmark, Case, Target, register, saved_bytes_eager_vs_kernel, standard_providers
 from mtlfast.ops.em_attention import em_attention
 from mtlfast.reference.em_attention import em_attention as reference_em
 
@@ -32,14 +32,12 @@ def _saved_memory(B, N, C, K, R, detach, dtype=torch.bfloat16) -> dict[str, obje
     over B·R·(N·K + K·C) elements of ``dtype``."""
     from mtlfast.ops.em_attention import _triton as triton_path
 
-    inputs = {"x": torch.empty(B, N, C, device="meta", dtype=dtype).requires_grad_(),
-              "mu": torch.empty(B, K, C, device="meta", dtype=dtype).requires_grad_()}
     options = dict(tau=1.0, eps=1e-6, detach_iterations=detach)
-    eager = saved_activation_bytes(lambda x, mu: reference_em(x, mu, R, **options), inputs)
-    ours = saved_activation_bytes(lambda x, mu: triton_path(x, mu, R, **options), inputs)
+    saved = saved_bytes_eager_vs_kernel(lambda x, mu: reference_em(x, mu, R, **options),
+                                        lambda x, mu: triton_path(x, mu, R, **options),
+                                        {"x": (B, N, C), "mu": (B, K, C)}, dtype)
     bound = B * R * (N * K + K * C) * dtype.itemsize
-    return {"saved_bytes_eager": eager, "saved_bytes_mtlfast": ours, "saved_ratio": ours / eager,
-            "saved_per_iteration_bound_ratio": ours / bound}
+    return {**saved, "saved_per_iteration_bound_ratio": saved["saved_bytes_mtlfast"] / bound}
 
 
 def _case(name, B, N, C, K, R, detach=False):

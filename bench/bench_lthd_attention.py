@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from mtlfast.bench.bench_attention import flash_backward_factor, sdpa_providers
-from mtlfast.bench.harness import Benchmark, Case, Target, register, saved_activation_bytes, standard_providers
+from mtlfast.bench.harness import Benchmark, Case, Target, register, saved_bytes_eager_vs_kernel, standard_providers
 from mtlfast.ops.lthd_attention import lthd_attention, widened_qk
 from mtlfast.reference.lthd_attention import lthd_attention as reference_lthd
 
@@ -38,18 +38,16 @@ def _from_sdpa(out, **inputs):
     return out[:, 0]
 
 
-def _saved_memory(B, size_fine, size_coarse, D, C, dtype=torch.bfloat16) -> dict[str, int]:
+def _saved_memory(B, size_fine, size_coarse, D, C, dtype=torch.bfloat16) -> dict[str, float]:
     """Bytes kept for the backward (meta tensors): the eager reference vs the kernel path."""
     from mtlfast.ops.lthd_attention import _triton as triton_path
 
     n_f, n_c = size_fine[0] * size_fine[1], size_coarse[0] * size_coarse[1]
     shapes = {"q_fine": (B, n_f, D), "k_fine": (B, n_f, D), "q_coarse": (B, n_c, D), "k_coarse": (B, n_c, D),
               "v": (B, n_f, C)}
-    inputs = {n: torch.empty(s, device="meta", dtype=dtype).requires_grad_() for n, s in shapes.items()}
     sizes = dict(size_fine=size_fine, size_coarse=size_coarse)
-    eager = saved_activation_bytes(lambda **kw: reference_lthd(**kw, **sizes), inputs)
-    ours = saved_activation_bytes(lambda **kw: triton_path(**kw, **sizes, scale=D ** -0.5), inputs)
-    return {"saved_bytes_eager": eager, "saved_bytes_mtlfast": ours}
+    return saved_bytes_eager_vs_kernel(lambda **kw: reference_lthd(**kw, **sizes),
+                                       lambda **kw: triton_path(**kw, **sizes, scale=D ** -0.5), shapes, dtype)
 
 
 def _case(name, B, size_fine, size_coarse, D, C, grown_from=None):

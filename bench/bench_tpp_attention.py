@@ -25,7 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mtlfast.ops
 from mtlfast.bench.bench_attention import flash_backward_factor
-from mtlfast.bench.harness import Benchmark, Case, Provider, Target, register, saved_activation_bytes, standard_providers
+from mtlfast.bench.harness import (Benchmark, Case, Provider, Target, register, saved_bytes_eager_vs_kernel,
+                                   standard_providers)
 from mtlfast.reference import tpp_attention as reference
 
 
@@ -81,10 +82,8 @@ def _saved_memory(B, T, H, Nq, Nk, D, Dv, dtype=torch.bfloat16) -> dict[str, obj
     C = T * H
     shapes = {"q": (B, T, H, Nq, D), "k": (B, T, H, Nk, D), "v": (B, T, H, Nk, Dv), "mix_weight": (T, H, C),
               "mix_bias": (T, H)}
-    inputs = {n: torch.empty(s, device="meta", dtype=dtype).requires_grad_() for n, s in shapes.items()}
-    eager = saved_activation_bytes(lambda **kw: reference.tpp_attention(**kw), inputs)
-    ours = saved_activation_bytes(lambda **kw: _triton(**kw, scale=D ** -0.5), inputs)
-    return {"saved_bytes_eager": eager, "saved_bytes_mtlfast": ours, "saved_ratio": ours / eager}
+    return saved_bytes_eager_vs_kernel(reference.tpp_attention, lambda **kw: _triton(**kw, scale=D ** -0.5), shapes,
+                                       dtype)
 
 
 def cases(device):

@@ -373,6 +373,17 @@ def saved_activation_bytes(fn, inputs, exclude: Sequence[torch.Tensor] = (),
     return total
 
 
+def saved_bytes_eager_vs_kernel(eager: Callable, kernel: Callable, shapes: Mapping[str, Sequence[int]],
+                                dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """:func:`saved_activation_bytes` of the literal reference ``eager(**inputs)`` and of the kernel path
+    ``kernel(**inputs)`` (its custom ops' fake implementations) on meta tensors of ``shapes`` ({name: shape}) in
+    ``dtype`` that require grad: exact and device independent. -> ``saved_bytes_eager``, ``saved_bytes_mtlfast``
+    and their ``saved_ratio``, the params the benchmarks' saved-memory targets read."""
+    inputs = {name: torch.empty(shape, device="meta", dtype=dtype).requires_grad_() for name, shape in shapes.items()}
+    eager_bytes, ours = saved_activation_bytes(eager, inputs), saved_activation_bytes(kernel, inputs)
+    return {"saved_bytes_eager": eager_bytes, "saved_bytes_mtlfast": ours, "saved_ratio": ours / eager_bytes}
+
+
 def measure_peaks(device: str) -> dict[str, float]:
     """The device's bf16 matmul rate (TFLOP/s) and copy bandwidth (GB/s, read+write), measured now."""
     if device != "cuda":
@@ -574,8 +585,6 @@ def _measure_case(benchmark: Benchmark, case: Case, device: str, dtype: torch.dt
     # Dynamo keeps the graphs of all cases on the reference's code object and, past its recompile limit (8),
     # runs new shapes eagerly with only a warning: the "compile" rows of later cases would time eager code.
     torch._dynamo.reset()
-    if device == "cuda":  # what auto paths pick from free memory (iterative_fusion's mode) must not depend on
-        torch.cuda.empty_cache()  # the blocks earlier cases left cached
     rows = []
     try:
         inputs = case.make(device, dtype)
@@ -598,8 +607,8 @@ def _measure_case(benchmark: Benchmark, case: Case, device: str, dtype: torch.dt
                 if reason:
                     rows.append({**row, "skipped": reason})
                     continue
-                if device == "cuda":  # run-time choices (resolve) read free memory: not what earlier rows cached
-                    torch.cuda.empty_cache()
+                if device == "cuda":  # run-time choices (resolve, iterative_fusion's auto mode) read free memory:
+                    torch.cuda.empty_cache()  # not what earlier rows and cases (or their errors) left cached
                 if provider.resolve is not None:
                     row["resolved"] = dict(provider.resolve(inputs))
                 run, leaves = _callable_for(provider, inputs, mode)
@@ -621,8 +630,6 @@ def _measure_case(benchmark: Benchmark, case: Case, device: str, dtype: torch.dt
             except Exception as exc:  # OOM, compile failure...: recorded, the run goes on
                 row["error"] = _error_text(exc)
                 _stop_if_cuda_lost(device, f"{case.name} / {provider.name} / {mode}", row["error"])
-                if device == "cuda":
-                    torch.cuda.empty_cache()
             rows.append(row)
     return rows
 
