@@ -293,13 +293,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mtlfast.engine.distributed import barrier
     from mtlfast.engine.trainer import Trainer
 
-    config = load_config(None, args.overrides, base=ckpt.load_checkpoint(args.checkpoint)["config"])
+    payload = ckpt.load_checkpoint(args.checkpoint)
+    config = load_config(None, args.overrides, base=payload["config"])
     _check_out_folder(args.out)
     _check_out_folder(args.samples, "--samples")
     if args.save_predictions:
         _check_folder(args.save_predictions, "--save-predictions")
     # the run's logs stay as they are; the training split is not needed (nor read)
-    trainer = Trainer(config, resume=args.checkpoint, progress=not args.no_progress, logs=False, train_data=False)
+    trainer = Trainer(config, resume=args.checkpoint, progress=not args.no_progress, logs=False, train_data=False,
+                      checkpoint=payload)
+    del payload  # the trainer holds what it needs
     try:  # under torchrun rank 0 evaluates all images (or every rank its share: eval.sharded=true) and reports
         if trainer.dist.is_main or trainer.sharded_evaluation:
             metrics = trainer.evaluate(args.samples if trainer.dist.is_main else None, args.save_predictions,

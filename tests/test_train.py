@@ -662,15 +662,19 @@ def test_output_dir_of_another_run_is_refused_before_anything_is_written(tmp_pat
 
 def test_cli_eval_checks_its_outputs_first_and_names_a_checkpoint_of_other_options(tmp_path, capsys, monkeypatch):
     """`mtlfast eval --samples` / `--save-predictions` into new folders work (--samples failed after the whole
-    evaluation); a place that cannot hold them fails before the evaluation, naming the option. A checkpoint of
-    other model options fails in one line naming it and the options (torch's error listed every tensor)."""
+    evaluation), reading the checkpoint once (its config, then the trainer's state); a place that cannot hold them
+    fails before the evaluation, naming the option. A checkpoint of other model options fails in one line naming it
+    and the options (torch's error listed every tensor)."""
     from mtlfast.cli import main
+    from mtlfast.engine import checkpoint as ckpt
 
     out = tmp_path / "run"
     _losses(load_config(None, TINY + ON_CPU + [f"output_dir={out}", "train.iterations=1"]))
     last = str(out / "last.pt")
+    reads, load = [], ckpt.load_checkpoint
+    monkeypatch.setattr(ckpt, "load_checkpoint", lambda path: reads.append(path) or load(path))
     assert main(["eval", "--no-progress", "--checkpoint", last, "--samples", str(tmp_path / "new" / "s.png")]) == 0
-    assert (tmp_path / "new" / "s.png").stat().st_size > 0
+    assert (tmp_path / "new" / "s.png").stat().st_size > 0 and reads == [last]
     capsys.readouterr()
     evaluated = []
     monkeypatch.setattr(Trainer, "evaluate", lambda self, *args, **kwargs: evaluated.append(1) or {})

@@ -198,11 +198,13 @@ class Trainer:
     the loader) and ``step_s`` on rank 0. ``logs=False`` (``mtlfast eval``): no run log, so that loading a checkpoint
     neither creates ``output_dir`` nor cuts its logs back to the checkpoint's iteration as a resume does.
     ``train_data=False`` (``mtlfast eval``): no training set, sampler or loader, so that a dataset folder without
-    the training split evaluates, and nothing reads its files; :meth:`train` then refuses.
+    the training split evaluates, and nothing reads its files; :meth:`train` then refuses. ``checkpoint``: the
+    payload of ``resume`` when the caller has read it already (``mtlfast eval`` reads its config first), so that a
+    checkpoint of hundreds of MB is not read twice.
     """
 
     def __init__(self, config: dict[str, Any], *, resume: str | None = None, progress: bool = True,
-                 logs: bool = True, train_data: bool = True):
+                 logs: bool = True, train_data: bool = True, checkpoint: dict[str, Any] | None = None):
         from mtlfast.data import canonical_dataset, check_tasks
         from mtlfast.losses import MultiTaskLoss
         from mtlfast.models import create_model
@@ -222,7 +224,9 @@ class Trainer:
         self.tasks = list(check_tasks(data_cfg["tasks"], self.dataset))
         self.aux_tasks = _aux_tasks(config["model"], self.tasks, self.dataset)
         self.out_dir = config["output_dir"]
-        payload = ckpt.load_checkpoint(resume) if resume else None
+        if checkpoint is not None and not resume:
+            raise ValueError("checkpoint: the payload of the file given as resume; give resume too")
+        payload = checkpoint if checkpoint is not None else ckpt.load_checkpoint(resume) if resume else None
         if payload is not None:
             ckpt.check_compatible(payload, config, resume)
         if logs:  # before the run log, which writes into output_dir
