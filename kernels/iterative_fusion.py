@@ -28,6 +28,14 @@ them, each (B, N, C)); nothing N×N, no per-step products. Eager autograd saves 
 per step (Vᵗ for the product and Co Vᵗ for the α-multiply), i.e. N² + 2nNC per batch element against our
 (⌈n/L⌉ − 1)·NC + N. The backward replays each segment once from its checkpoint (n extra forward steps in
 total), keeping Vᵗ, Pᵗ and Gᵗ⁺¹ of one segment ((3L + 1)·NC of scratch) and Co in materialize mode.
+
+Precision: the Vᵗ between checkpoints (forward and replay) and every Gᵗ live in float32 scratch; only the
+checkpoints, Pᵗ, the output and dv are stored in the input dtype, and every product takes its operands as
+tiles in the dtype of q, k (the tensor cores' input). The replay thus retraces the forward exactly, and dα,
+a sum of n·B·N·C terms that nearly cancel in variant C, does not inherit the rounding of 16-bit Vᵗ and Gᵗ
+at every step: in float16 at the n = 18 test shape (α ≈ 0.07) that rounding made dα up to 3 ε off on draws
+where PyTorch's own error was below 1 ε. Scratch in bytes: 2·4·NC in the forward, (4·(2L + 1) + 2·L)·NC in
+a 16-bit backward (was 2·(3L + 1)·NC).
 """
 from __future__ import annotations
 
@@ -97,7 +105,9 @@ def _mix_tile(co_ptr, rows_ptr, stride_rn, cols_ptr, stride_cn, lse_ptr, x_ptr, 
 
     MATERIALIZED: W tiles are read from co (B-slice, row-major N×N). Otherwise they are re-formed from the
     token rows: W[x, y] = 2^(qk_scale·rows_x·cols_y − lse), with rows q, cols k and lse at x for W = Co, or
-    rows k, cols q and lse at y for W = Coᵀ (lse in the log2 domain)."""
+    rows k, cols q and lse at y for W = Coᵀ (lse in the log2 domain). X may be float32 scratch: both operands go
+    to the tensor cores in the dtype of q, k."""
+    dot_dtype = rows_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_X, BLOCK_C), dtype=tl.float32)
     x_bp = tl.make_block_ptr(x_ptr, (N, C), (stride_xn, 1), (0, c0), (BLOCK_Y, BLOCK_C), (1, 0))
     if MATERIALIZED:
@@ -131,7 +141,7 @@ def _mix_tile(co_ptr, rows_ptr, stride_rn, cols_ptr, stride_cn, lse_ptr, x_ptr, 
                 s = s - lse_x[:, None]
             w = tl.where((offs_y < N)[None, :], tl.exp2(s), 0.0)
             cols_bp = tl.advance(cols_bp, (BLOCK_Y, 0))
-        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(w.to(dot_dtype), xt.to(dot_dtype), acc, input_precision=DOT_PRECISION)
         x_bp = tl.advance(x_bp, (BLOCK_Y, 0))
     return acc
 
@@ -304,7 +314,7 @@ def _dqdk_kernel(co_ptr, q_ptr, k_ptr, lse_ptr, coef_ptr, g_ptr, v_ptr, r_ptr, d
         for c0 in range(0, KC, BLOCK_K):
             gt = tl.load(g_bp, boundary_check=(0, 1), padding_option="zero")
             vt = tl.load(v_bp, boundary_check=(0, 1), padding_option="zero")
-            dp = tl.dot(gt, tl.trans(vt), dp, input_precision=DOT_PRECISION)
+            dp = tl.dot(gt.to(qt.dtype), tl.trans(vt.to(qt.dtype)), dp, input_precision=DOT_PRECISION)
             g_bp = tl.advance(g_bp, (0, BLOCK_K))
             v_bp = tl.advance(v_bp, (0, BLOCK_K))
         r = tl.load(r_ptr + b * N + offs_x, mask=mask_x, other=0.0)
@@ -417,7 +427,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tens
         _softmax(pb, q, k, lse, co, compute_lse=True)
         ckpt = empty((num_checkpoints(n_iter), pb.B, pb.N, pb.C), dtype=v.dtype, device=v.device)
         out = empty_like(v)
-        scratch = [empty_like(v), empty_like(v)] if n_iter > 1 else []
+        scratch = [empty(v.shape, dtype=torch.float32, device=v.device) for _ in range(2 if n_iter > 1 else 0)]
         src = v
         for t in range(n_iter):
             if t + 1 == n_iter:
@@ -448,9 +458,9 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         if materialize:
             co = empty((B, N, N), dtype=v.dtype, device=v.device)
             _softmax(pb, q, k, lse, co, compute_lse=False)
-        vbuf = empty((B, N, seg * C), dtype=v.dtype, device=v.device)
+        vbuf = empty((B, N, seg * C), dtype=torch.float32, device=v.device)
         pbuf = empty((B, N, seg * C), dtype=v.dtype, device=v.device)
-        gbuf = empty((B, N, (seg + 1) * C), dtype=v.dtype, device=v.device)
+        gbuf = empty((B, N, (seg + 1) * C), dtype=torch.float32, device=v.device)
         n_xblk, n_cblk = pb.step_grid()[:2]
         r_part = torch.empty((B, n_cblk, N), dtype=torch.float32, device=v.device)
         da_part = torch.zeros((B, n_cblk, n_xblk), dtype=torch.float64, device=v.device)
