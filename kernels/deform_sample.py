@@ -113,7 +113,7 @@ def _forward_kernel(V, P, WTS, ACC, s, S, N, C, H, W, sv_b, sv_c, sv_h, sv_w,
         base, inside = _corner_rows(V, b, x0 + k % 2, y0 + k // 2, n_mask, H, W, sv_b, sv_h, sv_w)
         v = tl.load(base[:, None] + c_off, mask=inside[:, None] & c_mask[None, :], other=0.0)
         acc += coef[:, None] * v.to(tl.float32)
-    acc = tl.where(finite[:, None], acc, float("nan"))  # grid_sample's value there (weights inf - inf, or NaN)
+    acc = tl.where(finite[:, None], acc, float("nan"))  # CPU grid_sample's value there (weights inf - inf, or NaN)
     out = ACC + row.to(tl.int64)[:, None] * C + c[None, :]
     mask = n_mask[:, None] & c_mask[None, :]
     if not FIRST:

@@ -40,7 +40,7 @@ struct Corners {
 
 // Corners of the point (x, y) on an H x W grid. The bounds are tested on the floored coordinates as floating
 // point before any integer conversion, so points far outside [-1, 1] (even +-inf or NaN) are safe: every corner
-// is outside (the forwards then write grid_sample's NaN at non-finite points).
+// is outside (the forwards then write CPU grid_sample's NaN at non-finite points).
 template <typename A>
 MTLFAST_HOST_DEVICE inline Corners<A> bilinear_corners(A x, A y, int64_t height, int64_t width) {
   const A ix = ((x + A(1)) * A(width) - A(1)) / A(2);

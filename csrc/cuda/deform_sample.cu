@@ -102,7 +102,7 @@ forward_kernel(StageTable<T> tab, const T* __restrict__ points, const T* __restr
   const int64_t b = bn / num_points;
   const int S = tab.stages;
   const float x = to_float(points[2 * bn]), y = to_float(points[2 * bn + 1]);
-  const bool finite = isfinite(x) && isfinite(y);  // else grid_sample's NaN (its weights: inf - inf, or NaN)
+  const bool finite = isfinite(x) && isfinite(y);  // else NaN, as CPU grid_sample (CUDA's gives 0)
   for (int64_t c0 = static_cast<int64_t>(lane) * V; c0 < channels; c0 += static_cast<int64_t>(lanes) * V) {
     float acc[V] = {};
     for (int s = 0; s < S; ++s) {

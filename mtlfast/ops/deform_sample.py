@@ -35,11 +35,13 @@ The value gradients are returned as channels-last tensors. The point/weight grad
 four dots d_k = <grad_out, corner row k>: dL/dw_s = Σ_k coef_k d_k, dL/dx = w_s W_s/2 ((1-fy)(d01-d00) +
 fy(d11-d10)), dL/dy = w_s H_s/2 ((1-fx)(d10-d00) + fx(d11-d01)), with grid_sample's one-sided derivative
 (floor) on pixel-centre lines. The backward always computes all three gradients. A point with an infinite
-or NaN coordinate gives a NaN output row on every backend, as grid_sample (its bilinear weights become
-inf - inf, or NaN); the gradients at such points are not specified (they differ between backends). Finite
-points agree while grid_sample's unnormalised coordinate ((x + 1) W_s - 1) / 2 is finite in the points' dtype
-(|x| below about 3e38 / W_s in float32); beyond, grid_sample's arithmetic overflows to NaN, while the kernels
-return the definition's value for a point outside every stage: 0.
+or NaN coordinate gives a NaN output row on every kernel backend and device, as CPU grid_sample does (its
+bilinear weights become inf - inf, or NaN): bad coordinates show instead of vanishing. CUDA's grid_sample,
+and so the reference backend on a GPU, gives 0 there (ATen moves non-finite and huge coordinates outside
+the image). The gradients at such points are not specified (they differ between backends). Finite points
+agree while grid_sample's unnormalised coordinate ((x + 1) W_s - 1) / 2 is finite in the points' dtype
+(|x| below about 3e38 / W_s in float32); beyond, CPU grid_sample's arithmetic overflows to NaN, while the
+kernels (and CUDA's grid_sample) return the definition's value for a point outside every stage: 0.
 
 The op ignores torch.autocast: every backend computes in, and returns, the inputs' dtype (grid_sample alone
 would be upcast to float32 under autocast; the reference turns autocast off). A caller that mixes autocast
