@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from mtlfast._alloc import empty
-from mtlfast.backends import MAX_GRID_YZ, grid_axis_refusals
+from mtlfast.backends import MAX_GRID_YZ, grid_axis_refusals, offset_refusals, slice_extent
 
 # Kernels read module globals only as constexpr; the launchers use ``.value``.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -167,11 +167,14 @@ def default_blocks(d_qk: int, d_v: int, device: torch.device | str, dtype: torch
     pads less), wider ones in chunks of 128 (numpy cost grows with the number of tile operations; this
     exercises tails and chunking at small sizes).
 
-    GPU: NOT yet timed on a GPU (open item). Chosen so that ptxas (sm_90a) reports at most 72 bytes of
-    register spills and at most 70 KB of shared memory (checked for widths 16…4096 in bf16 and float32),
-    and so that the BridgeNet/TIF widths (72, 144, 288, 384) each run in one program per output
-    (:func:`split_width`: 64 + 16, 128 + 16, 256 + 32, 256 + 128), i.e. without recomputing q kᵀ and with
-    at most 16 padded columns. 8 warps throughout.
+    GPU: NOT yet timed on a GPU (open item). Chosen so that ptxas (sm_90a) reported at most 72 bytes of
+    register spills and at most 70 KB of shared memory for widths 16…4096 in bf16 and float32, compiled
+    without the divisibility hints a launch of aligned tensors adds; with them (vectorised, pipelined loads)
+    the bf16 forward takes up to 128 KB and the backward at width 1000 spills 216-384 B, still within an
+    H100 block's 227 KB (the sm_90 compile test compiles with the hints); and so that the BridgeNet/TIF
+    widths (72, 144, 288, 384) each run in one program per output (:func:`split_width`: 64 + 16, 128 + 16,
+    256 + 32, 256 + 128), i.e. without recomputing q kᵀ and with at most 16 padded columns. 8 warps
+    throughout.
 
     - forward, Dv (an output): held by one program up to 384 columns (float32: 256), else chunks of 256
       (one recomputation of q kᵀ per chunk). Dqk (reduced over): q stays in registers (one chunk and its
@@ -496,19 +499,11 @@ def _attn_bwd_dq_kernel(
 # --- launchers ---------------------------------------------------------------------------------------
 
 
-def _slice_extent(t: torch.Tensor) -> int:
-    """Elements one (batch, head) slice of a (B, H, N, D) tensor spans with its strides."""
-    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[2:], t.stride()[2:]))
-
-
 def grid_limits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Reasons these kernels cannot take these inputs (empty list: they can). In-slice offsets are 32-bit: the
     inputs with their strides, and the contiguous outputs and gradients (Nq·Dv, Nq·Dqk, Nk·Dqk, Nk·Dv)."""
     reasons = grid_axis_refusals("B*H", q.shape[0] * q.shape[1])
-    for name, extent in (("q", _slice_extent(q)), ("k", _slice_extent(k)), ("v", _slice_extent(v))):
-        if extent > 2**31:
-            reasons.append(f"{name}: one (batch, head) slice spans {extent} elements; "
-                           "in-slice offsets are 32-bit (< 2**31)")
+    reasons += offset_refusals("(batch, head)", q=slice_extent(q, 2), k=slice_extent(k, 2), v=slice_extent(v, 2))
     n_q, n_k, d_qk, d_v = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
     for name, rows, width in (("out", n_q, d_v), ("dq", n_q, d_qk), ("dk", n_k, d_qk), ("dv", n_k, d_v)):
         if rows * width >= 2**31:
@@ -579,7 +574,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     blocks = blocks or default_blocks(d_qk, d_v, q.device, q.dtype, backward=True)
     plan = width_plan(blocks, d_qk, d_v)
     lse = lse.contiguous()
-    if _slice_extent(grad_out) > 2**31:  # 32-bit in-slice offsets; out's contiguous size is within the limits
+    if slice_extent(grad_out, 2) > 2**31:  # 32-bit in-slice offsets; out's contiguous size is within the limits
         grad_out = grad_out.contiguous()
     delta = empty((B, H, n_q), dtype=torch.float32, device=q.device)
     dq, dk, dv = (empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))

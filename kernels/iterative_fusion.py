@@ -40,7 +40,7 @@ a 16-bit backward (was 2·(3L + 1)·NC).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -89,6 +89,15 @@ def num_checkpoints(n_iter: int) -> int:
 
 def _block(size: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(size)))
+
+
+def fit_rows(cfg: LaunchConfig, element_size: int, block_d: int) -> LaunchConfig:
+    """``cfg`` with at most 32-row tiles when q/k rows are wider than 512 bytes (float32 at D > 128): whole
+    64-row tiles of q and k then need 164-262 KB of shared memory in the recompute mode's kernels, over an
+    H100's 227 KB per block (sm_90 compile, launch hints); 32-row tiles need at most 131 KB."""
+    if element_size * block_d <= 512:
+        return cfg
+    return replace(cfg, block_x=min(cfg.block_x, 32), block_y=min(cfg.block_y, 32))
 
 
 # --- device functions --------------------------------------------------------------------------------
@@ -354,9 +363,10 @@ class _Problem:
         C = v.shape[-1]
         if D > MAX_HEAD_DIM:
             raise ValueError(f"q: width D={D} exceeds the Triton kernels' limit of {MAX_HEAD_DIM}")
-        cfg = default_config(q.device)
+        block_d = _block(D, MAX_HEAD_DIM)
+        cfg = fit_rows(default_config(q.device), q.element_size(), block_d)
         return cls(B, N, D, C, scale * LOG2E, VARIANT_IDS[variant], materialized, dot_precision(q.dtype), cfg,
-                   _block(N, cfg.block_x), _block(N, cfg.block_y), _block(C, cfg.block_c), _block(D, MAX_HEAD_DIM))
+                   _block(N, cfg.block_x), _block(N, cfg.block_y), _block(C, cfg.block_c), block_d)
 
     def step_grid(self):
         return (triton.cdiv(self.N, self.block_x), triton.cdiv(self.C, self.block_c), self.B)

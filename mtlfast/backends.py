@@ -128,6 +128,18 @@ def grid_axis_refusals(what: str, count: int) -> list[str]:
     return []
 
 
+def slice_extent(t, first_dim: int) -> int:
+    """Elements one slice t[i0, ..., i_{first_dim - 1}] spans with its strides (1 + its largest offset)."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[first_dim:], t.stride()[first_dim:]))
+
+
+def offset_refusals(slice_name: str, **extents: int) -> list[str]:
+    """A kernel's refusals for the tensors (name=elements one ``slice_name`` slice spans) whose offsets within one
+    slice pass 32 bits: the kernels offset each batch (or batch and head) in 64 bits, and within it in 32."""
+    return [f"{name}: one {slice_name} slice spans {extent} elements; in-slice offsets are 32-bit (< 2**31)"
+            for name, extent in extents.items() if extent > 2**31]
+
+
 @contextlib.contextmanager
 def meta_planning(device: str = "cuda") -> Iterator[None]:
     """Ops on ``meta`` tensors select their backend as on ``device`` and run its fake implementation.

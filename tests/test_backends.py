@@ -270,3 +270,26 @@ def test_triton_limits_refuse_a_batch_beyond_the_grid():
     reasons = OPS["deform_sample"].implementations["triton"].limits([meta(1, 1, 1, 1)] * 64, meta(1, 2**26, 2),
                                                                     meta(1, 2**26, 64))
     assert any(r.startswith("B·N·S = 4294967296") for r in reasons), reasons
+
+
+def test_triton_limits_refuse_32_bit_offsets_within_a_batch():
+    """tpp_attention and em_attention offset each batch element in 64 bits and within it in 32: inputs whose one
+    batch slice spans more than 2**31 elements are refused, naming the tensor; at 2**31 they are taken."""
+    from mtlfast.backends import OPS
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta")
+
+    tpp = OPS["tpp_attention"].implementations["triton"].limits
+    em = OPS["em_attention"].implementations["triton"].limits
+    w = meta(2, 2, 4)
+    q_ok, q_big = meta(1, 2, 2, 2**23, 64), meta(1, 2, 2, 2**23 + 1, 64)  # T·H·N·D = 2**31 and 2**31 + 256
+    small = meta(1, 2, 2, 16, 64)
+    assert tpp(q_ok, small, small, w, None) == []
+    assert [r.split(":")[0] for r in tpp(q_big, small, small, w, None)] == ["q", "out", "dq"]
+    assert [r.split(":")[0] for r in tpp(small, q_big, q_big, w, None)] == ["k", "v", "dk", "dv"]
+    assert "one batch slice spans 2147483904 elements; in-slice offsets are 32-bit" in tpp(q_big, small, small, w,
+                                                                                         None)[0]
+    kw = {"tau": 1.0, "eps": 1e-6, "detach_iterations": False}
+    assert em(meta(1, 2**22, 512), meta(1, 64, 512), 3, **kw) == []
+    assert [r.split(":")[0] for r in em(meta(1, 2**22 + 1, 512), meta(1, 64, 512), 3, **kw)] == ["x"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, grid_axis_refusals, triton_unavailable
+from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, grid_axis_refusals, offset_refusals, triton_unavailable
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_float,
                                  check_positive_int, check_shapes)
 from mtlfast.ops._kernel_op import KernelAutograd, kernel_function
@@ -114,7 +114,8 @@ def _triton_limits(x, mu, n_iter, **kwargs) -> list[str]:
     reasons = grid_axis_refusals("B", x.shape[0])
     if K > MAX_K:
         reasons.append(f"K={K} bases exceed the kernel's limit of {MAX_K} (the logits tile is held in registers)")
-    return reasons
+    n, c = x.shape[1:]
+    return reasons + offset_refusals("batch", x=n * c, z=n * K)  # x and the gradients are made contiguous
 
 
 _OP.register("reference", _reference.em_attention, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)

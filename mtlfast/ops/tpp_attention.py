@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from mtlfast.backends import FLOAT_DTYPES, GPU_DTYPES, Op, grid_axis_refusals, triton_unavailable
+from mtlfast.backends import (FLOAT_DTYPES, GPU_DTYPES, Op, grid_axis_refusals, offset_refusals, slice_extent,
+                              triton_unavailable)
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_shapes, check_tensor,
                                  resolve_scale)
 from mtlfast.ops._kernel_op import KernelAutograd, kernel_function
@@ -112,7 +113,9 @@ def _triton_limits(q, k, v, mix_weight, mix_bias, **kwargs) -> list[str]:
     if C > MAX_CHANNELS:
         reasons.append(f"T·H={C} score maps exceed the kernel's limit of {MAX_CHANNELS} (all of them are mixed in "
                        "registers)")
-    return reasons
+    (n_q, d), (n_k, d_v) = q.shape[3:], v.shape[3:]
+    return reasons + offset_refusals("batch", q=slice_extent(q, 1), k=slice_extent(k, 1), v=slice_extent(v, 1),
+                                     out=C * n_q * d_v, dq=C * n_q * d, dk=C * n_k * d, dv=C * n_k * d_v)
 
 
 _OP.register("reference", _reference.tpp_attention, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
