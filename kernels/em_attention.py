@@ -80,8 +80,9 @@ def gpu_config(B: int, K: int, C: int, dtype: torch.dtype, sms: int) -> LaunchCo
     token). Measured with ``ptxas -v`` for sm_90a (triton 3.6; not yet run on a GPU): in bfloat16 no
     register spills for K <= 64 and at most 64 bytes at K = 128 (at 4 warps or 3 stages the K = 64 backward
     spilled 0.8-2.4 KB, hence 8 warps, 2 stages); in float32 at most 100 bytes for K <= 128; K = 256 spills
-    up to about 1 KB. One program per SM in all (P = SMs / B per batch element), each walking its share of
-    the token tiles."""
+    up to about 1 KB (compiled without the divisibility hints a launch adds; with them, at K = 1 and 64:
+    bfloat16 without stack, float32 at most 16 B, at most 45 KB of shared memory). One program per SM in
+    all (P = SMs / B per batch element), each walking its share of the token tiles."""
     block_k = max(16, triton.next_power_of_2(K))
     block_n = max(16, 64 * 64 // max(block_k, 64) // (2 if dtype == torch.float32 else 1))
     return LaunchConfig(block_n=block_n, block_n_em=2 * block_n if block_k <= 128 else block_n,
