@@ -63,25 +63,31 @@ def test_resume_replays_the_same_losses(tmp_path, stop, eval_every):
     assert [int(r["iteration"]) for r in logged] == list(range(1, 8))
 
 
-def test_resume_with_a_changed_config_lists_the_changes_and_takes_its_optimiser_values(tmp_path, capsys):
+@pytest.mark.parametrize("optimiser", ["adam", "adamw", "sgd"])
+def test_resume_with_a_changed_config_lists_the_changes_and_takes_its_optimiser_values(tmp_path, capsys, optimiser):
     """torch restores the checkpoint's base lr with the schedule state: a resumed run given another optim.lr would
-    silently keep the old one. The config's lr / weight decay apply from the checkpoint's iteration on, on the
-    same poly schedule (here extended from 2 to 4 iterations), and every changed entry is listed; another
-    optimiser cannot take the saved state."""
-    args = TINY + ON_CPU + [f"output_dir={tmp_path}", "train.checkpoint_every=2"]
+    silently keep the old one. The config's lr / weight decay (and SGD's momentum) apply from the checkpoint's
+    iteration on, on the same poly schedule (here extended from 2 to 4 iterations), and every changed entry is
+    listed; another optimiser cannot take the saved state. Each of optim.name's optimisers, with its settings."""
+    args = TINY + ON_CPU + [f"output_dir={tmp_path}", "train.checkpoint_every=2", f"optim.name={optimiser}"]
     _losses(load_config(None, args + ["train.iterations=2"]))
     assert "resume:" not in capsys.readouterr().err
-    config = load_config(None, args + ["train.iterations=4", "optim.lr=0.01", "optim.weight_decay=0.001"])
-    trainer = Trainer(config, resume=str(tmp_path / "last.pt"), progress=False)
+    changes = ["optim.lr=0.01", "optim.weight_decay=0.001", "optim.momentum=0.5"]
+    trainer = Trainer(load_config(None, args + ["train.iterations=4"] + changes), resume=str(tmp_path / "last.pt"),
+                      progress=False)
     err = capsys.readouterr().err
     assert "optim.lr: 0.001 -> 0.01" in err and "train.iterations: 2 -> 4" in err and "optim.poly_power" not in err
-    assert [(g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups] == [(0.01 * (1 - 2 / 4) ** 0.9,
-                                                                                       0.001)]
+    assert type(trainer.optimizer) is {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+                                       "sgd": torch.optim.SGD}[optimiser]
+    (group,) = trainer.optimizer.param_groups
+    assert (group["lr"], group["weight_decay"]) == (0.01 * (1 - 2 / 4) ** 0.9, 0.001)
+    assert group.get("momentum") == (0.5 if optimiser == "sgd" else None)
     rows = trainer.train()
     trainer.close()
     assert [r["lr"] for r in rows] == pytest.approx([0.01 * (1 - 3 / 4) ** 0.9, 0.0])
-    with pytest.raises(RuntimeError, match="optim.name='adam', which cannot go on as 'sgd'"):
-        Trainer(load_config(None, args + ["optim.name=sgd"]), resume=str(tmp_path / "last.pt"), progress=False)
+    other = "adam" if optimiser == "sgd" else "sgd"
+    with pytest.raises(RuntimeError, match=f"optim.name='{optimiser}', which cannot go on as '{other}'"):
+        Trainer(load_config(None, args + [f"optim.name={other}"]), resume=str(tmp_path / "last.pt"), progress=False)
 
 
 def test_a_stopped_evaluation_is_made_up_on_resume(tmp_path, monkeypatch):
