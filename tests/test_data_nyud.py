@@ -97,6 +97,17 @@ def test_every_label_decoded(tmp_path):
     # an (H, W, 1) edge .npy reads as the (H, W) one
     np.save(base / "edge" / "0002.npy", truth["0002"]["edge"][..., None])
     assert torch.equal(ds[1]["edge"], s["edge"])
+    # a channel-first (3, H, W) normals .npy and an RGBA normals png read as the (H, W, 3) / RGB ones
+    np.save(base / "normals" / "0002.npy", truth["0002"]["normals"].transpose(2, 0, 1))
+    assert torch.equal(ds[1]["normals"], s["normals"])
+    first = ds[0]["normals"]
+    Image.fromarray(np.dstack([truth["0001"]["normals"], np.full((H, W), 7, np.uint8)])).save(
+        base / "normals" / "0001.png")
+    assert torch.equal(ds[0]["normals"], first)
+    np.save(base / "normals" / "0002.npy", truth["0002"]["normals"][..., :2])
+    with pytest.raises(DataError, match=r"normals file .*0002\.npy: expected an \(H, W, 3\) or \(3, H, W\) array, "
+                                        r"got shape \(5, 7, 2\)"):
+        ds[1]
     # a 0/1 edge png (not 0/255) keeps its edges
     Image.fromarray((truth["0001"]["edge"] >= 128).astype(np.uint8)).save(base / "edge" / "0001.png")
     assert np.array_equal(ds[0]["edge"][0].numpy(), (truth["0001"]["edge"] >= 128).astype(np.float32))

@@ -292,7 +292,14 @@ def test_parts_alone_keeps_the_images_that_show_a_person(tmp_path, monkeypatch):
     assert PASCALContext(base, split="train", tasks=["parts"]).ids == ["b"] and not reads
     (base / "ImageSets" / "Parts" / "train.txt").write_text(json.dumps({"a": [15]}))  # b missing: not used
     assert PASCALContext(base, split="train", tasks=["parts"]).ids == ["a"] and not reads
+    (base / "ImageSets" / "Parts" / "train.txt").write_text("a -1\nb 15\n")  # not their JSON: not used
+    assert PASCALContext(base, split="train", tasks=["parts"]).ids == ["a"] and not reads
     monkeypatch.undo()
+    (tmp_path / "a_file").write_text("")  # a cache that cannot be written: scanned, with a warning
+    monkeypatch.setenv("MTLFAST_CACHE", str(tmp_path / "a_file" / "cache"))
+    with pytest.warns(UserWarning, match=r"could not keep the PASCAL-Part person scan in .*a_file.cache.* it runs "
+                                         "again next time"):
+        assert PASCALContext(base, split="train", tasks=["parts"]).ids == ["a"]
     monkeypatch.setenv("MTLFAST_CACHE", str(tmp_path / "cache"))
     (base / "ImageSets" / "Parts" / "train.txt").unlink()
     scipy.io.savemat(base / "human_parts" / "b.mat",  # b gets a person without part annotations: scanned again

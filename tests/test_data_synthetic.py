@@ -28,6 +28,15 @@ def test_any_size(size):
         assert s[key].shape == size
 
 
+def test_size_argument():
+    from mtlfast.data.synthetic import SyntheticDataset
+
+    assert SyntheticDataset(size=17, length=1).size == (17, 17)
+    for bad in (1, (1, 5), (4, 4, 4)):
+        with pytest.raises(ValueError, match=r"size: expected \(height, width\) >= 2"):
+            SyntheticDataset(size=bad)
+
+
 def _backproject(depth, f, size):
     h, w = size
     u = (np.arange(w) + 0.5 - w / 2) / f

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mtlfast.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Normalize, PadTo, PhotometricDistortion,
-                                     RandomCrop, RandomScale, collate, flip_sample, train_transform, val_transform)
+                                     RandomCrop, RandomScale, collate, flip_sample, pad_sample, train_transform,
+                                     val_transform)
 
 
 def _sample(h=9, w=13, seed=0):
@@ -165,6 +166,24 @@ def test_collate_pads_to_common_size():
     assert batch["semseg"].shape == (2, 6, 7) and batch["normals"].shape == (2, 3, 6, 7)
     assert torch.all(batch["semseg"][0, 5] == 255) and torch.all(batch["semseg"][1, :, 4:] == 255)
     assert [m["size"] for m in batch["meta"]] == [(5, 7), (6, 4)]
+
+
+def test_bad_arguments_name_what_is_wrong():
+    for bad in (0, (5, 0), (5, 2.5), (True, 3), (1, 2, 3)):
+        with pytest.raises(ValueError, match=r"size: expected \(height, width\) of positive integers"):
+            RandomCrop(bad)
+    assert RandomCrop(7).size == (7, 7)
+    with pytest.raises(ValueError, match=r"scale range: expected 0 < low <= high, got \(2, 1\)"):
+        RandomScale(2, 1)
+    with pytest.raises(ValueError, match=r"x: image of size \(9, 13\) does not fit the evaluation pad size \(8, 13\)"):
+        PadTo((8, 13))(_sample())
+    with pytest.raises(ValueError, match=r"pad size \(9, 12\) is smaller than the sample \(9, 13\)"):
+        pad_sample(_sample(), (9, 12))
+    with pytest.raises(ValueError, match="collate: empty batch"):
+        collate([])
+    no_sal = {k: v for k, v in _sample(seed=1).items() if k != "sal"}
+    with pytest.raises(ValueError, match="collate: samples have different keys"):
+        collate([_sample(), no_sal])
 
 
 def test_same_generator_seed_same_augmentation():

@@ -75,6 +75,9 @@ def test_depth_rmse_pixel_pooled():
     assert out["abs_rel"] == pytest.approx(2 / 3)
     m.update(_row([-1.0]), _row([2.0]))                      # a negative depth counts as 0: error 2
     assert m.compute()["rmse"] == pytest.approx(math.sqrt(8 / 4))
+    empty = DepthMeter()  # no valid pixel: undefined, not 0
+    empty.update(_row([1.0, 2.0]), _row([0.0, float("inf")]))
+    assert all(math.isnan(v) for v in empty.compute().values())
 
 
 def test_normals_angles():
@@ -491,8 +494,8 @@ def test_edge_meter_equals_the_literal_loop_with_padding():
 
 def test_edge_meter_worker_processes_give_the_same_counts():
     """workers=2 (spawned processes, images queued across batches): the state equals the in-process meter's after
-    every kind of read (state_dict, merge, compute), an all-ignored image included; compute ends the processes
-    and a later update starts new ones; reset drops queued images."""
+    every kind of read (state_dict, merge, compute), an all-ignored image included; at most 4 images per worker
+    wait; compute ends the processes and a later update starts new ones; reset drops queued images."""
     rng = np.random.default_rng(11)
     batches = []
     for _ in range(3):
@@ -508,6 +511,11 @@ def test_edge_meter_worker_processes_give_the_same_counts():
     assert pooled._pool is not None and len(pooled._queued) > 0  # queued in the workers, not counted in-process
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), pooled.state_dict().values()))
     plain.update(*batches[2])
+    bounded = EdgeMeter(0.03, thresholds=9, workers=1)
+    for batch in batches:  # 9 images: past 4 queued per worker, update collects the oldest first
+        bounded.update(*batch)
+        assert 0 < len(bounded._queued) <= 4
+    assert bounded.compute() == plain.compute()
     other = EdgeMeter(0.03, thresholds=9, workers=1)
     other.update(*batches[2])
     pooled.merge(other)
