@@ -40,7 +40,7 @@ from torch import nn
 
 from mtlfast.nn.common import checkpoint_stage
 
-__all__ = ["BACKBONES", "Backbone", "backbone_names", "timm_unusable"]
+__all__ = ["BACKBONES", "Backbone", "backbone_names", "needs_timm", "timm_unusable"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,11 @@ def _import_timm():
             f"mtlfast.models needs timm (with an importable torchvision) for its backbones: "
             f"{exc.__class__.__name__}: {exc}. See README (Models) for the install command.") from exc
     return timm
+
+
+def needs_timm(name: str) -> bool:
+    """Whether backbone ``name`` (short or timm name) comes from timm: all but ``convnet_tiny``."""
+    return _resolve(name)[1].family != "plain"
 
 
 def timm_unusable() -> str | None:

@@ -156,16 +156,16 @@ def _bench_models(args: argparse.Namespace) -> int:
 
     from mtlfast._files import read_json
     from mtlfast.bench import harness, models
-    from mtlfast.models.backbones import timm_unusable
+    from mtlfast.models.backbones import needs_timm, timm_unusable
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    why = timm_unusable()
-    if why:  # every setting has a paper backbone
-        raise ImportError(why)
     settings = [s for s in models.SETTINGS if not args.cases or re.search(args.cases, s.name)]
     if not settings:
         raise ValueError(f"--cases {args.cases!r} matches no model setting (names are method-backbone-dataset, e.g. "
                          f"{models.SETTINGS[0].name})")
+    why = timm_unusable() if any(needs_timm(s.backbone) for s in settings) else None
+    if why:  # refused before anything runs or is written
+        raise ImportError(why)
     quick = args.quick or device.type == "cpu"  # a CPU model run is a check at small shapes
     args.out = _result_folder(args.out, quick)
     if device.type == "cpu":

@@ -1,4 +1,5 @@
 """The benchmark harness on CPU with a toy benchmark: rows, ratios, refusals and the result file."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -241,6 +242,46 @@ def test_cli_bench_budget_and_resume(tmp_path):
         assert result.returncode == 3 and "not run: " in result.stdout, result.stderr
         (path,) = out.glob("*/models.json")
         assert json.loads(path.read_text())["complete"] is False
+
+
+def test_cli_bench_models_runs_saves_and_resumes(tmp_path, monkeypatch, capsys):
+    """`mtlfast bench --models` end to end, on convnet_tiny settings standing in for the papers' (which need timm;
+    a CPU run is a quick check at 128x128, batch 1): each setting's tables printed, models.json and models.png
+    written; a later call of the same sources with other --cases keeps the earlier setting; a spent budget exits 3
+    listing the settings left, a failing model 1 naming it (its other paths still run)."""
+    from mtlfast import cli
+    from mtlfast.bench import models
+
+    tasks = ("semseg", "depth")
+    sem = models.ModelSetting("sem", "convnet_tiny", "nyud", tasks, batch=2,
+                              kwargs={"dim": 16, "num_bases": 8, "em_iters": 2})
+    baseline = models.ModelSetting("baseline", "convnet_tiny", "nyud", tasks, batch=2)
+    monkeypatch.setattr(models, "SETTINGS", [sem, baseline])
+    out = tmp_path / "results"
+
+    def call(*args):
+        status = cli.main(["bench", "--models", "--out", str(out), *args])
+        (path,) = out.glob("*/models.json")
+        return status, capsys.readouterr(), json.loads(path.read_text())
+
+    status, printed, saved = call("--cases", "^sem-")
+    assert status == 0 and f"-- {sem.name} (128, 128) batch 1" in printed.out and "baseline" not in printed.out
+    assert "kernels/reference: train_ms" in printed.out and "EMInteraction" in printed.out
+    assert saved["quick"] is True and saved["complete"] is True and saved["settings_left"] == []
+    assert [r["setting"] for r in saved["results"]] == [sem.name]
+    assert (out / harness.device_slug("cpu") / "models.png").stat().st_size > 0
+    status, printed, saved = call("--cases", "^baseline-")
+    assert status == 0 and [r["setting"] for r in saved["results"]] == [sem.name, baseline.name]
+    status, printed, saved = call("--budget", "0")
+    assert status == 3 and f"time budget spent; not run: {sem.name}, {baseline.name}" in printed.out
+    assert saved["complete"] is False and saved["settings_left"] == [sem.name, baseline.name]
+    assert [r["setting"] for r in saved["results"]] == [sem.name, baseline.name]  # kept from the earlier calls
+    monkeypatch.setattr(models, "SETTINGS", [dataclasses.replace(sem, kwargs={"no_such_option": 1})])
+    status, printed, saved = call()
+    assert status == 1 and "failed (not out of memory):" in printed.err
+    for path in models.PATHS:  # each path tried and recorded
+        assert f"{sem.name}/{path}: ValueError: create_model('sem'" in printed.err
+        assert "no_such_option" in saved["results"][-1]["paths"][path]["error"]
 
 
 def test_cli_bench_and_info_run():
