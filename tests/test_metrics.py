@@ -744,3 +744,15 @@ def test_baseline_out_is_checked_before_the_runs_and_written_atomically(tmp_path
     monkeypatch.undo()
     assert main(["baseline", "--no-progress", "--resume", "--out", str(out), *tiny]) == 0
     assert set(load_baseline(out)) == {"semseg"}
+    # a run evaluated at its last iteration (train.eval_every) gives that evaluation's value, without a second one
+    from mtlfast.engine.logs import RunLog
+    from mtlfast.engine.trainer import Trainer
+
+    calls = []
+    real_evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: calls.append(self.iteration) or real_evaluate(
+        self, *a, **k))
+    assert main(["baseline", "--no-progress", "--out", str(out), *tiny[:-1], "train.eval_every=1",
+                 f"output_dir={tmp_path / 'evaluated'}"]) == 0
+    (row,) = RunLog(str(tmp_path / "evaluated" / "single_task" / "semseg")).read("eval")
+    assert calls == [1] and load_baseline(out) == {"semseg": {"mIoU": float(row["semseg/mIoU"])}}

@@ -526,6 +526,21 @@ def test_cli_train_then_eval(tmp_path):
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "no such file" in debug.stderr
 
 
+def test_cli_train_resume_auto_starts_or_resumes(tmp_path, capsys):
+    """`mtlfast train --resume auto` starts a run where output_dir holds no last.pt and resumes it where it does
+    (here extended from 2 to 4 iterations: the log goes on from iteration 3)."""
+    from mtlfast import cli
+    from mtlfast.engine.logs import RunLog
+
+    args = ["train", "--no-progress", "--resume", "auto", f"output_dir={tmp_path / 'run'}",
+            "train.checkpoint_every=2", *TINY, *ON_CPU]
+    assert cli.main(args + ["train.iterations=2"]) == 0
+    assert "resume:" not in capsys.readouterr().err
+    assert cli.main(args + ["train.iterations=4"]) == 0
+    assert "train.iterations: 2 -> 4" in capsys.readouterr().err
+    assert [int(r["iteration"]) for r in RunLog(str(tmp_path / "run")).read("train")] == [1, 2, 3, 4]
+
+
 def _run(tmp_path, name, extra):
     config = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path / name}", "train.iterations=2",
                                                 "train.checkpoint_every=2", "train.backend=reference", *extra])
