@@ -122,7 +122,8 @@ class _PlainPyramid(nn.Module):
         for cin, cout in zip(widths[:-1], widths[1:]):
             self.stages.append(nn.Sequential(*conv(cin, cout, 2), *conv(cout, cout, 1)))
         self.channels = list(widths)
-        self.grad_checkpointing = False  # each stage under checkpoint_stage in training (Backbone.set_grad_checkpointing)
+        # each stage under checkpoint_stage in training (Backbone.set_grad_checkpointing)
+        self.grad_checkpointing = False
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         feats = []

@@ -57,8 +57,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _bench_report(args.report, benchmarks)
     unknown = [op for op in args.ops if op not in benchmarks]
     if unknown:
-        print(f"mtlfast bench: unknown op(s) {', '.join(unknown)}; available: {', '.join(sorted(benchmarks)) or 'none'}",
-              file=sys.stderr)
+        print(f"mtlfast bench: unknown op(s) {', '.join(unknown)}; available: "
+              f"{', '.join(sorted(benchmarks)) or 'none'}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")

@@ -145,9 +145,10 @@ def test_image_ids_with_folders_and_nyud_class_ids(tmp_path):
         read_prediction("semseg", tmp_path / "semseg" / "scene" / "0001.png", "nyud")
 
 
-def test_score_command_with_edge_worker_processes(tmp_path):
+def test_score_command_with_edge_worker_processes(tmp_path, capsys):
     """`python -m mtlfast score` with eval.edge_workers=1: the spawned worker imports mtlfast.__main__'s package
-    without running the command again, and the scores equal the in-process ones."""
+    without running the command again, and the scores equal the in-process ones. A missing --predictions folder,
+    and both --config and --checkpoint, are refused naming them."""
     import json
     import subprocess
     import sys
@@ -168,6 +169,12 @@ def test_score_command_with_edge_worker_processes(tmp_path):
     assert run.stdout.count("scores of the predictions") == 1
     scored = json.loads((tmp_path / "s.json").read_text())["metrics"]
     assert scored == score_predictions(tmp_path, val, ["edge", "sal"], edge_thresholds=5).metrics
+    from mtlfast.cli import main
+
+    assert main(["score", "--predictions", str(tmp_path / "missing"), *overrides]) == 1
+    assert f"FileNotFoundError: --predictions: folder not found: {tmp_path / 'missing'}" in capsys.readouterr().err
+    assert main(["score", "--predictions", str(tmp_path), "--config", "c.yaml", "--checkpoint", "k.pt"]) == 1
+    assert "pass --config or --checkpoint (whose config names the data), not both" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dataset", ["nyud", "pascal"])

@@ -541,6 +541,18 @@ def test_cli_train_resume_auto_starts_or_resumes(tmp_path, capsys):
     assert [int(r["iteration"]) for r in RunLog(str(tmp_path / "run")).read("train")] == [1, 2, 3, 4]
 
 
+def test_progress_bar_shows_the_loss_and_evaluations_print_above_it(tmp_path, capsys):
+    """progress=True (the CLI's default): a tqdm bar on stderr with the loss, in place of the per-row lines; an
+    evaluation's line is printed above it (tqdm.write), and the bar is closed at the end."""
+    config = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path}", "train.iterations=2", "train.eval_every=2"])
+    trainer = Trainer(config, progress=True)
+    trainer.train()
+    trainer.close()
+    out, err = capsys.readouterr()
+    assert "train: 100%" in err and "2/2" in err and "loss=" in err and trainer._bar is None
+    assert "evaluation at iteration 2: semseg/mIoU " in out and "iteration 1/2" not in out + err
+
+
 def _run(tmp_path, name, extra):
     config = load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path / name}", "train.iterations=2",
                                                 "train.checkpoint_every=2", "train.backend=reference", *extra])
