@@ -219,6 +219,27 @@ def test_source_fingerprint_follows_the_sources(tmp_path, monkeypatch):
     assert len({before, with_probe, harness.source_fingerprint()}) == 3
 
 
+def test_every_op_benchmark_records_what_auto_resolves_to():
+    """The `mtlfast` provider (backend auto) of every op benchmark, on its first CPU case: the row's ``resolved``
+    names the backend auto picks (iterative_fusion's mode too); where that is the reference (a CPU has no kernel
+    for the Triton ops) the provider is refused with the reason, so that no row times the reference under the
+    library's name."""
+    from mtlfast import _ext
+
+    benchmarks = harness.load_benchmarks()
+    assert set(benchmarks) == {"attention", "tpp_attention", "lthd_attention", "iterative_fusion", "em_attention",
+                               "deform_sample"}
+    for op, benchmark in benchmarks.items():
+        inputs = benchmark.cases("cpu")[0].make("cpu", torch.float32)
+        (provider,) = [p for p in benchmark.providers if p.name == "mtlfast"]
+        resolved = provider.resolve(inputs)
+        kernel = "cpp" if op == "deform_sample" and _ext.status().loaded else None
+        assert resolved["backend"] == (kernel or "reference"), op
+        refusal = None if kernel else "auto resolves to the reference on cpu (no kernel there)"
+        assert provider.refuse(inputs) == refusal, op
+        assert ("mode" in resolved) == (op == "iterative_fusion"), op
+
+
 def test_cli_bench_budget_and_resume(tmp_path):
     """`mtlfast bench --budget 0` measures nothing, writes every case as not run and exits 3 (likewise with
     --models: no setting runs, models.json says incomplete); --resume needs --out."""
