@@ -305,6 +305,22 @@ def test_cli_bench_models_runs_saves_and_resumes(tmp_path, monkeypatch, capsys):
         assert "no_such_option" in saved["results"][-1]["paths"][path]["error"]
 
 
+def test_host_overhead_script_measures_every_op(tmp_path):
+    """bench/host_overhead.py (gpu_check.sh's `host` phase; its stubs stay registered, so it runs in its own
+    process): both ways, forward+backward and inference, of every op, written with the environment."""
+    from mtlfast.bench import host_overhead
+
+    result = subprocess.run([sys.executable, "-m", "mtlfast.bench.host_overhead", "--out", str(tmp_path), "--rounds",
+                             "1", "--calls", "3"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = (tmp_path / "host_overhead").glob("*.json")
+    saved = json.loads(path.read_text())
+    assert saved["unit"] == "us" and saved["environment"]["torch"] == torch.__version__
+    keys = {f"{way} {mode}" for way in ("eager", "library") for mode in ("fwd+bwd", "inference")}
+    assert set(saved["ops"]) == set(host_overhead.OPS)
+    assert all(set(row) == keys and all(v > 0 for v in row.values()) for row in saved["ops"].values())
+
+
 def test_cli_bench_and_info_run():
     result = subprocess.run([sys.executable, "-m", "mtlfast", "info"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
