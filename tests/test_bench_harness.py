@@ -266,10 +266,10 @@ def test_cli_bench_budget_and_resume(tmp_path):
 
 
 def test_cli_bench_models_runs_saves_and_resumes(tmp_path, monkeypatch, capsys):
-    """`mtlfast bench --models` end to end, on convnet_tiny settings standing in for the papers' (which need timm;
-    a CPU run is a quick check at 128x128, batch 1): each setting's tables printed, models.json and models.png
-    written; a later call of the same sources with other --cases keeps the earlier setting; a spent budget exits 3
-    listing the settings left, a failing model 1 naming it (its other paths still run)."""
+    """`mtlfast bench --models --device cpu` end to end, on convnet_tiny settings standing in for the papers' (which
+    need timm; a CPU run is a quick check at 128x128, batch 1): each setting's tables printed, models.json and
+    models.png written; a later call of the same sources with other --cases keeps the earlier setting; a spent
+    budget exits 3 listing the settings left, a failing model 1 naming it (its other paths still run)."""
     from mtlfast import cli
     from mtlfast.bench import models
 
@@ -281,12 +281,13 @@ def test_cli_bench_models_runs_saves_and_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "results"
 
     def call(*args):
-        status = cli.main(["bench", "--models", "--out", str(out), *args])
+        status = cli.main(["bench", "--models", "--device", "cpu", "--out", str(out), *args])
         (path,) = out.glob("*/models.json")
         return status, capsys.readouterr(), json.loads(path.read_text())
 
     status, printed, saved = call("--cases", "^sem-")
-    assert status == 0 and f"-- {sem.name} (128, 128) batch 1" in printed.out and "baseline" not in printed.out
+    assert status == 0, printed.err
+    assert f"-- {sem.name} (128, 128) batch 1" in printed.out and "baseline" not in printed.out
     assert "kernels/reference: train_ms" in printed.out and "EMInteraction" in printed.out
     assert saved["quick"] is True and saved["complete"] is True and saved["settings_left"] == []
     assert [r["setting"] for r in saved["results"]] == [sem.name]

@@ -534,10 +534,10 @@ def test_cli_train_resume_auto_starts_or_resumes(tmp_path, capsys):
 
     args = ["train", "--no-progress", "--resume", "auto", f"output_dir={tmp_path / 'run'}",
             "train.checkpoint_every=2", *TINY, *ON_CPU]
-    assert cli.main(args + ["train.iterations=2"]) == 0
+    assert cli.main(args + ["train.iterations=2"]) == 0, capsys.readouterr().err
     assert "resume:" not in capsys.readouterr().err
-    assert cli.main(args + ["train.iterations=4"]) == 0
-    assert "train.iterations: 2 -> 4" in capsys.readouterr().err
+    status, err = cli.main(args + ["train.iterations=4"]), capsys.readouterr().err
+    assert status == 0 and "train.iterations: 2 -> 4" in err, err
     assert [int(r["iteration"]) for r in RunLog(str(tmp_path / "run")).read("train")] == [1, 2, 3, 4]
 
 
