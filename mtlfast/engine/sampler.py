@@ -16,11 +16,10 @@ from torch.utils.data import Dataset, Sampler
 
 
 class ResumableSampler(Sampler[int]):
-    def __init__(self, size: int, *, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, size: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if size < 1:
             raise ValueError("sampler: the dataset is empty")
-        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.per_rank = -(-size // world_size)
         self.epoch, self.start_batch = 0, 0
@@ -29,14 +28,13 @@ class ResumableSampler(Sampler[int]):
         """The next iteration yields epoch ``epoch`` from batch ``start_batch`` on (per rank)."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def batches_per_epoch(self, drop_last: bool = True) -> int:
-        return self.per_rank // self.batch_size if drop_last else -(-self.per_rank // self.batch_size)
+    def batches_per_epoch(self) -> int:
+        """Full batches per rank and epoch (the loader drops the last, partial one)."""
+        return self.per_rank // self.batch_size
 
     def epoch_indices(self, epoch: int) -> list[int]:
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
-        else:
-            order = list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
         order += order[: self.per_rank * self.world_size - self.size]  # pad so every rank has per_rank
         return order[self.rank::self.world_size]
 
