@@ -266,7 +266,7 @@ def test_seeded_items_leave_the_cuda_generators_alone(monkeypatch):
     ("optim.grad_clip=true", ValueError, "optim.grad_clip: expected a number > 0 or null, got True"),
     ("train.sample_images=-1", ValueError, "train.sample_images: expected an integer >= 0, got -1"),
     ("train.eval_at_start=no", ValueError, "train.eval_at_start: expected true or false, got 'no'"),
-    ("train.amp=fp16", ValueError, "train.amp: expected auto, bf16 or off, got 'fp16'"),
+    ("train.amp=fp32", ValueError, "train.amp: expected auto, bf16, fp16 or off, got 'fp32'"),
     ("eval.batch_size=0", ValueError, "eval.batch_size: expected an integer >= 1, got 0"),
     ("eval.edge_thresholds=0", ValueError, "eval.edge_thresholds: expected a number of thresholds >= 1 or a list"),
     ("eval.edge_thresholds=true", ValueError, "eval.edge_thresholds: expected a number of thresholds >= 1"),

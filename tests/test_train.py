@@ -1,11 +1,13 @@
 """The training pipeline end to end on tiny synthetic runs: loss falls, exact resume, 2-process DDP, CLI."""
 import copy
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -291,10 +293,81 @@ def test_bf16_autocast_trains_and_logs_throughput_and_memory(tmp_path):
     logged = trainer.log.read("train")
     assert [float(r[memory]) for r in logged] == [r[memory] for r in rows]
     trainer.close()
-    with pytest.raises(ValueError, match="train.amp: expected auto, bf16 or off, got 'fp16'"):
-        Trainer(load_config(None, TINY + [f"output_dir={tmp_path}", "train.amp=fp16"]), progress=False)
+    with pytest.raises(ValueError, match="train.amp: expected auto, bf16, fp16 or off, got 'fp8'"):
+        Trainer(load_config(None, TINY + [f"output_dir={tmp_path}", "train.amp=fp8"]), progress=False)
     with pytest.raises(ValueError, match="train.cudnn_benchmark: expected true or false, got 'fast'"):
         Trainer(load_config(None, TINY + [f"output_dir={tmp_path}", "train.cudnn_benchmark=fast"]), progress=False)
+
+
+def test_fp16_autocast_scales_the_loss_and_skips_overflowing_steps(tmp_path):
+    """train.amp=fp16 (GPUs before compute capability 8.0; here on the default device): float16 convolutions, the loss scaled for the backward and the
+    gradients unscaled before clipping; a step whose gradients overflow float16 changes no weight and no optimiser
+    state, halves the scale and still advances the schedule (without torch's warning about it); a non-finite
+    gradient at a scale below 2**-16 stops the run."""
+    trainer = Trainer(load_config(None, TINY + [f"output_dir={tmp_path}", "train.amp=fp16"]), progress=False)
+    seen = set()
+    for module in trainer.model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, args, out: seen.add(out.dtype))
+    batch = next(iter(trainer.train_loader))
+    params = list(trainer.model.parameters())
+    before = [p.detach().clone() for p in params]
+    trainer.scaler.load_state_dict({**trainer.scaler.state_dict(), "scale": 2.0 ** 40})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        row = trainer.train_step(batch)
+    assert seen == {torch.float16}
+    assert not any("lr_scheduler" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert row["loss_scale"] == 2.0 ** 40 and not math.isfinite(row["grad_norm"]) and math.isfinite(row["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and not trainer.optimizer.state
+    assert trainer.scaler.get_scale() == 2.0 ** 39 and trainer.scheduler.last_epoch == 1
+    trainer.scaler.update(1024.0)
+    row = trainer.train_step(batch)
+    assert row["loss_scale"] == 1024.0 and trainer.scaler.get_scale() == 1024.0
+    assert not all(torch.equal(a, b) for a, b in zip(before, params)) and trainer.optimizer.state
+    # the clipped and logged norm is the true one (unscaled): that of the same first step in float32
+    plain = Trainer(load_config(None, TINY + [f"output_dir={tmp_path / 'fp32'}", "train.amp=off"]), progress=False)
+    assert row["grad_norm"] == pytest.approx(plain.train_step(batch)["grad_norm"], rel=0.02)
+    plain.close()
+    trainer.scaler.update(2.0 ** -17)
+    params[0].register_hook(lambda grad: grad * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"float16 gradients are not finite at iteration 1 even at loss "
+                                                 r"scale 7.62939e-06 \(loss .*\): train.amp=bf16 or off"):
+        trainer.train_step(batch)
+    trainer.close()
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path, monkeypatch):
+    """The loss scale and its growth count are part of the exact resume: with the scale doubling after every
+    finite step (growth_interval=1, so that it moves within a short run), the resumed run replays the losses
+    and scales of the uninterrupted one."""
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, growth_interval=1))
+    args = TINY + ON_CPU + ["train.iterations=5", "train.checkpoint_every=2", "train.amp=fp16"]
+
+    def run(folder, stop=None, resume=None):
+        trainer = Trainer(load_config(None, args + [f"output_dir={tmp_path / folder}"]), resume=resume, progress=False)
+        if stop:
+            trainer.config["train"]["iterations"] = stop  # the same 5-iteration schedule, stopped at a checkpoint
+        rows = trainer.train()
+        trainer.close()
+        return [(r["loss"], r["loss_scale"]) for r in rows]
+
+    full = run("full")
+    assert full[2][1] != 2.0 ** 16, full  # the first resumed step's scale: not a fresh scaler's
+    resumed = run("part", stop=2) + run("part", resume=str(tmp_path / "part" / "last.pt"))
+    assert resumed == full
+
+
+def test_amp_auto_takes_bf16_where_the_gpu_computes_it_else_fp16(monkeypatch):
+    from mtlfast.engine.trainer import _autocast_dtype
+
+    assert _autocast_dtype("auto", torch.device("cpu")) is None
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
+        assert _autocast_dtype("auto", torch.device("cuda")) == dtype
+        assert _autocast_dtype("bf16", torch.device("cuda")) == torch.bfloat16  # as asked, whatever the GPU
+    assert _autocast_dtype("fp16", torch.device("cpu")) == torch.float16
+    assert _autocast_dtype("off", torch.device("cuda")) is None
 
 
 def test_baseline_checked_before_training_and_delta_m_logged(tmp_path):
@@ -376,10 +449,15 @@ def _torchrun(tmp_path, processes, args):
     _launch(processes, [str(script), *args])
 
 
-def test_two_process_ddp_ends_with_equal_weights(tmp_path):
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_two_process_ddp_ends_with_equal_weights(tmp_path, amp):
     """Both ranks end with the same weights, and these moved from the initial ones (the run stepped); the loss both
-    ranks return and rank 0 logs is the mean of the ranks' own losses (of different data), not rank 0's."""
-    _torchrun(tmp_path, 2, TINY + ON_CPU + [f"output_dir={tmp_path}", "train.iterations=3", "train.checkpoint_every=3"])
+    ranks return and rank 0 logs is the mean of the ranks' own losses (of different data), not rank 0's. In float16
+    every rank unscales the same all-reduced gradients, so all skip a step alike and keep one loss scale (the first
+    steps overflow at the initial 2**16 here: 10 iterations, so that some step is taken)."""
+    its = 10 if amp == "fp16" else 3
+    _torchrun(tmp_path, 2, TINY + ON_CPU + [f"output_dir={tmp_path}", f"train.iterations={its}",
+                                            f"train.checkpoint_every={its}", f"train.amp={amp}"])
     w0, w1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1))
     assert torch.equal(w0, w1)
     assert not torch.equal(w0, torch.load(tmp_path / "initial_weights_rank0.pt"))
@@ -390,7 +468,10 @@ def test_two_process_ddp_ends_with_equal_weights(tmp_path):
     assert l0["logged"] == pytest.approx(mean, rel=1e-6)
     from mtlfast.engine.logs import RunLog
 
-    assert [r["loss"] for r in RunLog(str(tmp_path)).read("train")] == pytest.approx(mean, rel=1e-6)
+    logged = RunLog(str(tmp_path)).read("train")
+    assert [r["loss"] for r in logged] == pytest.approx(mean, rel=1e-6)
+    scales = [r.get("loss_scale") for r in logged]
+    assert all(math.log2(s).is_integer() for s in scales) if amp == "fp16" else scales == [None] * its, scales
     # one RNG stream per rank for the training forward (dropout masks differ), every rank's state in the checkpoint
     assert not torch.equal(*(torch.load(tmp_path / f"rng_rank{r}.pt") for r in (0, 1)))
     states = torch.load(tmp_path / "last.pt", weights_only=False)["rng_per_rank"]

@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 100,
         "log_every": 10,
         "device": "auto",           # auto (CUDA when available, else CPU) | cuda | cpu (e.g. gloo DDP on a GPU machine)
-        "amp": "auto",              # auto (bf16 on CUDA, off on CPU) | bf16 | off
+        "amp": "auto",              # auto (CUDA: bf16, fp16 below sm_80; CPU: off) | bf16 | fp16 | off
         "cudnn_benchmark": True,    # cuDNN picks the fastest convolution algorithms for the (fixed) crop size (CUDA)
         "sync_bn": False,           # BatchNorm -> SyncBatchNorm (CUDA only; statistics shared across processes)
         "backend": None,            # mtlfast backend for the ops (None: MTLFAST_BACKEND or auto)
@@ -204,8 +204,8 @@ def check_config(config: dict) -> dict:
     for key in _BOOLEANS:
         if not isinstance(v := value(key), bool):
             raise ValueError(f"{key}: expected true or false, got {v!r}")
-    if (amp := value("train.amp")) not in ("auto", "bf16", "off"):
-        raise ValueError(f"train.amp: expected auto, bf16 or off, got {amp!r}")
+    if (amp := value("train.amp")) not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"train.amp: expected auto, bf16, fp16 or off, got {amp!r}")
     clip = value("optim.grad_clip")  # inf: no clipping, the norm still logged
     if clip is not None and not (_is_number(clip) and clip > 0):
         raise ValueError(f"optim.grad_clip: expected a number > 0 or null, got {clip!r}")

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -168,6 +169,21 @@ def _peak_memory_mib(device: torch.device) -> dict[str, float]:
     return {"peak_rss_mib": peak / (2**20 if sys.platform == "darwin" else 2**10)}
 
 
+def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """``train.amp`` -> the autocast dtype (None: off). ``auto``: bfloat16 on a GPU that computes it natively
+    (compute capability >= 8.0), float16 with loss scaling on an older one, off on a CPU."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+#: A float16 step skipped at a loss scale below this (after ~32 halvings from 2**16) means gradients that are not
+#: finite at any scale: the run stops instead of skipping every step from there on.
+_MIN_LOSS_SCALE = 2.0 ** -16
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -267,8 +283,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.parameters(), config["optim"])
         self.scheduler = poly_schedule(self.optimizer, train_cfg["iterations"], config["optim"]["poly_power"])
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
-        amp = train_cfg["amp"]
-        self.autocast_dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and self.device.type == "cuda")) else None
+        self.autocast_dtype = _autocast_dtype(train_cfg["amp"], self.device)
+        # float16's range needs dynamic loss scaling (bfloat16 has float32's); disabled, the scaler is a no-op
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         # the weights are the same on every rank (one seed); what the forward draws is not: each rank its stream
         torch.manual_seed(_rank_seed(config["seed"], self.dist.rank))
         if self.log is not None:
@@ -328,13 +345,15 @@ class Trainer:
         ckpt.save_checkpoint(self.checkpoint_path(name), {
             "config": self.config, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch, "rng_per_rank": rng})
+            "batch_in_epoch": self.batch_in_epoch, "rng_per_rank": rng, "scaler": self.scaler.state_dict()})
 
     def _load(self, payload: dict[str, Any], path: str) -> None:
         """Restores the state of the checkpoint ``payload`` (read from ``path``, checked compatible)."""
         ckpt.load_weights(self.model, payload, self.config, path)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
+        if self.scaler.is_enabled() and payload.get("scaler"):  # else (saved without float16): a fresh scale
+            self.scaler.load_state_dict(payload["scaler"])
         self.iteration, self.epoch, self.batch_in_epoch = payload["iteration"], payload["epoch"], payload["batch_in_epoch"]
         per_rank = payload.get("rng_per_rank") or [payload["rng"]]  # "rng": rank 0's, in earlier checkpoints
         if len(per_rank) == self.dist.world_size:
@@ -376,8 +395,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        """One optimiser step; returns the losses (total and per task) averaged over the ranks, and the gradient
-        norm before clipping."""
+        """One optimiser step; returns the losses (total and per task) averaged over the ranks, the gradient norm
+        before clipping and, in float16, the loss scale the step used. A float16 step whose gradients overflow is
+        skipped (GradScaler) and its norm is inf or NaN; the schedule advances either way."""
         self.model.train()
         batch = _to_device(batch, self.device)
         labels = {t: batch[t] for t in self.tasks + self.aux_tasks}
@@ -385,17 +405,29 @@ class Trainer:
         with self._autocast():                      # alive beside this step's activations (peak memory)
             preds, aux = self.train_forward(batch["image"])
             total, per_task = self.loss_fn(preds, labels, aux)
-        total.backward()
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)  # clipping and the logged norm see the true gradients
         clip = self.config["optim"]["grad_clip"]
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip
                      else torch.nn.utils.get_total_norm([p.grad for p in params]))
-        if not torch.isfinite(grad_norm):  # of the all-reduced gradients: every rank raises alike
+        if not self.scaler.is_enabled() and not torch.isfinite(grad_norm):  # all-reduced: every rank raises alike
             raise FloatingPointError(f"gradient norm is {grad_norm.item()} at iteration {self.iteration + 1} (loss "
                                      f"{total.item()}): the step is not taken, the last checkpoint stays finite")
-        self.optimizer.step()
-        self.scheduler.step()
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # float16: skipped when a gradient overflowed, and the scale halves
+        self.scaler.update()
+        skipped = self.scaler.get_scale() < scale
+        if skipped and scale < _MIN_LOSS_SCALE:
+            raise FloatingPointError(f"float16 gradients are not finite at iteration {self.iteration + 1} even at "
+                                     f"loss scale {scale:g} (loss {total.item()}): train.amp=bf16 or off")
+        with warnings.catch_warnings():  # the schedule follows the iteration, skipped or not
+            if skipped:
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         values = {"loss": total, **{f"loss_{t}": v for t, v in per_task.items()}, "grad_norm": grad_norm}
+        if self.scaler.is_enabled():  # the scale this step's backward used (a skipped step: grad_norm inf/NaN)
+            values["loss_scale"] = torch.tensor(scale, device=total.device)
         return mean_over_ranks(values, self.dist)
 
     def train(self) -> list[dict[str, float]]:
