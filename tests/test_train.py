@@ -14,6 +14,7 @@ import torch
 
 from mtlfast.engine.config import load_config
 from mtlfast.engine.trainer import Trainer
+from mtlfast.testing import rel_error
 
 TINY = ["data.num_train=16", "data.num_val=4", "data.batch_size=4", "data.train_size=[32, 32]",
         "data.tasks=[semseg, depth, normals]", "train.log_every=1", "train.eval_every=0",
@@ -358,6 +359,63 @@ def test_fp16_resume_restores_the_loss_scale(tmp_path, monkeypatch):
     assert resumed == full
 
 
+def _without_batchnorm(trainer):
+    """BatchNorm's statistics are per micro-batch: swapped for identities where a test compares batchings."""
+    for module in list(trainer.model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(module, name, torch.nn.Identity())
+
+
+def test_accumulated_micro_batches_step_as_their_whole_batch(tmp_path):
+    """Two micro-batches of 2 accumulate the gradient of their batch of 4 (the losses are means over equally many
+    valid pixels here: every label made valid; BatchNorm, whose statistics are per micro-batch, swapped out), and
+    the logged losses are their mean; a step given another number of micro-batches than train.accumulate is
+    refused before it changes anything."""
+    args = TINY + ON_CPU + ["optim.grad_clip=null"]
+    whole = Trainer(load_config(None, args + [f"output_dir={tmp_path / 'whole'}"]), progress=False)
+    micro = Trainer(load_config(None, args + [f"output_dir={tmp_path / 'micro'}", "train.accumulate=2"]),
+                    progress=False)
+    batch = next(iter(whole.train_loader))
+    batch["semseg"][batch["semseg"] == 255] = 0
+    batch["depth"][batch["depth"] == 0] = 1.0
+    batch["normals"][:, 2][batch["normals"].norm(dim=1) == 0] = 1.0
+    halves = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2)]  # tensors and the meta list
+    for trainer in (whole, micro):
+        _without_batchnorm(trainer)
+    a, b = whole.train_step(batch), micro.train_step(iter(halves))
+    assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-5) for k in a), (a, b)
+    for p, q in zip(whole.model.parameters(), micro.model.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert rel_error(q.grad, p.grad) < 1e-5
+    state = [p.detach().clone() for p in micro.model.parameters()]
+    with pytest.raises(ValueError, match="more than train.accumulate=2 micro-batches"):
+        micro.train_step(iter(halves * 2))
+    with pytest.raises(ValueError, match="1 micro-batches, expected 2"):
+        micro.train_step(iter(halves[:1]))
+    assert all(torch.equal(p, q) for p, q in zip(state, micro.model.parameters()))
+    whole.close()
+    micro.close()
+
+
+@pytest.mark.parametrize("stop", [1, 2])
+def test_accumulating_resume_replays_the_same_losses_across_epochs(tmp_path, stop):
+    """train.accumulate=3 with 4 batches per epoch: steps straddle epochs, the checkpoint saves the position
+    batch by batch (2 steps: epoch 1, batch 2), and the resumed run replays the uninterrupted one's losses."""
+    args = TINY + ON_CPU + ["train.iterations=4", f"train.checkpoint_every={stop}", "train.accumulate=3"]
+    full, _ = _losses(load_config(None, args + [f"output_dir={tmp_path / 'full'}"]), setup=_dropout)
+    trainer = Trainer(load_config(None, args + [f"output_dir={tmp_path / 'part'}"]), progress=False)
+    _dropout(trainer)
+    trainer.config["train"]["iterations"] = stop
+    first = [r["loss"] for r in trainer.train()]
+    assert (trainer.epoch, trainer.batch_in_epoch) == divmod(3 * stop, 4)
+    trainer.close()
+    resumed, _ = _losses(load_config(None, args + [f"output_dir={tmp_path / 'part'}"]),
+                         resume=str(tmp_path / "part" / "last.pt"), setup=_dropout)
+    assert len(full) == 4 and first + resumed == full, (full, first, resumed)
+
+
 def test_amp_auto_takes_bf16_where_the_gpu_computes_it_else_fp16(monkeypatch):
     from mtlfast.engine.trainer import _autocast_dtype
 
@@ -411,9 +469,16 @@ def recorded(*args):
     local.append(total.item())
     return total, per_task
 trainer.loss_fn = recorded
+from torch.nn.parallel import DistributedDataParallel
+no_sync, unsynced = DistributedDataParallel.no_sync, []
+def counted(self):  # on the class: the wrapper must not hold the module (it is freed in close, checked below)
+    unsynced.append(1)
+    return no_sync(self)
+DistributedDataParallel.no_sync = counted
 rows = trainer.train()
 torch.save(weights(), trainer.out_dir + f"/weights_rank{trainer.dist.rank}.pt")
-torch.save({"local": local, "logged": [r["loss"] for r in rows]}, trainer.out_dir + f"/losses_rank{trainer.dist.rank}.pt")
+torch.save({"local": local, "logged": [r["loss"] for r in rows], "no_sync": len(unsynced)},
+           trainer.out_dir + f"/losses_rank{trainer.dist.rank}.pt")
 sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules())
 torch.save(sync_bn, trainer.out_dir + f"/sync_bn_rank{trainer.dist.rank}.pt")
 import weakref, mtlfast.engine.trainer as trainer_module
@@ -449,22 +514,28 @@ def _torchrun(tmp_path, processes, args):
     _launch(processes, [str(script), *args])
 
 
-@pytest.mark.parametrize("amp", ["off", "fp16"])
-def test_two_process_ddp_ends_with_equal_weights(tmp_path, amp):
+@pytest.mark.parametrize("amp, accumulate", [("off", 1), ("fp16", 1), ("off", 2)])
+def test_two_process_ddp_ends_with_equal_weights(tmp_path, amp, accumulate):
     """Both ranks end with the same weights, and these moved from the initial ones (the run stepped); the loss both
     ranks return and rank 0 logs is the mean of the ranks' own losses (of different data), not rank 0's. In float16
     every rank unscales the same all-reduced gradients, so all skip a step alike and keep one loss scale (the first
-    steps overflow at the initial 2**16 here: 10 iterations, so that some step is taken)."""
+    steps overflow at the initial 2**16 here: 10 iterations, so that some step is taken). Accumulating, DDP's
+    all-reduce waits for the last micro-batch (no_sync before)."""
     its = 10 if amp == "fp16" else 3
     _torchrun(tmp_path, 2, TINY + ON_CPU + [f"output_dir={tmp_path}", f"train.iterations={its}",
-                                            f"train.checkpoint_every={its}", f"train.amp={amp}"])
+                                            f"train.checkpoint_every={its}", f"train.amp={amp}",
+                                            f"train.accumulate={accumulate}"])
     w0, w1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1))
     assert torch.equal(w0, w1)
     assert not torch.equal(w0, torch.load(tmp_path / "initial_weights_rank0.pt"))
     assert os.path.exists(tmp_path / "last.pt")
     l0, l1 = (torch.load(tmp_path / f"losses_rank{r}.pt") for r in (0, 1))
     assert l0["local"] != l1["local"] and l0["logged"] == l1["logged"]
-    mean = [(a + b) / 2 for a, b in zip(l0["local"], l1["local"])]
+    assert l0["no_sync"] == l1["no_sync"] == its * (accumulate - 1)  # the micro-batches before each step's last
+    local = [[sum(losses[i:i + accumulate]) / accumulate for i in range(0, len(losses), accumulate)]
+             for losses in (l0["local"], l1["local"])]
+    mean = [(a + b) / 2 for a, b in zip(*local)]
+    assert len(mean) == its
     assert l0["logged"] == pytest.approx(mean, rel=1e-6)
     from mtlfast.engine.logs import RunLog
 

@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "eval_every": 150,
         "checkpoint_every": 100,
         "log_every": 10,
+        "accumulate": 1,            # micro-batches per step: gradients of data.batch_size x processes x accumulate
         "device": "auto",           # auto (CUDA when available, else CPU) | cuda | cpu (e.g. gloo DDP on a GPU machine)
         "amp": "auto",              # auto (CUDA: bf16, fp16 below sm_80; CPU: off) | bf16 | fp16 | off
         "cudnn_benchmark": True,    # cuDNN picks the fastest convolution algorithms for the (fixed) crop size (CUDA)
@@ -170,8 +171,8 @@ def load_config(path: str | None = None, overrides: Iterable[str] = (), base: di
 
 #: Integer entries and their least value (train.eval_every also takes null: no evaluation during training).
 _INTEGERS = {"seed": 0, "data.batch_size": 1, "data.num_train": 1, "data.num_val": 1, "train.iterations": 1,
-             "train.eval_every": 0, "train.checkpoint_every": 1, "train.log_every": 1, "train.sample_images": 0,
-             "eval.batch_size": 1}
+             "train.eval_every": 0, "train.checkpoint_every": 1, "train.log_every": 1, "train.accumulate": 1,
+             "train.sample_images": 0, "eval.batch_size": 1}
 #: Entries that are true or false (YAML 1.2: ``train.eval_at_start=no`` is the string "no", which is truthy).
 _BOOLEANS = ("train.cudnn_benchmark", "train.sync_bn", "train.eval_at_start", "eval.sharded")
 #: Number entries (finite) and their least value, as torch's optimisers and the poly schedule take them.

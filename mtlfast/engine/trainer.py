@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -394,18 +394,38 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """One optimiser step; returns the losses (total and per task) averaged over the ranks, the gradient norm
-        before clipping and, in float16, the loss scale the step used. A float16 step whose gradients overflow is
-        skipped (GradScaler) and its norm is inf or NaN; the schedule advances either way."""
+    def train_step(self, batches: dict | Iterable[dict]) -> dict[str, float]:
+        """One optimiser step on ``batches``: one batch, or the micro-batches whose gradients accumulate into the
+        step (a list, or an iterator of ``train.accumulate`` of them that draws each from the loader when needed).
+        Each micro-batch's loss is divided by their number, so that the gradient is their losses' mean's, and DDP
+        all-reduces only after the last backward. Returns the losses (total and per task; the micro-batches'
+        mean) averaged over the ranks, the gradient norm before clipping and, in float16, the loss scale the step
+        used. A float16 step whose gradients overflow is skipped (GradScaler) and its norm is inf or NaN; the
+        schedule advances either way."""
         self.model.train()
-        batch = _to_device(batch, self.device)
-        labels = {t: batch[t] for t in self.tasks + self.aux_tasks}
-        self.optimizer.zero_grad(set_to_none=True)  # before the forward: last step's gradients are not kept
-        with self._autocast():                      # alive beside this step's activations (peak memory)
-            preds, aux = self.train_forward(batch["image"])
-            total, per_task = self.loss_fn(preds, labels, aux)
-        self.scaler.scale(total).backward()
+        if isinstance(batches, dict):
+            batches = [batches]
+        count = len(batches) if isinstance(batches, Sequence) else self.config["train"]["accumulate"]
+        # before the forward: the last step's gradients are not kept alive beside this step's activations
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        index = -1
+        for index, batch in enumerate(batches):
+            if index == count:
+                raise ValueError(f"train_step: more than train.accumulate={count} micro-batches")
+            batch = _to_device(batch, self.device)
+            labels = {t: batch[t] for t in self.tasks + self.aux_tasks}
+            last = index == count - 1
+            with self.train_forward.no_sync() if self.dist.enabled and not last else contextlib.nullcontext():
+                with self._autocast():
+                    preds, aux = self.train_forward(batch["image"])
+                    total, per_task = self.loss_fn(preds, labels, aux)
+                self.scaler.scale(total / count if count > 1 else total).backward()
+            for key, value in {"loss": total, **{f"loss_{t}": v for t, v in per_task.items()}}.items():
+                sums[key] = sums.get(key, 0) + value.detach()
+        if index != count - 1:
+            raise ValueError(f"train_step: {index + 1} micro-batches, expected {count}")
+        values = {key: value / count for key, value in sums.items()}
         self.scaler.unscale_(self.optimizer)  # clipping and the logged norm see the true gradients
         clip = self.config["optim"]["grad_clip"]
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -413,22 +433,36 @@ class Trainer:
                      else torch.nn.utils.get_total_norm([p.grad for p in params]))
         if not self.scaler.is_enabled() and not torch.isfinite(grad_norm):  # all-reduced: every rank raises alike
             raise FloatingPointError(f"gradient norm is {grad_norm.item()} at iteration {self.iteration + 1} (loss "
-                                     f"{total.item()}): the step is not taken, the last checkpoint stays finite")
+                                     f"{values['loss'].item()}): the step is not taken, the last checkpoint stays "
+                                     "finite")
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)  # float16: skipped when a gradient overflowed, and the scale halves
         self.scaler.update()
         skipped = self.scaler.get_scale() < scale
         if skipped and scale < _MIN_LOSS_SCALE:
             raise FloatingPointError(f"float16 gradients are not finite at iteration {self.iteration + 1} even at "
-                                     f"loss scale {scale:g} (loss {total.item()}): train.amp=bf16 or off")
+                                     f"loss scale {scale:g} (loss {values['loss'].item()}): train.amp=bf16 or off")
         with warnings.catch_warnings():  # the schedule follows the iteration, skipped or not
             if skipped:
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
-        values = {"loss": total, **{f"loss_{t}": v for t, v in per_task.items()}, "grad_norm": grad_norm}
+        values["grad_norm"] = grad_norm
         if self.scaler.is_enabled():  # the scale this step's backward used (a skipped step: grad_norm inf/NaN)
-            values["loss_scale"] = torch.tensor(scale, device=total.device)
+            values["loss_scale"] = torch.tensor(scale, device=grad_norm.device)
         return mean_over_ranks(values, self.dist)
+
+    def _batches(self) -> Iterator[dict]:
+        """The training batches from the run's position on, epoch after epoch; the position (epoch, batch in the
+        epoch: what a checkpoint saves) advances as each batch is drawn."""
+        while True:
+            self.sampler.set_position(self.epoch, self.batch_in_epoch)
+            for batch in self.train_loader:
+                self.batch_in_epoch += 1
+                if self.batch_in_epoch == self.sampler.batches_per_epoch():
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                yield batch
+            if self.batch_in_epoch != 0:  # sampler exhausted mid-count
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def train(self) -> list[dict[str, float]]:
         """Runs to ``train.iterations``; returns the logged training rows of this call."""
@@ -444,43 +478,46 @@ class Trainer:
             bar = self._bar = tqdm(total=total_its, initial=self.iteration, desc="train", dynamic_ncols=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        accumulate = cfg["accumulate"]
+        batches = self._batches()
+        waits: list[float] = []
+
+        def drawn():  # one step's micro-batches, each drawn from the loader when the step needs it (timed)
+            for _ in range(accumulate):
+                start = time.perf_counter()
+                batch = next(batches)
+                waits.append(time.perf_counter() - start)
+                yield batch
+
         with self._ops_backend():
             while self.iteration < total_its:
-                self.sampler.set_position(self.epoch, self.batch_in_epoch)
+                waits.clear()
                 fetch = time.perf_counter()
-                for batch in self.train_loader:
-                    start = time.perf_counter()
-                    row = self.train_step(batch)
-                    end = time.perf_counter()
-                    self.iteration += 1
-                    self.batch_in_epoch += 1
-                    if self.batch_in_epoch == self.sampler.batches_per_epoch():
-                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    row = {"iteration": self.iteration, **row, "lr": self.scheduler.get_last_lr()[0],
-                           "images_per_s": self.config["data"]["batch_size"] * self.dist.world_size / (end - fetch),
-                           "data_s": start - fetch, "step_s": end - start}
-                    row.update(_peak_memory_mib(self.device))
-                    history.append(row)
-                    if not math.isfinite(row["loss"]):
-                        raise FloatingPointError(f"training loss is {row['loss']} at iteration {self.iteration}")
-                    if self.log is not None and (self.iteration % cfg["log_every"] == 0 or self.iteration == total_its):
-                        self.log.write("train", row, self.iteration)
-                        if bar is None:
-                            self._say(f"iteration {self.iteration}/{total_its}: loss {row['loss']:.4f}, lr "
-                                      f"{row['lr']:.3g}, {row['images_per_s']:.1f} images/s")
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{row['loss']:.4f}")
-                    if self.iteration % cfg["checkpoint_every"] == 0 or self.iteration == total_its:
-                        self.save()
-                        barrier(self.dist)
-                    if cfg["eval_every"] and (self.iteration % cfg["eval_every"] == 0 or self.iteration == total_its):
-                        self.evaluate_and_log()
-                    if self.iteration >= total_its:
-                        break
-                    fetch = time.perf_counter()  # logging, checkpoints and evaluations count in no step's time
-                if self.batch_in_epoch != 0 and self.iteration < total_its:  # sampler exhausted mid-count
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                row = self.train_step(drawn())
+                end = time.perf_counter()
+                self.iteration += 1
+                images = self.config["data"]["batch_size"] * self.dist.world_size * accumulate
+                row = {"iteration": self.iteration, **row, "lr": self.scheduler.get_last_lr()[0],
+                       "images_per_s": images / (end - fetch), "data_s": sum(waits),
+                       "step_s": end - fetch - sum(waits)}
+                row.update(_peak_memory_mib(self.device))
+                history.append(row)
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"training loss is {row['loss']} at iteration {self.iteration}")
+                if self.log is not None and (self.iteration % cfg["log_every"] == 0 or self.iteration == total_its):
+                    self.log.write("train", row, self.iteration)
+                    if bar is None:
+                        self._say(f"iteration {self.iteration}/{total_its}: loss {row['loss']:.4f}, lr "
+                                  f"{row['lr']:.3g}, {row['images_per_s']:.1f} images/s")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if self.iteration % cfg["checkpoint_every"] == 0 or self.iteration == total_its:
+                    self.save()
+                    barrier(self.dist)
+                if cfg["eval_every"] and (self.iteration % cfg["eval_every"] == 0 or self.iteration == total_its):
+                    self.evaluate_and_log()
+        batches.close()  # the loader's iterator, mid-epoch
         if bar is not None:
             bar.close()
             self._bar = None
