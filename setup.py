@@ -4,7 +4,9 @@
   that the extension is missing).
 - torch importable -> C++ CPU extension (csrc/cpu + csrc/mtlfast_ops.cpp, OpenMP).
 - CUDA build of torch and nvcc present, or ``MTLFAST_BUILD_CUDA=1`` -> CUDA sources (csrc/cuda) as well,
-  for the archs in ``TORCH_CUDA_ARCH_LIST`` (default "9.0", i.e. sm_90). ``MTLFAST_BUILD_CUDA=0`` disables.
+  for the archs in ``TORCH_CUDA_ARCH_LIST`` (default: the compute capabilities of the GPUs visible at build
+  time, else "9.0", i.e. sm_90: H100/H200). ``MTLFAST_BUILD_CUDA=0`` disables. A GPU the build cannot run is
+  refused by the ``cuda`` backend with the rebuild to do (``mtlfast.backends.cuda_arch_refusal``).
 - ``MTLFAST_NO_EXTENSION=1`` -> pure Python regardless.
 - A compile failure does not fail the install unless ``MTLFAST_STRICT_BUILD=1`` (bench/gpu_check.sh sets it);
   it is printed, and ``mtlfast info`` reports the extension as missing.
@@ -42,6 +44,15 @@ def _default_max_jobs():
     return max(1, min(cores, int(mem_gib // 2)))
 
 
+def _default_cuda_archs(torch) -> str:
+    """The visible GPUs' compute capabilities (torch's own default), else 9.0: a build machine without a GPU
+    (where torch would build for every arch it knows)."""
+    if torch.cuda.is_available():
+        found = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return ";".join(f"{major}.{minor}" for major, minor in sorted(found))
+    return "9.0"
+
+
 def _extension():
     """(ext_modules, cmdclass) for the compiled extension, or ([], {}) for a pure-Python install."""
     if os.environ.get("MTLFAST_NO_EXTENSION") == "1":
@@ -72,7 +83,8 @@ def _extension():
     cxx = ["-O3", "-fopenmp"]
     define_macros = []
     if with_cuda:
-        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or _default_cuda_archs(torch)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros += [("MTLFAST_WITH_CUDA", None), ("MTLFAST_CUDA_ARCHS", f'"{archs}"')]
         ext = cpp_extension.CUDAExtension(

@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -205,7 +206,44 @@ def extension_unavailable(device_type: str, dtype: torch.dtype | None = None) ->
             return "mtlfast._C was built without CUDA (rebuild with a CUDA build of torch and nvcc, or MTLFAST_BUILD_CUDA=1)"
         if not torch.cuda.is_available():
             return "no CUDA device"
+        return _cuda_arch_refusal_here()
     return None
+
+
+_ARCH_REFUSALS: dict[int, str | None] = {}  # per device index
+
+
+@torch.compiler.assume_constant_result  # the device query and parsing: read once per trace
+def _cuda_arch_refusal_here() -> str | None:
+    """:func:`cuda_arch_refusal` for the loaded extension and the current CUDA device (memoised)."""
+    index = torch.cuda.current_device()
+    if index not in _ARCH_REFUSALS:
+        from mtlfast import _ext
+
+        _ARCH_REFUSALS[index] = cuda_arch_refusal(_ext.status().build_info, torch.cuda.get_device_capability(index))
+    return _ARCH_REFUSALS[index]
+
+
+def cuda_arch_refusal(build_info: str, capability: tuple[int, int]) -> str | None:
+    """Why the CUDA kernels of a build (its ``build_info``, which ends in ``archs=<TORCH_CUDA_ARCH_LIST>``) cannot
+    run on a GPU of compute ``capability``, or None. A cubin for sm_XY runs on devices X.Z with Z >= Y (sm_XYa
+    only on X.Y); ``+PTX`` is compiled by the driver for any later device. Named archs (``Hopper``) are not
+    judged. Without this check the launch fails with "no kernel image is available for execution"."""
+    if " archs=" not in build_info:
+        return None
+    listed = build_info.split(" archs=", 1)[1]
+    archs = [a for a in listed.replace(";", " ").split() if a]
+    parsed = [re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", a) for a in archs]
+    if not archs or not all(parsed):
+        return None
+    major, minor = capability
+    for m in parsed:
+        arch, specific, ptx = (int(m.group(1)), int(m.group(2))), m.group(3) == "a", bool(m.group(4))
+        if (ptx and arch <= capability) or (arch[0] == major and
+                                            (arch[1] == minor if specific else arch[1] <= minor)):
+            return None
+    return (f"mtlfast._C's CUDA kernels were built for {listed} (TORCH_CUDA_ARCH_LIST), which this GPU of compute "
+            f"capability {major}.{minor} cannot run: rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
 
 
 def _always(device_type: str, dtype: torch.dtype | None = None) -> str | None:

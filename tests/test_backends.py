@@ -246,6 +246,45 @@ def test_triton_refuses_the_interpreter_with_numpy_2_4(monkeypatch, triton_versi
     assert triton_unavailable("meta", torch.float32) is None  # the GPU (and its planning) runs no interpreter
 
 
+@pytest.mark.parametrize("archs, capability, runs", [
+    ("9.0", (9, 0), True), ("9.0", (8, 0), False), ("9.0", (10, 0), False), ("8.0", (8, 6), True),
+    ("8.6", (8, 0), False), ("8.0;9.0", (9, 0), True), ("8.0 8.6", (8, 9), True), ("9.0a", (9, 0), True),
+    ("9.0a", (9, 1), False), ("8.0+PTX", (9, 0), True), ("9.0+PTX", (8, 0), False), ("Hopper", (8, 0), True)])
+def test_cuda_kernels_refuse_a_gpu_their_build_cannot_run(archs, capability, runs):
+    """A cubin for sm_XY runs on X.Z with Z >= Y (sm_XYa on X.Y only), PTX on any later device; named archs are
+    not judged. A refusal names the build's archs, the device's capability and the rebuild."""
+    from mtlfast.backends import cuda_arch_refusal
+
+    reason = cuda_arch_refusal(f"openmp=yes(201511) threads=2 cuda=yes cudart=13000 archs={archs}", capability)
+    if runs:
+        assert reason is None
+    else:
+        cc = f"{capability[0]}.{capability[1]}"
+        assert reason == (f"mtlfast._C's CUDA kernels were built for {archs} (TORCH_CUDA_ARCH_LIST), which this GPU "
+                          f"of compute capability {cc} cannot run: rebuild with TORCH_CUDA_ARCH_LIST={cc}")
+    assert cuda_arch_refusal("openmp=yes(201511) threads=2 cuda=no", capability) is None
+
+
+def test_auto_passes_over_cuda_kernels_built_for_another_gpu(monkeypatch):
+    """An sm_90 build on an sm_80 GPU: deform_sample's cuda backend (auto's first on a GPU) refuses with the
+    reason, so auto takes the next (Triton) instead of a launch failing with "no kernel image is available"."""
+    from mtlfast import _ext, backends
+    from mtlfast.ops.deform_sample import _OP
+
+    built = _ext.ExtensionStatus(True, with_cuda=True, build_info="openmp=yes cuda=yes cudart=13000 archs=9.0")
+    monkeypatch.setattr(_ext, "status", lambda: built)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(backends, "_ARCH_REFUSALS", {})
+    for capability, refused in (((8, 0), True), ((9, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+        backends._ARCH_REFUSALS.clear()
+        reasons = _OP.support_table("cuda", torch.float32)["cuda"]
+        assert reasons == (["mtlfast._C's CUDA kernels were built for 9.0 (TORCH_CUDA_ARCH_LIST), which this GPU of "
+                            "compute capability 8.0 cannot run: rebuild with TORCH_CUDA_ARCH_LIST=8.0"]
+                           if refused else []), reasons
+
+
 def test_triton_limits_refuse_a_batch_beyond_the_grid():
     """The Triton kernels that put the batch on CUDA grid axis 1 or 2 (at most 65535 programs) refuse larger
     batches with that reason (the launch would fail), and deform_sample's B·N·S weight offsets are 32-bit."""
