@@ -416,6 +416,31 @@ def test_accumulating_resume_replays_the_same_losses_across_epochs(tmp_path, sto
     assert len(full) == 4 and first + resumed == full, (full, first, resumed)
 
 
+def test_run_records_its_config_and_the_environment_of_each_start(tmp_path, capsys):
+    """config.yaml holds the config in force, which --config takes back; environment.json one entry per start of
+    training (fresh, then resumed at the checkpoint's iteration) with the processes, device, versions and source
+    fingerprint; an unreadable environment.json is written afresh with a note, not a failure of the run."""
+    args = TINY + ON_CPU + [f"output_dir={tmp_path}", "train.checkpoint_every=1"]
+    _losses(load_config(None, args + ["train.iterations=2"]))
+    assert load_config(str(tmp_path / "config.yaml")) == load_config(None, args + ["train.iterations=2"])
+    _losses(load_config(None, args + ["train.iterations=3"]), resume=str(tmp_path / "last.pt"))
+    assert load_config(str(tmp_path / "config.yaml"))["train"]["iterations"] == 3
+    starts = json.loads((tmp_path / "environment.json").read_text())
+    assert [s["iteration"] for s in starts] == [0, 2]
+    from mtlfast.bench.harness import source_fingerprint
+
+    assert all(s["processes"] == 1 and s["torch"] == torch.__version__ and s["source"] == source_fingerprint()
+               and s["device"].startswith("CPU") for s in starts), starts
+    (tmp_path / "environment.json").write_text('{"truncated')
+    capsys.readouterr()
+    _losses(load_config(None, args + ["train.iterations=4"]), resume=str(tmp_path / "last.pt"))
+    assert "environment.json: not a readable JSON file" in capsys.readouterr().err
+    assert [s["iteration"] for s in json.loads((tmp_path / "environment.json").read_text())] == [3]
+    os.remove(tmp_path / "last.pt")  # a run that saved no checkpoint there: the next one starts the list afresh
+    _losses(load_config(None, args + ["train.iterations=1"]))
+    assert [s["iteration"] for s in json.loads((tmp_path / "environment.json").read_text())] == [0]
+
+
 def test_amp_auto_takes_bf16_where_the_gpu_computes_it_else_fp16(monkeypatch):
     from mtlfast.engine.trainer import _autocast_dtype
 

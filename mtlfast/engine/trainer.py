@@ -476,6 +476,8 @@ class Trainer:
         if self.progress and self.dist.is_main:
             from tqdm import tqdm
             bar = self._bar = tqdm(total=total_its, initial=self.iteration, desc="train", dynamic_ncols=True)
+        if self.log is not None:
+            self._record_run()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         accumulate = cfg["accumulate"]
@@ -522,6 +524,31 @@ class Trainer:
             bar.close()
             self._bar = None
         return history
+
+    def _record_run(self) -> None:
+        """The run's provenance in output_dir, written by rank 0 whenever :meth:`train` starts: ``config.yaml``,
+        the config in force (``--config`` takes it back), and one entry per start (fresh or resumed) appended to
+        ``environment.json``: the iteration it starts from, the processes, device, versions, extension build,
+        commit and source fingerprint (:func:`mtlfast.bench.harness.environment`, as the benchmarks record). A
+        run from iteration 0 starts the list afresh (an earlier run there saved no checkpoint, as its logs)."""
+        import yaml
+
+        from mtlfast._files import read_json, write_json_atomically, write_text_atomically
+        from mtlfast.bench.harness import environment
+
+        write_text_atomically(os.path.join(self.out_dir, "config.yaml"),
+                              yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True))
+        path = os.path.join(self.out_dir, "environment.json")
+        try:
+            starts = read_json(path) if os.path.exists(path) and self.iteration > 0 else []
+        except ValueError as exc:  # provenance only: it does not stop a run
+            starts = str(exc)
+        if not isinstance(starts, list):
+            print(f"{path}: not a list of the run's starts ({str(starts)[:200]}): written afresh", file=sys.stderr)
+            starts = []
+        starts.append({"iteration": self.iteration, "processes": self.dist.world_size,
+                       **environment(self.device.type)})
+        write_json_atomically(path, starts)
 
     def _say(self, text: str) -> None:
         """One line on rank 0's stdout, above the progress bar while there is one."""
