@@ -45,8 +45,10 @@ def _default_max_jobs():
 
 
 def _default_cuda_archs(torch) -> str:
-    """The visible GPUs' compute capabilities (torch's own default), else 9.0: a build machine without a GPU
-    (where torch would build for every arch it knows)."""
+    """The visible GPUs' compute capabilities (as torch's default, without its +PTX for the newest and without
+    its cap at the archs it knows: a GPU newer than nvcc fails the build), else 9.0: a build machine without a
+    GPU (where torch would build for every arch it knows). The kernels then run on those GPUs only: another
+    GPU is refused by the cuda backend with the rebuild to do."""
     if torch.cuda.is_available():
         found = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
         return ";".join(f"{major}.{minor}" for major, minor in sorted(found))

@@ -226,9 +226,12 @@ def _cuda_arch_refusal_here() -> str | None:
 
 def cuda_arch_refusal(build_info: str, capability: tuple[int, int]) -> str | None:
     """Why the CUDA kernels of a build (its ``build_info``, which ends in ``archs=<TORCH_CUDA_ARCH_LIST>``) cannot
-    run on a GPU of compute ``capability``, or None. A cubin for sm_XY runs on devices X.Z with Z >= Y (sm_XYa
-    only on X.Y); ``+PTX`` is compiled by the driver for any later device. Named archs (``Hopper``) are not
-    judged. Without this check the launch fails with "no kernel image is available for execution"."""
+    run on a GPU of compute ``capability``, or None. A cubin for sm_XY runs on devices X.Z with Z >= Y; ``+PTX``
+    is compiled by the driver for any later device; arch-specific code (sm_XYa), cubin or PTX, only on X.Y, and
+    family-specific code (sm_XYf) only on X.Z with Z >= Y. Named archs (``Hopper``) are not judged. Without this
+    check the launch fails with "no kernel image is available for execution". The backends ask it for the
+    current CUDA device (:func:`_cuda_arch_refusal_here`): on a machine with GPUs of several kinds, select the
+    tensors' device (``torch.cuda.set_device``, as DDP does) before calling the ops."""
     if " archs=" not in build_info:
         return None
     listed = build_info.split(" archs=", 1)[1]
@@ -238,9 +241,14 @@ def cuda_arch_refusal(build_info: str, capability: tuple[int, int]) -> str | Non
         return None
     major, minor = capability
     for m in parsed:
-        arch, specific, ptx = (int(m.group(1)), int(m.group(2))), m.group(3) == "a", bool(m.group(4))
-        if (ptx and arch <= capability) or (arch[0] == major and
-                                            (arch[1] == minor if specific else arch[1] <= minor)):
+        arch, suffix, ptx = (int(m.group(1)), int(m.group(2))), m.group(3), bool(m.group(4))
+        if suffix == "a":
+            runs = arch == capability
+        elif suffix == "f" or not ptx:
+            runs = arch[0] == major and arch[1] <= minor
+        else:
+            runs = arch <= capability
+        if runs:
             return None
     return (f"mtlfast._C's CUDA kernels were built for {listed} (TORCH_CUDA_ARCH_LIST), which this GPU of compute "
             f"capability {major}.{minor} cannot run: rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")

@@ -249,10 +249,12 @@ def test_triton_refuses_the_interpreter_with_numpy_2_4(monkeypatch, triton_versi
 @pytest.mark.parametrize("archs, capability, runs", [
     ("9.0", (9, 0), True), ("9.0", (8, 0), False), ("9.0", (10, 0), False), ("8.0", (8, 6), True),
     ("8.6", (8, 0), False), ("8.0;9.0", (9, 0), True), ("8.0 8.6", (8, 9), True), ("9.0a", (9, 0), True),
-    ("9.0a", (9, 1), False), ("8.0+PTX", (9, 0), True), ("9.0+PTX", (8, 0), False), ("Hopper", (8, 0), True)])
+    ("9.0a", (9, 1), False), ("8.0+PTX", (9, 0), True), ("9.0+PTX", (8, 0), False), ("9.0a+PTX", (10, 0), False),
+    ("10.0f", (10, 3), True), ("10.0f+PTX", (12, 0), False), ("Hopper", (8, 0), True)])
 def test_cuda_kernels_refuse_a_gpu_their_build_cannot_run(archs, capability, runs):
-    """A cubin for sm_XY runs on X.Z with Z >= Y (sm_XYa on X.Y only), PTX on any later device; named archs are
-    not judged. A refusal names the build's archs, the device's capability and the rebuild."""
+    """A cubin for sm_XY runs on X.Z with Z >= Y, PTX on any later device, arch-specific code (a) on X.Y only and
+    family-specific code (f) within its family; named archs are not judged. A refusal names the build's archs,
+    the device's capability and the rebuild."""
     from mtlfast.backends import cuda_arch_refusal
 
     reason = cuda_arch_refusal(f"openmp=yes(201511) threads=2 cuda=yes cudart=13000 archs={archs}", capability)

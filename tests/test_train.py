@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -319,12 +320,12 @@ def test_fp16_autocast_scales_the_loss_and_skips_overflowing_steps(tmp_path):
         row = trainer.train_step(batch)
     assert seen == {torch.float16}
     assert not any("lr_scheduler" in str(w.message) for w in caught), [str(w.message) for w in caught]
-    assert row["loss_scale"] == 2.0 ** 40 and not math.isfinite(row["grad_norm"]) and math.isfinite(row["loss"])
+    assert row["amp_scale"] == 2.0 ** 40 and not math.isfinite(row["grad_norm"]) and math.isfinite(row["loss"])
     assert all(torch.equal(a, b) for a, b in zip(before, params)) and not trainer.optimizer.state
     assert trainer.scaler.get_scale() == 2.0 ** 39 and trainer.scheduler.last_epoch == 1
     trainer.scaler.update(1024.0)
     row = trainer.train_step(batch)
-    assert row["loss_scale"] == 1024.0 and trainer.scaler.get_scale() == 1024.0
+    assert row["amp_scale"] == 1024.0 and trainer.scaler.get_scale() == 1024.0
     assert not all(torch.equal(a, b) for a, b in zip(before, params)) and trainer.optimizer.state
     # the clipped and logged norm is the true one (unscaled): that of the same first step in float32
     plain = Trainer(load_config(None, TINY + [f"output_dir={tmp_path / 'fp32'}", "train.amp=off"]), progress=False)
@@ -336,6 +337,20 @@ def test_fp16_autocast_scales_the_loss_and_skips_overflowing_steps(tmp_path):
                                                  r"scale 7.62939e-06 \(loss .*\): train.amp=bf16 or off"):
         trainer.train_step(batch)
     trainer.close()
+
+
+def test_a_warning_raised_in_every_step_shows_once(tmp_path):
+    """Python shows a warning once per place ("default" action); a training step must not reset that memory (a
+    warnings.catch_warnings block does), or a library's warning floods the log at every iteration."""
+    trainer = Trainer(load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path}", "train.iterations=3"]),
+                      progress=False)
+    first = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first.register_forward_hook(lambda *args: warnings.warn("a library's warning", UserWarning))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        trainer.train()
+    trainer.close()
+    assert [str(w.message) for w in caught].count("a library's warning") == 1
 
 
 def test_fp16_resume_restores_the_loss_scale(tmp_path, monkeypatch):
@@ -351,7 +366,7 @@ def test_fp16_resume_restores_the_loss_scale(tmp_path, monkeypatch):
             trainer.config["train"]["iterations"] = stop  # the same 5-iteration schedule, stopped at a checkpoint
         rows = trainer.train()
         trainer.close()
-        return [(r["loss"], r["loss_scale"]) for r in rows]
+        return [(r["loss"], r["amp_scale"]) for r in rows]
 
     full = run("full")
     assert full[2][1] != 2.0 ** 16, full  # the first resumed step's scale: not a fresh scaler's
@@ -383,7 +398,14 @@ def test_accumulated_micro_batches_step_as_their_whole_batch(tmp_path):
     halves = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2)]  # tensors and the meta list
     for trainer in (whole, micro):
         _without_batchnorm(trainer)
+    # a micro-batch's predictions are freed before the next one's forward (memory is the point of accumulating)
+    loss_fn, predictions, alive = micro.loss_fn, [], []
+    micro.loss_fn = lambda preds, *rest: (predictions.extend(weakref.ref(p) for p in preds.values()),
+                                          loss_fn(preds, *rest))[1]
+    first = next(m for m in micro.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first.register_forward_pre_hook(lambda *args: alive.append(sum(r() is not None for r in predictions)))
     a, b = whole.train_step(batch), micro.train_step(iter(halves))
+    assert alive == [0, 0] and len(predictions) == 6
     assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-5) for k in a), (a, b)
     for p, q in zip(whole.model.parameters(), micro.model.parameters()):
         assert (p.grad is None) == (q.grad is None)
@@ -566,7 +588,7 @@ def test_two_process_ddp_ends_with_equal_weights(tmp_path, amp, accumulate):
 
     logged = RunLog(str(tmp_path)).read("train")
     assert [r["loss"] for r in logged] == pytest.approx(mean, rel=1e-6)
-    scales = [r.get("loss_scale") for r in logged]
+    scales = [r.get("amp_scale") for r in logged]
     assert all(math.log2(s).is_integer() for s in scales) if amp == "fp16" else scales == [None] * its, scales
     # one RNG stream per rank for the training forward (dropout masks differ), every rank's state in the checkpoint
     assert not torch.equal(*(torch.load(tmp_path / f"rng_rank{r}.pt") for r in (0, 1)))

@@ -204,7 +204,8 @@ class Trainer:
     started afresh, and temporary files of killed saves are removed. Randomness: the initial weights are the same on
     every rank (one seed); the training forward's draws (dropout, stochastic depth) come from one stream per rank,
     and checkpoints hold every rank's RNG states (exact resume with the same number of processes). A step whose
-    gradient norm is not finite raises before the optimiser step, so no checkpoint gets non-finite weights. A
+    gradient norm is not finite raises before the optimiser step, so no checkpoint gets non-finite weights (in
+    float16 the step is skipped instead, and the run stops when the loss scale falls below 2**-16). A
     resume whose config differs from the checkpoint's lists the changes on stderr and follows the config
     (optim.lr, weight_decay and momentum included; another optim.name is refused).
     Rank 0 reports on stdout: each evaluation's metrics when it ends, and with ``progress=False`` (no progress bar:
@@ -423,6 +424,7 @@ class Trainer:
                 self.scaler.scale(total / count if count > 1 else total).backward()
             for key, value in {"loss": total, **{f"loss_{t}": v for t, v in per_task.items()}}.items():
                 sums[key] = sums.get(key, 0) + value.detach()
+            del preds, aux, total, per_task  # not alive through the next micro-batch's forward
         if index != count - 1:
             raise ValueError(f"train_step: {index + 1} micro-batches, expected {count}")
         values = {key: value / count for key, value in sums.items()}
@@ -442,13 +444,15 @@ class Trainer:
         if skipped and scale < _MIN_LOSS_SCALE:
             raise FloatingPointError(f"float16 gradients are not finite at iteration {self.iteration + 1} even at "
                                      f"loss scale {scale:g} (loss {values['loss'].item()}): train.amp=bf16 or off")
-        with warnings.catch_warnings():  # the schedule follows the iteration, skipped or not
+        # The schedule follows the iteration, skipped or not. Only around a skipped step (torch warns when its
+        # first one is): a catch_warnings block resets the once-per-location memory of every warning inside it.
+        with warnings.catch_warnings() if skipped else contextlib.nullcontext():
             if skipped:
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
         values["grad_norm"] = grad_norm
         if self.scaler.is_enabled():  # the scale this step's backward used (a skipped step: grad_norm inf/NaN)
-            values["loss_scale"] = torch.tensor(scale, device=grad_norm.device)
+            values["amp_scale"] = torch.tensor(scale, device=grad_norm.device)
         return mean_over_ranks(values, self.dist)
 
     def _batches(self) -> Iterator[dict]:
@@ -539,16 +543,19 @@ class Trainer:
         write_text_atomically(os.path.join(self.out_dir, "config.yaml"),
                               yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True))
         path = os.path.join(self.out_dir, "environment.json")
-        try:
+        try:  # provenance only: a problem with it is reported, it does not stop the run
             starts = read_json(path) if os.path.exists(path) and self.iteration > 0 else []
-        except ValueError as exc:  # provenance only: it does not stop a run
-            starts = str(exc)
-        if not isinstance(starts, list):
-            print(f"{path}: not a list of the run's starts ({str(starts)[:200]}): written afresh", file=sys.stderr)
+            if not isinstance(starts, list):
+                raise ValueError(f"{path}: not a list of the run's starts")
+        except (OSError, ValueError) as exc:
+            print(f"{exc}: written afresh", file=sys.stderr)
             starts = []
         starts.append({"iteration": self.iteration, "processes": self.dist.world_size,
                        **environment(self.device.type)})
-        write_json_atomically(path, starts)
+        try:
+            write_json_atomically(path, starts)
+        except OSError as exc:
+            print(f"{path}: not written ({exc})", file=sys.stderr)
 
     def _say(self, text: str) -> None:
         """One line on rank 0's stdout, above the progress bar while there is one."""
