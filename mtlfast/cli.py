@@ -1,4 +1,4 @@
-"""The ``mtlfast`` command: ``train``, ``eval``, ``score``, ``baseline``, ``bench``, ``info``."""
+"""The ``mtlfast`` command: ``train``, ``eval``, ``score``, ``baseline``, ``data``, ``bench``, ``info``."""
 from __future__ import annotations
 
 import argparse
@@ -348,6 +348,37 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from mtlfast._files import write_json_atomically
+    from mtlfast.data import canonical_dataset, check_tasks
+    from mtlfast.data.check import check_split, format_report
+    from mtlfast.engine.config import load_config
+    from mtlfast.engine.trainer import _aux_tasks, build_train_set, build_val_set, resolve_workers
+
+    config = load_config(args.config, args.overrides)
+    _check_out_folder(args.out)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: expected a number of samples >= 1, got {args.limit}")
+    dataset = canonical_dataset(config["data"]["dataset"])
+    tasks = list(check_tasks(config["data"]["tasks"], dataset))
+    aux = _aux_tasks(config["model"], tasks, dataset)  # training also reads them
+    workers = resolve_workers(config["data"]["num_workers"], dataset)
+    reports = {}
+    for split in args.splits:
+        data = build_train_set(config, tasks + aux) if split == "train" else build_val_set(config, tasks)
+        print(f"{dataset} {split} ({getattr(data, 'root', 'rendered')}), tasks {', '.join(data.tasks)}: "
+              f"{len(data)} samples", flush=True)
+        reports[split] = check_split(data, dataset, workers=workers, limit=args.limit)
+        print(format_report(split, reports[split]), flush=True)
+    if args.out:
+        write_json_atomically(args.out, {"dataset": dataset, "root": config["data"]["root"], "splits": reports})
+        print(f"wrote {args.out}")
+    failed = sum(len(r["errors"]) for r in reports.values())
+    if failed:
+        print(f"mtlfast data: {failed} sample(s) failed to decode (listed above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _cmd_baseline(args: argparse.Namespace) -> int:
     """Trains the ``single_task`` model of each task of a config and writes the measured baseline file."""
     import copy
@@ -481,6 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="resume a task's run from <output_dir>/single_task/<task>/last.pt when it exists")
     baseline.add_argument("--no-progress", action="store_true", help="no progress bar")
     baseline.set_defaults(func=_cmd_baseline)
+
+    data = sub.add_parser("data", help="decode every sample of a config's dataset once: sizes, label statistics "
+                                       "and the files that fail, before a long run meets them")
+    data.add_argument("--config", help="YAML file naming the data (default: the synthetic config)")
+    data.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/data")
+    data.add_argument("--splits", nargs="+", choices=["train", "val"], default=["train", "val"],
+                      help="splits to read (default: both)")
+    data.add_argument("--limit", type=int, help="read only the first N samples of each split")
+    data.add_argument("--out", help="write the report as JSON here")
+    data.set_defaults(func=_cmd_data)
 
     info = sub.add_parser("info", help="versions, built extensions, devices, backend per op")
     info.add_argument("--models", action="store_true",

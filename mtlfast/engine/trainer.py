@@ -124,6 +124,16 @@ def resolve_workers(value, dataset: str, key: str = "data.num_workers", node_sha
     return value
 
 
+def build_train_set(config: dict[str, Any], tasks: Sequence[str]):
+    """The training split of ``config["data"]`` with labels for ``tasks``, augmented and cropped to ``train_size``
+    (synthetic: ``num_train`` scenes from ``seed``)."""
+    from mtlfast.data import build_dataset, canonical_dataset
+
+    data_cfg, dataset = config["data"], canonical_dataset(config["data"]["dataset"])
+    extra = {"length": data_cfg["num_train"], "seed": config["seed"]} if dataset == "synthetic" else {}
+    return build_dataset(dataset, data_cfg["root"], "train", tasks, size=tuple(data_cfg["train_size"]), **extra)
+
+
 def build_val_set(config: dict[str, Any], tasks: Sequence[str]):
     """The validation split of ``config["data"]`` with labels for ``tasks``, as evaluations read it (synthetic:
     ``num_val`` scenes rendered at ``train_size`` from ``seed``)."""
@@ -314,12 +324,10 @@ class Trainer:
 
     def _build_train_data(self) -> None:
         """The training set (labels of the main and auxiliary tasks), its resumable sampler and loader."""
-        from mtlfast.data import build_dataset, collate
+        from mtlfast.data import collate
 
         config, data_cfg = self.config, self.config["data"]
-        extra = ({"length": data_cfg["num_train"], "seed": config["seed"]} if self.dataset == "synthetic" else {})
-        self.train_set = build_dataset(self.dataset, data_cfg["root"], "train", self.tasks + self.aux_tasks,
-                                       size=tuple(data_cfg["train_size"]), **extra)
+        self.train_set = build_train_set(config, self.tasks + self.aux_tasks)
         self.sampler = ResumableSampler(len(self.train_set), batch_size=data_cfg["batch_size"], seed=config["seed"],
                                         rank=self.dist.rank, world_size=self.dist.world_size)
         if self.sampler.batches_per_epoch() < 1:
