@@ -52,6 +52,10 @@ from mtlfast.kernels.attention import _on_device, dot_precision
 LOG2E = 1.4426950408889634
 VARIANT_IDS = {"A": 0, "B": 1, "C": 2}
 MAX_HEAD_DIM = 256  # q/k rows are held whole in registers (BLOCK_D = next power of two >= D)
+#: Shared memory per block the kernels need at widths D > 128 (BLOCK_D = 256; sm_90 compile of the compile tests,
+#: which fail above it): more than the 99 KB of GPUs of compute capability 8.6 / 8.9, which the op then refuses.
+#: At D <= 128 they fit mtlfast.backends.TRITON_SHARED_BYTES as every other Triton kernel.
+WIDE_SHARED_BYTES = 145 * 1024
 
 
 @dataclass(frozen=True)

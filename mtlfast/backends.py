@@ -191,7 +191,42 @@ def triton_unavailable(device_type: str, dtype: torch.dtype | None = None) -> st
                 "[test] extra does (2.3.5 was also seen to pass)")
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
+    if device_type == "cuda":
+        return _triton_capability_refusal()
     return None
+
+
+#: Shared memory per thread block that every Triton kernel specialisation fits in (compiled for sm_90 in the
+#: compile tests, :func:`mtlfast.testing.compile_for_sm90`, which fails above it; an sm_86 compile needs as much or
+#: less): what GPUs of compute capability 8.6 / 8.9 / 12.0 offer. iterative_fusion at widths above 128 needs more
+#: (:data:`mtlfast.kernels.iterative_fusion.WIDE_SHARED_BYTES`) and refuses GPUs without it.
+TRITON_SHARED_BYTES = 99 * 1024
+
+
+@torch.compiler.assume_constant_result  # the device query: read once per trace
+def _triton_capability_refusal() -> str | None:
+    """The Triton kernels' tiles are sized for compute capability >= 8.0: compiled for sm_75 (T4, RTX 20xx)
+    attention's need up to 96 KB of shared memory per block, over the 64 KB there."""
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 0):
+        return (f"the Triton kernels need compute capability >= 8.0 (their tiles take up to 96 KB of shared memory "
+                f"per block on sm_75, over its 64 KB); this GPU has {major}.{minor}")
+    return None
+
+
+_MAX_SHARED: dict[int, int] = {}  # per device index
+
+
+@torch.compiler.assume_constant_result  # the device query: read once per trace
+def cuda_max_shared_bytes() -> int:
+    """Shared memory one thread block may use on the current CUDA device (opt-in maximum, as Triton checks it
+    at launch), memoised per device."""
+    index = torch.cuda.current_device()
+    if index not in _MAX_SHARED:
+        import triton
+
+        _MAX_SHARED[index] = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    return _MAX_SHARED[index]
 
 
 def extension_unavailable(device_type: str, dtype: torch.dtype | None = None) -> str | None:

@@ -18,8 +18,9 @@ SIMULATE_GPU = os.environ.get("MTLFAST_SIMULATE_GPU") == "1"
 #: torch's errors for CUDA calls on a machine without a GPU (driver missing, or a CPU-only build)
 _NO_GPU = re.compile(r"Found no NVIDIA driver|Torch not compiled with CUDA enabled|No CUDA GPUs are available|"
                      r"CUDA driver version is insufficient")
-if SIMULATE_GPU:
+if SIMULATE_GPU:  # an H100's answers to the queries that need no device call
     torch.cuda.is_available = lambda: True
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
 
 if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":

@@ -267,6 +267,23 @@ def test_cuda_kernels_refuse_a_gpu_their_build_cannot_run(archs, capability, run
     assert cuda_arch_refusal("openmp=yes(201511) threads=2 cuda=no", capability) is None
 
 
+def test_triton_refuses_gpus_below_compute_capability_8(monkeypatch):
+    """Compiled for sm_75 the Triton kernels need up to 96 KB of shared memory per block, over the 64 KB there:
+    GPUs below 8.0 are refused (auto then takes the CUDA kernel or the reference), 8.0 and later are not."""
+    from mtlfast.backends import triton_unavailable
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability in ((7, 0), (7, 5), (8, 0), (8, 6), (9, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+        reason = triton_unavailable("cuda", torch.float16)
+        if capability < (8, 0):
+            assert reason == ("the Triton kernels need compute capability >= 8.0 (their tiles take up to 96 KB of "
+                              "shared memory per block on sm_75, over its 64 KB); this GPU has "
+                              f"{capability[0]}.{capability[1]}")
+        else:
+            assert reason is None
+
+
 def test_auto_passes_over_cuda_kernels_built_for_another_gpu(monkeypatch):
     """An sm_90 build on an sm_80 GPU: deform_sample's cuda backend (auto's first on a GPU) refuses with the
     reason, so auto takes the next (Triton) instead of a launch failing with "no kernel image is available"."""

@@ -341,7 +341,8 @@ def _compile_sm90() -> None:
             sig = {n: "constexpr" if n in constexprs else "*fp64" if n == "da_ptr" else
                    ("*fp32" if n in fp32 | set(scratch) else f"*{dtype}") if n.endswith("_ptr") else
                    "fp32" if n.endswith("scale") else "i32" for n in fn.arg_names}
-            compiled.append(compile_for_sm90(fn, sig, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            compiled.append(compile_for_sm90(fn, sig, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                             max_shared=K.WIDE_SHARED_BYTES if block_d > 128 else None))
 
         build(K._softmax_kernel, COMPUTE_LSE=True)
         build(K._softmax_kernel, COMPUTE_LSE=False)
@@ -382,6 +383,27 @@ def test_inductor_compile_gpu():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
     _compile_sm90()
+
+
+def test_triton_refuses_wide_rows_where_the_gpu_lacks_their_shared_memory(monkeypatch):
+    """At D > 128 the kernels need WIDE_SHARED_BYTES per block (sm_90 compile, the compile test's bound): a GPU
+    offering less (the 99 KB of sm_86/89) is refused with both numbers; D <= 128, or an A100's 163 KB, is not."""
+    from mtlfast.kernels.iterative_fusion import WIDE_SHARED_BYTES
+
+    op = sys.modules["mtlfast.ops.iterative_fusion"]  # the module (mtlfast.ops.iterative_fusion is the function)
+
+    class OnCuda:  # what the limits read of a CUDA tensor (none can be made here)
+        def __init__(self, *shape):
+            self.shape, self.device, self.requires_grad = torch.Size(shape), torch.device("cuda"), False
+
+    for offered in (99 * 1024, 163 * 1024):
+        monkeypatch.setattr(op, "cuda_max_shared_bytes", lambda offered=offered: offered)
+        for width in (128, 192, 256):
+            reasons = op._triton_limits(OnCuda(2, 100, width), OnCuda(2, 100, width), OnCuda(2, 100, 32),
+                                        OnCuda(), 3, scale=None, variant="C", mode="auto")
+            refused = width > 128 and offered < WIDE_SHARED_BYTES
+            assert reasons == ([f"q/k width D={width} > 128 needs {WIDE_SHARED_BYTES // 1024} KB of shared memory "
+                                f"per block; this GPU offers 99 KB (D <= 128 fits)"] if refused else []), reasons
 
 
 def test_triton_refuses_gradients_in_deterministic_mode(device):
