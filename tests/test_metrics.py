@@ -739,10 +739,12 @@ def test_baseline_out_is_checked_before_the_runs_and_written_atomically(tmp_path
 
     monkeypatch.setattr(_files.os, "replace", failed)
     assert main(["baseline", "--no-progress", "--out", str(out), *tiny]) == 1
-    assert "disk full" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mtlfast baseline: OSError: disk full" in err, err  # the run's checkpoint (provenance files: reported)
     assert out.read_text() == "earlier\n" and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp_")]
     monkeypatch.undo()
-    assert main(["baseline", "--no-progress", "--resume", "--out", str(out), *tiny]) == 0
+    code = main(["baseline", "--no-progress", "--resume", "--out", str(out), *tiny])
+    assert code == 0, capsys.readouterr().err
     assert set(load_baseline(out)) == {"semseg"}
     # a run evaluated at its last iteration (train.eval_every) gives that evaluation's value, without a second one
     from mtlfast.engine.logs import RunLog

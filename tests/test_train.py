@@ -461,6 +461,12 @@ def test_run_records_its_config_and_the_environment_of_each_start(tmp_path, caps
     os.remove(tmp_path / "last.pt")  # a run that saved no checkpoint there: the next one starts the list afresh
     _losses(load_config(None, args + ["train.iterations=1"]))
     assert [s["iteration"] for s in json.loads((tmp_path / "environment.json").read_text())] == [0]
+    os.remove(tmp_path / "config.yaml")
+    os.mkdir(tmp_path / "config.yaml")  # cannot be replaced: reported, the run goes on
+    capsys.readouterr()
+    losses, _ = _losses(load_config(None, args + ["train.iterations=2"]), resume=str(tmp_path / "last.pt"))
+    assert len(losses) == 1 and f"{tmp_path / 'config.yaml'}: not written (" in capsys.readouterr().err
+    assert [s["iteration"] for s in json.loads((tmp_path / "environment.json").read_text())] == [0, 1]
 
 
 def test_amp_auto_takes_bf16_where_the_gpu_computes_it_else_fp16(monkeypatch):

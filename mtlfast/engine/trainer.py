@@ -548,10 +548,9 @@ class Trainer:
         from mtlfast._files import read_json, write_json_atomically, write_text_atomically
         from mtlfast.bench.harness import environment
 
-        write_text_atomically(os.path.join(self.out_dir, "config.yaml"),
-                              yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True))
+        # provenance only: a problem with these files is reported, it does not stop the run
         path = os.path.join(self.out_dir, "environment.json")
-        try:  # provenance only: a problem with it is reported, it does not stop the run
+        try:
             starts = read_json(path) if os.path.exists(path) and self.iteration > 0 else []
             if not isinstance(starts, list):
                 raise ValueError(f"{path}: not a list of the run's starts")
@@ -560,10 +559,13 @@ class Trainer:
             starts = []
         starts.append({"iteration": self.iteration, "processes": self.dist.world_size,
                        **environment(self.device.type)})
-        try:
-            write_json_atomically(path, starts)
-        except OSError as exc:
-            print(f"{path}: not written ({exc})", file=sys.stderr)
+        for name, write in (("config.yaml", lambda p: write_text_atomically(
+                                p, yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True))),
+                            ("environment.json", lambda p: write_json_atomically(p, starts))):
+            try:
+                write(os.path.join(self.out_dir, name))
+            except OSError as exc:
+                print(f"{os.path.join(self.out_dir, name)}: not written ({exc})", file=sys.stderr)
 
     def _say(self, text: str) -> None:
         """One line on rank 0's stdout, above the progress bar while there is one."""
