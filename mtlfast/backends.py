@@ -203,30 +203,44 @@ def triton_unavailable(device_type: str, dtype: torch.dtype | None = None) -> st
 TRITON_SHARED_BYTES = 99 * 1024
 
 
-@torch.compiler.assume_constant_result  # the device query: read once per trace
-def _triton_capability_refusal() -> str | None:
+_DEVICE_FACTS: dict[tuple[str, int], object] = {}  # (fact, CUDA device index) -> value
+
+
+def _device_fact(name: str, compute: Callable[[int], object]):
+    """``compute(index)`` for the current CUDA device, once per process and device: the ops ask on every call.
+    (The callers are torch.compiler.assume_constant_result functions: read once per trace.)"""
+    key = (name, torch.cuda.current_device())
+    if key not in _DEVICE_FACTS:
+        _DEVICE_FACTS[key] = compute(key[1])
+    return _DEVICE_FACTS[key]
+
+
+def _capability_refusal(index: int) -> str | None:
     """The Triton kernels' tiles are sized for compute capability >= 8.0: compiled for sm_75 (T4, RTX 20xx)
     attention's need up to 96 KB of shared memory per block, over the 64 KB there."""
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = torch.cuda.get_device_capability(index)
     if (major, minor) < (8, 0):
         return (f"the Triton kernels need compute capability >= 8.0 (their tiles take up to 96 KB of shared memory "
                 f"per block on sm_75, over its 64 KB); this GPU has {major}.{minor}")
     return None
 
 
-_MAX_SHARED: dict[int, int] = {}  # per device index
+@torch.compiler.assume_constant_result
+def _triton_capability_refusal() -> str | None:
+    return _device_fact("triton capability", _capability_refusal)
 
 
-@torch.compiler.assume_constant_result  # the device query: read once per trace
+def _max_shared(index: int) -> int:
+    import triton
+
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+@torch.compiler.assume_constant_result
 def cuda_max_shared_bytes() -> int:
     """Shared memory one thread block may use on the current CUDA device (opt-in maximum, as Triton checks it
-    at launch), memoised per device."""
-    index = torch.cuda.current_device()
-    if index not in _MAX_SHARED:
-        import triton
-
-        _MAX_SHARED[index] = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
-    return _MAX_SHARED[index]
+    at launch)."""
+    return _device_fact("max shared", _max_shared)
 
 
 def extension_unavailable(device_type: str, dtype: torch.dtype | None = None) -> str | None:
@@ -245,18 +259,13 @@ def extension_unavailable(device_type: str, dtype: torch.dtype | None = None) ->
     return None
 
 
-_ARCH_REFUSALS: dict[int, str | None] = {}  # per device index
-
-
-@torch.compiler.assume_constant_result  # the device query and parsing: read once per trace
+@torch.compiler.assume_constant_result
 def _cuda_arch_refusal_here() -> str | None:
-    """:func:`cuda_arch_refusal` for the loaded extension and the current CUDA device (memoised)."""
-    index = torch.cuda.current_device()
-    if index not in _ARCH_REFUSALS:
-        from mtlfast import _ext
+    """:func:`cuda_arch_refusal` for the loaded extension and the current CUDA device."""
+    from mtlfast import _ext
 
-        _ARCH_REFUSALS[index] = cuda_arch_refusal(_ext.status().build_info, torch.cuda.get_device_capability(index))
-    return _ARCH_REFUSALS[index]
+    return _device_fact("extension archs", lambda index: cuda_arch_refusal(
+        _ext.status().build_info, torch.cuda.get_device_capability(index)))
 
 
 def cuda_arch_refusal(build_info: str, capability: tuple[int, int]) -> str | None:

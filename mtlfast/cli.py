@@ -325,7 +325,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from mtlfast.engine import checkpoint as ckpt
     from mtlfast.engine.config import load_config
     from mtlfast.engine.predictions import score_predictions
-    from mtlfast.engine.trainer import build_val_set, resolve_workers, run_baseline
+    from mtlfast.engine.trainer import build_split, resolve_workers, run_baseline
 
     if args.config and args.checkpoint:
         raise ValueError("score: pass --config or --checkpoint (whose config names the data), not both")
@@ -337,7 +337,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     dataset = canonical_dataset(config["data"]["dataset"])
     tasks = list(check_tasks(config["data"]["tasks"], dataset))
     baseline = run_baseline(config["eval"]["baseline"], dataset, tasks)
-    scores = score_predictions(args.predictions, build_val_set(config, tasks), tasks,
+    scores = score_predictions(args.predictions, build_split(config, "val", tasks), tasks,
                                edge_thresholds=config["eval"]["edge_thresholds"], baseline=baseline,
                                edge_workers=resolve_workers(config["eval"]["edge_workers"], dataset,
                                                             "eval.edge_workers"), progress=not args.no_progress)
@@ -353,7 +353,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from mtlfast.data import canonical_dataset, check_tasks
     from mtlfast.data.check import check_split, format_report
     from mtlfast.engine.config import load_config
-    from mtlfast.engine.trainer import _aux_tasks, build_train_set, build_val_set, resolve_workers
+    from mtlfast.engine.trainer import _aux_tasks, build_split, resolve_workers
 
     config = load_config(args.config, args.overrides)
     _check_out_folder(args.out)
@@ -365,7 +365,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     workers = resolve_workers(config["data"]["num_workers"], dataset)
     reports = {}
     for split in args.splits:
-        data = build_train_set(config, tasks + aux) if split == "train" else build_val_set(config, tasks)
+        data = build_split(config, split, tasks + aux if split == "train" else tasks)
         print(f"{dataset} {split} ({getattr(data, 'root', 'rendered')}), tasks {', '.join(data.tasks)}: "
               f"{len(data)} samples", flush=True)
         reports[split] = check_split(data, dataset, workers=workers, limit=args.limit)

@@ -21,6 +21,7 @@ _NO_GPU = re.compile(r"Found no NVIDIA driver|Torch not compiled with CUDA enabl
 if SIMULATE_GPU:  # an H100's answers to the queries that need no device call
     torch.cuda.is_available = lambda: True
     torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    torch.cuda.current_device = lambda: 0
 
 if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":

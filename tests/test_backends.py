@@ -270,11 +270,15 @@ def test_cuda_kernels_refuse_a_gpu_their_build_cannot_run(archs, capability, run
 def test_triton_refuses_gpus_below_compute_capability_8(monkeypatch):
     """Compiled for sm_75 the Triton kernels need up to 96 KB of shared memory per block, over the 64 KB there:
     GPUs below 8.0 are refused (auto then takes the CUDA kernel or the reference), 8.0 and later are not."""
+    from mtlfast import backends
     from mtlfast.backends import triton_unavailable
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(backends, "_DEVICE_FACTS", {})
     for capability in ((7, 0), (7, 5), (8, 0), (8, 6), (9, 0)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+        backends._DEVICE_FACTS.clear()  # answered once per process and device
         reason = triton_unavailable("cuda", torch.float16)
         if capability < (8, 0):
             assert reason == ("the Triton kernels need compute capability >= 8.0 (their tiles take up to 96 KB of "
@@ -294,10 +298,10 @@ def test_auto_passes_over_cuda_kernels_built_for_another_gpu(monkeypatch):
     monkeypatch.setattr(_ext, "status", lambda: built)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(backends, "_ARCH_REFUSALS", {})
+    monkeypatch.setattr(backends, "_DEVICE_FACTS", {})
     for capability, refused in (((8, 0), True), ((9, 0), False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
-        backends._ARCH_REFUSALS.clear()
+        backends._DEVICE_FACTS.clear()  # answered once per process and device
         reasons = _OP.support_table("cuda", torch.float32)["cuda"]
         assert reasons == (["mtlfast._C's CUDA kernels were built for 9.0 (TORCH_CUDA_ARCH_LIST), which this GPU of "
                             "compute capability 8.0 cannot run: rebuild with TORCH_CUDA_ARCH_LIST=8.0"]

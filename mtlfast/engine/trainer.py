@@ -124,26 +124,16 @@ def resolve_workers(value, dataset: str, key: str = "data.num_workers", node_sha
     return value
 
 
-def build_train_set(config: dict[str, Any], tasks: Sequence[str]):
-    """The training split of ``config["data"]`` with labels for ``tasks``, augmented and cropped to ``train_size``
-    (synthetic: ``num_train`` scenes from ``seed``)."""
+def build_split(config: dict[str, Any], split: str, tasks: Sequence[str]):
+    """The ``split`` ("train" or "val") of ``config["data"]`` with labels for ``tasks``, as training and evaluation
+    read it: training samples augmented and cropped to ``train_size``, validation ones at their own size
+    (synthetic: ``num_train`` / ``num_val`` scenes rendered at ``train_size`` from ``seed``)."""
     from mtlfast.data import build_dataset, canonical_dataset
 
     data_cfg, dataset = config["data"], canonical_dataset(config["data"]["dataset"])
-    extra = {"length": data_cfg["num_train"], "seed": config["seed"]} if dataset == "synthetic" else {}
-    return build_dataset(dataset, data_cfg["root"], "train", tasks, size=tuple(data_cfg["train_size"]), **extra)
-
-
-def build_val_set(config: dict[str, Any], tasks: Sequence[str]):
-    """The validation split of ``config["data"]`` with labels for ``tasks``, as evaluations read it (synthetic:
-    ``num_val`` scenes rendered at ``train_size`` from ``seed``)."""
-    from mtlfast.data import build_dataset, canonical_dataset
-
-    data_cfg, dataset = config["data"], canonical_dataset(config["data"]["dataset"])
-    if dataset == "synthetic":
-        return build_dataset(dataset, data_cfg["root"], "val", tasks, size=tuple(data_cfg["train_size"]),
-                             length=data_cfg["num_val"], seed=config["seed"])
-    return build_dataset(dataset, data_cfg["root"], "val", tasks)
+    extra = {"length": data_cfg[f"num_{split}"], "seed": config["seed"]} if dataset == "synthetic" else {}
+    size = tuple(data_cfg["train_size"]) if split == "train" or dataset == "synthetic" else None
+    return build_dataset(dataset, data_cfg["root"], split, tasks, size=size, **extra)
 
 
 def run_baseline(name_or_path, dataset: str, tasks: Sequence[str]) -> dict | None:
@@ -269,7 +259,7 @@ class Trainer:
         self.train_set = self.sampler = self.train_loader = None
         if train_data:
             self._build_train_data()
-        self.val_set = build_val_set(config, self.tasks)
+        self.val_set = build_split(config, "val", self.tasks)
         self.per_class_iou: dict[str, list[float | None]] = {}  # of the last evaluation
 
         self.baseline = run_baseline(config["eval"]["baseline"], self.dataset, self.tasks)  # a typo fails now
@@ -327,7 +317,7 @@ class Trainer:
         from mtlfast.data import collate
 
         config, data_cfg = self.config, self.config["data"]
-        self.train_set = build_train_set(config, self.tasks + self.aux_tasks)
+        self.train_set = build_split(config, "train", self.tasks + self.aux_tasks)
         self.sampler = ResumableSampler(len(self.train_set), batch_size=data_cfg["batch_size"], seed=config["seed"],
                                         rank=self.dist.rank, world_size=self.dist.world_size)
         if self.sampler.batches_per_epoch() < 1:
@@ -510,10 +500,9 @@ class Trainer:
                 row = self.train_step(drawn())
                 end = time.perf_counter()
                 self.iteration += 1
-                images = self.config["data"]["batch_size"] * self.dist.world_size * accumulate
+                images, data_s = self.config["data"]["batch_size"] * self.dist.world_size * accumulate, sum(waits)
                 row = {"iteration": self.iteration, **row, "lr": self.scheduler.get_last_lr()[0],
-                       "images_per_s": images / (end - fetch), "data_s": sum(waits),
-                       "step_s": end - fetch - sum(waits)}
+                       "images_per_s": images / (end - fetch), "data_s": data_s, "step_s": end - fetch - data_s}
                 row.update(_peak_memory_mib(self.device))
                 history.append(row)
                 if not math.isfinite(row["loss"]):
@@ -548,8 +537,7 @@ class Trainer:
         from mtlfast._files import read_json, write_json_atomically, write_text_atomically
         from mtlfast.bench.harness import environment
 
-        # provenance only: a problem with these files is reported, it does not stop the run
-        path = os.path.join(self.out_dir, "environment.json")
+        path = os.path.join(self.out_dir, "environment.json")  # provenance only: a problem is reported, not fatal
         try:
             starts = read_json(path) if os.path.exists(path) and self.iteration > 0 else []
             if not isinstance(starts, list):
@@ -559,13 +547,13 @@ class Trainer:
             starts = []
         starts.append({"iteration": self.iteration, "processes": self.dist.world_size,
                        **environment(self.device.type)})
-        for name, write in (("config.yaml", lambda p: write_text_atomically(
-                                p, yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True))),
-                            ("environment.json", lambda p: write_json_atomically(p, starts))):
+        config_text = yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True)
+        for write, target, content in ((write_text_atomically, os.path.join(self.out_dir, "config.yaml"), config_text),
+                                       (write_json_atomically, path, starts)):
             try:
-                write(os.path.join(self.out_dir, name))
+                write(target, content)
             except OSError as exc:
-                print(f"{os.path.join(self.out_dir, name)}: not written ({exc})", file=sys.stderr)
+                print(f"{target}: not written ({exc})", file=sys.stderr)
 
     def _say(self, text: str) -> None:
         """One line on rank 0's stdout, above the progress bar while there is one."""
