@@ -47,15 +47,15 @@ import triton
 import triton.language as tl
 
 from mtlfast._alloc import empty, empty_like
+from mtlfast.backends import cuda_max_shared_bytes
 from mtlfast.kernels.attention import _on_device, dot_precision
 
 LOG2E = 1.4426950408889634
 VARIANT_IDS = {"A": 0, "B": 1, "C": 2}
 MAX_HEAD_DIM = 256  # q/k rows are held whole in registers (BLOCK_D = next power of two >= D)
-#: Shared memory per block the kernels need at widths D > 128 (BLOCK_D = 256; sm_90 compile of the compile tests,
-#: which fail above it): more than the 99 KB of GPUs of compute capability 8.6 / 8.9, which the op then refuses.
-#: At D <= 128 they fit mtlfast.backends.TRITON_SHARED_BYTES as every other Triton kernel.
-WIDE_SHARED_BYTES = 145 * 1024
+#: Shared memory per block from which a q/k row tile (rows × BLOCK_D × element size) may take 32 KB rather than 16 KB
+#: (:func:`row_tile_bytes`).
+WIDE_TILE_SHARED_BYTES = 160 * 1024
 
 
 @dataclass(frozen=True)
@@ -95,13 +95,27 @@ def _block(size: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(size)))
 
 
-def fit_rows(cfg: LaunchConfig, element_size: int, block_d: int) -> LaunchConfig:
-    """``cfg`` with at most 32-row tiles when q/k rows are wider than 512 bytes (float32 at D > 128): whole
-    64-row tiles of q and k then need 164-262 KB of shared memory in the recompute mode's kernels, over an
-    H100's 227 KB per block (sm_90 compile, launch hints); 32-row tiles need at most 131 KB."""
-    if element_size * block_d <= 512:
-        return cfg
-    return replace(cfg, block_x=min(cfg.block_x, 32), block_y=min(cfg.block_y, 32))
+def row_tile_bytes(max_shared: int | None) -> int:
+    """Bytes a q/k row tile (rows × BLOCK_D × element size) may take where a block may use ``max_shared`` bytes of
+    shared memory (None: no GPU, the interpreter). The kernels' need grows with the tile (compiled with the
+    launch hints; the recompute mode's step, adjoint and dq/dk passes need most): with 32 KB tiles up to 160 KB
+    for sm_90 and 128 KB for sm_80/86, so they need WIDE_TILE_SHARED_BYTES (H100/H200 227 KB, A100 163 KB); with
+    16 KB tiles up to 80 KB for sm_80/86/89, within the 99 KB of RTX 30xx/40xx and A10/L4/L40-class GPUs (112 KB for
+    sm_90, whose GPUs all offer 227 KB). The compile tests check each GPU class at its own limit."""
+    return 16 * 1024 if max_shared is not None and max_shared < WIDE_TILE_SHARED_BYTES else 32 * 1024
+
+
+def fit_rows(cfg: LaunchConfig, element_size: int, block_d: int, max_shared: int | None = None) -> LaunchConfig:
+    """``cfg`` with row tiles of at most row_tile_bytes(max_shared) bytes of q/k, i.e. 64 rows (the GPU default)
+    at up to 512 bytes per row on H100/A100-class GPUs (bfloat16 up to D = 256, float32 up to 128), 32 rows above;
+    on 99 KB GPUs 64 rows up to 256 bytes, 32 up to 512, 16 (tl.dot's minimum) for float32 at D > 128."""
+    rows = max(16, row_tile_bytes(max_shared) // (element_size * block_d))
+    return replace(cfg, block_x=min(cfg.block_x, rows), block_y=min(cfg.block_y, rows))
+
+
+def device_shared_bytes(device: torch.device) -> int | None:
+    """Shared memory one block may use on ``device`` (the current CUDA device, as launches run); None on a CPU."""
+    return cuda_max_shared_bytes() if device.type == "cuda" else None
 
 
 # --- device functions --------------------------------------------------------------------------------
@@ -368,7 +382,7 @@ class _Problem:
         if D > MAX_HEAD_DIM:
             raise ValueError(f"q: width D={D} exceeds the Triton kernels' limit of {MAX_HEAD_DIM}")
         block_d = _block(D, MAX_HEAD_DIM)
-        cfg = fit_rows(default_config(q.device), q.element_size(), block_d)
+        cfg = fit_rows(default_config(q.device), q.element_size(), block_d, device_shared_bytes(q.device))
         return cls(B, N, D, C, scale * LOG2E, VARIANT_IDS[variant], materialized, dot_precision(q.dtype), cfg,
                    _block(N, cfg.block_x), _block(N, cfg.block_y), _block(C, cfg.block_c), block_d)
 

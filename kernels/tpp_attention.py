@@ -99,19 +99,22 @@ def _pow2(n: int) -> int:
 _ACC_BUDGET = 16384
 
 
-def default_config(channels: int, d: int, dv: int) -> Config:
+def default_config(channels: int, d: int, dv: int, element_size: int) -> Config:
     """A starting point for the GPU, NOT tuned by timing (no GPU measurement yet): the blocks for which
     ptxas (sm_90, bf16) reports no or few register spills for T·H in {1, ..., 16}: 16-row tiles and
     8 warps (larger tiles spilled even at T·H = 1 or 2), output column chunks up to the accumulator
     budget (the forward holds one accumulator, the dk/dv program two), at most 128 (forward) and 64
     (backward) columns. At BridgeNet's shape (T·H = 8, D = Dv = 288): 3 forward and 5 backward chunks.
     (Measured without the divisibility hints a launch adds; with them the backward kernels sit at 255
-    registers with 200-408 B of stack.)"""
+    registers with 200-408 B of stack.) Shared memory follows the tiles' bytes: with 16-bit inputs up to
+    64 KB per block at T·H = 9..16; float32 inputs (``element_size`` 4) get half the accumulator columns and
+    q·k chunk, the same bytes (with bfloat16's tiles float32 needed 128 KB, over the 99 KB of sm_86/89 GPUs)."""
     c_pad = _pow2(channels)
     block = 16
-    block_dv = max(16, min(_pow2(dv), _ACC_BUDGET // (c_pad * block), 128))
-    block_dgrad = max(16, min(_pow2(max(d, dv)), _ACC_BUDGET // (2 * c_pad * block), 64))
-    return Config(block, block, max(16, min(64, _pow2(d))), block_dv, block_dgrad, 8, 2)
+    budget = _ACC_BUDGET * 2 // element_size
+    block_dv = max(16, min(_pow2(dv), budget // (c_pad * block), 128))
+    block_dgrad = max(16, min(_pow2(max(d, dv)), budget // (2 * c_pad * block), 64))
+    return Config(block, block, max(16, min(128 // element_size, _pow2(d))), block_dv, block_dgrad, 8, 2)
 
 
 # A module global rather than a ContextVar: torch.compile traces reads of globals, not ContextVar.get.
@@ -130,8 +133,8 @@ def use_config(config: Config) -> Iterator[None]:
         _pinned = previous
 
 
-def current_config(channels: int, d: int, dv: int) -> Config:
-    return _pinned or default_config(channels, d, dv)
+def current_config(channels: int, d: int, dv: int, element_size: int) -> Config:
+    return _pinned or default_config(channels, d, dv, element_size)
 
 
 # --- device helpers ----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from mtlfast._alloc import poisoned as poison_outputs
 
 __all__ = ["tolerance", "rel_error", "fresh_seed", "randn",
            "check_against_reference", "poison_outputs", "kernel_dtypes", "default_device", "begin_test", "end_test",
-           "rerun_hint", "run_without_interpreter", "compile_for_sm90", "SM90_MAX_SHARED_BYTES"]
+           "rerun_hint", "run_without_interpreter", "compile_for_gpu", "GPU_MAX_SHARED_BYTES"]
 
 _LOW_PRECISION_EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
@@ -53,17 +53,18 @@ def run_without_interpreter(args: list[str], timeout: float = 600) -> str:
     return result.stdout
 
 
-#: Shared memory one thread block may use on an H100 / H200 (sm_90: 227 KiB, opt-in above 48 KiB).
-SM90_MAX_SHARED_BYTES = 227 * 1024
+#: Shared memory one thread block may use (opt-in above 48 KiB) per compute capability compiled for: A100 (sm_80),
+#: the 8.6 / 8.9 GPUs (RTX 30xx/40xx, A10, L4, L40), H100 / H200 (sm_90).
+GPU_MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
-def compile_for_sm90(fn, signature: Mapping[str, str], constexprs: Mapping[str, object], *,
-                     max_shared: int | None = None, **options):
-    """A Triton kernel compiled to sm_90a cubin by Triton's compiler and ptxas (no GPU needed; call it without
-    the interpreter, :func:`run_without_interpreter`). Fails when the kernel needs more shared memory per block
-    than ``max_shared`` (default :data:`mtlfast.backends.TRITON_SHARED_BYTES`, the 99 KB of sm_86/89 GPUs, which
-    the library promises every kernel fits; never above an H100 / H200's 227 KB), which otherwise only its first
-    launch on such a GPU would report.
+def compile_for_gpu(fn, signature: Mapping[str, str], constexprs: Mapping[str, object], *, arch: int = 90,
+                    max_shared: int | None = None, **options):
+    """A Triton kernel compiled to cubin for compute capability ``arch`` (90: sm_90a) by Triton's compiler and
+    ptxas (no GPU needed; call it without the interpreter, :func:`run_without_interpreter`). Fails when the kernel
+    needs more shared memory per block than ``max_shared`` (default :data:`mtlfast.backends.TRITON_SHARED_BYTES`,
+    the 99 KB of sm_86/89 GPUs, which the library promises every kernel fits; never above what ``arch``'s GPUs
+    offer, :data:`GPU_MAX_SHARED_BYTES`), which otherwise only its first launch on such a GPU would report.
 
     Every pointer and integer argument is declared divisible by 16, as a launch declares aligned tensors and
     sizes that are multiples of 16 (the benchmark shapes): that specialisation vectorises and pipelines the
@@ -75,13 +76,14 @@ def compile_for_sm90(fn, signature: Mapping[str, str], constexprs: Mapping[str, 
     hinted = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
               if signature[name].startswith(("*", "i"))}
     compiled = triton.compile(ASTSource(fn, dict(signature), constexprs=dict(constexprs), attrs=hinted),
-                              target=GPUTarget("cuda", 90, 32), options=options)
+                              target=GPUTarget("cuda", arch, 32), options=options)
     from mtlfast.backends import TRITON_SHARED_BYTES
 
-    limit = min(TRITON_SHARED_BYTES if max_shared is None else max_shared, SM90_MAX_SHARED_BYTES)
+    limit = min(TRITON_SHARED_BYTES if max_shared is None else max_shared, GPU_MAX_SHARED_BYTES[arch])
     if compiled.metadata.shared > limit:
         raise AssertionError(f"{fn.__name__} ({dict(constexprs)}, {options}) needs {compiled.metadata.shared} bytes of "
-                             f"shared memory per block; allowed: {limit} (an sm_90 block has {SM90_MAX_SHARED_BYTES})")
+                             f"shared memory per block for sm_{arch}; allowed: {limit} (such a GPU's block has "
+                             f"{GPU_MAX_SHARED_BYTES[arch]})")
     return compiled
 
 

@@ -17,7 +17,7 @@ from mtlfast.backends import BackendError
 from mtlfast.ops.attention import attention_triton, center_keys
 from mtlfast.reference.attention import attention as reference_attention
 from mtlfast.testing import (check_against_reference, float32_dots_are_tf32, fresh_seed, randn, rel_error,
-                             run_without_interpreter, tolerance, compile_for_sm90, transposed_layout)
+                             run_without_interpreter, tolerance, compile_for_gpu, transposed_layout)
 
 
 def _inputs(B, H, n_q, n_k, d_qk, d_v, *, seed, permuted=False):
@@ -300,7 +300,7 @@ def _compile_sm90() -> None:
                 sig[name] = "*fp32" if name in ("LSE", "DELTA") else dtype
             else:
                 sig[name] = "fp32" if name.endswith("scale") else "i32"
-        compile_for_sm90(fn, sig, meta, **options)
+        compile_for_gpu(fn, sig, meta, **options)
 
     count = 0
     # bf16 widths: BridgeNet/TIF's 72, 144, 288, 384 and those the paper-size models call (36, 80, 128, and

@@ -14,7 +14,7 @@ import mtlfast
 from mtlfast.backends import BackendError
 from mtlfast.ops.deform_sample import deform_sample
 from mtlfast.reference import deform_sample as reference
-from mtlfast.testing import (OpNames, check_against_reference, compile_for_sm90, fresh_seed, randn, rel_error,
+from mtlfast.testing import (OpNames, check_against_reference, compile_for_gpu, fresh_seed, randn, rel_error,
                              run_without_interpreter)
 
 # The cpp and cuda backends are the compiled extension; the triton backend and the reference need none.
@@ -626,7 +626,7 @@ def _compile_sm90() -> None:
         nonlocal count
         sig = {name: "constexpr" if name in constexprs else dtype if name in same_as_values
                else pointer_types.get(name, "i32") for name in fn.arg_names}
-        compile_for_sm90(fn, sig, constexprs, num_warps=num_warps)
+        compile_for_gpu(fn, sig, constexprs, num_warps=num_warps)
         count += 1
 
     for dtype in ("*bf16", "*fp32"):

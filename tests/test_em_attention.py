@@ -11,7 +11,7 @@ import mtlfast
 from mtlfast.backends import BackendError
 from mtlfast.ops.em_attention import em_attention
 from mtlfast.reference import em_attention as reference
-from mtlfast.testing import (check_against_reference, compile_for_sm90, fresh_seed, randn, run_without_interpreter,
+from mtlfast.testing import (check_against_reference, compile_for_gpu, fresh_seed, randn, run_without_interpreter,
                              transposed_layout)
 
 OUTPUTS = ["x_rec", "mu_out", "z"]
@@ -302,7 +302,7 @@ def _compile_sm90() -> None:
                                    else "fp32")
             else:
                 sig[name] = "fp32" if name in ("scale", "eps") else "i32"
-        compile_for_sm90(fn, sig, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        compile_for_gpu(fn, sig, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         count += 1
 
     for dtype in (torch.bfloat16, torch.float32):

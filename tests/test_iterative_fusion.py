@@ -1,7 +1,8 @@
 """iterative_fusion (DESIGN.md §3 op 4, the TPIM Iterative Fusion Block): Triton kernels vs the literal
 reference, forward and the gradients to q, k, v and alpha, every variant in both modes; a float64 proof of
 the adjoint recursion the backward kernels implement; saved-activation memory against eager autograd;
-torch.library / torch.compile composition; sm_90 compilation; input errors."""
+torch.library / torch.compile composition; compilation for sm_80, sm_86 and sm_90 within each one's shared
+memory; input errors."""
 import sys
 
 import pytest
@@ -11,7 +12,7 @@ from mtlfast.backends import BackendError
 from mtlfast.bench.harness import saved_activation_bytes
 from mtlfast.ops.iterative_fusion import choose_materialize, iterative_fusion
 from mtlfast.reference.iterative_fusion import iterative_fusion as reference
-from mtlfast.testing import (check_against_reference, compile_for_sm90, fresh_seed, randn, run_without_interpreter,
+from mtlfast.testing import (check_against_reference, compile_for_gpu, fresh_seed, randn, run_without_interpreter,
                              transposed_layout)
 
 VARIANTS = ("A", "B", "C")
@@ -315,25 +316,43 @@ def test_backend_refusals(device):
 
 # --- GPU rules the interpreter does not enforce ------------------------------------------------------------
 
+#: GPU classes the tile choice is compiled for, each at its shared memory per block (K.row_tile_bytes), and the
+#: (dtype, dot precision, D) cases whose row tiles are the largest that class allows (a case with a smaller tile
+#: needs less; float32 "ieee" dots need less than TF32's at the same tile in every measured case, one is kept per
+#: class): bfloat16 stands for float16 (same tiles).
+GPU_CLASSES = {
+    90: [("bf16", "tf32", 64), ("bf16", "tf32", 256), ("fp32", "tf32", 128), ("fp32", "tf32", 256),
+         ("fp32", "ieee", 64)],  # H100 / H200: 227 KB
+    86: [("bf16", "tf32", 128), ("bf16", "tf32", 256), ("fp32", "tf32", 64), ("fp32", "tf32", 128),
+         ("fp32", "tf32", 256), ("fp32", "ieee", 128)],  # RTX 30xx/40xx, A10, L4, L40: 99 KB
+    80: [("bf16", "tf32", 256), ("fp32", "tf32", 128)],  # A100: 163 KB
+}
+
+
 @pytest.mark.compile_only
-def test_kernels_compile_for_sm90():
-    """Every kernel, in the specialisations the launchers use, compiles to sm_90 cubin with Triton's own
-    compiler and ptxas, in a subprocess without the interpreter. Needs no GPU."""
-    assert "compiled 42 kernels" in run_without_interpreter([__file__, "--compile-sm90"])
+@pytest.mark.parametrize("arch", sorted(GPU_CLASSES))
+def test_kernels_fit_each_gpus_shared_memory(arch):
+    """Every kernel, in the specialisations the launchers use, compiles for sm_80, sm_86 and sm_90 with Triton's
+    own compiler and ptxas, in a subprocess without the interpreter, at the row tiles K.fit_rows picks for that GPU
+    class's shared memory, and fits it (compile_for_gpu fails above it). Needs no GPU."""
+    count = 14 * len(GPU_CLASSES[arch])
+    assert f"compiled {count} kernels for sm_{arch}" in run_without_interpreter([__file__, "--compile", str(arch)])
 
 
-def _compile_sm90() -> None:
-    """At the default GPU configuration: bfloat16 at D = 64 (the paper's), then bfloat16 and TF32 float32 at
-    D = 256 (the widest rows, float32's with K.fit_rows' smaller tiles). Per case the softmax pass, the step with
-    the blend only (the forward: from a checkpoint, or from the float32 scratch), with the product too and with
-    the product only (the backward's replay), both modes, the adjoint step (variants A and C) and the dq/dk pass."""
+def _compile(arch: int) -> None:
+    """At the default GPU configuration with the rows fit_rows picks for GPU_CLASSES[arch]: per case the softmax
+    pass, the step with the blend only (the forward: from a checkpoint, or from the float32 scratch), with the
+    product too and with the product only (the backward's replay), both modes, the adjoint step (variants A and C)
+    and the dq/dk pass."""
     from mtlfast.kernels import iterative_fusion as K
+    from mtlfast.testing import GPU_MAX_SHARED_BYTES
 
     fp32 = {"lse_ptr", "coef_ptr", "r_ptr", "dq_ptr", "dk_ptr"}
+    limit = GPU_MAX_SHARED_BYTES[arch]
     compiled = []
-    for dtype, element_size, block_d in (("bf16", 2, 64), ("bf16", 2, 256), ("fp32", 4, 256)):
-        cfg = K.fit_rows(K.GPU_CONFIG, element_size, block_d)
-        blocks = dict(BLOCK_X=cfg.block_x, BLOCK_Y=cfg.block_y, BLOCK_D=block_d, DOT_PRECISION="tf32")
+    for dtype, precision, block_d in GPU_CLASSES[arch]:
+        cfg = K.fit_rows(K.GPU_CONFIG, 2 if dtype == "bf16" else 4, block_d, limit)
+        blocks = dict(BLOCK_X=cfg.block_x, BLOCK_Y=cfg.block_y, BLOCK_D=block_d, DOT_PRECISION=precision)
 
         def build(fn, none=(), scratch=(), **constexprs):
             constexprs = {n: v for n, v in {**blocks, **constexprs}.items() if n in fn.arg_names}
@@ -341,8 +360,8 @@ def _compile_sm90() -> None:
             sig = {n: "constexpr" if n in constexprs else "*fp64" if n == "da_ptr" else
                    ("*fp32" if n in fp32 | set(scratch) else f"*{dtype}") if n.endswith("_ptr") else
                    "fp32" if n.endswith("scale") else "i32" for n in fn.arg_names}
-            compiled.append(compile_for_sm90(fn, sig, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                             max_shared=K.WIDE_SHARED_BYTES if block_d > 128 else None))
+            compiled.append(compile_for_gpu(fn, sig, constexprs, arch=arch, max_shared=limit,
+                                            num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
         build(K._softmax_kernel, COMPUTE_LSE=True)
         build(K._softmax_kernel, COMPUTE_LSE=False)
@@ -356,7 +375,36 @@ def _compile_sm90() -> None:
             build(K._step_kernel, none + ("out_ptr",), ("x_ptr",), VARIANT=variant, **step)
             build(K._adjoint_step_kernel, none, ("g_ptr", "out_ptr", "v_ptr"), VARIANT=variant, **step)
             build(K._dqdk_kernel, none, ("g_ptr", "v_ptr"), MATERIALIZED=materialized, BLOCK_K=cfg.block_k)
-    print(f"compiled {len(compiled)} kernels for sm_90")
+    print(f"compiled {len(compiled)} kernels for sm_{arch}")
+
+
+def test_row_tiles_follow_the_gpus_shared_memory():
+    """fit_rows: 64-row tiles (the GPU default) up to 512 bytes of q/k per row where a block may use >= 160 KB
+    (H100/H200, A100) and on the interpreter, 32 rows above; on 99 KB GPUs 64 rows up to 256 bytes, 32 up to 512,
+    16 above. (Whether each choice fits is the compile test's: this one pins the choice it compiles.)"""
+    from mtlfast.kernels import iterative_fusion as K
+
+    expected = {  # (element size, BLOCK_D) -> rows on (a 99 KB GPU, an A100, an H100, no GPU)
+        (2, 64): (64, 64, 64, 64), (2, 128): (64, 64, 64, 64), (2, 256): (32, 64, 64, 64),
+        (4, 64): (64, 64, 64, 64), (4, 128): (32, 64, 64, 64), (4, 256): (16, 32, 32, 32)}
+    for (size, block_d), rows in expected.items():
+        got = tuple(K.fit_rows(K.GPU_CONFIG, size, block_d, shared) for shared in (99 * 1024, 163 * 1024, 227 * 1024,
+                                                                                   None))
+        assert tuple((c.block_x, c.block_y) for c in got) == tuple((r, r) for r in rows), (size, block_d, got)
+        assert all(c.block_c == K.GPU_CONFIG.block_c and c.block_k == K.GPU_CONFIG.block_k for c in got)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference_with_the_tiles_of_a_99_kb_gpu(monkeypatch, device, mode):
+    """float32 at D = 256 (BLOCK_D 256) with the 16-row tiles of a 99 KB GPU (previously refused there): the
+    launch configuration is the one fit_rows gives for 99 KB, and the kernels match the reference."""
+    from mtlfast.kernels import iterative_fusion as K
+
+    monkeypatch.setattr(K, "device_shared_bytes", lambda device: 99 * 1024)
+    q = torch.empty(2, 37, 200, device=device)
+    problem = K._Problem.of(q, torch.empty(2, 37, 19, device=device), 0.1, "C", mode == "materialize")
+    assert (problem.block_x, problem.block_y, problem.block_d) == (16, 16, 256), problem
+    _check(device, torch.float32, "C", mode, B=2, N=37, D=200, C=19, n_iter=3)
 
 
 # --- GPU only -----------------------------------------------------------------------------------------------
@@ -381,29 +429,8 @@ def test_inductor_compile_gpu():
                             dtype=torch.bfloat16, conditioned=("grad alpha",))
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
-    _compile_sm90()
-
-
-def test_triton_refuses_wide_rows_where_the_gpu_lacks_their_shared_memory(monkeypatch):
-    """At D > 128 the kernels need WIDE_SHARED_BYTES per block (sm_90 compile, the compile test's bound): a GPU
-    offering less (the 99 KB of sm_86/89) is refused with both numbers; D <= 128, or an A100's 163 KB, is not."""
-    from mtlfast.kernels.iterative_fusion import WIDE_SHARED_BYTES
-
-    op = sys.modules["mtlfast.ops.iterative_fusion"]  # the module (mtlfast.ops.iterative_fusion is the function)
-
-    class OnCuda:  # what the limits read of a CUDA tensor (none can be made here)
-        def __init__(self, *shape):
-            self.shape, self.device, self.requires_grad = torch.Size(shape), torch.device("cuda"), False
-
-    for offered in (99 * 1024, 163 * 1024):
-        monkeypatch.setattr(op, "cuda_max_shared_bytes", lambda offered=offered: offered)
-        for width in (128, 192, 256):
-            reasons = op._triton_limits(OnCuda(2, 100, width), OnCuda(2, 100, width), OnCuda(2, 100, 32),
-                                        OnCuda(), 3, scale=None, variant="C", mode="auto")
-            refused = width > 128 and offered < WIDE_SHARED_BYTES
-            assert reasons == ([f"q/k width D={width} > 128 needs {WIDE_SHARED_BYTES // 1024} KB of shared memory "
-                                f"per block; this GPU offers 99 KB (D <= 128 fits)"] if refused else []), reasons
+if __name__ == "__main__" and sys.argv[1:2] == ["--compile"]:
+    _compile(int(sys.argv[2]))
 
 
 def test_triton_refuses_gradients_in_deterministic_mode(device):

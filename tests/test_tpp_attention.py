@@ -280,28 +280,31 @@ def test_composes_with_torch_compile(device):
 # dot operand sizes, power-of-two ranges, layouts, shared memory. Runs without TRITON_INTERPRET.
 _COMPILE_SM90 = r"""
 from mtlfast.kernels import tpp_attention as K
-from mtlfast.testing import compile_for_sm90
+from mtlfast.testing import compile_for_gpu
 
 tensors = {"q", "k", "v", "w", "out", "do", "dk", "dv", "dq"}
 # T·H channels and widths: the issue's benchmark shape (8, 288) and BridgeNet's decoder on NYUD (T = 4) and
-# PASCAL (T = 5), 2 heads of 256 (as the models call it, found by planning them on meta tensors)
-for C, D in ((8, 288), (8, 256), (10, 256)):
-    cfg = K.default_config(C, D, D)
+# PASCAL (T = 5), 2 heads of 256 (as the models call it, found by planning them on meta tensors), in bfloat16;
+# float32 (exact and TF32 dots) at the benchmark shape and at T·H = 16 (the widest accumulator tiles)
+cases = [("bf16", "tf32", C, D) for C, D in ((8, 288), (8, 256), (10, 256))]
+cases += [("fp32", precision, C, D) for precision in ("ieee", "tf32") for C, D in ((8, 288), (16, 64))]
+for dtype, precision, C, D in cases:
+    cfg = K.default_config(C, D, D, 2 if dtype == "bf16" else 4)
     consts = dict(C=C, C_PAD=K._pow2(C), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                  BLOCK_DV=cfg.block_dv, BLOCK_DG=cfg.block_dgrad, PRECISION="tf32")  # as launched in bf16
+                  BLOCK_DV=cfg.block_dv, BLOCK_DG=cfg.block_dgrad, PRECISION=precision)
     for kernel in (K._fwd_kernel, K._bwd_kv_kernel, K._bwd_q_kernel):
         const = {name: value for name, value in consts.items() if name in kernel.arg_names}
-        signature = {name: "*bf16" if name in tensors else "*fp32" if name in ("lse", "delta", "dw_part")
+        signature = {name: f"*{dtype}" if name in tensors else "*fp32" if name in ("lse", "delta", "dw_part")
                      else "fp32" if name == "scale" else "i32" for name in kernel.arg_names if name not in const}
         signature.update({name: "constexpr" for name in const})
-        compiled = compile_for_sm90(kernel, signature, const, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        print(C, D, kernel.__name__, "shared memory", compiled.metadata.shared)
+        compiled = compile_for_gpu(kernel, signature, const, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        print(dtype, precision, C, D, kernel.__name__, "shared memory", compiled.metadata.shared)
 """
 
 
 @pytest.mark.compile_only
 def test_kernels_compile_for_sm90():
-    assert run_without_interpreter(["-c", _COMPILE_SM90], timeout=900).count("shared memory") == 9
+    assert run_without_interpreter(["-c", _COMPILE_SM90], timeout=900).count("shared memory") == 21
 
 
 def test_saved_activations_within_the_target():

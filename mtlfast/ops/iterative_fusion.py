@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast.backends import (FLOAT_DTYPES, GPU_DTYPES, Op, atomic_gradient_refusals, cuda_max_shared_bytes,
-                              grid_axis_refusals, triton_unavailable)
+from mtlfast.backends import (FLOAT_DTYPES, GPU_DTYPES, Op, atomic_gradient_refusals, grid_axis_refusals,
+                              triton_unavailable)
 from mtlfast.ops._checks import (autocast_inputs, check_floating_same_device_dtype, check_positive_int, check_shapes,
                                  check_tensor, resolve_scale)
 from mtlfast.ops._kernel_op import KernelAutograd, kernel_function
@@ -142,16 +142,13 @@ def _triton(q, k, v, alpha, n_iter, *, scale, variant, mode):
 
 
 def _triton_limits(q, k, v, alpha, n_iter, *, scale, variant, mode) -> list[str]:
-    from mtlfast.kernels.iterative_fusion import MAX_HEAD_DIM, WIDE_SHARED_BYTES, segment_length  # triton imports
+    from mtlfast.kernels.iterative_fusion import MAX_HEAD_DIM, segment_length  # triton imports
 
     B, N, D = q.shape
     C = v.shape[-1]
     reasons = []
     if D > MAX_HEAD_DIM:
         reasons.append(f"q/k width D={D} > {MAX_HEAD_DIM} (the kernels hold a whole q/k row in registers)")
-    elif D > 128 and q.device.type == "cuda" and (have := cuda_max_shared_bytes()) < WIDE_SHARED_BYTES:
-        reasons.append(f"q/k width D={D} > 128 needs {WIDE_SHARED_BYTES // 1024} KB of shared memory per block; "
-                       f"this GPU offers {have // 1024} KB (D <= 128 fits)")
     reasons += grid_axis_refusals("B", B)
     reasons += atomic_gradient_refusals((q, k, v, alpha), "its dq sums the key blocks' parts with float atomics",
                                         "the reference backend is deterministic")

@@ -101,7 +101,7 @@ def _triton(q, k, v, mix_weight, mix_bias, *, scale):
     C = T * H
     w = mix_weight.expand(T, H, C).reshape(C, C)  # shared (H, T·H): the same rows for every task
     b = None if mix_bias is None else mix_bias.expand(T, H).reshape(C)
-    out, _ = _tpp(q, k, v, w, b, scale, current_config(C, D, v.shape[-1]).as_list())
+    out, _ = _tpp(q, k, v, w, b, scale, current_config(C, D, v.shape[-1], q.element_size()).as_list())
     return out
 
 
