@@ -157,6 +157,62 @@ def test_multitask_loss_errors():
         MultiTaskLoss([])
 
 
+def _every_task_batch(B, seed):
+    """float64 labels of all six tasks with ignored / invalid entries in varying numbers per image, predictions,
+    and deep-supervision outputs at half resolution."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = 6, 8
+
+    def ignored(label, share, value):
+        return torch.where(torch.rand(label.shape, generator=g, dtype=torch.float64) < share, value, label)
+
+    shares = torch.linspace(0.05, 0.6, B, dtype=torch.float64).view(B, 1, 1, 1)  # per image: unequal counts
+    normals = torch.nn.functional.normalize(torch.randn(B, 3, H, W, generator=g, dtype=torch.float64), dim=1)
+    labels = {"semseg": ignored(torch.randint(0, 5, (B, 1, H, W), generator=g), shares, 255)[:, 0],
+              "parts": ignored(torch.randint(0, 3, (B, 1, H, W), generator=g), shares, 255)[:, 0],
+              "sal": ignored((torch.rand(B, 1, H, W, generator=g) > shares).double(), shares / 2, 255.0),
+              "edge": ignored((torch.rand(B, 1, H, W, generator=g) > 0.8).double(), shares, 255.0),
+              "normals": torch.where(torch.rand(B, 1, H, W, generator=g) < shares, 0.0, normals),
+              "depth": ignored(torch.rand(B, 1, H, W, generator=g, dtype=torch.float64) + 0.5, shares, 0.0)}
+    channels = {"semseg": 5, "parts": 3, "sal": 1, "edge": 1, "normals": 3, "depth": 1}
+    preds = {t: torch.randn(B, c, H, W, generator=g, dtype=torch.float64) for t, c in channels.items()}
+    aux = {"scale_2": {t: torch.randn(B, c, H // 2, W // 2, generator=g, dtype=torch.float64)
+                       for t, c in channels.items()}}
+    return preds, labels, aux
+
+
+@pytest.mark.parametrize("reduction", ["element", "pixel"])
+def test_micro_batches_normalised_by_their_sum_add_up_to_the_whole_batch(reduction):
+    """Every task (saliency's class balance included), deep supervision and an auxiliary task: the losses of
+    micro-batches of 1, 2 and 1 images, each normalised by MultiTaskLoss.normalisers of all three, add up to the
+    loss of the batch of 4, total and per task, and so do their gradients; normalised within themselves they do
+    not (the counts differ per image: the test can tell)."""
+    preds, labels, aux = _every_task_batch(4, seed=3)
+    del preds["edge"]  # auxiliary: predicted in the front-end only
+    criterion = MultiTaskLoss(["semseg", "parts", "sal", "normals", "depth"], aux_tasks=["edge"],
+                              normals_reduction=reduction)
+    leaves = [t.requires_grad_() for t in [*preds.values(), *aux["scale_2"].values()]]
+    total, losses = criterion(preds, labels, aux)
+    grads = torch.autograd.grad(total, leaves)
+    splits = [slice(0, 1), slice(1, 3), slice(3, 4)]
+
+    def part(tree, i):
+        return {k: part(v, i) if isinstance(v, dict) else v[i] for k, v in tree.items()}
+
+    norms = criterion.normalisers([part(labels, i) for i in splits])
+    parts = [criterion(part(preds, i), part(labels, i), part(aux, i), norms) for i in splits]
+    assert sum(p[0] for p in parts).item() == pytest.approx(total.item(), rel=1e-12)
+    for key, loss in losses.items():
+        assert sum(p[1][key] for p in parts).item() == pytest.approx(loss.item(), rel=1e-12), key
+    micro_grads = torch.autograd.grad(sum(p[0] for p in parts), leaves)
+    for got, want in zip(micro_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    own = sum(criterion(part(preds, i), part(labels, i), part(aux, i))[0] * (i.stop - i.start) / 4 for i in splits)
+    assert abs(own.item() - total.item()) > 1e-3 * abs(total.item())
+    with pytest.raises(KeyError, match="normalised_by: no normaliser for task 'sal'"):
+        criterion(preds, labels, aux, {t: n for t, n in norms.items() if t != "sal"})
+
+
 def test_balanced_bce_refuses_labels_other_than_0_1_and_ignored():
     """A soft or 0/255-scaled edge/saliency map is an error: those entries were silently left out of the loss
     (an all-0.7 map gave loss 0 and no gradient)."""

@@ -382,26 +382,38 @@ def _without_batchnorm(trainer):
                 setattr(module, name, torch.nn.Identity())
 
 
-def test_accumulated_micro_batches_step_as_their_whole_batch(tmp_path):
-    """Two micro-batches of 2 accumulate the gradient of their batch of 4 (the losses are means over equally many
-    valid pixels here: every label made valid; BatchNorm, whose statistics are per micro-batch, swapped out), and
-    the logged losses are their mean; a step given another number of micro-batches than train.accumulate is
+@pytest.mark.parametrize("norm", ["step", "micro"])
+def test_accumulated_micro_batches_step_as_their_whole_batch(tmp_path, norm):
+    """Two micro-batches of 2 accumulate the gradient of their batch of 4 (BatchNorm, whose statistics are per
+    micro-batch, swapped out). train.accumulate_norm=step: with the synthetic labels as they are, whose ignored
+    pixels and invalid depth/normals differ between the halves (checked: else the test could not tell the modes
+    apart), and the logged losses are the whole batch's. micro: each half normalised within itself, which is the
+    whole batch's gradient only where the halves have equally many valid labels (every label made valid here), and
+    the logged losses are the halves' mean. A step given another number of micro-batches than train.accumulate is
     refused before it changes anything."""
     args = TINY + ON_CPU + ["optim.grad_clip=null"]
     whole = Trainer(load_config(None, args + [f"output_dir={tmp_path / 'whole'}"]), progress=False)
-    micro = Trainer(load_config(None, args + [f"output_dir={tmp_path / 'micro'}", "train.accumulate=2"]),
-                    progress=False)
+    micro = Trainer(load_config(None, args + [f"output_dir={tmp_path / 'micro'}", "train.accumulate=2",
+                                              f"train.accumulate_norm={norm}"]), progress=False)
     batch = next(iter(whole.train_loader))
-    batch["semseg"][batch["semseg"] == 255] = 0
-    batch["depth"][batch["depth"] == 0] = 1.0
-    batch["normals"][:, 2][batch["normals"].norm(dim=1) == 0] = 1.0
     halves = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2)]  # tensors and the meta list
+    counts = [whole.loss_fn.normalisers([half]) for half in halves]
+    assert all(counts[0][t]["count"] != counts[1][t]["count"] for t in ("semseg", "depth", "normals")), counts
+    if norm == "micro":
+        batch["semseg"][batch["semseg"] == 255] = 0
+        batch["depth"][batch["depth"] == 0] = 1.0
+        batch["normals"][:, 2][batch["normals"].norm(dim=1) == 0] = 1.0
     for trainer in (whole, micro):
         _without_batchnorm(trainer)
     # a micro-batch's predictions are freed before the next one's forward (memory is the point of accumulating)
     loss_fn, predictions, alive = micro.loss_fn, [], []
-    micro.loss_fn = lambda preds, *rest: (predictions.extend(weakref.ref(p) for p in preds.values()),
-                                          loss_fn(preds, *rest))[1]
+
+    def recorded(preds, *rest):
+        predictions.extend(weakref.ref(p) for p in preds.values())
+        return loss_fn(preds, *rest)
+
+    recorded.normalisers = loss_fn.normalisers
+    micro.loss_fn = recorded
     first = next(m for m in micro.model.modules() if isinstance(m, torch.nn.Conv2d))
     first.register_forward_pre_hook(lambda *args: alive.append(sum(r() is not None for r in predictions)))
     a, b = whole.train_step(batch), micro.train_step(iter(halves))
@@ -521,6 +533,7 @@ def recorded(*args):
     total, per_task = loss_fn(*args)
     local.append(total.item())
     return total, per_task
+recorded.normalisers = loss_fn.normalisers
 trainer.loss_fn = recorded
 from torch.nn.parallel import DistributedDataParallel
 no_sync, unsynced = DistributedDataParallel.no_sync, []
@@ -573,7 +586,8 @@ def test_two_process_ddp_ends_with_equal_weights(tmp_path, amp, accumulate):
     ranks return and rank 0 logs is the mean of the ranks' own losses (of different data), not rank 0's. In float16
     every rank unscales the same all-reduced gradients, so all skip a step alike and keep one loss scale (the first
     steps overflow at the initial 2**16 here: 10 iterations, so that some step is taken). Accumulating, DDP's
-    all-reduce waits for the last micro-batch (no_sync before)."""
+    all-reduce waits for the last micro-batch (no_sync before), and a rank's loss is the sum of its micro-batches'
+    shares (train.accumulate_norm=step: normalised by the rank's whole batch)."""
     its = 10 if amp == "fp16" else 3
     _torchrun(tmp_path, 2, TINY + ON_CPU + [f"output_dir={tmp_path}", f"train.iterations={its}",
                                             f"train.checkpoint_every={its}", f"train.amp={amp}",
@@ -585,7 +599,7 @@ def test_two_process_ddp_ends_with_equal_weights(tmp_path, amp, accumulate):
     l0, l1 = (torch.load(tmp_path / f"losses_rank{r}.pt") for r in (0, 1))
     assert l0["local"] != l1["local"] and l0["logged"] == l1["logged"]
     assert l0["no_sync"] == l1["no_sync"] == its * (accumulate - 1)  # the micro-batches before each step's last
-    local = [[sum(losses[i:i + accumulate]) / accumulate for i in range(0, len(losses), accumulate)]
+    local = [[sum(losses[i:i + accumulate]) for i in range(0, len(losses), accumulate)]
              for losses in (l0["local"], l1["local"])]
     mean = [(a + b) / 2 for a, b in zip(*local)]
     assert len(mean) == its

@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 100,
         "log_every": 10,
         "accumulate": 1,            # micro-batches per step: gradients of data.batch_size x processes x accumulate
+        "accumulate_norm": "step",  # step: losses normalised over the step's micro-batches (= one batch) | micro
         "device": "auto",           # auto (CUDA when available, else CPU) | cuda | cpu (e.g. gloo DDP on a GPU machine)
         "amp": "auto",              # auto (CUDA: bf16, fp16 below sm_80; CPU: off) | bf16 | fp16 | off
         "cudnn_benchmark": True,    # cuDNN picks the fastest convolution algorithms for the (fixed) crop size (CUDA)
@@ -207,6 +208,8 @@ def check_config(config: dict) -> dict:
             raise ValueError(f"{key}: expected true or false, got {v!r}")
     if (amp := value("train.amp")) not in ("auto", "bf16", "fp16", "off"):
         raise ValueError(f"train.amp: expected auto, bf16, fp16 or off, got {amp!r}")
+    if (norm := value("train.accumulate_norm")) not in ("step", "micro"):
+        raise ValueError(f"train.accumulate_norm: expected step or micro, got {norm!r}")
     clip = value("optim.grad_clip")  # inf: no clipping, the norm still logged
     if clip is not None and not (_is_number(clip) and clip > 0):
         raise ValueError(f"optim.grad_clip: expected a number > 0 or null, got {clip!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import math
 import os
 import sys
@@ -182,6 +183,14 @@ def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 #: A float16 step skipped at a loss scale below this (after ~32 halvings from 2**16) means gradients that are not
 #: finite at any scale: the run stops instead of skipping every step from there on.
 _MIN_LOSS_SCALE = 2.0 ** -16
+
+
+def _check_micro_batches(drawn: int, count: int, drawing: bool = False) -> None:
+    """A step takes train.accumulate micro-batches (``drawing``: ``drawn`` so far, more may follow)."""
+    if drawn > count:
+        raise ValueError(f"train_step: more than train.accumulate={count} micro-batches")
+    if drawn < count and not drawing:
+        raise ValueError(f"train_step: {drawn} micro-batches, expected {count}")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -395,37 +404,44 @@ class Trainer:
 
     def train_step(self, batches: dict | Iterable[dict]) -> dict[str, float]:
         """One optimiser step on ``batches``: one batch, or the micro-batches whose gradients accumulate into the
-        step (a list, or an iterator of ``train.accumulate`` of them that draws each from the loader when needed).
-        Each micro-batch's loss is divided by their number, so that the gradient is their losses' mean's, and DDP
-        all-reduces only after the last backward. Returns the losses (total and per task; the micro-batches'
-        mean) averaged over the ranks, the gradient norm before clipping and, in float16, the loss scale the step
-        used. A float16 step whose gradients overflow is skipped (GradScaler) and its norm is inf or NaN; the
+        step (a list, or an iterator of ``train.accumulate`` of them). With ``train.accumulate_norm=step`` every
+        loss of every micro-batch is divided by the normalisers of all of them (valid pixels, saliency's class
+        balance: losses.normaliser), so that their sum is the loss of the step's whole batch and the gradient is
+        that batch's (BatchNorm statistics aside); the micro-batches are then drawn before the first forward. With
+        ``micro`` each is normalised within itself and divided by their number: the mean of their losses, drawn
+        as needed. DDP all-reduces only after the last backward. Returns the losses (total and per task; for the
+        whole batch) averaged over the ranks, the gradient norm before clipping and, in float16, the loss scale the
+        step used. A float16 step whose gradients overflow is skipped (GradScaler) and its norm is inf or NaN; the
         schedule advances either way."""
         self.model.train()
         if isinstance(batches, dict):
             batches = [batches]
         count = len(batches) if isinstance(batches, Sequence) else self.config["train"]["accumulate"]
+        normalised_by = None
+        if count > 1 and self.config["train"]["accumulate_norm"] == "step":
+            batches = list(itertools.islice(batches, count + 1))  # the normalisers need every label first
+            _check_micro_batches(len(batches), count)
+            normalised_by = {task: {key: value.to(self.device) for key, value in norm.items()}
+                             for task, norm in self.loss_fn.normalisers(batches).items()}
         # before the forward: the last step's gradients are not kept alive beside this step's activations
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
         index = -1
         for index, batch in enumerate(batches):
-            if index == count:
-                raise ValueError(f"train_step: more than train.accumulate={count} micro-batches")
+            _check_micro_batches(index + 1, count, drawing=True)
             batch = _to_device(batch, self.device)
             labels = {t: batch[t] for t in self.tasks + self.aux_tasks}
             last = index == count - 1
             with self.train_forward.no_sync() if self.dist.enabled and not last else contextlib.nullcontext():
                 with self._autocast():
                     preds, aux = self.train_forward(batch["image"])
-                    total, per_task = self.loss_fn(preds, labels, aux)
-                self.scaler.scale(total / count if count > 1 else total).backward()
+                    total, per_task = self.loss_fn(preds, labels, aux, normalised_by)
+                self.scaler.scale(total / count if count > 1 and normalised_by is None else total).backward()
             for key, value in {"loss": total, **{f"loss_{t}": v for t, v in per_task.items()}}.items():
                 sums[key] = sums.get(key, 0) + value.detach()
             del preds, aux, total, per_task  # not alive through the next micro-batch's forward
-        if index != count - 1:
-            raise ValueError(f"train_step: {index + 1} micro-batches, expected {count}")
-        values = {key: value / count for key, value in sums.items()}
+        _check_micro_batches(index + 1, count)
+        values = sums if normalised_by is not None else {key: value / count for key, value in sums.items()}
         self.scaler.unscale_(self.optimizer)  # clipping and the logged norm see the true gradients
         clip = self.config["optim"]["grad_clip"]
         params = [p for p in self.model.parameters() if p.grad is not None]
