@@ -82,12 +82,14 @@ def gpu_config(B: int, K: int, C: int, dtype: torch.dtype, sms: int) -> LaunchCo
     spilled 0.8-2.4 KB, hence 8 warps, 2 stages); in float32 at most 100 bytes for K <= 128; K = 256 spills
     up to about 1 KB (compiled without the divisibility hints a launch adds; with them, at K = 1 and 64:
     bfloat16 without stack, float32 at most 16 B, at most 45 KB of shared memory). One program per SM in
-    all (P = SMs / B per batch element), each walking its share of the token tiles."""
+    all (P = SMs / B per batch element), each walking its share of the token tiles. At K > 128 channel chunks
+    of 16: with 32 the backward pass needed 98 KB (bfloat16) and 100 KB (float32) of shared memory per block
+    (sm_86 and sm_90), over the 99 KB of sm_86/89 GPUs; with 16 at most 65 KB."""
     block_k = max(16, triton.next_power_of_2(K))
     block_n = max(16, 64 * 64 // max(block_k, 64) // (2 if dtype == torch.float32 else 1))
     return LaunchConfig(block_n=block_n, block_n_em=2 * block_n if block_k <= 128 else block_n,
-                        block_c=max(16, min(32, triton.next_power_of_2(C))), max_programs=max(1, sms // B), rows=1,
-                        num_warps=8)
+                        block_c=max(16, min(32 if block_k <= 128 else 16, triton.next_power_of_2(C))),
+                        max_programs=max(1, sms // B), rows=1, num_warps=8)
 
 
 # --- shared pieces -------------------------------------------------------------------------------------
