@@ -9,7 +9,7 @@ Normalisers: what a loss divides by (its valid entries, and saliency's negatives
 is a function of the labels alone, :func:`normaliser`. Each loss takes them from its own batch unless given
 (``count=`` / ``negatives=``, :class:`MultiTaskLoss`'s ``normalisers=``): the losses of micro-batches normalised
 by the sum of their normalisers (:meth:`MultiTaskLoss.normalisers`) add up to the loss of their whole batch,
-which is how gradient accumulation reproduces the gradient of one large batch exactly.
+which is how gradient accumulation and DDP (normalisers all-reduced) reproduce the gradient of one large batch.
 
 =========  ===========================================================================  ======
 task       loss                                                                         weight

@@ -53,7 +53,8 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 100,
         "log_every": 10,
         "accumulate": 1,            # micro-batches per step: gradients of data.batch_size x processes x accumulate
-        "accumulate_norm": "step",  # step: losses normalised over the step's micro-batches (= one batch) | micro
+        "accumulate_norm": "step",  # step: losses normalised over the step's whole batch (micro-batches, ranks)
+                                    # | micro: within each micro-batch (and rank), averaged
         "device": "auto",           # auto (CUDA when available, else CPU) | cuda | cpu (e.g. gloo DDP on a GPU machine)
         "amp": "auto",              # auto (CUDA: bf16, fp16 below sm_80; CPU: off) | bf16 | fp16 | off
         "cudnn_benchmark": True,    # cuDNN picks the fastest convolution algorithms for the (fixed) crop size (CUDA)

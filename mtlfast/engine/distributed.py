@@ -69,6 +69,19 @@ def mean_over_ranks(values: dict[str, torch.Tensor], info: DistInfo) -> dict[str
     return dict(zip(values, stacked.tolist()))
 
 
+def sum_over_ranks(counts: dict[str, dict[str, torch.Tensor]], info: DistInfo) -> dict[str, dict[str, torch.Tensor]]:
+    """{task: {name: integer scalar}} summed over the ranks (one all-reduce; as they are in one process)."""
+    if not info.enabled:
+        return counts
+    keys = [(task, name) for task, named in counts.items() for name in named]
+    stacked = torch.stack([counts[task][name].reshape(()).to(torch.int64) for task, name in keys])
+    dist.all_reduce(stacked)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for (task, name), value in zip(keys, stacked):
+        out.setdefault(task, {})[name] = value
+    return out
+
+
 def broadcast_from_main(tensors, info: DistInfo) -> None:
     """Copies rank 0's values into ``tensors`` on every rank, in place (no-op in one process)."""
     if info.enabled:

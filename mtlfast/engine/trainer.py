@@ -26,7 +26,7 @@ from mtlfast.backends import use_backend
 from mtlfast.engine import checkpoint as ckpt
 from mtlfast.engine.config import check_config
 from mtlfast.engine.distributed import (DistInfo, barrier, broadcast_from_main, cleanup, gather_objects,
-                                        init_distributed, mean_over_ranks)
+                                        init_distributed, mean_over_ranks, sum_over_ranks)
 from mtlfast.engine.logs import RunLog, plot_curves, plot_predictions
 from mtlfast.engine.sampler import ResumableSampler, SeededDataset
 
@@ -405,27 +405,34 @@ class Trainer:
     def train_step(self, batches: dict | Iterable[dict]) -> dict[str, float]:
         """One optimiser step on ``batches``: one batch, or the micro-batches whose gradients accumulate into the
         step (a list, or an iterator of ``train.accumulate`` of them). With ``train.accumulate_norm=step`` every
-        loss of every micro-batch is divided by the normalisers of all of them (valid pixels, saliency's class
-        balance: losses.normaliser), so that their sum is the loss of the step's whole batch and the gradient is
-        that batch's (BatchNorm statistics aside); the micro-batches are then drawn before the first forward. With
-        ``micro`` each is normalised within itself and divided by their number: the mean of their losses, drawn
-        as needed. DDP all-reduces only after the last backward. Returns the losses (total and per task; for the
-        whole batch) averaged over the ranks, the gradient norm before clipping and, in float16, the loss scale the
-        step used. A float16 step whose gradients overflow is skipped (GradScaler) and its norm is inf or NaN; the
-        schedule advances either way."""
+        loss of every micro-batch on every rank is divided by the normalisers of the step's whole batch (valid
+        pixels, saliency's class balance: losses.normaliser, summed over the micro-batches and all-reduced over
+        the ranks), so that the losses add up to that batch's and the gradient is its gradient (BatchNorm
+        statistics aside); the micro-batches are then drawn before the first forward, and each rank's loss is
+        multiplied by the number of ranks, whose mean DDP takes. With ``micro`` each micro-batch is normalised
+        within itself and divided by their number (the mean of their losses, drawn as needed), and DDP averages
+        the ranks'. DDP all-reduces only after the last backward. Returns the losses (total and per task, the
+        whole batch's) averaged over the ranks, the gradient norm before clipping and, in float16, the loss scale
+        the step used. A float16 step whose gradients overflow is skipped (GradScaler) and its norm is inf or
+        NaN; the schedule advances either way."""
         self.model.train()
         if isinstance(batches, dict):
             batches = [batches]
         count = len(batches) if isinstance(batches, Sequence) else self.config["train"]["accumulate"]
+        ranks = self.dist.world_size if self.dist.enabled else 1
         normalised_by = None
-        if count > 1 and self.config["train"]["accumulate_norm"] == "step":
+        if self.config["train"]["accumulate_norm"] == "step" and count * ranks > 1:
             batches = list(itertools.islice(batches, count + 1))  # the normalisers need every label first
             _check_micro_batches(len(batches), count)
-            normalised_by = {task: {key: value.to(self.device) for key, value in norm.items()}
-                             for task, norm in self.loss_fn.normalisers(batches).items()}
+            normalised_by = sum_over_ranks({task: {key: value.to(self.device) for key, value in norm.items()}
+                                            for task, norm in self.loss_fn.normalisers(batches).items()}, self.dist)
+
+        def share(loss):  # a micro-batch's part: its share of the batch's loss (DDP averages the ranks'), or 1 / count
+            return loss * ranks if normalised_by is not None else loss / count
+
         # before the forward: the last step's gradients are not kept alive beside this step's activations
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, torch.Tensor] = {}
+        values: dict[str, torch.Tensor] = {}
         index = -1
         for index, batch in enumerate(batches):
             _check_micro_batches(index + 1, count, drawing=True)
@@ -436,12 +443,11 @@ class Trainer:
                 with self._autocast():
                     preds, aux = self.train_forward(batch["image"])
                     total, per_task = self.loss_fn(preds, labels, aux, normalised_by)
-                self.scaler.scale(total / count if count > 1 and normalised_by is None else total).backward()
+                self.scaler.scale(share(total)).backward()
             for key, value in {"loss": total, **{f"loss_{t}": v for t, v in per_task.items()}}.items():
-                sums[key] = sums.get(key, 0) + value.detach()
+                values[key] = values.get(key, 0) + share(value.detach())
             del preds, aux, total, per_task  # not alive through the next micro-batch's forward
         _check_micro_batches(index + 1, count)
-        values = sums if normalised_by is not None else {key: value / count for key, value in sums.items()}
         self.scaler.unscale_(self.optimizer)  # clipping and the logged norm see the true gradients
         clip = self.config["optim"]["grad_clip"]
         params = [p for p in self.model.parameters() if p.grad is not None]
