@@ -53,8 +53,23 @@ def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return total / count.clamp(min=1).to(total.dtype)
 
 
+# What each loss divides by, in one place: the losses' own batch and normaliser() count alike.
+
+def _class_count(label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    return (label != ignore_index).sum()
+
+
+def _binary_counts(label: torch.Tensor) -> dict[str, torch.Tensor]:
+    negatives = (label == 0).sum()
+    return {"count": (label == 1).sum() + negatives, "negatives": negatives}
+
+
 def _valid_normals(label: torch.Tensor) -> torch.Tensor:
     return (label != 0).any(dim=1, keepdim=True)  # a zero vector marks an invalid pixel
+
+
+def _normals_count(valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    return valid.sum() * (3 if reduction == "element" else 1)
 
 
 def _valid_depth(label: torch.Tensor) -> torch.Tensor:
@@ -78,7 +93,7 @@ def cross_entropy_loss(pred: torch.Tensor, label: torch.Tensor, ignore_index: in
     number, or ``count``)."""
     _check("cross-entropy", pred, label, None, True)
     total = F.cross_entropy(_wide(pred), label, ignore_index=ignore_index, reduction="sum")
-    return _mean(total, (label != ignore_index).sum() if count is None else count)
+    return _mean(total, _class_count(label, ignore_index) if count is None else count)
 
 
 def check_binary_labels(labels: Mapping[str, torch.Tensor], ignore_index: int = IGNORE_INDEX) -> None:
@@ -99,16 +114,20 @@ def balanced_bce_loss(pred: torch.Tensor, label: torch.Tensor, pos_weight: float
     """pred (B,1,H,W) logits, label (B,1,H,W) in {0,1} (``ignore_index`` ignored; any other value is an error,
     :func:`check_binary_labels`, unless ``check_labels=False`` says the caller checked); positive weight
     ``pos_weight`` or, when None, the fraction of negative labels (a constant, no gradient): the batch's, or
-    ``negatives`` / ``count`` when given; divided by the valid labels (their number, or ``count``)."""
+    ``negatives`` / ``count`` (both then given); divided by the valid labels (their number, or ``count``)."""
     _check("balanced BCE", pred, label, 1, False)
     if check_labels:
         check_binary_labels({"balanced BCE": label}, ignore_index)
+    if pos_weight is None and (count is None) != (negatives is None):
+        raise ValueError("balanced BCE: count= and negatives= go together without pos_weight (the class-balance "
+                         "weight is negatives / count of one batch)")
     pred = _wide(pred)
     pos = label == 1
     neg = label == 0
-    n_valid = pos.sum() + neg.sum() if count is None else count
+    norm = _binary_counts(label) if count is None else {"count": count, "negatives": negatives}
+    n_valid = norm["count"]
     if pos_weight is None:
-        w = (neg.sum() if negatives is None else negatives).to(pred.dtype) / n_valid.clamp(min=1).to(pred.dtype)
+        w = norm["negatives"].to(pred.dtype) / n_valid.clamp(min=1).to(pred.dtype)
     else:
         w = torch.tensor(pos_weight, dtype=pred.dtype, device=pred.device)
     x = pred
@@ -133,7 +152,7 @@ def normals_loss(pred: torch.Tensor, label: torch.Tensor, reduction: str = "elem
     valid = _valid_normals(label)
     diff = (F.normalize(pred, dim=1) - label).abs()
     if count is None:
-        count = valid.sum() * (3 if reduction == "element" else 1)
+        count = _normals_count(valid, reduction)
     return _mean(torch.where(valid, diff, torch.zeros_like(diff)).sum(), count)
 
 
@@ -157,12 +176,13 @@ def normaliser(task: str, label: torch.Tensor, normals_reduction: str = "element
     pixel for ``normals_reduction="element"``), plus {"negatives": negative labels} for saliency, whose balance
     weight is their share. Sums over micro-batches give their whole batch's (module docstring)."""
     if task in ("semseg", "parts"):
-        return {"count": (label != IGNORE_INDEX).sum()}
-    if task in BINARY_TASKS:
-        negatives = (label == 0).sum()
-        return {"count": (label == 1).sum() + negatives, **({"negatives": negatives} if task == "sal" else {})}
+        return {"count": _class_count(label)}
+    if task == "sal":
+        return _binary_counts(label)
+    if task == "edge":  # a fixed positive weight
+        return {"count": _binary_counts(label)["count"]}
     if task == "normals":
-        return {"count": _valid_normals(label).sum() * (3 if normals_reduction == "element" else 1)}
+        return {"count": _normals_count(_valid_normals(label), normals_reduction)}
     if task == "depth":
         return {"count": _valid_depth(label).sum()}
     raise ValueError(f"task: unknown task {task!r}; valid tasks: {', '.join(TASKS)}")

@@ -211,6 +211,8 @@ def test_micro_batches_normalised_by_their_sum_add_up_to_the_whole_batch(reducti
     assert abs(own.item() - total.item()) > 1e-3 * abs(total.item())
     with pytest.raises(KeyError, match="normalised_by: no normaliser for task 'sal'"):
         criterion(preds, labels, aux, {t: n for t, n in norms.items() if t != "sal"})
+    with pytest.raises(ValueError, match="count= and negatives= go together"):  # w = negatives / count of one batch
+        task_loss("sal", preds["sal"], labels["sal"], normalised_by={"count": norms["sal"]["count"]})
 
 
 def test_balanced_bce_refuses_labels_other_than_0_1_and_ignored():
