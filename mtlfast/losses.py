@@ -7,7 +7,7 @@ gradient of 0) when there is none; float16/bfloat16 predictions are scored in fl
 
 Normalisers: what a loss divides by (its valid entries, and saliency's negatives, which set its class balance)
 is a function of the labels alone, :func:`normaliser`. Each loss takes them from its own batch unless given
-(``count=`` / ``negatives=``, :class:`MultiTaskLoss`'s ``normalisers=``): the losses of micro-batches normalised
+(``count=`` / ``negatives=``, :class:`MultiTaskLoss`'s ``normalised_by=``): the losses of micro-batches normalised
 by the sum of their normalisers (:meth:`MultiTaskLoss.normalisers`) add up to the loss of their whole batch,
 which is how gradient accumulation and DDP (normalisers all-reduced) reproduce the gradient of one large batch.
 
