@@ -411,9 +411,9 @@ class Trainer:
         statistics aside); the micro-batches are then drawn before the first forward, and each rank's loss is
         multiplied by the number of ranks, whose mean DDP takes. With ``micro`` each micro-batch is normalised
         within itself and divided by their number (the mean of their losses, drawn as needed), and DDP averages
-        the ranks'. DDP all-reduces only after the last backward. Returns the losses (total and per task, the
-        whole batch's) averaged over the ranks, the gradient norm before clipping and, in float16, the loss scale
-        the step used. A float16 step whose gradients overflow is skipped (GradScaler) and its norm is inf or
+        the ranks'. DDP all-reduces only after the last backward. Returns the losses (total and per task: the
+        whole batch's, or in ``micro`` mode the mean of the micro-batches' and ranks'), the gradient norm before
+        clipping and, in float16, the loss scale the step used. A float16 step whose gradients overflow is skipped (GradScaler) and its norm is inf or
         NaN; the schedule advances either way."""
         self.model.train()
         if isinstance(batches, dict):
