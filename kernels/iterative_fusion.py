@@ -105,7 +105,7 @@ def row_tile_bytes(max_shared: int | None) -> int:
     return 16 * 1024 if max_shared is not None and max_shared < WIDE_TILE_SHARED_BYTES else 32 * 1024
 
 
-def fit_rows(cfg: LaunchConfig, element_size: int, block_d: int, max_shared: int | None = None) -> LaunchConfig:
+def fit_rows(cfg: LaunchConfig, element_size: int, block_d: int, max_shared: int | None) -> LaunchConfig:
     """``cfg`` with row tiles of at most row_tile_bytes(max_shared) bytes of q/k, i.e. 64 rows (the GPU default)
     at up to 512 bytes per row on H100/A100-class GPUs (bfloat16 up to D = 256, float32 up to 128), 32 rows above;
     on 99 KB GPUs 64 rows up to 256 bytes, 32 up to 512, 16 (tl.dot's minimum) for float32 at D > 128."""

@@ -302,10 +302,10 @@ def test_bf16_autocast_trains_and_logs_throughput_and_memory(tmp_path):
 
 
 def test_fp16_autocast_scales_the_loss_and_skips_overflowing_steps(tmp_path):
-    """train.amp=fp16 (GPUs before compute capability 8.0; here on the default device): float16 convolutions, the loss scaled for the backward and the
-    gradients unscaled before clipping; a step whose gradients overflow float16 changes no weight and no optimiser
-    state, halves the scale and still advances the schedule (without torch's warning about it); a non-finite
-    gradient at a scale below 2**-16 stops the run."""
+    """train.amp=fp16 (GPUs before compute capability 8.0; here on the default device): float16 convolutions, the
+    loss scaled for the backward and the gradients unscaled before clipping; a step whose gradients overflow float16
+    changes no weight and no optimiser state, halves the scale and still advances the schedule (without torch's
+    warning about it); a non-finite gradient at a scale below 2**-16 stops the run."""
     trainer = Trainer(load_config(None, TINY + [f"output_dir={tmp_path}", "train.amp=fp16"]), progress=False)
     seen = set()
     for module in trainer.model.modules():

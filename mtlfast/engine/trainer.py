@@ -413,8 +413,8 @@ class Trainer:
         within itself and divided by their number (the mean of their losses, drawn as needed), and DDP averages
         the ranks'. DDP all-reduces only after the last backward. Returns the losses (total and per task: the
         whole batch's, or in ``micro`` mode the mean of the micro-batches' and ranks'), the gradient norm before
-        clipping and, in float16, the loss scale the step used. A float16 step whose gradients overflow is skipped (GradScaler) and its norm is inf or
-        NaN; the schedule advances either way."""
+        clipping and, in float16, the loss scale the step used. A float16 step whose gradients overflow is skipped
+        (GradScaler) and its norm is inf or NaN; the schedule advances either way."""
         self.model.train()
         if isinstance(batches, dict):
             batches = [batches]

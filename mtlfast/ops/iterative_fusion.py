@@ -142,7 +142,7 @@ def _triton(q, k, v, alpha, n_iter, *, scale, variant, mode):
 
 
 def _triton_limits(q, k, v, alpha, n_iter, *, scale, variant, mode) -> list[str]:
-    from mtlfast.kernels.iterative_fusion import MAX_HEAD_DIM, segment_length  # triton imports
+    from mtlfast.kernels.iterative_fusion import MAX_HEAD_DIM, segment_length  # triton is importable here
 
     B, N, D = q.shape
     C = v.shape[-1]
