@@ -75,6 +75,31 @@ def test_attention_matches_reference(case, kernel_dtype, device):
     check_against_reference(fn, reference, inputs, dtype=kernel_dtype, tf32_dots=float32_dots_are_tf32())
 
 
+# (Nq, Nk, Dqk, Dv) run with the GPU's default blocks: widths held with tails (72 = 64 + 16; 16-bit forward tiles of
+# 128 x 64 over two query tiles), 288 = 256 + 32 (16 x 16 backward tiles in 16-bit), a held Dqk with a tailed Dv,
+# Dqk 300 in chunks beside a held Dv, Dv 400 in chunks
+GPU_BLOCK_SHAPES = [(150, 70, 72, 72), (37, 70, 288, 288), (37, 41, 40, 150), (29, 33, 300, 33), (21, 23, 24, 400)]
+
+
+@pytest.mark.parametrize("shape", GPU_BLOCK_SHAPES, ids=[f"Dqk{s[2]}-Dv{s[3]}" for s in GPU_BLOCK_SHAPES])
+def test_gpu_default_blocks_match_reference(device, kernel_dtype, shape):
+    """The launch configurations a GPU takes by default (default_blocks for "cuda" in this dtype: 16-bit and float32
+    tiles, chunks and tails), run here through the interpreter: the GPU's tiling (partial tiles, tails, chunk grids)
+    is checked against the reference, not only compiled (test_kernels_compile_for_sm90). On a GPU they are the
+    defaults."""
+    from mtlfast.kernels.attention import default_blocks
+
+    n_q, n_k, d_qk, d_v = shape
+    inputs = {name: t.to(device) for name, t in _inputs(1, 2, n_q, n_k, d_qk, d_v, seed=fresh_seed()).items()}
+    fwd = default_blocks(d_qk, d_v, "cuda", kernel_dtype)
+    bwd = default_blocks(d_qk, d_v, "cuda", kernel_dtype, backward=True)
+
+    def fn(q, k, v):
+        return attention_triton(q, k, v, scale=d_qk ** -0.5, fwd_blocks=fwd, bwd_blocks=bwd)
+
+    check_against_reference(fn, reference_attention, inputs, dtype=kernel_dtype, tf32_dots=float32_dots_are_tf32())
+
+
 def test_width_split_and_plan():
     """split_width holds a width in one program as chunk + tail with the least padding (the BridgeNet/TIF
     widths pad at most 8 columns), width_plan refuses a tail that does not hold the rest of the width."""

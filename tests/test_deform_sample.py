@@ -103,6 +103,28 @@ def test_triton_matches_reference(device, kernel_dtype, B, N, C, sizes):
                             dtype=kernel_dtype, grad=_grad_names(len(sizes)))
 
 
+# (B, N, C, stage sizes, channel block) with the GPU's tiles (32 points, 32 pixels, up to 64 channels): channels in
+# two chunks (100, 300) and one narrow chunk (7), 2-3 point tiles
+GPU_CONFIG_CASES = [(2, 77, 100, [(9, 11), (5, 6), (3, 3)], 64), (1, 40, 7, [(17, 13)], 8),
+                    (2, 50, 300, [(7, 9), (4, 5)], 64)]
+
+
+@pytest.mark.parametrize("B,N,C,sizes,block_c", GPU_CONFIG_CASES,
+                         ids=[f"S{len(c[3])}-N{c[1]}-C{c[2]}" for c in GPU_CONFIG_CASES])
+def test_triton_matches_reference_with_the_gpu_configuration(monkeypatch, device, kernel_dtype, B, N, C, sizes,
+                                                              block_c):
+    """The Triton path at the launch configuration it takes on a GPU, run here through the interpreter (on a GPU it
+    is the default): checked against the reference, not only compiled (test_triton_kernels_compile_for_sm90)."""
+    from mtlfast.kernels import deform_sample as kernels
+
+    on_gpu = kernels.launch_config(C, torch.device("cuda"))
+    assert (on_gpu.block_n, on_gpu.block_c, on_gpu.block_p) == (32, block_c, 32)
+    monkeypatch.setattr(kernels, "launch_config", lambda channels, device: on_gpu)
+    gen = torch.Generator().manual_seed(fresh_seed())
+    check_against_reference(_triton, reference.deform_sample, _inputs(B, N, C, sizes, gen, device=device),
+                            dtype=kernel_dtype, grad=_grad_names(len(sizes)))
+
+
 def test_triton_value_gradient_deterministic(device):
     """Many points on few pixels (long per-pixel runs of the gather): every gradient bit-identical across runs
     (stable sort by pixel, float32 sums in a fixed order; grid_sample's atomic backward is not)."""

@@ -101,6 +101,32 @@ def test_matches_reference_large_eps(pinned, device, kernel_dtype, B, N, C, K, n
                             output_names=OUTPUTS, conditioned=conditioned)
 
 
+# (B, N, C, K, n_iter, detach_iterations) with gpu_config's tiles: 16-bit E+M tiles of 128 tokens (3 of them at
+# N = 300; float32 64) and 64 in the other passes, 32-channel chunks; at K > 128 16-token tiles and 16-channel chunks
+GPU_CONFIG_CASES = [(2, 150, 40, 16, 3, False), (1, 300, 37, 64, 2, True), (1, 45, 21, 130, 2, False)]
+
+
+@pytest.mark.parametrize("sms", [132, 3], ids=["132-SMs", "3-SMs"])
+@pytest.mark.parametrize("B,N,C,K,n_iter,detach", GPU_CONFIG_CASES,
+                         ids=[f"N{c[1]}-C{c[2]}-K{c[3]}" for c in GPU_CONFIG_CASES])
+def test_matches_reference_with_the_gpu_configuration(monkeypatch, device, kernel_dtype, B, N, C, K, n_iter, detach,
+                                                      sms):
+    """gpu_config's launch configuration, run here through the interpreter (on a GPU it is the default): one
+    M-step row per program and up to SMs / B programs per batch element, i.e. on an H100 (132 SMs) one token tile
+    per program, on a 3-SM GPU several (P = 1 at B = 2; at B = 1, N = 300 the 16-bit backward's 5 tiles as
+    2 + 2 + 1), with the GPU's token tiles and channel chunks. Checked against the reference, not only compiled
+    (test_kernels_compile_for_sm90)."""
+    from mtlfast.kernels import em_attention as kernels
+
+    config = kernels.gpu_config(B, K, C, kernel_dtype, sms)
+    assert config.rows == 1 and config.max_programs == max(1, sms // B)
+    monkeypatch.setattr(kernels, "launch_config", lambda *args: config)
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = {**_inputs(B, N, C, K, device, gen), "n_iter": n_iter, "detach_iterations": detach}
+    check_against_reference(_triton, reference.em_attention, inputs, dtype=kernel_dtype, grad=["x", "mu"],
+                            output_names=OUTPUTS)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("detach", [False, True])
 def test_matches_reference_paper_shape_gpu(kernel_dtype, detach):

@@ -394,17 +394,33 @@ def test_row_tiles_follow_the_gpus_shared_memory():
         assert all(c.block_c == K.GPU_CONFIG.block_c and c.block_k == K.GPU_CONFIG.block_k for c in got)
 
 
+# (shared KB per block, dtype, N, D, C, n_iter, variants, expected (block_x, block_y, block_c, block_d)): GPU_CONFIG's
+# 128-channel tiles over two row and two channel tiles, every variant; float32 at D = 200 (BLOCK_D 256) in 32-row
+# tiles on an H100, 16 on a 99 KB GPU (refused there before the tiles shrank)
+GPU_TILE_CASES = [
+    (227, torch.float32, 77, 40, 150, 2, "ABC", (64, 64, 128, 64)),
+    (227, torch.float16, 77, 40, 150, 2, "ABC", (64, 64, 128, 64)),
+    (227, torch.float32, 37, 200, 19, 3, "C", (32, 32, 32, 256)),
+    (99, torch.float32, 37, 200, 19, 3, "C", (16, 16, 32, 256)),
+]
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_matches_reference_with_the_tiles_of_a_99_kb_gpu(monkeypatch, device, mode):
-    """float32 at D = 256 (BLOCK_D 256) with the 16-row tiles of a 99 KB GPU (previously refused there): the
-    launch configuration is the one fit_rows gives for 99 KB, and the kernels match the reference."""
+@pytest.mark.parametrize("case", GPU_TILE_CASES, ids=[f"{c[0]}kb-{str(c[1])[6:]}-D{c[3]}" for c in GPU_TILE_CASES])
+def test_matches_reference_with_each_gpus_tiles(monkeypatch, device, case, mode):
+    """The GPU launch configuration (GPU_CONFIG, with the row tiles fit_rows gives for an H100's 227 KB per block or
+    a 99 KB GPU's), run here through the interpreter: the GPU's tiling is checked against the reference, not only
+    compiled (test_kernels_fit_each_gpus_shared_memory). The test asserts the tiles in effect."""
     from mtlfast.kernels import iterative_fusion as K
 
-    monkeypatch.setattr(K, "device_shared_bytes", lambda device: 99 * 1024)
-    q = torch.empty(2, 37, 200, device=device)
-    problem = K._Problem.of(q, torch.empty(2, 37, 19, device=device), 0.1, "C", mode == "materialize")
-    assert (problem.block_x, problem.block_y, problem.block_d) == (16, 16, 256), problem
-    _check(device, torch.float32, "C", mode, B=2, N=37, D=200, C=19, n_iter=3)
+    shared_kb, dtype, N, D, C, n_iter, variants, tiles = case
+    monkeypatch.setattr(K, "default_config", lambda device: K.GPU_CONFIG)
+    monkeypatch.setattr(K, "device_shared_bytes", lambda device: shared_kb * 1024)
+    q = torch.empty(2, N, D, device=device, dtype=dtype)
+    problem = K._Problem.of(q, torch.empty(2, N, C, device=device, dtype=dtype), 0.1, "C", mode == "materialize")
+    assert (problem.block_x, problem.block_y, problem.block_c, problem.block_d) == tiles, problem
+    for variant in variants:
+        _check(device, dtype, variant, mode, B=2, N=N, D=D, C=C, n_iter=n_iter)
 
 
 # --- GPU only -----------------------------------------------------------------------------------------------
