@@ -24,7 +24,7 @@ from mtlfast.models.padnet import PADNet
 from mtlfast.models.tif import TIF
 from mtlfast.testing import fresh_seed
 from literal import conv_bn_relu, random_norms
-from nn_paths import KERNEL_PATH, compare_paths
+from nn_paths import AUTOCAST_DTYPE, KERNEL_PATH, compare_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HRNET = "hrnet_w18_small_v2"
@@ -210,6 +210,24 @@ def test_kernel_path_matches_reference_path(method, monkeypatch):
     model = model.float().to(DEVICE)
     _check_step(model, images.float().to(DEVICE), _labels(tasks, dataset, 2, (64, 64), gen), backend, per_op,
                 train=False)
+
+
+@pytest.mark.parametrize("method", KERNEL_METHODS)
+def test_kernel_path_under_autocast_matches_reference_path(method, monkeypatch):
+    """The trainer's mixed precision on the kernel path: under torch.autocast in AUTOCAST_DTYPE (bfloat16 on a GPU;
+    float16 here, where the Triton interpreter refuses bfloat16, and deform_sample's Triton kernel runs in a model)
+    every output, deep-supervision output and parameter gradient is within twice the reference path's own error under
+    the same autocast (against float64, medians of 5 draws: nn_paths.compare_paths), and the outputs have its dtypes.
+    Measured here (float16, 6 draws per method, 30 for tpim): the largest error at most 0.90 of its bound. A check of
+    the 16-bit path's plumbing and of gross errors only: the reference path's own float16 errors reach 5% in SEM's
+    gradients, so a deform_sample output 10% off fails it, 1% off does not (the op tests bound the kernels' precision).
+    The network of test_kernel_path_matches_reference_path (smooth, BN calibrated)."""
+    monkeypatch.setattr(torch.nn.functional, "relu", _smooth_relu)
+    torch.manual_seed(fresh_seed())
+    model = create_model(method, ["semseg", "depth"], backbone=BACKBONE, dataset="nyud", **SMALL[method]).double()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(fresh_seed()), dtype=torch.float64)
+    _calibrate(model, images)
+    compare_paths(_TrainForward(model), {"images": images}, device=DEVICE, autocast=AUTOCAST_DTYPE)
 
 
 def _storages(tensors) -> dict[int, torch.UntypedStorage]:
