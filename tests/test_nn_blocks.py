@@ -1,5 +1,6 @@
 """mtlfast.nn blocks: kernel path vs reference path (forward and every parameter/input gradient), the
 papers' equations written out literally in float64 against the blocks, and configuration errors."""
+import copy
 import math
 import re
 
@@ -379,6 +380,38 @@ def test_hierarchy_adaptive_attention_is_eq1_to_4():
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
     ref = reference_points((2, 3), 1, dtype=torch.float64)[0]
     torch.testing.assert_close(ref[1], torch.tensor([0.0, -0.5], dtype=torch.float64))  # cell centre (x, y)
+
+
+def test_hierarchy_adaptive_attention_samples_at_float32_points_in_16_bit(monkeypatch):
+    """Under a 16-bit autocast and in a bfloat16 module the deformable points and the sampling stay float32 (a
+    bfloat16 coordinate would move by up to 0.11 pixels of a 112-pixel-wide stage, _OffsetNet): the points equal the
+    float64 module's to float32 accuracy in the 16-bit convolutions' offsets, not to bfloat16's rounding of the
+    coordinates; the block returns its features' dtype."""
+    import mtlfast.nn.sem as sem
+
+    seen = []
+    sample = sem.deform_sample
+
+    def recording(values, points, weights):
+        seen.append((tuple(v.dtype for v in values), points.dtype, weights.dtype, points.detach()))
+        return sample(values, points, weights)
+
+    monkeypatch.setattr(sem, "deform_sample", recording)
+    gen = torch.Generator().manual_seed(fresh_seed())
+    block = HierarchyAdaptiveAttention([4, 5], 8, heads=2).eval()
+    stages = [randn(1, 4, 112, 112, gen=gen).float(), randn(1, 5, 56, 56, gen=gen).float()]
+    with mtlfast.use_backend("reference"):
+        double = copy.deepcopy(block).double()
+        exact = double.offsets[0](double.unify[0](stages[0].double()))
+    with mtlfast.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block(stages).dtype == torch.bfloat16
+    with mtlfast.use_backend("reference"):
+        assert block.to(torch.bfloat16)([s.bfloat16() for s in stages]).dtype == torch.bfloat16
+    f32 = torch.float32
+    assert [call[:3] for call in seen] == [((f32,), f32, f32), ((f32, f32), f32, f32)] * 2, [c[:3] for c in seen]
+    # the offsets come from bfloat16 convolutions (relative error ~2^-8 of offsets <= 2 / 56 cells), the cell
+    # centres are exact: the points move by far less than bfloat16's spacing of 2^-8 near 1
+    assert (seen[0][3][:, :exact.shape[1]] - exact).abs().max() < 2 ** -11
 
 
 @pytest.mark.parametrize("scale", [None, 0.3])

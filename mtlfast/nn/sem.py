@@ -62,7 +62,12 @@ def reference_points(grid: Sequence[int], batch: int, *, device=None, dtype=None
 
 
 class _OffsetNet(nn.Module):
-    """DAT offset network for one stage: (B, C, H, W) -> points (B, gh·gw, 2) = reference + offsets."""
+    """DAT offset network for one stage: (B, C, H, W) -> points (B, gh·gw, 2) = reference + offsets, in float32 (or
+    float64) also under a 16-bit autocast. Rounded to bfloat16, a coordinate in [0.5, 1) moves by up to 2^-9, 0.11
+    pixels of a 112-pixel-wide stage; in float16 small offsets (as at initialisation) snap onto their pixel
+    centres, where the bilinear derivative changes side, so the offsets' gradient is rounding noise there. (Under
+    autocast, torch's grid_sample, on its float32 list, would also sample in float32.)
+    """
 
     def __init__(self, channels: int, stride: int, kernel: int, offset_range: float) -> None:
         super().__init__()
@@ -73,6 +78,7 @@ class _OffsetNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raw = self.net(x)  # (B, 2, gh, gw): (x, y) offsets
+        raw = raw.to(torch.promote_types(raw.dtype, torch.float32))
         b, _, gh, gw = raw.shape
         limit = raw.new_tensor([self.offset_range / gw, self.offset_range / gh])
         offsets = torch.tanh(raw).flatten(2).transpose(1, 2) * limit
@@ -119,10 +125,13 @@ class HierarchyAdaptiveAttention(nn.Module):
         size = stages[-1].shape[-2:]
         qmap = self.query(torch.cat([resize(s, size) for s in stages], 1))
         points = torch.cat([net(s) for net, s in zip(self.offsets, stages)], 1)  # (B, N, 2)
+        # sampled in the points' dtype (float32 in a 16-bit model or autocast, as grid_sample would be: _OffsetNet),
+        # handed on in the features' dtype
+        dtype = points.dtype
         ones = points.new_ones(points.shape[0], points.shape[1], 1)
-        weights = torch.softmax(self.stage_weights(deform_sample([qmap], points, ones)), -1)  # (B, N, S)
-        dtype = points.dtype  # under autocast the softmax comes back in float32
-        sampled = deform_sample([s.to(dtype) for s in stages], points, weights.to(dtype))
+        queries = deform_sample([qmap.to(dtype)], points, ones).to(qmap.dtype)
+        weights = torch.softmax(self.stage_weights(queries), -1)  # (B, N, S)
+        sampled = deform_sample([s.to(dtype) for s in stages], points, weights.to(dtype)).to(qmap.dtype)
         tokens = to_tokens(qmap)
         return to_map(self.ffn(tokens + self.attn(self.q_norm(tokens), sampled)), size)
 
