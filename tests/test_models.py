@@ -212,22 +212,32 @@ def test_kernel_path_matches_reference_path(method, monkeypatch):
                 train=False)
 
 
+#: The multiple of the reference path's own 16-bit error each quantity may reach under autocast (see below).
+AUTOCAST_FACTORS = {"tpim": 2.0, "bridgenet": 2.0, "tif": 2.0, "sem": 4.0}
+
+
 @pytest.mark.parametrize("method", KERNEL_METHODS)
 def test_kernel_path_under_autocast_matches_reference_path(method, monkeypatch):
     """The trainer's mixed precision on the kernel path: under torch.autocast in AUTOCAST_DTYPE (bfloat16 on a GPU;
-    float16 here, where the Triton interpreter refuses bfloat16, and deform_sample's Triton kernel runs in a model)
-    every output, deep-supervision output and parameter gradient is within twice the reference path's own error under
-    the same autocast (against float64, medians of 5 draws: nn_paths.compare_paths), and the outputs have its dtypes.
-    Measured here (float16, 6 draws per method, 30 for tpim): the largest error at most 0.90 of its bound. A check of
-    the 16-bit path's plumbing and of gross errors only: the reference path's own float16 errors reach 5% in SEM's
-    gradients, so a deform_sample output 10% off fails it, 1% off does not (the op tests bound the kernels' precision).
-    The network of test_kernel_path_matches_reference_path (smooth, BN calibrated)."""
+    float16 here, where the Triton interpreter refuses bfloat16) every output, deep-supervision output and parameter
+    gradient is within AUTOCAST_FACTORS times the reference path's own error under the same autocast (against
+    float64, medians of 5 draws: nn_paths.compare_paths), and the outputs have its dtypes. The network of
+    test_kernel_path_matches_reference_path (smooth, BN calibrated).
+
+    Measured here in float16 (largest error / twice the reference path's): tpim, bridgenet, tif at most 0.90 over
+    6-30 draws each. SEM's 16-bit gradients are chaotic rather than less accurate on either path: over 12 draws the
+    largest quantity reached 2.5x the reference path's error, and the geometric mean over all 347 quantities ranged
+    0.87-1.39x, moving by 0.3 when any one op was swapped for the reference (each of its ops is as accurate or more
+    so than PyTorch's at the op level): SEM gets 4x. The check sees the 16-bit path's plumbing and larger errors only:
+    attention outputs 2% off failed it for bridgenet and tif, 10% off for SEM too (the op tests bound the kernels'
+    precision)."""
     monkeypatch.setattr(torch.nn.functional, "relu", _smooth_relu)
     torch.manual_seed(fresh_seed())
     model = create_model(method, ["semseg", "depth"], backbone=BACKBONE, dataset="nyud", **SMALL[method]).double()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(fresh_seed()), dtype=torch.float64)
     _calibrate(model, images)
-    compare_paths(_TrainForward(model), {"images": images}, device=DEVICE, autocast=AUTOCAST_DTYPE)
+    compare_paths(_TrainForward(model), {"images": images}, device=DEVICE, autocast=AUTOCAST_DTYPE,
+                  factor=AUTOCAST_FACTORS[method])
 
 
 def _storages(tensors) -> dict[int, torch.UntypedStorage]:
