@@ -384,9 +384,9 @@ def test_hierarchy_adaptive_attention_is_eq1_to_4():
 
 def test_hierarchy_adaptive_attention_samples_at_float32_points_in_16_bit(monkeypatch):
     """Under a 16-bit autocast and in a bfloat16 module the deformable points and the sampling stay float32 (a
-    bfloat16 coordinate would move by up to 0.11 pixels of a 112-pixel-wide stage, _OffsetNet): the points equal the
-    float64 module's to float32 accuracy in the 16-bit convolutions' offsets, not to bfloat16's rounding of the
-    coordinates; the block returns its features' dtype."""
+    bfloat16 coordinate would move by up to 0.11 pixels of a 112-pixel-wide stage, _OffsetNet): the points carry
+    the bfloat16 convolutions' error in the offsets only, not bfloat16's rounding of the coordinates; the block
+    returns its features' dtype."""
     import mtlfast.nn.sem as sem
 
     seen = []
@@ -409,9 +409,9 @@ def test_hierarchy_adaptive_attention_samples_at_float32_points_in_16_bit(monkey
         assert block.to(torch.bfloat16)([s.bfloat16() for s in stages]).dtype == torch.bfloat16
     f32 = torch.float32
     assert [call[:3] for call in seen] == [((f32,), f32, f32), ((f32, f32), f32, f32)] * 2, [c[:3] for c in seen]
-    # the offsets come from bfloat16 convolutions (relative error ~2^-8 of offsets <= 2 / 56 cells), the cell
-    # centres are exact: the points move by far less than bfloat16's spacing of 2^-8 near 1
-    assert (seen[0][3][:, :exact.shape[1]] - exact).abs().max() < 2 ** -11
+    # the offsets come from bfloat16 convolutions (up to 5.4e-4 off over 13 draws), the cell centres are exact; with
+    # the points rounded to bfloat16 (up to 2^-9 near 1) they were 5.4e-3 off
+    assert (seen[0][3][:, :exact.shape[1]] - exact).abs().max() < 2 ** -9
 
 
 @pytest.mark.parametrize("scale", [None, 0.3])
