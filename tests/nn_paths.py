@@ -137,8 +137,8 @@ def compare_paths(module: torch.nn.Module, inputs: dict, *, device: str = "cpu",
     ``autocast``: a 16-bit dtype for both float32 paths. Every quantity is then conditioned, and the errors
     compared are the medians over AUTOCAST_DRAWS draws (the inputs, and copies perturbed by one epsilon of the
     dtype, each against its own float64 reference): one draw's 16-bit error scatters by factors of several
-    between implementations of equal accuracy (SEM's stage-weight gradients: 4.7x in one draw, 1.0x in the
-    median), as check_against_reference found for the ops. The outputs must have the reference path's dtypes.
+    between implementations of equal accuracy (a SEM gradient: 4.7x in one draw, 1.0x in the median), as
+    check_against_reference found for the ops. The outputs must have the reference path's dtypes.
     ``factor``: the multiple of the reference path's error a conditioned quantity may reach (2 by default)."""
     seed = fresh_seed()
     errors = path_errors(module, inputs, device=device, seed=seed, autocast=autocast)
