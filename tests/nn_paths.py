@@ -112,7 +112,8 @@ def path_errors(module: torch.nn.Module, inputs: dict, *, device: str, seed: int
             with _float32_convolutions():
                 paths[key], cot = _run(copy_, draw, dtype, b, ops, cot, device, seed, mixed, unit=autocast is not None)
         if autocast is not None:
-            dtypes = {key: [(n, t.dtype) for n, t in paths[key] if not n.startswith("grad ")] for key in paths}
+            dtypes = {key: [(n, t.dtype) for n, t in paths[key] if not n.startswith("grad ")]
+                      for key in ("ref32", "kernel")}
             assert dtypes["kernel"] == dtypes["ref32"], f"output dtypes under autocast: {dtypes}"
         scale = max(torch.linalg.vector_norm(w.detach().double()).item() for _, w in paths["ref64"])
         for i, (n, want) in enumerate(paths["ref64"]):

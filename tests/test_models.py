@@ -181,6 +181,22 @@ def _smooth_relu(x, inplace=False):
     return torch.nn.functional.gelu(x)
 
 
+#: The tasks of the kernel-vs-reference path comparisons (NYUD).
+PATH_TASKS = ["semseg", "depth"]
+
+
+def _smooth_calibrated_model(method, monkeypatch):
+    """The network the path comparisons share: fresh float64 weights and images (DESIGN §6), ReLUs as GELUs
+    (test_kernel_path_matches_reference_path says why), BN calibrated on the images (_calibrate). Returns the
+    model, the images and the generator that drew them (for labels)."""
+    monkeypatch.setattr(torch.nn.functional, "relu", _smooth_relu)
+    torch.manual_seed(fresh_seed())
+    model = create_model(method, PATH_TASKS, backbone=BACKBONE, dataset="nyud", **SMALL[method]).double()
+    gen = torch.Generator().manual_seed(fresh_seed())
+    images = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+    return _calibrate(model, images), images, gen
+
+
 @pytest.mark.parametrize("method", KERNEL_METHODS)
 def test_kernel_path_matches_reference_path(method, monkeypatch):
     """Outputs, deep-supervision outputs and every parameter gradient agree (nn_paths.compare_paths), then a
@@ -194,13 +210,7 @@ def test_kernel_path_matches_reference_path(method, monkeypatch):
     BridgeNet's depth up-sampling at |x| = 4e-5 in float64, 647 of 842 gradients 0.5-2 % off while the
     attention calls themselves matched to 1e-7; and the descent check then failed for SEM (MTLFAST_TEST_SEED=
     2908249359). The paths are compared on the same smooth network."""
-    monkeypatch.setattr(torch.nn.functional, "relu", _smooth_relu)
-    dataset, tasks = "nyud", ["semseg", "depth"]
-    torch.manual_seed(fresh_seed())  # fresh weights and inputs (DESIGN §6)
-    model = create_model(method, tasks, backbone=BACKBONE, dataset=dataset, **SMALL[method]).double()
-    gen = torch.Generator().manual_seed(fresh_seed())
-    images = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
-    _calibrate(model, images)
+    model, images, gen = _smooth_calibrated_model(method, monkeypatch)
     # Every gradient of a whole random network is ill-conditioned somewhere: the float32 reference path alone
     # exceeds 1e-4 against float64 in some draws (tpim 7/24, sem 4/12, bridgenet 3/12 on convnet_tiny), the
     # kernel path then by as much; so do SEM's outputs on HRNet (1.05e-4 for the float32 reference, 1.06e-4 for
@@ -208,7 +218,7 @@ def test_kernel_path_matches_reference_path(method, monkeypatch):
     compare_paths(_TrainForward(model), {"images": images}, device=DEVICE, conditioned=("grad *", "out*"))
     backend, per_op = KERNEL_PATH
     model = model.float().to(DEVICE)
-    _check_step(model, images.float().to(DEVICE), _labels(tasks, dataset, 2, (64, 64), gen), backend, per_op,
+    _check_step(model, images.float().to(DEVICE), _labels(PATH_TASKS, "nyud", 2, (64, 64), gen), backend, per_op,
                 train=False)
 
 
@@ -231,11 +241,7 @@ def test_kernel_path_under_autocast_matches_reference_path(method, monkeypatch):
     ops is as accurate as PyTorch's or more at the op level): SEM gets 4x. The check sees the 16-bit path's
     plumbing and larger errors only: attention outputs 2% off failed it for bridgenet and tif, 10% off for SEM too
     (the op tests bound the kernels' precision)."""
-    monkeypatch.setattr(torch.nn.functional, "relu", _smooth_relu)
-    torch.manual_seed(fresh_seed())
-    model = create_model(method, ["semseg", "depth"], backbone=BACKBONE, dataset="nyud", **SMALL[method]).double()
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(fresh_seed()), dtype=torch.float64)
-    _calibrate(model, images)
+    model, images, _ = _smooth_calibrated_model(method, monkeypatch)
     compare_paths(_TrainForward(model), {"images": images}, device=DEVICE, autocast=AUTOCAST_DTYPE,
                   factor=AUTOCAST_FACTORS[method])
 
