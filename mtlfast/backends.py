@@ -8,15 +8,16 @@ only ``"auto"`` chooses, and it chooses in the op's declared preference order.
 
 The backend in force is, in order: the per-call ``backend=`` argument, the innermost
 :func:`use_backend` context (its per-op overrides first), the ``MTLFAST_BACKEND`` environment variable,
-``"auto"``.
+``"auto"``. Under torch.compile the scope is traced and guarded (a compiled function recompiles when it changes);
+``MTLFAST_BACKEND`` is read when a graph is traced (Dynamo does not guard the environment): set it before.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -27,10 +28,29 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
 
-_scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("mtlfast_backend", default=None)
-_scoped_op_backends: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("mtlfast_op_backends",
-                                                                                     default={})
-_meta_plan: contextvars.ContextVar[str | None] = contextvars.ContextVar("mtlfast_meta_plan", default=None)
+# The scope (use_backend, meta_planning) is per thread, like a context variable, but torch.compile can trace it:
+# Dynamo cannot trace ContextVar.get (every op call would break a compiled model's graph) and guards on what it reads
+# here, so a compiled model recompiles when the scope changes (tests/test_backends.py). Read through getattr with a
+# default: Dynamo did not guard a threading.local subclass's class-level defaults (torch 2.13).
+_scope = threading.local()
+_SCOPE_DEFAULTS = {"backend": None, "op_backends": {}, "meta_plan": None}  # op_backends: replaced, never mutated
+
+
+def _scoped(name: str):
+    return getattr(_scope, name, _SCOPE_DEFAULTS[name])
+
+
+@contextlib.contextmanager
+def _scope_set(**values) -> Iterator[None]:
+    """Sets scope entries for the block and restores the previous ones (nests)."""
+    previous = {name: _scoped(name) for name in values}
+    for name, value in values.items():
+        setattr(_scope, name, value)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(_scope, name, value)
 
 #: name -> Op, filled as op modules are imported (``mtlfast.ops`` imports all of them; :func:`registered_ops`).
 OPS: dict[str, "Op"] = {}
@@ -57,9 +77,9 @@ def current_backend(backend: str | None = None, op: str | None = None) -> str:
     """The backend in force for a call (of op ``op``, if given) that passes ``backend`` (None = not given)."""
     if backend is not None:
         return _validate(backend, "backend=")
-    if op is not None and op in _scoped_op_backends.get():
-        return _scoped_op_backends.get()[op]
-    scoped = _scoped_backend.get()
+    if op is not None and op in _scoped("op_backends"):
+        return _scoped("op_backends")[op]
+    scoped = _scoped("backend")
     if scoped is not None:
         return scoped
     env = os.environ.get("MTLFAST_BACKEND")
@@ -80,20 +100,15 @@ def use_backend(name: str, **per_op: str) -> Iterator[None]:
         if op not in registered_ops():
             raise ValueError(f"use_backend: unknown op {op!r}; ops: {', '.join(sorted(OPS))}")
         _validate(backend, f"use_backend({op}=...)")
-    token = _scoped_backend.set(name)
-    op_token = _scoped_op_backends.set(dict(per_op))
-    try:
+    with _scope_set(backend=name, op_backends=dict(per_op)):
         yield
-    finally:
-        _scoped_op_backends.reset(op_token)
-        _scoped_backend.reset(token)
 
 
 @dataclass(frozen=True)
 class BackendScope:
     """The backend choices in force (:func:`use_backend` with its per-op overrides, :func:`meta_planning`),
-    captured to be re-entered elsewhere. They live in context variables, which another thread, or code run
-    after the ``with`` block, does not see: activation checkpointing recomputes a stage during the backward
+    captured to be re-entered elsewhere. They hold per thread and in the ``with`` block, so another thread, or code
+    run after the block, does not see them: activation checkpointing recomputes a stage during the backward
     (on autograd's device thread on a GPU, or after the block), where the recomputation must choose the
     backends the forward chose (:func:`mtlfast.nn.common.checkpoint_stage` does this)."""
 
@@ -103,17 +118,10 @@ class BackendScope:
 
     @classmethod
     def capture(cls) -> "BackendScope":
-        return cls(_scoped_backend.get(), dict(_scoped_op_backends.get()), _meta_plan.get())
+        return cls(_scoped("backend"), dict(_scoped("op_backends")), _scoped("meta_plan"))
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        tokens = (_scoped_backend.set(self.backend), _scoped_op_backends.set(dict(self.op_backends)),
-                  _meta_plan.set(self.meta_plan))
-        try:
-            yield
-        finally:
-            for var, token in zip((_scoped_backend, _scoped_op_backends, _meta_plan), tokens):
-                var.reset(token)
+    def active(self) -> contextlib.AbstractContextManager:
+        return _scope_set(backend=self.backend, op_backends=dict(self.op_backends), meta_plan=self.meta_plan)
 
 
 # --- machine capabilities shared by implementations --------------------------------------------------
@@ -153,11 +161,8 @@ def meta_planning(device: str = "cuda") -> Iterator[None]:
     loaded (their fake implementations are registered with them)."""
     if device not in DEFAULT_AUTO_ORDER:
         raise ValueError(f"meta_planning: device must be one of {', '.join(DEFAULT_AUTO_ORDER)}, got {device!r}")
-    token = _meta_plan.set(device)
-    try:
+    with _scope_set(meta_plan=device):
         yield
-    finally:
-        _meta_plan.reset(token)
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -382,8 +387,8 @@ class Op:
         requested = current_backend(backend, self.name)
         device_type = torch.device(device).type
         available_on = None
-        if device_type == "meta" and _meta_plan.get() is not None:  # planned: declarations of the planned device
-            device_type, available_on = _meta_plan.get(), "meta"
+        if device_type == "meta" and _scoped("meta_plan") is not None:  # planned: declarations of the planned device
+            device_type, available_on = _scoped("meta_plan"), "meta"
         if requested == "auto":
             candidates = [b for b in self.auto_order.get(device_type, ()) if b in self.implementations]
         else:

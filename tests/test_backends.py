@@ -58,6 +58,35 @@ def test_precedence_call_then_context_then_env(toy_op, monkeypatch):
     assert current_backend() == "auto"
 
 
+def test_torch_compile_traces_the_scope_and_recompiles_when_it_changes():
+    """A function calling an op compiles into one graph (fullgraph: the backend scope is traceable, which a
+    ContextVar is not), and Dynamo guards on the scope: a compiled call runs the backend in force at each call,
+    use_backend, its per-op overrides and another thread's (unset) scope alike."""
+    import threading
+
+    op = Op("_toy_scoped", auto_order={"cpu": ("cpp", "reference")})
+    op.register("reference", lambda x: 2 * x, devices=("cpu",), dtypes=(torch.float32,))
+    op.register("cpp", lambda x: 3 * x, devices=("cpu",), dtypes=(torch.float32,))  # tells the backends apart
+    try:
+        compiled = torch.compile(lambda x: op.select(None, x.device, x.dtype, (x,)).fn(x) + 1, backend="eager",
+                                 fullgraph=True)
+        one = torch.ones(2)
+        assert compiled(one).tolist() == [4, 4]  # auto: cpp
+        with use_backend("reference"):
+            assert compiled(one).tolist() == [3, 3]
+            with use_backend("reference", _toy_scoped="cpp"):
+                assert compiled(one).tolist() == [4, 4]
+            seen = []
+            thread = threading.Thread(target=lambda: seen.append(compiled(one).tolist()))
+            thread.start()
+            thread.join()
+            assert seen == [[4, 4]]  # the scope is this thread's
+            assert compiled(one).tolist() == [3, 3]
+        assert compiled(one).tolist() == [4, 4]
+    finally:
+        del OPS["_toy_scoped"]
+
+
 def test_unknown_backend_names_are_rejected(toy_op, monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         call(toy_op, torch.ones(2), "fast")

@@ -22,7 +22,8 @@ from mtlfast.models.backbones import Backbone, timm_unusable
 from mtlfast.models.mtinet import MTINet
 from mtlfast.models.padnet import PADNet
 from mtlfast.models.tif import TIF
-from mtlfast.testing import fresh_seed
+from mtlfast.nn.common import record_checkpoints
+from mtlfast.testing import fresh_seed, rel_error, rerun_hint
 from literal import conv_bn_relu, random_norms
 from nn_paths import AUTOCAST_DTYPE, KERNEL_PATH, compare_paths
 
@@ -244,6 +245,75 @@ def test_kernel_path_under_autocast_matches_reference_path(method, monkeypatch):
     model, images, _ = _smooth_calibrated_model(method, monkeypatch)
     compare_paths(_TrainForward(model), {"images": images}, device=DEVICE, autocast=AUTOCAST_DTYPE,
                   factor=AUTOCAST_FACTORS[method])
+
+
+#: The kernels a method's compiled training graph calls (forward ``<op>_fwd``/``_forward``; backward ``_bwd``/...).
+COMPILED_KERNELS = {"tpim": {"iterative_fusion"}, "bridgenet": {"attention", "tpp_attention"},
+                    "tif": {"attention", "lthd_attention"}, "sem": {"attention", "deform_sample", "em_attention"}}
+
+
+def _recording_aot_backend(graphs: dict[str, list]):
+    """A torch.compile backend: AOTAutograd (the ops' fake implementations and registered backward), its forward
+    and backward graphs recorded in ``graphs`` and run as they are (no Inductor: seconds on a CPU)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    return aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+
+
+def _graph_kernels(graphs) -> set[str]:
+    """The mtlfast ops (names without their _fwd/_forward/_bwd/_backward suffix) the graphs call."""
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    return {t.split(".")[1].rsplit("_", 1)[0] for t in targets if t.startswith("mtlfast.")}
+
+
+@pytest.mark.parametrize("method, checkpointed", [(m, False) for m in METHODS] + [(m, True) for m in KERNEL_METHODS])
+def test_torch_compile_in_one_graph_matches_eager(method, checkpointed):
+    """torch.compile(fullgraph=True) of a training forward on the kernel path: one forward and one backward graph
+    (no graph break: the backend scope and the ops' checks trace), which call the method's kernels
+    (COMPILED_KERNELS; on a GPU Inductor compiles the rest around them); the outputs, every parameter gradient
+    and the buffers the step updates (BatchNorm statistics, SEM's EM bases: once) are eager mode's. With
+    ``checkpointed`` the compiled model checkpoints its decoder stages, which run eagerly between graphs
+    (checkpoint_stage says why), and is compared with the eager model without checkpointing."""
+    task_set = "one-task" if method == "single_task" else "nyud"
+    eager = _build(method, task_set).train()
+    compiled = copy.deepcopy(eager)
+    compiled.checkpoint_decoder = checkpointed
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, 64, 64, generator=gen).to(DEVICE)
+    graphs = {"forward": [], "backward": []}
+    torch._dynamo.reset()  # forward_train's code is every model's: an earlier test's cache entry must not serve it
+    forward = torch.compile(compiled.forward_train, backend=_recording_aot_backend(graphs), fullgraph=not checkpointed)
+    backend, per_op = KERNEL_PATH
+    cotangents, results = None, []
+    for model, run in ((eager, eager.forward_train), (compiled, forward)):
+        with mtlfast.use_backend(backend, **per_op), record_checkpoints() as checkpoints:
+            preds, aux = run(images)
+        assert bool(checkpoints) == (model is compiled and checkpointed)
+        outs = list(preds.values()) + [o for v in aux.values() for o in (v.values() if isinstance(v, dict) else [v])]
+        if cotangents is None:
+            cotangents = [torch.randn(o.shape, generator=gen).to(DEVICE) for o in outs]
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cotangents)), params, allow_unused=True)
+        results.append((outs, torch.cat([g.flatten() for g in grads if g is not None]),
+                        [b for b in model.buffers() if b.is_floating_point()]))
+    if not checkpointed:
+        assert len(graphs["forward"]) == 1 and len(graphs["backward"]) == 1, {k: len(g) for k, g in graphs.items()}
+        kernels = COMPILED_KERNELS.get(method, set())
+        assert _graph_kernels(graphs["forward"]) == kernels and _graph_kernels(graphs["backward"]) == kernels
+    (outs, grads, buffers), (c_outs, c_grads, c_buffers) = results
+    assert len(outs) == len(c_outs)
+    for what, pairs in (("output", zip(c_outs, outs)), ("gradients", [(c_grads, grads)]),
+                        ("buffer", zip(c_buffers, buffers))):
+        for got, want in pairs:
+            assert rel_error(got, want) < 1e-4, f"{what}: {rel_error(got, want):.2e} {rerun_hint(seed)}"
 
 
 def _storages(tensors) -> dict[int, torch.UntypedStorage]:

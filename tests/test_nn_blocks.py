@@ -280,8 +280,8 @@ def test_checkpoint_stage_updates_buffers_once(detach_iterations):
 @pytest.mark.parametrize("where", ["after the block", "on another thread"])
 def test_checkpoint_stage_recomputes_on_the_forwards_backends(where, device):
     """The forward runs attention on the Triton backend (use_backend); the backward, run after the block or on
-    another thread (as autograd's device threads on a GPU), where the scope's context variables are not
-    set, must recompute on Triton too: auto on a CPU would pick the reference, which saves other tensors
+    another thread (as autograd's device threads on a GPU), where the scope (per thread) is not set, must
+    recompute on Triton too: auto on a CPU would pick the reference, which saves other tensors
     (torch.utils.checkpoint then fails) or, worse, computes differently."""
     import threading
 

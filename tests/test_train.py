@@ -547,12 +547,17 @@ def counted(self):  # on the class: the wrapper must not hold the module (it is 
 DistributedDataParallel.no_sync = counted
 rows = trainer.train()
 torch.save(weights(), trainer.out_dir + f"/weights_rank{trainer.dist.rank}.pt")
-torch.save({"local": local, "seen": seen, "own": own, "logged": [r["loss"] for r in rows], "no_sync": len(unsynced)},
-           trainer.out_dir + f"/losses_rank{trainer.dist.rank}.pt")
+graphs = 0
+if trainer.config["train"]["compile"]:  # (importing dynamo in an eager run kept DDP's wrapper alive past close)
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+torch.save({"local": local, "seen": seen, "own": own, "logged": [r["loss"] for r in rows], "no_sync": len(unsynced),
+            "graphs": graphs}, trainer.out_dir + f"/losses_rank{trainer.dist.rank}.pt")
 sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules())
 torch.save(sync_bn, trainer.out_dir + f"/sync_bn_rank{trainer.dist.rank}.pt")
 import weakref, mtlfast.engine.trainer as trainer_module
-wrapper, cleanup = weakref.ref(trainer.train_forward), trainer_module.cleanup
+wrapper = weakref.ref(getattr(trainer.train_forward, "_orig_mod", trainer.train_forward))  # DDP's, also compiled
+cleanup = trainer_module.cleanup
 def recorded_cleanup(info):
     torch.save(wrapper() is None, trainer.out_dir + f"/ddp_freed_before_cleanup_rank{trainer.dist.rank}.pt")
     cleanup(info)
@@ -622,20 +627,23 @@ def test_ranks_step_as_one_process_on_their_global_batch(tmp_path):
     assert errors[0] < 1e-5 and errors[1] > 1e-3, errors  # measured: 4e-8 and 1.2e-2
 
 
-@pytest.mark.parametrize("amp, accumulate, norm", [("off", 1, "step"), ("fp16", 1, "step"), ("off", 2, "step"),
-                                                   ("off", 2, "micro")])
-def test_two_process_ddp_ends_with_equal_weights(tmp_path, amp, accumulate, norm):
+@pytest.mark.parametrize("amp, accumulate, norm, compiled", [
+    ("off", 1, "step", False), ("fp16", 1, "step", False), ("off", 2, "step", False), ("off", 2, "micro", False),
+    ("off", 2, "step", True)])
+def test_two_process_ddp_ends_with_equal_weights(tmp_path, amp, accumulate, norm, compiled):
     """Both ranks end with the same weights, and these moved from the initial ones (the run stepped); the loss both
     ranks return and rank 0 logs is the whole step's, not rank 0's: with train.accumulate_norm=step every loss is
     normalised by the counts of all micro-batches of both ranks (all-reduced: each rank saw their sum), so the
     logged loss is the sum of every micro-batch's share; with micro, the mean over the ranks of each rank's mean
     over its micro-batches. In float16 every rank unscales the same all-reduced gradients, so all skip a step alike
     and keep one loss scale (the first steps overflow at the initial 2**16 here: 10 iterations, so that some step
-    is taken). Accumulating, DDP's all-reduce waits for the last micro-batch (no_sync before)."""
+    is taken). Accumulating, DDP's all-reduce waits for the last micro-batch (no_sync before). ``compiled``:
+    train.compile=true, torch.compile around the DDP wrapper (Inductor)."""
     its = 10 if amp == "fp16" else 3
     _torchrun(tmp_path, 2, TINY + ON_CPU + [f"output_dir={tmp_path}", f"train.iterations={its}",
                                             f"train.checkpoint_every={its}", f"train.amp={amp}",
-                                            f"train.accumulate={accumulate}", f"train.accumulate_norm={norm}"])
+                                            f"train.accumulate={accumulate}", f"train.accumulate_norm={norm}",
+                                            f"train.compile={str(compiled).lower()}"])
     w0, w1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1))
     assert torch.equal(w0, w1)
     assert not torch.equal(w0, torch.load(tmp_path / "initial_weights_rank0.pt"))
@@ -643,6 +651,7 @@ def test_two_process_ddp_ends_with_equal_weights(tmp_path, amp, accumulate, norm
     l0, l1 = (torch.load(tmp_path / f"losses_rank{r}.pt") for r in (0, 1))
     assert l0["local"] != l1["local"] and l0["logged"] == l1["logged"]
     assert l0["no_sync"] == l1["no_sync"] == its * (accumulate - 1)  # the micro-batches before each step's last
+    assert (l0["graphs"] > 0) == (l1["graphs"] > 0) == compiled
     steps = [range(i, i + accumulate) for i in range(0, its * accumulate, accumulate)]
     if norm == "step":
         for step in steps:  # the step's normalisers: the sum of its micro-batches' own, over both ranks
@@ -845,6 +854,32 @@ def test_checkpoint_decoder_trains_like_the_plain_model(tmp_path):
     assert [r["loss"] for r in rows] == [r["loss"] for r in plain_rows] and len(rows) == 2
     ours, theirs = trainer.model.state_dict(), plain.model.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_compiled_training_forward_trains_like_the_eager_one(tmp_path):
+    """train.compile=true: the training forward under torch.compile (Inductor; its C++ code on the CPU) with the
+    Triton kernels inside (TPIM's iterative_fusion, an opaque op in the graph) compiles once for the whole run:
+    one graph, also after an evaluation (which runs eagerly) between steps; the losses are the eager run's up to
+    float32 rounding (the first step's within 1e-5, SGD compounding it after); the checkpoint holds the model's
+    own state dict. A mode torch.compile does not know is refused by name."""
+    from torch._dynamo.utils import counters
+
+    tpim = ["model.name=tpim", "model.kwargs={channels: 16, dim: 8, n_iter: 3}", "optim.name=sgd", "optim.lr=0.01",
+            "train.eval_every=2", "train.iterations=3", "train.checkpoint_every=3"]
+    eager_rows, _ = _run(tmp_path, "eager", tpim + ["train.backend=triton"])
+    torch._dynamo.reset()  # no cache entry of an earlier test's _TrainForward
+    counters.clear()
+    rows, trainer = _run(tmp_path, "compiled", tpim + ["train.backend=triton", "train.compile=true"])
+    assert isinstance(trainer.train_forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert (counters["stats"]["unique_graphs"], counters["frames"]["total"]) == (1, 1), dict(counters)
+    eager, compiled = [r["loss"] for r in eager_rows], [r["loss"] for r in rows]
+    assert len(compiled) == 3 and abs(compiled[0] / eager[0] - 1) < 1e-5, (compiled, eager)
+    assert all(abs(c / e - 1) < 1e-3 for c, e in zip(compiled, eager)), (compiled, eager)
+    saved = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)["model"]
+    assert saved.keys() == trainer.model.state_dict().keys()
+    with pytest.raises(ValueError, match=r"train.compile: expected true, false or a mode \(default, reduce-overhead"):
+        Trainer(load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path / 'x'}", "train.compile=fast"]),
+                progress=False)
 
 
 def test_auxiliary_tasks_train_end_to_end(tmp_path):

@@ -60,6 +60,8 @@ DEFAULTS: dict[str, Any] = {
         "cudnn_benchmark": True,    # cuDNN picks the fastest convolution algorithms for the (fixed) crop size (CUDA)
         "sync_bn": False,           # BatchNorm -> SyncBatchNorm (CUDA only; statistics shared across processes)
         "backend": None,            # mtlfast backend for the ops (None: MTLFAST_BACKEND or auto)
+        "compile": False,           # torch.compile the training forward: false | true (Inductor's default mode) | a
+                                    # mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
         "sample_images": 4,         # prediction PNGs written after evaluation
         "eval_at_start": True,      # evaluate the untrained model first (the baseline of the curves)
     },
@@ -176,6 +178,8 @@ _INTEGERS = {"seed": 0, "data.batch_size": 1, "data.num_train": 1, "data.num_val
              "train.eval_every": 0, "train.checkpoint_every": 1, "train.log_every": 1, "train.accumulate": 1,
              "train.sample_images": 0, "eval.batch_size": 1}
 #: Entries that are true or false (YAML 1.2: ``train.eval_at_start=no`` is the string "no", which is truthy).
+#: train.compile's torch.compile modes (true: "default").
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _BOOLEANS = ("train.cudnn_benchmark", "train.sync_bn", "train.eval_at_start", "eval.sharded")
 #: Number entries (finite) and their least value, as torch's optimisers and the poly schedule take them.
 _NUMBERS = {"optim.lr": 0, "optim.weight_decay": 0, "optim.momentum": 0, "optim.poly_power": 0}
@@ -209,6 +213,8 @@ def check_config(config: dict) -> dict:
             raise ValueError(f"{key}: expected true or false, got {v!r}")
     if (amp := value("train.amp")) not in ("auto", "bf16", "fp16", "off"):
         raise ValueError(f"train.amp: expected auto, bf16, fp16 or off, got {amp!r}")
+    if (mode := value("train.compile")) is not False and mode is not True and mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile: expected true, false or a mode ({', '.join(COMPILE_MODES)}), got {mode!r}")
     if (norm := value("train.accumulate_norm")) not in ("step", "micro"):
         raise ValueError(f"train.accumulate_norm: expected step or micro, got {norm!r}")
     clip = value("optim.grad_clip")  # inf: no clipping, the norm still logged

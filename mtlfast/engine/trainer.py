@@ -74,6 +74,12 @@ class _TrainForward(torch.nn.Module):
         return self.model.forward_train(images)
 
 
+def _without_ddp(forward: torch.nn.Module) -> torch.nn.Module:
+    """The module DDP wraps in ``forward`` (which torch.compile may wrap in turn)."""
+    ddp = getattr(forward, "_orig_mod", forward)
+    return ddp.module if isinstance(ddp, DistributedDataParallel) else forward
+
+
 def _aux_tasks(model_cfg: dict, tasks: list[str], dataset: str) -> list[str]:
     """``model.kwargs.aux_tasks`` checked before any data loads: the method must take them, and the dataset
     must have their labels."""
@@ -289,6 +295,9 @@ class Trainer:
         if self.dist.enabled:
             self.train_forward = DistributedDataParallel(
                 self.train_forward, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
+        if train_cfg["compile"]:  # around DDP, whose graph splitting follows its buckets; evaluation stays eager
+            self.train_forward = torch.compile(self.train_forward,
+                                               mode="default" if train_cfg["compile"] is True else train_cfg["compile"])
         self.loss_fn = MultiTaskLoss.for_model(self.model)  # model.aux_tasks == self.aux_tasks
         self.optimizer = build_optimizer(self.model.parameters(), config["optim"])
         self.scheduler = poly_schedule(self.optimizer, train_cfg["iterations"], config["optim"]["poly_power"])
@@ -697,7 +706,7 @@ class Trainer:
         worker threads of which one may still need the GIL to free the tensors of a finished collective. That
         deadlocked or aborted 2-process CPU runs at exit now and then (torch 2.11: 4 in 30 of a DDP step, an
         all-reduce and a barrier followed by destroy_process_group; torch 2.13: 1 in 30; none in 60 in this order)."""
-        if isinstance(self.train_forward, DistributedDataParallel):
-            self.train_forward = self.train_forward.module
+        if self.dist.enabled:
+            self.train_forward = _without_ddp(self.train_forward)
             gc.collect()  # in case a hook's reference cycle keeps the wrapper alive
         cleanup(self.dist)

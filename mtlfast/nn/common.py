@@ -362,6 +362,7 @@ def record_checkpoints(on_call: Callable[[Callable[..., Any], tuple, dict], None
         torch.utils.checkpoint.checkpoint = plain
 
 
+@torch.compiler.disable
 def checkpoint_stage(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` under activation checkpointing (``torch.utils.checkpoint``, ``use_reentrant=False``): the
     activations ``fn`` saves for backward are dropped after the forward and recomputed by running ``fn`` again
@@ -381,6 +382,10 @@ def checkpoint_stage(fn: Callable[..., Any], *args: Any) -> Any:
     :func:`~mtlfast.backends.use_backend` block or on another thread. The forward pre-hook is process-wide
     while ``fn`` runs (a module run by another thread at that moment would be copied needlessly, not
     harmed); collectives inside ``fn`` (SyncBatchNorm under DDP) run again in the backward on every rank.
+
+    Under torch.compile the call runs eagerly (``torch.compiler.disable``: a graph break, ``fn`` not compiled):
+    the compiler's own activation checkpointing cannot recompute a region that updates buffers in place
+    (BatchNorm's running statistics: "modified by an inplace operation" in the backward, torch 2.13).
     """
     replay = _BufferReplay()
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=replay.contexts)
