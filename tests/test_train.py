@@ -857,29 +857,30 @@ def test_checkpoint_decoder_trains_like_the_plain_model(tmp_path):
 
 
 def test_compiled_training_forward_trains_like_the_eager_one(tmp_path):
-    """train.compile=true: the training forward under torch.compile (Inductor; its C++ code on the CPU) with the
-    Triton kernels inside (TPIM's iterative_fusion, an opaque op in the graph) compiles once for the whole run:
-    one graph, also after an evaluation (which runs eagerly) between steps; the losses are the eager run's up to
-    float32 rounding (the first step's within 1e-5, SGD compounding it after); the checkpoint holds the model's
+    """train.compile=true: the training forward under torch.compile (Inductor: its C++ code on a CPU, Triton on a
+    GPU) with the Triton kernels inside (TPIM's iterative_fusion, an opaque op in the graph) compiles once for the
+    whole run: one graph, also after an evaluation (which runs eagerly) between steps; the losses are the eager
+    run's up to float32 rounding (CPU: the first step's within 1e-5, measured 3e-7; SGD compounds it after, 4e-5
+    by the third; a GPU gets 10x, unmeasured: Inductor's fused reductions, cuDNN); the checkpoint holds the model's
     own state dict. A mode torch.compile does not know is refused by name."""
     from torch._dynamo.utils import counters
 
-    tpim = ["model.name=tpim", "model.kwargs={channels: 16, dim: 8, n_iter: 3}", "optim.name=sgd", "optim.lr=0.01",
-            "train.eval_every=2", "train.iterations=3", "train.checkpoint_every=3"]
-    eager_rows, _ = _run(tmp_path, "eager", tpim + ["train.backend=triton"])
+    args = TINY + ["model.name=tpim", "model.kwargs={channels: 16, dim: 8, n_iter: 3}", "optim.name=sgd",
+                   "optim.lr=0.01", "train.eval_every=2", "train.iterations=3", "train.checkpoint_every=3",
+                   "train.amp=off", "train.backend=triton"]
+    eager, _ = _losses(load_config(None, args + [f"output_dir={tmp_path / 'eager'}"]))
     torch._dynamo.reset()  # no cache entry of an earlier test's _TrainForward
     counters.clear()
-    rows, trainer = _run(tmp_path, "compiled", tpim + ["train.backend=triton", "train.compile=true"])
+    compiled, trainer = _losses(load_config(None, args + [f"output_dir={tmp_path / 'compiled'}", "train.compile=true"]))
     assert isinstance(trainer.train_forward, torch._dynamo.eval_frame.OptimizedModule)
     assert (counters["stats"]["unique_graphs"], counters["frames"]["total"]) == (1, 1), dict(counters)
-    eager, compiled = [r["loss"] for r in eager_rows], [r["loss"] for r in rows]
-    assert len(compiled) == 3 and abs(compiled[0] / eager[0] - 1) < 1e-5, (compiled, eager)
-    assert all(abs(c / e - 1) < 1e-3 for c, e in zip(compiled, eager)), (compiled, eager)
+    first, later = (1e-5, 1e-3) if trainer.device.type == "cpu" else (1e-4, 1e-2)
+    assert len(compiled) == 3 and abs(compiled[0] / eager[0] - 1) < first, (compiled, eager)
+    assert all(abs(c / e - 1) < later for c, e in zip(compiled, eager)), (compiled, eager)
     saved = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)["model"]
     assert saved.keys() == trainer.model.state_dict().keys()
     with pytest.raises(ValueError, match=r"train.compile: expected true, false or a mode \(default, reduce-overhead"):
-        Trainer(load_config(None, TINY + ON_CPU + [f"output_dir={tmp_path / 'x'}", "train.compile=fast"]),
-                progress=False)
+        Trainer(load_config(None, TINY + [f"output_dir={tmp_path / 'x'}", "train.compile=fast"]), progress=False)
 
 
 def test_auxiliary_tasks_train_end_to_end(tmp_path):
