@@ -316,6 +316,25 @@ def test_torch_compile_in_one_graph_matches_eager(method, checkpointed):
             assert rel_error(got, want) < 1e-4, f"{what}: {rel_error(got, want):.2e} {rerun_hint(seed)}"
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_torch_export_of_the_eval_forward(method, tmp_path):
+    """torch.export of a model's inference forward on the kernel path, saved and loaded back (a deployment): the
+    program calls the method's kernels (COMPILED_KERNELS, forward only) and gives eager's predictions."""
+    task_set = "one-task" if method == "single_task" else "nyud"
+    model = _build(method, task_set).eval()
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(fresh_seed())).to(DEVICE)
+    backend, per_op = KERNEL_PATH
+    with mtlfast.use_backend(backend, **per_op), torch.no_grad():
+        torch.export.save(torch.export.export(model, (images,)), tmp_path / "model.pt2")
+        want = model(images)
+    program = torch.export.load(tmp_path / "model.pt2")
+    assert _graph_kernels([program.graph_module]) == COMPILED_KERNELS.get(method, set())
+    with torch.no_grad():
+        got = program.module()(images)
+    assert got.keys() == want.keys()
+    assert all(rel_error(got[t], want[t]) < 1e-6 for t in want), {t: rel_error(got[t], want[t]) for t in want}
+
+
 def _storages(tensors) -> dict[int, torch.UntypedStorage]:
     """The tensors' storages by address, held (a freed storage would pass its address on to a new one)."""
     return {t.untyped_storage()._cdata: t.untyped_storage() for t in tensors if isinstance(t, torch.Tensor)}
