@@ -47,6 +47,23 @@ def test_unwritten_output_is_caught_by_poisoning():
                                 dtype=torch.float32)
 
 
+def test_poisoning_reaches_the_backward_on_another_thread():
+    """On a GPU autograd runs the backward on its device thread: the launchers' gradient buffers allocated there
+    are poisoned too (the switch is process-wide, as the extension's), and the switch is off after the block."""
+    import threading
+
+    from mtlfast import _alloc
+
+    allocated = []
+    with poison_outputs():
+        thread = threading.Thread(target=lambda: allocated.append(_alloc.empty((3,), dtype=torch.float32,
+                                                                              device="cpu")))
+        thread.start()
+        thread.join()
+    assert torch.isnan(allocated[0]).all()
+    assert not _alloc._poison
+
+
 def test_wrong_gradient_is_caught():
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(AssertionError, match=r"(?s)grad w .* FAIL"):
