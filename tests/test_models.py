@@ -273,16 +273,20 @@ def _graph_kernels(graphs) -> set[str]:
     return {t.split(".")[1].rsplit("_", 1)[0] for t in targets if t.startswith("mtlfast.")}
 
 
-@pytest.mark.parametrize("method, checkpointed", [(m, False) for m in METHODS] + [(m, True) for m in KERNEL_METHODS])
+#: The methods the compile/export tests run: those with kernels, and MTI-Net for the plain-PyTorch decoders (CI time).
+TRACED_METHODS = KERNEL_METHODS + ["mtinet"]
+
+
+@pytest.mark.parametrize("method, checkpointed", [(m, False) for m in TRACED_METHODS] + [("tpim", True)])
 def test_torch_compile_in_one_graph_matches_eager(method, checkpointed):
     """torch.compile(fullgraph=True) of a training forward on the kernel path: one forward and one backward graph
     (no graph break: the backend scope and the ops' checks trace), which call the method's kernels
     (COMPILED_KERNELS; on a GPU Inductor compiles the rest around them); the outputs, every parameter gradient
     and the buffers the step updates (BatchNorm statistics, SEM's EM bases: once) are eager mode's. With
-    ``checkpointed`` the compiled model checkpoints its decoder stages, which run eagerly between graphs
-    (checkpoint_stage says why), and is compared with the eager model without checkpointing."""
-    task_set = "one-task" if method == "single_task" else "nyud"
-    eager = _build(method, task_set).train()
+    ``checkpointed`` (TPIM) the compiled model checkpoints its decoder stages, which run eagerly between graphs
+    (checkpoint_stage says why), and is compared with the eager model without checkpointing. (All eight methods,
+    and the four kernel methods checkpointed, passed when this was written; CI runs TRACED_METHODS.)"""
+    eager = _build(method, "nyud").train()
     compiled = copy.deepcopy(eager)
     compiled.checkpoint_decoder = checkpointed
     seed = fresh_seed()
@@ -316,12 +320,11 @@ def test_torch_compile_in_one_graph_matches_eager(method, checkpointed):
             assert rel_error(got, want) < 1e-4, f"{what}: {rel_error(got, want):.2e} {rerun_hint(seed)}"
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TRACED_METHODS)
 def test_torch_export_of_the_eval_forward(method, tmp_path):
     """torch.export of a model's inference forward on the kernel path, saved and loaded back (a deployment): the
     program calls the method's kernels (COMPILED_KERNELS, forward only) and gives eager's predictions."""
-    task_set = "one-task" if method == "single_task" else "nyud"
-    model = _build(method, task_set).eval()
+    model = _build(method, "nyud").eval()
     images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(fresh_seed())).to(DEVICE)
     backend, per_op = KERNEL_PATH
     with mtlfast.use_backend(backend, **per_op), torch.no_grad():
