@@ -48,7 +48,7 @@ from mtlfast.data.tasks import canonical_dataset, check_tasks, num_outputs
 from mtlfast.models.backbones import Backbone
 from mtlfast.models.registry import register_model
 from mtlfast.nn.common import checkpoint_stage
-from mtlfast.ops._checks import _fmt_dtype, check_shapes
+from mtlfast.ops._checks import _fmt_dtype, autocast_dtype, check_shapes
 
 __all__ = ["MultiTaskModel", "method", "build_backbone", "default_img_size", "check_aux_tasks"]
 
@@ -129,9 +129,7 @@ class MultiTaskModel(nn.Module):
         autocast dtype too (the layers cast to it). Shape and dtype only, no device sync."""
         check_shapes(images=(images, "B 3 H W"))
         dtype = next(self.parameters()).dtype
-        device = images.device.type
-        autocast = (torch.get_autocast_dtype(device)
-                    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) else dtype)
+        autocast = autocast_dtype(images.device.type) or dtype
         if images.dtype not in (dtype, autocast):
             also = f" (or {_fmt_dtype(autocast)}, the autocast dtype)" if autocast != dtype else ""
             raise TypeError(f"images: expected a (B, 3, H, W) floating-point tensor of the model's dtype "

@@ -72,6 +72,16 @@ def check_floating_same_device_dtype(**tensors: torch.Tensor | None) -> None:
 
 
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+#: The device types whose autocast state the library reads (its devices; meta tensors have no autocast).
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the ``torch.autocast`` in force on ``device_type`` (cpu or cuda), None when off or elsewhere.
+    torch.compile traces it (torch 2.11's Dynamo cannot trace ``torch.amp.is_autocast_available``)."""
+    if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def autocast_inputs(*tensors):
@@ -80,9 +90,9 @@ def autocast_inputs(*tensors):
     autocast, the arguments as given. So every backend computes from the same inputs and returns the autocast
     dtype (the references' matmuls follow autocast by themselves, the custom kernel ops would not)."""
     first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    if first is None or first.device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(first.device.type):
+    dtype = None if first is None else autocast_dtype(first.device.type)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTS else t for t in tensors)
 
 

@@ -64,7 +64,7 @@ import torch
 from mtlfast import _ext
 from mtlfast.backends import (FLOAT_DTYPES, GPU_DTYPES, Op, atomic_gradient_refusals, extension_unavailable,
                               grid_axis_refusals, triton_unavailable)
-from mtlfast.ops._checks import check_floating_same_device_dtype, check_shapes, check_tensor
+from mtlfast.ops._checks import autocast_dtype, check_floating_same_device_dtype, check_shapes, check_tensor
 from mtlfast.ops._kernel_op import KernelAutograd, kernel_function, refuse_double_backward
 from mtlfast.reference import deform_sample as _reference
 
@@ -186,8 +186,8 @@ def _reference_in_input_dtype(values, points, weights) -> Tensor:
     reference alone would compute and return float32 from 16-bit inputs; every backend computes in the inputs'
     dtype instead."""
     device_type = points.device.type
-    off = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
-           else contextlib.nullcontext())  # meta tensors (planning) have no autocast
+    off = (torch.autocast(device_type, enabled=False) if autocast_dtype(device_type) is not None
+           else contextlib.nullcontext())  # also meta tensors (planning), which have no autocast
     with off:
         return _reference.deform_sample(values, points, weights)
 
