@@ -30,6 +30,7 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def poisoned() -> Iterator[None]:
+    """Launchers' outputs NaN-filled in the block (process-wide: not for blocks on concurrent threads)."""
     from mtlfast import _ext
 
     global _poison

@@ -28,12 +28,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
 
-# The scope (use_backend, meta_planning) is per thread, like a context variable, but torch.compile can trace it:
-# Dynamo cannot trace ContextVar.get (every op call would break a compiled model's graph) and guards on what it reads
-# here, so a compiled model recompiles when the scope changes (tests/test_backends.py). Read through getattr with a
-# default: Dynamo did not guard a threading.local subclass's class-level defaults (torch 2.13).
+# The scope (use_backend, meta_planning) is per thread (asyncio tasks of one thread share it, unlike a context
+# variable's), and torch.compile can trace it: Dynamo cannot trace ContextVar.get (every op call would break a compiled
+# model's graph) and guards on what it reads here, so a compiled model recompiles when the scope changes
+# (tests/test_backends.py). Read through getattr with a default: Dynamo did not guard a threading.local subclass's
+# class-level defaults (torch 2.13). A block leaves an unset entry unset (a default written back would fail the
+# guards of code compiled before the block: one more compilation).
 _scope = threading.local()
 _SCOPE_DEFAULTS = {"backend": None, "op_backends": {}, "meta_plan": None}  # op_backends: replaced, never mutated
+_UNSET = object()
 
 
 def _scoped(name: str):
@@ -43,14 +46,17 @@ def _scoped(name: str):
 @contextlib.contextmanager
 def _scope_set(**values) -> Iterator[None]:
     """Sets scope entries for the block and restores the previous ones (nests)."""
-    previous = {name: _scoped(name) for name in values}
+    previous = {name: getattr(_scope, name, _UNSET) for name in values}
     for name, value in values.items():
         setattr(_scope, name, value)
     try:
         yield
     finally:
         for name, value in previous.items():
-            setattr(_scope, name, value)
+            if value is _UNSET:
+                delattr(_scope, name)
+            else:
+                setattr(_scope, name, value)
 
 #: name -> Op, filled as op modules are imported (``mtlfast.ops`` imports all of them; :func:`registered_ops`).
 OPS: dict[str, "Op"] = {}
@@ -90,7 +96,7 @@ def current_backend(backend: str | None = None, op: str | None = None) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str, **per_op: str) -> Iterator[None]:
-    """Run the enclosed ops with backend ``name`` (nests; per-call ``backend=`` still wins).
+    """Run the enclosed ops with backend ``name`` (nests; per-call ``backend=`` still wins; this thread only).
 
     ``per_op`` overrides single ops by name, e.g. ``use_backend("triton", deform_sample="cpp")`` (the kernel
     path of a model on a CPU, where deform_sample has no Triton kernel). A nested context replaces the

@@ -64,6 +64,10 @@ def test_torch_compile_traces_the_scope_and_recompiles_when_it_changes():
     use_backend, its per-op overrides and another thread's (unset) scope alike."""
     import threading
 
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     op = Op("_toy_scoped", auto_order={"cpu": ("cpp", "reference")})
     op.register("reference", lambda x: 2 * x, devices=("cpu",), dtypes=(torch.float32,))
     op.register("cpp", lambda x: 3 * x, devices=("cpu",), dtypes=(torch.float32,))  # tells the backends apart
@@ -83,6 +87,7 @@ def test_torch_compile_traces_the_scope_and_recompiles_when_it_changes():
             assert seen == [[4, 4]]  # the scope is this thread's
             assert compiled(one).tolist() == [3, 3]
         assert compiled(one).tolist() == [4, 4]
+        assert counters["stats"]["unique_graphs"] == 3  # auto, reference, the override: after the block, auto's again
     finally:
         del OPS["_toy_scoped"]
 

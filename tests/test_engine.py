@@ -267,6 +267,9 @@ def test_seeded_items_leave_the_cuda_generators_alone(monkeypatch):
     ("train.sample_images=-1", ValueError, "train.sample_images: expected an integer >= 0, got -1"),
     ("train.eval_at_start=no", ValueError, "train.eval_at_start: expected true or false, got 'no'"),
     ("train.amp=fp32", ValueError, "train.amp: expected auto, bf16, fp16 or off, got 'fp32'"),
+    ("train.compile=fast", ValueError, r"train.compile: expected true, false or a mode \(default, reduce-overhead, "
+                                       r"max-autotune, max-autotune-no-cudagraphs\), got 'fast'"),
+    ("train.compile=no", ValueError, r"train.compile: expected true, false or a mode .*, got 'no'"),
     ("eval.batch_size=0", ValueError, "eval.batch_size: expected an integer >= 1, got 0"),
     ("eval.edge_thresholds=0", ValueError, "eval.edge_thresholds: expected a number of thresholds >= 1 or a list"),
     ("eval.edge_thresholds=true", ValueError, "eval.edge_thresholds: expected a number of thresholds >= 1"),
@@ -286,7 +289,8 @@ def test_config_values_are_checked_naming_the_key(override, error, message):
 
 
 def test_config_checks_accept_the_documented_values(tmp_path):
-    """null grad_clip and eval_every, threshold lists, sample_images=0, inf grad_clip (no clipping) pass; a
+    """null grad_clip and eval_every, threshold lists, sample_images=0, inf grad_clip (no clipping), train.compile
+    true or a mode pass; a
     hand-edited config is checked by check_config (the Trainer calls it); a YAML file that is not YAML names the file
     in one line."""
     from mtlfast.engine.config import check_config
@@ -294,6 +298,8 @@ def test_config_checks_accept_the_documented_values(tmp_path):
     config = load_config(None, ["optim.grad_clip=null", "train.eval_every=null", "eval.edge_thresholds=[0.25, 0.5]",
                                 "train.sample_images=0", "optim.lr=0"])
     assert config["eval"]["edge_thresholds"] == [0.25, 0.5] and config["optim"]["grad_clip"] is None
+    assert [load_config(None, [f"train.compile={v}"])["train"]["compile"] for v in ("true", "max-autotune")] == \
+        [True, "max-autotune"]
     assert load_config(None, ["optim.grad_clip=inf"])["optim"]["grad_clip"] == float("inf")
     config["eval"]["batch_size"] = "4"
     with pytest.raises(ValueError, match="eval.batch_size: expected an integer >= 1, got '4'"):

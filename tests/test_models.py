@@ -268,9 +268,11 @@ def _recording_aot_backend(graphs: dict[str, list]):
 
 
 def _graph_kernels(graphs) -> set[str]:
-    """The mtlfast ops (names without their _fwd/_forward/_bwd/_backward suffix) the graphs call."""
+    """The mtlfast ops the graphs call, by op name: mtlfast::<op>_fwd, _bwd, _bwd_detached, deform_sample_forward,
+    _backward, deform_sample_triton, _triton_backward all count as <op>."""
     targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
-    return {t.split(".")[1].rsplit("_", 1)[0] for t in targets if t.startswith("mtlfast.")}
+    return {re.sub(r"(_triton)?(_fwd|_forward|_bwd|_backward)?(_detached)?$", "", t.split(".")[1])
+            for t in targets if t.startswith("mtlfast.")}
 
 
 #: The methods the compile/export tests run: those with kernels, and MTI-Net for the plain-PyTorch decoders (CI time).
@@ -308,6 +310,7 @@ def test_torch_compile_in_one_graph_matches_eager(method, checkpointed):
         grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cotangents)), params, allow_unused=True)
         results.append((outs, torch.cat([g.flatten() for g in grads if g is not None]),
                         [b for b in model.buffers() if b.is_floating_point()]))
+    assert graphs["forward"] and graphs["backward"], "nothing was compiled"
     if not checkpointed:
         assert len(graphs["forward"]) == 1 and len(graphs["backward"]) == 1, {k: len(g) for k, g in graphs.items()}
         kernels = COMPILED_KERNELS.get(method, set())

@@ -861,8 +861,7 @@ def test_compiled_training_forward_trains_like_the_eager_one(tmp_path):
     GPU) with the Triton kernels inside (TPIM's iterative_fusion, an opaque op in the graph) compiles once for the
     whole run: one graph, also after an evaluation (which runs eagerly) between steps; the losses are the eager
     run's up to float32 rounding (CPU: the first step's within 1e-5, measured 3e-7; SGD compounds it after, 4e-5
-    by the third; a GPU gets 10x, unmeasured: Inductor's fused reductions, cuDNN); the checkpoint holds the model's
-    own state dict. A mode torch.compile does not know is refused by name."""
+    by the third; a GPU gets 10x, unmeasured: Inductor's fused reductions, cuDNN). (Bad values: test_engine.)"""
     from torch._dynamo.utils import counters
 
     args = TINY + ["model.name=tpim", "model.kwargs={channels: 16, dim: 8, n_iter: 3}", "optim.name=sgd",
@@ -877,10 +876,6 @@ def test_compiled_training_forward_trains_like_the_eager_one(tmp_path):
     first, later = (1e-5, 1e-3) if trainer.device.type == "cpu" else (1e-4, 1e-2)
     assert len(compiled) == 3 and abs(compiled[0] / eager[0] - 1) < first, (compiled, eager)
     assert all(abs(c / e - 1) < later for c, e in zip(compiled, eager)), (compiled, eager)
-    saved = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)["model"]
-    assert saved.keys() == trainer.model.state_dict().keys()
-    with pytest.raises(ValueError, match=r"train.compile: expected true, false or a mode \(default, reduce-overhead"):
-        Trainer(load_config(None, TINY + [f"output_dir={tmp_path / 'x'}", "train.compile=fast"]), progress=False)
 
 
 def test_auxiliary_tasks_train_end_to_end(tmp_path):

@@ -61,7 +61,8 @@ DEFAULTS: dict[str, Any] = {
         "sync_bn": False,           # BatchNorm -> SyncBatchNorm (CUDA only; statistics shared across processes)
         "backend": None,            # mtlfast backend for the ops (None: MTLFAST_BACKEND or auto)
         "compile": False,           # torch.compile the training forward: false | true (Inductor's default mode) | a
-                                    # mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
+                                    # mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs (only
+                                    # the default mode is tested)
         "sample_images": 4,         # prediction PNGs written after evaluation
         "eval_at_start": True,      # evaluate the untrained model first (the baseline of the curves)
     },
@@ -173,13 +174,13 @@ def load_config(path: str | None = None, overrides: Iterable[str] = (), base: di
     return check_config(config)
 
 
+#: train.compile's torch.compile modes (true: "default").
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: Integer entries and their least value (train.eval_every also takes null: no evaluation during training).
 _INTEGERS = {"seed": 0, "data.batch_size": 1, "data.num_train": 1, "data.num_val": 1, "train.iterations": 1,
              "train.eval_every": 0, "train.checkpoint_every": 1, "train.log_every": 1, "train.accumulate": 1,
              "train.sample_images": 0, "eval.batch_size": 1}
 #: Entries that are true or false (YAML 1.2: ``train.eval_at_start=no`` is the string "no", which is truthy).
-#: train.compile's torch.compile modes (true: "default").
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _BOOLEANS = ("train.cudnn_benchmark", "train.sync_bn", "train.eval_at_start", "eval.sharded")
 #: Number entries (finite) and their least value, as torch's optimisers and the poly schedule take them.
 _NUMBERS = {"optim.lr": 0, "optim.weight_decay": 0, "optim.momentum": 0, "optim.poly_power": 0}
