@@ -284,43 +284,49 @@ def test_torch_compile_in_one_graph_matches_eager(method, checkpointed):
     """torch.compile(fullgraph=True) of a training forward on the kernel path: one forward and one backward graph
     (no graph break: the backend scope and the ops' checks trace), which call the method's kernels
     (COMPILED_KERNELS; on a GPU Inductor compiles the rest around them); the outputs, every parameter gradient
-    and the buffers the step updates (BatchNorm statistics, SEM's EM bases: once) are eager mode's. With
+    and the buffers the step updates (BatchNorm statistics, SEM's EM bases: once) are eager mode's: as close to
+    the float64 reference path's as eager's (within 2x its error, or 1e-4). With
     ``checkpointed`` (TPIM) the compiled model checkpoints its decoder stages, which run eagerly between graphs
     (checkpoint_stage says why), and is compared with the eager model without checkpointing. (All eight methods,
     and the four kernel methods checkpointed, passed when this was written; CI runs TRACED_METHODS.)"""
     eager = _build(method, "nyud").train()
-    compiled = copy.deepcopy(eager)
+    compiled, truth = copy.deepcopy(eager), copy.deepcopy(eager).double()
     compiled.checkpoint_decoder = checkpointed
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(2, 3, 64, 64, generator=gen).to(DEVICE)
+    images = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64).to(DEVICE)
     graphs = {"forward": [], "backward": []}
     torch._dynamo.reset()  # forward_train's code is every model's: an earlier test's cache entry must not serve it
     forward = torch.compile(compiled.forward_train, backend=_recording_aot_backend(graphs), fullgraph=not checkpointed)
-    backend, per_op = KERNEL_PATH
-    cotangents, results = None, []
-    for model, run in ((eager, eager.forward_train), (compiled, forward)):
+    cotangents, results = None, {}
+    for name, model, run, (backend, per_op) in (("eager", eager, eager.forward_train, KERNEL_PATH),
+                                                ("compiled", compiled, forward, KERNEL_PATH),
+                                                ("float64", truth, truth.forward_train, ("reference", {}))):
+        dtype = next(model.parameters()).dtype
         with mtlfast.use_backend(backend, **per_op), record_checkpoints() as checkpoints:
-            preds, aux = run(images)
+            preds, aux = run(images.to(dtype))
         assert bool(checkpoints) == (model is compiled and checkpointed)
         outs = list(preds.values()) + [o for v in aux.values() for o in (v.values() if isinstance(v, dict) else [v])]
         if cotangents is None:
-            cotangents = [torch.randn(o.shape, generator=gen).to(DEVICE) for o in outs]
+            cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE) for o in outs]
         params = [p for p in model.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cotangents)), params, allow_unused=True)
-        results.append((outs, torch.cat([g.flatten() for g in grads if g is not None]),
-                        [b for b in model.buffers() if b.is_floating_point()]))
+        loss = sum((o * c.to(dtype)).sum() for o, c in zip(outs, cotangents))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        results[name] = [("gradients", torch.cat([g.flatten() for g in grads if g is not None]))] + \
+            [(f"output {i}", o) for i, o in enumerate(outs)] + \
+            [(f"buffer {n}", b) for n, b in model.named_buffers() if b.is_floating_point()]
     assert graphs["forward"] and graphs["backward"], "nothing was compiled"
     if not checkpointed:
         assert len(graphs["forward"]) == 1 and len(graphs["backward"]) == 1, {k: len(g) for k, g in graphs.items()}
         kernels = COMPILED_KERNELS.get(method, set())
         assert _graph_kernels(graphs["forward"]) == kernels and _graph_kernels(graphs["backward"]) == kernels
-    (outs, grads, buffers), (c_outs, c_grads, c_buffers) = results
-    assert len(outs) == len(c_outs)
-    for what, pairs in (("output", zip(c_outs, outs)), ("gradients", [(c_grads, grads)]),
-                        ("buffer", zip(c_buffers, buffers))):
-        for got, want in pairs:
-            assert rel_error(got, want) < 1e-4, f"{what}: {rel_error(got, want):.2e} {rerun_hint(seed)}"
+    # As accurate as eager: a whole network's float32 gradients in training mode (BatchNorm over 2x2 maps) are
+    # ill-conditioned, eager's own error against float64 reached 1e-4 and the compiled graph's, another rounding
+    # order (decomposed BatchNorm backward), 4.6e-4 from eager's (tpim, MTLFAST_TEST_SEED=1895346529)
+    assert [n for n, _ in results["compiled"]] == [n for n, _ in results["eager"]] == [n for n, _ in results["float64"]]
+    for (what, got), (_, ours), (_, want) in zip(results["compiled"], results["eager"], results["float64"]):
+        error, bound = rel_error(got, want), max(1e-4, 2 * rel_error(ours, want))
+        assert error <= bound, f"{what}: {error:.2e} from float64, eager {rel_error(ours, want):.2e} {rerun_hint(seed)}"
 
 
 @pytest.mark.parametrize("method", TRACED_METHODS)
