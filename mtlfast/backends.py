@@ -83,8 +83,9 @@ def current_backend(backend: str | None = None, op: str | None = None) -> str:
     """The backend in force for a call (of op ``op``, if given) that passes ``backend`` (None = not given)."""
     if backend is not None:
         return _validate(backend, "backend=")
-    if op is not None and op in _scoped("op_backends"):
-        return _scoped("op_backends")[op]
+    overrides = _scoped("op_backends")
+    if op is not None and op in overrides:
+        return overrides[op]
     scoped = _scoped("backend")
     if scoped is not None:
         return scoped

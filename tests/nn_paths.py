@@ -39,13 +39,14 @@ KERNEL_PATH_16_BIT = ("auto", {}) if torch.cuda.is_available() else ("triton", {
 AUTOCAST_DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float16
 
 
-def _flatten(out, prefix="out") -> list[tuple[str, torch.Tensor]]:
+def flatten_outputs(out, prefix="out") -> list[tuple[str, torch.Tensor]]:
+    """The tensors in nested dicts/tuples/lists, each named by its path ("out[0][depth]")."""
     if isinstance(out, torch.Tensor):
         return [(prefix, out)]
     if isinstance(out, dict):
-        return [item for k, v in out.items() for item in _flatten(v, f"{prefix}[{k}]")]
+        return [item for k, v in out.items() for item in flatten_outputs(v, f"{prefix}[{k}]")]
     if isinstance(out, (tuple, list)):
-        return [item for i, v in enumerate(out) for item in _flatten(v, f"{prefix}[{i}]")]
+        return [item for i, v in enumerate(out) for item in flatten_outputs(v, f"{prefix}[{i}]")]
     return []
 
 
@@ -54,7 +55,7 @@ def _run(module, inputs: dict, dtype, backend, per_op, cotangents, device, seed,
               for k, v in inputs.items()}
     mixed = torch.autocast(device, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with mtlfast.use_backend(backend, **per_op), mixed:
-        outs = _flatten(module(**inputs))
+        outs = flatten_outputs(module(**inputs))
     outs = [(n, o) for n, o in outs if o.is_floating_point()]
     if cotangents is None:
         gen = torch.Generator().manual_seed(seed)

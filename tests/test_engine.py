@@ -290,9 +290,8 @@ def test_config_values_are_checked_naming_the_key(override, error, message):
 
 def test_config_checks_accept_the_documented_values(tmp_path):
     """null grad_clip and eval_every, threshold lists, sample_images=0, inf grad_clip (no clipping), train.compile
-    true or a mode pass; a
-    hand-edited config is checked by check_config (the Trainer calls it); a YAML file that is not YAML names the file
-    in one line."""
+    true or a mode pass; a hand-edited config is checked by check_config (the Trainer calls it); a YAML file that is
+    not YAML names the file in one line."""
     from mtlfast.engine.config import check_config
 
     config = load_config(None, ["optim.grad_clip=null", "train.eval_every=null", "eval.edge_thresholds=[0.25, 0.5]",

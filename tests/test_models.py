@@ -25,7 +25,7 @@ from mtlfast.models.tif import TIF
 from mtlfast.nn.common import record_checkpoints
 from mtlfast.testing import fresh_seed, rel_error, rerun_hint
 from literal import conv_bn_relu, random_norms
-from nn_paths import AUTOCAST_DTYPE, KERNEL_PATH, compare_paths
+from nn_paths import AUTOCAST_DTYPE, KERNEL_PATH, compare_paths, flatten_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HRNET = "hrnet_w18_small_v2"
@@ -306,14 +306,13 @@ def test_torch_compile_in_one_graph_matches_eager(method, checkpointed):
         with mtlfast.use_backend(backend, **per_op), record_checkpoints() as checkpoints:
             preds, aux = run(images.to(dtype))
         assert bool(checkpoints) == (model is compiled and checkpointed)
-        outs = list(preds.values()) + [o for v in aux.values() for o in (v.values() if isinstance(v, dict) else [v])]
+        outs = flatten_outputs((preds, aux))
         if cotangents is None:
-            cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE) for o in outs]
+            cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE) for _, o in outs]
         params = [p for p in model.parameters() if p.requires_grad]
-        loss = sum((o * c.to(dtype)).sum() for o, c in zip(outs, cotangents))
+        loss = sum((o * c.to(dtype)).sum() for (_, o), c in zip(outs, cotangents))
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        results[name] = [("gradients", torch.cat([g.flatten() for g in grads if g is not None]))] + \
-            [(f"output {i}", o) for i, o in enumerate(outs)] + \
+        results[name] = [("gradients", torch.cat([g.flatten() for g in grads if g is not None]))] + outs + \
             [(f"buffer {n}", b) for n, b in model.named_buffers() if b.is_floating_point()]
     assert graphs["forward"] and graphs["backward"], "nothing was compiled"
     if not checkpointed:
