@@ -68,3 +68,33 @@ def test_pure_python_wheel_without_torch(tmp_path):
     assert "mtlfast/kernels/__init__.py" in names and "mtlfast/models/__init__.py" in names
     assert not any(n.startswith(("kernels/", "models/", "bench/")) for n in names)
     assert not any(n.endswith(".so") for n in names), "no extension can be built without torch"
+
+
+def test_cuda_glue_type_checks_against_torch_headers(tmp_path):
+    """The extension's CUDA glue (csrc/mtlfast_ops.cpp under MTLFAST_WITH_CUDA: the CUDA ops' argument checks and
+    launcher calls) type-checks against torch's and the CUDA toolkit's headers. A CPU build of torch compiles none
+    of it (CMake compiles the launchers, csrc/cuda, alone), so a call that no longer matches a launcher's
+    signature (csrc/cuda/*.cuh) would first fail on a GPU machine. torch's CPU wheel lacks one generated header,
+    c10/cuda/impl/cuda_cmake_macros.h: a stub with its one definition stands in, after torch's include paths (a
+    CUDA build's own header wins)."""
+    import shutil
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    nvcc = shutil.which("nvcc")  # torch's CUDA_HOME is None in a CPU build
+    homes = [os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda",
+             nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    cuda_home = next((h for h in homes if h and os.path.exists(os.path.join(h, "include", "cuda_runtime.h"))), None)
+    if not cxx or not cuda_home:
+        pytest.skip(f"needs a C++ compiler and the CUDA toolkit's headers (compiler {cxx}, looked in {homes})")
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [*cpp_extension.include_paths(), os.path.join(cuda_home, "include"), sysconfig.get_paths()["include"],
+                str(tmp_path), "csrc"]
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-DMTLFAST_WITH_CUDA", *(f"-I{p}" for p in includes),
+           "csrc/mtlfast_ops.cpp"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
