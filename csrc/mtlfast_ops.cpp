@@ -65,9 +65,11 @@ struct Inputs {
   std::vector<const void*> value_ptrs;
   std::vector<int64_t> heights, widths;
   int64_t batch, num_points, channels, stages;
+  at::ScalarType value_dtype;  // the output's and the value gradients' dtype
 };
 
-Inputs prepare(at::TensorList values, const at::Tensor& points, const at::Tensor& weights) {
+// mixed: float16/bfloat16 values with float32 points and weights are accepted (the CUDA kernel's mixed precision).
+Inputs prepare(at::TensorList values, const at::Tensor& points, const at::Tensor& weights, bool mixed) {
   TORCH_CHECK(!values.empty(), "deform_sample: values must hold at least one (B, C, H, W) stage tensor");
   TORCH_CHECK(points.dim() == 3 && points.size(2) == 2, "deform_sample: points must have shape (B, N, 2), got ",
               points.sizes());
@@ -77,6 +79,12 @@ Inputs prepare(at::TensorList values, const at::Tensor& points, const at::Tensor
   in.stages = static_cast<int64_t>(values.size());
   TORCH_CHECK(values[0].dim() == 4, "deform_sample: values[0] must have shape (B, C, H, W), got ", values[0].sizes());
   in.channels = values[0].size(1);
+  in.value_dtype = values[0].scalar_type();
+  const bool mixed_ok = mixed && points.scalar_type() == at::kFloat &&
+                        (in.value_dtype == at::kHalf || in.value_dtype == at::kBFloat16);
+  TORCH_CHECK(in.value_dtype == points.scalar_type() || mixed_ok, "deform_sample: values must have the dtype of ",
+              "points (", points.scalar_type(), ")", mixed ? " or be float16/bfloat16 with float32 points" : "",
+              ", got ", in.value_dtype);
   TORCH_CHECK(weights.dim() == 3 && weights.size(0) == in.batch && weights.size(1) == in.num_points &&
                   weights.size(2) == in.stages,
               "deform_sample: weights must have shape (B, N, S) = (", in.batch, ", ", in.num_points, ", ", in.stages,
@@ -88,8 +96,9 @@ Inputs prepare(at::TensorList values, const at::Tensor& points, const at::Tensor
     TORCH_CHECK(v.dim() == 4 && v.size(0) == in.batch && v.size(1) == in.channels,
                 "deform_sample: values[", s, "] must have shape (B, C, H_s, W_s) with B=", in.batch,
                 " and C=", in.channels, ", got ", v.sizes());
-    TORCH_CHECK(v.device() == points.device() && v.scalar_type() == points.scalar_type(), "deform_sample: values[",
-                s, "] must have the device and dtype of points (", points.device(), ", ", points.scalar_type(), ")");
+    TORCH_CHECK(v.device() == points.device() && v.scalar_type() == in.value_dtype, "deform_sample: values[", s,
+                "] must have the device of points (", points.device(), ") and the dtype of values[0] (",
+                in.value_dtype, ")");
     in.values.push_back(v.contiguous(at::MemoryFormat::ChannelsLast));
     in.value_ptrs.push_back(in.values.back().data_ptr());
     in.heights.push_back(v.size(2));
@@ -105,9 +114,9 @@ Inputs prepare(at::TensorList values, const at::Tensor& points, const at::Tensor
 // grad_out of the backward ops, checked against the forward's output (B, N, C) and made contiguous.
 at::Tensor checked_grad_out(const at::Tensor& grad_out, const Inputs& in, const at::Tensor& points) {
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({in.batch, in.num_points, in.channels}) &&
-                  grad_out.scalar_type() == points.scalar_type() && grad_out.device() == points.device(),
+                  grad_out.scalar_type() == in.value_dtype && grad_out.device() == points.device(),
               "deform_sample_backward: grad_out must be (B, N, C) = (", in.batch, ", ", in.num_points, ", ",
-              in.channels, ") with the dtype and device of points, got ", grad_out.sizes(), " ",
+              in.channels, ") with the dtype of values and the device of points, got ", grad_out.sizes(), " ",
               grad_out.scalar_type(), " on ", grad_out.device());
   return grad_out.contiguous();
 }
@@ -123,7 +132,7 @@ std::vector<const T*> typed(const std::vector<const void*>& ptrs) {
 }
 
 at::Tensor forward_cpu(at::TensorList values, const at::Tensor& points, const at::Tensor& weights) {
-  const Inputs in = prepare(values, points, weights);
+  const Inputs in = prepare(values, points, weights, /*mixed=*/false);
   at::Tensor out = new_output({in.batch, in.num_points, in.channels}, points.options());
   AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "deform_sample_forward (cpu)", [&] {
     const auto vals = typed<scalar_t>(in.value_ptrs);
@@ -139,7 +148,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_cpu(const a
                                                                          at::TensorList values,
                                                                          const at::Tensor& points,
                                                                          const at::Tensor& weights) {
-  const Inputs in = prepare(values, points, weights);
+  const Inputs in = prepare(values, points, weights, /*mixed=*/false);
   const at::Tensor g = checked_grad_out(grad_out, in, points);
   std::vector<at::Tensor> grad_values;
   for (int64_t s = 0; s < in.stages; ++s)
@@ -170,12 +179,12 @@ mtlfast::cuda::DeformDtype cuda_dtype(at::ScalarType t) {
 
 at::Tensor forward_cuda(at::TensorList values, const at::Tensor& points, const at::Tensor& weights) {
   const c10::DeviceGuard guard(points.device());
-  const Inputs in = prepare(values, points, weights);
-  at::Tensor out = new_output({in.batch, in.num_points, in.channels}, points.options());
+  const Inputs in = prepare(values, points, weights, /*mixed=*/true);
+  at::Tensor out = new_output({in.batch, in.num_points, in.channels}, points.options().dtype(in.value_dtype));
   const int st = mtlfast::cuda::deform_sample_forward(
-      cuda_dtype(points.scalar_type()), in.value_ptrs.data(), in.heights.data(), in.widths.data(), in.stages,
-      in.points.data_ptr(), in.weights.data_ptr(), in.batch, in.num_points, in.channels, out.data_ptr(),
-      c10::cuda::getCurrentCUDAStream());
+      cuda_dtype(in.value_dtype), cuda_dtype(points.scalar_type()), in.value_ptrs.data(), in.heights.data(),
+      in.widths.data(), in.stages, in.points.data_ptr(), in.weights.data_ptr(), in.batch, in.num_points,
+      in.channels, out.data_ptr(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(st == 0, "deform_sample_forward (cuda): ", mtlfast::cuda::deform_sample_status_string(st));
   return out;
 }
@@ -185,7 +194,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_cuda(const 
                                                                           const at::Tensor& points,
                                                                           const at::Tensor& weights) {
   const c10::DeviceGuard guard(points.device());
-  Inputs in = prepare(values, points, weights);
+  Inputs in = prepare(values, points, weights, /*mixed=*/true);
   const at::Tensor g = checked_grad_out(grad_out, in, points);
   // The value gradient is scattered with fp32 atomics into zero-filled fp32 buffers.
   std::vector<at::Tensor> grad_values;
@@ -198,11 +207,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_cuda(const 
   at::Tensor grad_points = new_output({in.batch, in.num_points, 2}, points.options());
   at::Tensor grad_weights = new_output({in.batch, in.num_points, in.stages}, points.options());
   const int st = mtlfast::cuda::deform_sample_backward(
-      cuda_dtype(points.scalar_type()), g.data_ptr(), in.value_ptrs.data(), in.heights.data(), in.widths.data(),
-      in.stages, in.points.data_ptr(), in.weights.data_ptr(), in.batch, in.num_points, in.channels, gv.data(),
-      grad_points.data_ptr(), grad_weights.data_ptr(), c10::cuda::getCurrentCUDAStream());
+      cuda_dtype(in.value_dtype), cuda_dtype(points.scalar_type()), g.data_ptr(), in.value_ptrs.data(),
+      in.heights.data(), in.widths.data(), in.stages, in.points.data_ptr(), in.weights.data_ptr(), in.batch,
+      in.num_points, in.channels, gv.data(), grad_points.data_ptr(), grad_weights.data_ptr(),
+      c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(st == 0, "deform_sample_backward (cuda): ", mtlfast::cuda::deform_sample_status_string(st));
-  // Peak memory (16-bit dtypes, V = the values' bytes): the channels-last copies go before the casts, and each
+  // Peak memory (16-bit values, V = the values' bytes): the channels-last copies go before the casts, and each
   // fp32 buffer as soon as its stage is cast, smallest stage first: 2V + max_k (V_k - sum_{i<k} V_i) instead of
   // 4V for non-channels-last inputs. Frees are stream-ordered (the caching allocator reuses these blocks only for
   // work queued after the kernel).
@@ -212,7 +222,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_cuda(const 
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
     return in.heights[a] * in.widths[a] < in.heights[b] * in.widths[b];
   });
-  for (const int64_t s : order) grad_values[s] = channels_last_view(grad_values[s].to(points.scalar_type()));
+  for (const int64_t s : order) grad_values[s] = channels_last_view(grad_values[s].to(in.value_dtype));
   return {grad_values, grad_points, grad_weights};
 }
 #endif

@@ -17,7 +17,7 @@ Per stage s (one launch each; stages may differ in size and layout):
   contribution as (pixel key b·H·W + y·W + x, c_k w_s); a stable sort by key (torch.sort) groups them by
   pixel in increasing point order, a binary search (torch.searchsorted) gives each pixel's range, and
   ``_gather_kernel``, grid (B·H·W / BLOCK_P, C / BLOCK_C), sums each pixel's contributions c_k w_s g_bn in
-  float32 and writes the gradient once, in the input dtype, channels-last. No float32 copy of the values' size
+  float32 and writes the gradient once, in the values' dtype, channels-last. No float32 copy of the values' size
   exists and the sum order is fixed: the value gradient is bit-identical from run to run (grid_sample's
   atomics are not).
 
@@ -26,6 +26,9 @@ of a stage that was not channels-last, and only then allocates that stage's valu
 the values' size V, where the CUDA kernel's fp32 atomic buffers take 3V. The coefficients of the gather are
 computed once, by the kernel that lists them, so the corner a contribution goes to and its weight come from
 one evaluation of the coordinates.
+
+Every load is converted to float32, so the values may be 16-bit while the points and weights are float32 (mixed
+precision): the output and value gradients take the values' dtype, the point/weight gradients the points'.
 
 GPU rules: all aranges are powers of two, there are no dots; sizes are masked, so any B, N, C, H, W >= 1 work.
 """
@@ -231,7 +234,7 @@ def _forward(values, points, weights):
         v = _channels_last(stage)
         _forward_kernel[grid](v, points, weights, acc, s, S, N, C, v.shape[2], v.shape[3], *_strides(v),
                               FIRST=s == 0, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
-    return acc.to(points.dtype)
+    return acc.to(values[0].dtype)
 
 
 def _value_gradient(grad_out: torch.Tensor, points: torch.Tensor, weights: torch.Tensor, s: int, H: int, W: int,

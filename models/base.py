@@ -48,7 +48,7 @@ from mtlfast.data.tasks import canonical_dataset, check_tasks, num_outputs
 from mtlfast.models.backbones import Backbone
 from mtlfast.models.registry import register_model
 from mtlfast.nn.common import checkpoint_stage
-from mtlfast.ops._checks import _fmt_dtype, autocast_dtype, check_shapes
+from mtlfast.ops._checks import autocast_dtype, check_shapes, dtype_name
 
 __all__ = ["MultiTaskModel", "method", "build_backbone", "default_img_size", "check_aux_tasks"]
 
@@ -131,9 +131,9 @@ class MultiTaskModel(nn.Module):
         dtype = next(self.parameters()).dtype
         autocast = autocast_dtype(images.device.type) or dtype
         if images.dtype not in (dtype, autocast):
-            also = f" (or {_fmt_dtype(autocast)}, the autocast dtype)" if autocast != dtype else ""
+            also = f" (or {dtype_name(autocast)}, the autocast dtype)" if autocast != dtype else ""
             raise TypeError(f"images: expected a (B, 3, H, W) floating-point tensor of the model's dtype "
-                            f"{_fmt_dtype(dtype)}{also}, got {_fmt_dtype(images.dtype)}")
+                            f"{dtype_name(dtype)}{also}, got {dtype_name(images.dtype)}")
 
     def forward_train(self, images: torch.Tensor) -> TrainOutputs:
         """``(preds, aux)`` (module docstring): :meth:`check_images`, then the method's :meth:`_forward_train`."""

@@ -240,6 +240,30 @@ def test_every_op_benchmark_records_what_auto_resolves_to():
         assert ("mode" in resolved) == (op == "iterative_fusion"), op
 
 
+def test_deform_sample_mixed_case():
+    """The GPU's ``sem_c256_r2_mixed`` case (built on the CPU here): bfloat16 values with float32 points and
+    weights; its eager provider samples float32 copies and returns bfloat16, as the op's reference backend; the
+    issue's targets leave it out."""
+    import re
+
+    import mtlfast
+
+    benchmark = harness.load_benchmarks()["deform_sample"]
+    (case,) = [c for c in benchmark.cases("cuda") if c.name.endswith("_mixed")]
+    inputs = case.make("cpu", torch.bfloat16)
+    assert {v.dtype for v in inputs["values"]} == {torch.bfloat16}
+    assert inputs["points"].dtype == inputs["weights"].dtype == torch.float32
+    few = {"values": [v[:1, :8] for v in inputs["values"]], "points": inputs["points"][:1, :300],
+           "weights": inputs["weights"][:1, :300]}
+    (eager,) = [p for p in benchmark.providers if p.name == "eager"]
+    out = eager.fn(**few)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, mtlfast.ops.deform_sample(**few, backend="reference"))
+    assert all(not re.fullmatch(t.cases, case.name) for t in benchmark.targets)
+    assert all(any(re.fullmatch(t.cases, c.name) for c in benchmark.cases("cuda")) for t in benchmark.targets
+               if t.device != "cpu")
+
+
 def test_cli_bench_budget_and_resume(tmp_path):
     """`mtlfast bench --budget 0` measures nothing, writes every case as not run and exits 3 (likewise with
     --models: no setting runs, models.json says incomplete); --resume needs --out."""

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 import mtlfast
 from mtlfast.backends import BackendError
-from mtlfast.ops.deform_sample import deform_sample
+from mtlfast.ops.deform_sample import MIXED_VALUE_DTYPES, deform_sample
 from mtlfast.reference import deform_sample as reference
-from mtlfast.testing import (OpNames, check_against_reference, compile_for_gpu, fresh_seed, randn, rel_error,
-                             run_without_interpreter)
+from mtlfast.testing import (OpNames, check_against_reference, compile_for_gpu, fresh_seed, kernel_dtypes,
+                             poison_outputs, randn, rel_error, rerun_hint, run_without_interpreter, tolerance)
 
 # The cpp and cuda backends are the compiled extension; the triton backend and the reference need none.
 needs_extension = pytest.mark.skipif(mtlfast._ext.status().loaded is False,
@@ -101,6 +101,41 @@ def test_triton_matches_reference(device, kernel_dtype, B, N, C, sizes):
     gen = torch.Generator().manual_seed(fresh_seed())
     check_against_reference(_triton, reference.deform_sample, _inputs(B, N, C, sizes, gen, device=device),
                             dtype=kernel_dtype, grad=_grad_names(len(sizes)))
+
+
+#: The values' dtypes of the mixed-precision tests here (float16 under the interpreter, bfloat16 too on a GPU).
+MIXED_DTYPES = [d for d in kernel_dtypes() if d in MIXED_VALUE_DTYPES]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", CUDA])
+@pytest.mark.parametrize("dtype", MIXED_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("B,N,C,sizes", [CASES[1], CASES[3], CASES[4]], ids=[IDS[1], IDS[3], IDS[4]])
+def test_mixed_precision_matches_float64(backend, dtype, device, B, N, C, sizes):
+    """16-bit values with float32 points and weights (SEM under a 16-bit autocast): the output and the value
+    gradients come in the values' dtype and the point and weight gradients in float32, computed in float32: against
+    float64 on the same 16-bit values and cotangent the 16-bit results are within 1.1x the rounding of the exact
+    result to that dtype (+1e-6), the float32 ones within float32's bound (DESIGN §6). The float64 run takes the
+    float64 points and weights, as check_against_reference does: on a pixel-centre line a float32 coordinate
+    evaluated in float64 can fall on the other side of the kink than in float32 arithmetic (x = -0.4 on a 5-wide
+    stage: 10% of the point gradient)."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    raw = _inputs(B, N, C, sizes, gen, device=device)
+    S = len(sizes)
+    leaves = [v.to(dtype) for v in raw["values"]] + [raw["points"].float(), raw["weights"].float()]
+    leaves = [t.requires_grad_() for t in leaves]
+    exact = [t.detach().double().requires_grad_() for t in leaves[:S] + [raw["points"], raw["weights"]]]
+    want = reference.deform_sample(exact[:S], exact[S], exact[S + 1])
+    cotangent = randn(*want.shape, generator=gen, device=device).to(dtype)
+    wants = [want, *torch.autograd.grad(want, exact, cotangent.double())]
+    with poison_outputs():
+        out = deform_sample(leaves[:S], leaves[S], leaves[S + 1], backend=backend)
+        gots = [out, *torch.autograd.grad(out, leaves, cotangent)]
+    assert [g.dtype for g in gots] == [dtype] * (S + 1) + [torch.float32] * 2
+    for name, got, want in zip(["out"] + _grad_names(S), gots, wants):
+        bound = (1.1 * rel_error(want.to(dtype), want) + 1e-6 if got.dtype == dtype
+                 else tolerance(torch.float32, tf32_dots=False))
+        assert rel_error(got, want) <= bound, f"{name}: {rel_error(got, want):.2e} > {bound:.2e} {rerun_hint(seed)}"
 
 
 # (B, N, C, stage sizes, channel block) with the GPU's tiles (32 points, 32 pixels, up to 64 channels): channels in
@@ -302,6 +337,13 @@ def test_auto_backend_choice():
     half = {k: (v.half() if isinstance(v, torch.Tensor) else [t.half() for t in v]) for k, v in inputs.items()}
     with pytest.raises(BackendError, match="cpp: dtype float16 not supported"):
         deform_sample(**half, backend="cpp")
+    # mixed precision: the backends are chosen by the values' dtype (the cpp kernel takes no 16-bit values)
+    mixed = dict(half, points=inputs["points"].float(), weights=inputs["weights"].float())
+    with pytest.raises(BackendError, match="cpp: dtype float16 not supported"):
+        deform_sample(**mixed, backend="cpp")
+    with mtlfast.use_backend("auto"):
+        assert deform_sample(**mixed).dtype == torch.float16
+        assert _OP.select(None, "cpu", torch.float16, tuple(mixed.values())).backend == "reference"
     with pytest.raises(BackendError, match="cuda: device 'cpu' not supported"):
         deform_sample(**inputs, backend="cuda")
 
@@ -312,21 +354,26 @@ _OPS = {"cpp": ("deform_sample_forward", "deform_sample_backward"),
         "triton": ("deform_sample_triton", "deform_sample_triton_backward")}
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_extension), "triton", CUDA])
-def test_opcheck_and_compile(backend, device):
-    """Schemas, fake implementations (shapes and the channels-last strides) and autograd registration of the
-    backend's custom ops; the public function under torch.compile (AOT autograd) matches eager exactly,
-    forward and backward (_assert_same_grads: the CUDA kernel's value gradients to the atomics' order)."""
+@pytest.mark.parametrize("backend, mixed", [pytest.param("cpp", False, marks=needs_extension), ("triton", False),
+                                            ("triton", True), pytest.param(*CUDA.values, False, marks=CUDA.marks),
+                                            pytest.param(*CUDA.values, True, marks=CUDA.marks)])
+def test_opcheck_and_compile(backend, mixed, device):
+    """Schemas, fake implementations (shapes, dtypes and the channels-last strides) and autograd registration of
+    the backend's custom ops; the public function under torch.compile (AOT autograd) matches eager exactly,
+    forward and backward (_assert_same_grads: the CUDA kernel's value gradients to the atomics' order).
+    ``mixed``: float16 values with float32 points and weights."""
     gen = torch.Generator().manual_seed(fresh_seed())
     inputs = _inputs(2, 7, 5, [(4, 6), (1, 2)], gen)
     if backend != "cpp":
         inputs = _float32(inputs, device)
+    if mixed:
+        inputs["values"] = [v.half() for v in inputs["values"]]
     leaves = [t.requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
     args = (leaves[:2], leaves[2], leaves[3])
     forward_op, backward_op = (getattr(torch.ops.mtlfast, name).default for name in _OPS[backend])
     torch.library.opcheck(forward_op, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    g = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64).to(leaves[0])
+    g = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64).to(leaves[0])  # the values' dtype
     torch.library.opcheck(backward_op, (g, *args), test_utils=("test_schema", "test_faketensor"))
 
     compiled = torch.compile(lambda v0, v1, p, w: deform_sample([v0, v1], p, w, backend=backend),
@@ -429,6 +476,14 @@ def _good():
     (lambda a: a["values"].__setitem__(1, a["values"][1].to("meta")), ValueError, r"values\[1\]: expected device cpu"),
     (lambda a: a.update(points=a["points"].long()), TypeError, r"points: expected a floating-point tensor"),
     (lambda a: a["values"].__setitem__(0, a["values"][0][:, :, :0]), ValueError, r"values\[0\]: expected every size"),
+    (lambda a: a["values"].__setitem__(1, a["values"][1].float()), TypeError,
+     r"values\[1\]: expected dtype float64 \(as values\[0\]\)"),
+    (lambda a: a.update(values=[v.half() for v in a["values"]]), TypeError,
+     r"values: expected the dtype of points \(float64\), or float16/bfloat16 with float32 points and weights "
+     r"\(mixed precision\), got float16 values with float64 points"),
+    (lambda a: a.update(values=[v.float() for v in a["values"]], points=a["points"].half(),
+                        weights=a["weights"].half()), TypeError, r"values: expected the dtype of points \(float16\)"),
+    (lambda a: a.update(points=a["points"].float()), TypeError, r"weights: expected dtype float32 \(as points\)"),
 ])
 def test_bad_inputs(change, error, match):
     args = _good()
@@ -445,10 +500,14 @@ def test_cpp_op_checks_inputs():
         torch.ops.mtlfast.deform_sample_forward(a["values"], a["points"], a["weights"][..., :1])
     with pytest.raises(RuntimeError, match="at least one"):
         torch.ops.mtlfast.deform_sample_forward([], a["points"], a["weights"])
+    # mixed precision is the CUDA kernel's: the CPU kernel takes one dtype
+    with pytest.raises(RuntimeError, match=r"values must have the dtype of points \(Float\), got Half"):
+        torch.ops.mtlfast.deform_sample_forward([v.half() for v in a["values"]], a["points"].float(),
+                                                a["weights"].float())
     g = torch.zeros(2, 5, 3, dtype=a["points"].dtype)
     torch.ops.mtlfast.deform_sample_backward(g, a["values"], a["points"], a["weights"])  # the right grad_out passes
     for bad in (g[:, :4], g.float()):
-        with pytest.raises(RuntimeError, match=r"grad_out must be \(B, N, C\) = \(2, 5, 3\) with the dtype and device"):
+        with pytest.raises(RuntimeError, match=r"grad_out must be \(B, N, C\) = \(2, 5, 3\) with the dtype of values"):
             torch.ops.mtlfast.deform_sample_backward(bad, a["values"], a["points"], a["weights"])
 
 

@@ -383,9 +383,10 @@ def test_hierarchy_adaptive_attention_is_eq1_to_4():
 
 
 def test_hierarchy_adaptive_attention_samples_at_float32_points_in_16_bit(monkeypatch):
-    """Under a 16-bit autocast and in a bfloat16 module the deformable points and the sampling stay float32 (a
+    """Under a 16-bit autocast and in a bfloat16 module the deformable points and the stage weights stay float32 (a
     bfloat16 coordinate would move by up to 0.11 pixels of a 112-pixel-wide stage, _OffsetNet): the points carry
-    the bfloat16 convolutions' error in the offsets only, not bfloat16's rounding of the coordinates; the block
+    the bfloat16 convolutions' error in the offsets only, not bfloat16's rounding of the coordinates. The feature
+    maps are sampled in their bfloat16 (deform_sample's mixed precision: no float32 copies of them); the block
     returns its features' dtype."""
     import mtlfast.nn.sem as sem
 
@@ -407,8 +408,8 @@ def test_hierarchy_adaptive_attention_samples_at_float32_points_in_16_bit(monkey
         assert block(stages).dtype == torch.bfloat16
     with mtlfast.use_backend("reference"):
         assert block.to(torch.bfloat16)([s.bfloat16() for s in stages]).dtype == torch.bfloat16
-    f32 = torch.float32
-    assert [call[:3] for call in seen] == [((f32,), f32, f32), ((f32, f32), f32, f32)] * 2, [c[:3] for c in seen]
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert [call[:3] for call in seen] == [((bf16,), f32, f32), ((bf16, bf16), f32, f32)] * 2, [c[:3] for c in seen]
     # the offsets come from bfloat16 convolutions (up to 5.4e-4 off over 13 draws), the cell centres are exact; with
     # the points rounded to bfloat16 (up to 2^-9 near 1) they were 5.4e-3 off
     assert (seen[0][3][:, :exact.shape[1]] - exact).abs().max() < 2 ** -9

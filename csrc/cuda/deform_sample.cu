@@ -1,4 +1,5 @@
 // deform_sample CUDA kernels (fp32 / fp16 / bf16 in, fp32 math). Layout and geometry: csrc/cpu/deform_sample.h.
+// T is the values' (and output's) type, P the points' and weights': T, or float with 16-bit T (mixed precision).
 //
 // Mapping: a group of `lanes` consecutive threads (a power of two <= 32, sized to C / V) serves one (b, n) point;
 // each lane handles V consecutive channels per step with one vector load (16 bytes where C and every base
@@ -92,9 +93,9 @@ __device__ __forceinline__ void atomic_add(float* dst, const float (&v)[V]) {
   }
 }
 
-template <typename T, int V>
+template <typename T, typename P, int V>
 __global__ void __launch_bounds__(kThreads)
-forward_kernel(StageTable<T> tab, const T* __restrict__ points, const T* __restrict__ weights, int64_t bn_total,
+forward_kernel(StageTable<T> tab, const P* __restrict__ points, const P* __restrict__ weights, int64_t bn_total,
                int64_t num_points, int64_t channels, int lanes, T* __restrict__ out) {
   const int64_t bn = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / lanes;
   const int lane = threadIdx.x & (lanes - 1);
@@ -128,11 +129,11 @@ forward_kernel(StageTable<T> tab, const T* __restrict__ points, const T* __restr
   }
 }
 
-template <typename T, int V>
+template <typename T, typename P, int V>
 __global__ void __launch_bounds__(kThreads)
-backward_kernel(StageTable<T> tab, const T* __restrict__ grad_out, const T* __restrict__ points,
-                const T* __restrict__ weights, int64_t bn_total, int64_t num_points, int64_t channels, int lanes,
-                T* __restrict__ grad_points, T* __restrict__ grad_weights) {
+backward_kernel(StageTable<T> tab, const T* __restrict__ grad_out, const P* __restrict__ points,
+                const P* __restrict__ weights, int64_t bn_total, int64_t num_points, int64_t channels, int lanes,
+                P* __restrict__ grad_points, P* __restrict__ grad_weights) {
   const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / lanes;
   const int lane = threadIdx.x & (lanes - 1);
   // Groups past the end stay (reading point 0, writing nothing) so that every lane of a warp reaches the shuffles.
@@ -172,13 +173,13 @@ backward_kernel(StageTable<T> tab, const T* __restrict__ grad_out, const T* __re
     for (int k = 0; k < 4; ++k)
       for (int m = lanes >> 1; m > 0; m >>= 1) d[k] += __shfl_xor_sync(0xffffffffu, d[k], m, lanes);
     const deform::PointGrads<float> pg = deform::point_grads<float>(cr, d, w, H, W);
-    if (active && lane == 0) grad_weights[bn * S + s] = from_float<T>(pg.weight);
+    if (active && lane == 0) grad_weights[bn * S + s] = from_float<P>(pg.weight);
     gx += pg.x;
     gy += pg.y;
   }
   if (active && lane == 0) {
-    grad_points[2 * bn] = from_float<T>(gx);
-    grad_points[2 * bn + 1] = from_float<T>(gy);
+    grad_points[2 * bn] = from_float<P>(gx);
+    grad_points[2 * bn + 1] = from_float<P>(gy);
   }
 }
 
@@ -236,26 +237,26 @@ int finish() {
   return err == cudaSuccess ? kDeformOk : kDeformCudaErrorBase + static_cast<int>(err);
 }
 
-template <typename T, int V>
+template <typename T, typename P, int V>
 int launch_forward(const StageTable<T>& tab, const void* points, const void* weights, int64_t bn_total,
                    int64_t num_points, int64_t channels, void* out, cudaStream_t stream) {
   const int lanes = lanes_for(channels, V);
   const int64_t blocks = ceil_div(bn_total * lanes, kThreads);
-  forward_kernel<T, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      tab, static_cast<const T*>(points), static_cast<const T*>(weights), bn_total, num_points, channels, lanes,
+  forward_kernel<T, P, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      tab, static_cast<const P*>(points), static_cast<const P*>(weights), bn_total, num_points, channels, lanes,
       static_cast<T*>(out));
   return finish();
 }
 
-template <typename T, int V>
+template <typename T, typename P, int V>
 int launch_backward(const StageTable<T>& tab, const void* grad_out, const void* points, const void* weights,
                     int64_t bn_total, int64_t num_points, int64_t channels, void* grad_points, void* grad_weights,
                     cudaStream_t stream) {
   const int lanes = lanes_for(channels, V);
   const int64_t blocks = ceil_div(bn_total * lanes, kThreads);
-  backward_kernel<T, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      tab, static_cast<const T*>(grad_out), static_cast<const T*>(points), static_cast<const T*>(weights), bn_total,
-      num_points, channels, lanes, static_cast<T*>(grad_points), static_cast<T*>(grad_weights));
+  backward_kernel<T, P, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      tab, static_cast<const T*>(grad_out), static_cast<const P*>(points), static_cast<const P*>(weights), bn_total,
+      num_points, channels, lanes, static_cast<P*>(grad_points), static_cast<P*>(grad_weights));
   return finish();
 }
 
@@ -273,12 +274,15 @@ int with_width(int v, Fn&& fn) {
   return fn(std::integral_constant<int, 1>{});
 }
 
+// Calls fn(T{}, P{}) for the values' type T and the points' type P: both one dtype, or 16-bit T with float P.
 template <typename Fn>
-int with_dtype(DeformDtype dtype, Fn&& fn) {
+int with_dtypes(DeformDtype dtype, DeformDtype point_dtype, Fn&& fn) {
+  const bool mixed = point_dtype == DeformDtype::kFloat32 && dtype != DeformDtype::kFloat32;
+  if (point_dtype != dtype && !mixed) return kDeformBadDtype;
   switch (dtype) {
-    case DeformDtype::kFloat32: return fn(float{});
-    case DeformDtype::kFloat16: return fn(__half{});
-    case DeformDtype::kBFloat16: return fn(__nv_bfloat16{});
+    case DeformDtype::kFloat32: return fn(float{}, float{});
+    case DeformDtype::kFloat16: return mixed ? fn(__half{}, float{}) : fn(__half{}, __half{});
+    case DeformDtype::kBFloat16: return mixed ? fn(__nv_bfloat16{}, float{}) : fn(__nv_bfloat16{}, __nv_bfloat16{});
   }
   return kDeformBadDtype;
 }
@@ -297,36 +301,41 @@ const char* deform_sample_status_string(int status) {
   }
 }
 
-int deform_sample_forward(DeformDtype dtype, const void* const* values, const int64_t* heights,
-                          const int64_t* widths, int64_t stages, const void* points, const void* weights,
-                          int64_t batch, int64_t num_points, int64_t channels, void* out, cudaStream_t stream) {
+int deform_sample_forward(DeformDtype dtype, DeformDtype point_dtype, const void* const* values,
+                          const int64_t* heights, const int64_t* widths, int64_t stages, const void* points,
+                          const void* weights, int64_t batch, int64_t num_points, int64_t channels, void* out,
+                          cudaStream_t stream) {
   if (int st = check_args(values, heights, widths, stages, points, weights, batch, num_points, channels)) return st;
   if (!out) return kDeformNullPointer;
-  return with_dtype(dtype, [&](auto tag) {
+  return with_dtypes(dtype, point_dtype, [&](auto tag, auto point_tag) {
     using T = decltype(tag);
+    using P = decltype(point_tag);
     const StageTable<T> tab = make_table<T>(values, nullptr, heights, widths, stages);
     const int v = vector_width<T>(channels, values, nullptr, stages, out, out);
     return with_width<T>(v, [&](auto width) {
-      return launch_forward<T, decltype(width)::value>(tab, points, weights, batch * num_points, num_points, channels, out, stream);
+      return launch_forward<T, P, decltype(width)::value>(tab, points, weights, batch * num_points, num_points,
+                                                          channels, out, stream);
     });
   });
 }
 
-int deform_sample_backward(DeformDtype dtype, const void* grad_out, const void* const* values,
-                           const int64_t* heights, const int64_t* widths, int64_t stages, const void* points,
-                           const void* weights, int64_t batch, int64_t num_points, int64_t channels,
-                           float* const* grad_values, void* grad_points, void* grad_weights, cudaStream_t stream) {
+int deform_sample_backward(DeformDtype dtype, DeformDtype point_dtype, const void* grad_out,
+                           const void* const* values, const int64_t* heights, const int64_t* widths, int64_t stages,
+                           const void* points, const void* weights, int64_t batch, int64_t num_points,
+                           int64_t channels, float* const* grad_values, void* grad_points, void* grad_weights,
+                           cudaStream_t stream) {
   if (int st = check_args(values, heights, widths, stages, points, weights, batch, num_points, channels)) return st;
   if (!grad_out || !grad_values || !grad_points || !grad_weights) return kDeformNullPointer;
   for (int64_t s = 0; s < stages; ++s)
     if (!grad_values[s]) return kDeformNullPointer;
-  return with_dtype(dtype, [&](auto tag) {
+  return with_dtypes(dtype, point_dtype, [&](auto tag, auto point_tag) {
     using T = decltype(tag);
+    using P = decltype(point_tag);
     const StageTable<T> tab = make_table<T>(values, grad_values, heights, widths, stages);
     const int v = vector_width<T>(channels, values, grad_values, stages, grad_out, grad_out);
     return with_width<T>(v, [&](auto width) {
-      return launch_backward<T, decltype(width)::value>(tab, grad_out, points, weights, batch * num_points, num_points, channels,
-                                   grad_points, grad_weights, stream);
+      return launch_backward<T, P, decltype(width)::value>(tab, grad_out, points, weights, batch * num_points,
+                                                           num_points, channels, grad_points, grad_weights, stream);
     });
   });
 }

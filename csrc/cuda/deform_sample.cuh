@@ -20,22 +20,26 @@ enum DeformSampleStatus : int {
   kDeformBadSize = 1,        // a size < 1, or H_s / W_s / N >= 2^31
   kDeformNullPointer = 2,
   kDeformTooManyStages = 3,  // S > kDeformMaxStages
-  kDeformBadDtype = 4,
+  kDeformBadDtype = 4,       // an unsupported dtype, or pair of value and point dtypes
   kDeformCudaErrorBase = 1000,
 };
 
 const char* deform_sample_status_string(int status);
 
+// dtype: the values' and out's (grad_out's); point_dtype: the points' and weights' (and their gradients'), dtype or
+// kFloat32 with 16-bit values (mixed precision); other pairs return kDeformBadDtype.
 // out (dtype) = sum_s weights[..., s] * bilinear(values[s], points), accumulated in fp32.
-int deform_sample_forward(DeformDtype dtype, const void* const* values, const int64_t* heights,
-                          const int64_t* widths, int64_t stages, const void* points, const void* weights,
-                          int64_t batch, int64_t num_points, int64_t channels, void* out, cudaStream_t stream);
+int deform_sample_forward(DeformDtype dtype, DeformDtype point_dtype, const void* const* values,
+                          const int64_t* heights, const int64_t* widths, int64_t stages, const void* points,
+                          const void* weights, int64_t batch, int64_t num_points, int64_t channels, void* out,
+                          cudaStream_t stream);
 
-// grad_points (B, N, 2) and grad_weights (B, N, S) in dtype, fully written; the value gradients are ADDED
+// grad_points (B, N, 2) and grad_weights (B, N, S) in point_dtype, fully written; the value gradients are ADDED
 // (fp32 atomics) into grad_values[s], fp32 channels-last (B, H_s, W_s, C) buffers the caller zero-fills.
-int deform_sample_backward(DeformDtype dtype, const void* grad_out, const void* const* values,
-                           const int64_t* heights, const int64_t* widths, int64_t stages, const void* points,
-                           const void* weights, int64_t batch, int64_t num_points, int64_t channels,
-                           float* const* grad_values, void* grad_points, void* grad_weights, cudaStream_t stream);
+int deform_sample_backward(DeformDtype dtype, DeformDtype point_dtype, const void* grad_out,
+                           const void* const* values, const int64_t* heights, const int64_t* widths, int64_t stages,
+                           const void* points, const void* weights, int64_t batch, int64_t num_points,
+                           int64_t channels, float* const* grad_values, void* grad_points, void* grad_weights,
+                           cudaStream_t stream);
 
 }  // namespace mtlfast::cuda

@@ -125,13 +125,12 @@ class HierarchyAdaptiveAttention(nn.Module):
         size = stages[-1].shape[-2:]
         qmap = self.query(torch.cat([resize(s, size) for s in stages], 1))
         points = torch.cat([net(s) for net, s in zip(self.offsets, stages)], 1)  # (B, N, 2)
-        # sampled in the points' dtype (float32 in a 16-bit model or autocast, as grid_sample would be: _OffsetNet),
-        # handed on in the features' dtype
-        dtype = points.dtype
+        # The features in their own dtype at the points' (float32 in a 16-bit model or autocast: _OffsetNet), in
+        # float32 arithmetic (deform_sample's mixed precision, no float32 copies of the maps), out in the features'
         ones = points.new_ones(points.shape[0], points.shape[1], 1)
-        queries = deform_sample([qmap.to(dtype)], points, ones).to(qmap.dtype)
+        queries = deform_sample([qmap], points, ones)
         weights = torch.softmax(self.stage_weights(queries), -1)  # (B, N, S)
-        sampled = deform_sample([s.to(dtype) for s in stages], points, weights.to(dtype)).to(qmap.dtype)
+        sampled = deform_sample([s.to(qmap.dtype) for s in stages], points, weights.to(points.dtype))
         tokens = to_tokens(qmap)
         return to_map(self.ffn(tokens + self.attn(self.q_norm(tokens), sampled)), size)
 

@@ -15,7 +15,8 @@ import operator
 import torch
 
 
-def _fmt_dtype(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype's name in error messages: "float32" for torch.float32."""
     return str(dtype).replace("torch.", "")
 
 
@@ -60,15 +61,15 @@ def check_floating_same_device_dtype(**tensors: torch.Tensor | None) -> None:
         check_tensor(name, t)
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32, float64), "
-                            f"got {_fmt_dtype(t.dtype)}")
+                            f"got {dtype_name(t.dtype)}")
         if first is None:
             first_name, first = name, t
             continue
         if t.device != first.device:
             raise ValueError(f"{name}: expected device {first.device} (as {first_name}), got {t.device}")
         if t.dtype != first.dtype:
-            raise TypeError(f"{name}: expected dtype {_fmt_dtype(first.dtype)} (as {first_name}), "
-                            f"got {_fmt_dtype(t.dtype)}")
+            raise TypeError(f"{name}: expected dtype {dtype_name(first.dtype)} (as {first_name}), "
+                            f"got {dtype_name(t.dtype)}")
 
 
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)

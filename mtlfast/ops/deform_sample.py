@@ -43,9 +43,14 @@ agree while grid_sample's unnormalised coordinate ((x + 1) W_s - 1) / 2 is finit
 (|x| below about 3e38 / W_s in float32); beyond, CPU grid_sample's arithmetic overflows to NaN, while the
 kernels (and CUDA's grid_sample) return the definition's value for a point outside every stage: 0.
 
-The op ignores torch.autocast: every backend computes in, and returns, the inputs' dtype (grid_sample alone
-would be upcast to float32 under autocast; the reference turns autocast off). A caller that mixes autocast
-outputs with float32 tensors casts them to one dtype first, as SEM's HierarchyAdaptiveAttention does.
+Dtypes: ``points`` and ``weights`` share one dtype; the values share one dtype, either the points' or, in mixed
+precision, float16/bfloat16 values with float32 points and weights (SEM under a 16-bit autocast: float32
+coordinates, 16-bit feature maps, no float32 copies of them). The output and the value gradients have the
+values' dtype, the point and weight gradients the points'; the arithmetic is float32 (float64 for float64
+inputs) on every backend, so a mixed call equals ``deform_sample([v.float() for v in values], points,
+weights).to(values[0].dtype)`` up to float32 rounding. The cpp kernel takes no 16-bit values (refused: auto
+then takes the reference on a CPU). The op ignores torch.autocast: every backend computes in these dtypes
+(grid_sample alone would be upcast to float32 under autocast; the reference turns autocast off).
 
 The cpp and cuda paths are the C++ ops ``mtlfast::deform_sample_forward`` / ``mtlfast::deform_sample_backward``
 (TORCH_LIBRARY in csrc/mtlfast_ops.cpp, CPU and CUDA kernels) with their fake implementations and autograd
@@ -64,7 +69,8 @@ import torch
 from mtlfast import _ext
 from mtlfast.backends import (FLOAT_DTYPES, GPU_DTYPES, Op, atomic_gradient_refusals, extension_unavailable,
                               grid_axis_refusals, triton_unavailable)
-from mtlfast.ops._checks import autocast_dtype, check_floating_same_device_dtype, check_shapes, check_tensor
+from mtlfast.ops._checks import (autocast_dtype, check_floating_same_device_dtype, check_shapes, check_tensor,
+                                 dtype_name)
 from mtlfast.ops._kernel_op import KernelAutograd, kernel_function, refuse_double_backward
 from mtlfast.reference import deform_sample as _reference
 
@@ -72,6 +78,8 @@ Tensor = torch.Tensor
 
 #: Stages one CUDA launch takes (the size of the kernel's by-value pointer table, csrc/cuda/deform_sample.cuh).
 CUDA_MAX_STAGES = 16
+#: The values' dtypes that float32 points and weights may come with (mixed precision; see the module docstring).
+MIXED_VALUE_DTYPES = (torch.float16, torch.bfloat16)
 #: The CPU value-gradient buckets store int32 point indices; the CUDA launcher refuses more points too (its
 #: indexing is 64-bit, the limit is kept for one contract across the compiled backends).
 MAX_POINTS = 2 ** 31 - 1
@@ -83,12 +91,12 @@ _OP = Op("deform_sample", auto_order={"cuda": ("cuda", "triton", "reference"), "
 
 def _fake_forward(values, points, weights):
     B, N, _ = points.shape
-    return points.new_empty(B, N, values[0].shape[1])
+    return values[0].new_empty(B, N, values[0].shape[1])
 
 
 def _fake_backward(grad_out, values, points, weights):
     # Value gradients are channels-last views of (B, H, W, C) buffers, exactly as the C++ op returns them.
-    grad_values = [points.new_empty(v.shape[0], v.shape[2], v.shape[3], v.shape[1]).permute(0, 3, 1, 2)
+    grad_values = [v.new_empty(v.shape[0], v.shape[2], v.shape[3], v.shape[1]).permute(0, 3, 1, 2)
                    for v in values]
     return grad_values, points.new_empty(points.shape), weights.new_empty(weights.shape)
 
@@ -184,12 +192,14 @@ def _limits(max_stages: int | None):
 def _reference_in_input_dtype(values, points, weights) -> Tensor:
     """The reference with autocast off: grid_sample is on autocast's float32 list, so under autocast the
     reference alone would compute and return float32 from 16-bit inputs; every backend computes in the inputs'
-    dtype instead."""
+    dtypes instead. Mixed precision: the values are upcast to the points' float32 (exact), the result rounded
+    to the values' dtype (autograd then gives the value gradients in that dtype)."""
     device_type = points.device.type
     off = (torch.autocast(device_type, enabled=False) if autocast_dtype(device_type) is not None
            else contextlib.nullcontext())  # also meta tensors (planning), which have no autocast
+    dtype = values[0].dtype
     with off:
-        return _reference.deform_sample(values, points, weights)
+        return _reference.deform_sample([v.to(points.dtype) for v in values], points, weights).to(dtype)
 
 
 _OP.register("reference", _reference_in_input_dtype, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)
@@ -229,7 +239,15 @@ def _check_inputs(values, points: Tensor, weights: Tensor) -> list[Tensor]:
                          f"got {tuple(weights.shape)}")
     stage_specs = {f"values[{s}]": (v, f"B C H{s} W{s}") for s, v in enumerate(values)}
     check_shapes(points=(points, "B N 2"), weights=(weights, "B N S"), **stage_specs)
-    check_floating_same_device_dtype(points=points, weights=weights, **{k: v for k, (v, _) in stage_specs.items()})
+    check_floating_same_device_dtype(points=points, weights=weights)
+    check_floating_same_device_dtype(**{k: v for k, (v, _) in stage_specs.items()})
+    if values[0].device != points.device:
+        raise ValueError(f"values: expected device {points.device} (as points), got {values[0].device}")
+    mixed = values[0].dtype in MIXED_VALUE_DTYPES and points.dtype == torch.float32
+    if values[0].dtype != points.dtype and not mixed:
+        raise TypeError(f"values: expected the dtype of points ({dtype_name(points.dtype)}), or float16/bfloat16 with "
+                        f"float32 points and weights (mixed precision), got {dtype_name(values[0].dtype)} values with "
+                        f"{dtype_name(points.dtype)} points")
     for name, (t, spec) in {"points": (points, "B N 2"), **stage_specs}.items():
         if t.numel() == 0:
             raise ValueError(f"{name}: expected every size of ({', '.join(spec.split())}) >= 1, got {tuple(t.shape)}")
@@ -243,13 +261,15 @@ def deform_sample(values: Sequence[Tensor], points: Tensor, weights: Tensor, *, 
         values: S stage features (B, C, H_s, W_s); sizes may differ per stage; channels-last memory format
             avoids a layout copy on the kernel paths.
         points: (B, N, 2) normalised (x, y); [-1, 1] spans the image (grid_sample, align_corners=False);
-            points outside read zeros.
-        weights: (B, N, S) per-point stage weights.
+            points outside read zeros. The values' dtype, or float32 with float16/bfloat16 values (mixed
+            precision, see the module docstring).
+        weights: (B, N, S) per-point stage weights, in the points' dtype.
         backend: see :mod:`mtlfast.backends`.
 
     Returns:
-        (B, N, C). Gradients flow to every stage of ``values``, to ``points`` and to ``weights``.
+        (B, N, C) in the values' dtype. Gradients flow to every stage of ``values``, to ``points`` and to
+        ``weights``.
     """
     values = _check_inputs(values, points, weights)
-    impl = _OP.select(backend, points.device, points.dtype, (values, points, weights))
+    impl = _OP.select(backend, points.device, values[0].dtype, (values, points, weights))
     return impl.fn(values, points, weights)
