@@ -175,7 +175,9 @@ class Backbone(nn.Module):
     ``name``: a key of :data:`BACKBONES` (or its timm name); ``pretrained``: None or a local weight file;
     ``img_size``: the training input size (Swin/ViT position tables are built for it);
     ``vit_pyramid``: a ViT's maps built into the 4-level pyramid (default) or left at stride 16;
-    ``timm_kwargs``: extra keyword arguments for ``timm.create_model`` (e.g. ``depth=4`` for a small test ViT).
+    ``timm_kwargs``: extra keyword arguments for ``timm.create_model`` (e.g. ``depth=4`` for a small test ViT);
+    timm's defaults apply otherwise, among them Swin's stochastic depth (``drop_path_rate=0.1``: training-mode
+    outputs are random; ViT's default is 0), which ``drop_path_rate=...`` sets.
     Attributes ``channels`` and ``strides`` describe the output; ``single_scale``: every level at one stride.
     """
 

@@ -345,7 +345,8 @@ def record_checkpoints(on_call: Callable[[Callable[..., Any], tuple, dict], None
     the tensors in ``args`` are what checkpointing keeps alive for the recomputation, which no saved-tensor hook
     sees, and ``function(*args, **kwargs)`` is the recomputation (memory accounting:
     bench.harness.saved_activation_bytes). ``on_call(function, args, kwargs)`` runs as each checkpoint is taken,
-    before it runs. The function is wrapped process-wide while the block runs."""
+    before it runs. The function is wrapped process-wide while the block runs; not for checkpoints that
+    torch.compile traces (Dynamo, torch 2.11, cannot bind the wrapped call: fullgraph fails)."""
     recorded: list[tuple[Callable[..., Any], tuple, dict]] = []
     plain = torch.utils.checkpoint.checkpoint
 
