@@ -41,12 +41,6 @@ def _points(B, sizes, strides, g):
     return torch.cat(pts, 1)
 
 
-def _reference(values, points, weights):
-    """The grid_sample reference; with 16-bit values and float32 points (``_mixed``) on float32 copies of the values,
-    the result in the values' dtype (a no-op for one dtype)."""
-    return reference_deform_sample([v.to(points.dtype) for v in values], points, weights).to(values[0].dtype)
-
-
 def _case(name, B, C, sizes, strides=None, n_points=None, channels_last=False, mixed=False):
     def make(device, dtype):
         g = torch.Generator().manual_seed(0)
@@ -84,7 +78,7 @@ def cases(device):
 _TARGET_CASES = r"sem_(?!.*_mixed$).*"
 
 register(Benchmark("deform_sample", cases,
-                   standard_providers("deform_sample", deform_sample, _reference)
+                   standard_providers("deform_sample", deform_sample, reference_deform_sample)
                    + [Provider("mtlfast_triton", lambda **inputs: deform_sample(**inputs, backend="triton"),
                                devices=("cuda",))],
                    targets=[  # issue 5

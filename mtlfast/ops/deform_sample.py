@@ -192,14 +192,12 @@ def _limits(max_stages: int | None):
 def _reference_in_input_dtype(values, points, weights) -> Tensor:
     """The reference with autocast off: grid_sample is on autocast's float32 list, so under autocast the
     reference alone would compute and return float32 from 16-bit inputs; every backend computes in the inputs'
-    dtypes instead. Mixed precision: the values are upcast to the points' float32 (exact), the result rounded
-    to the values' dtype (autograd then gives the value gradients in that dtype)."""
+    dtypes instead (mixed precision as the reference defines it)."""
     device_type = points.device.type
     off = (torch.autocast(device_type, enabled=False) if autocast_dtype(device_type) is not None
            else contextlib.nullcontext())  # also meta tensors (planning), which have no autocast
-    dtype = values[0].dtype
     with off:
-        return _reference.deform_sample([v.to(points.dtype) for v in values], points, weights).to(dtype)
+        return _reference.deform_sample(values, points, weights)
 
 
 _OP.register("reference", _reference_in_input_dtype, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES)

@@ -10,6 +10,10 @@ normalised (x, y) (x along W, y along H; [-1, 1] spans the image, points outside
 ``F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)`` as in DAT, which SEM follows:
 pixel centres at ((2i + 1) / W_s - 1), corners outside the image read zero. The weighted sum over stages is
 SEM's ⊗ (eq. 4), before the key/value projections.
+
+Mixed precision (float16/bfloat16 values with float32 points and weights, the op's contract): the values are
+upcast to the points' dtype (exact), the result is rounded to the values' dtype; with one dtype both casts are
+no-ops.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ def deform_sample(values: Sequence[torch.Tensor], points: torch.Tensor, weights:
     grid = points.unsqueeze(2)  # (B, N, 1, 2): grid_sample's output is then (B, C, N, 1)
     out = None
     for s, v in enumerate(values):
-        sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        sampled = F.grid_sample(v.to(points.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         term = weights[..., s, None] * sampled[..., 0].transpose(1, 2)
         out = term if out is None else out + term
-    return out
+    return out.to(values[0].dtype)
