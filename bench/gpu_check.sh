@@ -30,7 +30,8 @@
 # harness.source_fingerprint(), not the commit).
 # The extension is built for GPU_CHECK_CUDA_ARCH (default 9.0: H100 and H200), whatever TORCH_CUDA_ARCH_LIST says.
 # Tests run in GPU_CHECK_WORKERS (default 12) pytest-xdist processes; BENCH_ARGS is passed to `mtlfast bench`
-# (e.g. BENCH_ARGS="attention tpp_attention"), MODELS_ARGS to `mtlfast bench --models` (e.g. MODELS_ARGS="--cases tif").
+# (e.g. BENCH_ARGS="attention tpp_attention"), MODELS_ARGS to `mtlfast bench --models` (e.g. MODELS_ARGS="--cases tif",
+# MODELS_ARGS="--compile": also both paths under torch.compile).
 # MTLFAST_COMMIT is recorded in the results where the tree that travelled has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2

@@ -4,17 +4,22 @@ For each model setting (method, backbone, dataset input size, paper batch size) 
 (``kernels``: backend ``auto``; ``reference``: backend ``reference``; ``kernels_checkpointed``: backend ``auto``
 with every activation checkpoint on, ``model.set_checkpointing(True)``: the decoder stages and the ViT/Swin
 backbone blocks, the configuration that the exact activation counts of ``mtlfast info --models --activations``
-show is needed for large memory savings outside TPIM), in bf16 autocast on a GPU:
+show is needed for large memory savings outside TPIM), in bf16 autocast on a GPU; with ``compiled`` (``mtlfast
+bench --models --compile``) also ``reference_compiled`` and ``kernels_compiled``: the training forward (and the
+inference forward) under ``torch.compile(fullgraph=True)`` (Inductor), what ``mtlfast train train.compile=true``
+runs, so that the kernels are also weighed against the compiled reference:
 
 - one training step (forward + backward + optimiser step, gradients dropped before the forward as
   ``mtlfast train`` does): median time, images/s, peak memory;
 - one inference forward: median time, images/s, peak memory;
 - the largest batch that fits for a training step (doubling, then bisection, catching OOM), where the time
-  budget leaves room for it;
-- a per-block breakdown (:func:`block_breakdown`): the time of an inference forward and of a training step's
-  forward, backward and optimiser step charged to every mtlfast.nn block, the backbone's parts and the loss,
-  printed as the largest first (:func:`format_block_breakdown`); where the training memory goes, exactly and
-  without a GPU: ``mtlfast info --models --blocks``.
+  budget leaves room for it (eager paths only: every new batch size would compile again);
+- the first call of each (``train_first_s``, ``infer_first_s``: cuDNN's algorithm search, Triton's and Inductor's
+  compilation);
+- a per-block breakdown (:func:`block_breakdown`; eager paths only: a compiled step has no block boundaries): the
+  time of an inference forward and of a training step's forward, backward and optimiser step charged to every
+  mtlfast.nn block, the backbone's parts and the loss, printed as the largest first (:func:`format_block_breakdown`);
+  where the training memory goes, exactly and without a GPU: ``mtlfast info --models --blocks``.
 
 Peak memory: ``*_peak_bytes`` is the whole allocated peak of the step (weights, gradients, Adam state, inputs
 and activations: the issue's "peak training memory", which its <= 0.6x target compares);
@@ -23,7 +28,7 @@ transients). Timings run with cuDNN's algorithm search on (``train.cudnn_benchma
 search with it off (every new batch size would start a search). Inputs are drawn on the device (a host-side
 448 x 576 image with its labels takes ~40 ms to draw, which a batch search would pay thousands of times).
 
-Both paths run in the same process on the same device, one after the other, with identical weights and
+All paths run in the same process on the same device, one after the other, with identical weights and
 inputs; ratios are printed and everything goes to ``<out>/<device>/models.json`` with versions and commit,
 plus a bar plot ``models.png``. On a CPU the same code runs at small sizes (``--quick``) as a check only;
 its timings are not a claim about the kernels.
@@ -64,6 +69,20 @@ SETTINGS = [
     ModelSetting("bridgenet", "vit_l", "pascal", PASCAL, batch=2),
     ModelSetting("mtinet", "hrnet_w18_small_v2", "pascal", PASCAL, batch=8),
 ]
+#: ``--compile``'s paths: name -> (backend, checkpointed), as :data:`PATHS`, compiled.
+COMPILED_PATHS = {"reference_compiled": ("reference", False), "kernels_compiled": ("auto", False)}
+
+
+def bench_paths(compiled: bool) -> dict[str, tuple[str, bool]]:
+    """The paths a run measures: :data:`PATHS`, then :data:`COMPILED_PATHS` where ``compiled``."""
+    return {**PATHS, **COMPILED_PATHS} if compiled else dict(PATHS)
+
+
+def uses_kernels(path: str) -> bool:
+    """Whether ``path`` (of :data:`PATHS` or :data:`COMPILED_PATHS`) runs the kernels: the targets judge those."""
+    return {**PATHS, **COMPILED_PATHS}[path][0] != "reference"
+
+
 #: Seconds a max-batch search needs at least: with less time left in the budget it is not started.
 MAX_BATCH_MIN_SECONDS = 60
 
@@ -104,10 +123,13 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 class _Runner:
-    """A model with its loss and optimiser, and closures for a training step and an inference forward."""
+    """A model with its loss and optimiser, and closures for a training step and an inference forward;
+    ``compiled``: both forwards under torch.compile(fullgraph=True) (a graph break or a recompilation over the limit
+    is an error, not a silently eager step). Dynamo's caches are reset first: they are kept per code object, so that
+    the earlier models' entries would count towards the recompilation limit."""
 
     def __init__(self, setting: ModelSetting, device: torch.device, state: dict | None,
-                 checkpointed: bool = False):
+                 checkpointed: bool = False, compiled: bool = False):
         from mtlfast.losses import MultiTaskLoss
 
         self.setting, self.device = setting, device
@@ -119,6 +141,12 @@ class _Runner:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-6)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
+        self.compiled = compiled
+        self.forward_train, self.forward = self.model.forward_train, self.model
+        if compiled:
+            torch._dynamo.reset()
+            self.forward_train = torch.compile(self.model.forward_train, fullgraph=True)
+            self.forward = torch.compile(self.model, fullgraph=True)
 
     def batch(self, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from mtlfast.data import num_outputs
@@ -142,7 +170,7 @@ class _Runner:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)  # as the trainer: no old gradients beside the activations
         with self.autocast:
-            preds, aux = self.model.forward_train(images)
+            preds, aux = self.forward_train(images)
             total, _ = self.loss(preds, labels, aux)
         total.backward()
         self.optimizer.step()
@@ -151,7 +179,7 @@ class _Runner:
     def infer(self, images) -> None:
         self.model.eval()
         with self.autocast:
-            self.model(images)
+            self.forward(images)
 
 
 #: Rows of a :func:`block_breakdown` beside the blocks: the loss (forward and backward), the optimiser step.
@@ -387,6 +415,8 @@ def _measure_path(entry: dict, setting: ModelSetting, runner: _Runner, reps: int
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as `mtlfast train` (train.cudnn_benchmark)
     try:
+        entry["train_first_s"] = _median_ms(lambda: runner.train_step(images, labels), device, 1, 0) / 1e3
+        entry["infer_first_s"] = _median_ms(lambda: runner.infer(images), device, 1, 0) / 1e3
         train_ms = _median_ms(lambda: runner.train_step(images, labels), device, reps, warmup)
         infer_ms = _median_ms(lambda: runner.infer(images), device, reps, warmup)
         train_peak, train_above = _peak_bytes(lambda: runner.train_step(images, labels), device)
@@ -396,6 +426,9 @@ def _measure_path(entry: dict, setting: ModelSetting, runner: _Runner, reps: int
             "train_peak_bytes": train_peak, "train_peak_above_start_bytes": train_above,
             "infer_ms": infer_ms, "infer_images_per_s": setting.batch / infer_ms * 1e3,
             "infer_peak_bytes": infer_peak, "infer_peak_above_start_bytes": infer_above})
+        if runner.compiled:
+            entry["blocks_skipped"] = "compiled: one graph, no block boundaries"
+            return
         try:  # the timings above stand; the breakdown's failure is reported
             entry["blocks"] = block_breakdown(runner, images, labels, reps=min(reps, 3))
         except Exception as exc:
@@ -406,25 +439,27 @@ def _measure_path(entry: dict, setting: ModelSetting, runner: _Runner, reps: int
 
 
 def run_setting(setting: ModelSetting, device: torch.device, *, quick: bool, find_max_batch: bool,
-                deadline: float | None = None) -> dict:
-    """Every path of :data:`PATHS` on ``setting``, one after the other. ``deadline`` (time.monotonic()): no
+                deadline: float | None = None, compiled: bool = False) -> dict:
+    """Every path of :func:`bench_paths` on ``setting``, one after the other. ``deadline`` (time.monotonic()): no
     max-batch search starts with less than MAX_BATCH_MIN_SECONDS left, and a running one stops there."""
     reps, warmup = (2, 1) if quick else (10, 3)
     result: dict = {"setting": setting.name, "method": setting.method, "backbone": setting.backbone,
                     "dataset": setting.dataset, "size": list(setting.size), "batch": setting.batch, "paths": {}}
     state = None
-    for path, (backend, checkpointed) in PATHS.items():
+    for path, (backend, checkpointed) in bench_paths(compiled).items():
         entry: dict = {}
         runner = None
         try:
-            with use_backend(backend):
+            with use_backend(backend):  # traced into the compiled paths' graphs
                 torch.manual_seed(0)
-                runner = _Runner(setting, device, state, checkpointed=checkpointed)
+                runner = _Runner(setting, device, state, checkpointed=checkpointed, compiled=path in COMPILED_PATHS)
                 if state is None:  # the other paths start from these weights; kept on the host, not in the GPU's way
                     state = {k: v.detach().to("cpu", copy=True) for k, v in runner.model.state_dict().items()}
                 _measure_path(entry, setting, runner, reps, warmup)
                 if find_max_batch and device.type == "cuda":
-                    if deadline is not None and deadline - time.monotonic() < MAX_BATCH_MIN_SECONDS:
+                    if runner.compiled:
+                        entry["max_train_batch_skipped"] = "compiled"
+                    elif deadline is not None and deadline - time.monotonic() < MAX_BATCH_MIN_SECONDS:
                         entry["max_train_batch_skipped"] = "time budget"
                     else:
                         try:
@@ -442,7 +477,7 @@ def run_setting(setting: ModelSetting, device: torch.device, *, quick: bool, fin
             _free_cuda(device)
         result["paths"][path] = entry
     r = result["paths"]["reference"]
-    for path in (p for p in PATHS if p != "reference"):
+    for path in (p for p in result["paths"] if p != "reference"):
         k = result["paths"][path]
         for key in RATIO_KEYS:
             if k.get(key) and r.get(key):
@@ -504,7 +539,7 @@ def _max_batch_text(e: dict) -> str:
 
 def format_models_table(results: list[dict]) -> str:
     lines = [f"{'setting':<40} {'path':<20} {'train ms':>9} {'img/s':>7} {'peak GiB':>9} {'infer ms':>9} "
-             f"{'max batch':>9}"]
+             f"{'max batch':>9} {'1st step s':>10}"]
     for res in results:
         for path, e in res["paths"].items():
             if "error" in e:
@@ -512,8 +547,8 @@ def format_models_table(results: list[dict]) -> str:
                 continue
             peak = f"{e['train_peak_bytes'] / 2**30:.2f}" if e.get("train_peak_bytes") is not None else "-"
             lines.append(f"{res['setting']:<40} {path:<20} {e['train_ms']:>9.1f} {e['train_images_per_s']:>7.1f} "
-                         f"{peak:>9} {e['infer_ms']:>9.1f} {_max_batch_text(e):>9}")
-        for path in (p for p in PATHS if p != "reference"):
+                         f"{peak:>9} {e['infer_ms']:>9.1f} {_max_batch_text(e):>9} {e['train_first_s']:>10.1f}")
+        for path in (p for p in res["paths"] if p != "reference"):
             suffix = f"_ratio_{path}_over_reference"
             ratios = {k[:-len(suffix)]: v for k, v in res.items() if k.endswith(suffix)}
             if ratios:
@@ -543,7 +578,7 @@ def format_models_markdown(results: list[dict]) -> str:
             verdict = ""
             if time_ratio is not None:  # "no model slower": the plain kernel path (checkpointing trades time)
                 checks = [("no slower", time_ratio <= 1.0)] if path == "kernels" else []
-                if res["method"] in TARGET_METHODS:
+                if res["method"] in TARGET_METHODS and uses_kernels(path):
                     checks.append((f"time <= {TIME_TARGET}x", time_ratio <= TIME_TARGET))
                     if memory_ratio is not None:
                         checks.append((f"memory <= {MEMORY_TARGET}x", memory_ratio <= MEMORY_TARGET))
@@ -562,13 +597,14 @@ def plot_models(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["setting"] for r in results]
+    paths = list(dict.fromkeys(p for r in results for p in r["paths"]))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(names)), 4.5))
     for ax, key, label in ((axes[0], "train_ms", "training step (ms)"),
                            (axes[1], "train_peak_bytes", "peak training memory (GiB)")):
-        width = 0.8 / len(PATHS)
-        for j, p in enumerate(PATHS):
+        width = 0.8 / len(paths)
+        for j, p in enumerate(paths):
             values = [(r["paths"].get(p, {}).get(key) or 0) / (2**30 if "bytes" in key else 1) for r in results]
-            offset = (j - (len(PATHS) - 1) / 2) * width
+            offset = (j - (len(paths) - 1) / 2) * width
             ax.bar([i + offset for i in range(len(names))], values, width=width, label=p)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.set_title(label)

@@ -52,6 +52,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.models:
         return _bench_models(args)
+    if args.max_batch or args.compile:
+        raise ValueError("--max-batch and --compile go with --models")
     benchmarks = harness.load_benchmarks()
     if args.report:
         return _bench_report(args.report, benchmarks)
@@ -200,8 +202,8 @@ def _bench_models(args: argparse.Namespace) -> int:
             break
         print(f"-- {setting.name} {setting.size} batch {setting.batch}", flush=True)
         try:
-            result = models.run_setting(setting, device, quick=quick,
-                                        find_max_batch=args.max_batch, deadline=deadline)
+            result = models.run_setting(setting, device, quick=quick, find_max_batch=args.max_batch,
+                                        deadline=deadline, compiled=args.compile)
         except RuntimeError as exc:  # the CUDA context is lost (harness): nothing more can run in this process
             save(results, left)
             print(f"mtlfast bench --models: {exc}", file=sys.stderr)
@@ -563,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", action="store_true",
                        help="model-level benchmark: training step and inference, kernel vs reference path")
     bench.add_argument("--max-batch", action="store_true", help="with --models: search the largest batch per path")
+    bench.add_argument("--compile", action="store_true",
+                       help="with --models: also the reference and kernel paths under torch.compile (Inductor)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -358,6 +358,9 @@ def test_cli_bench_and_info_run():
     result = subprocess.run([sys.executable, "-m", "mtlfast", "info", "--out", "table.json"], capture_output=True,
                             text=True)
     assert result.returncode == 1 and "--out writes the --models table; give --models" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "mtlfast", "bench", "attention", "--compile"], capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and "--max-batch and --compile go with --models" in result.stderr
 
 
 def test_model_benchmark_runs_every_path_on_cpu(tmp_path):
@@ -394,6 +397,41 @@ def test_model_benchmark_runs_every_path_on_cpu(tmp_path):
     result["paths"]["kernels"] = {"error": "RuntimeError: CUDA out of memory", "out_of_memory": True}
     result["paths"]["reference"] = {"error": "ValueError: bad", "out_of_memory": False}
     assert models.failures([result]) == ["sem-convnet_tiny-nyud/reference: ValueError: bad"]
+
+
+def test_model_benchmark_compiled_paths(monkeypatch):
+    """`mtlfast bench --models --compile`: the reference and kernel paths also under torch.compile(fullgraph=True)
+    with the same weights (here with AOTAutograd's eager backend in place of Inductor, to keep CPU time short;
+    Inductor on these models: test_train and test_models), each time and first call recorded, neither given a
+    per-block breakdown or a batch search, their ratios to the eager reference printed, and the targets judged on
+    the kernel paths only. Dynamo's caches are reset per compiled model: with the recompilation limit at one, the
+    second compiled path would otherwise fail (its backend scope is guarded; fullgraph makes the limit an error)."""
+    from mtlfast.bench import models
+
+    compiles = []
+
+    def compile_eagerly(fn, **kwargs):
+        compiles.append(kwargs)
+        return torch._dynamo.optimize("aot_eager", nopython=kwargs["fullgraph"])(fn)
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    setting = models.ModelSetting("tpim", "convnet_tiny", "nyud", ("semseg", "depth"), size=(64, 64), batch=1,
+                                  kwargs={"channels": 16, "dim": 8, "n_iter": 2})
+    with torch._dynamo.config.patch(recompile_limit=1):
+        result = models.run_setting(setting, torch.device("cpu"), quick=True, find_max_batch=True, compiled=True)
+    assert list(result["paths"]) == list(models.PATHS) + list(models.COMPILED_PATHS)
+    assert models.failures([result]) == []
+    assert compiles == [{"fullgraph": True}] * 4  # the training and the inference forward per compiled path
+    for path, entry in result["paths"].items():
+        assert entry["train_ms"] > 0 and entry["infer_ms"] > 0 and entry["train_first_s"] > 0
+        assert ("blocks" in entry) == (path not in models.COMPILED_PATHS), path
+        if path in models.COMPILED_PATHS:
+            assert entry["blocks_skipped"].startswith("compiled") and result[f"train_ms_ratio_{path}_over_reference"]
+    table = models.format_models_markdown([result])
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in table.splitlines()[2:]]
+    verdicts = {row[1]: row[-1] for row in cells}
+    assert verdicts["reference_compiled"] == "" and "time <= 0.8x" in verdicts["kernels_compiled"]
+    assert "kernels_compiled/reference: train_ms" in models.format_models_table([result])
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
