@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -151,18 +152,20 @@ def test_saved_activation_bytes_by_block():
     assert model.parts[0]._forward_pre_hooks == {} and model.parts[0]._forward_hooks == {}  # hooks removed
 
 
-def test_time_budget_and_resume():
+def test_time_budget_and_resume(monkeypatch):
     """A run whose deadline passes records the cases left as not run (incomplete, every provider and mode) and
     reports each measured case to on_case; a resumed run keeps the measured case's rows (with the run that
     measured them) and measures only the rest; an earlier result of other sources, dtype or modes is not
-    resumed."""
+    resumed. (The deadline is on a fake clock: the run's first steps can take seconds on a loaded machine.)"""
     calls, seen = {}, []
     benchmark = _two_case_benchmark(calls)
-    deadline = time.monotonic() + 2.0
+    now, deadline = [0.0], 10.0
+    clock = types.SimpleNamespace(perf_counter=time.perf_counter, monotonic=lambda: now[0])
+    monkeypatch.setattr(harness, "time", clock)
 
-    def on_case(result):  # "a" is measured well before the deadline; "b" would start after it
+    def on_case(result):  # "a" is measured before the deadline; "b" would start after it
         seen.append([r["case"] for r in result["rows"]])
-        time.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+        now[0] = deadline + 1
 
     first = harness.run_benchmark(benchmark, device="cpu", dtype=torch.float32, quick=True, deadline=deadline,
                                   on_case=on_case)
@@ -311,8 +314,9 @@ def test_cli_bench_models_runs_saves_and_resumes(tmp_path, monkeypatch, capsys):
 
     status, printed, saved = call("--cases", "^sem-")
     assert status == 0, printed.err
-    assert f"-- {sem.name} (128, 128) batch 1" in printed.out and "baseline" not in printed.out
-    assert "kernels/reference: train_ms" in printed.out and "EMInteraction" in printed.out
+    assert f"-- {sem.name} (128, 128) batch 1" in printed.out and "baseline" not in printed.out, printed.out
+    assert "kernels/reference: train_ms" in printed.out and f"{sem.name}: time per block" in printed.out, printed.out
+    assert "EMInteraction" in {b["type"] for b in saved["results"][0]["paths"]["kernels"]["blocks"]}
     assert saved["quick"] is True and saved["complete"] is True and saved["settings_left"] == []
     assert [r["setting"] for r in saved["results"]] == [sem.name]
     assert (out / harness.device_slug("cpu") / "models.png").stat().st_size > 0
@@ -388,7 +392,7 @@ def test_model_benchmark_runs_every_path_on_cpu(tmp_path):
         assert sum(b["train_bwd_ms"] for b in entry["blocks"] if b["type"] == "EMInteraction") > 0
         recomputed = sum(b["train_recompute_ms"] for b in entry["blocks"])
         assert recomputed > 0 if path == "kernels_checkpointed" else recomputed == 0
-    table = models.format_block_breakdown(result).splitlines()
+    table = models.format_block_breakdown(result, top=len(result["paths"]["reference"]["blocks"])).splitlines()
     assert "backbone (Backbone)" in "\n".join(table) and table[-2].startswith("sum")
     assert table[-1].startswith("median step without hooks") and len({len(line) for line in table[1:]}) == 1
     models.plot_models([result], str(tmp_path / "models.png"))
@@ -536,11 +540,13 @@ def _result_with_rows():
 
 
 class _FakeCuda:
-    """torch.cuda's events and synchronize on the host clock, for the CUDA timing code on a CPU; ``log`` gets
-    "sync" (torch.cuda.synchronize), "record" and "wait" (an event's record and synchronize)."""
+    """torch.cuda's events and synchronize, and the harness's host clock, on a fake clock that only :meth:`spend`
+    advances (timings exact, whatever the machine's load), for the CUDA timing code on a CPU; ``log`` gets "sync"
+    (torch.cuda.synchronize), "record" and "wait" (an event's record and synchronize)."""
 
     def __init__(self, monkeypatch):
         log = self.log = []
+        now = self.now = [0.0]  # milliseconds
 
         class Event:
             def __init__(self, enable_timing=False):
@@ -548,23 +554,27 @@ class _FakeCuda:
 
             def record(self):
                 log.append("record")
-                self.t = time.perf_counter()
+                self.t = now[0]
 
             def synchronize(self):
                 log.append("wait")
 
             def elapsed_time(self, end):
                 assert log[-1] == "wait", "elapsed_time before the end event was waited for"
-                return (end.t - self.t) * 1e3
+                return end.t - self.t
 
         monkeypatch.setattr(torch.cuda, "Event", Event)
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
+        monkeypatch.setattr(harness, "time", types.SimpleNamespace(perf_counter=lambda: now[0] / 1e3))
+
+    def spend(self, ms: float) -> None:
+        self.now[0] += ms
 
 
 def test_cuda_timing_records_both_times(monkeypatch):
     """On a GPU each row gets do_bench's median, sample count and quartiles, and the back-to-back time per call:
-    loops of calls (grads reset before each) timed by events, divided by the calls. Events on the host clock
-    here: a call that sleeps 2 ms takes 2 ms per call back to back, whatever do_bench said."""
+    loops of calls (grads reset before each) timed by events, divided by the calls. Events and host on one fake
+    clock here: a call that takes 2 ms takes 2 ms per call back to back, whatever do_bench said."""
     import triton.testing
 
     cuda = _FakeCuda(monkeypatch)
@@ -576,22 +586,28 @@ def test_cuda_timing_records_both_times(monkeypatch):
         grads_at_call.append(leaf.grad)
         cuda.log.append("call")
         leaf.grad = torch.ones(2)
-        time.sleep(0.002)
+        cuda.spend(2.0)
 
     timing = harness._time_cuda(run, [leaf], quick=True)
     assert (timing["ms"], timing["samples"], timing["ms_quartiles"]) == (2.0, 5, [2.0, 3.0])
-    assert 2.0 <= timing["ms_back_to_back"] < 3.5, timing
+    assert timing["ms_back_to_back"] == pytest.approx(2.0), timing
     # 3 loops of 5 ms / 2 ms -> 2 calls, nothing waits for the device between the calls of a loop
     assert cuda.log == ["sync", "record", "call", "call", "record", "wait"] * 3
     assert all(g is None for g in grads_at_call)
     assert harness._summary([40.0, 50.0])["ms_quartiles"] == [42.5, 47.5]  # within the samples
-    assert 1.0 <= harness.time_back_to_back(lambda: time.sleep(0.001), [], estimate_ms=0.5) < 1.5
-    calls = []  # a call longer than half a loop is timed once
-    assert harness.time_back_to_back(lambda: calls.append(time.sleep(0.012)), [], estimate_ms=12.0) >= 12.0
+    calls = []
+
+    def call(ms):
+        calls.append(ms)
+        cuda.spend(ms)
+    assert harness.time_back_to_back(lambda: call(1.0), [], estimate_ms=0.5) == pytest.approx(1.0)
+    assert 3 * 20 <= len(calls) <= 3 * 21  # 20 ms loops (the last call may start at 19.999... ms)
+    calls.clear()  # a call longer than half a loop is timed once
+    assert harness.time_back_to_back(lambda: call(12.0), [], estimate_ms=12.0) == pytest.approx(12.0)
     assert len(calls) == 1
     calls.clear()  # host-bound: 1 ms of host per call against an estimate of 0.01 ms of device time
-    assert 1.0 <= harness.time_back_to_back(lambda: calls.append(time.sleep(0.001)), [], estimate_ms=0.01) < 1.5
-    assert len(calls) <= 3 * 25, len(calls)  # each loop stops once the host spent its 20 ms (not 1000 calls)
+    assert harness.time_back_to_back(lambda: call(1.0), [], estimate_ms=0.01) == pytest.approx(1.0)
+    assert 3 * 20 <= len(calls) <= 3 * 21  # each loop stops once the host spent its 20 ms (not 1000 calls)
 
 
 def test_a_choice_that_changes_while_timed_is_recorded():
