@@ -689,10 +689,11 @@ def test_reference_is_grid_sample():
 @pytest.mark.compile_only
 def test_triton_kernels_compile_for_sm90():
     """Every Triton kernel of the path compiles to sm_90a cubin at the GPU launch configuration (power-of-two
-    aranges, constexpr branches, the int64 offsets) in bfloat16 and float32, with Triton's compiler and ptxas,
-    in a subprocess without the interpreter. Needs no GPU."""
+    aranges, constexpr branches, the int64 offsets) in bfloat16, float32 and mixed precision (bfloat16 values,
+    float32 points and weights), with Triton's compiler and ptxas, in a subprocess without the interpreter. Needs
+    no GPU."""
     out = run_without_interpreter([__file__, "--compile-sm90"])
-    assert "compiled 14" in out, out
+    assert "compiled 21" in out, out
 
 
 def _compile_sm90() -> None:
@@ -701,16 +702,16 @@ def _compile_sm90() -> None:
     count = 0
     pointer_types = {"ACC": "*fp32", "GP": "*fp32", "KEYS": "*i32", "COEF": "*fp32", "ROWS": "*i32",
                      "START": "*i64", "COUNT": "*i64"}
-    same_as_values = {"V", "P", "WTS", "G", "GW", "GV"}
+    same_as_values, same_as_points = {"V", "G", "GV"}, {"P", "WTS", "GW"}
 
-    def build(fn, constexprs, dtype, num_warps):
+    def build(fn, constexprs, dtypes, num_warps):
         nonlocal count
-        sig = {name: "constexpr" if name in constexprs else dtype if name in same_as_values
-               else pointer_types.get(name, "i32") for name in fn.arg_names}
+        sig = {name: "constexpr" if name in constexprs else dtypes[0] if name in same_as_values
+               else dtypes[1] if name in same_as_points else pointer_types.get(name, "i32") for name in fn.arg_names}
         compile_for_gpu(fn, sig, constexprs, num_warps=num_warps)
         count += 1
 
-    for dtype in ("*bf16", "*fp32"):
+    for dtype in (("*bf16", "*bf16"), ("*fp32", "*fp32"), ("*bf16", "*fp32")):  # (values, points and weights)
         cfg = D.launch_config(256, torch.device("cuda"))
         for first in (True, False):
             tiles = dict(FIRST=first, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c)
