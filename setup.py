@@ -6,7 +6,8 @@
 - CUDA build of torch and nvcc present, or ``MTLFAST_BUILD_CUDA=1`` -> CUDA sources (csrc/cuda) as well,
   for the archs in ``TORCH_CUDA_ARCH_LIST`` (default: the compute capabilities of the GPUs visible at build
   time, else "9.0", i.e. sm_90: H100/H200). ``MTLFAST_BUILD_CUDA=0`` disables. A GPU the build cannot run is
-  refused by the ``cuda`` backend with the rebuild to do (``mtlfast.backends.cuda_arch_refusal``).
+  refused by the ``cuda`` backend with the rebuild to do (``mtlfast.backends.cuda_arch_refusal``). A CUDA_HOME
+  without the CUDA headers (an nvcc wrapper script) builds the CPU extension only, saying why.
 - ``MTLFAST_NO_EXTENSION=1`` -> pure Python regardless.
 - A compile failure does not fail the install unless ``MTLFAST_STRICT_BUILD=1`` (bench/gpu_check.sh sets it);
   it is printed, and ``mtlfast info`` reports the extension as missing.
@@ -55,6 +56,16 @@ def _default_cuda_archs(torch) -> str:
     return "9.0"
 
 
+def _missing_cuda_headers(cuda_home: str) -> str:
+    """Why the folder torch takes as CUDA_HOME (the environment's, else the one above nvcc's bin/) lacks the CUDA
+    headers, or "": an nvcc wrapper script in /usr/local/bin makes torch take /usr/local, where a compile would
+    stop at the first CUDA header and (without MTLFAST_STRICT_BUILD) leave a pure-Python install."""
+    if os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime_api.h")):
+        return ""
+    return (f"CUDA_HOME={cuda_home} has bin/nvcc but no include/cuda_runtime_api.h (nvcc may be a wrapper script); "
+            f"set CUDA_HOME to the CUDA toolkit's folder, e.g. /usr/local/cuda")
+
+
 def _extension():
     """(ext_modules, cmdclass) for the compiled extension, or ([], {}) for a pure-Python install."""
     if os.environ.get("MTLFAST_NO_EXTENSION") == "1":
@@ -68,15 +79,19 @@ def _extension():
         return [], {}
 
     force_cuda = os.environ.get("MTLFAST_BUILD_CUDA")
-    nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
-    with_cuda = force_cuda == "1" or (force_cuda != "0" and torch.version.cuda is not None and bool(nvcc))
-    if with_cuda and (torch.version.cuda is None or not nvcc):
-        why = (f"MTLFAST_BUILD_CUDA=1, but torch {torch.__version__} is a CPU build" if torch.version.cuda is None
-               else f"MTLFAST_BUILD_CUDA=1, but no nvcc under CUDA_HOME={cpp_extension.CUDA_HOME}")
-        if os.environ.get("MTLFAST_STRICT_BUILD") == "1":
-            raise SystemExit(f"mtlfast: {why}")
-        print(f"mtlfast: {why}; building the CPU extension only", file=sys.stderr)
-        with_cuda = False
+    home = cpp_extension.CUDA_HOME
+    nvcc = bool(home) and os.path.exists(os.path.join(home, "bin", "nvcc"))
+    with_cuda = force_cuda == "1" or (force_cuda != "0" and torch.version.cuda is not None and nvcc)
+    if with_cuda:
+        why = (f"torch {torch.__version__} is a CPU build" if torch.version.cuda is None
+               else f"no nvcc under CUDA_HOME={home}" if not nvcc else _missing_cuda_headers(home))
+        if why and force_cuda == "1":
+            why = f"MTLFAST_BUILD_CUDA=1, but {why}"
+            if os.environ.get("MTLFAST_STRICT_BUILD") == "1":
+                raise SystemExit(f"mtlfast: {why}")
+        if why:
+            print(f"mtlfast: {why}; building the CPU extension only", file=sys.stderr)
+            with_cuda = False
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
 
     sources = ["csrc/mtlfast_ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))

@@ -98,3 +98,23 @@ def test_cuda_glue_type_checks_against_torch_headers(tmp_path):
            "csrc/mtlfast_ops.cpp"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
+
+
+def test_setup_names_a_cuda_home_without_headers(tmp_path):
+    """setup.py builds CUDA sources only with a CUDA_HOME that has the CUDA headers: torch takes the folder above
+    nvcc's bin/, which for a wrapper script (/usr/local/bin/nvcc on the CPU machines) has none, and the compile
+    would fail at the first CUDA header and leave a pure-Python install. The check names the folder and the fix
+    (the install then builds the CPU extension, or stops under MTLFAST_BUILD_CUDA=1 MTLFAST_STRICT_BUILD=1)."""
+    import ast
+
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    (check,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_missing_cuda_headers"]
+    namespace = {"os": os}
+    exec(compile(ast.Module([check], type_ignores=[]), "setup.py", "exec"), namespace)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\nexec /usr/local/cuda/bin/nvcc \"$@\"\n")
+    why = namespace["_missing_cuda_headers"](str(tmp_path))
+    assert f"CUDA_HOME={tmp_path} has bin/nvcc but no include/cuda_runtime_api.h" in why and "/usr/local/cuda" in why
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime_api.h").write_text("")
+    assert namespace["_missing_cuda_headers"](str(tmp_path)) == ""
