@@ -85,11 +85,11 @@ def _extension():
     if with_cuda:
         why = (f"torch {torch.__version__} is a CPU build" if torch.version.cuda is None
                else f"no nvcc under CUDA_HOME={home}" if not nvcc else _missing_cuda_headers(home))
-        if why and force_cuda == "1":
-            why = f"MTLFAST_BUILD_CUDA=1, but {why}"
-            if os.environ.get("MTLFAST_STRICT_BUILD") == "1":
-                raise SystemExit(f"mtlfast: {why}")
         if why:
+            if force_cuda == "1":
+                why = f"MTLFAST_BUILD_CUDA=1, but {why}"
+                if os.environ.get("MTLFAST_STRICT_BUILD") == "1":
+                    raise SystemExit(f"mtlfast: {why}")
             print(f"mtlfast: {why}; building the CPU extension only", file=sys.stderr)
             with_cuda = False
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))

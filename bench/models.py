@@ -80,7 +80,7 @@ def bench_paths(compiled: bool) -> dict[str, tuple[str, bool]]:
 
 def uses_kernels(path: str) -> bool:
     """Whether ``path`` (of :data:`PATHS` or :data:`COMPILED_PATHS`) runs the kernels: the targets judge those."""
-    return {**PATHS, **COMPILED_PATHS}[path][0] != "reference"
+    return bench_paths(compiled=True)[path][0] != "reference"
 
 
 #: Seconds a max-batch search needs at least: with less time left in the budget it is not started.

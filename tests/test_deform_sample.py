@@ -711,15 +711,15 @@ def _compile_sm90() -> None:
         compile_for_gpu(fn, sig, constexprs, num_warps=num_warps)
         count += 1
 
-    for dtype in (("*bf16", "*bf16"), ("*fp32", "*fp32"), ("*bf16", "*fp32")):  # (values, points and weights)
+    for dtypes in (("*bf16", "*bf16"), ("*fp32", "*fp32"), ("*bf16", "*fp32")):  # (values, points and weights)
         cfg = D.launch_config(256, torch.device("cuda"))
         for first in (True, False):
             tiles = dict(FIRST=first, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c)
-            build(D._forward_kernel, tiles, dtype, cfg.num_warps)
-            build(D._point_grad_kernel, tiles, dtype, cfg.num_warps)
-        build(D._corner_keys_kernel, dict(BLOCK=4 * cfg.block_n), dtype, cfg.num_warps)
-        build(D._gather_kernel, dict(BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c), dtype, cfg.num_warps)
-        build(D._gather_kernel, dict(BLOCK_P=cfg.block_p, BLOCK_C=1), dtype, cfg.num_warps)  # C = 1
+            build(D._forward_kernel, tiles, dtypes, cfg.num_warps)
+            build(D._point_grad_kernel, tiles, dtypes, cfg.num_warps)
+        build(D._corner_keys_kernel, dict(BLOCK=4 * cfg.block_n), dtypes, cfg.num_warps)
+        build(D._gather_kernel, dict(BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c), dtypes, cfg.num_warps)
+        build(D._gather_kernel, dict(BLOCK_P=cfg.block_p, BLOCK_C=1), dtypes, cfg.num_warps)  # C = 1
     print(f"compiled {count}")
 
 
