@@ -33,7 +33,8 @@ DEFAULT_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "r
 # model's graph) and guards on what it reads here, so a compiled model recompiles when the scope changes
 # (tests/test_backends.py). Read through getattr with a default: Dynamo did not guard a threading.local subclass's
 # class-level defaults (torch 2.13). A block leaves an unset entry unset (a default written back would fail the
-# guards of code compiled before the block: one more compilation).
+# guards of code compiled before the block: one more compilation), except a block inside a compiled function, which
+# writes the default back (Dynamo cannot trace delattr on a threading.local).
 _scope = threading.local()
 _SCOPE_DEFAULTS = {"backend": None, "op_backends": {}, "meta_plan": None}  # op_backends: replaced, never mutated
 _UNSET = object()
@@ -53,10 +54,12 @@ def _scope_set(**values) -> Iterator[None]:
         yield
     finally:
         for name, value in previous.items():
-            if value is _UNSET:
-                delattr(_scope, name)
-            else:
+            if value is not _UNSET:
                 setattr(_scope, name, value)
+            elif torch.compiler.is_compiling():
+                setattr(_scope, name, _SCOPE_DEFAULTS[name])
+            else:
+                delattr(_scope, name)
 
 #: name -> Op, filled as op modules are imported (``mtlfast.ops`` imports all of them; :func:`registered_ops`).
 OPS: dict[str, "Op"] = {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mtlfast
-from mtlfast.backends import OPS, BackendError, Op, current_backend, use_backend
+from mtlfast.backends import OPS, BackendError, BackendScope, Op, current_backend, use_backend
 from mtlfast.testing import fresh_seed, rel_error
 
 
@@ -90,6 +90,42 @@ def test_torch_compile_traces_the_scope_and_recompiles_when_it_changes():
         assert counters["stats"]["unique_graphs"] == 3  # auto, reference, the override: after the block, auto's again
     finally:
         del OPS["_toy_scoped"]
+
+
+def test_a_scope_opened_inside_a_compiled_function_compiles_and_ends_with_it():
+    """use_backend and BackendScope.active inside a compiled function (a model whose forward scopes a block): one
+    graph, the block's backend inside it, the caller's scope after it, also when the scope was never set (a fresh
+    thread: leaving the block deletes the entries in eager code, which Dynamo cannot trace)."""
+    import threading
+
+    op = Op("_toy_inner_scope", auto_order={"cpu": ("cpp", "reference")})
+    op.register("reference", lambda x: 2 * x, devices=("cpu",), dtypes=(torch.float32,))
+    op.register("cpp", lambda x: 3 * x, devices=("cpu",), dtypes=(torch.float32,))
+    run = lambda x: op.select(None, x.device, x.dtype, (x,)).fn(x)  # noqa: E731
+
+    def forward(x):
+        with use_backend("reference"):
+            inner = run(x)
+            with BackendScope.capture().active():
+                captured = run(x)
+        return inner + captured + run(x)  # reference, reference, then the caller's: auto (cpp)
+
+    seen = []
+
+    def fresh_thread():
+        torch._dynamo.reset()
+        compiled = torch.compile(forward, backend="eager", fullgraph=True)
+        seen.append((compiled(torch.ones(1)).item(), current_backend(), compiled(torch.ones(1)).item()))
+        with use_backend("reference"):
+            seen.append(compiled(torch.ones(1)).item())
+
+    try:
+        thread = threading.Thread(target=fresh_thread)
+        thread.start()
+        thread.join()
+        assert seen == [(7.0, "auto", 7.0), 6.0]
+    finally:
+        del OPS["_toy_inner_scope"]
 
 
 def test_unknown_backend_names_are_rejected(toy_op, monkeypatch):
