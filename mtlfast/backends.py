@@ -323,6 +323,24 @@ def deterministic_mode() -> bool:
     return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
 
 
+def functorch_gradient_refusal() -> str | None:
+    """Why no kernel backend can run inside a torch.func gradient transform (grad, vjp, jacrev, jvp, jacfwd), or
+    None: PyTorch runs a custom op's registered derivative under torch.autograd only (inside torch.func.grad it
+    fails with "autograd.Function ... must override the setup_context staticmethod"), and the kernels have no
+    forward-mode derivative. So there the kernel backends refuse and auto takes the reference; torch.vmap alone
+    runs the kernels (PyTorch's per-sample loop over the op)."""
+    if torch.compiler.is_compiling():
+        return None
+    stack = torch._C._functorch.get_interpreter_stack()
+    if stack and any(level.key() in _GRADIENT_TRANSFORMS for level in stack):
+        return ("a torch.func gradient transform (grad, vjp, jacrev, jvp, jacfwd) is active, and the kernels' "
+                "derivatives serve torch.autograd only; the reference backend supports it")
+    return None
+
+
+_GRADIENT_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+
+
 def atomic_gradient_refusals(tensors, what: str, instead: str) -> list[str]:
     """A kernel's refusal when a gradient will be needed in deterministic mode and its backward accumulates with
     float atomics (``what``), whose sums differ in the last bits from run to run: PyTorch refuses its own
@@ -362,6 +380,10 @@ class Implementation:
             why = self.available(available_on or device_type, dtype)
             if why:
                 reasons.append(why)
+            if self.backend != "reference":
+                why = functorch_gradient_refusal()
+                if why:
+                    reasons.append(why)
         if dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reasons.append(f"dtype {str(dtype).replace('torch.', '')} not supported (supports {names})")

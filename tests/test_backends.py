@@ -7,6 +7,7 @@ import torch
 
 import mtlfast
 from mtlfast.backends import OPS, BackendError, BackendScope, Op, current_backend, use_backend
+from mtlfast.ops.deform_sample import _OP as _OP_DEFORM
 from mtlfast.testing import fresh_seed, rel_error
 
 
@@ -270,6 +271,52 @@ def test_triton_refuses_bfloat16_in_the_cpu_interpreter(op):
     says why."""
     with pytest.raises(BackendError, match="interpreter"):
         _op_calls(None, torch.bfloat16)[op]("triton")
+
+
+@pytest.mark.parametrize("op", list(_op_calls(None)))
+def test_kernel_backends_refuse_torch_func_gradient_transforms(op):
+    """Inside torch.func.grad or jvp (vjp, jacrev and jacfwd are built on them) a kernel backend refuses, naming
+    the transform (PyTorch runs a custom op's derivative under torch.autograd only; without the refusal:
+    "autograd.Function ... must override the setup_context staticmethod"), and the reference serves."""
+    calls = _op_calls(torch.Generator().manual_seed(fresh_seed()))
+    jvp = lambda f: lambda s: torch.func.jvp(f, (s,), (s,))[1]  # noqa: E731
+    for transform in (torch.func.grad, jvp):
+        with pytest.raises(BackendError, match="torch.func gradient transform .* the reference backend supports"):
+            transform(lambda s: (calls[op]("triton") * s).sum())(torch.tensor(1.0))
+        assert torch.isfinite(transform(lambda s: (calls[op]("reference") * s).sum())(torch.tensor(1.0)))
+
+
+def test_torch_vmap_alone_runs_the_kernels():
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, k, v = torch.randn(3, 1, 2, 9, 8, generator=gen), torch.randn(1, 2, 7, 8, generator=gen), torch.randn(
+        1, 2, 7, 5, generator=gen)
+    out = torch.vmap(lambda x: mtlfast.ops.attention(x, k, v, backend="triton"))(q)
+    ref = torch.stack([mtlfast.ops.attention(x.double(), k.double(), v.double(), backend="reference") for x in q])
+    assert rel_error(out, ref) < 1e-5
+
+
+@pytest.mark.skipif(not mtlfast._ext.status().loaded, reason="compiled extension missing (deform_sample's cpp)")
+def test_auto_takes_the_reference_inside_torch_func_grad():
+    """deform_sample's auto backend on a CPU is the C++ kernel; inside torch.func.grad (and per-sample gradients,
+    vmap of grad) it is the reference, with torch.autograd's gradients through the kernel."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    values = [torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64),
+              torch.randn(2, 3, 3, 4, generator=gen, dtype=torch.float64)]
+    points = torch.rand(2, 7, 2, generator=gen, dtype=torch.float64) * 2.4 - 1.2
+    weights = torch.rand(2, 7, 2, generator=gen, dtype=torch.float64)
+    assert _OP_DEFORM.select(None, points.device, points.dtype, (values, points, weights)).backend == "cpp"
+
+    def loss(p, w, vals=values):
+        return mtlfast.ops.deform_sample(vals, p, w).square().sum()
+
+    grads = torch.func.grad(loss, argnums=(0, 1))(points, weights)
+    p, w = points.clone().requires_grad_(), weights.clone().requires_grad_()
+    expected = torch.autograd.grad(mtlfast.ops.deform_sample(values, p, w, backend="cpp").square().sum(), (p, w))
+    for got, want in zip(grads, expected):
+        assert rel_error(got, want) < 1e-12
+    per_sample = torch.vmap(torch.func.grad(loss), in_dims=(0, 0, 0))(points[:, None], weights[:, None],
+                                                                         [v[:, None] for v in values])
+    assert rel_error(per_sample[:, 0], expected[0]) < 1e-12
 
 
 def test_meta_planning():
