@@ -72,6 +72,11 @@ def backbone_names() -> list[str]:
     return list(BACKBONES)
 
 
+def canonical_backbone(name: str) -> str:
+    """The short name (a key of :data:`BACKBONES`) of a backbone given by it or by its timm name."""
+    return _resolve(name)[0]
+
+
 def _resolve(name: str) -> tuple[str, _Spec]:
     if not isinstance(name, str):
         raise TypeError(f"backbone: expected a name, got {type(name).__name__}")

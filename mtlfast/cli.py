@@ -248,11 +248,14 @@ def _check_folder(folder: str, option: str) -> None:
         raise PermissionError(f"{option}: cannot write into {folder!r}")
 
 
-def _check_out_folder(out: str | None, option: str = "--out") -> None:
-    """The output file ``out`` of ``option``: not a folder, and its folder created (:func:`_check_folder`)."""
+def _check_out_folder(out: str | None, option: str = "--out", keep: str | None = None) -> None:
+    """The output file ``out`` of ``option``: not a folder, not a checkpoint (the file ``keep``, or any existing
+    ``.pt`` file: a command never overwrites one), and its folder created (:func:`_check_folder`)."""
     if out:
         if os.path.isdir(out):
             raise IsADirectoryError(f"{option}: {out!r} is a folder; expected a file name")
+        if os.path.exists(out) and (out.endswith(".pt") or (keep and os.path.samefile(out, keep))):
+            raise FileExistsError(f"{option}: {out!r} is a checkpoint, which would be overwritten; name another file")
         _check_folder(os.path.dirname(os.path.abspath(out)), option)
 
 
@@ -291,14 +294,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mtlfast._files import write_json_atomically
     from mtlfast.engine import checkpoint as ckpt
-    from mtlfast.engine.config import load_config
     from mtlfast.engine.distributed import barrier
     from mtlfast.engine.trainer import Trainer
 
-    payload = ckpt.load_checkpoint(args.checkpoint)
-    config = load_config(None, args.overrides, base=payload["config"])
-    _check_out_folder(args.out)
-    _check_out_folder(args.samples, "--samples")
+    payload = ckpt.load_checkpoint(args.checkpoint, training=False)
+    config = ckpt.checkpoint_config(payload, args.checkpoint, args.overrides)
+    iteration = payload.get("iteration")  # None: a checkpoint stripped to config and weights
+    _check_out_folder(args.out, keep=args.checkpoint)
+    _check_out_folder(args.samples, "--samples", keep=args.checkpoint)
     if args.save_predictions:
         _check_folder(args.save_predictions, "--save-predictions")
     # the run's logs stay as they are; the training split is not needed (nor read)
@@ -314,9 +317,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         trainer.close()
     if not trainer.dist.is_main:
         return 0
-    _print_metrics(f"evaluation of {args.checkpoint} (iteration {trainer.iteration}):", metrics)
+    _print_metrics(f"evaluation of {args.checkpoint} (iteration {'not recorded' if iteration is None else iteration}):",
+                   metrics)
     if args.out:
-        write_json_atomically(args.out, {"checkpoint": args.checkpoint, "iteration": trainer.iteration,
+        write_json_atomically(args.out, {"checkpoint": args.checkpoint, "iteration": iteration,
                                          "metrics": metrics, "per_class_iou": trainer.per_class_iou})
     return 0
 
@@ -331,11 +335,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     if args.config and args.checkpoint:
         raise ValueError("score: pass --config or --checkpoint (whose config names the data), not both")
-    base = ckpt.load_checkpoint(args.checkpoint)["config"] if args.checkpoint else None
-    config = load_config(args.config, args.overrides, base=base)
+    if args.checkpoint:
+        config = ckpt.checkpoint_config(ckpt.load_checkpoint(args.checkpoint, training=False), args.checkpoint,
+                                        args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
     if not os.path.isdir(args.predictions):
         raise FileNotFoundError(f"--predictions: folder not found: {args.predictions}")
-    _check_out_folder(args.out)
+    _check_out_folder(args.out, keep=args.checkpoint)
     dataset = canonical_dataset(config["data"]["dataset"])
     tasks = list(check_tasks(config["data"]["tasks"], dataset))
     baseline = run_baseline(config["eval"]["baseline"], dataset, tasks)

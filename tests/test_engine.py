@@ -59,10 +59,16 @@ def test_seeded_dataset_gives_reproducible_items_and_keeps_global_rng():
     assert torch.equal(torch.rand(1), after), "fetching an item must not disturb the global RNG"
 
 
+def _payload(config, iteration):
+    """A checkpoint's entries (training state as placeholders: these tests read none of it)."""
+    return {"config": config, "model": {}, "optimizer": {}, "scheduler": {}, "iteration": iteration, "epoch": 0,
+            "batch_in_epoch": 0, "rng_per_rank": []}
+
+
 def test_checkpoint_atomic_and_checked(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     config = load_config()
-    ckpt.save_checkpoint(path, {"config": config, "iteration": 1})
+    ckpt.save_checkpoint(path, _payload(config, 1))
     assert ckpt.load_checkpoint(path)["iteration"] == 1
 
     def crash(*args, **kwargs):
@@ -70,7 +76,7 @@ def test_checkpoint_atomic_and_checked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint(path, {"config": config, "iteration": 2})
+        ckpt.save_checkpoint(path, _payload(config, 2))
     monkeypatch.undo()
     assert ckpt.load_checkpoint(path)["iteration"] == 1, "a failed save must keep the previous checkpoint"
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
@@ -87,6 +93,53 @@ def test_checkpoint_atomic_and_checked(tmp_path, monkeypatch):
         ckpt.load_checkpoint(str(tmp_path / "bad.pt"))
     with pytest.raises(FileNotFoundError, match="checkpoint: no such file .*none.pt"):
         ckpt.load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_checkpoint_entries_are_checked_for_their_use(tmp_path):
+    """Evaluation reads a checkpoint's config and weights only: one stripped to them for sharing evaluates; a
+    resume needs the training state too; each refusal names the file and what is missing (a bare KeyError
+    before). A config this version cannot read names the checkpoint."""
+    full, stripped, bare = (str(tmp_path / name) for name in ("full.pt", "stripped.pt", "bare.pt"))
+    ckpt.save_checkpoint(full, _payload(load_config(), 3))
+    ckpt.save_checkpoint(stripped, {"config": load_config(), "model": {}})
+    ckpt.save_checkpoint(bare, {"model": {}})
+    assert ckpt.load_checkpoint(full)["iteration"] == 3
+    assert "iteration" not in ckpt.load_checkpoint(stripped, training=False)
+    with pytest.raises(RuntimeError, match=rf"{stripped}' has no training state \(optimizer, scheduler, "
+                                           r"iteration, epoch, batch_in_epoch, rng_per_rank missing\): it can be "
+                                           r"evaluated \(mtlfast eval\), not resumed"):
+        ckpt.load_checkpoint(stripped)
+    for training in (True, False):
+        with pytest.raises(RuntimeError, match=rf"{bare}' has no config entry"):
+            ckpt.load_checkpoint(bare, training=training)
+    payload = ckpt.load_checkpoint(full)
+    assert ckpt.checkpoint_config(payload, full, ["optim.lr=0.5"])["optim"]["lr"] == 0.5
+    payload["config"]["train"]["from_a_later_version"] = 1
+    with pytest.raises(RuntimeError, match=rf"{full}' holds a config this version of mtlfast cannot read: config: "
+                                           r"unknown key 'train.from_a_later_version'"):
+        ckpt.checkpoint_config(payload, full)
+
+
+@pytest.mark.parametrize("saved, given", [
+    (["data.tasks=semseg"], ["data.tasks=[semseg]"]),
+    (["data.tasks=null"], ["data.tasks=[semseg, depth, normals, edge, parts, sal]"]),  # the dataset's tasks
+    (["data.dataset=nyud", "data.tasks=[semseg, depth]"], ["data.dataset=NYUDv2", "data.tasks=[semseg, depth]"]),
+    (["model.backbone=swin_t"], ["model.backbone=swin_tiny_patch4_window7_224"]),
+    (["model.name=mtinet", "model.kwargs.aux_tasks=edge"], ["model.name=mtinet", "model.kwargs.aux_tasks=[edge]"]),
+])
+def test_checkpoint_compatibility_compares_one_spelling(tmp_path, saved, given):
+    """Spellings of the same model (a dataset alias, one task or a list of one, a backbone's timm name) resume;
+    they were refused as different models."""
+    path = str(tmp_path / "last.pt")
+    ckpt.save_checkpoint(path, _payload(load_config(None, saved), 1))
+    ckpt.check_compatible(ckpt.load_checkpoint(path), load_config(None, given), path)
+    with pytest.raises(RuntimeError, match=r"has data.tasks=\[.*\] but the config asks for \['depth'\]"):
+        ckpt.check_compatible(ckpt.load_checkpoint(path), load_config(None, given + ["data.tasks=depth"]), path)
+    if "aux_tasks" in given[-1]:
+        with pytest.raises(RuntimeError, match=r"has model.kwargs.aux_tasks=\['edge'\] but the config asks for "
+                                               r"\['normals'\]"):
+            ckpt.check_compatible(ckpt.load_checkpoint(path),
+                                  load_config(None, given + ["model.kwargs.aux_tasks=normals"]), path)
 
 
 def test_config_file_numbers_and_kwargs_overrides(tmp_path):
@@ -111,6 +164,17 @@ def test_only_true_and_false_are_booleans():
     for text, value in (("true", True), ("False", False), ("TRUE", True), ("null", None), ("~", None), ("0x10", 16)):
         assert parse_override(f"a={text}") == {"a": value}, text
     assert load_config(None, ["train.amp=off"])["train"]["amp"] == "off"
+
+
+def test_path_entries_take_an_override_as_written():
+    """output_dir=2024 names a folder: YAML reads a number there (refused as no folder path), 0012 as 10, 2024-01-01
+    as a date; the path entries take an override's plain scalar as written (null and quoted text as YAML reads)."""
+    for text in ("2024", "0012", "2024-01-01", "1e3", "true"):
+        assert parse_override(f"output_dir={text}") == {"output_dir": text}
+        assert load_config(None, [f"output_dir={text}"])["output_dir"] == text
+    assert parse_override("data.root=null") == {"data": {"root": None}}
+    assert parse_override("model.pretrained='7'") == {"model": {"pretrained": "7"}}
+    assert parse_override("optim.lr=0012") == {"optim": {"lr": 10}}  # other entries: YAML's reading
 
 
 def test_checkpoint_file_mode_follows_the_umask(tmp_path):
@@ -274,7 +338,7 @@ def test_seeded_items_leave_the_cuda_generators_alone(monkeypatch):
     ("eval.edge_thresholds=0", ValueError, "eval.edge_thresholds: expected a number of thresholds >= 1 or a list"),
     ("eval.edge_thresholds=true", ValueError, "eval.edge_thresholds: expected a number of thresholds >= 1"),
     ("eval.edge_thresholds=[0.5, 1]", ValueError, r"eval.edge_thresholds: .* got \[0.5, 1\]"),
-    ("output_dir=3", ValueError, "output_dir: expected a folder path, got 3"),
+    ("output_dir=[3]", ValueError, r"output_dir: expected a folder path, got \[3\]"),
     ("optim.lr.x=1", KeyError, "unknown key 'optim.lr.x'; 'optim.lr' takes a value, not a mapping"),
     ("output_dir.x=1", KeyError, "unknown key 'output_dir.x'; 'output_dir' takes a value, not a mapping"),
     ("data.tasks=[semseg", ValueError, r"override 'data.tasks=\[semseg': the value is not valid YAML: expected ','"),

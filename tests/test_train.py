@@ -818,6 +818,7 @@ def test_cli_train_resume_auto_starts_or_resumes(tmp_path, capsys):
     status, err = cli.main(args + ["train.iterations=4"]), capsys.readouterr().err
     assert status == 0 and "train.iterations: 2 -> 4" in err, err
     assert [int(r["iteration"]) for r in RunLog(str(tmp_path / "run")).read("train")] == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0  # plotted at each checkpoint: no evaluation here
 
 
 def test_progress_bar_shows_the_loss_and_evaluations_print_above_it(tmp_path, capsys):
@@ -1002,15 +1003,35 @@ def test_cli_eval_checks_its_outputs_first_and_names_a_checkpoint_of_other_optio
     and the options (torch's error listed every tensor)."""
     from mtlfast.cli import main
     from mtlfast.engine import checkpoint as ckpt
+    from mtlfast.engine import trainer as trainer_module
 
     out = tmp_path / "run"
     _losses(load_config(None, TINY + ON_CPU + [f"output_dir={out}", "train.iterations=1"]))
     last = str(out / "last.pt")
     reads, load = [], ckpt.load_checkpoint
-    monkeypatch.setattr(ckpt, "load_checkpoint", lambda path: reads.append(path) or load(path))
+    monkeypatch.setattr(ckpt, "load_checkpoint", lambda path, **kw: reads.append(path) or load(path, **kw))
     assert main(["eval", "--no-progress", "--checkpoint", last, "--samples", str(tmp_path / "new" / "s.png")]) == 0
     assert (tmp_path / "new" / "s.png").stat().st_size > 0 and reads == [last]
     capsys.readouterr()
+    # train.sample_images of the first images, from as many evaluation batches as it takes, each at its own size
+    plotted = []
+    monkeypatch.setattr(trainer_module, "plot_predictions", lambda images, *a, **k: plotted.append(images))
+    assert main(["eval", "--checkpoint", last, "--samples", str(tmp_path / "s1.png"), "eval.batch_size=1",
+                 "train.sample_images=3"]) == 0
+    assert [tuple(image.shape) for image in plotted[0]] == [(3, 32, 32)] * 3  # TINY's synthetic images
+    # a checkpoint stripped to config and weights (to share) evaluates
+    stripped = str(tmp_path / "stripped.pt")
+    ckpt.save_checkpoint(stripped, {key: load(last)[key] for key in ("config", "model")})
+    assert main(["eval", "--checkpoint", stripped]) == 0
+    assert f"evaluation of {stripped} (iteration not recorded):" in capsys.readouterr().out
+    # an output file that is a checkpoint is refused: the evaluated one, or any .pt
+    before = (out / "last.pt").read_bytes()
+    for option in ("--out", "--samples"):
+        for target in (last, stripped):
+            assert main(["eval", "--checkpoint", last, option, target]) == 1
+            err = capsys.readouterr().err
+            assert err.startswith(f"mtlfast eval: FileExistsError: {option}: {target!r} is a checkpoint"), err
+    assert (out / "last.pt").read_bytes() == before
     evaluated = []
     monkeypatch.setattr(Trainer, "evaluate", lambda self, *args, **kwargs: evaluated.append(1) or {})
     (tmp_path / "file").write_text("")

@@ -14,7 +14,9 @@ from mtlfast._files import write_atomically
 FORMAT_VERSION = 1
 _TEMPORARY_PREFIX = ".tmp_ckpt_"  # of a save in progress (remove_stale_temporaries)
 #: Config entries that must match for a checkpoint's weights to fit the model being built.
-_MODEL_KEYS = (("model", "name"), ("model", "backbone"), ("data", "tasks"), ("data", "dataset"))
+_MODEL_KEYS = ("model.name", "model.backbone", "data.dataset", "data.tasks", "model.kwargs.aux_tasks")
+#: What a resume reads besides config and weights (and the RNG states, "rng_per_rank" or the older "rng").
+_TRAINING_STATE = ("optimizer", "scheduler", "iteration", "epoch", "batch_in_epoch")
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,7 +58,10 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     return stale
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
+def load_checkpoint(path: str, *, training: bool = True) -> dict[str, Any]:
+    """The checkpoint at ``path``, checked to hold what is read from it: the config and the weights, and with
+    ``training`` (a resume) the training state too. ``training=False`` (``mtlfast eval`` / ``score``) takes a
+    checkpoint stripped to config and weights for sharing (its ``iteration`` may be missing too)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file {path!r}")
     try:
@@ -66,24 +71,56 @@ def load_checkpoint(path: str) -> dict[str, Any]:
                            f"({exc.__class__.__name__}: {exc})") from exc
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise RuntimeError(f"checkpoint: {path!r} is not an mtlfast checkpoint of format {FORMAT_VERSION}")
+    missing = [key for key in ("config", "model") if not isinstance(payload.get(key), dict)]
+    if missing:
+        raise RuntimeError(f"checkpoint: {path!r} has no {' and no '.join(missing)} entry (a mapping), which every "
+                           "use of a checkpoint reads")
+    missing = [key for key in _TRAINING_STATE if key not in payload] + (
+        [] if "rng_per_rank" in payload or "rng" in payload else ["rng_per_rank"])
+    if training and missing:
+        raise RuntimeError(f"checkpoint: {path!r} has no training state ({', '.join(missing)} missing): it can be "
+                           "evaluated (mtlfast eval), not resumed")
     return payload
 
 
+def checkpoint_config(payload: dict[str, Any], path: str, overrides=()) -> dict[str, Any]:
+    """The config of a checkpoint (read from ``path``), then ``overrides``: a config this version of mtlfast
+    cannot read (an entry it does not know, of a later version) names the checkpoint."""
+    from mtlfast.engine.config import load_config
+
+    try:
+        load_config(None, base=payload["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RuntimeError(f"checkpoint: {path!r} holds a config this version of mtlfast cannot read: "
+                           f"{exc.args[0] if exc.args else exc}") from None
+    return load_config(None, overrides, base=payload["config"])
+
+
+def _model_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`_MODEL_KEYS` of a config, each in one spelling: the dataset for an alias, the short name for a
+    backbone's timm name, a list of one for one task (or aux task), the dataset's tasks for null."""
+    from mtlfast.data import canonical_dataset, check_tasks
+    from mtlfast.models.backbones import canonical_backbone
+
+    model, data = config.get("model", {}), config.get("data", {})
+    dataset = canonical_dataset(data.get("dataset"))
+    aux = model.get("kwargs", {}).get("aux_tasks") or []
+    return {"model.name": model.get("name"), "model.backbone": canonical_backbone(model.get("backbone")),
+            "data.dataset": dataset, "data.tasks": list(check_tasks(data.get("tasks"), dataset)),
+            "model.kwargs.aux_tasks": [aux] if isinstance(aux, str) else list(aux)}
+
+
 def check_compatible(payload: dict[str, Any], config: dict[str, Any], path: str) -> None:
-    """Raises if the checkpoint was trained for another model/backbone/task set/dataset than ``config``."""
-    saved = payload.get("config", {})
-    for section, key in _MODEL_KEYS:
-        a, b = saved.get(section, {}).get(key), config[section][key]
-        if a != b:
-            raise RuntimeError(f"checkpoint: {path!r} has {section}.{key}={a!r} but the config asks for {b!r}")
-    a, b = saved.get("optim", {}).get("name"), config["optim"]["name"]
+    """Raises if the checkpoint was trained for another model/backbone/task set/dataset/auxiliary tasks than
+    ``config`` (compared as :func:`_model_identity` spells them), or with another optimiser."""
+    saved, wanted = _model_identity(payload.get("config", {})), _model_identity(config)
+    for key in _MODEL_KEYS:
+        if saved[key] != wanted[key]:  # auxiliary heads are part of the weights too
+            raise RuntimeError(f"checkpoint: {path!r} has {key}={saved[key]!r} but the config asks for {wanted[key]!r}")
+    a, b = payload.get("config", {}).get("optim", {}).get("name"), config["optim"]["name"]
     if a is not None and a.lower() != b.lower():  # torch loads any optimiser's state into any other, unused
         raise RuntimeError(f"checkpoint: {path!r} holds the state of optimiser optim.name={a!r}, which cannot go on "
                            f"as {b!r}; resume with optim.name={a} or start a new run")
-    a = list(saved.get("model", {}).get("kwargs", {}).get("aux_tasks") or [])
-    b = list(config["model"]["kwargs"].get("aux_tasks") or [])
-    if a != b:  # auxiliary heads are part of the weights
-        raise RuntimeError(f"checkpoint: {path!r} has model.kwargs.aux_tasks={a!r} but the config asks for {b!r}")
 
 
 def load_weights(model: torch.nn.Module, payload: dict[str, Any], config: dict[str, Any], path: str) -> None:

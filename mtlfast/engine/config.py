@@ -130,6 +130,10 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{getattr(exc, 'problem', None) or exc}{where}"
 
 
+#: Entries that name a file or folder: an override's plain scalar there is the text as written.
+_PATH_KEYS = ("output_dir", "data.root", "model.pretrained", "eval.baseline")
+
+
 def parse_override(text: str) -> dict:
     """``"optim.lr=1e-4"`` -> ``{"optim": {"lr": 0.0001}}`` (the value is parsed as YAML)."""
     if "=" not in text:
@@ -139,7 +143,10 @@ def parse_override(text: str) -> dict:
         value = yaml.load(raw, Loader=_Loader) if raw else None
     except yaml.YAMLError as exc:
         raise ValueError(f"override {text!r}: the value is not valid YAML: {_yaml_problem(exc)}") from None
-    if isinstance(value, str):  # what float() reads (inf, .5e3) is a number too
+    if key.strip() in _PATH_KEYS:  # output_dir=2024 names a folder (YAML reads a number; 2024-01-01, a date)
+        if not isinstance(value, (str, list, dict, type(None))):
+            value = raw.strip()
+    elif isinstance(value, str):  # what float() reads (inf, .5e3) is a number too
         try:
             value = float(value)
         except ValueError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -137,20 +137,22 @@ def _task_image(task: str, x: torch.Tensor, is_label: bool) -> np.ndarray:
     return x[0].numpy()  # depth
 
 
-def plot_predictions(images: torch.Tensor, preds: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor],
-                     path: str, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> None:
-    """One row per sample: the image, then prediction and label for each task."""
+def plot_predictions(images: Sequence[torch.Tensor], preds: Mapping[str, Sequence[torch.Tensor]],
+                     labels: Mapping[str, Sequence[torch.Tensor]], path: str, mean=(0.485, 0.456, 0.406),
+                     std=(0.229, 0.224, 0.225)) -> None:
+    """One row per sample: the image, then prediction and label for each task. Per sample a (3,H,W) normalised
+    image, (C,H,W) predictions and labels (sizes may differ between samples)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(preds)
-    n = images.shape[0]
+    n = len(images)
     cols = 1 + 2 * len(tasks)
     fig, axes = plt.subplots(n, cols, figsize=(1.8 * cols, 1.8 * n), squeeze=False)
-    image = images.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     for i in range(n):
-        axes[i, 0].imshow(image[i].permute(1, 2, 0).clamp(0, 1).numpy())
+        image = images[i].float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+        axes[i, 0].imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
         for j, task in enumerate(tasks):
             for k, (tensor, is_label) in enumerate(((preds[task][i], False), (labels[task][i], True))):
                 ax = axes[i, 1 + 2 * j + k]

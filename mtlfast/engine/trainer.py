@@ -258,7 +258,8 @@ class Trainer:
         self.out_dir = config["output_dir"]
         if checkpoint is not None and not resume:
             raise ValueError("checkpoint: the payload of the file given as resume; give resume too")
-        payload = checkpoint if checkpoint is not None else ckpt.load_checkpoint(resume) if resume else None
+        payload = (checkpoint if checkpoint is not None else ckpt.load_checkpoint(resume, training=train_data) if resume
+                   else None)
         if payload is not None:
             ckpt.check_compatible(payload, config, resume)
         if logs:  # before the run log, which writes into output_dir
@@ -367,6 +368,9 @@ class Trainer:
     def _load(self, payload: dict[str, Any], path: str) -> None:
         """Restores the state of the checkpoint ``payload`` (read from ``path``, checked compatible)."""
         ckpt.load_weights(self.model, payload, self.config, path)
+        if self.train_loader is None:  # to evaluate only: a checkpoint of config and weights will do
+            self.iteration = payload.get("iteration", 0)
+            return
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         if self.scaler.is_enabled() and payload.get("scaler"):  # else (saved without float16): a fresh scale
@@ -546,10 +550,14 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
+                eval_due = cfg["eval_every"] and (self.iteration % cfg["eval_every"] == 0
+                                                  or self.iteration == total_its)
                 if self.iteration % cfg["checkpoint_every"] == 0 or self.iteration == total_its:
                     self.save()
                     barrier(self.dist)
-                if cfg["eval_every"] and (self.iteration % cfg["eval_every"] == 0 or self.iteration == total_its):
+                    if self.log is not None and not eval_due:  # an evaluation plots them (a run may have none)
+                        self._plot_curves()
+                if eval_due:
                     self.evaluate_and_log()
         batches.close()  # the loader's iterator, mid-epoch
         if bar is not None:
@@ -649,7 +657,8 @@ class Trainer:
         bar = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True, disable=not (self.progress and
                                                                                        self.dist.is_main))
         with contextlib.closing(metrics), contextlib.closing(bar):  # the edge meter's processes end, also on failure
-            shown = None
+            wanted = self.config["train"]["sample_images"] if sample_path is not None else 0
+            shown: tuple[list, dict, dict] = ([], {t: [] for t in self.tasks}, {t: [] for t in self.tasks})
             for batch in bar:
                 batch = _to_device(batch, self.device)
                 with self._autocast():
@@ -659,13 +668,14 @@ class Trainer:
                     h, w = meta["size"]
                     metrics.update({t: preds[t][i:i + 1, :, :h, :w] for t in self.tasks},
                                    {t: batch[t][i:i + 1, ..., :h, :w] for t in self.tasks})
+                    if len(shown[0]) < wanted:  # the first images, from as many batches as it takes, unpadded
+                        shown[0].append(batch["image"][i, :, :h, :w].cpu())
+                        for t in self.tasks:
+                            shown[1][t].append(preds[t][i, :, :h, :w].cpu())
+                            shown[2][t].append(batch[t][i, ..., :h, :w].cpu())
                 if prediction_dir is not None:
                     save_predictions({t: preds[t] for t in self.tasks}, batch["meta"], prediction_dir, self.dataset)
-                if shown is None and sample_path is not None:
-                    n = min(self.config["train"]["sample_images"], batch["image"].shape[0])
-                    shown = (batch["image"][:n].cpu(), {t: preds[t][:n].cpu() for t in self.tasks},
-                             {t: batch[t][:n].cpu() for t in self.tasks})
-            if shown is not None and shown[0].shape[0] > 0:
+            if shown[0]:
                 plot_predictions(*shown, path=sample_path)
             if shard:
                 metrics.all_reduce()
@@ -682,11 +692,14 @@ class Trainer:
         if self.dist.is_main:
             flat = {"iteration": self.iteration, **{k: float(v) for k, v in result.items()}}
             self.log.write("eval", flat, self.iteration)
-            plot_curves(self.log, os.path.join(self.out_dir, "curves.png"))
+            self._plot_curves()
             self._say(f"evaluation at iteration {self.iteration}: "
                       + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
         barrier(self.dist)
         return result
+
+    def _plot_curves(self) -> None:
+        plot_curves(self.log, os.path.join(self.out_dir, "curves.png"))
 
     def evaluate_if_due(self) -> dict[str, float] | None:
         """Every rank calls it before :meth:`train`: evaluates (:meth:`evaluate_and_log`) when an evaluation is
