@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+from torch.autograd import forward_ad
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -323,22 +324,36 @@ def deterministic_mode() -> bool:
     return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
 
 
-def functorch_gradient_refusal() -> str | None:
-    """Why no kernel backend can run inside a torch.func gradient transform (grad, vjp, jacrev, jvp, jacfwd), or
-    None: PyTorch runs a custom op's registered derivative under torch.autograd only (inside torch.func.grad it
-    fails with "autograd.Function ... must override the setup_context staticmethod"), and the kernels have no
-    forward-mode derivative. So there the kernel backends refuse and auto takes the reference; torch.vmap alone
-    runs the kernels (PyTorch's per-sample loop over the op)."""
+def derivative_refusal(args: Sequence = ()) -> str | None:
+    """Why no kernel backend can serve a call with these arguments under the derivative mode in force, or None.
+    Inside a torch.func gradient transform (grad, vjp, jacrev, jvp, jacfwd) PyTorch runs a custom op's registered
+    derivative under torch.autograd only (inside torch.func.grad it fails with "autograd.Function ... must override
+    the setup_context staticmethod"); and the kernels have no forward-mode derivative (jvp, dual tensors of
+    torch.autograd.forward_ad). There the kernel backends refuse and auto takes the reference; torch.vmap alone runs
+    the kernels (PyTorch's per-sample loop over the op)."""
     if torch.compiler.is_compiling():
         return None
     stack = torch._C._functorch.get_interpreter_stack()
     if stack and any(level.key() in _GRADIENT_TRANSFORMS for level in stack):
         return ("a torch.func gradient transform (grad, vjp, jacrev, jvp, jacfwd) is active, and the kernels' "
                 "derivatives serve torch.autograd only; the reference backend supports it")
+    # forward AD's level (-1: no dual_level open) spares the per-tensor look on every call (~3 us of host time)
+    if getattr(forward_ad, "_current_level", 0) >= 0 and any(
+            forward_ad.unpack_dual(t).tangent is not None for t in _tensors(args)):
+        return ("an input is a dual tensor (torch.autograd.forward_ad), and the kernels have no forward-mode "
+                "derivative; the reference backend has one")
     return None
 
 
 _GRADIENT_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+
+
+def _tensors(args: Sequence) -> Iterator[torch.Tensor]:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            yield arg
+        elif isinstance(arg, (list, tuple)):
+            yield from _tensors(arg)
 
 
 def atomic_gradient_refusals(tensors, what: str, instead: str) -> list[str]:
@@ -381,7 +396,7 @@ class Implementation:
             if why:
                 reasons.append(why)
             if self.backend != "reference":
-                why = functorch_gradient_refusal()
+                why = derivative_refusal(args)
                 if why:
                     reasons.append(why)
         if dtype not in self.dtypes:

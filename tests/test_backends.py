@@ -286,6 +286,24 @@ def test_kernel_backends_refuse_torch_func_gradient_transforms(op):
         assert torch.isfinite(transform(lambda s: (calls[op]("reference") * s).sum())(torch.tensor(1.0)))
 
 
+def test_kernel_backends_refuse_dual_tensors():
+    """Forward-mode AD with torch.autograd.forward_ad's dual tensors: the kernels have none (PyTorch's error was
+    "You must implement the jvp function"); a plain input inside dual_level still runs the kernel."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, k, v, tangent = (torch.randn(1, 2, 9, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q, tangent)
+        with pytest.raises(BackendError, match="an input is a dual tensor .* the reference backend has one"):
+            mtlfast.ops.attention(dual, k, v, backend="triton")
+        out = fwAD.unpack_dual(mtlfast.ops.attention(dual, k, v, backend="reference"))
+        plain = mtlfast.ops.attention(q.float(), k.float(), v.float(), backend="triton")
+    expected = torch.func.jvp(lambda x: mtlfast.ops.attention(x, k, v, backend="reference"), (q,), (tangent,))
+    assert rel_error(out.primal, expected[0]) < 1e-12 and rel_error(out.tangent, expected[1]) < 1e-12
+    assert rel_error(plain, expected[0]) < 1e-4
+
+
 def test_torch_vmap_alone_runs_the_kernels():
     gen = torch.Generator().manual_seed(fresh_seed())
     q, k, v = torch.randn(3, 1, 2, 9, 8, generator=gen), torch.randn(1, 2, 7, 8, generator=gen), torch.randn(
