@@ -161,20 +161,37 @@ def test_task_pair_interaction_batching_equals_each_pair_eq5():
     x = {t: randn(2, 8, 7, 9, gen=gen) for t in TASKS}
     with mtlfast.use_backend("reference"):
         out = block(x)
-    alpha = block.fusion.alpha
-    for t in TASKS:
-        want = x[t].clone()
-        for s in TASKS:
-            if s == t:
-                continue
-            cib = block.cib[f"{s}_to_{t}"]
-            q, k, v, self_term, grid = cib.prepare(x[s], x[t])
-            co = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(4), dim=-1)  # eq. 2, softmax over sources
-            for _ in range(3):
-                v = alpha * (co @ v) + (1 - alpha) * v  # IFB C, eq. 8
-            want = want + self_term + F.interpolate(to_map(v, grid), size=(7, 9), mode="bilinear",
-                                                    align_corners=False)
+
+    def each_pair(block, alpha):
+        for t in TASKS:
+            want = x[t].clone()
+            for s in TASKS:
+                if s == t:
+                    continue
+                cib = block.cib[f"{s}_to_{t}"]
+                q, k, v, self_term, grid = cib.prepare(x[s], x[t])
+                co = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(4), dim=-1)  # eq. 2, softmax over sources
+                for _ in range(3):
+                    v = alpha(s, t) * (co @ v) + (1 - alpha(s, t)) * v  # IFB C, eq. 8
+                want = want + self_term + F.interpolate(to_map(v, grid), size=(7, 9), mode="bilinear",
+                                                        align_corners=False)
+            yield t, want
+
+    for t, want in each_pair(block, lambda s, t: block.fusion.alpha):
         torch.testing.assert_close(out[t], want, rtol=1e-10, atol=1e-10)
+    # shared_alpha=False: each pair its own α (and its own call), with its own gradient
+    own = TaskPairInteraction(TASKS, 8, 4, downscale=2, n_iter=3, variant="C", shared_alpha=False).double().eval()
+    own.load_state_dict(block.state_dict(), strict=False)
+    assert own.fusion is None and all(cib.fusion.alpha == block.fusion.alpha for cib in own.cib.values())
+    with torch.no_grad():
+        for i, cib in enumerate(own.cib.values()):
+            cib.fusion.alpha.fill_(0.1 + 0.1 * i)
+    with mtlfast.use_backend("reference"):
+        out_own = own(x)
+    for t, want in each_pair(own, lambda s, t: own.cib[f"{s}_to_{t}"].fusion.alpha):
+        torch.testing.assert_close(out_own[t], want, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(sum(o.sum() for o in out_own.values()), [c.fusion.alpha for c in own.cib.values()])
+    assert len({g.item() for g in grads}) == len(grads) and all(g != 0 for g in grads)
     # targets: auxiliary tasks are sources only; the kept pairs and outputs are those of the full module
     first = TaskPairInteraction(TASKS, 8, 4, downscale=2, n_iter=3, variant="C", targets=TASKS[:1]).double().eval()
     assert first.pairs == [(s, TASKS[0]) for s in TASKS[1:]]

@@ -12,9 +12,11 @@ The paper has no public code; its open choices are written here:
   the source values V for target pixel i; d = ``dim``.
 - F_s and F_m of the self-attention (eq. 1) are 3×3 convolutions without bias (as MTI-Net's
   distillation, which the branch mirrors).
-- In :class:`TaskPairInteraction` every ordered pair (s, t), s ≠ t, has its own CIB weights but the pairs
-  share one α, so that all pairs × batch go through one :func:`mtlfast.ops.iterative_fusion` call per
-  layer (the paper's Table 4 tunes a single initial α = 0.3).
+- In :class:`TaskPairInteraction` every ordered pair (s, t), s ≠ t, has its own CIB weights. Whether the pairs
+  share α the paper does not say: each CIB has an IFB (§3.3, eq. 3), and "the learnable parameter α is one of
+  the CNN model parameters" (§3.4). By default they share one α (``shared_alpha=True``), so that all pairs ×
+  batch go through one :func:`mtlfast.ops.iterative_fusion` call per layer; ``shared_alpha=False`` gives each
+  pair its own α (one call per pair). Both start at the initial α of Table 4 (0.3).
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ class CrossTaskInteractionBlock(nn.Module):
     """
 
     def __init__(self, channels: int, dim: int | None = None, *, downscale: int = 2, n_iter: int = 18,
-                 variant: str = "C", alpha: float = 0.3, own_fusion: bool = True) -> None:
+                 variant: str = "C", alpha: float = 0.3, mode: str = "auto", own_fusion: bool = True) -> None:
         super().__init__()
         check_sizes(channels=channels, dim=dim, downscale=downscale)
         self.dim = dim or max(1, channels // 4)
@@ -84,7 +86,7 @@ class CrossTaskInteractionBlock(nn.Module):
         self.p_q = ConvBNAct(channels, self.dim, 1)
         self.p_k = ConvBNAct(channels, self.dim, 1)
         self.p_v = ConvBNAct(channels, channels, 1)
-        self.fusion = IterativeFusionBlock(n_iter, variant, alpha) if own_fusion else None
+        self.fusion = IterativeFusionBlock(n_iter, variant, alpha, mode) if own_fusion else None
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.downscale == 1 else pool_to_grid(x, self.downscale)
@@ -115,14 +117,15 @@ class TaskPairInteraction(nn.Module):
     the aggregation (eq. 5) f°_t = f_t + Σ_{s≠t} f_{s→t} (the pair (t, t) is the identity).
 
     ``targets`` (default: all ``tasks``) are the tasks whose refined features are computed and returned; every
-    task of ``tasks`` is a source (auxiliary tasks: sources only). All pairs × B batch elements go through one
-    :func:`mtlfast.ops.iterative_fusion` call (one shared α). Input ``{task: (B, C, H, W)}`` for ``tasks``,
+    task of ``tasks`` is a source (auxiliary tasks: sources only). With ``shared_alpha`` (default) the pairs share
+    one α and all pairs × B batch elements go through one :func:`mtlfast.ops.iterative_fusion` call; without, each
+    pair's CIB has its own IterativeFusionBlock (α) and one call. Input ``{task: (B, C, H, W)}`` for ``tasks``,
     output for ``targets``; without pairs (one task) the module returns its targets' inputs.
     """
 
     def __init__(self, tasks: Sequence[str], channels: int, dim: int | None = None, *, downscale: int = 2,
                  n_iter: int = 18, variant: str = "C", alpha: float = 0.3, mode: str = "auto",
-                 targets: Sequence[str] | None = None) -> None:
+                 targets: Sequence[str] | None = None, shared_alpha: bool = True) -> None:
         super().__init__()
         self.tasks = check_task_names(tasks)
         self.targets = self.tasks if targets is None else check_task_names(targets, "targets")
@@ -130,11 +133,13 @@ class TaskPairInteraction(nn.Module):
         if unknown:
             raise ValueError(f"targets: {unknown} are not among tasks {list(self.tasks)}")
         self.pairs = [(s, t) for t in self.targets for s in self.tasks if s != t]
-        self.cib = nn.ModuleDict({f"{s}_to_{t}": CrossTaskInteractionBlock(channels, dim, downscale=downscale,
-                                                                         own_fusion=False)
-                                  for s, t in self.pairs})
+        if not isinstance(shared_alpha, bool):
+            raise TypeError(f"shared_alpha: expected True or False, got {shared_alpha!r}")
+        self.cib = nn.ModuleDict({f"{s}_to_{t}": CrossTaskInteractionBlock(
+            channels, dim, downscale=downscale, n_iter=n_iter, variant=variant, alpha=alpha, mode=mode,
+            own_fusion=not shared_alpha) for s, t in self.pairs})
         # one task: no pairs, no fusion (so no parameter outside the graph)
-        self.fusion = IterativeFusionBlock(n_iter, variant, alpha, mode) if self.pairs else None
+        self.fusion = IterativeFusionBlock(n_iter, variant, alpha, mode) if self.pairs and shared_alpha else None
         self.channels, self.dim = channels, dim or max(1, channels // 4)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,10 +148,12 @@ class TaskPairInteraction(nn.Module):
             return {t: features[t] for t in self.targets}
         out = dict(features)
         prepared = [self.cib[f"{s}_to_{t}"].prepare(features[s], features[t]) for s, t in self.pairs]
-        q = torch.cat([p[0] for p in prepared])
-        k = torch.cat([p[1] for p in prepared])
-        v = torch.cat([p[2] for p in prepared])
-        fused = self.fusion(q, k, v, scale=self.dim ** -0.5).chunk(len(self.pairs))
+        scale = self.dim ** -0.5
+        if self.fusion is not None:  # one α: all pairs in one call
+            q, k, v = (torch.cat([p[i] for p in prepared]) for i in range(3))
+            fused = self.fusion(q, k, v, scale=scale).chunk(len(self.pairs))
+        else:
+            fused = [self.cib[f"{s}_to_{t}"].fusion(*p[:3], scale=scale) for (s, t), p in zip(self.pairs, prepared)]
         for (s, t), (_, _, _, self_term, grid), f in zip(self.pairs, prepared, fused):
             out[t] = out[t] + CrossTaskInteractionBlock.combine(f, self_term, grid)
         return {t: out[t] for t in self.targets}
