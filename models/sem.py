@@ -10,7 +10,8 @@ projected to ``dim`` (1×1 conv + BN + ReLU*, per task), then refined by a light
 (8, 4, 2, 1 from the finest stage; adaptive pooling to the ⌈h/sr⌉×⌈w/sr⌉ grid,
 :func:`~mtlfast.nn.common.pool_to_grid`), LayerNorm, ``heads`` heads, residual, FFN with residual), then the
 EMInteraction of that stage across the tasks (R = ``em_iters`` 5, the best in Fig. 6c; K = ``num_bases`` 64*,
-EMANet's, as SEM gives no K; EMA momentum 0.9). Head per task: 3×3 conv + BN + ReLU and a 1×1 conv (the
+EMANet's: SEM gives no number for K, only "the number of these bases corresponds to the total number of key
+points" (§1) and K ≪ HW (§3.3); EMA momentum 0.9). Head per task: 3×3 conv + BN + ReLU and a 1×1 conv (the
 "3×3 convolution block" of §4.4), resized to the input.
 
 Open values*, with the reason for each default: ``dim`` 256 (our choice; the paper gives no decoder width);
