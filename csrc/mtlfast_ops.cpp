@@ -193,10 +193,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> backward_cuda(const 
                                                                           at::TensorList values,
                                                                           const at::Tensor& points,
                                                                           const at::Tensor& weights) {
+  // The value gradient is scattered with fp32 atomics into zero-filled fp32 buffers: not bit-reproducible. The
+  // Python side refuses this backend for gradients in deterministic mode; this catches the mode switched on
+  // between forward and backward, and direct calls of the op.
+  at::globalContext().alertNotDeterministic("mtlfast::deform_sample_backward (cuda)");
   const c10::DeviceGuard guard(points.device());
   Inputs in = prepare(values, points, weights, /*mixed=*/true);
   const at::Tensor g = checked_grad_out(grad_out, in, points);
-  // The value gradient is scattered with fp32 atomics into zero-filled fp32 buffers.
   std::vector<at::Tensor> grad_values;
   std::vector<float*> gv;
   for (int64_t s = 0; s < in.stages; ++s) {

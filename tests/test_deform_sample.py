@@ -232,6 +232,26 @@ def test_non_finite_points_give_nan_rows(backend, device):
     torch.testing.assert_close(out[0, 4:], want[0, 4:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_extension), "triton", CUDA])
+def test_points_whose_pixel_coordinate_overflows_float32(backend, device):
+    """A finite point far enough out that ((x + 1) W - 1) / 2 overflows float32 (|x| ~ 1e38) reads nothing: a
+    zero row and zero gradients for the point and its weights, as the float64 definition gives (the C++/CUDA
+    fraction was inf - inf there, NaN point gradients; CPU grid_sample's float32 forward is NaN)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _float32(_inputs(1, 7, 5, [(4, 8), (3, 5)], gen), "cpu" if backend == "cpp" else device)
+    far = [[3e38, 0.0], [1e38, 0.5], [0.2, -3e38], [-2e38, 2e38]]
+    inputs["points"][0, :4] = torch.tensor(far, device=inputs["points"].device)
+    g = torch.ones(1, 7, 5, device=inputs["points"].device)
+    got = [t.cpu() for t in _backward_grads(inputs, g, backend)]
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (*inputs["values"], inputs["points"],
+                                                                   inputs["weights"])]
+    want_out = reference.deform_sample(leaves[:2], leaves[2], leaves[3])
+    want = torch.autograd.grad(want_out, leaves, torch.ones_like(want_out))
+    assert torch.equal(want[2][0, :4], torch.zeros(4, 2, dtype=torch.float64))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
 def test_corner_dot_rewrite_float64():
     """The kernels' point/weight gradients from the four corner dots d_k = <g, v_k> (deform_sample.h:
     point_grads) equal autograd through grid_sample, in float64."""
@@ -662,6 +682,32 @@ def test_cuda_backward_peak_memory(channels_last):
     peak, grads = _peak_bytes(torch.ops.mtlfast.deform_sample_backward, grad_out, values, points, weights)
     assert [g.shape for g in grads[0]] == [v.shape for v in values]
     assert peak <= bound, f"peak {peak / total:.3f} V, bound {bound / total:.3f} V"
+
+
+def test_cuda_limits_refuse_a_side_over_int32():
+    """The CUDA kernel's argument check takes stage sides up to 2**31 - 1: its limits say so at selection (a
+    BackendError, and auto goes on), not a RuntimeError from inside the op. (Stride-0 views: no memory.)"""
+    from mtlfast.ops.deform_sample import _cuda_limits
+
+    wide = torch.zeros(1, 1, 1, 1).expand(1, 1, 3, 2**31)
+    assert _cuda_limits([torch.zeros(1, 1, 2, 2), wide], torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)) == [
+        "values[1]: H=3, W=2147483648 exceed the kernel's limit of 2147483647 per side"]
+    assert _cuda_limits([wide[..., :2**31 - 1]], torch.zeros(1, 3, 2), torch.zeros(1, 3, 1)) == []
+
+
+@needs_extension
+@pytest.mark.gpu
+def test_cuda_backward_alerts_deterministic_mode_switched_on_after_the_forward():
+    """Selection refuses the CUDA kernel for gradients in deterministic mode; the mode switched on between
+    forward and backward is caught by the op itself (at::globalContext().alertNotDeterministic), as PyTorch's own
+    nondeterministic backwards do."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    inputs = _float32(_inputs(1, 7, 4, [(3, 2)], gen), "cuda")
+    leaves = [t.requires_grad_() for t in (*inputs["values"], inputs["points"], inputs["weights"])]
+    out = deform_sample(leaves[:1], leaves[1], leaves[2], backend="cuda")
+    with _deterministic_algorithms():
+        with pytest.raises(RuntimeError, match=r"deform_sample_backward \(cuda\) does not have a deterministic"):
+            out.sum().backward()
 
 
 @needs_extension

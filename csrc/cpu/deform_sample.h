@@ -40,16 +40,18 @@ struct Corners {
 
 // Corners of the point (x, y) on an H x W grid. The bounds are tested on the floored coordinates as floating
 // point before any integer conversion, so points far outside [-1, 1] (even +-inf or NaN) are safe: every corner
-// is outside (the forwards then write CPU grid_sample's NaN at non-finite points).
+// is outside (the forwards then write CPU grid_sample's NaN at non-finite points). A finite point whose pixel
+// coordinate overflows (|x| ~ 1e38 in float32) has fraction 0, not inf - inf: its gradients are 0, not NaN.
 template <typename A>
 MTLFAST_HOST_DEVICE inline Corners<A> bilinear_corners(A x, A y, int64_t height, int64_t width) {
   const A ix = ((x + A(1)) * A(width) - A(1)) / A(2);
   const A iy = ((y + A(1)) * A(height) - A(1)) / A(2);
   using std::floor;
+  using std::isfinite;
   const A x0 = floor(ix), y0 = floor(iy);
   Corners<A> c;
-  c.fx = ix - x0;
-  c.fy = iy - y0;
+  c.fx = isfinite(ix) ? ix - x0 : A(0);
+  c.fy = isfinite(iy) ? iy - y0 : A(0);
   const bool x_in[2] = {x0 >= A(0) && x0 < A(width), x0 + A(1) >= A(0) && x0 + A(1) < A(width)};
   const bool y_in[2] = {y0 >= A(0) && y0 < A(height), y0 + A(1) >= A(0) && y0 + A(1) < A(height)};
   const A wx[2] = {A(1) - c.fx, c.fx};

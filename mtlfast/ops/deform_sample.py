@@ -210,8 +210,11 @@ _cuda_shape_limits = _limits(CUDA_MAX_STAGES)
 
 def _cuda_limits(values, points, weights) -> list[str]:
     """The CUDA kernel's value gradient is a float atomic scatter: refused for gradients in deterministic mode,
-    where auto takes the Triton path (a gather in a fixed order)."""
-    return _cuda_shape_limits(values, points, weights) + atomic_gradient_refusals(
+    where auto takes the Triton path (a gather in a fixed order). Its argument check takes stage sides up to
+    2**31 - 1."""
+    sides = [f"values[{s}]: H={v.shape[2]}, W={v.shape[3]} exceed the kernel's limit of {MAX_POINTS} per side"
+             for s, v in enumerate(values) if max(v.shape[2], v.shape[3]) > MAX_POINTS]
+    return _cuda_shape_limits(values, points, weights) + sides[:1] + atomic_gradient_refusals(
         (*values, points, weights), "its value gradient is a float atomic scatter",
         "the triton backend's gather is deterministic")
 
