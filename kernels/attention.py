@@ -37,7 +37,7 @@ stored; in the backward, query rows past Nq load ``lse = +inf`` so their P is ex
 
 Precision: scores, P, dS and all accumulators are float32; P and dS are rounded to the input dtype
 before their dots (as in FlashAttention). float32 inputs use exact float32 dots unless PyTorch's float32
-matmul precision was lowered (then TF32), see :func:`dot_precision`.
+matmul precision was lowered (then TF32, operands rounded to nearest), see :func:`dot_precision` and :func:`dot`.
 
 Launch configuration (:class:`Blocks`): explicit for tests (the interpreter must never autotune) and
 chosen by :func:`default_blocks` otherwise (see there for the per-width table).
@@ -242,6 +242,32 @@ def _store_tile(ptr, value, offs_r, offs_c, n_r, n_c, stride_r, stride_c):
 
 
 @triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr):
+    """``tl.dot(a, b, acc)`` (acc None: a fresh float32 tile) at ``PRECISION``, "ieee" or "tf32"
+    (:func:`dot_precision`). In TF32, float32 operands are first rounded to TF32 (10-bit mantissa, to nearest,
+    ties away, as cuBLAS converts): Triton hands the tensor cores float32 bits, which drop the low 13 (it emits no
+    cvt.rna), a bias toward zero that made its TF32 error 4x cuBLAS's (attention forward against float64,
+    simulated: 1.6e-3 truncated, 4.2e-4 rounded; DESIGN.md §6 bounds TF32 dots at 1e-3). A rounded operand is a
+    TF32 value, so the hardware's truncation leaves it as it is; the interpreter, which ignores input_precision,
+    computes the same rounded products, so the CPU tests check the TF32 bound too."""
+    if PRECISION == "tf32":
+        if a.dtype == tl.float32:
+            a = _tf32_rounded(a)
+        if b.dtype == tl.float32:
+            b = _tf32_rounded(b)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tf32_rounded(x):
+    """float32 ``x`` rounded to TF32's 10-bit mantissa, to nearest, ties away from zero (magnitudes round in the
+    bit pattern; inf stays inf, a NaN stays itself)."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
+
+
+@triton.jit
 def _dot_nt(A, B, offs_a, offs_b, n_a, n_b, width, sa_r, sa_d, sb_r, sb_d,
             BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """float32 tile A[offs_a] · B[offs_b]ᵀ, reducing over ``width`` columns in chunks of BLOCK_D."""
@@ -250,7 +276,7 @@ def _dot_nt(A, B, offs_a, offs_b, n_a, n_b, width, sa_r, sa_d, sb_r, sb_d,
     for d0 in range(0, width, BLOCK_D):
         a = _load_tile(A, offs_a, d0 + offs_d, n_a, width, sa_r, sa_d)
         b = _load_tile(B, offs_b, d0 + offs_d, n_b, width, sb_r, sb_d)
-        acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
+        acc += dot(a, tl.trans(b), None, PRECISION)
     return acc
 
 
@@ -286,10 +312,10 @@ def _attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if ONE_DQK:
             k = _load_tile(K, offs_n, offs_dqk, N_K, D_QK, sk_n, sk_d)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            s = dot(q, tl.trans(k), None, PRECISION)
             if TAIL_DQK > 0:
                 k_t = _load_tile(K, offs_n, offs_dqk_t, N_K, D_QK, sk_n, sk_d)
-                s = tl.dot(q_t, tl.trans(k_t), s, input_precision=PRECISION)
+                s = dot(q_t, tl.trans(k_t), s, PRECISION)
         else:
             s = _dot_nt(Q, K, offs_m, offs_n, N_Q, N_K, D_QK, sq_n, sq_d, sk_n, sk_d,
                         BLOCK_M, BLOCK_N, BLOCK_DQK, PRECISION)
@@ -300,10 +326,10 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(V.dtype.element_ty)
         v = _load_tile(V, offs_n, offs_dv, N_K, D_V, sv_n, sv_d)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + dot(p, v, None, PRECISION)
         if TAIL_DV > 0:
             v_t = _load_tile(V, offs_n, offs_dv_t, N_K, D_V, sv_n, sv_d)
-            acc_t = acc_t * alpha[:, None] + tl.dot(p, v_t, input_precision=PRECISION)
+            acc_t = acc_t * alpha[:, None] + dot(p, v_t, None, PRECISION)
         m_i = m_new
     _store_tile(O, (acc / l_i[:, None]).to(O.dtype.element_ty), offs_m, offs_dv, N_Q, D_V, so_n, so_d)
     if TAIL_DV > 0:
@@ -388,10 +414,10 @@ def _attn_bwd_dkdv_kernel(
         lse2 = tl.load(LSE + offs_m, mask=offs_m < N_Q, other=float("inf")) * LOG2E
         if ONE_DQK:
             q = _load_tile(Q, offs_m, offs_dqk, N_Q, D_QK, sq_n, sq_d)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            st = dot(k, tl.trans(q), None, PRECISION)
             if TAIL_DQK > 0:
                 q_t = _load_tile(Q, offs_m, offs_dqk_t, N_Q, D_QK, sq_n, sq_d)
-                st = tl.dot(k_t, tl.trans(q_t), st, input_precision=PRECISION)
+                st = dot(k_t, tl.trans(q_t), st, PRECISION)
         else:
             st = _dot_nt(K, Q, offs_n, offs_m, N_K, N_Q, D_QK, sk_n, sk_d, sq_n, sq_d,
                          BLOCK_N, BLOCK_M, BLOCK_DQK, PRECISION)
@@ -401,14 +427,14 @@ def _attn_bwd_dkdv_kernel(
             if TAIL_DV > 0:
                 do_t = _load_tile(DO, offs_m, offs_dv_t, N_Q, D_V, sdo_n, sdo_d)
         if DO_DV:
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dv += dot(pt.to(do.dtype), do, None, PRECISION)
             if TAIL_DV > 0:
-                dv_t += tl.dot(pt.to(do.dtype), do_t, input_precision=PRECISION)
+                dv_t += dot(pt.to(do.dtype), do_t, None, PRECISION)
         if DO_DK:
             if ONE_DV:
-                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                dpt = dot(v, tl.trans(do), None, PRECISION)
                 if TAIL_DV > 0:
-                    dpt = tl.dot(v_t, tl.trans(do_t), dpt, input_precision=PRECISION)
+                    dpt = dot(v_t, tl.trans(do_t), dpt, PRECISION)
             else:
                 dpt = _dot_nt(V, DO, offs_n, offs_m, N_K, N_Q, D_V, sv_n, sv_d, sdo_n, sdo_d,
                               BLOCK_N, BLOCK_M, BLOCK_DV, PRECISION)
@@ -416,9 +442,9 @@ def _attn_bwd_dkdv_kernel(
             dst = (pt * (dpt - delta[None, :])).to(Q.dtype.element_ty)
             if not ONE_DQK:
                 q = _load_tile(Q, offs_m, offs_dqk_out, N_Q, D_QK, sq_n, sq_d)
-            dk += tl.dot(dst, q, input_precision=PRECISION)
+            dk += dot(dst, q, None, PRECISION)
             if TAIL_DQK > 0:
-                dk_t += tl.dot(dst, q_t, input_precision=PRECISION)
+                dk_t += dot(dst, q_t, None, PRECISION)
     if DO_DV:
         _store_tile(DV, dv.to(DV.dtype.element_ty), offs_n, offs_dv, N_K, D_V, sdv_n, sdv_d)
         if TAIL_DV > 0:
@@ -469,28 +495,28 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(K, offs_n, offs_dqk, N_K, D_QK, sk_n, sk_d)
         if ONE_DQK:
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            s = dot(q, tl.trans(k), None, PRECISION)
             if TAIL_DQK > 0:
                 k_t = _load_tile(K, offs_n, offs_dqk_t, N_K, D_QK, sk_n, sk_d)
-                s = tl.dot(q_t, tl.trans(k_t), s, input_precision=PRECISION)
+                s = dot(q_t, tl.trans(k_t), s, PRECISION)
         else:
             s = _dot_nt(Q, K, offs_m, offs_n, N_Q, N_K, D_QK, sq_n, sq_d, sk_n, sk_d,
                         BLOCK_M, BLOCK_N, BLOCK_DQK, PRECISION)
         if ONE_DV:
             v = _load_tile(V, offs_n, offs_dv, N_K, D_V, sv_n, sv_d)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dp = dot(do, tl.trans(v), None, PRECISION)
             if TAIL_DV > 0:
                 v_t = _load_tile(V, offs_n, offs_dv_t, N_K, D_V, sv_n, sv_d)
-                dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=PRECISION)
+                dp = dot(do_t, tl.trans(v_t), dp, PRECISION)
         else:
             dp = _dot_nt(DO, V, offs_m, offs_n, N_Q, N_K, D_V, sdo_n, sdo_d, sv_n, sv_d,
                          BLOCK_M, BLOCK_N, BLOCK_DV, PRECISION)
         # Key rows past N_K: masked, since exp2(0 - lse2) overflows when every score of a row is < -88.
         p = tl.where(offs_n[None, :] < N_K, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
-        dq += tl.dot(ds, k, input_precision=PRECISION)
+        dq += dot(ds, k, None, PRECISION)
         if TAIL_DQK > 0:
-            dq_t += tl.dot(ds, k_t, input_precision=PRECISION)
+            dq_t += dot(ds, k_t, None, PRECISION)
     _store_tile(DQ, (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, offs_dqk, N_Q, D_QK, sdq_n, sdq_d)
     if TAIL_DQK > 0:
         _store_tile(DQ, (dq_t * sm_scale).to(DQ.dtype.element_ty), offs_m, offs_dqk_t, N_Q, D_QK, sdq_n, sdq_d)
@@ -515,9 +541,8 @@ def grid_limits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: float32 inputs follow PyTorch's float32 matmul setting
     (torch.set_float32_matmul_precision: "highest", the default, -> exact "ieee" dots; "high"/"medium"
-    -> TF32); half-precision inputs use the tensor cores as they are. Every tl.dot of the kernels passes it:
-    Triton's own default on CUDA is TF32, and its TF32 passes float32 bits to the tensor cores, which truncate
-    them (no round-to-nearest conversion is emitted), so its errors are about twice cuBLAS's TF32."""
+    -> TF32); half-precision inputs use the tensor cores as they are. Every dot of the kernels passes it (:func:`dot`,
+    which rounds float32 operands to TF32 first): Triton's own default on CUDA is TF32."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from mtlfast._alloc import empty
-from mtlfast.kernels.attention import _on_device, dot_precision
+from mtlfast.kernels.attention import _on_device, dot, dot_precision
 
 #: Largest K the kernels take: the (BLOCK_N, BLOCK_K) logits tile lives in registers.
 MAX_K = 256
@@ -111,14 +111,14 @@ def _scores(x_b, mu_b, a_b, g_b, mr_b, offs_n, n_mask, offs_k, k_mask, C,
         kc_mask = k_mask[:, None] & c_mask[None, :]
         xt = tl.load(x_b + nc, mask=nc_mask, other=0.0)
         mt = tl.load(mu_b + kc, mask=kc_mask, other=0.0).to(xt.dtype)
-        s = tl.dot(xt, tl.trans(mt), s, input_precision=DOT_PRECISION)
+        s = dot(xt, tl.trans(mt), s, DOT_PRECISION)
         if HAS_M:
             at = tl.load(a_b + kc, mask=kc_mask, other=0.0).to(xt.dtype)
-            xa = tl.dot(xt, tl.trans(at), xa, input_precision=DOT_PRECISION)
+            xa = dot(xt, tl.trans(at), xa, DOT_PRECISION)
         if HAS_EXT:
             gt = tl.load(g_b + nc, mask=nc_mask, other=0.0)
             rt = tl.load(mr_b + kc, mask=kc_mask, other=0.0).to(gt.dtype)
-            gm = tl.dot(gt, tl.trans(rt), gm, input_precision=DOT_PRECISION)
+            gm = dot(gt, tl.trans(rt), gm, DOT_PRECISION)
     return s, xa, gm
 
 
@@ -142,7 +142,7 @@ def _accumulate_partial(part_b, lhs, v_b, offs_n, n_mask, offs_k, k_mask, C, add
         pp = part_b + offs_k[:, None] * C + offs_c[None, :]
         p_mask = k_mask[:, None] & c_mask[None, :]
         prev = tl.load(pp, mask=p_mask & add, other=0.0)
-        tl.store(pp, prev + tl.dot(lhs.to(vt.dtype), vt, input_precision=DOT_PRECISION), mask=p_mask)
+        tl.store(pp, prev + dot(lhs.to(vt.dtype), vt, None, DOT_PRECISION), mask=p_mask)
 
 
 # --- forward -------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def _em_output_kernel(x_ptr, mue_ptr, mur_ptr, xrec_ptr, z_ptr, N, K, C, mu_stri
         c_mask = offs_c < C
         mr = tl.load(mur_b + offs_k[:, None] * C + offs_c[None, :], mask=k_mask[:, None] & c_mask[None, :],
                      other=0.0).to(zc.dtype)
-        out = tl.dot(zc, mr, input_precision=DOT_PRECISION)
+        out = dot(zc, mr, None, DOT_PRECISION)
         tl.store(xrec_ptr + (b * N + offs_n[:, None]) * C + offs_c[None, :], out.to(xrec_ptr.dtype.element_ty),
                  mask=n_mask[:, None] & c_mask[None, :])
 
@@ -301,10 +301,10 @@ def _em_backward_kernel(x_ptr, mue_ptr, a_ptr, w_ptr, gx_ptr, gz_ptr, mur_ptr, d
             nc = (b * N + offs_n[:, None]) * C + offs_c[None, :]
             nc_mask = n_mask[:, None] & c_mask[None, :]
             me = tl.load(mue_b + kc, mask=kc_mask, other=0.0).to(dsc.dtype)
-            dx = tl.dot(dsc, me, input_precision=DOT_PRECISION) * scale
+            dx = dot(dsc, me, None, DOT_PRECISION) * scale
             if HAS_M:
                 at = tl.load(a_b + kc, mask=kc_mask, other=0.0).to(zc.dtype)
-                dx = tl.dot(zc, at, dx, input_precision=DOT_PRECISION)
+                dx = dot(zc, at, dx, DOT_PRECISION)
             if ACCUM:
                 dx += tl.load(dxin_ptr + nc, mask=nc_mask, other=0.0)
             tl.store(dxout_ptr + nc, dx.to(dxout_ptr.dtype.element_ty), mask=nc_mask)

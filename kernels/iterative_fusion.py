@@ -48,7 +48,7 @@ import triton.language as tl
 
 from mtlfast._alloc import empty, empty_like
 from mtlfast.backends import cuda_max_shared_bytes
-from mtlfast.kernels.attention import _on_device, dot_precision
+from mtlfast.kernels.attention import _on_device, dot, dot_precision
 
 LOG2E = 1.4426950408889634
 VARIANT_IDS = {"A": 0, "B": 1, "C": 2}
@@ -160,7 +160,7 @@ def _mix_tile(co_ptr, rows_ptr, stride_rn, cols_ptr, stride_cn, lse_ptr, x_ptr, 
                 w_bp = tl.advance(w_bp, (0, BLOCK_Y))
         else:
             cols = tl.load(cols_bp, boundary_check=(0, 1), padding_option="zero")
-            s = tl.dot(rows, tl.trans(cols), input_precision=DOT_PRECISION) * qk_scale
+            s = dot(rows, tl.trans(cols), None, DOT_PRECISION) * qk_scale
             offs_y = y0 + tl.arange(0, BLOCK_Y)
             if TRANSPOSED:
                 s = s - tl.load(lse_ptr + offs_y, mask=offs_y < N, other=0.0)[None, :]
@@ -168,7 +168,7 @@ def _mix_tile(co_ptr, rows_ptr, stride_rn, cols_ptr, stride_cn, lse_ptr, x_ptr, 
                 s = s - lse_x[:, None]
             w = tl.where((offs_y < N)[None, :], tl.exp2(s), 0.0)
             cols_bp = tl.advance(cols_bp, (BLOCK_Y, 0))
-        acc = tl.dot(w.to(dot_dtype), xt.to(dot_dtype), acc, input_precision=DOT_PRECISION)
+        acc = dot(w.to(dot_dtype), xt.to(dot_dtype), acc, DOT_PRECISION)
         x_bp = tl.advance(x_bp, (BLOCK_Y, 0))
     return acc
 
@@ -197,7 +197,7 @@ def _softmax_kernel(q_ptr, k_ptr, lse_ptr, co_ptr, N, D, qk_scale,
         k_bp = tl.make_block_ptr(k_base, (N, D), (stride_kn, 1), (0, 0), (BLOCK_Y, BLOCK_D), (1, 0))
         for y0 in range(0, N, BLOCK_Y):
             kt = tl.load(k_bp, boundary_check=(0, 1), padding_option="zero")
-            s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
+            s = dot(qt, tl.trans(kt), None, DOT_PRECISION) * qk_scale
             s = tl.where((y0 + tl.arange(0, BLOCK_Y) < N)[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
@@ -212,7 +212,7 @@ def _softmax_kernel(q_ptr, k_ptr, lse_ptr, co_ptr, N, D, qk_scale,
         co_bp = tl.make_block_ptr(co_ptr + b * N * N, (N, N), (N, 1), (x0, 0), (BLOCK_X, BLOCK_Y), (1, 0))
         for y0 in range(0, N, BLOCK_Y):
             kt = tl.load(k_bp, boundary_check=(0, 1), padding_option="zero")
-            s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
+            s = dot(qt, tl.trans(kt), None, DOT_PRECISION) * qk_scale
             tl.store(co_bp, tl.exp2(s - lse[:, None]).to(co_ptr.dtype.element_ty), boundary_check=(0, 1))
             k_bp = tl.advance(k_bp, (BLOCK_Y, 0))
             co_bp = tl.advance(co_bp, (0, BLOCK_Y))
@@ -332,7 +332,7 @@ def _dqdk_kernel(co_ptr, q_ptr, k_ptr, lse_ptr, coef_ptr, g_ptr, v_ptr, r_ptr, d
             p = tl.load(co_bp, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
             co_bp = tl.advance(co_bp, (BLOCK_X, 0))
         else:
-            s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
+            s = dot(qt, tl.trans(kt), None, DOT_PRECISION) * qk_scale
             lse_x = tl.load(lse_ptr + b * N + offs_x, mask=mask_x, other=0.0)
             p = tl.where(mask_x[:, None] & mask_y[None, :], tl.exp2(s - lse_x[:, None]), 0.0)
         dp = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
@@ -341,13 +341,13 @@ def _dqdk_kernel(co_ptr, q_ptr, k_ptr, lse_ptr, coef_ptr, g_ptr, v_ptr, r_ptr, d
         for c0 in range(0, KC, BLOCK_K):
             gt = tl.load(g_bp, boundary_check=(0, 1), padding_option="zero")
             vt = tl.load(v_bp, boundary_check=(0, 1), padding_option="zero")
-            dp = tl.dot(gt.to(qt.dtype), tl.trans(vt.to(qt.dtype)), dp, input_precision=DOT_PRECISION)
+            dp = dot(gt.to(qt.dtype), tl.trans(vt.to(qt.dtype)), dp, DOT_PRECISION)
             g_bp = tl.advance(g_bp, (0, BLOCK_K))
             v_bp = tl.advance(v_bp, (0, BLOCK_K))
         r = tl.load(r_ptr + b * N + offs_x, mask=mask_x, other=0.0)
         ds = p * (dp - r[:, None]) * ds_scale
-        dk_acc = tl.dot(tl.trans(ds.to(qt.dtype)), qt, dk_acc, input_precision=DOT_PRECISION)
-        dq_part = tl.dot(ds.to(kt.dtype), kt, input_precision=DOT_PRECISION)
+        dk_acc = dot(tl.trans(ds.to(qt.dtype)), qt, dk_acc, DOT_PRECISION)
+        dq_part = dot(ds.to(kt.dtype), kt, None, DOT_PRECISION)
         tl.atomic_add(dq_ptr + (b * N + offs_x[:, None]) * D + offs_d[None, :], dq_part,
                       mask=mask_x[:, None] & (offs_d < D)[None, :])
         q_bp = tl.advance(q_bp, (BLOCK_X, 0))

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from mtlfast._alloc import empty
-from mtlfast.kernels.attention import _on_device, dot_precision
+from mtlfast.kernels.attention import _on_device, dot, dot_precision
 
 __all__ = ["Config", "default_config", "current_config", "use_config", "forward", "backward", "MAX_CHANNELS"]
 
@@ -158,7 +158,7 @@ def _batched_scores(a_ptr, a_sc, a_sn, a_sd, offs_a, n_a, b_ptr, b_sc, b_sn, b_s
         cols = w0 + offs_w
         a = _load3(a_ptr, a_sc, a_sn, a_sd, offs_c, offs_a, cols, C, n_a, width)
         bt = _load3(b_ptr, b_sc, b_sd, b_sn, offs_c, cols, offs_b, C, width, n_b)
-        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
+        acc = dot(a, bt, acc, PRECISION)
     return acc
 
 
@@ -206,7 +206,7 @@ def _fwd_kernel(q, k, v, w, out, lse,
         p = tl.exp(s - m_new[:, :, None])
         l_i = l_i * alpha + tl.sum(p, 2)
         vt = _load3(v, svc, svn, svd, offs_c, offs_n, offs_dv, C, Nk, Dv)
-        acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, :, None], input_precision=PRECISION)
+        acc = dot(p.to(vt.dtype), vt, acc * alpha[:, :, None], PRECISION)
         m_i = m_new
 
     acc = acc / l_i[:, :, None]
@@ -256,12 +256,12 @@ def _bwd_kv_kernel(q, k, v, w, do, lse, delta, dk, dv,
         st = tl.where((offs_n < Nk)[None, :, None], st, float("-inf"))
         pt = tl.exp(st - lse_m[:, None, :])                                     # (C_PAD, BLOCK_N, BLOCK_M)
         do_t = _load3(do, sdc, sdn, sdd, offs_c, offs_m, offs_dv, C, Nq, Dv)
-        dv_acc = tl.dot(pt.to(do_t.dtype), do_t, dv_acc, input_precision=PRECISION)
+        dv_acc = dot(pt.to(do_t.dtype), do_t, dv_acc, PRECISION)
         dpt = _batched_scores(v, svc, svn, svd, offs_n, Nk, do, sdc, sdn, sdd, offs_m, Nq, Dv, offs_c,
                               C, BLOCK_N, BLOCK_M, C_PAD, BLOCK_DV, PRECISION)
         dst = _mix(pt * (dpt - delta_m[:, None, :]), w, swc, swj, offs_c, C)   # mixed back to the C maps
         q_t = _load3(q, sqc, sqn, sqd, offs_c, offs_m, offs_dk, C, Nq, D)
-        dk_acc = tl.dot(dst.to(q_t.dtype), q_t, dk_acc, input_precision=PRECISION)
+        dk_acc = dot(dst.to(q_t.dtype), q_t, dk_acc, PRECISION)
 
     # dk, dv: contiguous (B, C, Nk, D) and (B, C, Nk, Dv)
     dk_ptrs = dk + pid_b * C * Nk * D + offs_c[:, None, None] * Nk * D + offs_n[None, :, None] * D \
@@ -313,8 +313,8 @@ def _bwd_q_kernel(q, k, v, w, do, lse, delta, dq, dw_part,
                              C, BLOCK_M, BLOCK_N, C_PAD, BLOCK_DV, PRECISION)
         ds = p * (dp - delta_m[:, :, None])
         k_t = _load3(k, skc, skn, skd, offs_c, offs_n, offs_dq, C, Nk, D)
-        dq_acc = tl.dot(_mix(ds, w, swc, swj, offs_c, C).to(k_t.dtype), k_t, dq_acc,  # mixed back to the C maps
-                        input_precision=PRECISION)
+        dq_acc = dot(_mix(ds, w, swc, swj, offs_c, C).to(k_t.dtype), k_t, dq_acc,  # mixed back to the C maps
+                     PRECISION)
         if pid_x == 0:  # dW[:, c] += Σ dĀ_j ∘ A_c
             ds_sum += tl.sum(ds, 2)
             for c in tl.static_range(C):

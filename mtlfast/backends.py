@@ -214,7 +214,8 @@ def triton_unavailable(device_type: str, dtype: torch.dtype | None = None) -> st
 
 #: Shared memory per thread block that every Triton kernel specialisation fits in (compiled for sm_90 in the
 #: compile tests, :func:`mtlfast.testing.compile_for_gpu`, which fails above it; an sm_86 compile needs as much or
-#: less): what GPUs of compute capability 8.6 / 8.9 / 12.0 offer. iterative_fusion's row tiles follow the GPU's
+#: less): what GPUs of compute capability 8.6 / 8.9 / 12.0 offer. (The compile tests' specialisation, not quite a
+#: launch's: see compile_for_gpu.) iterative_fusion's row tiles follow the GPU's
 #: shared memory instead (:func:`mtlfast.kernels.iterative_fusion.row_tile_bytes`), checked per GPU class.
 TRITON_SHARED_BYTES = 99 * 1024
 

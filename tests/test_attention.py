@@ -11,9 +11,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import mtlfast
 from mtlfast.backends import BackendError
+from mtlfast.kernels.attention import _tf32_rounded
 from mtlfast.ops.attention import attention_triton, center_keys
 from mtlfast.reference.attention import attention as reference_attention
 from mtlfast.testing import (check_against_reference, float32_dots_are_tf32, fresh_seed, randn, rel_error,
@@ -98,6 +101,32 @@ def test_gpu_default_blocks_match_reference(device, kernel_dtype, shape):
         return attention_triton(q, k, v, scale=d_qk ** -0.5, fwd_blocks=fwd, bwd_blocks=bwd)
 
     check_against_reference(fn, reference_attention, inputs, dtype=kernel_dtype, tf32_dots=float32_dots_are_tf32())
+
+
+@triton.jit
+def _tf32_rounded_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, _tf32_rounded(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
+
+def test_tf32_rounding_is_to_nearest_ties_away():
+    """kernels.attention._tf32_rounded (the operands of TF32 dots) against TF32 rounding computed in float64:
+    the mantissa to 10 bits, to nearest, ties away from zero (cuBLAS's cvt.rna), through exact ties, signs, the
+    largest float (to inf), inf and NaN. (Normal numbers: subnormals round at their fixed bit positions.)"""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    tie = torch.tensor([0x3F801000, 0x3F803000, 0xBF801000, 0x3F800FFF, 0x3F801001], dtype=torch.int64)
+    special = torch.tensor([0.0, -0.0, 1.0, float(torch.finfo(torch.float32).max), float("inf"), -float("inf")])
+    x = torch.cat([randn(200, generator=gen, dtype=torch.float32) * 10.0 ** torch.randint(-30, 30, (200,),
+                                                                                            generator=gen),
+                   tie.to(torch.int32).view(torch.float32), special, torch.tensor([float("nan")])])
+    y = torch.empty_like(x)
+    _tf32_rounded_kernel[(1,)](x, y, x.numel(), BLOCK=256)
+    mantissa, exponent = torch.frexp(x[:-1].double())
+    scaled = mantissa * 2.0 ** 11
+    want = (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5) / 2.0 ** 11 * 2.0 ** exponent.double()).float()
+    want = torch.where(torch.isfinite(x[:-1]), want, x[:-1])
+    assert torch.equal(y[:-1], want) and torch.isnan(y[-1])
+    assert y[200:205].tolist() == [1.0009765625, 1.001953125, -1.0009765625, 1.0, 1.0009765625]  # ties away
 
 
 def test_width_split_and_plan():
