@@ -36,6 +36,16 @@ def _subpackages():
     return sorted(set(packages))
 
 
+def _csrc_digest() -> str:
+    """mtlfast/_sources.py's digest of csrc/, loaded by path (the package is not importable before it is built)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_mtlfast_sources", os.path.join("mtlfast", "_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.csrc_digest("csrc")
+
+
 def _default_max_jobs():
     cores = os.cpu_count() or 1
     try:
@@ -98,7 +108,7 @@ def _extension():
     # No -std flag: torch's cpp_extension adds the language standard its headers need (C++20 from torch 2.13;
     # torch 2.14's ATen refuses C++17).
     cxx = ["-O3", "-fopenmp"]
-    define_macros = []
+    define_macros = [("MTLFAST_SOURCES", f'"{_csrc_digest()}"')]
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or _default_cuda_archs(torch)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
@@ -109,8 +119,8 @@ def _extension():
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"])
     else:
-        ext = cpp_extension.CppExtension("mtlfast._C", sources, extra_compile_args={"cxx": cxx},
-                                         extra_link_args=["-fopenmp"])
+        ext = cpp_extension.CppExtension("mtlfast._C", sources, define_macros=define_macros,
+                                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
     base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
 

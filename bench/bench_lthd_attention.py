@@ -69,9 +69,12 @@ def _case(name, B, size_fine, size_coarse, D, C, grown_from=None):
         smaller = _saved_memory(B, *grown_from, D, C)
         params.update({f"saved_growth_{who}": params[f"saved_bytes_{who}"] / smaller[f"saved_bytes_{who}"]
                        for who in ("eager", "mtlfast")})
-    # the rewrite's attention: QK over 2D, PV over C (the literal formula's FLOPs differ; see the docstring)
-    return Case(name, make, flops=2.0 * B * n_f * n_f * (2 * D + C), backward_factor=flash_backward_factor(2 * D, C),
-                params=params)
+    # the formula's products (eq. 11-12): fine scores Nf² x D, coarse scores Nc² x D, P·V Nf² x C (resize and
+    # softmax not counted, as for attention); as one attention of score width d_scores = D (Nf² + Nc²) / Nf². The
+    # rewrite computes its fine-grid scores over 2D instead: its TFLOP/s count the formula's work, not its own.
+    d_scores = D * (n_f * n_f + n_c * n_c) / (n_f * n_f)
+    return Case(name, make, flops=2.0 * B * n_f * n_f * (d_scores + C),
+                backward_factor=flash_backward_factor(d_scores, C), params=params)
 
 
 def cases(device):

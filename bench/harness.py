@@ -35,6 +35,7 @@ torch/triton/CUDA versions, the compiled extension's build and the commit.
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import os
 import pkgutil
@@ -95,8 +96,9 @@ class Target:
     activation bytes counted on meta tensors); "runs" — 1 when the provider was timed, 0 when it failed
     (e.g. out of memory), with the outcome of the ``against`` providers in ``compared``. Checked on the cases
     whose name fully matches ``cases``, in
-    ``mode``, on results of ``device`` ("cuda": the issues' H100/H200 targets), for ``provider`` ("mtlfast",
-    the op's ``auto`` choice, unless a goal concerns another of our paths, e.g. "mtlfast_triton").
+    ``mode``, on results of ``device`` ("cuda": the issues' H100/H200 targets) in the device's default dtype
+    (:data:`DEFAULT_DTYPES`: the issues' bf16 on a GPU), for ``provider`` ("mtlfast", the op's ``auto`` choice,
+    unless a goal concerns another of our paths, e.g. "mtlfast_triton").
     """
 
     goal: str
@@ -164,7 +166,10 @@ def standard_providers(op_name: str, op_fn: Callable, reference_fn: Callable, *,
     def mtlfast_resolve(inputs: Inputs) -> dict[str, object]:
         return {"backend": auto_backend(inputs), **(resolve(inputs) if resolve is not None else {})}
 
-    providers = [Provider("mtlfast", op_fn, refuse=mtlfast_refuse, resolve=mtlfast_resolve),
+    # backend="auto" given: a use_backend scope or MTLFAST_BACKEND would otherwise time another backend than the
+    # rows record
+    providers = [Provider("mtlfast", functools.partial(op_fn, backend="auto"), refuse=mtlfast_refuse,
+                          resolve=mtlfast_resolve),
                  Provider("eager", reference_fn)]
     if compile:
         providers.append(Provider("compile", torch.compile(reference_fn, dynamic=False)))
@@ -502,17 +507,19 @@ RESUME_ENVIRONMENT = ("device", "source", "extension", "torch", "triton", "cuda"
 
 
 def resumable(previous: Mapping[str, object] | None, op: str, dtype: torch.dtype, modes: Sequence[str],
-              device: str) -> tuple[bool, str]:
+              device: str, quick: bool = False) -> tuple[bool, str]:
     """Whether ``run_benchmark(..., previous=previous)`` on ``device`` may keep ``previous``'s measured cases:
     the same op, dtype and modes as this run, the same device model, :func:`source_fingerprint`, compiled
-    extension and versions (:data:`RESUME_ENVIRONMENT`), and not a ``quick`` smoke run. Returns (ok, why not)."""
+    extension and versions (:data:`RESUME_ENVIRONMENT`), and neither run a ``quick`` smoke run. Returns (ok, why
+    not)."""
     if previous is None:
         return False, "no earlier result"
-    if previous.get("quick"):
-        return False, "the earlier result is a --quick smoke run"
+    if previous.get("quick") or quick:
+        return False, "the earlier result is a --quick smoke run" if previous.get("quick") else (
+            "this is a --quick smoke run (its rows would be kept beside full ones)")
     now = environment(device)
     earlier = previous.get("environment", {})
-    wanted = {"op": op, "dtype": str(dtype).replace("torch.", ""), "modes": list(modes),
+    wanted = {"op": op, "dtype": dtype_name(dtype), "modes": list(modes),
               **{key: now[key] for key in RESUME_ENVIRONMENT}}
     found = {"op": previous.get("op"), "dtype": previous.get("dtype"), "modes": previous.get("modes"),
              **{key: earlier.get(key) for key in RESUME_ENVIRONMENT}}
@@ -547,7 +554,7 @@ def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, mode
     run_index = len(runs)
     runs.append({"environment": environment(device), "peaks": peaks})
     rows: list[dict[str, object]] = []
-    result = {"op": benchmark.op, "dtype": str(dtype).replace("torch.", ""), "device_type": device,
+    result = {"op": benchmark.op, "dtype": dtype_name(dtype), "device_type": device,
               "modes": list(modes), "environment": runs[-1]["environment"], "peaks": peaks, "runs": runs,
               "quick": quick, "complete": False, "cases_left": [], "rows": rows}
     time_fn = _time_cuda if device == "cuda" else _time_cpu
@@ -577,6 +584,13 @@ def run_benchmark(benchmark: Benchmark, *, device: str, dtype: torch.dtype, mode
             on_case(snapshot(position))
     result["complete"] = not result["cases_left"]
     return result
+
+
+def measured_now(result: Mapping[str, object]) -> bool:
+    """Whether :func:`run_benchmark`'s run measured a case (rows of its own run, not kept from an earlier one,
+    and not left by the time budget)."""
+    run = len(result["runs"]) - 1
+    return any(r.get("run") == run and r.get("skipped") != NOT_RUN for r in result["rows"])
 
 
 def _measure_case(benchmark: Benchmark, case: Case, device: str, dtype: torch.dtype, modes: Sequence[str],
@@ -687,10 +701,14 @@ def result_device(result: Mapping[str, object]) -> str:
 def check_targets(result: Mapping[str, object], targets: Sequence[Target]) -> list[dict[str, object]]:
     """Every (target, matching case) of a result: ``value`` (None when it cannot be computed), ``status``
     "met", "MISSED" or "no data: <why>", ``compared`` (the provider that set the comparison). Targets of
-    another device than the result's are left out."""
+    another device than the result's are left out, and every target where the result is not in its device's default
+    dtype (a float32 run on a GPU is no evidence on the bfloat16 targets)."""
     rows = result["rows"]
     checks = []
-    for target in (t for t in targets if t.device == result_device(result)):
+    device = result_device(result)
+    if result.get("dtype", DEFAULT_DTYPES[device]) != DEFAULT_DTYPES[device]:
+        return checks
+    for target in (t for t in targets if t.device == device):
         for case in dict.fromkeys(r["case"] for r in rows if re.fullmatch(target.cases, r["case"])):
             group = [r for r in rows if r["case"] == case and r["mode"] == target.mode]
             ours = next((r for r in group if r["provider"] == target.provider), None)
@@ -741,15 +759,29 @@ def format_targets(checks: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def result_path(out_dir: str, device: str, op: str) -> str:
-    return os.path.join(out_dir, device_slug(device), f"{op}.json")
+#: The dtype the op benchmarks run in by default on each device type, in which the targets are judged.
+DEFAULT_DTYPES = {"cuda": "bfloat16", "cpu": "float32"}
 
 
-def read_result(out_dir: str, device: str, op: str) -> dict[str, object] | None:
-    """The result file :func:`write_result` wrote for ``op`` on this device, or None if there is none."""
+def dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def result_path(out_dir: str, device: str, op: str, dtype: torch.dtype | str | None = None) -> str:
+    """``<out_dir>/<device slug>/<op>.json`` in the device's default dtype (:data:`DEFAULT_DTYPES`), else
+    ``<op>.<dtype>.json``: a float32 run on a GPU does not replace the bfloat16 results the targets are judged on."""
+    name = dtype_name(dtype) if dtype is not None else DEFAULT_DTYPES[device]
+    stem = op if name == DEFAULT_DTYPES[device] else f"{op}.{name}"
+    return os.path.join(out_dir, device_slug(device), f"{stem}.json")
+
+
+def read_result(out_dir: str, device: str, op: str, dtype: torch.dtype | str | None = None
+                ) -> dict[str, object] | None:
+    """The result file :func:`write_result` wrote for ``op`` in ``dtype`` on this device, or None if there is
+    none."""
     from mtlfast._files import read_json
 
-    path = result_path(out_dir, device, op)
+    path = result_path(out_dir, device, op, dtype)
     return read_json(path) if os.path.exists(path) else None
 
 
@@ -761,4 +793,4 @@ def write_json(path: str, data: object) -> str:
 
 
 def write_result(result: Mapping[str, object], out_dir: str, device: str) -> str:
-    return write_json(result_path(out_dir, device, result["op"]), result)
+    return write_json(result_path(out_dir, device, result["op"], result["dtype"]), result)

@@ -31,8 +31,13 @@ std::atomic<bool> g_poison_outputs{false};
   return at::empty(sizes, options);
 }
 
+#ifndef MTLFAST_SOURCES
+#define MTLFAST_SOURCES "unknown"
+#endif
+
+// "<cpu build> sources=<csrc digest, mtlfast/_sources.py> cuda=..." (archs last: mtlfast.backends parses it)
 std::string build_info() {
-  std::string info = mtlfast::cpu_build_info();
+  std::string info = mtlfast::cpu_build_info() + " sources=" MTLFAST_SOURCES;
 #ifdef MTLFAST_WITH_CUDA
   info += " cuda=yes cudart=" + std::to_string(mtlfast::cuda::compiled_cudart_version());
 #ifdef MTLFAST_CUDA_ARCHS

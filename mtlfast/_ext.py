@@ -45,6 +45,24 @@ def _load() -> ExtensionStatus:
     return ExtensionStatus(True, with_cuda="cuda=yes" in info, build_info=info)
 
 
+def stale_reason() -> str | None:
+    """Why the loaded extension is not the build of this tree's C++/CUDA sources (an editable install's csrc/
+    changed since the build), or None (it is; no extension; or no csrc/ beside the package to compare with)."""
+    import os
+
+    from mtlfast._sources import csrc_digest
+
+    info = status()
+    tree = csrc_digest(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc"))
+    if not info.loaded or tree is None:
+        return None
+    built = next((t.split("=", 1)[1] for t in info.build_info.split() if t.startswith("sources=")), "unknown")
+    if built == tree:
+        return None
+    return (f"mtlfast._C was built from other C++/CUDA sources (sources={built}) than this tree's csrc/ "
+            f"(sources={tree}): rebuild it (pip install --no-build-isolation -e .)")
+
+
 def ops():
     """``torch.ops.mtlfast`` after making sure the extension is loaded (callers checked :func:`status`)."""
     if not status().loaded:

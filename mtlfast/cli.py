@@ -79,15 +79,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.cases and not any(re.search(args.cases, name) for name in names):
         print(f"mtlfast bench: --cases {args.cases!r} matches no case of {', '.join(selected)}", file=sys.stderr)
         return 2
+    _refuse_stale_extension()
     deadline = None if args.budget is None else time.monotonic() + args.budget
     peaks = harness.measure_peaks(device)
-    modes = tuple(args.modes.split(","))
+    modes = tuple(m.strip() for m in args.modes.split(","))
+    if not modes or any(m not in ("fwd", "fwd+bwd") for m in modes) or len(set(modes)) < len(modes):
+        raise ValueError(f"--modes: expected a comma list of fwd, fwd+bwd (each once), got {args.modes!r}")
     incomplete = []
     for op in selected:
+        if args.cases and not any(re.search(args.cases, c.name) for c in benchmarks[op].cases(device)):
+            continue  # none of its cases selected: its result file stays as it was
         previous = None
         if args.resume:
-            previous = harness.read_result(args.out, device, op)
-            ok, why = harness.resumable(previous, op, dtype, modes, device)
+            previous = harness.read_result(args.out, device, op, dtype)
+            ok, why = harness.resumable(previous, op, dtype, modes, device, args.quick)
             if previous is not None and not ok:
                 print(f"mtlfast bench: {op}: not resuming, {why}")
                 previous = None
@@ -101,7 +106,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if checks:
             print(harness.format_targets(checks))
         if args.out:
-            print(f"wrote {harness.write_result(result, args.out, device)}")
+            if harness.measured_now(result) or harness.read_result(args.out, device, op, dtype) is None:
+                print(f"wrote {harness.write_result(result, args.out, device)}")
+            else:  # e.g. a time budget spent before this op: an earlier file is not replaced by empty rows
+                print(f"mtlfast bench: {op}: no case measured; {harness.result_path(args.out, device, op, dtype)} "
+                      "left as it was")
         if any(r.get("skipped") == harness.NOT_RUN for r in result["rows"]):
             incomplete.append(op)
     if incomplete:
@@ -111,6 +120,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_stale_extension() -> None:
+    """Results record the tree's source fingerprint: an extension built from other sources would credit the tree
+    with another build's numbers."""
+    from mtlfast import _ext
+
+    why = _ext.stale_reason()
+    if why:
+        raise RuntimeError(f"bench: {why}")
+
+
 def _bench_report(folder: str, benchmarks: dict) -> int:
     """The targets of every op result file (``<op>.json``) in a results folder, as one Markdown table."""
     import glob
@@ -118,7 +137,8 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
     from mtlfast._files import read_json
     from mtlfast.bench import harness
 
-    paths = sorted(p for p in glob.glob(os.path.join(folder, "*.json")) if os.path.basename(p)[:-5] in benchmarks)
+    paths = sorted(p for p in glob.glob(os.path.join(folder, "*.json"))
+                   if os.path.basename(p)[:-5].split(".")[0] in benchmarks)  # <op>.json, <op>.<dtype>.json
     models_path = os.path.join(folder, "models.json")
     if not paths and not os.path.exists(models_path):
         raise FileNotFoundError(f"--report: no op result files (<op>.json for {', '.join(sorted(benchmarks))}) "
@@ -129,10 +149,13 @@ def _bench_report(folder: str, benchmarks: dict) -> int:
         checks += harness.check_targets(result, benchmarks[result["op"]].targets)
         for run in result.get("runs") or [{"environment": result["environment"]}]:
             env = run["environment"]
-            print(f"{os.path.basename(path)}: {env['device']}, torch {env['torch']}, triton {env.get('triton')}, "
-                  f"commit {env['commit']}, {env['date']}")
+            print(f"{os.path.basename(path)}: {result.get('dtype')}, {env['device']}, torch {env['torch']}, "
+                  f"triton {env.get('triton')}, commit {env['commit']}, {env['date']}")
         if result.get("quick"):
             print(f"{os.path.basename(path)}: a --quick smoke run, not for reporting")
+        default = harness.DEFAULT_DTYPES[harness.result_device(result)]
+        if result.get("dtype", default) != default:
+            print(f"{os.path.basename(path)}: a {result['dtype']} run; the targets are judged on {default} results")
         if result.get("complete") is False:
             print(f"{os.path.basename(path)}: incomplete, cases not measured yet: "
                   f"{', '.join(result.get('cases_left') or ['(by a time budget)'])}")
@@ -160,6 +183,7 @@ def _bench_models(args: argparse.Namespace) -> int:
     from mtlfast.bench import harness, models
     from mtlfast.models.backbones import needs_timm, timm_unusable
 
+    _refuse_stale_extension()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = [s for s in models.SETTINGS if not args.cases or re.search(args.cases, s.name)]
     if not settings:
@@ -177,12 +201,18 @@ def _bench_models(args: argparse.Namespace) -> int:
     deadline = None if args.budget is None else time.monotonic() + args.budget
     folder = os.path.join(args.out, harness.device_slug(device.type)) if args.out else None
     environment = harness.environment(device.type)
-    # Results of an earlier run of the same sources (another call, or other --cases) are kept, setting by setting.
+    # Results of an earlier run of the same sources, extension build and versions (harness.RESUME_ENVIRONMENT;
+    # another call, or other --cases) are kept, setting by setting, each with the environment it was measured in.
     earlier = []
     if folder and os.path.exists(os.path.join(folder, "models.json")):
         previous = read_json(os.path.join(folder, "models.json"))
-        if previous.get("environment", {}).get("source") == environment["source"] and previous.get("quick") == quick:
-            earlier = previous.get("results", [])
+        before = previous.get("environment", {})
+        differ = [key for key in harness.RESUME_ENVIRONMENT if before.get(key) != environment[key]]
+        if not differ and previous.get("quick") == quick:
+            earlier = [{"environment": before, **r} for r in previous.get("results", [])]
+        elif previous.get("results"):
+            print(f"mtlfast bench --models: the earlier results in {folder} are not kept ("
+                  + (f"another {', '.join(differ)}" if differ else "a quick check") + ")")
 
     def save(results, left):  # after every setting, so that a run stopped from outside keeps what it measured
         if not folder:
@@ -208,7 +238,7 @@ def _bench_models(args: argparse.Namespace) -> int:
             save(results, left)
             print(f"mtlfast bench --models: {exc}", file=sys.stderr)
             return 1
-        results.append(result)
+        results.append({"environment": environment, **result})
         left.remove(setting.name)
         print(models.format_models_table([result]), models.format_block_breakdown(result), sep="\n", flush=True)
         save(results, left)

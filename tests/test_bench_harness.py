@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 
+import mtlfast
 from mtlfast.bench import harness
 
 
@@ -292,10 +293,89 @@ def test_cli_bench_budget_and_resume(tmp_path):
         assert json.loads(path.read_text())["complete"] is False
 
 
+def test_cli_bench_keeps_the_files_it_has_nothing_new_for(tmp_path, monkeypatch, capsys):
+    """A run replaces an op's result file only with something measured: an op none of whose cases --cases selects,
+    and one the time budget did not reach, keep their files (a plain `bench --cases X` emptied every other op's);
+    another dtype writes <op>.<dtype>.json beside the default dtype's file, whose targets it cannot judge; a
+    --quick run does not resume a full one (its rows would sit beside full ones); --modes is checked."""
+    from mtlfast import cli
+
+    calls = {}
+    toys = {"_toy_one": dataclasses.replace(_two_case_benchmark(calls, ("a", "b")), op="_toy_one"),
+            "_toy_two": _two_case_benchmark(calls, ("c", "d"))}
+    monkeypatch.setattr(harness, "load_benchmarks", lambda: toys)
+    out = tmp_path / "results"
+
+    def call(*args):
+        status = cli.main(["bench", "--device", "cpu", "--out", str(out), *args])
+        return status, capsys.readouterr()
+
+    def files():
+        return {p.name: json.loads(p.read_text()) for p in sorted(out.glob("*/*.json"))}
+
+    assert call()[0] == 0
+    before = files()
+    assert list(before) == ["_toy_one.json", "_toy_two.json"] and all(f["complete"] for f in before.values())
+    status, printed = call("--cases", "^a$")  # selects nothing of _toy_two
+    assert status == 0 and files()["_toy_two.json"] == before["_toy_two.json"]
+    assert files()["_toy_one.json"]["cases_left"] == ["b"]
+    status, printed = call("_toy_two", "--budget", "0")  # nothing measured: the earlier file stays
+    assert status == 3 and files()["_toy_two.json"] == before["_toy_two.json"]
+    assert "_toy_two: no case measured; " in printed.out and "left as it was" in printed.out
+    status, printed = call("_toy_two", "--dtype", "fp64")
+    assert status == 0 and files()["_toy_two.json"] == before["_toy_two.json"]
+    assert files()["_toy_two.float64.json"]["dtype"] == "float64"
+    target = harness.Target("t", ".*", "speedup", against=("eager",), at_least=0.0, device="cpu")
+    assert harness.check_targets(files()["_toy_two.float64.json"], [target]) == []  # not the cpu default, float32
+    assert len(harness.check_targets(files()["_toy_two.json"], [target])) == 2
+    toys["_toy_two"].targets.append(target)
+    assert cli.main(["bench", "--report", str(next(out.glob("*")))]) == 0
+    assert "_toy_two.float64.json: a float64 run; the targets are judged on float32 results" in capsys.readouterr().out
+    status, printed = call("_toy_two", "--quick", "--resume")
+    assert "not resuming, this is a --quick smoke run" in printed.out
+    assert cli.main(["bench", "--device", "cpu", "--modes", "bwd", "--out", ""]) == 1
+    assert "--modes: expected a comma list of fwd, fwd+bwd (each once), got 'bwd'" in capsys.readouterr().err
+
+
+def test_the_mtlfast_provider_runs_auto_whatever_backend_is_in_force():
+    """The "mtlfast" rows record what auto resolves to; the call asks for auto too, so that a use_backend scope or
+    MTLFAST_BACKEND around the run cannot time another backend under that label."""
+    from mtlfast.ops import deform_sample
+
+    seen = []
+    mtlfast_provider = harness.standard_providers("deform_sample", lambda **kw: seen.append(kw["backend"]),
+                                                  deform_sample, compile=False)[0]
+    with mtlfast.use_backend("reference"):
+        mtlfast_provider.fn(values=[], points=None, weights=None)
+    assert seen == ["auto"]
+
+
+def test_a_stale_extension_is_named_and_refused_by_bench(monkeypatch, capsys):
+    """The extension's build_info carries the digest of the csrc/ it was built from (setup.py, mtlfast._sources);
+    an extension built from other sources than the tree's (csrc edited, not rebuilt) is named by `mtlfast info`
+    and refused by `mtlfast bench`, whose results would credit this tree with another build's numbers."""
+    from mtlfast import _ext, cli
+    from mtlfast._sources import csrc_digest
+    from mtlfast.info import info_text
+
+    if not _ext.status().loaded:
+        pytest.skip("compiled extension missing")
+    tree = csrc_digest(os.path.join(os.path.dirname(os.path.dirname(mtlfast.__file__)), "csrc"))
+    assert f"sources={tree}" in _ext.status().build_info and _ext.stale_reason() is None
+    monkeypatch.setattr(_ext, "_STATUS", dataclasses.replace(
+        _ext.status(), build_info=_ext.status().build_info.replace(f"sources={tree}", "sources=0123456789abcdef")))
+    why = "mtlfast._C was built from other C++/CUDA sources (sources=0123456789abcdef) than this tree's csrc/"
+    assert _ext.stale_reason().startswith(why) and f"STALE: {why}" in info_text()
+    for args in (["deform_sample", "--out", ""], ["--models", "--out", ""]):
+        assert cli.main(["bench", "--device", "cpu", *args]) == 1
+        assert f"mtlfast bench: RuntimeError: bench: {why}" in capsys.readouterr().err
+
+
 def test_cli_bench_models_runs_saves_and_resumes(tmp_path, monkeypatch, capsys):
     """`mtlfast bench --models --device cpu` end to end, on convnet_tiny settings standing in for the papers' (which
     need timm; a CPU run is a quick check at 128x128, batch 1): each setting's tables printed, models.json and
-    models.png written; a later call of the same sources with other --cases keeps the earlier setting; a spent
+    models.png written; a later call of the same sources, build and versions with other --cases keeps the earlier
+    setting, each result with the environment it was measured in; a spent
     budget exits 3 listing the settings left, a failing model 1 naming it (its other paths still run)."""
     from mtlfast import cli
     from mtlfast.bench import models
@@ -326,6 +406,13 @@ def test_cli_bench_models_runs_saves_and_resumes(tmp_path, monkeypatch, capsys):
     assert status == 3 and f"time budget spent; not run: {sem.name}, {baseline.name}" in printed.out
     assert saved["complete"] is False and saved["settings_left"] == [sem.name, baseline.name]
     assert [r["setting"] for r in saved["results"]] == [sem.name, baseline.name]  # kept from the earlier calls
+    assert all(r["environment"]["source"] == saved["environment"]["source"] and "date" in r["environment"]
+               for r in saved["results"])  # each with its own
+    # results of another torch (or extension build, device, ...: harness.RESUME_ENVIRONMENT) are not kept
+    (path,) = out.glob("*/models.json")
+    path.write_text(json.dumps({**saved, "environment": {**saved["environment"], "torch": "0.0"}}))
+    status, printed, saved = call("--budget", "0")
+    assert "are not kept (another torch)" in printed.out and saved["results"] == []
     monkeypatch.setattr(models, "SETTINGS", [dataclasses.replace(sem, kwargs={"no_such_option": 1})])
     status, printed, saved = call()
     assert status == 1 and "failed (not out of memory):" in printed.err
@@ -435,7 +522,12 @@ def test_model_benchmark_compiled_paths(monkeypatch):
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in table.splitlines()[2:]]
     verdicts = {row[1]: row[-1] for row in cells}
     assert verdicts["reference_compiled"] == "" and "time <= 0.8x" in verdicts["kernels_compiled"]
-    assert "kernels_compiled/reference: train_ms" in models.format_models_table([result])
+    # the compiled kernel path is judged against the compiled reference (what Inductor alone gains is not the kernels')
+    ratio = result["train_ms_ratio_kernels_compiled_over_reference_compiled"]
+    assert ratio == result["paths"]["kernels_compiled"]["train_ms"] / result["paths"]["reference_compiled"]["train_ms"]
+    assert [row[7] for row in cells if row[1] == "kernels_compiled"] == [f"{ratio:.2f}"]
+    text = models.format_models_table([result])
+    assert "kernels_compiled/reference: train_ms" in text and "kernels_compiled/reference_compiled: train_ms" in text
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
@@ -631,11 +723,13 @@ def test_a_choice_that_changes_while_timed_is_recorded():
 def test_flop_counts_are_the_formulas():
     """Case.flops is the literal reference's forward count (torch's FlopCounterMode on the reference), and
     backward_factor its backward's, plus the recomputed QKᵀ for the flash-style attention family (FA2's count):
-    attention at Dqk != Dv, iterative_fusion, em_attention in both gradient modes."""
+    attention at Dqk != Dv, lthd_attention (the formula's products, not its widened rewrite's), iterative_fusion,
+    em_attention in both gradient modes."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mtlfast.bench import bench_attention, bench_em_attention, bench_iterative_fusion
+    from mtlfast.bench import bench_attention, bench_em_attention, bench_iterative_fusion, bench_lthd_attention
     from mtlfast.reference.attention import attention
+    from mtlfast.reference.lthd_attention import lthd_attention
     from mtlfast.reference.em_attention import em_attention
     from mtlfast.reference.iterative_fusion import iterative_fusion
 
@@ -653,6 +747,10 @@ def test_flop_counts_are_the_formulas():
     att = bench_attention._attention_case("t", 2, 3, 11, 13, 7, 5)
     fwd, bwd = counted(attention, att, "qkv")
     assert fwd == att.flops and bwd + 2 * 2 * 3 * 11 * 13 * 7 == pytest.approx(att.backward_factor * att.flops)
+    lthd = bench_lthd_attention._case("t", 2, (4, 5), (2, 3), 6, 7)  # the formula's, not the widened rewrite's
+    fwd, bwd = counted(lthd_attention, lthd, ("q_fine", "k_fine", "q_coarse", "k_coarse", "v"))
+    assert fwd == lthd.flops == 2 * 2 * (20 * 20 * (6 + 7) + 6 * 6 * 6)
+    assert bwd + 2 * 2 * (20 * 20 + 6 * 6) * 6 == pytest.approx(lthd.backward_factor * lthd.flops)
     fusion = bench_iterative_fusion._case("t", B=2, N=13, c=6, d=5, n_iter=4)
     assert counted(iterative_fusion, fusion, "qkv") == (fusion.flops, fusion.backward_factor * fusion.flops)
     for detach in (False, True):
