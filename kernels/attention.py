@@ -543,9 +543,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     (torch.set_float32_matmul_precision: "highest", the default, -> exact "ieee" dots; "high"/"medium"
     -> TF32); half-precision inputs use the tensor cores as they are. Every dot of the kernels passes it (:func:`dot`,
     which rounds float32 operands to TF32 first): Triton's own default on CUDA is TF32."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if dtype == torch.float32 and not _float32_matmul_is_tf32():
         return "ieee"
     return "tf32"
+
+
+def _float32_matmul_is_tf32() -> bool:
+    """PyTorch's float32 CUDA matmul setting, from the new API (torch.backends.cuda.matmul.fp32_precision,
+    "tf32" / "ieee", or "none": inherited from torch.backends.fp32_precision) or the legacy one
+    (torch.set_float32_matmul_precision), whose getter raises once the new API was used ("mix of the legacy and
+    new APIs")."""
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if matmul == "none":
+        matmul = getattr(torch.backends, "fp32_precision", "none")
+    if matmul != "none":
+        return matmul == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
 
 
 def _on_device(t: torch.Tensor):

@@ -6,6 +6,7 @@ several head-dim chunks), several Dv chunks, several chunks of both widths with 
 and non-contiguous inputs: every specialisation of the kernels (one or several chunks per width).
 GPU-only tests (marker ``gpu``) add the paper widths, 4096-wide heads and Inductor.
 """
+import subprocess
 import sys
 
 import numpy as np
@@ -107,6 +108,27 @@ def test_gpu_default_blocks_match_reference(device, kernel_dtype, shape):
 def _tf32_rounded_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     tl.store(y_ptr + offs, _tf32_rounded(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
+
+def test_dot_precision_follows_both_matmul_precision_apis():
+    """dot_precision reads PyTorch's new float32 precision API (torch.backends.cuda.matmul.fp32_precision,
+    torch.backends.fp32_precision) and the legacy one, whose getter raises once the new one was used: every float32
+    Triton call failed then. (A subprocess: the settings are process-wide.)"""
+    script = """
+import torch
+from mtlfast.kernels.attention import dot_precision
+seen = [dot_precision(torch.float32)]
+torch.set_float32_matmul_precision("high"); seen.append(dot_precision(torch.float32))
+torch.set_float32_matmul_precision("highest"); seen.append(dot_precision(torch.float32))
+torch.backends.cuda.matmul.fp32_precision = "tf32"; seen.append(dot_precision(torch.float32))
+torch.backends.cuda.matmul.fp32_precision = "ieee"; seen.append(dot_precision(torch.float32))
+torch.backends.cuda.matmul.fp32_precision = "none"; torch.backends.fp32_precision = "tf32"
+seen.append(dot_precision(torch.float32))
+print(seen, dot_precision(torch.bfloat16))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "['ieee', 'tf32', 'ieee', 'tf32', 'ieee', 'tf32'] tf32", out.stdout
 
 
 def test_tf32_rounding_is_to_nearest_ties_away():
