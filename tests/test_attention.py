@@ -131,7 +131,7 @@ print(seen, dot_precision(torch.bfloat16))
     assert out.stdout.split("\n")[-2] == "['ieee', 'tf32', 'ieee', 'tf32', 'ieee', 'tf32'] tf32", out.stdout
 
 
-def test_tf32_rounding_is_to_nearest_ties_away():
+def test_tf32_rounding_is_to_nearest_ties_away(device):
     """kernels.attention._tf32_rounded (the operands of TF32 dots) against TF32 rounding computed in float64:
     the mantissa to 10 bits, to nearest, ties away from zero (cuBLAS's cvt.rna), through exact ties, signs, the
     largest float (to inf), inf and NaN. (Normal numbers: subnormals round at their fixed bit positions.)"""
@@ -141,8 +141,9 @@ def test_tf32_rounding_is_to_nearest_ties_away():
     x = torch.cat([randn(200, generator=gen, dtype=torch.float32) * 10.0 ** torch.randint(-30, 30, (200,),
                                                                                             generator=gen),
                    tie.to(torch.int32).view(torch.float32), special, torch.tensor([float("nan")])])
-    y = torch.empty_like(x)
-    _tf32_rounded_kernel[(1,)](x, y, x.numel(), BLOCK=256)
+    y = torch.empty_like(x, device=device)
+    _tf32_rounded_kernel[(1,)](x.to(device), y, x.numel(), BLOCK=256)
+    y = y.cpu()
     mantissa, exponent = torch.frexp(x[:-1].double())
     scaled = mantissa * 2.0 ** 11
     want = (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5) / 2.0 ** 11 * 2.0 ** exponent.double()).float()

@@ -111,19 +111,24 @@ def test_a_scope_opened_inside_a_compiled_function_compiles_and_ends_with_it():
                 captured = run(x)
         return inner + captured + run(x)  # reference, reference, then the caller's: auto (cpp)
 
-    seen = []
+    seen, failed = [], []
 
     def fresh_thread():
-        torch._dynamo.reset()
-        compiled = torch.compile(forward, backend="eager", fullgraph=True)
-        seen.append((compiled(torch.ones(1)).item(), current_backend(), compiled(torch.ones(1)).item()))
-        with use_backend("reference"):
-            seen.append(compiled(torch.ones(1)).item())
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(forward, backend="eager", fullgraph=True)
+            seen.append((compiled(torch.ones(1)).item(), current_backend(), compiled(torch.ones(1)).item()))
+            with use_backend("reference"):
+                seen.append(compiled(torch.ones(1)).item())
+        except Exception as exc:  # raised again in the test's thread
+            failed.append(exc)
 
     try:
         thread = threading.Thread(target=fresh_thread)
         thread.start()
         thread.join()
+        if failed:
+            raise failed[0]
         assert seen == [(7.0, "auto", 7.0), 6.0]
     finally:
         del OPS["_toy_inner_scope"]
@@ -265,19 +270,20 @@ def test_triton_double_backward_is_refused_clearly(op, device):
 
 
 @pytest.mark.parametrize("op", [op for op in _op_calls(None) if op != "deform_sample"])  # deform_sample: no dots
-def test_tf32_dots_round_their_operands_and_meet_the_tf32_bound(op):
+def test_tf32_dots_round_their_operands_and_meet_the_tf32_bound(op, device):
     """With torch's float32 matmul precision lowered the Triton kernels' float32 dots run in TF32 (dot_precision),
     their operands rounded to nearest (kernels.attention.dot): Triton's own TF32 truncates, and its error was over
     DESIGN.md §6's TF32 bound of 1e-3 (1.6e-3 simulated). The interpreter computes the rounded products, so the
-    TF32 error shows here: well above float32's, within the bound."""
+    TF32 error shows on a CPU too: well above float32's, within the bound."""
     seed = fresh_seed()
-    ref = _op_calls(torch.Generator().manual_seed(seed), torch.float64)[op]("reference")
+    ref = _op_calls(torch.Generator().manual_seed(seed), torch.float64, device)[op]("reference")
     errors = {}
     was = torch.get_float32_matmul_precision()
     try:
         for precision in ("highest", "high"):
             torch.set_float32_matmul_precision(precision)
-            errors[precision] = rel_error(_op_calls(torch.Generator().manual_seed(seed))[op]("triton"), ref)
+            errors[precision] = rel_error(_op_calls(torch.Generator().manual_seed(seed), device=device)[op]("triton"),
+                                          ref)
     finally:
         torch.set_float32_matmul_precision(was)
     assert errors["high"] < 1e-3 and errors["high"] > 30 * errors["highest"], errors
@@ -293,25 +299,26 @@ def test_triton_refuses_bfloat16_in_the_cpu_interpreter(op):
 
 
 @pytest.mark.parametrize("op", list(_op_calls(None)))
-def test_kernel_backends_refuse_torch_func_gradient_transforms(op):
+def test_kernel_backends_refuse_torch_func_gradient_transforms(op, device):
     """Inside torch.func.grad or jvp (vjp, jacrev and jacfwd are built on them) a kernel backend refuses, naming
     the transform (PyTorch runs a custom op's derivative under torch.autograd only; without the refusal:
     "autograd.Function ... must override the setup_context staticmethod"), and the reference serves."""
-    calls = _op_calls(torch.Generator().manual_seed(fresh_seed()))
+    calls = _op_calls(torch.Generator().manual_seed(fresh_seed()), device=device)
     jvp = lambda f: lambda s: torch.func.jvp(f, (s,), (s,))[1]  # noqa: E731
+    one = torch.tensor(1.0, device=device)
     for transform in (torch.func.grad, jvp):
         with pytest.raises(BackendError, match="torch.func gradient transform .* the reference backend supports"):
-            transform(lambda s: (calls[op]("triton") * s).sum())(torch.tensor(1.0))
-        assert torch.isfinite(transform(lambda s: (calls[op]("reference") * s).sum())(torch.tensor(1.0)))
+            transform(lambda s: (calls[op]("triton") * s).sum())(one)
+        assert torch.isfinite(transform(lambda s: (calls[op]("reference") * s).sum())(one))
 
 
-def test_kernel_backends_refuse_dual_tensors():
+def test_kernel_backends_refuse_dual_tensors(device):
     """Forward-mode AD with torch.autograd.forward_ad's dual tensors: the kernels have none (PyTorch's error was
     "You must implement the jvp function"); a plain input inside dual_level still runs the kernel."""
     import torch.autograd.forward_ad as fwAD
 
     gen = torch.Generator().manual_seed(fresh_seed())
-    q, k, v, tangent = (torch.randn(1, 2, 9, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+    q, k, v, tangent = (torch.randn(1, 2, 9, 8, generator=gen, dtype=torch.float64).to(device) for _ in range(4))
     with fwAD.dual_level():
         dual = fwAD.make_dual(q, tangent)
         with pytest.raises(BackendError, match="an input is a dual tensor .* the reference backend has one"):
@@ -323,10 +330,9 @@ def test_kernel_backends_refuse_dual_tensors():
     assert rel_error(plain, expected[0]) < 1e-4
 
 
-def test_torch_vmap_alone_runs_the_kernels():
+def test_torch_vmap_alone_runs_the_kernels(device):
     gen = torch.Generator().manual_seed(fresh_seed())
-    q, k, v = torch.randn(3, 1, 2, 9, 8, generator=gen), torch.randn(1, 2, 7, 8, generator=gen), torch.randn(
-        1, 2, 7, 5, generator=gen)
+    q, k, v = (torch.randn(*shape, generator=gen).to(device) for shape in ((3, 1, 2, 9, 8), (1, 2, 7, 8), (1, 2, 7, 5)))
     out = torch.vmap(lambda x: mtlfast.ops.attention(x, k, v, backend="triton"))(q)
     ref = torch.stack([mtlfast.ops.attention(x.double(), k.double(), v.double(), backend="reference") for x in q])
     assert rel_error(out, ref) < 1e-5
