@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -59,7 +59,7 @@ GPU_MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 
 
 
 def compile_for_gpu(fn, signature: Mapping[str, str], constexprs: Mapping[str, object], *, arch: int = 90,
-                    max_shared: int | None = None, **options):
+                    max_shared: int | None = None, ones: Sequence[str] = (), **options):
     """A Triton kernel compiled to cubin for compute capability ``arch`` (90: sm_90a) by Triton's compiler and
     ptxas (no GPU needed; call it without the interpreter, :func:`run_without_interpreter`). Fails when the kernel
     needs more shared memory per block than ``max_shared`` (default :data:`mtlfast.backends.TRITON_SHARED_BYTES`,
@@ -69,14 +69,15 @@ def compile_for_gpu(fn, signature: Mapping[str, str], constexprs: Mapping[str, o
     Every pointer and integer argument is declared divisible by 16, as a launch declares aligned tensors and
     sizes that are multiples of 16 (the benchmark shapes): that specialisation vectorises and pipelines the
     loads (up to 2.7x the unhinted compile's shared memory for attention's forward). A launch with contiguous
-    tensors also passes its unit strides as the constant 1, which these compiles do not: that vectorises the
-    loads further, and a review (session 23, all 303 default attention configurations compiled that way) found up
-    to 128 KB for sm_90 (attention's 16-bit forward at Dqk, Dv <= 128), within an H100's 227 KB but over
-    TRITON_SHARED_BYTES, and at most 96 KB for sm_86: the checked bound is the hinted compile's."""
+    tensors also passes its unit strides as the constant 1 (Triton specialises an integer argument equal to 1):
+    name them in ``ones`` to compile that specialisation, which vectorises the loads further (attention's 16-bit
+    forward at Dqk, Dv <= 128: 128 KB for sm_90 against 48 KB without; a review found at most 96 KB for sm_86)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    signature = {**signature, **{name: "constexpr" for name in ones}}
+    constexprs = {**constexprs, **{name: 1 for name in ones}}
     hinted = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
               if signature[name].startswith(("*", "i"))}
     compiled = triton.compile(ASTSource(fn, dict(signature), constexprs=dict(constexprs), attrs=hinted),
