@@ -349,6 +349,18 @@ def derivative_refusal(args: Sequence = ()) -> str | None:
 _GRADIENT_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
 
 
+def vmap_refusal() -> list[str]:
+    """A kernel's refusal under torch.vmap where PyTorch can make no batching rule for its op (a list-of-tensors
+    input: "Batching rule not implemented ... could not generate a fallback"); auto then takes the reference."""
+    if torch.compiler.is_compiling():
+        return []
+    stack = torch._C._functorch.get_interpreter_stack()
+    if stack and any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack):
+        return ["torch.vmap is active, and PyTorch has no batching rule for this kernel's list-of-tensors input; the "
+                "reference backend supports it"]
+    return []
+
+
 def _tensors(args: Sequence) -> Iterator[torch.Tensor]:
     for arg in args:
         if isinstance(arg, torch.Tensor):

@@ -338,6 +338,23 @@ def test_torch_vmap_alone_runs_the_kernels(device):
     assert rel_error(out, ref) < 1e-5
 
 
+def test_deform_sample_kernels_refuse_vmap_and_auto_takes_the_reference(device):
+    """deform_sample's kernel ops take a list of tensors, for which PyTorch makes no vmap fallback ("Batching rule
+    not implemented"): under torch.vmap its kernel backends refuse, naming it, and auto serves the reference."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    values = torch.randn(3, 1, 4, 5, 6, generator=gen).to(device)
+    points = (torch.rand(3, 1, 7, 2, generator=gen) * 2.2 - 1.1).to(device)
+    weights = torch.rand(3, 1, 7, 1, generator=gen).to(device)
+    compiled = ("cpp" if device == "cpu" else "cuda",) if mtlfast._ext.status().loaded else ()
+    for backend in ("triton", *compiled):  # the backends that serve this device
+        with pytest.raises(BackendError, match=f"{backend}: .*torch.vmap is active, and PyTorch has no batching rule"):
+            torch.vmap(lambda v, p, w: mtlfast.ops.deform_sample([v], p, w, backend=backend))(values, points, weights)
+    out = torch.vmap(lambda v, p, w: mtlfast.ops.deform_sample([v], p, w))(values, points, weights)
+    ref = torch.stack([mtlfast.ops.deform_sample([v], p, w, backend="reference")
+                       for v, p, w in zip(values, points, weights)])
+    assert rel_error(out, ref) < 1e-6
+
+
 @pytest.mark.skipif(not mtlfast._ext.status().loaded, reason="compiled extension missing (deform_sample's cpp)")
 def test_auto_takes_the_reference_inside_torch_func_grad():
     """deform_sample's auto backend on a CPU is the C++ kernel; inside torch.func.grad (and per-sample gradients,

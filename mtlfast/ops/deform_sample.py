@@ -68,7 +68,7 @@ import torch
 
 from mtlfast import _ext
 from mtlfast.backends import (FLOAT_DTYPES, GPU_DTYPES, Op, atomic_gradient_refusals, extension_unavailable,
-                              grid_axis_refusals, triton_unavailable)
+                              grid_axis_refusals, triton_unavailable, vmap_refusal)
 from mtlfast.ops._checks import (autocast_dtype, check_floating_same_device_dtype, check_shapes, check_tensor,
                                  dtype_name)
 from mtlfast.ops._kernel_op import KernelAutograd, kernel_function, refuse_double_backward
@@ -160,7 +160,7 @@ def _triton_limits(values, points, weights) -> list[str]:
 
     B, N, _ = points.shape
     S = len(values)
-    reasons = grid_axis_refusals("B", B)
+    reasons = grid_axis_refusals("B", B) + vmap_refusal()
     if 4 * B * N > MAX_KEYS:
         reasons.append(f"4·B·N = {4 * B * N} corner entries exceed the kernel's limit of {MAX_KEYS} (int32)")
     if B * N * S > MAX_KEYS:
@@ -178,7 +178,7 @@ def _compiled(values, points, weights):
 
 def _limits(max_stages: int | None):
     def limits(values, points, weights) -> list[str]:
-        reasons = []
+        reasons = vmap_refusal()
         if max_stages is not None and len(values) > max_stages:
             reasons.append(f"S={len(values)} stages exceed the kernel's limit of {max_stages} (one launch, "
                            "by-value pointer table)")
