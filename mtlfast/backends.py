@@ -334,8 +334,7 @@ def derivative_refusal(args: Sequence = ()) -> str | None:
     the kernels (PyTorch's per-sample loop over the op)."""
     if torch.compiler.is_compiling():
         return None
-    stack = torch._C._functorch.get_interpreter_stack()
-    if stack and any(level.key() in _GRADIENT_TRANSFORMS for level in stack):
+    if _active_transforms() & _GRADIENT_TRANSFORMS:
         return ("a torch.func gradient transform (grad, vjp, jacrev, jvp, jacfwd) is active, and the kernels' "
                 "derivatives serve torch.autograd only; the reference backend supports it")
     # forward AD's level (-1: no dual_level open) spares the per-tensor look on every call (~3 us of host time)
@@ -346,7 +345,12 @@ def derivative_refusal(args: Sequence = ()) -> str | None:
     return None
 
 
-_GRADIENT_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+_GRADIENT_TRANSFORMS = {torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp}
+
+
+def _active_transforms() -> set:
+    """The functorch transforms (TransformType) on the interpreter stack (callers skip this while compiling)."""
+    return {level.key() for level in torch._C._functorch.get_interpreter_stack() or ()}
 
 
 def vmap_refusal() -> list[str]:
@@ -354,8 +358,7 @@ def vmap_refusal() -> list[str]:
     input: "Batching rule not implemented ... could not generate a fallback"); auto then takes the reference."""
     if torch.compiler.is_compiling():
         return []
-    stack = torch._C._functorch.get_interpreter_stack()
-    if stack and any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack):
+    if torch._C._functorch.TransformType.Vmap in _active_transforms():
         return ["torch.vmap is active, and PyTorch has no batching rule for this kernel's list-of-tensors input; the "
                 "reference backend supports it"]
     return []

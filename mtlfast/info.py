@@ -43,13 +43,13 @@ def backend_table() -> list[tuple[str, str, str, str]]:
 
 
 def info_text() -> str:
-    ext = _ext.status()
+    ext, stale = _ext.status(), _ext.stale_reason()  # stale_reason hashes csrc/: once
     lines = [
         f"mtlfast {__import__('mtlfast').__version__}",
         f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
         f"triton {_triton_version()}",
         "extension mtlfast._C: " + (f"built [{ext.build_info}]" if ext.loaded else f"missing ({ext.reason})")
-        + (f"; STALE: {_ext.stale_reason()}" if _ext.stale_reason() else ""),
+        + (f"; STALE: {stale}" if stale else ""),
         "environment: " + " ".join(f"{name}={os.environ.get(name) or '(unset)'}"
                                    for name in ("TRITON_INTERPRET", "MTLFAST_BACKEND")),
         "devices: cpu (" + f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
